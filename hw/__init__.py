@@ -1,0 +1,1 @@
+"""SFx hardware in Amaranth HDL."""

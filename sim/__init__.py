@@ -1,0 +1,1 @@
+"""cocotb benches and the co-simulation harness."""

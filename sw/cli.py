@@ -1,0 +1,61 @@
+"""The ``sfx`` command line.
+
+Subcommands live next to the code they drive; each module listed in
+:data:`SUBCOMMAND_MODULES` exposes ``register(subparsers)`` which adds its
+subcommands (each with ``set_defaults(func=...)``; ``func(args)`` returns an exit
+code). This keeps the CLI one entry point without one file that every part edits.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+
+#: Modules that add subcommands, in help order. A module that is not installed yet
+#: (ModuleNotFoundError for that very module) is skipped; any other import error is raised.
+SUBCOMMAND_MODULES = [
+    "superfloat.sw.cli_info",      # info, demo
+    "superfloat.sw.wasq.cli",      # quantize, eval, finetune, analyze, generate, sweep
+    "superfloat.sw.ptq_cli",       # ptq analysis commands (W4A4 methods)
+    "superfloat.hw.cli",           # verilog, synth, build-board
+    "superfloat.sim.cli",          # cosim
+    "superfloat.sw.bench",         # bench
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sfx",
+        description="Superfloat: SFx quantization (WASQ) for language models and bit-exact FPGA RTL.",
+        epilog="Run 'sfx COMMAND --help' for the options of a command. Docs: docs/ in the repository.",
+    )
+    parser.add_argument("--version", action="version", version=f"superfloat {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and (name == e.name or name.startswith(e.name + ".")):
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

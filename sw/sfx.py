@@ -1,0 +1,666 @@
+"""The bit-exact SFx reference model (``../shared/SPEC.md`` sections 1-5), in numpy.
+
+This module is the single definition of SFx arithmetic in the project. The RTL
+scoreboards, the co-simulation harness and WASQ's fake quantization call it (or its
+torch twin :mod:`superfloat.sw.sfx_torch`, held equal to it by tests); none of them
+re-derives it.
+
+Summary of the format (see ``docs/sfx-format.md``):
+
+* ``SFx`` has ``x`` bits, ``2 <= x <= 16``, ``M = x - 1`` magnitude bits. A code ``c``
+  holds sign ``c >> M`` and magnitude ``c & (2**M - 1)``; its value is
+  ``(-1)**s * m * 2**-M``: sign-magnitude fixed point Q0.M, ``|value| <= 1 - 2**-M``.
+* Scaled SFx: ``real = value(c) * 2**E`` with integer (int8) exponents ``E``.
+* :func:`matmul_acc` is exact integer accumulation; :func:`requantize` is the
+  activation clamp unit (optional 16-bit multiplier, shift, ReLU, rounding,
+  saturation); :func:`linear` composes them (SPEC section 5).
+
+Every function validates its arguments and raises :class:`ValueError` or
+:class:`TypeError` naming the offending argument.
+"""
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "MIN_BITS",
+    "MAX_BITS",
+    "ROUNDINGS",
+    "DEFAULT_K_MAX",
+    "MULT_FRAC_BITS",
+    "code_dtype",
+    "max_magnitude",
+    "accumulator_bits",
+    "encode",
+    "decode",
+    "fake_quantize",
+    "choose_exponent",
+    "matmul_acc",
+    "requantize",
+    "linear",
+    "linear_with_stats",
+    "LinearStats",
+    "fold_scale",
+    "check_bits",
+    "check_codes",
+    "check_rounding",
+    "check_linear_args",
+    "LinearArgs",
+]
+
+MIN_BITS = 2
+MAX_BITS = 16
+ROUNDINGS = ("nearest_even", "toward_zero")
+DEFAULT_K_MAX = 16384
+MULT_FRAC_BITS = 16  # mult means mult * 2**-16 (SPEC section 4, step 0)
+MAX_RIGHT_SHIFT = 63
+INT8_MIN, INT8_MAX = -128, 127
+K_MAX_LIMIT = 1 << 20  # accumulator width stays <= 54 bits; acc * mult fits int64
+
+# encode() works on chunks this large, in parallel threads (numpy releases the GIL).
+_CHUNK = 1 << 16
+_THREADS = max(1, min(4, os.cpu_count() or 1))
+_POOL: ThreadPoolExecutor | None = None
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_bits(bits: Any, name: str = "bits") -> int:
+    """Return ``bits`` as an int after checking ``2 <= bits <= 16``."""
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+        raise TypeError(f"{name} must be an int in {MIN_BITS}..{MAX_BITS}, got {type(bits).__name__} {bits!r}")
+    bits = int(bits)
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"{name} must be in {MIN_BITS}..{MAX_BITS} (SFx widths), got {bits}")
+    return bits
+
+
+def check_rounding(rounding: Any, name: str = "rounding") -> str:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, ROUNDINGS))}, got {rounding!r}")
+    return rounding
+
+
+def code_dtype(bits: int) -> np.dtype:
+    """Storage dtype of SF``bits`` codes: uint8 for bits <= 8, else uint16."""
+    return np.dtype(np.uint8) if check_bits(bits) <= 8 else np.dtype(np.uint16)
+
+
+def max_magnitude(bits: int) -> int:
+    """Largest magnitude field ``2**(bits-1) - 1`` (the value ``1 - 2**-M``)."""
+    return (1 << (check_bits(bits) - 1)) - 1
+
+
+def accumulator_bits(a_bits: int, w_bits: int, k_max: int = DEFAULT_K_MAX) -> int:
+    """Accumulator width ``A = F + ceil(log2(k_max)) + 2`` of SPEC section 3."""
+    f = check_bits(a_bits, "a_bits") - 1 + check_bits(w_bits, "w_bits") - 1
+    k_max = _check_k_max(k_max)
+    return f + max(0, math.ceil(math.log2(k_max))) + 2
+
+
+def _check_k_max(k_max: Any) -> int:
+    if isinstance(k_max, bool) or not isinstance(k_max, (int, np.integer)):
+        raise TypeError(f"k_max must be an int, got {type(k_max).__name__} {k_max!r}")
+    k_max = int(k_max)
+    if not 1 <= k_max <= K_MAX_LIMIT:
+        raise ValueError(f"k_max must be in 1..{K_MAX_LIMIT}, got {k_max}")
+    return k_max
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def _as_array(values: Any, name: str) -> np.ndarray:
+    """numpy view of ``values`` (torch tensors of any float dtype included, exactly)."""
+    if _is_torch(values):
+        t = values.detach()
+        if t.dtype.is_floating_point and t.dtype not in _torch_np_floats():
+            t = t.to(dtype=_torch_float32())  # bfloat16 -> float32 is exact
+        return t.cpu().numpy()
+    arr = np.asarray(values)
+    if arr.dtype == object:
+        raise TypeError(f"{name} must be numeric, got an object array")
+    return arr
+
+
+def _torch_np_floats():
+    import torch
+
+    return (torch.float16, torch.float32, torch.float64)
+
+
+def _torch_float32():
+    import torch
+
+    return torch.float32
+
+
+def _first_index(mask: np.ndarray) -> tuple[int, ...]:
+    flat = int(np.argmax(mask.reshape(-1)))
+    return tuple(int(i) for i in np.unravel_index(flat, mask.shape)) if mask.ndim else ()
+
+
+def _check_no_nan(arr: np.ndarray, name: str) -> None:
+    if arr.dtype.kind == "f":
+        mask = np.isnan(arr)
+        if mask.any():
+            raise ValueError(
+                f"{name} contains {int(mask.sum())} NaN value(s); the first is at index "
+                f"{_first_index(mask)}. SFx has no NaN: clean or mask the input first."
+            )
+
+
+def _int_array(x: Any, name: str, lo: int | None = None, hi: int | None = None) -> np.ndarray:
+    """``x`` as an int64 array, checking integrality and the inclusive range [lo, hi]."""
+    arr = _as_array(x, name)
+    if arr.dtype.kind == "b":
+        raise TypeError(f"{name} must hold integers, got booleans")
+    if arr.dtype.kind == "f":
+        _check_no_nan(arr, name)
+        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            raise TypeError(f"{name} must hold integers, got non-integral floats")
+    elif arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.size and arr.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} holds values beyond int64")
+    out = arr.astype(np.int64, copy=False)
+    if out.size and lo is not None and out.min() < lo:
+        bad = out < lo
+        raise ValueError(
+            f"{name} must be >= {lo}: {int(bad.sum())} value(s) below, the first {int(out[bad].flat[0])} "
+            f"at index {_first_index(bad)}"
+        )
+    if out.size and hi is not None and out.max() > hi:
+        bad = out > hi
+        raise ValueError(
+            f"{name} must be <= {hi}: {int(bad.sum())} value(s) above, the first {int(out[bad].flat[0])} "
+            f"at index {_first_index(bad)}"
+        )
+    return out
+
+
+def check_codes(codes: Any, bits: int, name: str = "codes") -> np.ndarray:
+    """Validate SF``bits`` codes (integers in ``[0, 2**bits)``) and return them as int64."""
+    bits = check_bits(bits)
+    arr = _as_array(codes, name)
+    if arr.dtype.kind == "f":
+        raise TypeError(
+            f"{name} must be an integer array of SF{bits} codes (uint8/uint16), got {arr.dtype}; "
+            f"use encode() to turn floats into codes"
+        )
+    return _int_array(arr, name, 0, (1 << bits) - 1)
+
+
+def _check_exponent(exponent: Any, name: str = "exponent") -> np.ndarray:
+    return _int_array(exponent, name, INT8_MIN, INT8_MAX)
+
+
+# --------------------------------------------------------------------------- encode / decode
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="sfx-encode")
+    return _POOL
+
+
+def _encode_chunk(v: np.ndarray, scale_exp, m: int, trunc: bool, out: np.ndarray) -> None:
+    """Encode one chunk (1-D views) into ``out``. ``v`` float32 or float64."""
+    t = np.ldexp(v, scale_exp)  # exact: scaling by a power of two (see _work_dtype)
+    lim = float((1 << m) - 1)
+    np.clip(t, -lim, lim, out=t)  # saturation; +-inf saturate. Clip-then-round == round-then-clip.
+    if trunc:
+        np.trunc(t, out=t)
+    else:
+        np.rint(t, out=t)  # ties to even
+    neg = t < 0
+    np.abs(t, out=t)
+    mag = t.astype(out.dtype)
+    mag[neg] |= out.dtype.type(1 << m)
+    out[...] = mag
+
+
+def _work_dtype(dtype: np.dtype, exps: np.ndarray, m: int) -> np.dtype:
+    """float32 when it gives the same result as float64, else float64.
+
+    For float16/float32 input, ``v * 2**(M-E)`` computed in float32 by ``ldexp`` is
+    exact unless the result overflows (then it is +-inf and saturates exactly as the
+    float64 result does) or falls below 2**-126 (then both round to 0). So float32 is
+    bit-identical to the float64 arithmetic of SPEC section 2, and twice as fast.
+    """
+    if dtype in (np.float16, np.float32):
+        return np.dtype(np.float32)
+    return np.dtype(np.float64)
+
+
+def encode(values: Any, bits: int, exponent: Any = 0, rounding: str = "nearest_even") -> np.ndarray:
+    """Encode real values to SF``bits`` codes (SPEC section 2).
+
+    Args:
+        values: array-like or torch tensor of floats (float16, bfloat16, float32,
+            float64; integers are converted exactly).
+        bits: total bits of the format, 2..16.
+        exponent: int8 power-of-two exponent ``E``, scalar or broadcastable to
+            ``values`` (per tensor, per channel with shape ``[N, 1]``, per token...).
+        rounding: ``"nearest_even"`` (default) or ``"toward_zero"``.
+
+    Returns:
+        Codes as ``uint8`` (bits <= 8) or ``uint16``, shape of the broadcast.
+
+    Raises:
+        ValueError: NaN in ``values`` (count and first index), bits out of 2..16,
+            exponent outside int8, unknown rounding.
+    """
+    bits = check_bits(bits)
+    check_rounding(rounding)
+    arr = _as_array(values, "values")
+    if arr.dtype.kind == "c":
+        raise TypeError("values must be real, got a complex array")
+    if arr.dtype.kind in "iub":
+        arr = arr.astype(np.float64)
+    _check_no_nan(arr, "values")
+    exps = _check_exponent(exponent)
+    m = bits - 1
+    dt = _work_dtype(arr.dtype, exps, m)
+    shape = np.broadcast_shapes(arr.shape, exps.shape)
+    out = np.empty(shape, dtype=code_dtype(bits))
+    trunc = rounding == "toward_zero"
+    if exps.ndim == 0 and arr.shape == shape:
+        # Fast path: one exponent; chunked so that every pass stays in cache.
+        v = np.ascontiguousarray(arr, dtype=dt).reshape(-1)
+        o = out.reshape(-1)
+        se = int(m - int(exps))
+        n = v.size
+        if n <= 4 * _CHUNK:
+            _encode_chunk(v, se, m, trunc, o)
+        else:
+            starts = range(0, n, _CHUNK)
+            list(_pool().map(lambda s: _encode_chunk(v[s:s + _CHUNK], se, m, trunc, o[s:s + _CHUNK]), starts))
+        return out
+    v = np.broadcast_to(arr.astype(dt, copy=False), shape)
+    se = np.broadcast_to((m - exps).astype(np.int32), shape)
+    _encode_chunk(np.ascontiguousarray(v), np.ascontiguousarray(se), m, trunc, out)
+    return out
+
+
+def decode(codes: Any, bits: int, exponent: Any = 0) -> np.ndarray:
+    """Decode SF``bits`` codes to float64 values times ``2**exponent`` (exact).
+
+    Negative zero (sign set, magnitude 0) decodes to +0.0.
+    """
+    bits = check_bits(bits)
+    c = check_codes(codes, bits)
+    exps = _check_exponent(exponent)
+    m = bits - 1
+    signed = _signed_from_codes(c, bits)
+    return np.ldexp(signed.astype(np.float64), (exps - m).astype(np.int32))
+
+
+def _signed_from_codes(c: np.ndarray, bits: int) -> np.ndarray:
+    """Signed integer magnitude ``(-1)**s * m`` of validated int64 codes."""
+    m = bits - 1
+    mag = c & ((1 << m) - 1)
+    return np.where((c >> m) & 1, -mag, mag)
+
+
+def _codes_from_signed(q: np.ndarray, bits: int) -> np.ndarray:
+    """Sign-magnitude codes of saturated signed integers (0 gives code 0)."""
+    m = bits - 1
+    return np.where(q < 0, (1 << m) | -q, q).astype(code_dtype(bits))
+
+
+def fake_quantize(values: Any, bits: int, exponent: Any = 0, rounding: str = "nearest_even") -> np.ndarray:
+    """``decode(encode(values, bits, exponent, rounding), bits, exponent)``."""
+    return decode(encode(values, bits, exponent, rounding), bits, exponent)
+
+
+def choose_exponent(values: Any, bits: int, axis: int | None = None, keepdims: bool = False):
+    """Smallest int8 exponent ``E`` with ``max|v| <= (1 - 2**-M) * 2**E`` (SPEC section 2).
+
+    Args:
+        values: the tensor (numpy or torch).
+        bits: SFx width.
+        axis: ``None`` for one exponent per tensor (returns an ``int``), or the
+            *channel* axis (torch's convention): one exponent per index along
+            ``axis``, e.g. ``axis=0`` of a weight ``[N, K]`` gives one per output
+            channel, ``axis=0`` of activations ``[T, K]`` one per token.
+        keepdims: return a shape that broadcasts against ``values``.
+
+    All-zero slices get ``E = 0``; results are clipped to the int8 range.
+    """
+    bits = check_bits(bits)
+    arr = _as_array(values, "values")
+    if arr.dtype.kind in "iub":
+        arr = arr.astype(np.float64)
+    _check_no_nan(arr, "values")
+    a = np.abs(arr.astype(np.float64, copy=False))
+    if axis is None:
+        amax = np.asarray(a.max() if a.size else 0.0)
+    else:
+        if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+            raise TypeError(f"axis must be an int or None, got {axis!r}")
+        if not -arr.ndim <= axis < arr.ndim:
+            raise ValueError(f"axis {axis} is out of range for values with {arr.ndim} dimension(s)")
+        axis = int(axis) % arr.ndim
+        red = tuple(i for i in range(arr.ndim) if i != axis)
+        amax = a.max(axis=red, keepdims=keepdims) if a.size else np.zeros(
+            [arr.shape[i] if (i == axis or not keepdims) else 1 for i in range(arr.ndim) if keepdims or i == axis])
+    e = _exponent_of_amax(amax, bits - 1)
+    if axis is None:
+        return int(e)
+    return e
+
+
+def _exponent_of_amax(amax: np.ndarray, m: int) -> np.ndarray:
+    amax = np.asarray(amax, dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        finite = np.where(np.isfinite(amax), amax, np.finfo(np.float64).max)
+        _, e0 = np.frexp(finite)  # finite = f * 2**e0, f in [0.5, 1): finite < 2**e0
+        bound = np.ldexp(1.0 - 2.0 ** -m, e0)
+        e = np.where(finite <= bound, e0, e0 + 1)
+    e = np.where(amax == 0, 0, e)
+    return np.clip(e, INT8_MIN, INT8_MAX).astype(np.int8)
+
+
+# --------------------------------------------------------------------------- integer datapath
+
+
+def _broadcast_channel(x: Any, n: int, name: str, lo: int, hi: int) -> np.ndarray:
+    """Scalar or ``[N]`` per-channel integer parameter, as int64 ``[N]``."""
+    arr = _int_array(x, name, lo, hi)
+    if arr.ndim == 0:
+        return np.full(n, int(arr), dtype=np.int64)
+    if arr.shape != (n,):
+        raise ValueError(f"{name} must be a scalar or have shape [{n}] (one per output channel), got {list(arr.shape)}")
+    return arr
+
+
+def _check_matrix(codes: Any, bits: int, name: str) -> np.ndarray:
+    c = check_codes(codes, bits, name)
+    if c.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D matrix, got shape {list(c.shape)}")
+    return c
+
+
+def _exact_int_matmul(xs: np.ndarray, ws: np.ndarray, max_abs_product: int) -> np.ndarray:
+    """Exact ``xs @ ws.T`` for int64 operands, using float64 BLAS on K-chunks.
+
+    Every partial sum of a chunk stays below 2**53, so each float64 operation is
+    exact whatever order BLAS uses; chunks are summed in int64.
+    """
+    t, k = xs.shape
+    n = ws.shape[0]
+    if max_abs_product == 0 or k == 0:
+        return np.zeros((t, n), dtype=np.int64)
+    chunk = max(1, (1 << 53) // max_abs_product - 1)
+    xf = xs.astype(np.float64)
+    wf = ws.astype(np.float64)
+    if k <= chunk:
+        return (xf @ wf.T).astype(np.int64)
+    acc = np.zeros((t, n), dtype=np.int64)
+    for s in range(0, k, chunk):
+        acc += (xf[:, s:s + chunk] @ wf[:, s:s + chunk].T).astype(np.int64)
+    return acc
+
+
+def matmul_acc(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, bias: Any = None,
+               k_max: int = DEFAULT_K_MAX) -> np.ndarray:
+    """Exact accumulators ``bias[n] + sum_k p(x[t,k], w[n,k])`` (SPEC section 3), int64 ``[T, N]``.
+
+    Products are sign-magnitude (``(-1)**(sa^sw) * ma * mw``), the sum is exact.
+    ``bias`` (scalar or ``[N]``) is in accumulator units and must satisfy
+    ``|bias| < 2**(A-2)``; ``K`` must not exceed ``k_max``.
+    """
+    a_bits = check_bits(a_bits, "a_bits")
+    w_bits = check_bits(w_bits, "w_bits")
+    k_max = _check_k_max(k_max)
+    x = _check_matrix(x_codes, a_bits, "x_codes")
+    w = _check_matrix(w_codes, w_bits, "w_codes")
+    t, k = x.shape
+    n, kw = w.shape
+    if k != kw:
+        raise ValueError(f"x_codes is [T={t}, K={k}] but w_codes is [N={n}, K={kw}]: the K dimensions differ")
+    if k > k_max:
+        raise ValueError(f"K={k} exceeds k_max={k_max}: split the reduction or raise k_max")
+    a = accumulator_bits(a_bits, w_bits, k_max)
+    blim = (1 << (a - 2)) - 1
+    b = np.zeros(n, dtype=np.int64) if bias is None else _broadcast_channel(bias, n, "bias", -blim, blim)
+    xs = _signed_from_codes(x, a_bits)
+    ws = _signed_from_codes(w, w_bits)
+    maxp = max_magnitude(a_bits) * max_magnitude(w_bits)
+    return _exact_int_matmul(xs, ws, maxp) + b[None, :]
+
+
+def requantize(acc: Any, *, frac_bits: int, shift: Any = 0, out_bits: int, relu: bool = False,
+               rounding: str = "nearest_even", mult: Any = None) -> tuple[np.ndarray, int]:
+    """The activation clamp unit (SPEC section 4): accumulators to SF``out_bits`` codes.
+
+    ``y = acc * 2**(-frac_bits + shift)`` (times ``mult * 2**-16`` if ``mult`` is given),
+    optional ReLU, right shift by ``r = frac_bits (+16) - (out_bits - 1) - shift`` with
+    ``rounding``, saturation to ``+-(2**(out_bits-1) - 1)``, sign-magnitude encoding.
+
+    ``shift`` and ``mult`` are scalars or broadcast against ``acc`` (per output channel:
+    shape ``[N]`` for ``acc`` ``[T, N]``; per element: ``acc``'s shape).
+
+    Returns:
+        ``(codes, n_saturated)``: codes (uint8/uint16) of ``acc``'s shape and the
+        number of outputs that saturated.
+    """
+    out_bits = check_bits(out_bits, "out_bits")
+    check_rounding(rounding)
+    if isinstance(frac_bits, bool) or not isinstance(frac_bits, (int, np.integer)):
+        raise TypeError(f"frac_bits must be an int, got {frac_bits!r}")
+    if not 0 <= frac_bits <= 64:
+        raise ValueError(f"frac_bits must be in 0..64, got {frac_bits}")
+    if not isinstance(relu, (bool, np.bool_)):
+        raise TypeError(f"relu must be a bool, got {relu!r}")
+    a = _int_array(acc, "acc")
+    f = int(frac_bits)
+    sh = _int_array(shift, "shift")
+    try:
+        np.broadcast_shapes(a.shape, sh.shape)
+    except ValueError:
+        raise ValueError(f"shift of shape {list(sh.shape)} does not broadcast against acc of shape {list(a.shape)}") from None
+    if mult is not None:
+        mu = _int_array(mult, "mult", 1, (1 << MULT_FRAC_BITS) - 1)
+        try:
+            np.broadcast_shapes(a.shape, mu.shape)
+        except ValueError:
+            raise ValueError(f"mult of shape {list(mu.shape)} does not broadcast against acc of shape {list(a.shape)}") from None
+        lim = 1 << (63 - MULT_FRAC_BITS)
+        if a.size and np.abs(a).max() >= lim:
+            raise ValueError(f"acc must satisfy |acc| < 2**{63 - MULT_FRAC_BITS} when mult is given (acc * mult must fit 64 bits)")
+        a = a * mu
+        f += MULT_FRAC_BITS
+    mo = out_bits - 1
+    r = f - mo - sh
+    if r.size and (r.min() < 0 or r.max() > MAX_RIGHT_SHIFT):
+        bad = (r < 0) | (r > MAX_RIGHT_SHIFT)
+        rb = np.broadcast_to(r, bad.shape)[bad].flat[0] if bad.ndim else int(r)
+        raise ValueError(
+            f"right shift r = frac_bits{' + 16' if mult is not None else ''} - (out_bits - 1) - shift = {int(rb)} "
+            f"is outside 0..{MAX_RIGHT_SHIFT} (frac_bits={frac_bits}, out_bits={out_bits}, "
+            f"{int(bad.sum())} element(s)); choose the output exponent so that the shift is in range"
+        )
+    if relu:
+        a = np.maximum(a, 0)
+    r = np.broadcast_to(r, np.broadcast_shapes(a.shape, r.shape))
+    a = np.broadcast_to(a, r.shape)
+    if rounding == "nearest_even":
+        q = a >> r
+        rem = a - (q << r)
+        half = np.where(r > 0, np.left_shift(np.int64(1), np.maximum(r - 1, 0)), 0)
+        up = (r > 0) & ((rem > half) | ((rem == half) & ((q & 1) == 1)))
+        q = q + up
+    else:
+        q = np.sign(a) * (np.abs(a) >> r)
+    lim = (1 << mo) - 1
+    sat = (q > lim) | (q < -lim)
+    q = np.clip(q, -lim, lim)
+    return _codes_from_signed(q, out_bits), int(sat.sum())
+
+
+@dataclass(frozen=True)
+class LinearArgs:
+    """Validated, normalised arguments of a LINEAR operation (SPEC section 5)."""
+
+    x: np.ndarray  # int64 [T, K] codes
+    w: np.ndarray  # int64 [N, K] codes
+    a_bits: int
+    w_bits: int
+    out_bits: int
+    bias: np.ndarray  # int64 [N]
+    shift: np.ndarray  # int64 [N]
+    mult: np.ndarray | None  # int64 [N] or None
+    x_exponent: np.ndarray  # int64 [T]
+    relu: bool
+    rounding: str
+    k_max: int
+
+    @property
+    def T(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def K(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def N(self) -> int:
+        return self.w.shape[0]
+
+    @property
+    def frac_bits(self) -> int:
+        return self.a_bits - 1 + self.w_bits - 1
+
+
+def check_linear_args(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, out_bits: int, bias: Any = None,
+                      shift: Any = 0, relu: bool = False, rounding: str = "nearest_even",
+                      k_max: int = DEFAULT_K_MAX, mult: Any = None, x_exponent: Any = None) -> LinearArgs:
+    """Check every argument of :func:`linear` (shared with the RTL harness, same messages)."""
+    a_bits = check_bits(a_bits, "a_bits")
+    w_bits = check_bits(w_bits, "w_bits")
+    out_bits = check_bits(out_bits, "out_bits")
+    check_rounding(rounding)
+    k_max = _check_k_max(k_max)
+    if not isinstance(relu, (bool, np.bool_)):
+        raise TypeError(f"relu must be a bool, got {relu!r}")
+    x = _check_matrix(x_codes, a_bits, "x_codes")
+    w = _check_matrix(w_codes, w_bits, "w_codes")
+    t, k = x.shape
+    n, kw = w.shape
+    if k != kw:
+        raise ValueError(f"x_codes is [T={t}, K={k}] but w_codes is [N={n}, K={kw}]: the K dimensions differ")
+    if k == 0:
+        raise ValueError("K must be at least 1 (x_codes and w_codes have no columns)")
+    if k > k_max:
+        raise ValueError(f"K={k} exceeds k_max={k_max}: split the reduction or raise k_max")
+    a = accumulator_bits(a_bits, w_bits, k_max)
+    blim = (1 << (a - 2)) - 1
+    b = np.zeros(n, dtype=np.int64) if bias is None else _broadcast_channel(bias, n, "bias", -blim, blim)
+    sh = _broadcast_channel(shift, n, "shift", INT8_MIN, INT8_MAX)
+    mu = None if mult is None else _broadcast_channel(mult, n, "mult", 1, (1 << MULT_FRAC_BITS) - 1)
+    if x_exponent is None:
+        xe = np.zeros(t, dtype=np.int64)
+    else:
+        xe = _int_array(x_exponent, "x_exponent", INT8_MIN, INT8_MAX)
+        if xe.ndim == 0:
+            xe = np.full(t, int(xe), dtype=np.int64)
+        elif xe.shape != (t,):
+            raise ValueError(f"x_exponent must be a scalar or have shape [{t}] (one per activation row), got {list(xe.shape)}")
+    f = a_bits - 1 + w_bits - 1 + (MULT_FRAC_BITS if mu is not None else 0)
+    r = f - (out_bits - 1) - (sh[None, :] + xe[:, None])
+    if r.size and (r.min() < 0 or r.max() > MAX_RIGHT_SHIFT):
+        bad = np.argwhere((r < 0) | (r > MAX_RIGHT_SHIFT))[0]
+        raise ValueError(
+            f"right shift r = F - (out_bits - 1) - (shift[n] + x_exponent[t]) = {int(r[tuple(bad)])} at t={bad[0]}, "
+            f"n={bad[1]} is outside 0..{MAX_RIGHT_SHIFT} (F={f}): choose shift / output exponent in range"
+        )
+    return LinearArgs(x, w, a_bits, w_bits, out_bits, b, sh, mu, xe, bool(relu), rounding, k_max)
+
+
+@dataclass(frozen=True)
+class LinearStats:
+    n_saturated: int
+    macs: int
+    acc_min: int
+    acc_max: int
+
+
+def linear_with_stats(x_codes: Any, w_codes: Any, **kw: Any) -> tuple[np.ndarray, LinearStats]:
+    """:func:`linear` that also returns the saturation count and accumulator range."""
+    args = check_linear_args(x_codes, w_codes, **kw)
+    return _linear(args)
+
+
+def _linear(args: LinearArgs) -> tuple[np.ndarray, LinearStats]:
+    xs = _signed_from_codes(args.x, args.a_bits)
+    ws = _signed_from_codes(args.w, args.w_bits)
+    acc = _exact_int_matmul(xs, ws, max_magnitude(args.a_bits) * max_magnitude(args.w_bits)) + args.bias[None, :]
+    shift = args.shift[None, :] + args.x_exponent[:, None]
+    codes, nsat = requantize(acc, frac_bits=args.frac_bits, shift=shift, out_bits=args.out_bits, relu=args.relu,
+                             rounding=args.rounding, mult=None if args.mult is None else args.mult[None, :])
+    stats = LinearStats(nsat, args.T * args.N * args.K, int(acc.min()) if acc.size else 0,
+                        int(acc.max()) if acc.size else 0)
+    return codes, stats
+
+
+def linear(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, out_bits: int, bias: Any = None,
+           shift: Any = 0, relu: bool = False, rounding: str = "nearest_even", k_max: int = DEFAULT_K_MAX,
+           mult: Any = None, x_exponent: Any = None) -> np.ndarray:
+    """LINEAR (SPEC section 5): ``Y[t,n] = requantize(bias[n] + sum_k X[t,k] W[n,k], F,
+    shift[n] + x_exponent[t], out_bits, relu, rounding, mult[n])``.
+
+    Args:
+        x_codes: ``[T, K]`` SF``a_bits`` codes (activations).
+        w_codes: ``[N, K]`` SF``w_bits`` codes (weights, one row per output channel).
+        bias: integer accumulator units, scalar or ``[N]``.
+        shift: int8 per output channel (``Ea + Ew - Eo`` or from :func:`fold_scale`).
+        mult: optional 16-bit per-channel multiplier (``mult * 2**-16``).
+        x_exponent: optional int8 per activation row.
+
+    Returns:
+        ``[T, N]`` SF``out_bits`` codes.
+    """
+    codes, _ = linear_with_stats(x_codes, w_codes, a_bits=a_bits, w_bits=w_bits, out_bits=out_bits, bias=bias,
+                                 shift=shift, relu=relu, rounding=rounding, k_max=k_max, mult=mult,
+                                 x_exponent=x_exponent)
+    return codes
+
+
+def fold_scale(scale: Any) -> tuple[Any, Any]:
+    """A positive float scale per channel to ``(mult, shift)`` with
+    ``mult * 2**(shift - 16) == scale`` rounded to 16 significant bits (nearest-even),
+    ``2**15 <= mult < 2**16`` (SPEC section 4).
+
+    Scalars give Python ints, arrays give int64 arrays of the same shape. The caller
+    adds any other power-of-two exponents to ``shift``.
+    """
+    arr = _as_array(scale, "scale")
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"scale must be real numbers, got dtype {arr.dtype}")
+    s = arr.astype(np.float64)
+    _check_no_nan(s, "scale")
+    bad = ~(np.isfinite(s) & (s > 0))
+    if bad.any():
+        raise ValueError(
+            f"scale must be positive and finite: {int(bad.sum())} value(s) are not, the first "
+            f"{float(s[bad].flat[0])!r} at index {_first_index(bad)}"
+        )
+    f, e = np.frexp(s)  # s = f * 2**e, f in [0.5, 1)
+    mult = np.rint(np.ldexp(f, MULT_FRAC_BITS)).astype(np.int64)  # in [2**15, 2**16]
+    carry = mult == (1 << MULT_FRAC_BITS)
+    mult = np.where(carry, 1 << (MULT_FRAC_BITS - 1), mult)
+    shift = (e + carry).astype(np.int64)
+    if arr.ndim == 0:
+        return int(mult), int(shift)
+    return mult, shift
