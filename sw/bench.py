@@ -1,0 +1,144 @@
+"""``sfx bench``: benchmarks that write ``results/`` (``make bench`` runs ``sfx bench all``).
+
+Each benchmark is a function ``run(out_dir: Path, quick: bool) -> None`` in its own
+module (registered in :data:`BENCHES`) that writes ``<name>.md`` and ``<name>.json``
+through :func:`write_report`, which records the command, the machine and the tool
+versions beside the numbers.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+#: name -> "module:function"
+BENCHES = {
+    "sw": "superfloat.sw.bench_sw:run",
+    "rtl": "superfloat.sim.bench_rtl:run",
+    "fpga": "superfloat.hw.bench_fpga:run",
+    "wasq": "superfloat.sw.wasq.bench:run",
+    "ptq": "superfloat.sw.ptq_bench:run",
+    "cosim": "superfloat.sim.bench_cosim:run",
+}
+
+
+def machine_info() -> dict[str, Any]:
+    from .cli_info import tool_versions
+
+    try:
+        import torch
+
+        threads = torch.get_num_threads()
+    except ImportError:  # pragma: no cover
+        threads = None
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": threads,
+        "platform": platform.platform(),
+        "versions": {name: ver for name, ver, _ in tool_versions() if ver is not None},
+    }
+
+
+def write_report(out_dir: Path | str, name: str, title: str, sections: list[tuple[str, str]],
+                 data: dict[str, Any], command: str) -> tuple[Path, Path]:
+    """Write ``<out_dir>/<name>.md`` and ``.json``.
+
+    ``sections`` is a list of ``(heading, markdown body)``; ``data`` is the raw numbers.
+    The command that produced the file is written at the top of both.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = machine_info()
+    md = [f"# {title}", "", f"Produced by `{command}` on {info['date']}.", "",
+          f"Machine: {info['cpu']}, {info['cores']} cores, {info['platform']}.", ""]
+    for heading, body in sections:
+        md += [f"## {heading}", "", body.rstrip(), ""]
+    md += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in info["versions"].items()), ""]
+    md_path = out_dir / f"{name}.md"
+    json_path = out_dir / f"{name}.json"
+    _atomic_write(md_path, "\n".join(md))
+    _atomic_write(json_path, json.dumps({"command": command, "machine": info, "results": data}, indent=2,
+                                        default=_json_default) + "\n")
+    return md_path, json_path
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_bench(args) -> int:
+    names = list(BENCHES) if args.which == "all" else [args.which]
+    failed = []
+    for name in names:
+        modname, func = BENCHES[name].split(":")
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as e:
+            if e.name and modname.startswith(e.name):
+                print(f"[bench {name}] not available in this version ({modname} missing); skipped")
+                continue
+            raise
+        print(f"[bench {name}] running ...", flush=True)
+        t0 = time.perf_counter()
+        try:
+            getattr(mod, func)(Path(args.out), quick=args.quick)
+        except Exception as e:  # noqa: BLE001 - one failing bench must not hide the others
+            failed.append(name)
+            print(f"[bench {name}] FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+            if args.which != "all":
+                raise
+            continue
+        print(f"[bench {name}] done in {time.perf_counter() - t0:.1f} s", flush=True)
+    if failed:
+        print(f"failed benchmarks: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="run benchmarks and write results/ (make bench)")
+    p.add_argument("which", nargs="?", default="all", choices=["all", *BENCHES])
+    p.add_argument("--out", default="results", help="output folder (default: results)")
+    p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke test")
+    p.set_defaults(func=cmd_bench)
