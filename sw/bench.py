@@ -21,7 +21,7 @@ from typing import Any
 BENCHES = {
     "sw": "superfloat.sw.bench_sw:run",
     "rtl": "superfloat.sim.bench_rtl:run",
-    "fpga": "superfloat.hw.bench_fpga:run",
+    "fpga": "superfloat.hw.fpga.bench:run",
     "wasq": "superfloat.sw.wasq.bench:run",
     "ptq": "superfloat.sw.ptq_bench:run",
     "cosim": "superfloat.sim.bench_cosim:run",

@@ -19,7 +19,8 @@ SUBCOMMAND_MODULES = [
     "superfloat.sw.cli_info",      # info, demo
     "superfloat.sw.wasq.cli",      # quantize, eval, finetune, analyze, generate, sweep
     "superfloat.sw.ptq_cli",       # ptq analysis commands (W4A4 methods)
-    "superfloat.hw.cli",           # verilog, synth, build-board
+    "superfloat.hw.cli",           # verilog
+    "superfloat.hw.fpga.cli",      # synth, build-board
     "superfloat.sim.cli",          # cosim
     "superfloat.sw.bench",         # bench
 ]
