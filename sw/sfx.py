@@ -215,7 +215,8 @@ def _pool() -> ThreadPoolExecutor:
 
 def _encode_chunk(v: np.ndarray, scale_exp, m: int, trunc: bool, out: np.ndarray) -> None:
     """Encode one chunk (1-D views) into ``out``. ``v`` float32 or float64."""
-    t = np.ldexp(v, scale_exp)  # exact: scaling by a power of two (see _work_dtype)
+    with np.errstate(over="ignore", under="ignore"):
+        t = np.ldexp(v, scale_exp)  # exact: scaling by a power of two (see _work_dtype)
     lim = float((1 << m) - 1)
     np.clip(t, -lim, lim, out=t)  # saturation; +-inf saturate. Clip-then-round == round-then-clip.
     if trunc:
@@ -459,8 +460,8 @@ def requantize(acc: Any, *, frac_bits: int, shift: Any = 0, out_bits: int, relu:
     check_rounding(rounding)
     if isinstance(frac_bits, bool) or not isinstance(frac_bits, (int, np.integer)):
         raise TypeError(f"frac_bits must be an int, got {frac_bits!r}")
-    if not 0 <= frac_bits <= 64:
-        raise ValueError(f"frac_bits must be in 0..64, got {frac_bits}")
+    if not 0 <= frac_bits <= 127:
+        raise ValueError(f"frac_bits must be in 0..127, got {frac_bits}")
     if not isinstance(relu, (bool, np.bool_)):
         raise TypeError(f"relu must be a bool, got {relu!r}")
     a = _int_array(acc, "acc")
