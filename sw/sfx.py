@@ -64,7 +64,7 @@ INT8_MIN, INT8_MAX = -128, 127
 K_MAX_LIMIT = 1 << 20  # accumulator width stays <= 54 bits; acc * mult fits int64
 
 # encode() works on chunks this large, in parallel threads (numpy releases the GIL).
-_CHUNK = 1 << 16
+_CHUNK = 1 << 17
 _THREADS = max(1, min(4, os.cpu_count() or 1))
 _POOL: ThreadPoolExecutor | None = None
 
@@ -188,9 +188,21 @@ def _int_array(x: Any, name: str, lo: int | None = None, hi: int | None = None) 
 
 
 def check_codes(codes: Any, bits: int, name: str = "codes") -> np.ndarray:
-    """Validate SF``bits`` codes (integers in ``[0, 2**bits)``) and return them as int64."""
+    """Validate SF``bits`` codes (integers in ``[0, 2**bits)``).
+
+    Returns uint8/uint16 arrays as they are (no copy) and anything else as int64.
+    """
     bits = check_bits(bits)
     arr = _as_array(codes, name)
+    if arr.dtype.kind == "u" and arr.dtype.itemsize <= 2:
+        hi = (1 << bits) - 1
+        if arr.size and int(arr.max()) > hi:
+            bad = arr > hi
+            raise ValueError(
+                f"{name} must be <= {hi}: {int(bad.sum())} value(s) above, the first {int(arr[bad].flat[0])} "
+                f"at index {_first_index(bad)}"
+            )
+        return arr
     if arr.dtype.kind == "f":
         raise TypeError(
             f"{name} must be an integer array of SF{bits} codes (uint8/uint16), got {arr.dtype}; "
@@ -213,33 +225,39 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL
 
 
-def _encode_chunk(v: np.ndarray, scale_exp, m: int, trunc: bool, out: np.ndarray) -> None:
-    """Encode one chunk (1-D views) into ``out``. ``v`` float32 or float64."""
+def _encode_chunk(v: np.ndarray, scale, m: int, trunc: bool, out: np.ndarray) -> None:
+    """Encode one chunk into ``out``. ``v`` float32 or float64; ``scale`` = ``2**(M-E)`` in
+    ``v``'s dtype (a scalar or an array broadcast to ``v``)."""
     with np.errstate(over="ignore", under="ignore"):
-        t = np.ldexp(v, scale_exp)  # exact: scaling by a power of two (see _work_dtype)
-    lim = float((1 << m) - 1)
+        t = np.multiply(v, scale, dtype=v.dtype)  # exact: scaling by a power of two (see _work_dtype)
+    lim = v.dtype.type((1 << m) - 1)
     np.clip(t, -lim, lim, out=t)  # saturation; +-inf saturate. Clip-then-round == round-then-clip.
     if trunc:
         np.trunc(t, out=t)
     else:
         np.rint(t, out=t)  # ties to even
-    neg = t < 0
-    np.abs(t, out=t)
-    mag = t.astype(out.dtype)
-    mag[neg] |= out.dtype.type(1 << m)
-    out[...] = mag
+    q = t.astype(np.int16)  # |q| <= 2**15 - 1
+    s = q >> 15  # -1 where negative, else 0
+    q ^= s
+    q -= s  # |q|
+    s &= np.array([1 << m], dtype=np.uint16).view(np.int16)[0]
+    q |= s  # sign bit
+    out[...] = q.view(np.uint16) if out.dtype == np.uint16 else q
 
 
 def _work_dtype(dtype: np.dtype, exps: np.ndarray, m: int) -> np.dtype:
     """float32 when it gives the same result as float64, else float64.
 
-    For float16/float32 input, ``v * 2**(M-E)`` computed in float32 by ``ldexp`` is
-    exact unless the result overflows (then it is +-inf and saturates exactly as the
-    float64 result does) or falls below 2**-126 (then both round to 0). So float32 is
-    bit-identical to the float64 arithmetic of SPEC section 2, and twice as fast.
+    For float16/float32 input, ``v * 2**(M-E)`` computed in float32 is exact when
+    ``2**(M-E)`` is a normal float32, unless the product overflows (then it is +-inf and
+    saturates exactly as the float64 result does) or falls below 2**-126 (then both
+    round to 0). So float32 is bit-identical to the float64 arithmetic of SPEC
+    section 2, and faster. The same argument makes a float64 product exact.
     """
     if dtype in (np.float16, np.float32):
-        return np.dtype(np.float32)
+        se = m - exps
+        if exps.size == 0 or (se.min() >= -126 and se.max() <= 127):
+            return np.dtype(np.float32)
     return np.dtype(np.float64)
 
 
@@ -279,17 +297,17 @@ def encode(values: Any, bits: int, exponent: Any = 0, rounding: str = "nearest_e
         # Fast path: one exponent; chunked so that every pass stays in cache.
         v = np.ascontiguousarray(arr, dtype=dt).reshape(-1)
         o = out.reshape(-1)
-        se = int(m - int(exps))
+        scale = np.ldexp(dt.type(1), int(m - int(exps)))
         n = v.size
-        if n <= 4 * _CHUNK:
-            _encode_chunk(v, se, m, trunc, o)
+        if n <= 2 * _CHUNK:
+            _encode_chunk(v, scale, m, trunc, o)
         else:
             starts = range(0, n, _CHUNK)
-            list(_pool().map(lambda s: _encode_chunk(v[s:s + _CHUNK], se, m, trunc, o[s:s + _CHUNK]), starts))
+            list(_pool().map(lambda s: _encode_chunk(v[s:s + _CHUNK], scale, m, trunc, o[s:s + _CHUNK]), starts))
         return out
-    v = np.broadcast_to(arr.astype(dt, copy=False), shape)
-    se = np.broadcast_to((m - exps).astype(np.int32), shape)
-    _encode_chunk(np.ascontiguousarray(v), np.ascontiguousarray(se), m, trunc, out)
+    v = np.ascontiguousarray(np.broadcast_to(arr.astype(dt, copy=False), shape))
+    scale = np.ldexp(dt.type(1), (m - exps).astype(np.int32))
+    _encode_chunk(v, np.broadcast_to(scale, shape), m, trunc, out)
     return out
 
 
@@ -299,7 +317,7 @@ def decode(codes: Any, bits: int, exponent: Any = 0) -> np.ndarray:
     Negative zero (sign set, magnitude 0) decodes to +0.0.
     """
     bits = check_bits(bits)
-    c = check_codes(codes, bits)
+    c = check_codes(codes, bits).astype(np.int64, copy=False)
     exps = _check_exponent(exponent)
     m = bits - 1
     signed = _signed_from_codes(c, bits)
@@ -392,19 +410,28 @@ def _check_matrix(codes: Any, bits: int, name: str) -> np.ndarray:
     return c
 
 
-def _exact_int_matmul(xs: np.ndarray, ws: np.ndarray, max_abs_product: int) -> np.ndarray:
-    """Exact ``xs @ ws.T`` for int64 operands, using float64 BLAS on K-chunks.
+def _signed_lut(bits: int) -> np.ndarray:
+    """float64 signed integer value ``(-1)**s * m`` of every SF``bits`` code."""
+    c = np.arange(1 << bits, dtype=np.int64)
+    return _signed_from_codes(c, bits).astype(np.float64)
 
-    Every partial sum of a chunk stays below 2**53, so each float64 operation is
-    exact whatever order BLAS uses; chunks are summed in int64.
+
+def _exact_code_matmul(x: np.ndarray, a_bits: int, w: np.ndarray, w_bits: int) -> np.ndarray:
+    """Exact integer ``sum_k p(x[t,k], w[n,k])`` of validated codes, int64 ``[T, N]``.
+
+    Codes become their signed magnitudes through a lookup table (one gather pass),
+    then float64 BLAS multiplies K-chunks: every partial sum of a chunk stays below
+    2**53, so each float64 operation is exact whatever order BLAS uses; chunks are
+    summed in int64.
     """
-    t, k = xs.shape
-    n = ws.shape[0]
+    t, k = x.shape
+    n = w.shape[0]
+    max_abs_product = max_magnitude(a_bits) * max_magnitude(w_bits)
     if max_abs_product == 0 or k == 0:
         return np.zeros((t, n), dtype=np.int64)
     chunk = max(1, (1 << 53) // max_abs_product - 1)
-    xf = xs.astype(np.float64)
-    wf = ws.astype(np.float64)
+    xf = _signed_lut(a_bits)[x]
+    wf = _signed_lut(w_bits)[w]
     if k <= chunk:
         return (xf @ wf.T).astype(np.int64)
     acc = np.zeros((t, n), dtype=np.int64)
@@ -435,10 +462,7 @@ def matmul_acc(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, bias: An
     a = accumulator_bits(a_bits, w_bits, k_max)
     blim = (1 << (a - 2)) - 1
     b = np.zeros(n, dtype=np.int64) if bias is None else _broadcast_channel(bias, n, "bias", -blim, blim)
-    xs = _signed_from_codes(x, a_bits)
-    ws = _signed_from_codes(w, w_bits)
-    maxp = max_magnitude(a_bits) * max_magnitude(w_bits)
-    return _exact_int_matmul(xs, ws, maxp) + b[None, :]
+    return _exact_code_matmul(x, a_bits, w, w_bits) + b[None, :]
 
 
 def requantize(acc: Any, *, frac_bits: int, shift: Any = 0, out_bits: int, relu: bool = False,
@@ -514,8 +538,8 @@ def requantize(acc: Any, *, frac_bits: int, shift: Any = 0, out_bits: int, relu:
 class LinearArgs:
     """Validated, normalised arguments of a LINEAR operation (SPEC section 5)."""
 
-    x: np.ndarray  # int64 [T, K] codes
-    w: np.ndarray  # int64 [N, K] codes
+    x: np.ndarray  # [T, K] codes (uint8/uint16 as given, else int64)
+    w: np.ndarray  # [N, K] codes
     a_bits: int
     w_bits: int
     out_bits: int
@@ -604,9 +628,7 @@ def linear_with_stats(x_codes: Any, w_codes: Any, **kw: Any) -> tuple[np.ndarray
 
 
 def _linear(args: LinearArgs) -> tuple[np.ndarray, LinearStats]:
-    xs = _signed_from_codes(args.x, args.a_bits)
-    ws = _signed_from_codes(args.w, args.w_bits)
-    acc = _exact_int_matmul(xs, ws, max_magnitude(args.a_bits) * max_magnitude(args.w_bits)) + args.bias[None, :]
+    acc = _exact_code_matmul(args.x, args.a_bits, args.w, args.w_bits) + args.bias[None, :]
     shift = args.shift[None, :] + args.x_exponent[:, None]
     codes, nsat = requantize(acc, frac_bits=args.frac_bits, shift=shift, out_bits=args.out_bits, relu=args.relu,
                              rounding=args.rounding, mult=None if args.mult is None else args.mult[None, :])
