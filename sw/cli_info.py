@@ -88,9 +88,38 @@ def cmd_info(args) -> int:
     return 0
 
 
+def code_table(bits: int, exponent: int = 0) -> str:
+    """Markdown table of every SF``bits`` code: binary, sign, magnitude, value."""
+    from fractions import Fraction
+
+    from . import sfx
+
+    sfx.check_bits(bits)
+    if bits > 8:
+        raise ValueError("code tables are printed for bits <= 8 (256 rows at most)")
+    m = bits - 1
+    codes = list(range(1 << bits))
+    values = sfx.decode(codes, bits, exponent)
+    lines = ["| code | binary | sign | magnitude | value | exact |", "|---:|---:|---:|---:|---:|---:|"]
+    for c, v in zip(codes, values):
+        note = " (negative zero: decodes to 0, never produced)" if c == 1 << m else ""
+        lines.append(f"| {c} | `{c:0{bits}b}` | {c >> m} | {c & ((1 << m) - 1)} | {v:+.6g}{note} | "
+                     f"{Fraction(float(v))} |")
+    return "\n".join(lines)
+
+
+def cmd_table(args) -> int:
+    print(code_table(args.bits, args.exponent))
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("info", help="versions of the tools found, and how to install missing ones")
     p.set_defaults(func=cmd_info)
+    p = sub.add_parser("table", help="print the Markdown table of every SFx code (bits <= 8)")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--exponent", type=int, default=0, help="power-of-two exponent E (value * 2**E)")
+    p.set_defaults(func=cmd_table)
     from . import demo
 
     demo.register(sub)
