@@ -33,7 +33,7 @@ demo: setup
 	$(VENV)/bin/sfx demo
 
 test: setup
-	$(VPY) -m pytest -q -n 2 --dist loadgroup
+	$(VPY) -m pytest -q -n 2 --dist loadgroup -m "not slow"
 
 test-fast: setup
 	$(VPY) -m pytest -q -x -m "not sim and not fpga"
