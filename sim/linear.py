@@ -1,0 +1,353 @@
+"""Co-simulation of LINEAR on the RTL: :func:`run_linear` and the host-side beat packing.
+
+:func:`run_linear` is :func:`superfloat.sw.sfx.linear` computed by the generated
+accelerator (:class:`superfloat.hw.accelerator.SFxAccelerator`) in an HDL simulator:
+
+1. the arguments are checked by ``sfx.check_linear_args`` (same messages as the model);
+2. the accelerator is generated and built for the simulator (cached under
+   ``build/sim/<simulator>/<key>/``, see :mod:`superfloat.sim.runner`);
+3. the operation is packed, on the host, into the beats of every stream in tile order
+   with the helpers of :mod:`superfloat.hw.interface` (:func:`linear_traffic`) and
+   written to ``job.npz`` in a fresh run folder;
+4. the cocotb test ``run_job`` of :mod:`superfloat.sim.tb_accelerator` streams it through
+   the RTL (no stalls), and writes the ``res`` beats, the cycle counts and the status
+   outputs to ``out.npz``;
+5. the beats are unpacked into ``[T, N]`` codes and compared with ``sfx.linear``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from superfloat.hw.interface import (ROUNDING_CODES, TN_BITS, AccelParams, act_layout, cmd_layout, pack_lanes,
+                                     par_lane_layout, tile_schedule, unpack_lanes)
+from superfloat.sw import sfx
+
+from . import runner
+from .scoreboard import first_mismatch, linear_kwargs
+
+__all__ = [
+    "ACCEL_TOPLEVEL",
+    "LinearTraffic",
+    "LinearSimStats",
+    "accelerator_verilog",
+    "build_accelerator",
+    "cmd_word",
+    "linear_traffic",
+    "res_to_codes",
+    "run_linear",
+]
+
+ACCEL_TOPLEVEL = "sfx_accelerator"
+TB_MODULE = "superfloat.sim.tb_accelerator"
+_HERE = Path(__file__).resolve().parent
+#: Files whose contents enter the build key of accelerator builds (the cocotb side).
+BENCH_SOURCES = tuple(_HERE / f for f in ("tb_accelerator.py", "streams.py", "scoreboard.py", "linear.py"))
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def _fields(layout) -> dict[str, tuple[int, int]]:
+    return {name: (f.offset, f.width) for name, f in layout}
+
+
+def cmd_word(p: AccelParams, *, k: int, t: int, n: int, relu: bool = False, rounding: str = "nearest_even",
+             use_mult: bool = False) -> int:
+    """The ``cmd`` beat. ``k`` may be 0 or exceed ``k_max`` (a malformed command, for tests)
+    as long as it fits the field."""
+    f = _fields(cmd_layout(p))
+    vals = {"k": k, "t": t, "n": n, "relu": int(bool(relu)), "rounding": ROUNDING_CODES[rounding],
+            "use_mult": int(bool(use_mult))}
+    word = 0
+    for name, v in vals.items():
+        off, width = f[name]
+        if not 0 <= int(v) < (1 << width):
+            raise ValueError(f"cmd.{name} = {v} does not fit its {width}-bit field")
+        word |= int(v) << off
+    return word
+
+
+@dataclass
+class LinearTraffic:
+    """The beats of one LINEAR operation, per stream, in stream order."""
+
+    cmd: int
+    par: list[int]
+    act: list[int]
+    wgt: list[int]
+    res_beats: int
+    T: int
+    N: int
+    K: int
+
+    @property
+    def tiles(self) -> int:
+        return len(self.par)
+
+
+def linear_traffic(args: sfx.LinearArgs, p: AccelParams) -> LinearTraffic:
+    """Pack validated LINEAR arguments into stream beats (``hw/interface.py`` order).
+
+    Rows past ``T`` carry code 0 and exponent 0; lanes past ``N`` carry code 0, bias 0 and
+    the shift / mult of the last valid channel (legal values, so that ``r`` stays in
+    range); the ``mult`` field holds ``0xA5A5`` when the command does not use it, so that
+    a datapath that wrongly applies it is caught.
+    """
+    t_total, n_total, k = args.T, args.N, args.K
+    rows, cols = p.rows, p.cols
+    if t_total > (1 << TN_BITS) - 1 or n_total > (1 << TN_BITS) - 1:
+        raise ValueError(f"T={t_total} and N={n_total} must be < {1 << TN_BITS} (16-bit command fields)")
+    use_mult = args.mult is not None
+    cmd = cmd_word(p, k=k, t=t_total, n=n_total, relu=args.relu, rounding=args.rounding, use_mult=use_mult)
+
+    act_f = _fields(act_layout(p))
+    exp_off = act_f["exp"][0]
+    lane = par_lane_layout(p)
+    lane_f = _fields(lane)
+    lane_w = lane.size
+    amask = (1 << p.acc_bits) - 1
+
+    act_by_tt = {}
+    for tt in range(-(-t_total // rows)):
+        t0 = tt * rows
+        tv = min(rows, t_total - t0)
+        xp = np.zeros((rows, k), dtype=np.int64)
+        xp[:tv] = args.x[t0:t0 + tv]
+        e = np.zeros((1, rows), dtype=np.int64)
+        e[0, :tv] = args.x_exponent[t0:t0 + tv]
+        ew = pack_lanes(e, 8)[0] << exp_off
+        act_by_tt[tt] = [c | ew for c in pack_lanes(xp.T, p.a_bits)]
+
+    wgt_by_tn, par_by_tn = {}, {}
+    for tn in range(-(-n_total // cols)):
+        n0 = tn * cols
+        nv = min(cols, n_total - n0)
+        wp = np.zeros((cols, k), dtype=np.int64)
+        wp[:nv] = args.w[n0:n0 + nv]
+        wgt_by_tn[tn] = pack_lanes(wp.T, p.w_bits)
+        word = 0
+        for j in range(cols):
+            ch = n0 + min(j, nv - 1)
+            bias = int(args.bias[n0 + j]) if j < nv else 0
+            mult = int(args.mult[ch]) if use_mult else 0xA5A5
+            v = ((bias & amask) << lane_f["bias"][0]) | ((int(args.shift[ch]) & 0xFF) << lane_f["shift"][0]) \
+                | ((mult & 0xFFFF) << lane_f["mult"][0])
+            word |= v << (j * lane_w)
+        par_by_tn[tn] = word
+
+    par, act, wgt = [], [], []
+    res_beats = 0
+    for t0, tv, n0, nv in tile_schedule(t_total, n_total, rows, cols):
+        par.append(par_by_tn[n0 // cols])
+        act += act_by_tt[t0 // rows]
+        wgt += wgt_by_tn[n0 // cols]
+        res_beats += tv
+    return LinearTraffic(cmd, par, act, wgt, res_beats, t_total, n_total, k)
+
+
+def res_to_codes(words: list[int], t_total: int, n_total: int, p: AccelParams) -> tuple[np.ndarray, int]:
+    """``res`` beats to ``[T, N]`` codes (dtype of ``sfx.code_dtype(out_bits)``), and the
+    number of nonzero padding lanes (channels past ``N``; they must be code 0)."""
+    out = np.zeros((t_total, n_total), dtype=sfx.code_dtype(p.out_bits))
+    idx = 0
+    padding = 0
+    for t0, tv, n0, nv in tile_schedule(t_total, n_total, p.rows, p.cols):
+        blk = unpack_lanes(words[idx:idx + tv], p.out_bits, p.cols)
+        out[t0:t0 + tv, n0:n0 + nv] = blk[:, :nv]
+        padding += int(np.count_nonzero(blk[:, nv:]))
+        idx += tv
+    if idx != len(words):
+        raise ValueError(f"{len(words)} res beats for an operation that has {idx}")
+    return out, padding
+
+
+# --------------------------------------------------------------------------- build
+
+
+def _accel_params_dict(p: AccelParams, dsp_pes: int) -> dict:
+    return {"design": "SFxAccelerator", "rows": p.rows, "cols": p.cols, "a_bits": p.a_bits, "w_bits": p.w_bits,
+            "out_bits": p.out_bits, "k_max": p.k_max, "dsp_pes": int(dsp_pes)}
+
+
+_VERILOG_MEMO: dict[str, str] = {}
+
+
+def _hw_sources_digest() -> str:
+    import superfloat.hw as hw
+
+    root = Path(hw.__file__).resolve().parent
+    parts: list[str | bytes] = []
+    for f in sorted(root.rglob("*.py")):
+        parts += [str(f.relative_to(root)), f.read_bytes()]
+    import amaranth
+
+    parts.append(getattr(amaranth, "__version__", "?"))
+    return runner._digest(*parts)
+
+
+def accelerator_verilog(p: AccelParams, *, dsp_pes: int = 0) -> str:
+    """Verilog of :class:`SFxAccelerator` with these parameters (top module
+    ``sfx_accelerator``, no source attributes), cached on disk by a hash of the
+    parameters and the ``hw/`` sources so that a warm call skips Amaranth and Yosys."""
+    key = runner._digest(json.dumps(_accel_params_dict(p, dsp_pes), sort_keys=True), _hw_sources_digest())[:16]
+    if key in _VERILOG_MEMO:
+        return _VERILOG_MEMO[key]
+    vdir = runner.build_root() / "verilog"
+    path = vdir / f"{ACCEL_TOPLEVEL}-{key}.v"
+    if path.is_file():
+        text = path.read_text()
+    else:
+        from amaranth.back import verilog
+
+        from superfloat.hw.accelerator import SFxAccelerator
+
+        dut = SFxAccelerator(rows=p.rows, cols=p.cols, a_bits=p.a_bits, w_bits=p.w_bits, out_bits=p.out_bits,
+                             k_max=p.k_max, dsp_pes=dsp_pes)
+        text = verilog.convert(dut, name=ACCEL_TOPLEVEL, emit_src=False)
+        vdir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{id(text)}")
+        tmp.write_text(text)
+        tmp.replace(path)
+    _VERILOG_MEMO[key] = text
+    return text
+
+
+def build_accelerator(p: AccelParams, *, simulator: str = "verilator", waves: bool = False,
+                      dsp_pes: int = 0) -> runner.Build:
+    """Build (or find in the cache) the accelerator for ``simulator``."""
+    text = accelerator_verilog(p, dsp_pes=dsp_pes)
+    return runner.build_verilog(text, toplevel=ACCEL_TOPLEVEL, params=_accel_params_dict(p, dsp_pes),
+                                simulator=simulator, waves=waves, bench_sources=BENCH_SOURCES)
+
+
+def params_env(p: AccelParams) -> str:
+    """AccelParams as the JSON that the cocotb benches read from ``SFX_SIM_PARAMS``."""
+    return json.dumps({"rows": p.rows, "cols": p.cols, "a_bits": p.a_bits, "w_bits": p.w_bits,
+                       "out_bits": p.out_bits, "k_max": p.k_max})
+
+
+# --------------------------------------------------------------------------- run_linear
+
+
+@dataclass
+class LinearSimStats:
+    """What :func:`run_linear` measured. ``cycles`` counts clock cycles from the one in which
+    the ``cmd`` beat was accepted to the one in which the last ``res`` beat was accepted,
+    both included; ``utilization = macs / (rows * cols * cycles)``. ``cycles_per_s`` and
+    ``macs_per_s`` divide the simulated cycles (reset included) and the useful MACs by
+    the wall time of the cocotb loop that drove them; ``wall_s`` is the whole call."""
+
+    simulator: str
+    rows: int
+    cols: int
+    cycles: int
+    macs: int
+    utilization: float
+    saturated: int  # the RTL's sat_count after the operation
+    reference_saturated: int  # sfx.linear_with_stats' count
+    error: bool  # the RTL's sticky error bit after the operation
+    mismatches: int  # codes that differ from sfx.linear (must be 0)
+    first_mismatch: dict | None
+    padding_nonzero: int  # res lanes past N that were not code 0 (must be 0)
+    sim_cycles: int
+    loop_s: float
+    cycles_per_s: float
+    macs_per_s: float
+    sim_s: float
+    wall_s: float
+    build_cached: bool
+    build_s: float
+    build_dir: str
+    waves: str | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def __getitem__(self, key: str) -> Any:  # dict-style access
+        return getattr(self, key)
+
+
+def _hex_array(words: list[int]) -> np.ndarray:
+    return np.array([format(w, "x") for w in words] or [""], dtype=str)[:len(words)]
+
+
+def run_linear(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, out_bits: int, bias: Any = None,
+               shift: Any = 0, relu: bool = False, rounding: str = "nearest_even", mult: Any = None,
+               x_exponent: Any = None, rows: int = 8, cols: int = 8, k_max: int = sfx.DEFAULT_K_MAX,
+               simulator: str = "verilator", waves: bool = False) -> tuple[np.ndarray, LinearSimStats]:
+    """LINEAR computed by the RTL in an HDL simulator: the co-simulation twin of :func:`sfx.linear`.
+
+    Arguments are those of :func:`superfloat.sw.sfx.linear` (checked by
+    ``sfx.check_linear_args``, same messages), plus the array shape ``rows x cols`` and
+    ``k_max`` of the generated accelerator, the ``simulator`` (``"verilator"`` or
+    ``"icarus"``) and ``waves`` (record a trace; its path is printed and returned in the
+    stats).
+
+    Returns:
+        ``(codes, stats)``: ``[T, N]`` codes with the dtype of ``sfx.linear``'s result,
+        and :class:`LinearSimStats`. The codes are the RTL's; ``stats.mismatches`` says
+        how many differ from ``sfx.linear`` (zero unless the RTL has a bug).
+
+    Raises:
+        ValueError / TypeError: bad arguments (from ``sfx.check_linear_args``; also the
+            simulator name and the array shape).
+        runner.SimulatorNotFound: the simulator is not installed (with install hints).
+        runner.SimulationFailed: the build or the bench failed (e.g. the RTL hung).
+    """
+    t_start = time.perf_counter()
+    args = sfx.check_linear_args(x_codes, w_codes, a_bits=a_bits, w_bits=w_bits, out_bits=out_bits, bias=bias,
+                                 shift=shift, relu=relu, rounding=rounding, k_max=k_max, mult=mult,
+                                 x_exponent=x_exponent)
+    if simulator not in runner.SIMULATORS:
+        raise ValueError(f"simulator must be one of {', '.join(map(repr, runner.SIMULATORS))}, got {simulator!r}")
+    p = AccelParams(rows=rows, cols=cols, a_bits=args.a_bits, w_bits=args.w_bits, out_bits=args.out_bits,
+                    k_max=args.k_max)
+    traffic = linear_traffic(args, p)
+    b = build_accelerator(p, simulator=simulator, waves=waves)
+    run_dir = b.dir / "runs" / f"linear-{time.strftime('%Y%m%d-%H%M%S')}-{_uid()}"
+    run_dir.mkdir(parents=True)
+    job, out = run_dir / "job.npz", run_dir / "out.npz"
+    np.savez(job, cmd=_hex_array([traffic.cmd]), par=_hex_array(traffic.par), act=_hex_array(traffic.act),
+             wgt=_hex_array(traffic.wgt), res_beats=np.int64(traffic.res_beats),
+             params=np.array(params_env(p)))
+    r = runner.run(b, TB_MODULE, testcase="run_job", env={"SFX_SIM_JOB": str(job), "SFX_SIM_OUT": str(out)},
+                   run_dir=run_dir, waves=waves)
+    with np.load(out) as o:
+        res_words = [int(s, 16) for s in o["res"].tolist()]
+        meas = {k: o[k].item() for k in o.files if k != "res"}
+    codes, padding = res_to_codes(res_words, args.T, args.N, p)
+    ref, ref_stats = sfx.linear_with_stats(args.x, args.w, **linear_kwargs(args))
+    count, first = first_mismatch(codes, ref)
+    cycles = int(meas["cycles"])
+    macs = args.T * args.N * args.K
+    loop_s = float(meas["loop_s"])
+    stats = LinearSimStats(
+        simulator=simulator, rows=rows, cols=cols, cycles=cycles, macs=macs,
+        utilization=macs / (rows * cols * cycles) if cycles else 0.0,
+        saturated=int(meas["sat_count"]), reference_saturated=int(ref_stats.n_saturated),
+        error=bool(meas["error"]), mismatches=count, first_mismatch=first, padding_nonzero=padding,
+        sim_cycles=int(meas["sim_cycles"]), loop_s=loop_s,
+        cycles_per_s=int(meas["sim_cycles"]) / loop_s if loop_s else 0.0,
+        macs_per_s=macs / loop_s if loop_s else 0.0, sim_s=r.wall_s, wall_s=time.perf_counter() - t_start,
+        build_cached=b.cached, build_s=b.build_s, build_dir=str(b.dir),
+        waves=str(r.waves) if r.waves else None)
+    if not waves:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return codes, stats
+
+
+_UID = [0]
+
+
+def _uid() -> str:
+    import os
+
+    _UID[0] += 1
+    return f"{os.getpid()}-{_UID[0]}"
