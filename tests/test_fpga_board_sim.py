@@ -1,0 +1,99 @@
+"""The board top's UART link in an HDL simulator: the host driver's bytes on ``rx``, its
+results from ``tx``, equal to sfx.linear (sim/tb_board.py, Verilator and Icarus)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from superfloat.hw.fpga.board_top import UARTBridge
+from superfloat.sim import runner
+from superfloat.sw import sfx
+
+pytestmark = [pytest.mark.sim, pytest.mark.xdist_group("fpga_board_sim")]
+
+SIM_DIR = Path(__file__).resolve().parent.parent / "sim"
+HW_DIR = Path(__file__).resolve().parent.parent / "hw" / "fpga"
+BENCH_SOURCES = [SIM_DIR / "tb_board.py", SIM_DIR / "streams.py", HW_DIR / "host.py", HW_DIR / "protocol.py"]
+
+DIVISOR = 4
+IDLE_TIMEOUT = 3000
+
+
+def _cases(rng, bits, k_max):
+    """Operations covering tiling remainders, relu, both roundings, mult, per-row exponents,
+    bias and saturation."""
+    a = w = o = bits
+    f = (a - 1) + (w - 1)
+    out = []
+
+    def rand_codes(shape, bits_):
+        return rng.integers(0, 1 << bits_, shape)
+
+    specs = [
+        dict(T=3, N=3, K=5),
+        dict(T=1, N=5, K=1, relu=True),
+        dict(T=4, N=2, K=7, rounding="toward_zero", xexp=True),
+        dict(T=2, N=3, K=4, mult=True, bias=True),
+        dict(T=5, N=4, K=3, bias=True, saturate=True),
+    ]
+    for s in specs:
+        T, N, K = s["T"], s["N"], s["K"]
+        x, wc = rand_codes((T, K), a), rand_codes((N, K), w)
+        kw = dict(a_bits=a, w_bits=w, out_bits=o, k_max=k_max, relu=s.get("relu", False),
+                  rounding=s.get("rounding", "nearest_even"))
+        ff = f + (16 if s.get("mult") else 0)
+        hi = ff - (o - 1)                  # shift + xexp must stay <= hi (r >= 0)
+        if s.get("saturate"):
+            kw["shift"] = int(hi)          # r = 0: large accumulators saturate
+        else:
+            kw["shift"] = rng.integers(hi - 3, hi - 1, N).tolist()
+        if s.get("xexp"):
+            kw["x_exponent"] = rng.integers(-1, 2, T).tolist()
+        if s.get("mult"):
+            kw["mult"] = rng.integers(1 << 15, 1 << 16, N).tolist()
+        if s.get("bias"):
+            lim = 1 << (sfx.accumulator_bits(a, w, k_max) - 3)
+            kw["bias"] = rng.integers(-lim, lim, N).tolist()
+        out.append({"x": x.tolist(), "w": wc.tolist(), "kw": kw, "approx_bytes": 40 * (T * N * K + 10)})
+    return out
+
+
+CONFIGS = [
+    pytest.param("verilator", dict(rows=2, cols=2, bits=4), id="verilator-2x2-SF4"),
+    pytest.param("icarus", dict(rows=2, cols=3, bits=8), id="icarus-2x3-SF8"),
+    pytest.param("verilator", dict(rows=3, cols=2, bits=6), id="verilator-3x2-SF6"),
+]
+
+
+@pytest.mark.parametrize("simulator,cfg", CONFIGS)
+def test_linear_over_uart_equals_sfx(simulator, cfg, tmp_path):
+    try:
+        runner.check_simulator(simulator)
+    except runner.SimulatorNotFound as e:
+        pytest.skip(str(e))
+    k_max = 64
+    bridge = UARTBridge(rows=cfg["rows"], cols=cfg["cols"], a_bits=cfg["bits"], w_bits=cfg["bits"],
+                        out_bits=cfg["bits"], k_max=k_max, divisor=DIVISOR, fifo_depth=64, credit_chunk=16,
+                        idle_timeout=IDLE_TIMEOUT)
+    b = runner.build(bridge, name="sfx_board", simulator=simulator, bench_sources=BENCH_SOURCES,
+                     params={"design": "UARTBridge", **cfg, "k_max": k_max, "divisor": DIVISOR, "fifo_depth": 64,
+                             "credit_chunk": 16, "idle_timeout": IDLE_TIMEOUT})
+    rng = np.random.default_rng(cfg["rows"] * 100 + cfg["bits"])
+    cases = _cases(rng, cfg["bits"], k_max)
+    out = tmp_path / "out.json"
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"divisor": DIVISOR, "idle_timeout": IDLE_TIMEOUT, "cases": cases, "out": str(out)}))
+    runner.run(b, "superfloat.sim.tb_board", env={"SFX_BOARD_JOB": str(job)})
+    res = json.loads(out.read_text())["cases"]
+    assert len(res) == len(cases)
+    for case, r in zip(cases, res):
+        want, st = sfx.linear_with_stats(np.array(case["x"]), np.array(case["w"]), **case["kw"])
+        assert np.array_equal(np.array(r["codes"]), want)
+        assert r["stats"]["n_saturated"] == st.n_saturated
+        assert r["stats"]["bytes_sent"] > 0 and r["stats"]["status"]["busy"] is False
+    # the saturation case really saturates, and the small FIFO forced credit frames
+    assert res[-1]["stats"]["n_saturated"] > 0
+    assert sum(r["stats"]["credit_frames"] for r in res) > 0
