@@ -232,7 +232,7 @@ class SFxAccelerator(wiring.Component):
 
         # ------------------------------------------------------------------ drain stage
         occ = Signal(range(depth + 1))    # rows admitted into the drain and not yet taken on res
-        d_col = Signal(range(cols))
+        d_col = Signal(range(max(2, cols)))   # never zero-width (Verilog [-1:0] wires)
         row_start = d_col == 0
         pre_valid = Signal()
         m.d.comb += array.out.ready.eq((~row_start | (occ < depth)) & (~pre_valid | clamp.i.ready))
@@ -280,7 +280,7 @@ class SFxAccelerator(wiring.Component):
         # ------------------------------------------------------------------ result rows
         ow = p.out_bits
         row_buf = Signal(cols * ow, reset_less=True)
-        o_col = Signal(range(cols))
+        o_col = Signal(range(max(2, cols)))
         m.d.comb += clamp.o.ready.eq(1)   # credits guarantee room in the FIFO
         assembled = Cat(row_buf[ow:], clamp.o.payload.code) if cols > 1 else clamp.o.payload.code
         with m.If(clamp.o.valid):

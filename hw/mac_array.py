@@ -121,8 +121,8 @@ class SFxMacArray(wiring.Component):
         reserved = Signal()   # a tile's last beat was accepted; its drain has not finished
         draining = Signal()
         cap_rows = Signal(range(rows + 1))
-        d_row = Signal(range(rows))
-        d_col = Signal(range(cols))
+        d_row = Signal(range(max(2, rows)))   # never zero-width (Verilog [-1:0] wires)
+        d_col = Signal(range(max(2, cols)))
 
         inp = self.inp
         m.d.comb += inp.ready.eq(~(inp.payload.last & reserved))
@@ -137,9 +137,12 @@ class SFxMacArray(wiring.Component):
             ]
             with m.If(inp.payload.last):
                 rv = inp.payload.rows_valid
+                out_of_range = rv == 0
+                if (1 << len(rv)) - 1 > rows:
+                    out_of_range |= rv > rows
                 m.d.sync += [
                     reserved.eq(1),
-                    cap_rows.eq(Mux((rv == 0) | (rv > rows), rows, rv)),
+                    cap_rows.eq(Mux(out_of_range, rows, rv)),
                 ]
 
         out_xfer = self.out.valid & self.out.ready

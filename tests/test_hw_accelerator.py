@@ -5,11 +5,16 @@ Every stream gets random stalls in most tests; the res sink checks SPEC section 
 """
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 from amaranth.hdl import Fragment
 
 from superfloat.hw.accelerator import SFxAccelerator
+from superfloat.hw.clamp import SFxClampUnit
+from superfloat.hw.mac_array import SFxMacArray
+from superfloat.hw.pe import SFxMagnitudeMultiplier, SFxPE
 from superfloat.hw.interface import AccelParams
 
 from hw_accel_helpers import Op, bad_cmd_beat, check_results, op_beats, random_op, run_ops
@@ -208,7 +213,7 @@ def test_accelerator_rejects_bad_parameters(kwargs, exc, match):
         SFxAccelerator(**args)
 
 
-@pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
-def test_accelerator_is_keyword_only():
-    with pytest.raises(TypeError, match=r"takes 1 positional argument but 6 were given"):
-        SFxAccelerator(2, 2, 4, 4, 4)
+@pytest.mark.parametrize("cls", [SFxAccelerator, SFxMacArray, SFxClampUnit, SFxPE, SFxMagnitudeMultiplier])
+def test_constructors_are_keyword_only(cls):
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    assert params and all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params)
