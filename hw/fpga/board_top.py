@@ -25,7 +25,8 @@ its own state, and sets the ``aborted`` flag (the host re-synchronises with RESE
 from __future__ import annotations
 
 from amaranth.hdl import Cat, Const, Module, ResetInserter, Signal
-from amaranth.lib import wiring
+from amaranth.build import ResourceError
+from amaranth.lib import io, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
@@ -257,14 +258,18 @@ class BoardTop(wiring.Component):
         clk_hz = platform.default_clk_frequency
         bridge = UARTBridge(**self._bridge_kwargs, divisor=divisor_for(clk_hz, self._baud))
         m.submodules.bridge = bridge
-        uart = platform.request("uart", 0)
-        m.d.comb += [bridge.rx.eq(uart.rx.i), uart.tx.o.eq(bridge.tx)]
+        uart = platform.request("uart", 0, dir="-")
+        m.submodules.rx_buf = rx_buf = io.Buffer("i", uart.rx)
+        m.submodules.tx_buf = tx_buf = io.Buffer("o", uart.tx)
+        m.d.comb += [bridge.rx.eq(rx_buf.i), tx_buf.o.eq(bridge.tx)]
         leds = []
         for i in range(2):
             try:
-                leds.append(platform.request("led", i))
-            except Exception:  # noqa: BLE001 - a board with fewer LEDs
+                led = platform.request("led", i, dir="-")
+            except ResourceError:  # a board with fewer LEDs
                 break
+            m.submodules[f"led_{i}"] = buf = io.Buffer("o", led)
+            leds.append(buf)
         if leds:
             m.d.comb += leds[0].o.eq(bridge.busy)
         if len(leds) > 1:

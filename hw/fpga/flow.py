@@ -150,7 +150,7 @@ def run_tool(step: str, argv: Sequence[str], *, log: Path, cwd: Path, timeout: f
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
-            raise FlowError(step, f"timed out after {timeout:.0f} s", log) from None
+            raise FlowError(step, f"timed out after {timeout:g} s", log) from None
         except BaseException:
             _kill_group(proc)
             raise

@@ -1,0 +1,106 @@
+"""``sfx synth`` / ``sfx build-board``: output format, exit codes and the error messages
+of every failure path (bad arguments, design too big, missed --freq, tool timeout)."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from superfloat.hw.fpga import flow
+from superfloat.sw import cli
+
+TINY = ["--design", "sm-array", "--rows", "1", "--cols", "1", "--a-bits", "2"]
+
+
+def _run(capsys, argv):
+    code = cli.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# --------------------------------------------------------------------------- arguments (no tools run)
+
+
+def test_synth_unknown_target(capsys):
+    code, _, err = _run(capsys, ["synth", "--target", "xc7a35t"])
+    assert code == 2
+    assert "unknown target 'xc7a35t': choose one of ice40-up5k, ecp5-25k" in err
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--a-bits", "17"], "a_bits must be in 2..16"),
+    (["--rows", "0"], "rows must be"),
+    (["--dsp-budget", "-1"], "DSP budget must be an int >= 0, got -1"),
+    (["--freq", "0"], r"--freq must be in (0, 1000] MHz"),
+    (["--k-max", "0"], "k_max"),
+])
+def test_synth_bad_parameters(capsys, args, msg):
+    code, _, err = _run(capsys, ["synth", "--target", "ice40-up5k", *args])
+    assert code == 2
+    assert msg in err
+
+
+def test_build_board_unknown_board(capsys):
+    code, _, err = _run(capsys, ["build-board", "--board", "arty"])
+    assert code == 2
+    assert "unknown board 'arty': choose one of icebreaker, ulx3s-25f, orangecrab-25f" in err
+
+
+def test_build_board_bad_baud(capsys):
+    code, _, err = _run(capsys, ["build-board", "--board", "icebreaker", "--baud", "6000000"])
+    assert code == 2
+    assert "baud 6000000 is too fast for a 12 MHz clock" in err
+
+
+# --------------------------------------------------------------------------- with the tools
+
+
+@pytest.mark.fpga
+def test_synth_json_and_missed_freq(capsys, tmp_path):
+    code, out, err = _run(capsys, ["synth", "--target", "ice40-up5k", *TINY, "--freq", "900", "--json",
+                                   "--out", str(tmp_path)])
+    assert code == 3
+    assert "timing not met: Fmax" in err and "< --freq 900 MHz on ice40-up5k (1x1 SF2)" in err
+    s = json.loads(out)
+    for key in ("target", "fits", "fmax_mhz", "luts", "ffs", "dsps", "brams", "freq_target_mhz", "met_timing",
+                "dsp_pes", "seconds"):
+        assert key in s, key
+    assert s["fits"] is True and s["met_timing"] is False and 0 < s["fmax_mhz"] < 900
+    assert s["luts"] > 0 and s["ffs"] > 0 and s["dsps"] == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["fmax_mhz"] == s["fmax_mhz"]
+
+
+@pytest.mark.fpga
+def test_synth_does_not_fit(capsys, tmp_path, monkeypatch):
+    # A real run on a device shrunk to 10 LUTs: the same check and message as a full-size
+    # design on the real device (which takes minutes to synthesize).
+    small = replace(flow.TARGETS["ice40-up5k"], capacity={"luts": 10, "ffs": 5280, "dsps": 8, "brams": 30})
+    monkeypatch.setitem(flow.TARGETS, "ice40-up5k", small)
+    code, out, err = _run(capsys, ["synth", "--target", "ice40-up5k", *TINY, "--out", str(tmp_path)])
+    assert code == 4
+    assert "design does not fit ice40-up5k: it needs" in err and "LUT4s but the device has 10" in err
+    assert "False" in out  # the table still prints, fits = False
+
+
+@pytest.mark.fpga
+def test_synth_tool_timeout(capsys, tmp_path):
+    code, _, err = _run(capsys, ["synth", "--target", "ecp5-25k", *TINY, "--timeout", "0.2", "--out", str(tmp_path)])
+    assert code == 5
+    assert "yosys: " not in err and "timed out after 0.2 s" in err
+
+
+def test_flow_error_message_and_kill(tmp_path):
+    """run_tool kills a hung tool at its timeout and says so (no FPGA tool needed)."""
+    import sys
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(flow.FlowError, match=r"sleep: timed out after 1 s"):
+        flow.run_tool("sleep", [sys.executable, "-c", "import time; time.sleep(60)"], log=tmp_path / "l",
+                      cwd=tmp_path, timeout=1.0)
+    assert time.perf_counter() - t0 < 10
+    (tmp_path / "fail.py").write_text("print('Info: x'); print('ERROR: Unable to place cell foo'); raise SystemExit(1)")
+    with pytest.raises(flow.FlowError, match="nextpnr: Unable to place cell foo"):
+        flow.run_tool("nextpnr", [sys.executable, str(tmp_path / "fail.py")], log=tmp_path / "l2", cwd=tmp_path,
+                      timeout=30)
