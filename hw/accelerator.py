@@ -12,7 +12,7 @@ from superfloat.sw import sfx
 
 from ._checks import check_impl, check_int, checking
 from .clamp import CLAMP_LATENCY, SHIFT_BITS, SFxClampUnit
-from .interface import (AccelParams, act_layout, cmd_layout, par_lane_layout, par_layout, res_layout,
+from .interface import (AccelParams, act_layout, cmd_layout, par_layout, res_layout,
                         wgt_layout)
 from .mac_array import DRAIN_LATENCY, SFxMacArray
 
@@ -43,8 +43,9 @@ class SFxAccelerator(wiring.Component):
       counter admits a row into the drain only when the FIFO has room for it, so the
       clamp pipeline never stalls and ``res`` back-pressure never loses a beat.
 
-    Latency: the first ``res`` beat of a tile follows its last ``act``/``wgt`` beat by
-    ``3 + 1 + 5 + cols + 2`` cycles (array, drain stage, clamp, row assembly, FIFO).
+    Latency: the first ``res`` beat of a tile is valid ``4 + 1 + 5 + (cols - 1) + 2``
+    cycles after its last ``act``/``wgt`` beat (array, drain stage, clamp, row assembly,
+    FIFO).
     Throughput: one ``act``/``wgt`` beat pair per cycle (``rows * cols`` MACs) in steady
     state, plus one cycle per tile for the ``par`` beat; a tile's drain takes
     ``min(rows, T - t0) * cols`` cycles and overlaps the next tile's accumulation, so it
@@ -127,15 +128,21 @@ class SFxAccelerator(wiring.Component):
 
     @property
     def fifo_depth(self) -> int:
-        """Depth (in ``res`` beats) of the result FIFO: enough for a full-rate drain."""
-        return 2 + math.ceil((1 + CLAMP_LATENCY + 4) / self.cols)
+        """Depth (in ``res`` beats) of the result FIFO.
+
+        A row admitted into the drain holds a credit for ``1 + CLAMP_LATENCY + 4``
+        cycles (drain stage, clamp, FIFO write and output register, ``res`` transfer), so
+        ``ceil(10 / cols)`` credits keep the drain at one accumulator per cycle (measured:
+        fewer slow it down). At least 3: ``SyncFIFOBuffered`` of depth 2 refuses a write
+        in the cycle after a write into its empty memory, which the credits do not model.
+        """
+        return max(3, math.ceil((1 + CLAMP_LATENCY + 4) / self.cols))
 
     def elaborate(self, platform):
         m = Module()
         p = self._params
         rows, cols, A = p.rows, p.cols, p.acc_bits
         mo = p.out_bits - 1
-        lane_w = par_lane_layout(p).size
 
         m.submodules.array = array = SFxMacArray(rows=rows, cols=cols, a_bits=p.a_bits, w_bits=p.w_bits,
                                                  k_max=p.k_max, dsp_pes=self._dsp_pes)
@@ -165,7 +172,6 @@ class SFxAccelerator(wiring.Component):
         m.d.comb += [
             array.inp.payload.act.eq(self.act.payload.codes),
             array.inp.payload.wgt.eq(self.wgt.payload),
-            array.inp.payload.first.eq(first),
             array.inp.payload.last.eq(last),
             array.inp.payload.rows_valid.eq(rows_valid),
         ]
@@ -174,7 +180,7 @@ class SFxAccelerator(wiring.Component):
 
         # Drain context of the tile whose last beat is transferred (the array accepts
         # that beat only when the previous drain is over, so the context is free).
-        dr_par = Signal(cols * lane_w, reset_less=True)
+        dr_par = Signal(par_layout(p), reset_less=True)
         dr_xexp = Signal(8 * rows, reset_less=True)
         dr_ok = Signal(cols, reset_less=True)
         dr_relu, dr_rnd, dr_mult = (Signal(reset_less=True, name=f"dr_{n}") for n in ("relu", "rnd", "mult"))
@@ -233,16 +239,19 @@ class SFxAccelerator(wiring.Component):
         # ------------------------------------------------------------------ drain stage
         occ = Signal(range(depth + 1))    # rows admitted into the drain and not yet taken on res
         d_col = Signal(range(max(2, cols)))   # never zero-width (Verilog [-1:0] wires)
+        d_row = Signal(range(max(2, rows)))
         row_start = d_col == 0
         pre_valid = Signal()
         m.d.comb += array.out.ready.eq((~row_start | (occ < depth)) & (~pre_valid | clamp.i.ready))
         take = array.out.valid & array.out.ready
 
-        lane0 = dr_par[:lane_w]
-        bias0 = lane0[:A]
-        shift0 = lane0[A:A + 8].as_signed()
-        mult0 = lane0[A + 8:A + 24]
-        xexp0 = dr_xexp[:8].as_signed()
+        # Context of the accumulator being taken: channel d_col, activation row d_row.
+        lane = dr_par[d_col]
+        bias0 = lane.bias.as_signed()
+        shift0 = lane.shift.as_signed()
+        mult0 = lane.mult
+        lane_ok0 = dr_ok.bit_select(d_col, 1)
+        xexp0 = dr_xexp.word_select(d_row, 8).as_signed()
         pre_acc = Signal(signed(A), reset_less=True)
         pre_shift = Signal(signed(SHIFT_BITS), reset_less=True)
         pre_mult = Signal(16, reset_less=True)
@@ -251,16 +260,15 @@ class SFxAccelerator(wiring.Component):
         neutral = Mux(dr_mult, p.frac_bits + sfx.MULT_FRAC_BITS - mo, p.frac_bits - mo)
         with m.If(take):
             m.d.sync += [
-                pre_acc.eq(Mux(dr_ok[0], (array.out.payload.acc + bias0.as_signed())[:A], 0)),
-                pre_shift.eq(Mux(dr_ok[0], shift0 + xexp0, neutral)),
+                pre_acc.eq(Mux(lane_ok0, (array.out.payload.acc + bias0)[:A], 0)),
+                pre_shift.eq(Mux(lane_ok0, shift0 + xexp0, neutral)),
                 pre_mult.eq(mult0),
                 pre_relu.eq(dr_relu), pre_rnd.eq(dr_rnd), pre_use.eq(dr_mult),
-                # rotate the channel context; step to the next row's exponent after a row
-                dr_par.eq(Cat(dr_par[lane_w:], lane0)),
-                dr_ok.eq(Cat(dr_ok[1:], dr_ok[0])),
             ]
-            with m.If(d_col == cols - 1):
-                m.d.sync += [d_col.eq(0), dr_xexp.eq(Cat(dr_xexp[8:], dr_xexp[:8]))]
+            with m.If(array.out.payload.last):
+                m.d.sync += [d_col.eq(0), d_row.eq(0)]
+            with m.Elif(d_col == cols - 1):
+                m.d.sync += [d_col.eq(0), d_row.eq(d_row + 1)]
             with m.Else():
                 m.d.sync += d_col.eq(d_col + 1)
         with m.If(take):

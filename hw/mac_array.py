@@ -12,8 +12,8 @@ from .pe import SFxPE
 
 __all__ = ["SFxMacArray", "mac_array_in_layout", "mac_array_out_layout"]
 
-#: Latency in cycles from the transfer of a tile's last ``inp`` beat to its first ``out`` beat.
-DRAIN_LATENCY = 3
+#: Cycles from the transfer of a tile's last ``inp`` beat to its first valid ``out`` beat.
+DRAIN_LATENCY = 4
 
 
 def mac_array_in_layout(rows: int, cols: int, a_bits: int, w_bits: int) -> data.StructLayout:
@@ -21,7 +21,6 @@ def mac_array_in_layout(rows: int, cols: int, a_bits: int, w_bits: int) -> data.
     return data.StructLayout({
         "act": data.ArrayLayout(a_bits, rows),
         "wgt": data.ArrayLayout(w_bits, cols),
-        "first": 1,
         "last": 1,
         "rows_valid": range(rows + 1),
     })
@@ -38,21 +37,25 @@ class SFxMacArray(wiring.Component):
     Dataflow: each ``inp`` beat carries one reduction step ``k`` of a tile: ``rows``
     activation codes ``X[i, k]`` and ``cols`` weight codes ``W[j, k]``. The codes are
     registered and broadcast (activation ``i`` along row ``i``, weight ``j`` down column
-    ``j``); PE ``(i, j)`` accumulates ``X[i, k] * W[j, k]`` exactly in ``A`` bits. The
-    beat flagged ``first`` starts new sums (at 0: the bias is added after the array);
-    the beat flagged ``last`` copies the finished sums into the PEs' shadow registers,
-    which then drain through :attr:`out` in row-major order (``(0,0), (0,1), ...``),
-    ``rows_valid * cols`` values, while the accumulators already work on the next tile.
+    ``j``); PE ``(i, j)`` accumulates ``X[i, k] * W[j, k]`` exactly in ``A`` bits, from 0
+    (the bias is added after the array). The beat flagged ``last`` ends the tile: two
+    cycles after its product is accumulated, the finished sums move to the PEs' shadow
+    registers (the accumulators restart at 0) and drain through :attr:`out` in row-major
+    order (``(0,0), (0,1), ...``), ``rows_valid * cols`` values, while the accumulators
+    already work on the next tile.
 
-    The shadow registers hold one tile: the ``last`` beat of the next tile is not
+    Flow control: the beat after a ``last`` beat is not accepted in the very next cycle
+    (one idle cycle per tile lets the shadow copy the registered accumulator, which keeps
+    it one LUT per bit); and the shadow registers hold one tile, so a ``last`` beat is not
     accepted (``inp.ready`` low while ``inp.payload.last``) until the previous drain has
-    finished. Other beats are always accepted, so with ``K >= rows * cols`` and no
-    stall on :attr:`out` every PE does one MAC per cycle.
+    finished. All other beats are accepted at once: with ``K >= rows * cols`` and no
+    stall on :attr:`out`, every PE does one MAC per cycle except one cycle per tile.
 
     Latency: a beat transferred in cycle ``c`` is multiplied in ``c + 1`` and accumulated
-    in ``c + 2``; the first :attr:`out` beat of a tile is valid in cycle ``c + 3``
-    after its ``last`` beat (:data:`DRAIN_LATENCY`). Throughput: one ``inp`` beat per
-    cycle (one MAC per PE), one ``out`` beat per cycle.
+    in ``c + 2``; the first :attr:`out` beat of a tile is valid in cycle
+    ``c + DRAIN_LATENCY`` (``c + 4``) after its ``last`` beat. Throughput: one ``inp``
+    beat per cycle (``rows * cols`` MACs) between tile boundaries, one ``out`` beat per
+    cycle.
 
     Parameters
     ----------
@@ -70,8 +73,8 @@ class SFxMacArray(wiring.Component):
     Members
     -------
     inp : In(stream.Signature(mac_array_in_layout(...)))
-        ``act``, ``wgt``: codes of one reduction step; ``first``, ``last``: first / last
-        step of a tile (both on a one-step tile); ``rows_valid`` (read with ``last``):
+        ``act``, ``wgt``: codes of one reduction step; ``last``: the last step of a tile;
+        ``rows_valid`` (read with ``last``):
         how many rows of the tile to drain (1..rows; 0 or more than ``rows`` drains all).
     out : Out(stream.Signature(mac_array_out_layout(A)))
         Finished accumulators, row-major; ``last`` marks the final one of a tile.
@@ -112,11 +115,12 @@ class SFxMacArray(wiring.Component):
         rows, cols = self._rows, self._cols
 
         # Stage 0: the accepted beat, registered and broadcast.
-        s0_valid, s0_first, s0_last = Signal(), Signal(), Signal()
+        s0_valid, s0_last = Signal(), Signal()
         s0_act = Signal(data.ArrayLayout(self._a_bits, rows), reset_less=True)
         s0_wgt = Signal(data.ArrayLayout(self._w_bits, cols), reset_less=True)
-        # Stage 1: products registered in the PEs.
-        s1_valid, s1_first, s1_last = Signal(), Signal(), Signal()
+        # Stage 1: products registered in the PEs. Stage 2: the tile's sums are complete.
+        s1_valid, s1_last = Signal(), Signal()
+        s2_cap = Signal()
 
         reserved = Signal()   # a tile's last beat was accepted; its drain has not finished
         draining = Signal()
@@ -125,14 +129,13 @@ class SFxMacArray(wiring.Component):
         d_col = Signal(range(max(2, cols)))
 
         inp = self.inp
-        m.d.comb += inp.ready.eq(~(inp.payload.last & reserved))
+        m.d.comb += inp.ready.eq(~(inp.payload.last & reserved) & ~(s0_valid & s0_last))
         in_xfer = inp.valid & inp.ready
-        m.d.sync += [s0_valid.eq(in_xfer), s1_valid.eq(s0_valid), s1_first.eq(s0_first), s1_last.eq(s0_last)]
+        m.d.sync += [s0_valid.eq(in_xfer), s1_valid.eq(s0_valid), s1_last.eq(s0_last), s2_cap.eq(s1_valid & s1_last)]
         with m.If(in_xfer):
             m.d.sync += [
                 s0_act.eq(inp.payload.act),
                 s0_wgt.eq(inp.payload.wgt),
-                s0_first.eq(inp.payload.first),
                 s0_last.eq(inp.payload.last),
             ]
             with m.If(inp.payload.last):
@@ -157,8 +160,7 @@ class SFxMacArray(wiring.Component):
                     pe.a.eq(s0_act[i]),
                     pe.w.eq(s0_wgt[j]),
                     pe.acc_en.eq(s1_valid),
-                    pe.first.eq(s1_first),
-                    pe.capture.eq(s1_last),
+                    pe.clear.eq(s2_cap),
                     pe.shift.eq(out_xfer),
                 ]
         for p, pe in enumerate(chain):
@@ -171,7 +173,7 @@ class SFxMacArray(wiring.Component):
             self.out.payload.acc.eq(chain[0].chain_out),
             self.out.payload.last.eq(is_last),
         ]
-        with m.If(s1_valid & s1_last):
+        with m.If(s2_cap):
             m.d.sync += [draining.eq(1), d_row.eq(0), d_col.eq(0)]
         with m.Elif(out_xfer):
             with m.If(is_last):
@@ -181,5 +183,5 @@ class SFxMacArray(wiring.Component):
             with m.Else():
                 m.d.sync += d_col.eq(d_col + 1)
 
-        m.d.comb += self.busy.eq(s0_valid | s1_valid | reserved)
+        m.d.comb += self.busy.eq(s0_valid | s1_valid | s2_cap | reserved)
         return m

@@ -6,7 +6,7 @@ SPEC section 3: a product of two sign-magnitude codes is
 """
 from __future__ import annotations
 
-from amaranth.hdl import Module, Mux, Signal, signed
+from amaranth.hdl import Cat, Module, Signal, signed
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
@@ -91,19 +91,24 @@ class SFxPE(wiring.Component):
 
     The PE keeps three registers:
 
-    * ``prod``: the product of the codes on ``a`` and ``w``, registered every cycle
-      (sign ``sa ^ sw`` and magnitude ``ma * mw`` from :class:`SFxMagnitudeMultiplier`);
+    * ``prod``: the product of the codes on ``a`` and ``w``, registered every cycle as a
+      sign ``sa ^ sw`` and a magnitude ``ma * mw`` (:class:`SFxMagnitudeMultiplier`);
     * ``acc``: ``A``-bit two's complement accumulator. When ``acc_en``, it takes
-      ``(first ? 0 : acc) + prod`` (the product added in two's complement; a zero
-      magnitude adds 0 whatever its sign);
-    * ``shadow``: when ``acc_en & capture`` it takes the same new sum (the finished dot
-      product of a tile); else when ``shift`` it takes ``chain_in``. ``chain_out`` is
-      the shadow register: PEs are chained so that a whole tile drains through one port
-      while the accumulators already work on the next tile.
+      ``acc + prod`` (the product added in two's complement: ``acc + (mag ^ -neg) + neg``;
+      a zero magnitude adds 0 whatever its sign);
+    * ``shadow``: when ``clear``, it takes ``acc`` (the finished dot product of a tile)
+      while ``acc`` returns to 0; else when ``shift`` it takes ``chain_in``.
+      ``chain_out`` is the shadow register: PEs are chained so that a whole tile drains
+      through one port while the accumulators already work on the next tile.
+
+    ``clear`` must not coincide with ``acc_en`` (the array leaves one idle cycle between
+    the last product of a tile and the first of the next). Copying the registered ``acc``
+    (not the adder's output) keeps the shadow multiplexer a single LUT per bit; ``acc``
+    starts at 0 after reset and after every ``clear``.
 
     Latency: the product of ``a``/``w`` presented in cycle ``c`` is added in cycle
-    ``c + 1`` (``acc_en`` and ``first`` belong to that cycle); the sum is visible on
-    ``chain_out`` in cycle ``c + 2`` when captured. Throughput: one MAC per cycle.
+    ``c + 1`` (``acc_en`` belongs to that cycle); with ``clear`` in cycle ``c + 2`` the sum
+    is on ``chain_out`` from cycle ``c + 3``. Throughput: one MAC per cycle.
 
     Parameters
     ----------
@@ -123,12 +128,10 @@ class SFxPE(wiring.Component):
         Weight code (sign-magnitude).
     acc_en : In(1)
         The registered product is valid: accumulate it.
-    first : In(1)
-        With ``acc_en``: start a new sum (``acc = prod``).
-    capture : In(1)
-        With ``acc_en``: also load the new sum into the shadow register.
+    clear : In(1)
+        Move ``acc`` to the shadow register and restart ``acc`` at 0.
     shift : In(1)
-        Load ``chain_in`` into the shadow register (ignored while capturing).
+        Load ``chain_in`` into the shadow register (ignored while clearing).
     chain_in : In(signed(acc_bits))
         Shadow value of the next PE in the drain chain.
     chain_out : Out(signed(acc_bits))
@@ -145,8 +148,7 @@ class SFxPE(wiring.Component):
             "a": In(self._a_bits),
             "w": In(self._w_bits),
             "acc_en": In(1),
-            "first": In(1),
-            "capture": In(1),
+            "clear": In(1),
             "shift": In(1),
             "chain_in": In(signed(self._acc_bits)),
             "chain_out": Out(signed(self._acc_bits)),
@@ -171,29 +173,28 @@ class SFxPE(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         ma, mw = self._a_bits - 1, self._w_bits - 1
+        pw = ma + mw
         width = self._acc_bits
         m.submodules.mul = mul = SFxMagnitudeMultiplier(a_width=ma, b_width=mw, impl=self._impl)
         m.d.comb += [mul.a.eq(self.a[:ma]), mul.b.eq(self.w[:mw])]
 
-        prod_mag = Signal(ma + mw, reset_less=True)
+        prod_mag = Signal(pw, reset_less=True)
         prod_neg = Signal(reset_less=True)
         m.d.sync += [prod_mag.eq(mul.p), prod_neg.eq(self.a[ma] ^ self.w[mw])]
 
-        acc = Signal(width, reset_less=True)
-        base = Mux(self.first, 0, acc)
+        acc = Signal(width)   # reset to 0: the first tile after reset starts from 0
         # Two's complement of a sign-magnitude product: (mag XOR neg...neg) + neg.
-        addend = prod_mag ^ prod_neg.replicate(ma + mw)
-        ext = Mux(prod_neg, (1 << width) - (1 << (ma + mw)), 0)  # sign extension bits
+        addend = Cat(prod_mag ^ prod_neg.replicate(pw), prod_neg.replicate(width - pw))
         total = Signal(width)
-        m.d.comb += total.eq((base + (addend | ext) + prod_neg)[:width])
+        m.d.comb += total.eq((acc + addend + prod_neg)[:width])
 
         shadow = Signal(signed(width), reset_less=True)
-        with m.If(self.acc_en):
-            m.d.sync += acc.eq(total)
-        with m.If(self.acc_en & self.capture):
-            m.d.sync += shadow.eq(total)
-        with m.Elif(self.shift):
-            m.d.sync += shadow.eq(self.chain_in)
+        with m.If(self.clear):
+            m.d.sync += [shadow.eq(acc), acc.eq(0)]
+        with m.Else():
+            with m.If(self.acc_en):
+                m.d.sync += acc.eq(total)
+            with m.If(self.shift):
+                m.d.sync += shadow.eq(self.chain_in)
         m.d.comb += self.chain_out.eq(shadow)
         return m
-

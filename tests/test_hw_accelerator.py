@@ -166,6 +166,20 @@ def test_utilization_small_array():
     assert util >= 0.85, f"{r.cycles} cycles, utilization {util:.3f}"
 
 
+@pytest.mark.parametrize("cols", [1, 3])
+def test_drain_runs_at_one_accumulator_per_cycle(cols):
+    """K = 1: the time goes into draining tiles through the single clamp unit, which must
+    take one accumulator per cycle (the result FIFO and its credits are sized for that)."""
+    dut = SFxAccelerator(rows=8, cols=cols, a_bits=4, w_bits=4, out_bits=4, k_max=16)
+    rng = np.random.default_rng(14)
+    r = run_ops(dut, [random_op(dut.params, rng, 32, 2 * cols, 1)])
+    _assert_ok(r)
+    elements, tiles = 32 * 2 * cols, 4 * 2
+    # one accumulator per cycle, plus the array's hand-over between tiles (capture of the
+    # next tile waits for the previous drain: 5 cycles) and the pipeline fill
+    assert r.cycles <= elements + 5 * tiles + 20, f"{r.cycles} cycles for {elements} drained accumulators"
+
+
 @pytest.mark.slow
 def test_utilization_8x8_t64_n64_k1024():
     """The issue's target: T = 64, N = 64, K = 1024 on 8x8 SF8, no stalls, >= 85 %."""

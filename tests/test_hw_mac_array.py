@@ -20,8 +20,7 @@ def _tile_beats(arr: SFxMacArray, x: np.ndarray, w: np.ndarray) -> list[int]:
     xt[:, :rv] = x.T
     acts = pack_lanes(xt, arr.a_bits)
     wgts = pack_lanes(w.T, arr.w_bits)
-    return [pack(lay, {"act": [0] * arr.rows, "wgt": [0] * arr.cols, "first": s == 0, "last": s == k - 1,
-                       "rows_valid": rv}) | acts[s] | (wgts[s] << (arr.rows * arr.a_bits))
+    return [pack(lay, {"act": [0] * arr.rows, "wgt": [0] * arr.cols, "last": s == k - 1, "rows_valid": rv}) | acts[s] | (wgts[s] << (arr.rows * arr.a_bits))
             for s in range(k)]
 
 
@@ -100,16 +99,16 @@ def test_mac_array_extreme_sums_fill_the_accumulator():
 
 
 def test_mac_array_full_rate_and_overlapped_drain():
-    """With no stall and K >= rows * cols, one beat enters per cycle: tiles follow each
-    other with no gap, the drain of one tile overlapping the next."""
+    """With no stall and K >= rows * cols, one beat enters per cycle, plus one idle cycle
+    per tile boundary; the drain of one tile overlaps the next."""
     arr = SFxMacArray(rows=2, cols=2, a_bits=3, w_bits=3, k_max=8)
     rng = np.random.default_rng(3)
     tiles = _random_tiles(arr, rng, [8, 8, 8])
     acc, last, info = _run_tiles(arr, tiles)
     assert acc == _expected(arr, tiles)[0]
-    # The 24th beat is taken at clock edge 24, the tile's first result DRAIN_LATENCY edges
-    # later, its 4th result 3 edges after that.
-    assert info["cycles"] == 24 + DRAIN_LATENCY + 3
+    # 24 beats and 2 idle cycles: the last beat is taken in cycle 26, the tile's first
+    # result is valid DRAIN_LATENCY cycles later, its 4th result 3 cycles after that.
+    assert info["cycles"] == 24 + 2 + DRAIN_LATENCY + 3
 
 
 def test_mac_array_per_pe_multiplier_choice():

@@ -91,27 +91,28 @@ def test_multiplier_properties_read_only():
 
 
 def _pe_run(pe, tiles):
-    """Feed ``tiles`` (lists of (a_code, w_code)) back to back, one product per cycle;
-    return the value captured at the end of each tile."""
+    """Feed ``tiles`` (lists of (a_code, w_code)), one product per cycle and one idle
+    cycle after each tile; return the value moved to the shadow register for each tile."""
     sim, _ = make_sim(pe)
     got = []
+    sched = []   # per cycle: (a, w, last) or None (idle)
+    for t in tiles:
+        sched += [(a, w, k == len(t) - 1) for k, (a, w) in enumerate(t)] + [None]
+    sched += [None, None]
 
     async def tb(ctx):
-        steps = [(a, w, k == 0, k == len(t) - 1) for t in tiles for k, (a, w) in enumerate(t)]
-        pipe = [None, None]   # (first, last) of the products entering the accumulator
-        for cyc in range(len(steps) + 3):
-            if cyc < len(steps):
-                a, w, first, last = steps[cyc]
-                ctx.set(pe.a, a)
-                ctx.set(pe.w, w)
-            prod = pipe[0]
-            ctx.set(pe.acc_en, prod is not None)
-            ctx.set(pe.first, bool(prod and prod[0]))
-            ctx.set(pe.capture, bool(prod and prod[1]))
+        for c, step in enumerate(sched):
+            if step is not None:
+                ctx.set(pe.a, step[0])
+                ctx.set(pe.w, step[1])
+            prev = sched[c - 1] if c >= 1 else None      # its product is accumulated now
+            prev2 = sched[c - 2] if c >= 2 else None     # its sum is complete now
+            ctx.set(pe.acc_en, prev is not None)
+            clear = prev2 is not None and prev2[2]
+            ctx.set(pe.clear, clear)
             await ctx.tick()
-            if prod is not None and prod[1]:
+            if clear:
                 got.append(ctx.get(pe.chain_out))
-            pipe = [(first, last) if cyc < len(steps) else None, None]
 
     sim.add_testbench(tb)
     sim.run()
