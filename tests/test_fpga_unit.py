@@ -170,10 +170,10 @@ def test_pe_array_core_errors():
         PEArrayCore(kind="sm", rows=0, cols=2, a_bits=4, w_bits=4)
 
 
-@pytest.mark.filterwarnings("ignore:.*created but never used")
 def test_scan_wrapper_counts_every_port_bit():
     core = PEArrayCore(kind="sm", rows=2, cols=3, a_bits=4, w_bits=6, k_max=256)
     w = ScanWrapper(core)
+    w._MustUse__silence = core._MustUse__silence = True   # counted, never elaborated
     assert w.in_bits == 2 * 4 + 3 * 6 + 4
     assert w.out_bits == core.acc_bits
     with pytest.raises(TypeError, match="core must be an amaranth.lib.wiring.Component"):
@@ -230,3 +230,108 @@ def test_result_table():
                                      "dsps": 0, "brams": 0, "fmax_mhz": 50.76, "freq_target_mhz": 40.0,
                                      "met_timing": True, "fits": True}])
     assert "ice40-up5k" in t and "50.8" in t and "LUT4 (core)" in t
+
+
+# --------------------------------------------------------------------------- docs
+
+
+def test_fpga_doc_examples():
+    import doctest
+    import re
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "docs" / "fpga.md"
+    blocks = re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+    test = doctest.DocTestParser().get_doctest("\n".join(blocks), {}, path.name, str(path), 0)
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0
+
+
+# --------------------------------------------------------------------------- protocol and host driver (no HDL)
+
+from superfloat.hw.fpga import host, protocol  # noqa: E402
+from superfloat.hw.interface import AccelParams  # noqa: E402
+
+
+def _lay(**kw):
+    return protocol.link_layout(AccelParams(rows=2, cols=2, a_bits=8, w_bits=8, out_bits=8, k_max=64), **kw)
+
+
+def test_link_layout_and_frames():
+    lay = _lay()
+    assert lay.fifo_depth == 512 and lay.credit_chunk == 32
+    assert lay.frame_len("status") == 1 and lay.frame_len("act") == 1 + lay.payload_bytes["act"]
+    assert protocol.encode_frame(lay, "reset") == b"\x07"
+    with pytest.raises(ValueError, match="wgt word 0x10000 does not fit its 16 bits"):
+        protocol.encode_frame(lay, "wgt", 1 << 16)
+    with pytest.raises(ValueError, match="unknown host frame 'res'"):
+        protocol.encode_frame(lay, "res", 0)
+    with pytest.raises(ValueError, match="fifo_depth must be an int in"):
+        _lay(fifo_depth=8)
+    with pytest.raises(ValueError, match="credit_chunk must be an int in 1..255"):
+        _lay(credit_chunk=300)
+
+
+def test_info_and_status_roundtrip():
+    lay = _lay(fifo_depth=1024, credit_chunk=16)
+    info = protocol.decode_info(protocol.encode_info(lay))
+    assert info == {"version": protocol.PROTOCOL_VERSION, "rows": 2, "cols": 2, "a_bits": 8, "w_bits": 8,
+                    "out_bits": 8, "k_max": 64, "fifo_depth": 1024, "credit_chunk": 16}
+    st = protocol.decode_status(bytes([0b100010]) + (7).to_bytes(4, "little"))
+    assert st["error"] and st["aborted"] and not st["busy"] and st["sat_count"] == 7
+    with pytest.raises(ValueError, match="STATUS payload must be 5 bytes, got 4"):
+        protocol.decode_status(b"\0" * 4)
+
+
+class _Silent:
+    def __init__(self, reply=b""):
+        self.written = bytearray()
+        self.reply = bytearray(reply)
+
+    def write(self, data):
+        self.written += data
+
+    def read(self, n):
+        out, self.reply = bytes(self.reply[:n]), self.reply[n:]
+        return out
+
+
+def _x_w():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (3, 5)), rng.integers(0, 256, (2, 5))
+
+
+def test_run_linear_uart_timeout_says_what_it_waits_for():
+    x, w = _x_w()
+    t = _Silent()
+    with pytest.raises(host.LinkError, match=r"no byte from the board on the transport for 0.2 s \(waiting for the "
+                                             r"INFO reply\)"):
+        host.run_linear_uart(x, w, a_bits=8, w_bits=8, out_bits=8, transport=t, timeout=0.2)
+    assert bytes(t.written) == b"\x07\x06"   # RESET, INFO
+
+
+def test_run_linear_uart_rejects_a_board_of_other_widths():
+    x, w = _x_w()
+    other = protocol.link_layout(AccelParams(rows=4, cols=4, a_bits=4, w_bits=4, out_bits=4))
+    t = _Silent(bytes([0x84]) + protocol.encode_info(other))
+    with pytest.raises(ValueError, match=r"a_bits=8 but the board was built with a_bits=4 \(rows=4, cols=4\)"):
+        host.run_linear_uart(x, w, a_bits=8, w_bits=8, out_bits=8, transport=t, timeout=1)
+
+
+def test_run_linear_uart_argument_errors_are_sfx_errors():
+    x, w = _x_w()
+    with pytest.raises(ValueError, match="x_codes is \\[T=3, K=5\\] but w_codes is \\[N=2, K=4\\]"):
+        host.run_linear_uart(x, w[:, :4], a_bits=8, w_bits=8, out_bits=8, transport=_Silent())
+
+
+def test_garbage_from_the_board():
+    x, w = _x_w()
+    with pytest.raises(host.LinkError, match="unexpected byte 0x41 from the board"):
+        host.run_linear_uart(x, w, a_bits=8, w_bits=8, out_bits=8, transport=_Silent(b"A"), timeout=1)
+
+
+def test_serial_port_that_does_not_exist():
+    x, w = _x_w()
+    with pytest.raises(host.LinkError, match="cannot open /dev/does-not-exist at 115200 baud"):
+        host.run_linear_uart(x, w, a_bits=8, w_bits=8, out_bits=8, port="/dev/does-not-exist")

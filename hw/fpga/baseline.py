@@ -18,6 +18,8 @@ Both take the same codes width, accumulate in the same ``A`` bits
 """
 from __future__ import annotations
 
+import functools
+
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
@@ -93,26 +95,41 @@ class TwosComplementMultiplier(wiring.Component):
         return m
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_pe_has_clear() -> bool:
+    """Whether :class:`SFxPE` uses the ``clear`` protocol (else ``first``/``capture``)."""
+    pe = SFxPE(a_bits=2, w_bits=2, acc_bits=4)
+    pe._MustUse__silence = True   # a probe, never elaborated
+    return "clear" in pe.signature.members
+
+
 class TwosComplementPE(wiring.Component):
-    """A two's complement integer PE with the registers of :class:`superfloat.hw.pe.SFxPE`.
+    """A two's complement integer PE with the registers and control of
+    :class:`superfloat.hw.pe.SFxPE` (whichever control protocol that PE has).
 
     ``a`` and ``w`` are two's complement integers of ``a_bits`` / ``w_bits`` bits; the
-    product is registered, then ``acc = (first ? 0 : acc) + prod`` when ``acc_en``; the
-    shadow register captures the new sum on ``acc_en & capture`` or loads ``chain_in`` on
-    ``shift``. Latency and members as :class:`~superfloat.hw.pe.SFxPE`.
+    product is registered, then added to the ``A``-bit accumulator when ``acc_en``.
+
+    * ``clear`` protocol: ``clear`` moves ``acc`` to the shadow register and restarts
+      ``acc`` at 0; else ``shift`` loads ``chain_in`` into the shadow register.
+    * ``first``/``capture`` protocol: ``acc = (first ? 0 : acc) + prod``; the shadow register
+      captures the new sum on ``acc_en & capture`` or loads ``chain_in`` on ``shift``.
+
+    Latency and members as :class:`~superfloat.hw.pe.SFxPE`.
     """
 
-    def __init__(self, *, a_bits: int, w_bits: int, acc_bits: int, impl: str = "lut"):
+    def __init__(self, *, a_bits: int, w_bits: int, acc_bits: int, impl: str = "lut", clear: bool | None = None):
         self._a_bits = check_bits(a_bits, "a_bits")
         self._w_bits = check_bits(w_bits, "w_bits")
         self._acc_bits = check_int(acc_bits, "acc_bits", a_bits + w_bits, 64)
         self._impl = check_impl(impl)
+        self._clear = _sm_pe_has_clear() if clear is None else bool(clear)
+        ctl = {"clear": In(1)} if self._clear else {"first": In(1), "capture": In(1)}
         super().__init__({
             "a": In(self._a_bits),
             "w": In(self._w_bits),
             "acc_en": In(1),
-            "first": In(1),
-            "capture": In(1),
+            **ctl,
             "shift": In(1),
             "chain_in": In(signed(self._acc_bits)),
             "chain_out": Out(signed(self._acc_bits)),
@@ -131,16 +148,27 @@ class TwosComplementPE(wiring.Component):
         m.d.comb += [mul.a.eq(self.a.as_signed()), mul.b.eq(self.w.as_signed())]
         prod = Signal(signed(self._a_bits + self._w_bits), reset_less=True)
         m.d.sync += prod.eq(mul.p)
-        acc = Signal(signed(width), reset_less=True)
-        total = Signal(signed(width))
-        m.d.comb += total.eq(Mux(self.first, 0, acc) + prod)
         shadow = Signal(signed(width), reset_less=True)
-        with m.If(self.acc_en):
-            m.d.sync += acc.eq(total)
-        with m.If(self.acc_en & self.capture):
-            m.d.sync += shadow.eq(total)
-        with m.Elif(self.shift):
-            m.d.sync += shadow.eq(self.chain_in)
+        total = Signal(signed(width))
+        if self._clear:
+            acc = Signal(signed(width))
+            m.d.comb += total.eq(acc + prod)
+            with m.If(self.clear):
+                m.d.sync += [shadow.eq(acc), acc.eq(0)]
+            with m.Else():
+                with m.If(self.acc_en):
+                    m.d.sync += acc.eq(total)
+                with m.If(self.shift):
+                    m.d.sync += shadow.eq(self.chain_in)
+        else:
+            acc = Signal(signed(width), reset_less=True)
+            m.d.comb += total.eq(Mux(self.first, 0, acc) + prod)
+            with m.If(self.acc_en):
+                m.d.sync += acc.eq(total)
+            with m.If(self.acc_en & self.capture):
+                m.d.sync += shadow.eq(total)
+            with m.Elif(self.shift):
+                m.d.sync += shadow.eq(self.chain_in)
         m.d.comb += self.chain_out.eq(shadow)
         return m
 
@@ -154,8 +182,11 @@ class PEArrayCore(wiring.Component):
     the control bits are delayed to match the PE pipeline; the PEs' shadow registers
     form one drain chain read at ``out``.
 
-    Latency: codes presented in cycle ``c`` are accumulated in ``c + 2``. Throughput:
-    one MAC per PE per cycle.
+    Latency: codes presented in cycle ``c`` are accumulated in ``c + 2``; a tile's sums
+    reach the drain chain two cycles after its ``last`` step. With PEs of the ``clear``
+    protocol, ``first`` is ignored (the accumulators restart at 0 after each tile) and
+    the step after ``last`` must not be a product of the next tile (leave ``en`` low for
+    one cycle). Throughput: one MAC per PE per cycle.
 
     Parameters: ``kind`` (``"sm"`` or ``"tc"``), ``rows``, ``cols`` (1..64),
     ``a_bits``, ``w_bits`` (2..16), ``k_max`` (sets ``A``), ``impl`` (``"lut"`` or
@@ -197,22 +228,25 @@ class PEArrayCore(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        pe_cls = SFxPE if self._kind == "sm" else TwosComplementPE
+        clear = _sm_pe_has_clear()
         act = Signal.like(self.act, reset_less=True)
         wgt = Signal.like(self.wgt, reset_less=True)
         s0 = Signal(3)
         s1 = Signal(3)
-        m.d.sync += [act.eq(self.act), wgt.eq(self.wgt), s0.eq(Cat(self.en, self.first, self.last)), s1.eq(s0)]
+        s2_last = Signal()
+        m.d.sync += [act.eq(self.act), wgt.eq(self.wgt), s0.eq(Cat(self.en, self.first, self.last)), s1.eq(s0),
+                     s2_last.eq(s1[0] & s1[2])]
         pes = []
         for i in range(self._rows):
             for j in range(self._cols):
-                pe = pe_cls(a_bits=self._a_bits, w_bits=self._w_bits, acc_bits=self._acc_bits, impl=self._impl)
+                kw = dict(a_bits=self._a_bits, w_bits=self._w_bits, acc_bits=self._acc_bits, impl=self._impl)
+                pe = SFxPE(**kw) if self._kind == "sm" else TwosComplementPE(**kw, clear=clear)
                 m.submodules[f"pe_{i}_{j}"] = pe
-                m.d.comb += [
-                    pe.a.eq(act[i]), pe.w.eq(wgt[j]),
-                    pe.acc_en.eq(s1[0]), pe.first.eq(s1[1]), pe.capture.eq(s1[2]),
-                    pe.shift.eq(self.shift),
-                ]
+                m.d.comb += [pe.a.eq(act[i]), pe.w.eq(wgt[j]), pe.acc_en.eq(s1[0]), pe.shift.eq(self.shift)]
+                if clear:   # the cycle after a tile's last product: move the sums to the shadows
+                    m.d.comb += pe.clear.eq(s2_last)
+                else:
+                    m.d.comb += [pe.first.eq(s1[1]), pe.capture.eq(s1[2])]
                 pes.append(pe)
         for p, pe in enumerate(pes):
             m.d.comb += pe.chain_in.eq(pes[p + 1].chain_out if p + 1 < len(pes) else 0)

@@ -160,16 +160,15 @@ def build_board(name: str, *, rows: int = 2, cols: int = 2, a_bits: int = 8, w_b
     timeouts = None if timeout is None else {"yosys": timeout, "nextpnr": timeout, "pack": timeout}
     try:
         res = run_flow(files["top.il"], target=tgt, out_dir=out_dir, freq_mhz=clk_hz / 1e6,
-                       keep=["top.bridge.accel"], constraints=cons, pack=True, timeouts=timeouts)
+                       constraints=cons, pack=True, timeouts=timeouts)
     except FlowError as e:
         rep.update(error=e.reason, step=e.step, log=str(e.log) if e.log else None,
                    seconds=round(time.perf_counter() - t0, 2))
         return rep
-    core = res.core
     logic = res.device.get(LOGIC_RESOURCE[b.family])
     rep.update(bitstream=str(res.files["bitstream"]), fmax_mhz=round(res.fmax_mhz, 2) if res.fmax_mhz else None,
-               met_timing=res.met_timing, luts=core.get("luts"), ffs=core.get("ffs"), dsps=res.design.get("dsps"),
-               brams=res.design.get("brams"), design_luts=res.design.get("luts"), design_ffs=res.design.get("ffs"),
+               met_timing=res.met_timing, luts=res.design.get("luts"), ffs=res.design.get("ffs"),
+               dsps=res.design.get("dsps"), brams=res.design.get("brams"),
                device=res.device, device_logic=f"{logic['used']}/{logic['available']}" if logic else None,
                tool_seconds={k: round(v, 2) for k, v in res.seconds.items()},
                seconds=round(time.perf_counter() - t0, 2))

@@ -29,7 +29,8 @@ import numpy as np
 from superfloat.hw.interface import AccelParams
 from superfloat.sw import sfx
 
-from .protocol import BOARD, HOST, INFO_LEN, PROTOCOL_VERSION, STATUS_LEN, decode_info, decode_status, link_layout
+from .protocol import (BOARD, HOST, INFO_LEN, PROTOCOL_VERSION, STATUS_LEN, decode_info, decode_status, encode_frame,
+                       link_layout)
 
 __all__ = ["LinkError", "LinkSession", "UartStats", "run_linear_uart", "DEFAULT_BAUD", "DEFAULT_PORT"]
 
@@ -205,7 +206,7 @@ class LinkSession:
         nb = lay.payload_bytes
 
         def frame(kind: str, word: int) -> bytes:
-            return bytes([HOST[kind]]) + int(word).to_bytes(nb[kind], "little")
+            return encode_frame(lay, kind, word)
 
         q = [frame("cmd", tr.cmd)]
         k = tr.K

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from superfloat.hw.interface import AccelParams, act_layout, cmd_layout, par_layout, res_layout, wgt_layout
 
 __all__ = ["PROTOCOL_VERSION", "HOST", "BOARD", "STATUS_FLAGS", "LinkLayout", "link_layout", "encode_info",
-           "decode_info", "decode_status", "INFO_LEN", "STATUS_LEN"]
+           "decode_info", "decode_status", "encode_frame", "INFO_LEN", "STATUS_LEN"]
 
 PROTOCOL_VERSION = 1
 
@@ -97,6 +97,19 @@ def link_layout(p: AccelParams, *, fifo_depth: int | None = None, credit_chunk: 
         raise ValueError(f"fifo_depth must be an int in {need}..65535 (a largest host frame of {biggest} bytes "
                          f"plus a credit chunk of {chunk}), got {fifo_depth!r}")
     return LinkLayout(p, nbytes, bits, fifo_depth, chunk)
+
+
+def encode_frame(lay: LinkLayout, kind: str, word: int = 0) -> bytes:
+    """A host frame: the type byte of ``kind``, then the beat ``word`` (for cmd, par, act,
+    wgt) in ``payload_bytes[kind]`` bytes, least significant first."""
+    if kind not in HOST:
+        raise ValueError(f"unknown host frame {kind!r}: choose one of {', '.join(HOST)}")
+    if kind in _EMPTY:
+        return bytes([HOST[kind]])
+    word = int(word)
+    if not 0 <= word < (1 << lay.payload_bits[kind]):
+        raise ValueError(f"{kind} word 0x{word:x} does not fit its {lay.payload_bits[kind]} bits")
+    return bytes([HOST[kind]]) + word.to_bytes(lay.payload_bytes[kind], "little")
 
 
 def encode_info(lay: LinkLayout) -> bytes:

@@ -24,7 +24,7 @@ from superfloat.sw import sfx
 from .budget import DspPlan, plan_dsp_pes
 from .flow import FlowError, build_root, get_target, run_flow
 from .report import LOGIC_RESOURCE
-from .wrapper import CORE_NAME, ScanWrapper
+from .wrapper import SCAN_NAME, ScanWrapper
 
 __all__ = ["KINDS", "REFERENCE_MHZ", "config_name", "build_core", "synthesize"]
 
@@ -109,7 +109,7 @@ def synthesize(*, target: str, rows: int, cols: int, a_bits: int, w_bits: int, o
         "out_dir": str(out_dir),
     }
     try:
-        res = run_flow(text, target=tgt, out_dir=out_dir, freq_mhz=freq, keep=[f"top.{CORE_NAME}"],
+        res = run_flow(text, target=tgt, out_dir=out_dir, freq_mhz=freq, keep=[f"top.{SCAN_NAME}"], core="top",
                        timeouts=timeouts, seed=seed)
     except FlowError as e:
         summary["error"] = e.reason

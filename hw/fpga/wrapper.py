@@ -14,8 +14,11 @@ places it inside :class:`ScanWrapper`:
   core crosses more than one LUT before a register, so the wrapper does not limit Fmax.
 
 Ports: ``scan_in``, ``scan_en`` In(1), ``scan_out`` Out(1), plus ``clk`` and ``rst``.
-The core module is kept as its own hierarchy level (``keep_hierarchy``), so the
-synthesis report gives the core's cells separately from the wrapper's.
+The wrapper's own logic is one submodule (``top.scan``) that the flow keeps as its own
+hierarchy level (``keep_hierarchy``), while the core is flattened into ``top``: the
+cells of module ``top`` are exactly the core's, those of ``top.scan`` the wrapper's.
+(Keeping the core itself as a level instead triggers a Yosys 0.70 ABC9 assertion on
+large ECP5 designs.)
 """
 from __future__ import annotations
 
@@ -23,10 +26,13 @@ from amaranth.hdl import Cat, Module, Signal, Value
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["ScanWrapper", "CORE_NAME"]
+__all__ = ["ScanWrapper", "CORE_NAME", "SCAN_NAME"]
 
 #: Name of the core submodule (the RTLIL module is ``top.core``).
 CORE_NAME = "core"
+#: Name of the wrapper's own logic (``top.scan``, kept as its own level by the flow, so
+#: that the cells left in ``top`` after flattening are exactly the core's).
+SCAN_NAME = "scan"
 
 _MISR_WIDTH = 32
 
@@ -36,6 +42,34 @@ def _leaves(core: wiring.Component):
     for _path, flow, value in core.signature.flatten(core):
         (ins if flow.flow == wiring.In else outs).append(value)
     return ins, outs
+
+
+class _ScanLogic(wiring.Component):
+    """The wrapper's own logic (its own hierarchy level, kept by the flow): the scan-in
+    shift register driving ``chain`` and the compressor/MISR observing ``observe``."""
+
+    def __init__(self, in_bits: int, out_bits: int):
+        super().__init__({"scan_in": In(1), "scan_en": In(1), "scan_out": Out(1),
+                          "chain": Out(max(1, in_bits)), "observe": In(max(1, out_bits))})
+
+    def elaborate(self, platform):
+        m = Module()
+        chain = Signal.like(self.chain)
+        with m.If(self.scan_en):
+            m.d.sync += chain.eq(Cat(chain[1:], self.scan_in))
+        m.d.comb += self.chain.eq(chain)
+        level = self.observe
+        while len(level) > _MISR_WIDTH:
+            bits = []
+            for i in range(0, len(level), 4):
+                r = Signal(name=f"xor_{len(level)}_{i}")
+                m.d.sync += r.eq(level[i:i + 4].xor())
+                bits.append(r)
+            level = Cat(*bits)
+        misr = Signal(_MISR_WIDTH)
+        m.d.sync += misr.eq(Cat(misr[1:], misr[0]) ^ level)
+        m.d.comb += self.scan_out.eq(misr[0])
+        return m
 
 
 class ScanWrapper(wiring.Component):
@@ -51,6 +85,7 @@ class ScanWrapper(wiring.Component):
 
     def __init__(self, core: wiring.Component):
         if not isinstance(core, wiring.Component):
+            self._MustUse__silence = True   # never elaborated: no "created but never used" warning
             raise TypeError(f"core must be an amaranth.lib.wiring.Component, got {type(core).__name__}")
         self._core = core
         ins, outs = _leaves(core)
@@ -65,27 +100,14 @@ class ScanWrapper(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         m.submodules[CORE_NAME] = core = self._core
+        m.submodules[SCAN_NAME] = scan = _ScanLogic(self._in_bits, self._out_bits)
         ins, outs = _leaves(core)
-
-        chain = Signal(max(1, self._in_bits))
-        with m.If(self.scan_en):
-            m.d.sync += chain.eq(Cat(chain[1:], self.scan_in))
+        m.d.comb += [scan.scan_in.eq(self.scan_in), scan.scan_en.eq(self.scan_en), self.scan_out.eq(scan.scan_out)]
         pos = 0
         for v in ins:
             w = len(Value.cast(v))
-            m.d.comb += v.eq(chain[pos:pos + w])
+            m.d.comb += v.eq(scan.chain[pos:pos + w])
             pos += w
-
-        level = Cat(*[Value.cast(v) for v in outs]) if outs else Signal(1)
-        while len(level) > _MISR_WIDTH:
-            bits = []
-            for i in range(0, len(level), 4):
-                grp = level[i:i + 4]
-                r = Signal(name=f"xor_{len(level)}_{i}")
-                m.d.sync += r.eq(grp.xor())
-                bits.append(r)
-            level = Cat(*bits)
-        misr = Signal(_MISR_WIDTH)
-        m.d.sync += misr.eq(Cat(misr[1:], misr[0]) ^ level)
-        m.d.comb += self.scan_out.eq(misr[0])
+        if outs:
+            m.d.comb += scan.observe.eq(Cat(*[Value.cast(v) for v in outs]))
         return m
