@@ -118,6 +118,7 @@ def perplexity(model: Callable, input_ids: Any, *, context: int = 512, stride: i
         raise ValueError(f"need at least 2 tokens to score one, got {n} (is the text empty?)")
     plan = window_plan(n, context, stride)
     device = _device_of(model)
+    was_training = bool(getattr(model, "training", False))
     if hasattr(model, "eval"):
         model.eval()
     from tqdm.auto import tqdm
@@ -151,6 +152,8 @@ def perplexity(model: Callable, input_ids: Any, *, context: int = 512, stride: i
             bar.update(k)
     finally:
         bar.close()
+        if was_training:
+            model.train()
     assert count == n - 1, (count, n)
     mean = total / count
     return PerplexityResult(perplexity=math.exp(mean), nll=mean, tokens=count, total_tokens=n, windows=len(plan),

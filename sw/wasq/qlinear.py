@@ -176,7 +176,7 @@ class SFxLinear(nn.Linear):
 
     def _key(self) -> tuple:
         w = self.weight
-        return (w._version, w.data_ptr(), w.dtype, w.device, tuple(w.shape))
+        return (id(w), w._version, w.data_ptr(), w.dtype, w.device, tuple(w.shape))
 
     def invalidate_cache(self) -> None:
         """Forget the cached quantized weight (needed only after writes through ``.data``)."""
