@@ -64,7 +64,7 @@ def _cases(rng, bits, k_max):
 CONFIGS = [
     pytest.param("verilator", dict(rows=2, cols=2, bits=4), id="verilator-2x2-SF4"),
     pytest.param("icarus", dict(rows=2, cols=3, bits=8), id="icarus-2x3-SF8"),
-    pytest.param("verilator", dict(rows=3, cols=2, bits=6), id="verilator-3x2-SF6"),
+    pytest.param("verilator", dict(rows=3, cols=2, bits=6), id="verilator-3x2-SF6", marks=pytest.mark.slow),
 ]
 
 

@@ -38,6 +38,7 @@ def test_divisor_errors():
 
 
 @pytest.mark.fpga
+@pytest.mark.slow   # about 45 s; make bench builds all three boards
 def test_build_board_icebreaker_bitstream(capsys, tmp_path):
     code = cli.main(["build-board", "--board", "icebreaker", "--rows", "1", "--cols", "1", "--a-bits", "4",
                      "--out", str(tmp_path)])

