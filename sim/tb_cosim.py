@@ -43,18 +43,21 @@ async def _run_one(bench: StreamBench, drv: dict, res: StreamSink, dut, job_path
     res.clear()
     start_cycle = bench.cycle
     t0 = time.perf_counter()
+    c0 = time.process_time()
     for s in DRIVEN:
         drv[s].put(beats[s])
     budget = 20 * (len(beats["act"]) + n_res + len(beats["par"])) + 5000
     await bench.until(lambda: len(res.beats) >= n_res, max_cycles=budget, what=f"{n_res} res beats")
     await bench.until(lambda: read_int(dut.busy) == 0, max_cycles=500, what="busy to fall")
     loop_s = time.perf_counter() - t0
+    loop_cpu_s = time.process_time() - c0
     left = {s: d.pending for s, d in drv.items() if d.pending}
     assert not left, f"beats left untaken after the last result: {left}"
     cycles = res.last_transfer_cycle - drv["cmd"].last_transfer_cycle + 1
     tmp = out_path + ".part.npz"
     np.savez(tmp, res=np.array([format(w, "x") for w in res.beats] or [""])[:n_res],
              cycles=np.int64(cycles), sim_cycles=np.int64(bench.cycle - start_cycle), loop_s=np.float64(loop_s),
+             loop_cpu_s=np.float64(loop_cpu_s),
              sat_count=np.int64(read_int(dut.sat_count)), error=np.int64(read_int(dut.error)),
              busy=np.int64(read_int(dut.busy)))
     os.replace(tmp, out_path)
