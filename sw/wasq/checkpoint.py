@@ -223,7 +223,10 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, tokenizer
         info["memory"]["directory_bytes"] = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdir/safetensors may create private modes: apply the user's umask
+        for f in tmp.iterdir():
+            if f.is_file():
+                os.chmod(f, 0o666 & ~umask)
         _fsync_dir(tmp)
         if target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
