@@ -1,0 +1,124 @@
+"""``sfx cosim`` on Verilator and Icarus: a micro model end to end on a 4x4 array (k_max 64,
+the array of tests/test_sim_accelerator.py's ``sf8_4x4``, so the builds are shared).
+
+Every linear layer of the forward pass runs on the RTL; the RTL codes must equal
+``sfx.linear``'s and the logits the bit-exact software path's, exactly."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from superfloat.sim import cosim as cs
+from superfloat.sw import sfx
+
+from test_cosim import exported, layer, micro_checkpoint
+
+pytestmark = pytest.mark.sim
+
+ARRAY = dict(rows=4, cols=4, k_max=64)
+
+
+def group(simulator: str) -> pytest.MarkDecorator:
+    return pytest.mark.xdist_group(f"sim-accel-sf8_4x4-{simulator}")
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cosim-sim")
+    return {
+        "llama8": micro_checkpoint(root / "llama8", "llama", weight_bits=8),  # float scales: mult path
+        "opt4": micro_checkpoint(root / "opt4", "opt", weight_bits=4, act_bits=8, scale_kind="pow2"),  # bias
+    }
+
+
+def _check_bit_exact(rep: dict, n_layers: int) -> None:
+    assert rep["mismatches"] == 0, [l["first_mismatch"] for l in rep["layers"] if l["mismatches"]]
+    assert rep["codes_compared"] == sum(l["T"] * l["N"] for l in rep["layers"]) > 0
+    assert rep["forward"]["logits_identical"] and rep["forward"]["argmax_identical"] and rep["bit_exact"]
+    assert rep["layers_simulated"] == n_layers and not rep["rtl_error_flags"]
+    for l in rep["layers"]:
+        assert l["cycles"] > 0 and 0 < l["utilization"] <= 1 and l["equal_to_reference_pass"]
+        assert l["saturated"] == l["saturated_reference"]
+    assert rep["cosine"] > 0.999 and rep["forward"]["rtl_vs_software"]["argmax_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("simulator", [pytest.param("verilator", marks=group("verilator")),
+                                       pytest.param("icarus", marks=group("icarus"))])
+def test_whole_forward_pass_on_the_rtl(ckpts, simulator):
+    """Llama (weight-only SF8, float scales -> mult) with every linear layer on the RTL."""
+    rep = cs.cosim(ckpts["llama8"], "all", simulator=simulator, tokens=5, jobs=2 if simulator == "verilator" else 1,
+                   **ARRAY)
+    _check_bit_exact(rep, 14)
+    assert any("weight-only" in n for n in rep["notes"])
+    assert rep["cycles"] == sum(l["cycles"] for l in rep["layers"])
+
+
+@group("verilator")
+def test_cli_json_block_with_biases_and_widened_sf4_weights(ckpts, capsys):
+    """OPT (SF4 pow2 weights widened onto the 8-bit array, SF8 dynamic activations, biases): one
+    decoder block (attention + MLP) through ``sfx cosim --json``."""
+    from superfloat.sw.cli import main
+
+    code = main(["cosim", "-c", str(ckpts["opt4"]), "--layer", "model.decoder.layers.1", "--tokens", "6",
+                 "--rows", "4", "--cols", "4", "--k-max", "64", "--w-bits", "8", "--json",
+                 "--no-progress"])
+    rep = json.loads(capsys.readouterr().out)
+    assert code == 0
+    for key in ("mismatches", "codes_compared", "cycles", "utilization", "max_abs_error", "cosine"):
+        assert key in rep
+    _check_bit_exact(rep, 6)
+    assert rep["forward"]["block_output"]["identical_to_reference"]
+    assert all(l["bias"] and l["activation_source"] == "checkpoint" for l in rep["layers"])
+
+
+@group("verilator")
+def test_bias_groups_and_mult_on_the_rtl():
+    """A layer with a bias, a folded float scale and tokens of three exponents: one operation
+    per exponent, each exact against sfx.linear, the decoded output close to the float one."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((6, 12)) * 0.2
+    s = np.abs(w).max(axis=1) / (1 - 2 ** -7)
+    b = rng.standard_normal(6)
+    u = rng.standard_normal((7, 12))
+    x = 0.9 * u / np.abs(u).max(axis=1, keepdims=True) * np.array([1, 8, 64, 1, 8, 64, 2])[:, None]
+    lq = layer(exported(w, 8, scale=s, bias=b))
+    y = x @ lq.exported.dequantize().T + b
+    arr = cs.ArrayConfig(**ARRAY)
+    call = cs.layer_ops(lq, x, y, arr)
+    assert len(call.ops) == 4 and all(op.args.mult is not None for op in call.ops)
+    eng = cs.SessionEngine(1)
+    try:
+        results = [f.result() for f in [eng.submit(op) for op in call.ops]]
+    finally:
+        eng.close()
+    assert [r.mismatches for r in results] == [0] * 4
+    for op, r in zip(call.ops, results):
+        assert np.array_equal(r.codes, sfx.linear(op.args.x, op.args.w, a_bits=8, w_bits=8, out_bits=8,
+                                                  bias=op.args.bias, shift=op.args.shift, mult=op.args.mult,
+                                                  x_exponent=op.args.x_exponent, k_max=64))
+    out = call.decode(call.assemble(results))
+    step = np.ldexp(1.0, call.out_exponent - 7)
+    assert np.all(np.abs(out - y) <= 2 * step[None, :])
+
+
+@group("verilator")
+def test_session_matches_run_linear():
+    """The session transport gives run_linear's codes and cycle counts for the same operation."""
+    from superfloat.sim import run_linear
+
+    rng = np.random.default_rng(9)
+    x = rng.integers(0, 256, (5, 40)).astype(np.uint8)
+    w = rng.integers(0, 256, (6, 40)).astype(np.uint8)
+    kw = dict(a_bits=8, w_bits=8, out_bits=8, bias=rng.integers(-3000, 3000, 6), shift=rng.integers(-2, 2, 6) - 2,
+              mult=rng.integers(1 << 15, 1 << 16, 6), x_exponent=rng.integers(-1, 2, 5), k_max=64)
+    kw["shift"] = kw["shift"] + 16
+    want, st = run_linear(x, w, rows=4, cols=4, **kw)
+    args = sfx.check_linear_args(x, w, **kw)
+    with cs.RTLSession(cs.ArrayConfig(**ARRAY)) as s:
+        got, st2 = s.run(args)
+        again, st3 = s.run(args)  # a second operation in the same session: same result (reset between)
+    assert np.array_equal(got, want) and np.array_equal(again, want)
+    assert st2.mismatches == st.mismatches == 0
+    assert st2.cycles == st3.cycles == st.cycles and st2.saturated == st3.saturated == st.saturated
