@@ -1,0 +1,288 @@
+"""``ptq_quantize_(model, PTQConfig, calibration)``: every PTQ method in one pass.
+
+Order (each step optional, see :class:`~superfloat.sw.wasq.ptq.PTQConfig`):
+
+1. capture the float model's layer inputs on the calibration tokens (:mod:`.calib`);
+2. SmoothQuant factors folded into norms / previous linears (:mod:`.smoothquant`);
+3. mixed precision: sensitivity ranking, bits per layer (:mod:`.mixed_precision`);
+4. AWQ scale search, folded like SmoothQuant (:mod:`.awq`);
+5. group sizes (fixed, or dynamic per layer);
+6. per layer: clip search (AWQ clip / outlier-aware), then RTN or AdaRound
+   (:mod:`.adaround`) codes;
+7. per layer: the activation quantizer; static ranges searched per layer
+   (:mod:`.clipping`);
+8. every quantized ``nn.Linear`` / ``Conv1D`` is replaced by a :class:`PTQLinear`.
+
+Steps 2 and 4 leave the float model's function unchanged; the captured inputs are
+rescaled alongside, so one calibration pass serves everything. The searches of steps 4
+and 6 use ``search_tokens`` evenly spaced calibration tokens; AdaRound and the
+sensitivities use all of them.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from ..config import WASQConfig
+from ..quantize import candidate_layers, quantized_layers
+from .adaround import adaround_levels
+from .awq import awq_scale_, choose_group_sizes, clip_search
+from .calib import Calibration
+from .clipping import calibrate_act
+from .config import GROUP_CHOICES, PTQConfig
+from .graph import linear_weight, scale_groups
+from .mixed_precision import allocate_bits, analyze_ranking, layer_sensitivity
+from .qlinear import PTQLinear, ptq_layers
+from .quantizers import ActQuantizer, quantize_levels, quantize_weight, weight_grid
+from .smoothquant import smooth_
+
+__all__ = ["ptq_quantize_", "PTQReport", "ptq_config_of"]
+
+_ATTR = "_superfloat_ptq"
+
+
+@dataclass
+class PTQReport:
+    """What :func:`ptq_quantize_` did: per layer and per scale group, and how long each step took."""
+
+    config: PTQConfig
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    calib_tokens: int = 0
+    ranking: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def hardware_executable(self) -> bool:
+        return self.config.hardware_executable
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "hardware_executable": self.hardware_executable,
+                "hardware_notes": self.config.hardware_notes(), "layers": self.layers, "groups": self.groups,
+                "seconds": self.seconds, "calib_tokens": self.calib_tokens, "ranking": self.ranking,
+                "notes": self.notes}
+
+
+def ptq_config_of(model: nn.Module) -> PTQReport | None:
+    """The :class:`PTQReport` of the last :func:`ptq_quantize_` on ``model`` (None if never)."""
+    return getattr(model, _ATTR, None)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _log(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"[ptq] {msg}", file=sys.stderr, flush=True)
+
+
+@torch.no_grad()
+def ptq_quantize_(model: nn.Module, config: PTQConfig, calibration: Calibration | Iterable[Any] | None = None, *,
+                  calib_tokens: int | None = None, search_tokens: int = 256, progress: bool = False) -> PTQReport:
+    """Quantize ``model`` in place with ``config`` (see the module docstring).
+
+    Args:
+        model: a float transformers causal LM (Llama-style, OPT or GPT-2 for the scale
+            searches; any model with ``nn.Linear``/``Conv1D`` layers otherwise).
+        config: the recipe.
+        calibration: token batches (``[B, T]`` / ``[T]`` tensors or dicts, no padding), or a
+            :class:`Calibration` captured from this very float model (it is not modified).
+            Required when ``config.needs_calibration``.
+        calib_tokens: cap on the calibration tokens captured from batches.
+        search_tokens: tokens used by the AWQ scale/clip and activation-range searches.
+    Returns:
+        a :class:`PTQReport` (also kept on the model, :func:`ptq_config_of`).
+
+    Raises:
+        ValueError: already quantized model, nothing to quantize, missing calibration,
+            unsupported architecture for SmoothQuant/AWQ.
+    """
+    if not isinstance(config, PTQConfig):
+        raise TypeError(f"config must be a PTQConfig, got {type(config).__name__}")
+    if ptq_layers(model) or quantized_layers(model):
+        raise ValueError("model is already quantized (it holds PTQLinear/SFxLinear layers); start from the float model")
+    cands = candidate_layers(model, WASQConfig(skip=config.skip))
+    if not cands:
+        raise ValueError(f"nothing to quantize in {type(model).__name__}: no nn.Linear/Conv1D outside the skip "
+                         f"patterns {list(config.skip)}")
+    report = PTQReport(config)
+    t_all = time.perf_counter()
+    names = list(cands)
+    scaling = config.smoothquant is not None or config.awq
+
+    groups = scale_groups(model) if scaling else []  # unsupported architectures fail before calibration
+
+    # 1. calibration
+    calib = None
+    if config.needs_calibration:
+        if calibration is None:
+            raise ValueError(f"PTQ method {config.method!r} needs calibration data: pass calibration= token batches "
+                             f"(e.g. superfloat.sw.wasq.data.calibration_batches(ids, 512, 2048))")
+        t0 = time.perf_counter()
+        if isinstance(calibration, Calibration):
+            missing = [n for n in names if n not in calibration]
+            if missing:
+                raise ValueError(f"the Calibration has no inputs for layer {missing[0]!r}; was it captured from this "
+                                 f"model with the same skip patterns?")
+            calib = Calibration(dict(calibration.inputs) if scaling else calibration.inputs,
+                                dict(calibration.key_of), calibration.tokens)
+        else:
+            calib = Calibration.collect(model, calibration, names, max_tokens=calib_tokens, progress=progress)
+        report.calib_tokens = calib.tokens
+        report.seconds["calibration"] = time.perf_counter() - t0
+        _log(progress, f"calibration: {calib.tokens} tokens, {len(calib.inputs)} distinct layer inputs")
+
+    # 2. SmoothQuant
+    if config.smoothquant is not None:
+        t0 = time.perf_counter()
+        rep = smooth_(model, calib, float(config.smoothquant), groups=groups, which=config.smooth_groups)
+        for g, r in rep.items():
+            report.groups.setdefault(g, {})["smoothquant"] = r
+        report.seconds["smoothquant"] = time.perf_counter() - t0
+        _log(progress, f"smoothquant: alpha {config.smoothquant}, {len(rep)} groups")
+
+    def base_act(bits: int | None) -> ActQuantizer | None:
+        if bits is None:
+            return None
+        return ActQuantizer(config.codes, bits, config.act_mode, scale_kind=config.act_scale, rounding=config.rounding)
+
+    def search_act(bits: int | None) -> ActQuantizer | None:  # static ranges are not calibrated yet: per token
+        if bits is None:
+            return None
+        return ActQuantizer(config.codes, bits, "dynamic", rounding=config.rounding)
+
+    # 3. mixed precision
+    wbits = {n: config.weight_bits for n in names}
+    abits = {n: config.act_bits for n in names}
+    if config.mixed_precision:
+        t0 = time.perf_counter()
+        hb = config.mp_high_bits
+        promotable = hb > config.weight_bits or (config.mp_act and config.act_bits is not None and hb > config.act_bits)
+        if not promotable:
+            report.notes.append(f"mixed precision: W{config.weight_bits}A{config.act_bits or 16} is already at or "
+                                f"above {hb} bits; nothing promoted")
+        else:
+            sens, how = _sensitivity(model, calib, names, config, calibration, search_act, search_tokens)
+            report.ranking = how
+            sizes = {n: int(linear_weight(model.get_submodule(n)).numel()) for n in names}
+            chosen = allocate_bits(sens, sizes, 0, 1, fraction=float(config.mp_fraction))
+            for n, hi in chosen.items():
+                if hi:
+                    wbits[n] = max(config.weight_bits, hb)
+                    if config.mp_act and config.act_bits is not None:
+                        abits[n] = max(config.act_bits, hb)
+                report.layers.setdefault(n, {})["sensitivity"] = sens[n]
+            _log(progress, f"mixed precision ({how}): {sum(chosen.values())} of {len(names)} layers at {hb} bits")
+        report.seconds["mixed_precision"] = time.perf_counter() - t0
+
+    # 4. AWQ scales
+    fixed_group = config.group_size if isinstance(config.group_size, int) else None
+    if config.awq:
+        t0 = time.perf_counter()
+        search_group = fixed_group if fixed_group is not None else (config.group_budget if config.group_size ==
+                                                                    "dynamic" else None)
+        rep = awq_scale_(model, calib, lambda n: config.weight_format(wbits.get(n, config.weight_bits), search_group),
+                         lambda n: search_act(abits.get(n, config.act_bits)), grid=config.awq_grid,
+                         tokens=search_tokens, groups=groups)
+        for g, r in rep.items():
+            report.groups.setdefault(g, {})["awq"] = r
+        report.seconds["awq_scale"] = time.perf_counter() - t0
+        n_scaled = sum(1 for r in rep.values() if r["alpha"] is not None)
+        _log(progress, f"awq: {n_scaled} of {len(rep)} groups scaled")
+
+    # 5. group sizes
+    gsize: dict[str, int | None] = {n: fixed_group for n in names}
+    if config.group_size == "dynamic":
+        t0 = time.perf_counter()
+        stats = {}
+        for n in names:
+            w = linear_weight(model.get_submodule(n)).to(torch.float32)
+            x = calib.x(n)
+            stats[n] = (w, x.double().pow(2).mean(0))
+        choice, info = choose_group_sizes(stats, lambda n: config.weight_format(wbits[n]), budget=config.group_budget,
+                                          choices=GROUP_CHOICES)
+        gsize.update(choice)
+        report.groups["_dynamic_groups"] = info
+        report.seconds["group_sizes"] = time.perf_counter() - t0
+        hist = {g: sum(1 for v in choice.values() if v == g) for g in sorted(set(choice.values()))}
+        _log(progress, f"dynamic group sizes: {hist}")
+
+    # 6-8. per layer
+    t_w = t_a = 0.0
+    for i, n in enumerate(names):
+        mod = model.get_submodule(n)
+        w = linear_weight(mod).to(torch.float32).contiguous()
+        fmt = config.weight_format(wbits[n], gsize[n])
+        info = report.layers.setdefault(n, {})
+        info.update({"bits": fmt.bits, "group_size": fmt.group_size, "format": fmt.label()})
+        t0 = time.perf_counter()
+        clip = None
+        if config.weight_clip:
+            clip, st = clip_search(w, calib.sample(n, search_tokens), fmt)
+            info["clip"] = {"error": st["error"], "error_noclip": st["error_noclip"],
+                            "mean_ratio": float(clip.double().mean())}
+        if config.adaround:
+            grid = weight_grid(w, fmt, clip)
+            q, st = adaround_levels(w, calib.x(n), grid, iters=config.adaround_iters)
+            qw = quantize_levels(q, grid)
+            info["adaround"] = st
+        else:
+            qw = quantize_weight(w, fmt, clip)
+        t_w += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        act = base_act(abits[n])
+        if act is not None and act.mode == "static":
+            info["act"] = calibrate_act(act, calib.sample(n, search_tokens), w, config.act_clip)
+        if act is not None:
+            info["act_bits"] = act.bits
+            info["act"] = {**info.get("act", {}), "describe": act.describe()}
+        t_a += time.perf_counter() - t0
+        src = cands[n]
+        _set_module(model, n, PTQLinear(qw, mod.bias, act, name=n, source=src))
+        if progress and (i + 1) % 20 == 0:
+            _log(progress, f"layers: {i + 1}/{len(names)}")
+    report.seconds["weights"] = t_w
+    report.seconds["activations"] = t_a
+    report.seconds["total"] = time.perf_counter() - t_all
+    setattr(model, _ATTR, report)
+    return report
+
+
+def _sensitivity(model, calib, names, config, calibration, search_act, search_tokens):
+    how = config.mp_ranking
+    if how in ("analyze", "auto"):
+        try:
+            from ..config import WASQConfig as _W
+
+            if config.codes == "int_asym":
+                raise ImportError("sfx analyze has no asymmetric integer quantizer")
+            wc = _W(weight_bits=config.weight_bits, act_bits=config.act_bits, scale_kind=config.scale_kind,
+                    method="sfx" if config.codes == "sfx" else "int", skip=config.skip,
+                    rounding=config.rounding)
+            batches = [b if isinstance(b, torch.Tensor) else torch.as_tensor(b["input_ids"]) for b in calibration] \
+                if calibration is not None and not isinstance(calibration, Calibration) else None
+            if not batches:
+                raise ImportError("analyze needs token batches, not a Calibration")
+            sens = analyze_ranking(copy.deepcopy(model), batches, wc)
+            missing = [n for n in names if n not in sens]
+            if missing:
+                raise ImportError(f"analyze did not rank {missing[0]}")
+            return sens, "analyze"
+        except ImportError as e:
+            if how == "analyze":
+                raise ValueError(f"mp_ranking='analyze' needs superfloat.sw.wasq.analyze (sfx analyze): {e}") from None
+    sens = {}
+    for n in names:
+        w = linear_weight(model.get_submodule(n))
+        sens[n] = layer_sensitivity(w, calib.sample(n, search_tokens * 2), config.weight_format(),
+                                    search_act(config.act_bits))
+    return sens, "own"
