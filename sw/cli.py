@@ -18,6 +18,7 @@ from . import __version__
 SUBCOMMAND_MODULES = [
     "superfloat.sw.cli_info",      # info, demo
     "superfloat.sw.wasq.cli",      # quantize, eval, finetune, analyze, generate, sweep
+    "superfloat.sw.wasq.cli_train",  # finetune, analyze, sweep (also reached through wasq.cli; registers once)
     "superfloat.sw.ptq_cli",       # ptq analysis commands (W4A4 methods)
     "superfloat.hw.cli",           # verilog
     "superfloat.hw.fpga.cli",      # synth, build-board
