@@ -103,6 +103,7 @@ class FlowResult:
     seconds: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)
     messages: list = field(default_factory=list)
+    critical_path: dict | None = None    # slowest register-to-register path (report.critical_path)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -256,6 +257,7 @@ def run_flow(rtlil: str, *, target: str | Target, out_dir: Path | str, freq_mhz:
     res.device = rep["utilization"]
     res.fits = True
     res.fmax_mhz = rep["fmax_mhz"]
+    res.critical_path = rep["critical_path"]
     res.met_timing = res.fmax_mhz is not None and res.fmax_mhz >= freq_mhz
     if res.fmax_mhz is None:
         res.messages.append("nextpnr reported no clock (a purely combinational design?)")

@@ -74,7 +74,35 @@ def parse_nextpnr_report(path: Path | str) -> dict[str, Any]:
     fmax = min((v["achieved"] for v in clocks.values()), default=None)
     util = {k: {"used": int(v["used"]), "available": int(v["available"])}
             for k, v in data.get("utilization", {}).items()}
-    return {"fmax_mhz": fmax, "clocks": clocks, "utilization": util}
+    return {"fmax_mhz": fmax, "clocks": clocks, "utilization": util,
+            "critical_path": critical_path(data.get("critical_paths", []))}
+
+
+def _signal_of(cell: str) -> str:
+    """A readable signal name from a packed cell name (``core.k_last_SB_DFFESR_Q_14_D_SB_LUT4_O_LC`` ->
+    ``core.k_last``)."""
+    name = re.split(r"_SB_|_TRELLIS_|_LUT4|_CCU2C|_DFF|\$", cell, maxsplit=1)[0]
+    return name[:80]
+
+
+def critical_path(paths: list) -> dict | None:
+    """The slowest register-to-register path of nextpnr's report: start and end (as signal
+    names), total delay (ns), logic and routing parts, number of logic cells crossed."""
+    best = None
+    for p in paths:
+        if not str(p.get("from", "")).startswith("posedge") or not str(p.get("to", "")).startswith("posedge"):
+            continue
+        segs = p.get("path", [])
+        if not segs:
+            continue
+        total = sum(float(x.get("delay", 0)) for x in segs)
+        if best is None or total > best["delay_ns"]:
+            logic = [x for x in segs if x.get("type") == "logic"]
+            best = {"from": _signal_of(segs[0]["from"]["cell"]), "to": _signal_of(segs[-1]["to"]["cell"]),
+                    "delay_ns": round(total, 2), "logic_ns": round(sum(float(x["delay"]) for x in logic), 2),
+                    "routing_ns": round(sum(float(x["delay"]) for x in segs if x.get("type") == "routing"), 2),
+                    "logic_levels": len(logic)}
+    return best
 
 
 def first_error(log: Path | str) -> str | None:

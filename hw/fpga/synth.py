@@ -165,7 +165,7 @@ def _design_hash(text: str, target: str, freq: float, seed: int, kind: str) -> s
 
 
 #: Bumped when the flow's scripts or counting change (invalidates cached summaries).
-_FLOW_VERSION = "1"
+_FLOW_VERSION = "2"
 
 
 def _store(summary: dict, path: Path) -> None:
@@ -186,6 +186,7 @@ def _fill(summary: dict, r: dict, family: str) -> None:
         "carry": core.get("carry"), "core_cells": core.get("cells_by_type"),
         "design": {k: v for k, v in (r.get("design") or {}).items() if k != "cells_by_type"},
         "device": r.get("device") or {}, "messages": list(r.get("messages") or []),
+        "critical_path": r.get("critical_path"),
     })
     logic = summary["device"].get(LOGIC_RESOURCE[family])
     summary["device_logic"] = f"{logic['used']}/{logic['available']}" if logic else None
