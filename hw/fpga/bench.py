@@ -286,10 +286,31 @@ def _plot(rows, out_dir: Path) -> Path | None:
     return path
 
 
+def _source_version() -> str:
+    """The commit the RTL came from: ``$SFX_SOURCE_COMMIT`` (a bench run from a snapshot), else
+    ``git describe`` of the checkout (marked when hw/ has uncommitted changes)."""
+    import os
+    import subprocess
+
+    env = os.environ.get("SFX_SOURCE_COMMIT")
+    if env:
+        return env
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "hw"], cwd=repo, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + (" with uncommitted changes in hw/" if dirty else "")
+
+
 def _what(quick, results, skipped, seconds) -> str:
     n_run = sum(1 for r in results.values() if not r.get("skipped"))
     n_cached = sum(1 for r in results.values() if r.get("cached"))
-    return (f"{'Quick mode: 2x2 arrays, SF4 and SF8, no boards. ' if quick else ''}"
+    return (f"RTL of commit {_source_version()}. "
+            f"{'Quick mode: 2x2 arrays, SF4 and SF8, no boards. ' if quick else ''}"
             f"{n_run} synthesis runs ({n_cached} reused from the cache of an identical earlier run), "
             f"{len(skipped)} not run because they cannot fit (extrapolated), in {seconds / 60:.1f} min on "
             f"2 parallel workers. Every run: Yosys + nextpnr place and route at the target's reference clock "
