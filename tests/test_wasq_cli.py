@@ -99,6 +99,19 @@ def test_generate_side_by_side(capsys):
     assert text.startswith("prompt: To be") and "tiny-llama float" in text and " | " in text
 
 
+def test_generate_keeps_the_float_model_float():
+    from superfloat.sw.wasq import quantized_layers
+    from superfloat.sw.wasq.cli import generation_entries
+
+    args = cli.build_parser().parse_args(["generate", "--model", "tiny-opt", "--weight-bits", "4", "8", "--prompt", "x"])
+    entries = generation_entries(args)
+    assert [len(quantized_layers(m)) for _, m, _ in entries] == [0, 24, 24]
+    assert len({id(m) for _, m, _ in entries}) == 3
+    args = cli.build_parser().parse_args(["generate", "--model", "tiny-opt", "--weight-bits", "4", "--no-float",
+                                          "--prompt", "x"])
+    assert [label for label, _, _ in generation_entries(args)] == ["tiny-opt SF4 float/channel"]
+
+
 def test_commands_are_registered(capsys):
     parser = cli.build_parser()
     with pytest.raises(SystemExit):

@@ -253,23 +253,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- sfx generate
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import format_blocks, format_side_by_side, generate_many
-
+def generation_entries(args: argparse.Namespace) -> list[tuple[str, Any, Any]]:
+    """``[(label, model, tokenizer)]`` for ``sfx generate``: each ``--model`` float (unless
+    ``--no-float``) and at every ``--weight-bits`` (each its own copy), then each ``--checkpoint``."""
     entries = []
     models = args.model or ([] if args.checkpoint else ["smollm2-135m"])
     bits_list = args.weight_bits or []
+    show_float = not (bits_list and args.no_float)
     for spec in models:
         lm = _load(spec)
-        variants = [] if (bits_list and args.no_float) else [(f"{spec} float", None)]
-        for b in bits_list:
-            variants.append((None, config_from_args(args, weight_bits=b)))
-        for i, (label, cfg) in enumerate(variants):
-            if cfg is None:
-                entries.append((label, lm.model, lm.tokenizer))
-                continue
+        if show_float:
+            entries.append((f"{spec} float", lm.model, lm.tokenizer))
+        for i, b in enumerate(bits_list):
+            cfg = config_from_args(args, weight_bits=b)
             inst = copy.copy(lm)
-            inst.model = copy.deepcopy(lm.model) if i < len(variants) - 1 else lm.model
+            # the float model is shown as loaded: quantize copies (the last one may take it over if not shown)
+            last_and_free = i == len(bits_list) - 1 and not show_float
+            inst.model = lm.model if last_and_free else copy.deepcopy(lm.model)
             prepare_model(args, inst, cfg)
             entries.append((f"{spec} {cfg.describe()}", inst.model, lm.tokenizer))
     for d in args.checkpoint or []:
@@ -277,6 +277,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if lm.tokenizer is None:
             raise CLIError(f"checkpoint {d} has no tokenizer (save it with a tokenizer: sfx quantize does)")
         entries.append((f"{d}", lm.model, lm.tokenizer))
+    return entries
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import format_blocks, format_side_by_side, generate_many
+
+    entries = generation_entries(args)
     try:
         results = generate_many(entries, args.prompt, max_new_tokens=args.max_new_tokens, sample=args.sample,
                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
