@@ -19,6 +19,12 @@ def check_int(value: Any, name: str, lo: int, hi: int | None = None) -> int:
     return value
 
 
+def check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
 def check_bits(value: Any, name: str) -> int:
     """An SFx width (2..16), with the messages of :func:`superfloat.sw.sfx.check_bits`."""
     if isinstance(value, bool) or not isinstance(value, int):

@@ -10,7 +10,7 @@ from amaranth.lib.wiring import In, Out
 
 from superfloat.sw import sfx
 
-from ._checks import check_impl, check_int, checking
+from ._checks import check_bool, check_impl, check_int, checking
 from .clamp import CLAMP_LATENCY, SHIFT_BITS, SFxClampUnit
 from .interface import (AccelParams, act_layout, cmd_layout, par_layout, res_layout,
                         wgt_layout)
@@ -70,6 +70,11 @@ class SFxAccelerator(wiring.Component):
         LUTs (0..rows*cols).
     clamp_impl : str
         Multiplier of the clamp unit (``A x 16`` bits): ``"dsp"`` (default) or ``"lut"``.
+    overlap_drain : bool
+        ``True`` (default): shadow registers in the PEs; a tile drains while the next one
+        accumulates. ``False``: no shadow registers (about a third less logic per PE, for
+        small FPGAs); the array stalls while a tile drains, which costs
+        ``min(rows, T - t0) * cols`` cycles plus about 6 per tile.
 
     Members
     -------
@@ -92,7 +97,8 @@ class SFxAccelerator(wiring.Component):
     """
 
     def __init__(self, *, rows: int, cols: int, a_bits: int, w_bits: int, out_bits: int,
-                 k_max: int = sfx.DEFAULT_K_MAX, dsp_pes: int = 0, clamp_impl: str = "dsp"):
+                 k_max: int = sfx.DEFAULT_K_MAX, dsp_pes: int = 0, clamp_impl: str = "dsp",
+                 overlap_drain: bool = True):
         with checking(self):
             for name, v in (("a_bits", a_bits), ("w_bits", w_bits), ("out_bits", out_bits)):
                 if isinstance(v, bool) or not isinstance(v, int):
@@ -102,6 +108,7 @@ class SFxAccelerator(wiring.Component):
                                        out_bits=out_bits, k_max=k_max)
             self._dsp_pes = check_int(dsp_pes, "dsp_pes", 0, rows * cols)
             self._clamp_impl = check_impl(clamp_impl, "clamp_impl")
+            self._overlap = check_bool(overlap_drain, "overlap_drain")
         p = self._params
         super().__init__({
             "cmd": In(stream.Signature(cmd_layout(p))),
@@ -125,6 +132,7 @@ class SFxAccelerator(wiring.Component):
     frac_bits = property(lambda self: self._params.frac_bits, doc="Fraction bits F = Ma + Mw.")
     dsp_pes = property(lambda self: self._dsp_pes, doc="PEs (row-major first) with DSP multipliers.")
     clamp_impl = property(lambda self: self._clamp_impl, doc="Clamp unit multiplier implementation.")
+    overlap_drain = property(lambda self: self._overlap, doc="Whether a tile drains while the next accumulates.")
 
     @property
     def fifo_depth(self) -> int:
@@ -145,7 +153,7 @@ class SFxAccelerator(wiring.Component):
         mo = p.out_bits - 1
 
         m.submodules.array = array = SFxMacArray(rows=rows, cols=cols, a_bits=p.a_bits, w_bits=p.w_bits,
-                                                 k_max=p.k_max, dsp_pes=self._dsp_pes)
+                                                 k_max=p.k_max, dsp_pes=self._dsp_pes, overlap_drain=self._overlap)
         m.submodules.clamp = clamp = SFxClampUnit(acc_bits=A, frac_bits=p.frac_bits, out_bits=p.out_bits,
                                                   mult_impl=self._clamp_impl)
         depth = self.fifo_depth
@@ -162,6 +170,11 @@ class SFxAccelerator(wiring.Component):
         op_relu, op_rnd, op_mult = Signal(), Signal(), Signal()
         nx_par = Signal(par_layout(p), reset_less=True)    # this tile's par beat
         nx_xexp = Signal(8 * rows, reset_less=True)       # this tile's row exponents
+
+        bias_bad = Signal(cols)            # per lane: the last par beat's bias is out of range
+        bias_ok = Signal(cols)             # per lane: ... and the channel exists
+        with m.If((bias_bad & bias_ok).any()):
+            m.d.sync += err.eq(1)
 
         rows_valid = Mux(t_rem >= rows, rows, t_rem)
         lane_ok = Cat(n_rem > j for j in range(cols))     # channel n0 + j < N
@@ -202,11 +215,13 @@ class SFxAccelerator(wiring.Component):
                 m.d.comb += self.par.ready.eq(1)
                 with m.If(self.par.valid):
                     m.d.sync += [nx_par.eq(self.par.payload), k_cnt.eq(0)]
+                    # |bias| >= 2**(A-2) on a valid channel: flagged one cycle later (timing)
                     lim = 1 << (A - 2)
-                    for j in range(cols):
-                        b = self.par.payload[j].bias.as_signed()
-                        with m.If(lane_ok[j] & ((b >= lim) | (b <= -lim))):
-                            m.d.sync += err.eq(1)
+                    m.d.sync += [
+                        bias_bad.eq(Cat((self.par.payload[j].bias.as_signed() >= lim) |
+                                        (self.par.payload[j].bias.as_signed() <= -lim) for j in range(cols))),
+                        bias_ok.eq(lane_ok),
+                    ]
                     m.next = "STREAM"
             with m.State("STREAM"):
                 m.d.comb += [

@@ -33,6 +33,8 @@ def register(subparsers) -> None:
                    help="number of PEs (row-major first) whose multiplier uses DSP blocks (default 0: all LUT)")
     p.add_argument("--clamp-impl", choices=("dsp", "lut"), default="dsp",
                    help="multiplier of the clamp unit (default dsp)")
+    p.add_argument("--no-overlap-drain", dest="overlap_drain", action="store_false",
+                   help="no shadow registers in the PEs (smaller; the array stalls while a tile drains)")
     p.add_argument("--name", default="sfx_accelerator", help="top module name (default sfx_accelerator)")
     p.add_argument("-o", "--output", required=True, help="output file ('-' for standard output)")
     p.set_defaults(func=_run)
@@ -44,7 +46,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         text = generate_verilog(rows=args.rows, cols=args.cols, a_bits=args.a_bits, w_bits=args.w_bits,
                                 out_bits=args.out_bits, k_max=args.k_max, dsp_pes=args.dsp_pes,
-                                clamp_impl=args.clamp_impl, name=args.name)
+                                clamp_impl=args.clamp_impl, overlap_drain=args.overlap_drain, name=args.name)
     except (TypeError, ValueError) as e:
         print(f"sfx verilog: error: {e}", file=sys.stderr)
         return 2

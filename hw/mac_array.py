@@ -1,13 +1,13 @@
 """Output-stationary array of SFx processing elements, with a drain chain."""
 from __future__ import annotations
 
-from amaranth.hdl import Module, Mux, Signal, signed
+from amaranth.hdl import Array, Module, Mux, Signal, signed
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from superfloat.sw import sfx
 
-from ._checks import check_bits, check_int, checking
+from ._checks import check_bits, check_bool, check_int, checking
 from .pe import SFxPE
 
 __all__ = ["SFxMacArray", "mac_array_in_layout", "mac_array_out_layout"]
@@ -51,6 +51,12 @@ class SFxMacArray(wiring.Component):
     finished. All other beats are accepted at once: with ``K >= rows * cols`` and no
     stall on :attr:`out`, every PE does one MAC per cycle except one cycle per tile.
 
+    With ``overlap_drain=False`` the PEs have no shadow registers (about a third less
+    logic per PE, for FPGAs where area is what matters): the finished sums are read
+    through a ``rows * cols``-way multiplexer, and no beat is accepted from a tile's
+    ``last`` beat until its drain is over (``rows_valid * cols`` cycles plus the latency
+    below are lost per tile).
+
     Latency: a beat transferred in cycle ``c`` is multiplied in ``c + 1`` and accumulated
     in ``c + 2``; the first :attr:`out` beat of a tile is valid in cycle
     ``c + DRAIN_LATENCY`` (``c + 4``) after its ``last`` beat. Throughput: one ``inp``
@@ -69,6 +75,9 @@ class SFxMacArray(wiring.Component):
     dsp_pes : int
         The first ``dsp_pes`` PEs in row-major order use ``impl="dsp"`` multipliers, the
         others ``impl="lut"`` (0..rows*cols).
+    overlap_drain : bool
+        Shadow registers in the PEs, so that a tile drains while the next accumulates
+        (default ``True``).
 
     Members
     -------
@@ -83,7 +92,7 @@ class SFxMacArray(wiring.Component):
     """
 
     def __init__(self, *, rows: int, cols: int, a_bits: int, w_bits: int,
-                 k_max: int = sfx.DEFAULT_K_MAX, dsp_pes: int = 0):
+                 k_max: int = sfx.DEFAULT_K_MAX, dsp_pes: int = 0, overlap_drain: bool = True):
         with checking(self):
             self._rows = check_int(rows, "rows", 1, 64)
             self._cols = check_int(cols, "cols", 1, 64)
@@ -91,6 +100,7 @@ class SFxMacArray(wiring.Component):
             self._w_bits = check_bits(w_bits, "w_bits")
             self._k_max = check_int(k_max, "k_max", 1, sfx.K_MAX_LIMIT)
             self._dsp_pes = check_int(dsp_pes, "dsp_pes", 0, self._rows * self._cols)
+            self._overlap = check_bool(overlap_drain, "overlap_drain")
             self._acc_bits = sfx.accumulator_bits(self._a_bits, self._w_bits, self._k_max)
         super().__init__({
             "inp": In(stream.Signature(mac_array_in_layout(self._rows, self._cols, self._a_bits, self._w_bits))),
@@ -105,6 +115,7 @@ class SFxMacArray(wiring.Component):
     k_max = property(lambda self: self._k_max, doc="Longest reduction accepted.")
     dsp_pes = property(lambda self: self._dsp_pes, doc="Number of PEs (row-major first) with DSP multipliers.")
     acc_bits = property(lambda self: self._acc_bits, doc="Accumulator width A (SPEC section 3).")
+    overlap_drain = property(lambda self: self._overlap, doc="Whether a tile drains while the next accumulates.")
 
     def pe_impl(self, i: int, j: int) -> str:
         """Multiplier implementation of PE ``(i, j)``."""
@@ -129,7 +140,10 @@ class SFxMacArray(wiring.Component):
         d_col = Signal(range(max(2, cols)))
 
         inp = self.inp
-        m.d.comb += inp.ready.eq(~(inp.payload.last & reserved) & ~(s0_valid & s0_last))
+        if self._overlap:
+            m.d.comb += inp.ready.eq(~(inp.payload.last & reserved) & ~(s0_valid & s0_last))
+        else:
+            m.d.comb += inp.ready.eq(~reserved)
         in_xfer = inp.valid & inp.ready
         m.d.sync += [s0_valid.eq(in_xfer), s1_valid.eq(s0_valid), s1_last.eq(s0_last), s2_cap.eq(s1_valid & s1_last)]
         with m.If(in_xfer):
@@ -150,7 +164,8 @@ class SFxMacArray(wiring.Component):
 
         out_xfer = self.out.valid & self.out.ready
         pes = [[SFxPE(a_bits=self._a_bits, w_bits=self._w_bits, acc_bits=self._acc_bits,
-                      impl=self.pe_impl(i, j)) for j in range(cols)] for i in range(rows)]
+                      impl=self.pe_impl(i, j), shadow=self._overlap) for j in range(cols)] for i in range(rows)]
+        is_last = (d_row == cap_rows - 1) & (d_col == cols - 1)
         chain = [pe for row in pes for pe in row]  # row-major drain order
         for i in range(rows):
             for j in range(cols):
@@ -160,17 +175,23 @@ class SFxMacArray(wiring.Component):
                     pe.a.eq(s0_act[i]),
                     pe.w.eq(s0_wgt[j]),
                     pe.acc_en.eq(s1_valid),
-                    pe.clear.eq(s2_cap),
+                    # shadow: move the sums when complete; else: restart after the drain
+                    pe.clear.eq(s2_cap if self._overlap else out_xfer & is_last),
                     pe.shift.eq(out_xfer),
                 ]
-        for p, pe in enumerate(chain):
-            m.d.comb += pe.chain_in.eq(chain[p + 1].chain_out if p + 1 < len(chain) else 0)
-
-        # Drain: rows_valid * cols shadow values through chain[0].
-        is_last = (d_row == cap_rows - 1) & (d_col == cols - 1)
+        if self._overlap:
+            # Drain: rows_valid * cols shadow values through chain[0].
+            for p, pe in enumerate(chain):
+                m.d.comb += pe.chain_in.eq(chain[p + 1].chain_out if p + 1 < len(chain) else 0)
+            drained = chain[0].chain_out
+        else:
+            # Drain: the accumulators themselves, selected by (d_row, d_col).
+            for pe in chain:
+                m.d.comb += pe.chain_in.eq(0)
+            drained = Array(Array(pe.chain_out for pe in row) for row in pes)[d_row][d_col]
         m.d.comb += [
             self.out.valid.eq(draining),
-            self.out.payload.acc.eq(chain[0].chain_out),
+            self.out.payload.acc.eq(drained),
             self.out.payload.last.eq(is_last),
         ]
         with m.If(s2_cap):

@@ -106,6 +106,10 @@ class SFxPE(wiring.Component):
     (not the adder's output) keeps the shadow multiplexer a single LUT per bit; ``acc``
     starts at 0 after reset and after every ``clear``.
 
+    With ``shadow=False`` there is no shadow register: ``chain_out`` is ``acc`` itself,
+    ``clear`` only restarts it at 0, ``shift`` and ``chain_in`` are ignored (the array
+    then reads the accumulators through a multiplexer and stalls while it does).
+
     Latency: the product of ``a``/``w`` presented in cycle ``c`` is added in cycle
     ``c + 1`` (``acc_en`` belongs to that cycle); with ``clear`` in cycle ``c + 2`` the sum
     is on ``chain_out`` from cycle ``c + 3``. Throughput: one MAC per cycle.
@@ -119,6 +123,8 @@ class SFxPE(wiring.Component):
     impl : str
         Multiplier implementation, ``"lut"`` or ``"dsp"`` (see
         :class:`SFxMagnitudeMultiplier`).
+    shadow : bool
+        Keep a shadow register (default ``True``).
 
     Members
     -------
@@ -135,15 +141,18 @@ class SFxPE(wiring.Component):
     chain_in : In(signed(acc_bits))
         Shadow value of the next PE in the drain chain.
     chain_out : Out(signed(acc_bits))
-        This PE's shadow register.
+        This PE's shadow register (``shadow=False``: its accumulator).
     """
 
-    def __init__(self, *, a_bits: int, w_bits: int, acc_bits: int, impl: str = "lut"):
+    def __init__(self, *, a_bits: int, w_bits: int, acc_bits: int, impl: str = "lut", shadow: bool = True):
         with checking(self):
             self._a_bits = check_bits(a_bits, "a_bits")
             self._w_bits = check_bits(w_bits, "w_bits")
             self._acc_bits = check_int(acc_bits, "acc_bits", a_bits + w_bits, 64)
             self._impl = check_impl(impl)
+            if not isinstance(shadow, bool):
+                raise TypeError(f"shadow must be a bool, got {type(shadow).__name__} {shadow!r}")
+            self._shadow = shadow
         super().__init__({
             "a": In(self._a_bits),
             "w": In(self._w_bits),
@@ -170,6 +179,10 @@ class SFxPE(wiring.Component):
     def impl(self) -> str:
         return self._impl
 
+    @property
+    def shadow(self) -> bool:
+        return self._shadow
+
     def elaborate(self, platform):
         m = Module()
         ma, mw = self._a_bits - 1, self._w_bits - 1
@@ -187,6 +200,14 @@ class SFxPE(wiring.Component):
         addend = Cat(prod_mag ^ prod_neg.replicate(pw), prod_neg.replicate(width - pw))
         total = Signal(width)
         m.d.comb += total.eq((acc + addend + prod_neg)[:width])
+
+        if not self._shadow:
+            with m.If(self.clear):
+                m.d.sync += acc.eq(0)
+            with m.Elif(self.acc_en):
+                m.d.sync += acc.eq(total)
+            m.d.comb += self.chain_out.eq(acc)
+            return m
 
         shadow = Signal(signed(width), reset_less=True)
         with m.If(self.clear):

@@ -41,6 +41,9 @@ def _assert_ok(r, *, error=0):
     (dict(rows=2, cols=2, a_bits=16, w_bits=16, out_bits=6, k_max=1 << 20, dsp_pes=4), [(3, 3, 6)], 0.4, 0.4),
     # tall array, one column; wide output
     (dict(rows=4, cols=1, a_bits=3, w_bits=6, out_bits=16, k_max=5), [(6, 2, 5), (4, 1, 2)], 0.0, 0.7),
+    # no shadow registers: the array stalls while a tile drains
+    (dict(rows=2, cols=3, a_bits=4, w_bits=4, out_bits=4, k_max=64, overlap_drain=False),
+     [(3, 4, 5), (2, 7, 1), (5, 3, 8)], 0.3, 0.3),
 ])
 def test_accelerator_matches_linear(cfg, shapes, stall, res_stall):
     dut = SFxAccelerator(**cfg)
@@ -180,6 +183,16 @@ def test_drain_runs_at_one_accumulator_per_cycle(cols):
     assert r.cycles <= elements + 5 * tiles + 20, f"{r.cycles} cycles for {elements} drained accumulators"
 
 
+def test_utilization_without_overlap():
+    """overlap_drain=False: each tile's drain (rows * cols cycles) is added to its K cycles."""
+    dut = SFxAccelerator(rows=2, cols=2, a_bits=4, w_bits=4, out_bits=4, k_max=64, overlap_drain=False)
+    rng = np.random.default_rng(15)
+    r = run_ops(dut, [random_op(dut.params, rng, 4, 4, 64)])
+    _assert_ok(r)
+    util = r.expected.macs / (4 * r.cycles)
+    assert 0.80 <= util < 0.95, f"{r.cycles} cycles, utilization {util:.3f}"
+
+
 @pytest.mark.slow
 def test_utilization_8x8_t64_n64_k1024():
     """The issue's target: T = 64, N = 64, K = 1024 on 8x8 SF8, no stalls, >= 85 %."""
@@ -195,7 +208,7 @@ def test_utilization_8x8_t64_n64_k1024():
 def test_accelerator_properties():
     dut = SFxAccelerator(rows=3, cols=2, a_bits=4, w_bits=5, out_bits=6, k_max=100, dsp_pes=3, clamp_impl="lut")
     assert (dut.rows, dut.cols, dut.a_bits, dut.w_bits, dut.out_bits, dut.k_max) == (3, 2, 4, 5, 6, 100)
-    assert (dut.dsp_pes, dut.clamp_impl) == (3, "lut")
+    assert (dut.dsp_pes, dut.clamp_impl, dut.overlap_drain) == (3, "lut", True)
     assert dut.params == AccelParams(rows=3, cols=2, a_bits=4, w_bits=5, out_bits=6, k_max=100)
     assert dut.frac_bits == 7 and dut.acc_bits == 7 + 7 + 2
     with pytest.raises(AttributeError):
@@ -219,6 +232,7 @@ def test_accelerator_properties():
     (dict(dsp_pes=-1), ValueError, r"dsp_pes must be in 0\.\.4, got -1"),
     (dict(dsp_pes=None), TypeError, r"dsp_pes must be an int, got NoneType"),
     (dict(clamp_impl="bram"), ValueError, r"clamp_impl must be one of 'lut', 'dsp', got 'bram'"),
+    (dict(overlap_drain="no"), TypeError, r"overlap_drain must be a bool, got str"),
 ])
 def test_accelerator_rejects_bad_parameters(kwargs, exc, match):
     args = dict(rows=2, cols=2, a_bits=4, w_bits=4, out_bits=4, k_max=16)

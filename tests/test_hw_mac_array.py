@@ -65,15 +65,19 @@ def _random_tiles(arr, rng, ks, rows_valid=None):
     return tiles
 
 
-@pytest.mark.parametrize("rows,cols,a_bits,w_bits,k_max,dsp_pes,stall,out_stall", [
-    (2, 3, 4, 4, 16, 0, 0.0, 0.0),
-    (3, 2, 8, 8, 64, 6, 0.3, 0.5),
-    (1, 1, 2, 2, 4, 1, 0.5, 0.5),
-    (2, 2, 16, 3, 1 << 20, 1, 0.2, 0.2),
-    (1, 4, 5, 7, 9, 2, 0.0, 0.8),
+@pytest.mark.parametrize("rows,cols,a_bits,w_bits,k_max,dsp_pes,stall,out_stall,overlap", [
+    (2, 3, 4, 4, 16, 0, 0.0, 0.0, True),
+    (3, 2, 8, 8, 64, 6, 0.3, 0.5, True),
+    (1, 1, 2, 2, 4, 1, 0.5, 0.5, True),
+    (2, 2, 16, 3, 1 << 20, 1, 0.2, 0.2, True),
+    (1, 4, 5, 7, 9, 2, 0.0, 0.8, True),
+    (2, 3, 4, 4, 16, 0, 0.0, 0.0, False),
+    (3, 2, 6, 5, 64, 2, 0.4, 0.4, False),
+    (1, 1, 2, 2, 4, 0, 0.3, 0.6, False),
 ])
-def test_mac_array_matches_matmul_acc(rows, cols, a_bits, w_bits, k_max, dsp_pes, stall, out_stall):
-    arr = SFxMacArray(rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, k_max=k_max, dsp_pes=dsp_pes)
+def test_mac_array_matches_matmul_acc(rows, cols, a_bits, w_bits, k_max, dsp_pes, stall, out_stall, overlap):
+    arr = SFxMacArray(rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, k_max=k_max, dsp_pes=dsp_pes,
+                      overlap_drain=overlap)
     rng = np.random.default_rng(rows * 100 + cols)
     ks = [1, min(k_max, 5), 1, min(k_max, 3), min(k_max, 12)]
     rv = [rows, max(1, rows - 1), 1, rows, rows]
@@ -85,10 +89,11 @@ def test_mac_array_matches_matmul_acc(rows, cols, a_bits, w_bits, k_max, dsp_pes
     assert info["busy"] == 0
 
 
-def test_mac_array_extreme_sums_fill_the_accumulator():
+@pytest.mark.parametrize("overlap", [True, False])
+def test_mac_array_extreme_sums_fill_the_accumulator(overlap):
     """K = k_max with every product at its largest magnitude, both signs: the accumulator
     width of SPEC section 3 holds the exact sum."""
-    arr = SFxMacArray(rows=2, cols=2, a_bits=4, w_bits=4, k_max=16)
+    arr = SFxMacArray(rows=2, cols=2, a_bits=4, w_bits=4, k_max=16, overlap_drain=overlap)
     k = 16
     pos = (np.full((2, k), 7), np.array([np.full(k, 7), np.full(k, 15)]))      # +-K * 49
     neg = (np.full((2, k), 15), np.array([np.full(k, 15), np.full(k, 7)]))     # +-K * 49
@@ -111,12 +116,24 @@ def test_mac_array_full_rate_and_overlapped_drain():
     assert info["cycles"] == 24 + 2 + DRAIN_LATENCY + 3
 
 
+def test_mac_array_without_overlap_stalls_during_drain():
+    """overlap_drain=False: no beat enters from a tile's last beat to the end of its drain."""
+    arr = SFxMacArray(rows=2, cols=2, a_bits=3, w_bits=3, k_max=8, overlap_drain=False)
+    rng = np.random.default_rng(3)
+    tiles = _random_tiles(arr, rng, [8, 8, 8])
+    acc, last, info = _run_tiles(arr, tiles)
+    assert acc == _expected(arr, tiles)[0]
+    # per tile: 8 beats, DRAIN_LATENCY - 1 cycles to the first result, 4 results
+    assert info["cycles"] == 3 * (8 + DRAIN_LATENCY - 1 + 4)
+
+
 def test_mac_array_per_pe_multiplier_choice():
     arr = SFxMacArray(rows=2, cols=3, a_bits=4, w_bits=4, k_max=16, dsp_pes=4)
     assert arr.dsp_pes == 4
     assert [arr.pe_impl(i, j) for i in range(2) for j in range(3)] == ["dsp"] * 4 + ["lut"] * 2
     assert (arr.rows, arr.cols, arr.a_bits, arr.w_bits, arr.k_max) == (2, 3, 4, 4, 16)
     assert arr.acc_bits == sfx.accumulator_bits(4, 4, 16)
+    assert arr.overlap_drain is True
     with pytest.raises(AttributeError):
         arr.dsp_pes = 1
     Fragment.get(arr, None)
@@ -132,6 +149,7 @@ def test_mac_array_per_pe_multiplier_choice():
     (dict(dsp_pes=5), ValueError, r"dsp_pes must be in 0\.\.4, got 5"),
     (dict(dsp_pes=-1), ValueError, r"dsp_pes must be in 0\.\.4, got -1"),
     (dict(dsp_pes=True), TypeError, r"dsp_pes must be an int, got bool"),
+    (dict(overlap_drain=1), TypeError, r"overlap_drain must be a bool, got int"),
 ])
 def test_mac_array_rejects_bad_parameters(kwargs, exc, match):
     args = dict(rows=2, cols=2, a_bits=4, w_bits=4, k_max=16, dsp_pes=0)

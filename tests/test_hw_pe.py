@@ -90,9 +90,10 @@ def test_multiplier_properties_read_only():
     Fragment.get(mul, None)
 
 
-def _pe_run(pe, tiles):
+def _pe_run(pe, tiles, shadow=True):
     """Feed ``tiles`` (lists of (a_code, w_code)), one product per cycle and one idle
-    cycle after each tile; return the value moved to the shadow register for each tile."""
+    cycle after each tile; return the value moved to the shadow register for each tile
+    (``shadow=False``: the accumulator, read just before ``clear``)."""
     sim, _ = make_sim(pe)
     got = []
     sched = []   # per cycle: (a, w, last) or None (idle)
@@ -110,8 +111,10 @@ def _pe_run(pe, tiles):
             ctx.set(pe.acc_en, prev is not None)
             clear = prev2 is not None and prev2[2]
             ctx.set(pe.clear, clear)
+            if clear and not shadow:
+                got.append(ctx.get(pe.chain_out))
             await ctx.tick()
-            if clear:
+            if clear and shadow:
                 got.append(ctx.get(pe.chain_out))
 
     sim.add_testbench(tb)
@@ -134,8 +137,8 @@ def test_pe_every_product_sf3_sf4(impl):
     assert got == exp
 
 
-@pytest.mark.parametrize("impl", ["lut", "dsp"])
-def test_pe_dot_products_against_matmul_acc(impl):
+@pytest.mark.parametrize("impl,shadow", [("lut", True), ("dsp", True), ("lut", False)])
+def test_pe_dot_products_against_matmul_acc(impl, shadow):
     """Random SF8 dot products, plus the largest sums of both signs (K = k_max)."""
     a_bits, w_bits, k_max = 8, 8, 32
     A = sfx.accumulator_bits(a_bits, w_bits, k_max)
@@ -146,8 +149,8 @@ def test_pe_dot_products_against_matmul_acc(impl):
     tiles.append([(127, 127)] * k_max)     # +K * 127**2
     tiles.append([(255, 127)] * k_max)     # -K * 127**2
     tiles.append([(128, 255)] * 3)         # negative zero times negative: 0
-    got = _pe_run(SFxPE(a_bits=a_bits, w_bits=w_bits, acc_bits=A, impl=impl),
-                  [[(int(a), int(w)) for a, w in t] for t in tiles])
+    got = _pe_run(SFxPE(a_bits=a_bits, w_bits=w_bits, acc_bits=A, impl=impl, shadow=shadow),
+                  [[(int(a), int(w)) for a, w in t] for t in tiles], shadow=shadow)
     exp = [int(sfx.matmul_acc(np.array([[a for a, _ in t]]), np.array([[w for _, w in t]]),
                               a_bits=a_bits, w_bits=w_bits, k_max=k_max)[0, 0]) for t in tiles]
     assert got == exp
@@ -159,6 +162,7 @@ def test_pe_dot_products_against_matmul_acc(impl):
     (dict(a_bits=4, w_bits=4, acc_bits=7), ValueError, r"acc_bits must be in 8\.\.64, got 7"),
     (dict(a_bits="4", w_bits=4, acc_bits=20), TypeError, r"a_bits must be an int"),
     (dict(a_bits=4, w_bits=4, acc_bits=20, impl="asic"), ValueError, r"impl must be one of"),
+    (dict(a_bits=4, w_bits=4, acc_bits=20, shadow=None), TypeError, r"shadow must be a bool"),
 ])
 def test_pe_rejects_bad_parameters(kwargs, exc, match):
     with pytest.raises(exc, match=match):
