@@ -71,10 +71,12 @@ def test_quantize_then_eval_checkpoint(capsys, tmp_path, text_file):
      "stride (9) must not exceed context (8)"),
     (["quantize", "--model", "tiny-llama", "--weight-bits", "4", "--method", "rtn-int", "-o", "x"],
      "rtn-int is an evaluation baseline"),
-    (["eval", "--model", "/no/such/model/dir"], "could not load model '/no/such/model/dir'"),
+    (["eval", "--model", "/no/such/model/dir"], "no such model directory or file: '/no/such/model/dir'"),
+    (["eval", "--model", "no-such-org/no-such-model"], "could not load model 'no-such-org/no-such-model' from the "
+                                                       "Hugging Face hub"),
 ])
 def test_cli_errors(capsys, argv, msg, monkeypatch):
-    if argv[2].startswith("/no/"):
+    if argv[2].startswith("no-such"):
         # a hub lookup must fail fast and clearly without a network
         import transformers
 

@@ -213,6 +213,8 @@ def load_model(spec: str, *, dtype: torch.dtype | None = torch.float32, device: 
                            "weights dequantized from a GGUF file (quantized weights, not the original float model)")
     if path.exists():
         raise ValueError(f"{spec!r} exists but is neither a model directory, a WASQ checkpoint nor a .gguf file")
+    if spec.startswith(("/", "./", "../", "~")) or spec.endswith(".gguf") or os.sep + os.sep in spec:
+        raise ValueError(f"no such model directory or file: {spec!r} (offline choices: {', '.join(model_names())})")
     try:
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype or "auto")
         tok = AutoTokenizer.from_pretrained(spec)
