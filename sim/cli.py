@@ -100,7 +100,8 @@ def register(sub) -> None:
     p.add_argument("--checkpoint", "-c", required=True, metavar="DIR", help="WASQ checkpoint directory (sfx quantize)")
     p.add_argument("--layer", "-l", metavar="NAME",
                    help="a quantized layer (e.g. model.layers.0.self_attn.q_proj), a block holding several "
-                        "(e.g. model.layers.0.mlp, model.layers.0.self_attn) or 'all' (the whole forward pass)")
+                        "(e.g. model.layers.0.mlp, model.layers.0.self_attn), several of these separated by commas, "
+                        "or 'all' (the whole forward pass)")
     p.add_argument("--list-layers", action="store_true", help="list the checkpoint's layers and blocks, and exit")
     p.add_argument("--prompt", "-p", default=None, help="input text (default: a built-in English paragraph)")
     p.add_argument("--tokens", "-t", type=int, default=None, metavar="N",

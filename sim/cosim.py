@@ -289,6 +289,14 @@ class RTLSession:
             raise
         self.start_s = time.perf_counter() - t1
 
+    @property
+    def waves_path(self) -> str | None:
+        """The session's trace (complete once the session is closed), or None without ``waves``."""
+        if not self.waves:
+            return None
+        name = f"{self.build.toplevel}.fst" if self.array.simulator == "icarus" else "dump.vcd"
+        return str(self.run_dir / name)
+
     # ------------------------------------------------------------------ plumbing
 
     def _failed(self, why: str):
@@ -388,7 +396,7 @@ class RTLSession:
             sim_cycles=int(meas["sim_cycles"]), loop_s=loop_s, loop_cpu_s=float(meas["loop_cpu_s"]),
             sim_s=sim_s, wall_s=time.perf_counter() - t_start,
             build_cached=self.build.cached, build_s=self.build.build_s, build_dir=str(self.build.dir),
-            waves=str(self.run_dir) if self.waves else None)
+            waves=self.waves_path)
         return codes, ref, stats
 
     def close(self, kill: bool = False) -> None:
@@ -895,11 +903,18 @@ def resolve_array(lq: LayerQuant, *, rows: int, cols: int, k_max: int, simulator
 
 
 def select_layers(names: Sequence[str], layer: str) -> tuple[list[str], str]:
-    """The layer names that ``layer`` selects and its kind (``"layer"``, ``"block"``, ``"all"``).
-    Unknown names raise :class:`CosimError` listing a few valid ones."""
+    """The layer names that ``layer`` selects and its kind: ``"layer"`` (one name), ``"block"``
+    (a module prefix: every quantized layer under it), ``"all"``, or ``"layers"`` (several
+    comma-separated selections). Unknown names raise :class:`CosimError` listing a few valid ones."""
     names = list(names)
     if layer == "all":
         return names, "all"
+    if "," in layer:  # several selections: their union, in model order
+        chosen: set[str] = set()
+        for part in (p.strip() for p in layer.split(",")):
+            if part:
+                chosen.update(select_layers(names, part)[0])
+        return [n for n in names if n in chosen], "layers"
     if layer in names:
         return [layer], "layer"
     prefix = layer.rstrip(".") + "."
@@ -953,18 +968,20 @@ def fmax_sources() -> list[Path]:
     return [p for p in paths if p.is_file()]
 
 
-def find_fmax(array: ArrayConfig, target: str = "ecp5-25k", fmax_mhz: float | None = None) -> dict:
+def find_fmax(array: ArrayConfig, target: str = "ecp5-25k", fmax_mhz: float | None = None,
+              extra_sources: Sequence[Path] = ()) -> dict:
     """Fmax of the accelerator ``array`` on ``target`` from the FPGA reports (see :func:`fmax_sources`).
 
     Returns ``{"fmax_mhz", "source", "match", "config"}``: ``match`` is ``"given"`` (the
     ``fmax_mhz`` argument), ``"exact"`` (same target, array shape, widths and k_max),
     ``"nearest"`` (same target: the closest array, same widths preferred; the time is an
-    estimate) or ``"none"`` (``fmax_mhz`` None, ``source`` says how to get one)."""
+    estimate) or ``"none"`` (``fmax_mhz`` None, ``source`` says how to get one).
+    ``extra_sources`` are JSON files searched first (e.g. a bench's own ``fpga.json``)."""
     if fmax_mhz is not None:
         return {"fmax_mhz": float(fmax_mhz), "source": "--fmax (given)", "match": "given", "config": None,
                 "target": target}
     entries: list = []
-    for path in fmax_sources():
+    for path in [Path(p) for p in extra_sources if Path(p).is_file()] + fmax_sources():
         try:
             _fmax_entries(json.loads(path.read_text()), str(path), entries)
         except (OSError, json.JSONDecodeError):
@@ -1224,13 +1241,14 @@ def cosim(checkpoint: str | os.PathLike, layer: str = "all", *, prompt: str | No
           a_bits: int | None = None, w_bits: int | None = None, out_bits: int | None = None,
           out_exponent: str = "channel", jobs: int = 1, engine: str = "session", waves: bool = False,
           target: str = "ecp5-25k", fmax_mhz: float | None = None, float_model: Any = None,
-          progress: bool = False) -> "CosimReport":
+          progress: bool = False, fmax_sources: Sequence[str | os.PathLike] = ()) -> "CosimReport":
     """Co-simulate layer(s) of a WASQ checkpoint on the generated accelerator (see the module docstring).
 
     Args:
         checkpoint: WASQ checkpoint directory (SPEC section 7).
         layer: a quantized layer name, a block (a module holding several, e.g.
-            ``model.layers.0.mlp``) or ``"all"`` (every quantized layer: the whole forward).
+            ``model.layers.0.mlp``), several of these separated by commas, or ``"all"``
+            (every quantized layer: the whole forward).
         prompt, tokens: the input text, and how many of its tokens to use (default: the
             first 8 tokens of :data:`DEFAULT_PROMPT`).
         simulator: ``"verilator"`` or ``"icarus"``.
@@ -1244,6 +1262,7 @@ def cosim(checkpoint: str | os.PathLike, layer: str = "all", *, prompt: str | No
             ``"reference"`` (``sfx.linear`` only, no simulator: a dry run).
         waves: record waveforms (paths in the report).
         target, fmax_mhz: the FPGA target whose Fmax converts cycles to time, or a given Fmax.
+        fmax_sources: extra synthesis report files searched first (see :func:`find_fmax`).
         float_model: optional float model (a ``load_model`` spec or a module) to compare
             against as well (logits; per layer: the layer with float weights).
         progress: step lines and a progress bar on stderr.
@@ -1263,6 +1282,7 @@ def cosim(checkpoint: str | os.PathLike, layer: str = "all", *, prompt: str | No
         if progress:
             print(f"[cosim {time.perf_counter() - t_start:5.1f} s] {msg}", file=sys.stderr, flush=True)
 
+    extra_sources = [Path(p) for p in fmax_sources]
     if simulator not in runner.SIMULATORS:
         raise CosimError(f"simulator must be one of {', '.join(map(repr, runner.SIMULATORS))}, got {simulator!r}")
     if engine not in ("session", "run_linear", "reference"):
@@ -1380,7 +1400,8 @@ def cosim(checkpoint: str | os.PathLike, layer: str = "all", *, prompt: str | No
             eng.close()
         rtl_s = time.perf_counter() - t0
 
-        fmax = {a.name: find_fmax(a, target, fmax_mhz) for a in {arrays[n] for n in names}}
+        fmax = {a.name: find_fmax(a, target, fmax_mhz, extra_sources)
+                for a in {arrays[n] for n in names}}
         report = _build_report(
             checkpoint=str(checkpoint), info=info, layer=layer, kind=kind, names=names, ids=ids, text=text,
             simulator=simulator, engine=eng, jobs=jobs, arrays=arrays, lqs=lqs, ref_calls=hb.calls, rtl_calls=hc.calls,

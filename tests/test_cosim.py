@@ -353,3 +353,17 @@ def test_cli_errors_and_list_layers(ckpts, no_build, capsys):
     assert "sfx cosim: error: layer model.layers.0.mlp.gate_proj: the checkpoint holds SF8 weight codes" in err
     assert main(["cosim", "-c", str(ckpts["llama8"]), "--no-progress"]) == 2
     assert "--layer is required" in capsys.readouterr().err
+
+
+def test_docs_examples():
+    """The Python examples of docs/cosim.md run as doctests."""
+    import doctest
+    import re
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "cosim.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks
+    test = doctest.DocTestParser().get_doctest("\n".join(blocks), {}, "cosim.md", "docs/cosim.md", 0)
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0
