@@ -7,8 +7,31 @@
 * :mod:`.scoreboard`: result checking against the reference model;
 * :mod:`.tb_accelerator`: the accelerator's cocotb benches; :mod:`.bench_rtl`: speed and
   utilisation numbers (``sfx bench rtl``).
+
+The names are imported lazily, so that a cocotb bench importing ``superfloat.sim.streams``
+inside the simulator does not pay for Amaranth.
 """
-from .linear import LinearSimStats, run_linear
-from .runner import SimulationFailed, SimulatorNotFound
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 __all__ = ["run_linear", "LinearSimStats", "SimulationFailed", "SimulatorNotFound"]
+
+_LAZY = {"run_linear": "linear", "LinearSimStats": "linear", "SimulationFailed": "runner",
+         "SimulatorNotFound": "runner"}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .linear import LinearSimStats, run_linear
+    from .runner import SimulationFailed, SimulatorNotFound
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -528,7 +528,15 @@ class SessionEngine:
         return list(self._sessions)
 
     def close(self) -> None:
+        """Cancel the operations not started yet (e.g. after an error), end every session."""
         self._closed = True
+        while True:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[1].cancel()
         for _ in self._threads:
             self._q.put(None)
         for t in self._threads:

@@ -242,7 +242,8 @@ class LinearSimStats:
     the ``cmd`` beat was accepted to the one in which the last ``res`` beat was accepted,
     both included; ``utilization = macs / (rows * cols * cycles)``. ``cycles_per_s`` and
     ``macs_per_s`` divide the simulated cycles (reset included) and the useful MACs by
-    the wall time of the cocotb loop that drove them; ``wall_s`` is the whole call."""
+    the wall time of the cocotb loop that drove them (``cycles_per_cpu_s`` by its CPU
+    time, which does not depend on the machine's load); ``wall_s`` is the whole call."""
 
     simulator: str
     rows: int
@@ -258,7 +259,9 @@ class LinearSimStats:
     padding_nonzero: int  # res lanes past N that were not code 0 (must be 0)
     sim_cycles: int
     loop_s: float
+    loop_cpu_s: float  # CPU time of the simulator process in that loop (load-independent)
     cycles_per_s: float
+    cycles_per_cpu_s: float
     macs_per_s: float
     sim_s: float
     wall_s: float
@@ -333,8 +336,9 @@ def run_linear(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, out_bits
         utilization=macs / (rows * cols * cycles) if cycles else 0.0,
         saturated=int(meas["sat_count"]), reference_saturated=int(ref_stats.n_saturated),
         error=bool(meas["error"]), mismatches=count, first_mismatch=first, padding_nonzero=padding,
-        sim_cycles=int(meas["sim_cycles"]), loop_s=loop_s,
+        sim_cycles=int(meas["sim_cycles"]), loop_s=loop_s, loop_cpu_s=float(meas["loop_cpu_s"]),
         cycles_per_s=int(meas["sim_cycles"]) / loop_s if loop_s else 0.0,
+        cycles_per_cpu_s=int(meas["sim_cycles"]) / float(meas["loop_cpu_s"]) if meas["loop_cpu_s"] else 0.0,
         macs_per_s=macs / loop_s if loop_s else 0.0, sim_s=r.wall_s, wall_s=time.perf_counter() - t_start,
         build_cached=b.cached, build_s=b.build_s, build_dir=str(b.dir),
         waves=str(r.waves) if r.waves else None)

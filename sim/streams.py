@@ -1,4 +1,4 @@
-"""cocotb stream endpoints for Amaranth ``lib.stream`` ports, driven by one coroutine per clock.
+"""cocotb stream endpoints for Amaranth ``lib.stream`` ports, run by one per-cycle engine.
 
 An Amaranth stream port ``<name>`` appears in Verilog as ``<name>__valid``,
 ``<name>__ready`` and ``<name>__payload``. A beat transfers when ``valid & ready`` at a
@@ -11,27 +11,32 @@ rising clock edge (SPEC section 6).
   runs, collects the beats, hands each one to an ``on_beat`` callback (a scoreboard), and
   checks the producer: ``valid`` never drops before its beat is taken, the payload stays
   stable while ``valid & ~ready``, and neither is X/Z (Icarus is 4-state).
-* :class:`StreamBench` owns the clock and the reset and runs every endpoint from a single
-  background coroutine. Per cycle it awaits two triggers: at the falling edge it applies
-  the transfers decided in the previous cycle and drives new inputs (writes at the
-  falling edge cannot race the rising-edge logic on any simulator); in the ``ReadOnly``
-  phase of that timestep it samples ``ready``/``valid``/payloads, which are then exactly
-  what the next rising edge sees. Tests wait with :meth:`StreamBench.until`.
+* :class:`StreamBench` owns the clock and the reset and runs every endpoint from one
+  engine: at each falling edge it applies the transfers of the last rising edge and
+  drives new inputs (writes at the falling edge cannot race the rising-edge logic on any
+  simulator); in the ``ReadOnly`` phase of that timestep it samples
+  ``ready``/``valid``/payloads, which are exactly what the next rising edge sees. Tests
+  wait with :meth:`StreamBench.until`.
 
-Speed: the per-cycle Python work dominates a co-simulation, so the loop is tight: the
-payload strings are precomputed when beats are queued, signals are read and written
-through the raw GPI handles (no ``LogicArray`` objects), a signal is written only when
-its value changes, and ``ready`` is read only while a beat is offered.
+Speed: the per-cycle Python work dominates a co-simulation, so the engine is two raw GPI
+callbacks per cycle (cocotb's task scheduler is entered only when a waiting coroutine
+polls, every ``poll`` cycles); payload strings are precomputed when beats are queued;
+signals are read and written through the raw GPI handles (no ``LogicArray`` objects); a
+signal is written only when its value changes; ``ready`` is read only while a beat is
+offered.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import cocotb
+from cocotb import simulator as _gpi
 from cocotb.clock import Clock
-from cocotb.triggers import Event, FallingEdge, ReadOnly
+from cocotb.triggers import Timer
+from cocotb.utils import get_sim_steps, get_sim_time
 
 __all__ = ["StreamBench", "StreamDriver", "StreamSink", "StreamProtocolError", "read_int"]
 
@@ -284,12 +289,12 @@ def _hex(bits: str) -> str:
 
 
 class _Waiter:
-    __slots__ = ("pred", "deadline", "event", "timed_out")
+    __slots__ = ("pred", "deadline", "hit", "timed_out")
 
     def __init__(self, pred, deadline):
         self.pred = pred
         self.deadline = deadline
-        self.event = Event()
+        self.hit: int | None = None  # cycle whose sample made pred() true
         self.timed_out = False
 
 
@@ -297,36 +302,55 @@ _ACTIVE: "StreamBench | None" = None
 
 
 class StreamBench:
-    """Clock, reset and the single per-cycle coroutine that runs all stream endpoints.
+    """Clock, reset and the per-cycle engine that runs all stream endpoints.
 
     Args:
         dut: the cocotb top-level handle.
         clk, rst: names of the clock and (active-high, synchronous) reset inputs.
         period_ns: clock period.
+        poll: default number of cycles between two checks of a waiting coroutine
+            (:meth:`until`). 1 reacts in the cycle that satisfies the condition; a larger
+            value lets the engine run several cycles without entering cocotb's scheduler
+            (the condition is still evaluated every cycle and the hit cycle is exact).
+
+    The engine is two raw GPI callbacks per cycle, outside cocotb's scheduler: at the
+    falling edge it applies the transfers of the last rising edge and drives new inputs
+    (a write at the falling edge cannot race the rising-edge logic on any simulator); in
+    the ReadOnly phase of the same timestep it samples ``ready``/``valid``/payloads (what
+    the next rising edge will see) and evaluates the waiters' conditions. Waiting
+    coroutines wake at a quarter period after a falling edge (after that sample, before
+    the next rising edge) and act through the engine (queue beats, request a reset): a
+    test never writes DUT signals itself.
 
     Usage::
 
         bench = StreamBench(dut)
         drv = bench.add(StreamDriver(dut, "i", gap_prob=0.3))
         snk = bench.add(StreamSink(dut, "o", stall_prob=0.3))
-        await bench.start()          # clock, reset, background loop
+        await bench.start()          # clock, engine, reset
         drv.put(words)
         await bench.until(lambda: len(snk.beats) == len(words), max_cycles=10_000)
     """
 
-    def __init__(self, dut: Any, *, clk: str = "clk", rst: str | None = "rst", period_ns: int = 10):
+    def __init__(self, dut: Any, *, clk: str = "clk", rst: str | None = "rst", period_ns: int = 10,
+                 poll: int = 1):
         self.dut = dut
         self.clk = _raw(dut, clk)
         self.rst = _raw(dut, rst)._handle if rst else None
         self.period_ns = period_ns
+        self.poll = int(poll)
         self.endpoints: list[_Endpoint] = []
-        self.cycle = 0  # falling edges seen since start()
+        self.on_cycle: list[Callable[[int], None]] = []  # called in ReadOnly, after the endpoints
+        self.cycle = 0  # falling edges handled since start()
         self._waiters: list[_Waiter] = []
         self._reset_left = 0
-        self._reset_done: Event | None = None
+        self._in_reset = False
         self._error: BaseException | None = None
+        self._running = False
         self._task = None
-        self.on_cycle: list[Callable[[int], None]] = []  # called in ReadOnly, after the endpoints
+        self._fe_cb = None
+        self._ro_cb = None
+        self._period_steps = get_sim_steps(period_ns, "ns")
 
     def add(self, ep: _Endpoint) -> Any:
         ep.bench = self
@@ -334,11 +358,11 @@ class StreamBench:
         return ep
 
     async def start(self, reset_cycles: int = 2) -> None:
-        """Start the clock (GPI implementation, no Python per edge), the loop, and reset.
+        """Start the clock (GPI implementation, no Python per edge), the engine, and reset.
 
         One bench per test: a second running bench would drive the same clock and signals."""
         global _ACTIVE
-        if _ACTIVE is not None and _ACTIVE is not self and _ACTIVE._task is not None and not _ACTIVE._task.done():
+        if _ACTIVE is not None and _ACTIVE is not self and _ACTIVE._running:
             raise RuntimeError("another StreamBench is already running in this test; reuse it")
         _ACTIVE = self
         Clock(self.clk, self.period_ns, unit="ns", impl="gpi").start(start_high=False)
@@ -346,7 +370,9 @@ class StreamBench:
             ep._init()
         if self.rst is not None:
             self.rst.set_signal_val_int(_DEPOSIT, 1)
-        self._task = cocotb.start_soon(self._loop())
+        self._running = True
+        self._fe_cb = _gpi.register_value_change_callback(self.clk._handle, self._on_fall, _gpi.FALLING)
+        self._task = cocotb.start_soon(self._keeper())
         if self.rst is not None:
             await self.reset(reset_cycles)
 
@@ -355,26 +381,34 @@ class StreamBench:
         collected beats (the DUT returns to idle, SPEC section 6)."""
         if self.rst is None:
             raise RuntimeError("this bench has no reset signal")
-        self._reset_left = max(1, int(cycles))
-        self._reset_done = Event()
-        await self._reset_done.wait()
         self._raise_if_failed()
+        self._reset_left = max(1, int(cycles))
+        while self._reset_left or self._in_reset:
+            await self._sleep(1)
+            self._raise_if_failed()
 
-    async def until(self, pred: Callable[[], bool], *, max_cycles: int, what: str = "") -> int:
-        """Wait until ``pred()`` is true (checked in every cycle's ReadOnly phase); return the
-        number of cycles waited. Raise ``AssertionError`` with a state summary after
-        ``max_cycles`` cycles (a hung stream)."""
+    async def until(self, pred: Callable[[], bool], *, max_cycles: int, what: str = "",
+                    poll: int | None = None) -> int:
+        """Wait until ``pred()`` is true (evaluated after every cycle's sample); return the
+        number of cycles to the one that made it true. Raise ``AssertionError`` with a state
+        summary after ``max_cycles`` cycles (a hung stream)."""
         self._raise_if_failed()
         start = self.cycle
         if pred():
             return 0
         w = _Waiter(pred, self.cycle + int(max_cycles))
         self._waiters.append(w)
-        await w.event.wait()
-        self._raise_if_failed()
+        poll = self.poll if poll is None else max(1, int(poll))
+        try:
+            while w.hit is None and not w.timed_out:
+                await self._sleep(poll)
+                self._raise_if_failed()
+        finally:
+            if w in self._waiters:
+                self._waiters.remove(w)
         if w.timed_out:
             raise AssertionError(f"timeout after {max_cycles} cycles waiting for {what or pred}: {self.summary()}")
-        return self.cycle - start
+        return w.hit - start
 
     async def cycles(self, n: int) -> None:
         """Let ``n`` cycles pass (endpoints keep working)."""
@@ -387,64 +421,90 @@ class StreamBench:
             if isinstance(ep, StreamDriver):
                 parts.append(f"{ep.name}: {ep.transfers} sent, {ep.pending} pending")
             else:
-                parts.append(f"{ep.name}: {len(ep.beats)} received")
+                parts.append(f"{ep.name}: {ep.transfers} received")
         return "; ".join(parts)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise self._error
 
-    async def _loop(self) -> None:
-        fe = FallingEdge(self.clk)
-        ro = ReadOnly()
-        eps = self.endpoints
-        rst = self.rst
-        in_reset = False
+    async def _sleep(self, cycles: int) -> None:
+        """Sleep to a quarter period after the ``cycles``-th next falling edge."""
+        p = self._period_steps
+        now = get_sim_time("step")
+        d = (p // 4 - now % p) % p or p
+        await Timer(d + (cycles - 1) * p, unit="step")
+
+    async def _keeper(self) -> None:
+        """Owns the engine's lifetime (stopped with the test) and reports its errors even
+        when no coroutine is waiting on it."""
         try:
             while True:
-                await fe
-                self.cycle += 1
-                cyc = self.cycle
-                if self._reset_left:
-                    if not in_reset:
-                        rst.set_signal_val_int(_DEPOSIT, 1)
-                        in_reset = True
-                    for ep in eps:
-                        ep._reset()
-                    self._reset_left -= 1
-                    await ro
-                    continue
-                if in_reset:
-                    rst.set_signal_val_int(_DEPOSIT, 0)
-                    in_reset = False
-                    if self._reset_done is not None:
-                        self._reset_done.set()
-                        self._reset_done = None
-                for ep in eps:
+                await Timer(1024 * self._period_steps, unit="step")
+                self._raise_if_failed()
+        finally:
+            self._stop()
+
+    def _stop(self) -> None:
+        self._running = False
+        for name in ("_fe_cb", "_ro_cb"):
+            cb = getattr(self, name)
+            if cb is not None:
+                with contextlib.suppress(Exception):
+                    cb.deregister()
+                setattr(self, name, None)
+
+    def _fail(self, e: BaseException) -> None:
+        if self._error is None:
+            self._error = e
+        self._stop()
+
+    # ---- the engine: raw GPI callbacks, they must never raise into the simulator
+
+    def _on_fall(self) -> None:
+        self._fe_cb = None
+        if not self._running:
+            return
+        try:
+            self.cycle += 1
+            cyc = self.cycle
+            if self._reset_left:
+                if not self._in_reset:
+                    self.rst.set_signal_val_int(_DEPOSIT, 1)
+                    self._in_reset = True
+                for ep in self.endpoints:
+                    ep._reset()
+                self._reset_left -= 1
+            else:
+                if self._in_reset:
+                    self.rst.set_signal_val_int(_DEPOSIT, 0)
+                    self._in_reset = False
+                for ep in self.endpoints:
                     ep._drive(cyc)
-                await ro
-                for ep in eps:
-                    ep._sample(cyc)
-                for f in self.on_cycle:
-                    f(cyc)
-                if self._waiters:
-                    keep = []
-                    for w in self._waiters:
+                self._ro_cb = _gpi.register_readonly_callback(self._on_readonly)
+            self._fe_cb = _gpi.register_value_change_callback(self.clk._handle, self._on_fall, _gpi.FALLING)
+        except BaseException as e:  # noqa: BLE001 - raised in the waiting coroutine
+            self._fail(e)
+
+    def _on_readonly(self) -> None:
+        self._ro_cb = None
+        if not self._running:
+            return
+        try:
+            cyc = self.cycle
+            for ep in self.endpoints:
+                ep._sample(cyc)
+            for f in self.on_cycle:
+                f(cyc)
+            if self._waiters:
+                for w in self._waiters:
+                    if w.hit is None and not w.timed_out:
                         if w.pred():
-                            w.event.set()
+                            w.hit = cyc
                         elif cyc >= w.deadline:
                             w.timed_out = True
-                            w.event.set()
-                        else:
-                            keep.append(w)
-                    self._waiters = keep
-        except BaseException as e:  # a protocol or scoreboard error: wake every waiter with it
-            self._error = e
-            for w in self._waiters:
-                w.event.set()
-            if self._reset_done is not None:
-                self._reset_done.set()
-            raise
+        except BaseException as e:  # noqa: BLE001 - raised in the waiting coroutine
+            self._fail(e)
 
 
 def words_from_hex(seq: Sequence[str]) -> list[int]:

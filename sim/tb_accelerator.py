@@ -7,6 +7,8 @@ several configurations on Verilator and Icarus). The environment carries:
   regression tests to pack beats;
 * ``SFX_SIM_SEED``: base seed of the random operations and stalls (default 1);
 * ``SFX_SIM_NOPS``: operations per random test (default 6);
+* ``SFX_SIM_INJECT=flip``: expect a wrong ``Y[0, 0]`` in the first operation (a self-test:
+  the scoreboard must then fail);
 * ``SFX_SIM_JOB`` / ``SFX_SIM_OUT``: the ``.npz`` files of a :func:`run_linear` job
   (test ``run_job``; skipped without them).
 
@@ -33,6 +35,18 @@ from .scoreboard import LinearScoreboard
 from .streams import StreamBench, StreamDriver, StreamSink, read_int
 
 DRIVEN = ("cmd", "par", "act", "wgt")
+
+#: The configurations the CI runs these benches on (each on Verilator and Icarus).
+CONFIGS = {
+    "sf8_4x4": dict(rows=4, cols=4, a_bits=8, w_bits=8, out_bits=8, k_max=64),
+    "sf4w_2x3": dict(rows=2, cols=3, a_bits=8, w_bits=4, out_bits=8, k_max=64),
+    "sf2w_3x2": dict(rows=3, cols=2, a_bits=8, w_bits=2, out_bits=6, k_max=32),
+    "sf16_2x2": dict(rows=2, cols=2, a_bits=16, w_bits=16, out_bits=16, k_max=64),
+}
+
+#: The regression tests (run_job is the run_linear entry point, not a regression test).
+REGRESSION_TESTS = ("random_ops_with_stalls", "back_to_back_full_rate", "edge_values", "reset_mid_operation",
+                    "malformed_commands", "bias_out_of_range")
 
 
 def _params() -> AccelParams:
@@ -84,6 +98,12 @@ class AccelBench:
         if check:
             op = self.sb.expect_linear(args, name=name, info=describe(args))
             self.sat_expected += op.n_saturated
+            if os.environ.get("SFX_SIM_INJECT") == "flip" and len(self.sb.done_ops) + len(self.sb.pending) == 1:
+                # Self-test of the checking: expect a wrong code for Y[0, 0] of the first operation.
+                op.codes = op.codes.copy()
+                op.codes[0, 0] ^= 1
+                op.words = self.sb.expect(op.codes).words
+                self.sb.pending.pop()
         self.drv["cmd"].put([tr.cmd])
         self.drv["par"].put(tr.par)
         self.drv["act"].put(tr.act)
@@ -336,10 +356,11 @@ async def run_job(dut):
         p = AccelParams(**json.loads(str(job["params"])))
         beats = {s: [int(h, 16) for h in job[s].tolist()] for s in DRIVEN}
         n_res = int(job["res_beats"])
-    bench = StreamBench(dut)
+    bench = StreamBench(dut, poll=128)  # no Python scheduler per cycle; cycle counts stay exact
     drv = {s: bench.add(StreamDriver(dut, s)) for s in DRIVEN}
     res = bench.add(StreamSink(dut, "res"))
     t0 = time.perf_counter()
+    c0 = time.process_time()
     await bench.start()
     for s in DRIVEN:
         drv[s].put(beats[s])
@@ -347,11 +368,12 @@ async def run_job(dut):
     await bench.until(lambda: len(res.beats) >= n_res, max_cycles=budget, what=f"{n_res} res beats")
     await bench.until(lambda: read_int(dut.busy) == 0, max_cycles=500, what="busy to fall")
     loop_s = time.perf_counter() - t0
+    loop_cpu_s = time.process_time() - c0
     sim_cycles = bench.cycle
     left = {s: d.pending for s, d in drv.items() if d.pending}
     assert not left, f"beats left untaken after the last result: {left}"
     np.savez(os.environ["SFX_SIM_OUT"], res=np.array([format(w, "x") for w in res.beats] or [""])[:n_res],
              cycles=np.int64(res.last_transfer_cycle - drv["cmd"].first_transfer_cycle + 1),
-             sim_cycles=np.int64(sim_cycles), loop_s=np.float64(loop_s),
+             sim_cycles=np.int64(sim_cycles), loop_s=np.float64(loop_s), loop_cpu_s=np.float64(loop_cpu_s),
              sat_count=np.int64(read_int(dut.sat_count)), error=np.int64(read_int(dut.error)),
              busy=np.int64(read_int(dut.busy)))
