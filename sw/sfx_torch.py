@@ -126,14 +126,27 @@ def fake_quantize(values: Any, bits: int, exponent: Any = 0, rounding: str = "ne
     Fused (no integer codes materialised); differentiable inputs are not tracked
     (wrap with a straight-through estimator for training).
     """
+    bits = sfx.check_bits(bits)
+    sfx.check_rounding(rounding)
     v = _check_float(values, "values")
-    q, e = _signed_q(v, bits, exponent, rounding)
-    back = ((bits - 1) - e)
-    if q.dtype == torch.float32:
-        out = q * torch.exp2(-back.to(torch.float32))
-        if bool(torch.isfinite(out).all()) and int(back.max() if back.numel() else 0) <= 126:
-            return out.to(v.dtype)
-    return (q.to(torch.float64) * torch.exp2(-back.to(torch.float64))).to(v.dtype)
+    _check_no_nan(v, "values")
+    e = _exponent_tensor(exponent, v.device)
+    m = bits - 1
+    lo, hi = (int(e.min()), int(e.max())) if e.numel() else (0, 0)
+    # float32 fast path: 2**(M-E) and its inverse are normal float32 numbers, and every
+    # nonzero result q * 2**(E-M) (|q| <= 2**15) is a normal, finite float32: exact.
+    if (v.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and m - hi >= -126 and m - lo <= 126 and hi - m + 16 <= 127):
+        scale = torch.exp2((m - e).to(torch.float32))
+        y = v.to(torch.float32) * scale
+        lim = float((1 << m) - 1)
+        y.clamp_(-lim, lim)
+        y.round_() if rounding == "nearest_even" else y.trunc_()
+        y.mul_(scale.reciprocal_())  # exact: 2**(E-M) is a normal float32
+        return y.to(v.dtype)
+    q, e = _signed_q(v, bits, e, rounding)
+    back = (m - e).to(torch.float64)
+    return (q.to(torch.float64) * torch.exp2(-back)).to(v.dtype)
 
 
 def choose_exponent(values: Any, bits: int, axis: int | None = None, keepdims: bool = False):
@@ -141,7 +154,7 @@ def choose_exponent(values: Any, bits: int, axis: int | None = None, keepdims: b
     bits = sfx.check_bits(bits)
     v = _check_float(values, "values")
     _check_no_nan(v, "values")
-    a = v.detach().abs().to(torch.float64)
+    a = v.detach().abs()  # abs and max are exact in any float dtype: reduce first, widen after
     if axis is None:
         amax = a.max() if a.numel() else torch.zeros((), dtype=torch.float64, device=v.device)
     else:
@@ -152,6 +165,7 @@ def choose_exponent(values: Any, bits: int, axis: int | None = None, keepdims: b
         axis = axis % v.dim()
         red = [i for i in range(v.dim()) if i != axis]
         amax = torch.amax(a, dim=red, keepdim=keepdims) if red else a
+    amax = amax.to(torch.float64)
     m = bits - 1
     finite = torch.where(torch.isfinite(amax), amax, torch.full_like(amax, torch.finfo(torch.float64).max))
     _, e0 = torch.frexp(finite)
