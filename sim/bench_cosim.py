@@ -68,11 +68,13 @@ def run(out_dir: Path, quick: bool = False) -> dict:
             rows_md.append([
                 f"SF{w}", l["name"].replace("model.layers.0.", ""), f"{l['T']}x{l['K']} -> {l['N']}",
                 f"{l['mismatches']} / {l['codes_compared']}", l["cycles"], f"{l['utilization']:.2f}",
-                f"{l['max_abs_error']:.3g}", f"{l['mean_abs_error']:.3g}", f"{l['cosine']:.5f}",
+                f"{l['reference_max_abs']:.3g}", f"{l['max_abs_error']:.3g}", f"{l['mean_abs_error']:.3g}",
+                f"{l['cosine']:.5f}",
                 f"{vf.get('cosine', float('nan')):.5f}",
                 f"{l['fpga_us']:.0f}" if l["fpga_us"] is not None else "-"])
     table = markdown_table(["weights", "layer (layers.0)", "T x K -> N", "differing codes / compared", "cycles",
-                            "utilization", "max abs err", "mean abs err", "cosine", "cosine vs float weights",
+                            "utilization", "max abs y", "max abs err", "mean abs err", "cosine",
+                            "cosine vs float weights",
                             "FPGA us"], rows_md)
     summ = []
     for w, rep in reports.items():
@@ -110,8 +112,9 @@ def run(out_dir: Path, quick: bool = False) -> dict:
         f"**SmolLM2's \"float\" weights are the GGUF's dequantized Q4_1** (4-bit, groups of 32): \"float\" below "
         f"means that already 4-bit model.\n\n"
         f"* differing codes: RTL output codes against `sfx.linear` on the same inputs (must be 0);\n"
-        f"* max / mean abs err and cosine: the dequantized RTL output against the float layer output (the "
-        f"checkpoint's layer in PyTorch on the same input: quantized weights, float activations); cosine vs float "
+        f"* max abs y: the largest float layer output; max / mean abs err and cosine: the dequantized RTL output "
+        f"against the float layer output (the checkpoint's layer in PyTorch on the same input: quantized weights, "
+        f"float activations); cosine vs float "
         f"weights: against the same layer with the float model's weights;\n"
         f"* utilization: MACs / (rows x cols x cycles); FPGA us: cycles / Fmax.\n\n{table}")
     sections = [

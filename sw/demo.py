@@ -159,8 +159,10 @@ def summary_lines(d: dict) -> list[str]:
     thr = f"  throughput   {lay['cycles']} cycles, utilization {lay['utilization']:.2f}"
     if f["fmax_mhz"]:
         us = lay["cycles"] / f["fmax_mhz"]
-        thr += (f"; {us:.0f} us at {f['fmax_mhz']:.0f} MHz on {r['fpga']['target']} ({f['match']} Fmax: "
-                f"{f.get('config') or ''}, {f['source']}) = {lay['macs'] / us / 1e3:.2f} GMAC/s")
+        src = f["source"] if not f.get("config") else f"{f['source']}, synthesized as {f['config']}"
+        thr += f"; {us:.0f} us at {f['fmax_mhz']:.0f} MHz on {r['fpga']['target']} ({f['match']} Fmax from {src})"
+        if us:
+            thr += f" = {lay['macs'] / us / 1e3:.2f} GMAC/s"
     else:
         thr += f"; no Fmax: {f['source']}"
     lines.append(thr)

@@ -367,3 +367,19 @@ def test_docs_examples():
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
     runner.run(test)
     assert runner.summarize(verbose=False).failed == 0
+
+
+def test_demo_quick_and_summary(ckpts, capsys):
+    """``sfx demo --quick`` (software only) and the demo's summary on a dry-run report."""
+    from superfloat.sw import demo
+    from superfloat.sw.cli import main
+
+    assert main(["demo", "--quick"]) == 0
+    assert "SF8 x SF8 -> SF8 linear" in capsys.readouterr().out
+    rep = cs.cosim(ckpts["llama8"], "model.layers.0.self_attn.q_proj", engine="reference", rows=4, cols=4,
+                   k_max=64, tokens=4, fmax_mhz=50.0)
+    lines = demo.summary_lines({"report": rep, "checkpoint": "CK", "verilog": "V.v", "config": "SF8 float/channel",
+                                "memory": {"model_safetensors_bytes": 10 ** 6}, "wall_s": 1.0})
+    text = "\n".join(lines)
+    assert "bit-exact    YES: 0 of 128 output codes differ from sfx.linear" in text
+    assert "at 50 MHz on ecp5-25k (given Fmax from --fmax (given))" in text and "V.v" in text
