@@ -214,6 +214,17 @@ class PTQConfig:
             notes.append("per-group scales along K (the accelerator scales whole output channels)")
         return notes
 
+    def hardware_short(self) -> str:
+        """``"yes"`` or ``"no: ..."`` in a few words (for tables)."""
+        parts = []
+        if self.codes == "int":
+            parts.append("integer codes")
+        elif self.codes == "int_asym":
+            parts.append("zero points")
+        if self.group_size is not None:
+            parts.append("groups along K")
+        return "yes" if not parts else "no: " + ", ".join(parts)
+
     @property
     def hardware_executable(self) -> bool:
         """True when SPEC section 5's LINEAR computes every quantized layer exactly: SFx codes,

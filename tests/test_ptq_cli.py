@@ -1,0 +1,119 @@
+"""``sfx ptq`` commands and the ``ptq`` bench (tiny models, few tokens)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from superfloat.sw import cli
+
+TINY = ["-m", "tiny-llama", "--max-tokens", "200", "--calib-tokens", "128", "--context", "64", "--search-tokens", "32"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_methods_lists_hardware_flags(capsys):
+    assert cli.main(["ptq", "methods", "--json"]) == 0
+    rows = {r["method"]: r for r in _json(capsys)["methods"]}
+    assert set(rows) >= {"rtn", "smoothquant", "awq", "awq-dyngroup", "clip", "mixed", "adaround", "asym"}
+    assert rows["awq"]["hardware_executable_sfx"] and not rows["awq-dyngroup"]["hardware_executable_sfx"]
+    assert cli.main(["ptq", "methods"]) == 0
+    assert "needs per-group scales along K" in capsys.readouterr().out
+
+
+def test_eval_reports_perplexity_size_and_hardware(capsys):
+    assert cli.main(["ptq", "eval", *TINY, "--method", "awq", "-w", "4", "-a", "4", "--awq-grid", "2", "--baseline",
+                     "--json"]) == 0
+    out = _json(capsys)
+    assert out["label"] == "awq W4A4 SF4" and out["hardware_executable"] is True
+    assert out["perplexity"] > 1 and out["float_perplexity"] > 1 and out["tokens"] == 200
+    assert out["memory"]["bits_per_weight"] > 4 and out["packed_file_bytes"] > out["memory"]["codes_packed"]
+    assert cli.main(["ptq", "eval", *TINY, "--method", "asym", "-w", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "asym W3A16 int3 asym" in text and "hardware-executable: no (zero points" in text
+
+
+def test_quantize_writes_checkpoint_and_packed_file(tmp_path, capsys):
+    from superfloat.sw.wasq.checkpoint import load_checkpoint
+    from superfloat.sw.wasq.ptq import load_packed
+
+    ck, pk = tmp_path / "ck", tmp_path / "m.safetensors"
+    assert cli.main(["ptq", "quantize", *TINY, "--method", "mixed", "-w", "4", "-a", "8", "-o", str(ck),
+                     "--packed", str(pk), "--json"]) == 0
+    out = _json(capsys)
+    assert out["checkpoint"]["codes_packed_bytes"] > 0 and out["packed"]["file_bytes"] == pk.stat().st_size
+    model = load_checkpoint(ck)
+    bits = {getattr(m, "bits", None) for m in model.modules()} - {None}
+    assert bits == {4, 8}  # mixed precision: the checkpoint carries bits per layer
+    layers, _ = load_packed(pk)
+    assert {q.bits for q in layers.values()} == {4, 8}
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["quantize", "--method", "awq-dyngroup", "-o", "X"], "is not hardware-executable .* use --packed FILE"),
+    (["quantize", "--method", "rtn"], "give --output DIR"),
+    (["eval", "--method", "rtn", "--group-size", "big"], "--group-size must be an int or 'dynamic', got 'big'"),
+    (["eval", "--method", "rtn", "-w", "1"], r"PTQConfig.weight_bits must be in 2..16, got 1"),
+    (["eval", "--method", "rtn", "--max-tokens", "1"], "token counts must be at least 2"),
+    (["eval", "--method", "rtn", "--data", "nope:x"], "data 'nope:x' is not a file"),
+])
+def test_errors(argv, msg, capsys):
+    cmd, rest = argv[0], argv[1:]
+    assert cli.main(["ptq", cmd, *TINY, *rest]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sfx ptq {cmd}: error:")
+    import re
+
+    assert re.search(msg, err), err
+
+
+def test_clip_analysis(capsys):
+    assert cli.main(["ptq", "clip", *TINY, "-a", "4", "--codes", "sfx", "--strategies", "dynamic", "raw", "mse",
+                     "float+-1", "--json"]) == 0
+    out = _json(capsys)
+    strategies = [r["strategy"] for r in out["rows"]]
+    assert strategies == ["float+-1", "dynamic", "raw", "mse", "mse (pow2)"]
+    assert all(r["perplexity"] > 1 for r in out["rows"])
+
+
+def test_bench_quick_writes_report_and_plot(tmp_path, monkeypatch):
+    from superfloat.sw import ptq_bench
+
+    monkeypatch.setattr(ptq_bench, "METHOD_ORDER", ("rtn", "clip", "asym"))
+    monkeypatch.setattr(ptq_bench, "CONFIGS", ((4, None), (4, 4)))
+    monkeypatch.setitem(ptq_bench.BUDGET, True, {**ptq_bench.BUDGET[True], "calib_tokens": 128, "eval_tokens": 130,
+                                                  "clip_eval_tokens": 65, "context": 64})
+    import superfloat.sw.ptq_cli as pc
+
+    monkeypatch.setattr(pc, "clip_strategies", lambda: ["dynamic", "raw", "float+-1"])
+    ptq_bench.run(tmp_path, quick=True)
+    md = (tmp_path / "ptq_methods.md").read_text()
+    assert "Produced by `sfx bench ptq --quick`" in md and "| rtn | sfx |" in md and "| asym | int_asym |" in md
+    assert "SFx **without exponents**" in md and (tmp_path / "ptq_methods.png").stat().st_size > 10_000
+    data = json.loads((tmp_path / "ptq_methods.json").read_text())["results"]
+    assert {r["config"] for r in data["rows"]} == {"W4A16", "W4A4"}
+    assert all(r["packed_file_bytes"] > 0 for r in data["rows"])
+
+
+def test_docs_examples_run():
+    import doctest
+    import re
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "docs" / "ptq-methods.md"
+    blocks = re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+    assert blocks
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    runner.run(doctest.DocTestParser().get_doctest("\n".join(blocks), {}, path.name, str(path), 0))
+    assert runner.summarize(verbose=False).failed == 0
