@@ -49,7 +49,7 @@ class Budgets:
     eval_tokens: int = 8192
     calib_tokens: int = 8192
     epochs: int = 3
-    lr: float = 5e-5
+    lr: float = 1e-4
     warmup: int = 4
     fraction: float = 0.25
     analysis_tokens: int = 2048
