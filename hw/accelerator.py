@@ -49,7 +49,9 @@ class SFxAccelerator(wiring.Component):
     Throughput: one ``act``/``wgt`` beat pair per cycle (``rows * cols`` MACs) in steady
     state, plus one cycle per tile for the ``par`` beat; a tile's drain takes
     ``min(rows, T - t0) * cols`` cycles and overlaps the next tile's accumulation, so it
-    costs nothing when ``K >= rows * cols``.
+    costs nothing when ``K >= min(rows, T - t0) * cols + 3`` (else a tile takes
+    ``min(rows, T - t0) * cols + 4`` cycles). Measured: ``T = N = 64``, ``K = 1024`` on
+    8x8 takes 65 676 cycles, 99.8 % of the ideal.
 
     Status: :attr:`busy`; sticky :attr:`error` (malformed command, bias out of range, or a
     right shift ``r`` outside ``0..63`` in the clamp unit); :attr:`sat_count`, saturated
