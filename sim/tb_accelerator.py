@@ -45,8 +45,8 @@ CONFIGS = {
 }
 
 #: The regression tests (run_job is the run_linear entry point, not a regression test).
-REGRESSION_TESTS = ("random_ops_with_stalls", "back_to_back_full_rate", "edge_values", "reset_mid_operation",
-                    "malformed_commands", "bias_out_of_range")
+REGRESSION_TESTS = ("random_ops_with_stalls", "back_to_back_full_rate", "edge_values", "long_result_backpressure",
+                    "reset_mid_operation", "malformed_commands", "bias_out_of_range")
 
 
 def _params() -> AccelParams:
@@ -211,6 +211,22 @@ def edge_args(p: AccelParams, which: str) -> sfx.LinearArgs:
         shift = np.array([base if j % 2 == 0 else base - 63 for j in range(n)])
         mult = rng.integers(1, 1 << 16, size=n)
         return sfx.check_linear_args(x, w, shift=shift, mult=mult, rounding="nearest_even", **kw)
+    if which in ("exponents_low", "exponents_high"):
+        # Per-row exponents and per-channel shifts near the ends of int8 with opposite signs:
+        # their sum (r = base - shift - xexp) is in range only if the RTL adds them without
+        # wrapping to 8 bits.
+        rng = np.random.default_rng(11)
+        x = rng.integers(0, 1 << p.a_bits, size=(t, k))
+        w = rng.integers(0, 1 << p.w_bits, size=(n, k))
+        base = f - mo
+        if which == "exponents_low":
+            xe = np.array([-120 if i % 2 else -100 for i in range(t)])
+            shift = np.array([base + 100 - (j % 3) for j in range(n)])  # r = 20..29 and 0..9 (-100 rows)
+        else:
+            xe = np.array([120 if i % 2 else 100 for i in range(t)])
+            shift = np.array([base - 120 - (j % 3) for j in range(n)])  # r = 0..2 and 20..22
+        shift = np.clip(shift, -128, 127)
+        return sfx.check_linear_args(x, w, shift=shift, x_exponent=xe, relu=False, rounding="toward_zero", **kw)
     raise ValueError(which)
 
 
@@ -252,14 +268,31 @@ async def back_to_back_full_rate(dut):
 @cocotb.test()
 async def edge_values(dut):
     """Full-scale codes of every sign (saturation), negative zero, extreme biases with relu and
-    truncation, K = k_max, right shifts of 0 and 63 with multipliers; with stalls."""
+    truncation, K = k_max, right shifts of 0 and 63 with multipliers, per-row exponents and
+    shifts near the ends of int8 with opposite signs; with stalls."""
     p = _params()
     ab = AccelBench(dut, p, stalls=0.2, seed=_seed() + 2, name="edge_values")
     await ab.start()
-    for which in ("saturate", "bias", "shifts"):
+    for which in ("saturate", "bias", "shifts", "exponents_low", "exponents_high"):
         ab.send(edge_args(p, which), name=which)
     await ab.drain()
     ab.check_status(error=0, where="after edge values")
+
+
+@cocotb.test()
+async def long_result_backpressure(dut):
+    """Drain-bound operations (K = 1, 2: results faster than inputs) while ``res`` is held
+    off for long runs: the result FIFO fills, the array must wait, nothing may be lost."""
+    p = _params()
+    ab = AccelBench(dut, p, stalls=0.0, seed=_seed() + 6, name="long_result_backpressure")
+    ab.res.stall_prob, ab.res.max_stall = 0.7, 60
+    await ab.start()
+    rng = random.Random(_seed() * 19 + 6)
+    for i in range(4):
+        ab.send(random_args(rng, p, use_mult=bool(i & 1), use_xexp=bool(i & 2), t=2 * p.rows + 1,
+                            n=2 * p.cols + 1, k=1 + (i & 1)), name=f"op{i}")
+    await ab.drain()
+    ab.check_status(error=0, where="after long result back-pressure")
 
 
 @cocotb.test()
@@ -270,19 +303,28 @@ async def reset_mid_operation(dut):
     ab = AccelBench(dut, p, stalls=0.25, seed=_seed() + 3, name="reset_mid_operation")
     await ab.start()
     rng = random.Random(_seed() * 17 + 3)
-    for phase in ("inputs", "results", "inputs"):
-        args = random_args(rng, p, use_mult=True, use_xexp=True, t=2 * p.rows, n=p.cols + 1,
-                           k=max(2, p.k_max // 2))
+    for phase in ("inputs", "results", "blocked", "inputs"):
+        big = phase == "blocked"  # enough tiles to overflow the result FIFO
+        args = random_args(rng, p, use_mult=True, use_xexp=True, t=(4 if big else 2) * p.rows,
+                           n=(2 if big else 1) * p.cols + 1, k=max(2, p.k_max // 2))
         ab.send(args, name=f"aborted-{phase}")
         if phase == "inputs":
             cut = rng.randint(1, max(1, ab.drv["act"].pending - 1))
             target = ab.drv["act"].transfers + cut
             await ab.bench.until(lambda: ab.drv["act"].transfers >= target, max_cycles=40 * cut + 1000,
                                  what="act beats before the reset")
-        else:
+        elif phase == "results":
             target = ab.res.transfers + 1
             await ab.bench.until(lambda: ab.res.transfers >= target, max_cycles=40 * ab.queued_beats + 1000,
                                  what="a first res beat before the reset")
+        else:  # res never ready: the result FIFO fills and the array stalls, then reset
+            stall = ab.res.stall_prob
+            ab.res.stall_prob, ab.res.max_stall = 1.0, 1
+            taken = ab.res.transfers
+            await ab.bench.cycles(2 * ab.drv["act"].pending + 50 * p.cols)
+            assert ab.res.transfers == taken, "res transferred while ready was low"
+            assert ab.drv["act"].pending > 0, "the inputs were all taken although no result could leave"
+            ab.res.stall_prob, ab.res.max_stall = stall, 6
         await ab.reset()
         st = ab.status()
         assert st == {"busy": 0, "error": 0, "sat_count": 0}, f"status after reset ({phase}): {st}"
