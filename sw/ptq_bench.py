@@ -28,7 +28,8 @@ from typing import Any
 __all__ = ["run", "CONFIGS", "METHOD_ORDER", "BUDGET"]
 
 CONFIGS = ((4, None), (4, 8), (4, 4), (8, 8))  # (weight bits, activation bits)
-METHOD_ORDER = ("rtn", "smoothquant", "awq", "awq-dyngroup", "clip", "mixed", "adaround", "asym")
+METHOD_ORDER = ("rtn", "smoothquant", "awq", "awq-dyngroup", "clip", "mixed", "adaround", "asym", "sq-awq-mixed")
+SFX_ONLY = ("sq-awq-mixed",)  # the combination, on SFx codes only (time budget)
 #: token budget (full run, quick run)
 BUDGET = {
     False: {"model": "smollm2-135m", "calib_tokens": 2048, "eval_tokens": 4096, "context": 512, "search_tokens": 256,
@@ -76,16 +77,18 @@ def run(out_dir: Path | str, quick: bool = False) -> None:
     _say(f"float perplexity {fp:.3f}, calibration {t_calib:.1f} s")
 
     rows: list[dict[str, Any]] = []
+    cache: dict = {}  # the same clip-searched / AdaRound weights serve W4A16, W4A8 and W4A4
     for method in METHOD_ORDER:
         for w, a in CONFIGS:
-            for codes in (("int_asym",) if method == "asym" else ("sfx", "int")):
+            for codes in (("int_asym",) if method == "asym" else ("sfx",) if method in SFX_ONLY else ("sfx", "int")):
                 if method == "clip" and a is None:
                     continue  # clipping acts on activations only: W4A16 is the rtn row
                 cfg = PTQConfig.preset(method, weight_bits=w, act_bits=a, codes=codes, awq_grid=b["awq_grid"],
                                        adaround_iters=b["adaround_iters"])
                 m = copy.deepcopy(base)
                 t0 = time.perf_counter()
-                rep = ptq_quantize_(m, cfg, calibration=calib, search_tokens=b["search_tokens"])
+                rep = ptq_quantize_(m, cfg, calibration=calib, search_tokens=b["search_tokens"],
+                                    weight_cache=cache if method == "adaround" else None)
                 tq = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 ppl = _ppl(m, ids, b["context"], pad)
@@ -214,8 +217,10 @@ def _sections(rows, clip_rows, fp, clip_fp, f_bytes, b, note, t_calib, t_clip, s
              f"(superfloat.sw.wasq.evaluate).\n"
              f"* Calibration: the first {b['calib_tokens']} tokens of the training plays, captured once "
              f"({t_calib:.0f} s); searches use {b['search_tokens']} evenly spaced tokens; AWQ grid {b['awq_grid']}, "
-             f"AdaRound {b['adaround_iters']} Adam steps per layer; mixed precision: top 5 % of layers (own "
-             f"output-error ranking) at 8 bits.\n"
+             f"AdaRound {b['adaround_iters']} Adam steps per layer (its weights do not depend on the "
+             f"activation width: computed once per weight format and reused); mixed precision: top 5 % of layers "
+             f"at 8 bits (weights and activations), ranked by {_rankings(rows)}. `sq-awq-mixed` (SmoothQuant, "
+             f"then AWQ, then mixed precision) runs on SFx codes only.\n"
              f"* Token budget chosen so that the whole bench takes about 30-40 minutes on 2 idle cores; this run "
              f"took {seconds / 60:.0f} min (clipping analysis {t_clip / 60:.0f} min). Timings per configuration "
              f"are in `ptq_methods.json`.\n"
@@ -223,6 +228,12 @@ def _sections(rows, clip_rows, fp, clip_fp, f_bytes, b, note, t_calib, t_clip, s
              + ("* QUICK smoke run on a random tiny model: the numbers mean nothing.\n" if quick else ""))
     return [("Setup", setup), ("Perplexity", main), ("Packed size", size), ("Hardware", hw),
             ("Activation clipping", clip)]
+
+
+def _rankings(rows) -> str:
+    r = sorted({x["ranking"] for x in rows if x.get("ranking")})
+    names = {"analyze": "`sfx analyze`'s rel_error", "own": "each layer's own output error"}
+    return " / ".join(names.get(x, x) for x in r) or "-"
 
 
 def _emb_mb(rows, f_bytes) -> float:

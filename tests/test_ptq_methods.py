@@ -321,3 +321,17 @@ def test_packed_file_round_trip_and_memory(tmp_path, codes):
 
         save_file({"a": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
         load_packed(tmp_path / "bad.safetensors")
+
+
+def test_weight_cache_reuses_adaround_weights_across_activation_widths():
+    base = _model("tiny-opt")
+    calib = _calib(base, _batches())
+    cache: dict = {}
+    codes = []
+    for a in (None, 4):
+        m = copy.deepcopy(base)
+        rep = ptq_quantize_(m, PTQConfig.preset("adaround", weight_bits=3, act_bits=a, adaround_iters=5),
+                            calibration=calib, search_tokens=64, weight_cache=cache)
+        codes.append({n: l.qweight.codes for n, l in ptq_layers(m).items()})
+        assert all(v.get("cached", False) == (a == 4) for v in rep.layers.values())
+    assert len(cache) == len(codes[0]) and all(np.array_equal(codes[0][n], codes[1][n]) for n in codes[0])

@@ -24,10 +24,13 @@ __all__ = ["Calibration"]
 class Calibration:
     """Captured layer inputs. ``x(name)`` is ``[tokens, in_features]`` float32."""
 
-    def __init__(self, inputs: dict[str, torch.Tensor], key_of: dict[str, str], tokens: int) -> None:
+    def __init__(self, inputs: dict[str, torch.Tensor], key_of: dict[str, str], tokens: int,
+                 batches: list | None = None) -> None:
         self.inputs = inputs
         self.key_of = key_of
         self.tokens = tokens
+        #: the token batches the inputs came from (for rankings that rerun the model)
+        self.batches = batches
 
     def __contains__(self, name: str) -> bool:
         return name in self.key_of
@@ -94,8 +97,10 @@ class Calibration:
         model.eval()
         tokens = 0
         n_batches = 0
+        used: list = []
         try:
             for batch in batches:
+                used.append(batch)
                 seen.clear()
                 if isinstance(batch, dict):
                     n = int(batch["input_ids"].numel())
@@ -126,4 +131,4 @@ class Calibration:
         inputs = {k: torch.cat(v, 0) for k, v in chunks.items()}
         if max_tokens is not None:
             inputs = {k: v[:max_tokens] for k, v in inputs.items()}
-        return cls(inputs, key_of, min(tokens, max_tokens) if max_tokens is not None else tokens)
+        return cls(inputs, key_of, min(tokens, max_tokens) if max_tokens is not None else tokens, used)

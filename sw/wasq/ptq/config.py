@@ -43,6 +43,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "adaround": ("AdaRound: learned up/down rounding per weight, with outlier-aware per-row clipping",
                  {"adaround": True, "weight_clip": True}),
     "asym": ("asymmetric integer RTN (scale and zero point)", {"codes": "int_asym"}),
+    "sq-awq-mixed": ("combined: SmoothQuant (alpha 0.5), then AWQ scale and clip search, then mixed precision",
+                     {"smoothquant": 0.5, "awq": True, "weight_clip": True, "mixed_precision": True}),
 }
 METHOD_HELP = {k: v[0] for k, v in METHODS.items()}
 
@@ -93,7 +95,7 @@ class PTQConfig:
         mixed_precision: the most sensitive layers at ``mp_high_bits`` (weights, and
             activations when ``mp_act``): the top ``mp_fraction`` of layers, ranked by
             ``mp_ranking`` (``own`` output error, ``analyze`` = ``sfx analyze``'s
-            ``rel_error``, ``auto`` = analyze when available).
+            ``rel_error``, ``auto`` (default) = analyze when available, else own).
         skip: module-name globs never quantized (WASQ's defaults).
     """
 
@@ -118,7 +120,7 @@ class PTQConfig:
     mp_high_bits: int = 8
     mp_fraction: float = 0.05
     mp_act: bool = True
-    mp_ranking: str = "own"
+    mp_ranking: str = "auto"
     skip: tuple[str, ...] = DEFAULT_SKIP
     method: str = "custom"
 

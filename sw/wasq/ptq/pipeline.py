@@ -87,7 +87,8 @@ def _log(progress: bool, msg: str) -> None:
 
 @torch.no_grad()
 def ptq_quantize_(model: nn.Module, config: PTQConfig, calibration: Calibration | Iterable[Any] | None = None, *,
-                  calib_tokens: int | None = None, search_tokens: int = 256, progress: bool = False) -> PTQReport:
+                  calib_tokens: int | None = None, search_tokens: int = 256, progress: bool = False,
+                  weight_cache: dict | None = None) -> PTQReport:
     """Quantize ``model`` in place with ``config`` (see the module docstring).
 
     Args:
@@ -99,6 +100,10 @@ def ptq_quantize_(model: nn.Module, config: PTQConfig, calibration: Calibration 
             Required when ``config.needs_calibration``.
         calib_tokens: cap on the calibration tokens captured from batches.
         search_tokens: tokens used by the AWQ scale/clip and activation-range searches.
+        weight_cache: a dict shared across calls to reuse quantized weights (clip search,
+            AdaRound) when a layer's float weights, calibration inputs and weight settings
+            are identical (keys hold digests of both tensors), e.g. the same AdaRound
+            weights for W4A16, W4A8 and W4A4.
     Returns:
         a :class:`PTQReport` (also kept on the model, :func:`ptq_config_of`).
 
@@ -134,7 +139,7 @@ def ptq_quantize_(model: nn.Module, config: PTQConfig, calibration: Calibration 
                 raise ValueError(f"the Calibration has no inputs for layer {missing[0]!r}; was it captured from this "
                                  f"model with the same skip patterns?")
             calib = Calibration(dict(calibration.inputs) if scaling else calibration.inputs,
-                                dict(calibration.key_of), calibration.tokens)
+                                dict(calibration.key_of), calibration.tokens, calibration.batches)
         else:
             calib = Calibration.collect(model, calibration, names, max_tokens=calib_tokens, progress=progress)
         report.calib_tokens = calib.tokens
@@ -225,18 +230,29 @@ def ptq_quantize_(model: nn.Module, config: PTQConfig, calibration: Calibration 
         info = report.layers.setdefault(n, {})
         info.update({"bits": fmt.bits, "group_size": fmt.group_size, "format": fmt.label()})
         t0 = time.perf_counter()
-        clip = None
-        if config.weight_clip:
-            clip, st = clip_search(w, calib.sample(n, search_tokens), fmt)
-            info["clip"] = {"error": st["error"], "error_noclip": st["error_noclip"],
-                            "mean_ratio": float(clip.double().mean())}
-        if config.adaround:
-            grid = weight_grid(w, fmt, clip)
-            q, st = adaround_levels(w, calib.x(n), grid, iters=config.adaround_iters)
-            qw = quantize_levels(q, grid)
-            info["adaround"] = st
+        key = None
+        if weight_cache is not None and (config.weight_clip or config.adaround):
+            key = (n, fmt, config.weight_clip, config.adaround, config.adaround_iters, search_tokens, _digest(w),
+                   _digest(calib.x(n)))
+        if key is not None and key in weight_cache:
+            qw, cached_info = weight_cache[key]
+            info.update(cached_info)
+            info["cached"] = True
         else:
-            qw = quantize_weight(w, fmt, clip)
+            clip = None
+            if config.weight_clip:
+                clip, st = clip_search(w, calib.sample(n, search_tokens), fmt)
+                info["clip"] = {"error": st["error"], "error_noclip": st["error_noclip"],
+                                "mean_ratio": float(clip.double().mean())}
+            if config.adaround:
+                grid = weight_grid(w, fmt, clip)
+                q, st = adaround_levels(w, calib.x(n), grid, iters=config.adaround_iters)
+                qw = quantize_levels(q, grid)
+                info["adaround"] = st
+            else:
+                qw = quantize_weight(w, fmt, clip)
+            if key is not None:
+                weight_cache[key] = (qw, {k: info[k] for k in ("clip", "adaround") if k in info})
         t_w += time.perf_counter() - t0
         t0 = time.perf_counter()
         act = base_act(abits[n])
@@ -257,6 +273,12 @@ def ptq_quantize_(model: nn.Module, config: PTQConfig, calibration: Calibration 
     return report
 
 
+def _digest(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.blake2b(t.detach().contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+
+
 def _sensitivity(model, calib, names, config, calibration, search_act, search_tokens):
     how = config.mp_ranking
     if how in ("analyze", "auto"):
@@ -268,10 +290,10 @@ def _sensitivity(model, calib, names, config, calibration, search_act, search_to
             wc = _W(weight_bits=config.weight_bits, act_bits=config.act_bits, scale_kind=config.scale_kind,
                     method="sfx" if config.codes == "sfx" else "int", skip=config.skip,
                     rounding=config.rounding)
-            batches = [b if isinstance(b, torch.Tensor) else torch.as_tensor(b["input_ids"]) for b in calibration] \
-                if calibration is not None and not isinstance(calibration, Calibration) else None
+            src = calib.batches if calib is not None else None
+            batches = [b if isinstance(b, torch.Tensor) else torch.as_tensor(b["input_ids"]) for b in src or []]
             if not batches:
-                raise ImportError("analyze needs token batches, not a Calibration")
+                raise ImportError("analyze needs the calibration token batches")
             sens = analyze_ranking(copy.deepcopy(model), batches, wc)
             missing = [n for n in names if n not in sens]
             if missing:
