@@ -18,6 +18,7 @@ and a PNG of perplexity against bits.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 import tempfile
@@ -62,6 +63,8 @@ def run(out_dir: Path | str, quick: bool = False) -> None:
 
     b = BUDGET[bool(quick)]
     t_start = time.perf_counter()
+    cpu_start = time.process_time()
+    partial = Path("build") / "ptq_bench_partial.json"  # progress, in case a long run is interrupted
     out_dir = Path(out_dir)
     lm = load_model(b["model"], progress=False)
     base, tok = lm.model, lm.tokenizer
@@ -87,12 +90,18 @@ def run(out_dir: Path | str, quick: bool = False) -> None:
                                        adaround_iters=b["adaround_iters"])
                 m = copy.deepcopy(base)
                 t0 = time.perf_counter()
-                rep = ptq_quantize_(m, cfg, calibration=calib, search_tokens=b["search_tokens"],
-                                    weight_cache=cache if method == "adaround" else None)
-                tq = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                ppl = _ppl(m, ids, b["context"], pad)
-                te = time.perf_counter() - t0
+                try:
+                    rep = ptq_quantize_(m, cfg, calibration=calib, search_tokens=b["search_tokens"],
+                                        weight_cache=cache if method == "adaround" else None)
+                    tq = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    ppl = _ppl(m, ids, b["context"], pad)
+                    te = time.perf_counter() - t0
+                except Exception as e:  # noqa: BLE001 - record it, keep the other configurations
+                    _say(f"{method} {codes} {_label(w, a)} FAILED: {type(e).__name__}: {e}")
+                    rows.append({"method": method, "codes": codes, "weight_bits": w, "act_bits": a,
+                                 "config": _label(w, a), "error": f"{type(e).__name__}: {e}"})
+                    continue
                 mem = memory_report(m)
                 with tempfile.TemporaryDirectory(prefix="ptq-bench-") as d:
                     packed = save_packed(m, Path(d) / "m.safetensors")
@@ -108,6 +117,9 @@ def run(out_dir: Path | str, quick: bool = False) -> None:
                              "command": _eval_cmd(method, w, a, codes, b)})
                 _say(f"{method:13s} {codes:8s} {_label(w, a)}: {ppl:10.3f} ({tq:.0f} s + {te:.0f} s)")
                 del m
+                if not quick:
+                    partial.parent.mkdir(exist_ok=True)
+                    partial.write_text(json.dumps({"float": fp, "rows": rows}, indent=1, default=str))
 
     t0 = time.perf_counter()
     clip_ids = ids[: b["clip_eval_tokens"]]
@@ -121,10 +133,14 @@ def run(out_dir: Path | str, quick: bool = False) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     _plot(rows, fp, png, b)
     seconds = time.perf_counter() - t_start
-    sections = _sections(rows, clip_rows, fp, clip_fp, f_bytes, b, lm.note, t_calib, t_clip, seconds, png.name, quick)
+    cpu = time.process_time() - cpu_start
+    failed = [r for r in rows if "error" in r]
+    rows = [r for r in rows if "error" not in r]
+    sections = _sections(rows, clip_rows, fp, clip_fp, f_bytes, b, lm.note, t_calib, t_clip, seconds, png.name, quick,
+                         cpu, failed)
     data = {"budget": b, "float_perplexity": fp, "float_bytes": f_bytes, "rows": rows, "clip_rows": clip_rows,
-            "clip_float_perplexity": clip_fp, "seconds": seconds, "note": lm.note,
-            "threads": torch.get_num_threads()}
+            "clip_float_perplexity": clip_fp, "seconds": seconds, "cpu_seconds": cpu, "note": lm.note,
+            "threads": torch.get_num_threads(), "failed": failed}
     write_report(out_dir, "ptq_methods", "PTQ methods of the W4A4 study on SFx and integer codes", sections, data,
                  "sfx bench ptq" + (" --quick" if quick else ""))
 
@@ -139,7 +155,8 @@ def _fmt_ppl(p: float) -> str:
     return f"{p:.2f}" if p < 1000 else f"{p:.3g}"
 
 
-def _sections(rows, clip_rows, fp, clip_fp, f_bytes, b, note, t_calib, t_clip, seconds, png, quick):
+def _sections(rows, clip_rows, fp, clip_fp, f_bytes, b, note, t_calib, t_clip, seconds, png, quick, cpu=0.0,
+              failed=()):
     from .bench import markdown_table
 
     cfgs = [_label(w, a) for w, a in CONFIGS]
@@ -221,11 +238,13 @@ def _sections(rows, clip_rows, fp, clip_fp, f_bytes, b, note, t_calib, t_clip, s
              f"activation width: computed once per weight format and reused); mixed precision: top 5 % of layers "
              f"at 8 bits (weights and activations), ranked by {_rankings(rows)}. `sq-awq-mixed` (SmoothQuant, "
              f"then AWQ, then mixed precision) runs on SFx codes only.\n"
-             f"* Token budget chosen so that the whole bench takes about 30-40 minutes on 2 idle cores; this run "
-             f"took {seconds / 60:.0f} min (clipping analysis {t_clip / 60:.0f} min). Timings per configuration "
-             f"are in `ptq_methods.json`.\n"
+             f"* Token budget chosen so that the whole bench takes about 30-40 minutes on 2 idle cores (about "
+             f"40 CPU-minutes). This run took {seconds / 60:.0f} min of wall time and {cpu / 60:.0f} CPU-minutes "
+             f"of this process (clipping analysis {t_clip / 60:.0f} min); wall time above the CPU time means the "
+             f"machine was shared. Timings per configuration are in `ptq_methods.json`.\n"
              f"* Plot: `{png}` (perplexity against activation bits for W4, and against packed size).\n"
-             + ("* QUICK smoke run on a random tiny model: the numbers mean nothing.\n" if quick else ""))
+             + ("* QUICK smoke run on a random tiny model: the numbers mean nothing.\n" if quick else "")
+             + "".join(f"* FAILED: {r['method']} {r['codes']} {r['config']}: {r['error']}\n" for r in failed))
     return [("Setup", setup), ("Perplexity", main), ("Packed size", size), ("Hardware", hw),
             ("Activation clipping", clip)]
 
