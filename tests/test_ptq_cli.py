@@ -117,3 +117,29 @@ def test_docs_examples_run():
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
     runner.run(doctest.DocTestParser().get_doctest("\n".join(blocks), {}, path.name, str(path), 0))
     assert runner.summarize(verbose=False).failed == 0
+
+
+def test_wasq_eval_and_quantize_take_the_ptq_methods(tmp_path, capsys):
+    """``sfx eval/quantize --method awq ...`` (WASQ's own commands) run the PTQ presets; a PTQ
+    checkpoint evaluates to the same perplexity through ``sfx eval --model DIR``."""
+    common = ["-m", "tiny-llama", "--max-tokens", "200", "--context", "64", "--calib-tokens", "128"]
+    assert cli.main(["eval", *common, "-w", "4", "-a", "8", "--method", "smoothquant", "--json", "--no-progress"]) == 0
+    out = _json(capsys)
+    assert out["method"] == "smoothquant" and out["label"] == "smoothquant W4A8 SF4" and out["hardware_executable"]
+    assert cli.main(["eval", *common, "-w", "4", "--method", "awq", "--codes", "int", "--json", "--no-progress"]) == 0
+    assert _json(capsys)["codes"] == "int"
+    ck = tmp_path / "ck"
+    assert cli.main(["quantize", "-m", "tiny-llama", "--calib-tokens", "128", "--context", "64", "-w", "4", "-a", "8",
+                     "--method", "smoothquant", "-o", str(ck), "--json"]) == 0
+    assert _json(capsys)["memory"]["codes_packed_bytes"] > 0
+    assert cli.main(["eval", "-m", str(ck), "--max-tokens", "200", "--context", "64", "--json", "--no-progress"]) == 0
+    assert _json(capsys)["perplexity"] == pytest.approx(out["perplexity"], rel=0, abs=0)
+    # software-only configurations are refused before any work
+    assert cli.main(["quantize", "-m", "tiny-llama", "-w", "4", "--method", "awq-dyngroup", "-o",
+                     str(tmp_path / "x")]) == 2
+    assert "not hardware-executable (per-group scales along K" in capsys.readouterr().err
+    # vanilla keeps its meaning; commands that do not take PTQ methods reject them
+    assert cli.main(["eval", *common, "-w", "8", "--json", "--no-progress"]) == 0
+    assert _json(capsys)["method"] == "vanilla"
+    with pytest.raises(SystemExit):
+        cli.main(["analyze", "-m", "tiny-llama", "-w", "4", "--method", "awq", "-o", str(tmp_path / "a")])

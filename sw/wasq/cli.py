@@ -40,7 +40,10 @@ def add_model_args(p: argparse.ArgumentParser, *, default: str | None = "smollm2
                         + (f" (default: {default})" if default else ""))
 
 
-def add_quant_args(p: argparse.ArgumentParser, *, bits_required: bool = False, multi_bits: bool = False) -> None:
+def add_quant_args(p: argparse.ArgumentParser, *, bits_required: bool = False, multi_bits: bool = False,
+                   ptq: bool = False) -> None:
+    """``ptq=True`` (``sfx quantize``/``sfx eval``) also offers the post-training methods of
+    :mod:`superfloat.sw.wasq.ptq` as ``--method`` and their ``--codes``."""
     g = p.add_argument_group("quantization (WASQConfig; defaults in docs/wasq.md)")
     if multi_bits:
         g.add_argument("--weight-bits", "-w", type=int, nargs="+", metavar="X", help="SFx weight width(s), 2..16")
@@ -49,8 +52,18 @@ def add_quant_args(p: argparse.ArgumentParser, *, bits_required: bool = False, m
                        help="SFx weight width, 2..16" + ("" if bits_required else " (default: evaluate the float model)"))
     g.add_argument("--act-bits", "-a", type=int, metavar="Y",
                    help="quantize every quantized layer's input to SF Y (default: weight-only)")
-    g.add_argument("--method", default="vanilla", choices=METHOD_CHOICES,
-                   help="vanilla = SFx round-to-nearest (default); rtn-int = symmetric per-channel integer RTN baseline")
+    if ptq:
+        from .ptq.wasq_cli import PTQ_METHODS, add_codes_arg
+
+        g.add_argument("--method", default="vanilla", choices=METHOD_CHOICES + PTQ_METHODS,
+                       help="vanilla = SFx round-to-nearest (default); rtn-int = symmetric per-channel integer RTN "
+                            "baseline; the others are post-training methods (docs/ptq-methods.md; calibrated on "
+                            "--calib-data/--calib-tokens)")
+        add_codes_arg(g)
+    else:
+        g.add_argument("--method", default="vanilla", choices=METHOD_CHOICES,
+                       help="vanilla = SFx round-to-nearest (default); rtn-int = symmetric per-channel integer RTN "
+                            "baseline")
     g.add_argument("--scale", dest="scale_kind", default="float", choices=("float", "pow2"),
                    help="weight scale: float per-row scale folded into the hardware multiplier (default) or "
                         "power-of-two exponents")
@@ -93,6 +106,10 @@ def config_from_args(args: argparse.Namespace, weight_bits: int | None = None):
         if getattr(args, "act_bits", None) is not None:
             raise CLIError("--act-bits needs --weight-bits (WASQ quantizes the weights of every layer it touches)")
         return None
+    from .ptq.wasq_cli import is_ptq, ptq_config_from_args
+
+    if is_ptq(getattr(args, "method", None)):
+        return ptq_config_from_args(args, bits, CLIError)
     try:
         return WASQConfig(weight_bits=bits, act_bits=args.act_bits, weight_scale=args.weight_scale,
                           scale_kind=args.scale_kind, act_exponent=args.act_exponent, rounding=args.rounding,
@@ -118,11 +135,16 @@ def load_ids(args: argparse.Namespace, tokenizer: Any, *, data: str | None = Non
 def prepare_model(args: argparse.Namespace, lm, config) -> dict[str, Any]:
     """Apply ``config`` to ``lm.model`` (calibrating static activation exponents); returns a
     description for reports. ``config=None`` leaves the model as it is."""
+    from .config import WASQConfig
     from .quantize import calibrate_, quantize_, quantized_layers, wasq_config_of
 
     if config is None:
         existing = wasq_config_of(lm.model)
         return {"quantized_layers": len(quantized_layers(lm.model)), "config": existing}
+    if not isinstance(config, WASQConfig):  # a PTQ method (superfloat.sw.wasq.ptq)
+        from .ptq.wasq_cli import prepare
+
+        return prepare(args, lm, config, load_ids, CLIError)
     if quantized_layers(lm.model):
         raise CLIError(f"{lm.spec} is already quantized (a WASQ checkpoint); drop --weight-bits to evaluate it as saved")
     try:
@@ -164,6 +186,10 @@ def _config_fields(cfg) -> dict[str, Any]:
     if cfg is None:
         return {"method": "float", "weight_bits": None, "act_bits": None, "scale_kind": None, "weight_scale": None,
                 "act_exponent": None, "rounding": None, "label": "float"}
+    if not hasattr(cfg, "weight_scale"):  # a PTQConfig
+        from .ptq.wasq_cli import config_fields
+
+        return config_fields(cfg)
     return {"method": {"sfx": "vanilla", "int": "rtn-int"}[cfg.method], "weight_bits": cfg.weight_bits,
             "act_bits": cfg.act_bits, "scale_kind": cfg.scale_kind if cfg.method == "sfx" else None,
             "weight_scale": cfg.weight_scale, "act_exponent": cfg.act_exponent if cfg.act_bits else None,
@@ -221,16 +247,25 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .checkpoint import save_checkpoint
 
     config = config_from_args(args)
-    if config.method != "sfx":
+    if config.method == "int":
         raise CLIError("--method rtn-int is an evaluation baseline (sfx eval); checkpoints hold SFx codes only")
+    if not getattr(config, "hardware_executable", True):  # a PTQ config that a checkpoint cannot hold
+        from .ptq.wasq_cli import save
+
+        save(None, config, args, CLIError)  # raises the explanation before any work
     t0 = time.perf_counter()
     lm = _load(args.model)
     desc = prepare_model(args, lm, config)
-    try:
-        mem = save_checkpoint(lm.model, args.output, tokenizer=lm.tokenizer, overwrite=args.overwrite,
-                              source=args.model, note=lm.note)
-    except (FileExistsError, ValueError) as e:
-        raise CLIError(str(e)) from None
+    if "ptq_report" in desc:
+        from .ptq.wasq_cli import save
+
+        mem = save(lm, config, args, CLIError)
+    else:
+        try:
+            mem = save_checkpoint(lm.model, args.output, tokenizer=lm.tokenizer, overwrite=args.overwrite,
+                                  source=args.model, note=lm.note)
+        except (FileExistsError, ValueError) as e:
+            raise CLIError(str(e)) from None
     out = {"model": args.model, "output": str(args.output), **_config_fields(config),
            "quantized_layers": desc["quantized_layers"], "memory": mem, "seconds": round(time.perf_counter() - t0, 2),
            "note": lm.note}
@@ -307,7 +342,7 @@ def register(sub) -> None:
                        description="Quantize a causal LM (WASQ) and write a checkpoint directory: model.safetensors "
                                    "with <layer>.codes/.exponent/.scale/.bias and sfx_config.json, plus the tokenizer.")
     add_model_args(p)
-    add_quant_args(p, bits_required=True)
+    add_quant_args(p, bits_required=True, ptq=True)
     p.add_argument("--data", "-d", default="shakespeare", help=argparse.SUPPRESS)
     p.add_argument("--context", type=int, default=512, help=argparse.SUPPRESS)
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="checkpoint directory to write (atomically)")
@@ -320,7 +355,7 @@ def register(sub) -> None:
                                    "--weight-bits the model is evaluated as loaded (float, or a checkpoint as saved).")
     add_model_args(p)
     add_data_args(p)
-    add_quant_args(p)
+    add_quant_args(p, ptq=True)
     add_window_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (perplexity, tokens, bits, context, ...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

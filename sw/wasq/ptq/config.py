@@ -236,6 +236,10 @@ class PTQConfig:
         (an SF4 code is the SF8 code with the magnitude shifted left by 4)."""
         return not self.hardware_notes()
 
+    def describe(self) -> str:
+        """Short label (the name WASQ's ``WASQConfig.describe`` has), e.g. ``awq W4A4 SF4``."""
+        return self.label()
+
     def label(self) -> str:
         w = self.weight_format().label() if self.group_size != "dynamic" else \
             f"{self.weight_format().label()} g-dyn"
