@@ -4,10 +4,12 @@ For SF8 and SF4 weights (WASQ vanilla, float per-channel scales, weight-only che
 the activations are SF8 per-token dynamic, chosen by cosim): quantize SmolLM2-135M, save the
 checkpoint under ``build/bench-cosim/``, and co-simulate ``q_proj``, ``k_proj``, ``o_proj``
 and the MLP block (gate, up, SiLU in software, down) of the first decoder layer for 8 tokens
-on Verilator (8x8 arrays, ``a8w8o8`` and ``a8w4o8``), through :func:`superfloat.sim.cosim.cosim`.
+on Verilator (8x8 arrays, ``a8w8o8`` and ``a8w4o8``), through :func:`superfloat.sim.cosim.cosim`;
+then, at SF8, every linear layer of the forward pass on the RTL (``--layer all``).
 Reported per layer: RTL codes against ``sfx.linear``, errors against the float layer output,
 cycles, utilization, time on the FPGA at the reported Fmax; and the harness speed.
-About 5-10 minutes on 2 cores (two Verilator builds, then about 0.9 M cycles).
+About 5-15 minutes on 2 cores (two Verilator builds, about 0.9 M cycles for the layers, 13 M for
+the whole forward pass); ``--quick`` co-simulates ``k_proj`` only.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ def run(out_dir: Path, quick: bool = False) -> dict:
     float_model = lm.model
     ckroot = Path("build") / "bench-cosim"
     reports = {}
+    full = None
     try:
         for w in widths:
             model = copy.deepcopy(float_model)
@@ -56,6 +59,12 @@ def run(out_dir: Path, quick: bool = False) -> dict:
                                cols=cols, jobs=2, float_model=float_model, progress=True,
                                fmax_sources=[out_dir / "fpga.json"])
             reports[w]["quant_config_label"] = config.describe()
+        if not quick:
+            ck = ckroot / "smollm2-135m-sf8"
+            print(f"[bench cosim] SF8: the whole forward pass (every linear layer) on the RTL", file=sys.stderr,
+                  flush=True)
+            full = cosim(ck, "all", prompt=PROMPT, tokens=tokens, simulator=simulator, rows=rows, cols=cols, jobs=2,
+                         float_model=float_model, progress=True, fmax_sources=[out_dir / "fpga.json"])
     finally:
         for b in builders:
             if b.poll() is None:
@@ -100,6 +109,27 @@ def run(out_dir: Path, quick: bool = False) -> dict:
                                   + (f"; {f['hint']}" if f.get("hint") else ""))
             else:
                 fmax_lines.append(f"* {name}: {f['source']}")
+    full_md = None
+    if full is not None:
+        fw = full["forward"]
+        sp = full["speed"]
+        full_md = markdown_table(
+            ["layers on the RTL", "operations' codes differing / compared", "logits identical to the sfx.linear "
+             "forward", "argmax (8 positions) identical", "next token: RTL / software / float",
+             "logits cosine vs software", "logits cosine vs float", "cycles", "FPGA ms", "RTL pass s",
+             "simulated MACs / wall s"],
+            [[full["layers_simulated"], f"{full['mismatches']} / {full['codes_compared']}",
+              "yes" if fw["logits_identical"] else "NO", "yes" if fw["argmax_identical"] else "NO",
+              f"{fw['next_token']['rtl']} / {fw['next_token']['software']} / {fw['next_token'].get('float')}",
+              f"{fw['rtl_vs_software']['cosine']:.6f}",
+              f"{fw['rtl_vs_float']['cosine']:.6f}" if "rtl_vs_float" in fw else "-", full["cycles"],
+              f"{full['fpga']['time_us'] / 1e3:.1f}" if full["fpga"]["time_us"] is not None else "-",
+              f"{sp['rtl_pass_s']:.0f}", f"{sp['macs_per_wall_s'] / 1e3:.0f} k"]])
+        full_md += ("\n\nEvery quantized linear layer of SmolLM2-135M (30 decoder layers x 7 projections; the LM head "
+                    "stays float) computed by the RTL in one forward pass over the same 8 tokens, SF8 weights, SF8 "
+                    "per-token activations, SF8 outputs with per-channel exponents; attention, norms, SiLU and the "
+                    "LM head in PyTorch. `sfx cosim --checkpoint build/bench-cosim/smollm2-135m-sf8 --layer all "
+                    f"--prompt '{PROMPT}' --tokens {tokens} --jobs 2 --float-model smollm2-135m`.")
     cmd = "sfx bench cosim" + (" --quick" if quick else "")
     per_layer_cmd = (f"sfx cosim --checkpoint build/bench-cosim/smollm2-135m-sf8 --layer {','.join(layers)} "
                      f"--prompt '{PROMPT}' --tokens {tokens} --jobs 2 --float-model smollm2-135m")
@@ -129,6 +159,7 @@ def run(out_dir: Path, quick: bool = False) -> dict:
                               "second include the simulators' start-up; the bench loop figures divide by the "
                               "simulator process's CPU time (load-independent). Two simulator processes ran at once "
                               "(`--jobs 2`: q/k projections and gate/up in parallel)."),
+        *([("Whole forward pass on the RTL (SF8)", full_md)] if full_md else []),
         ("FPGA timing source", "\n".join(fmax_lines)
          + "\n\nOnly small arrays have synthesis reports so far; where the match is `nearest`, the time assumes the "
            "8x8 array reaches the Fmax of the nearest synthesized configuration."),
@@ -137,7 +168,8 @@ def run(out_dir: Path, quick: bool = False) -> dict:
     ]
     data = {"tokens": tokens, "prompt": PROMPT, "array": {"rows": rows, "cols": cols}, "simulator": simulator,
             "layers": list(layers), "quick": quick, "wall_s": time.perf_counter() - t0,
-            "note": SMOLLM2_NOTE, "reports": {f"SF{w}": dict(r) for w, r in reports.items()}}
+            "note": SMOLLM2_NOTE, "reports": {f"SF{w}": dict(r) for w, r in reports.items()},
+            "whole_forward_sf8": None if full is None else {k: v for k, v in full.items() if k != "layers"}}
     write_report(out_dir, "cosim", "Co-simulation of SmolLM2-135M layers on the SFx accelerator RTL", sections, data,
                  cmd)
     return data

@@ -982,8 +982,8 @@ def find_fmax(array: ArrayConfig, target: str = "ecp5-25k", fmax_mhz: float | No
 
     Returns ``{"fmax_mhz", "source", "match", "config"}``: ``match`` is ``"given"`` (the
     ``fmax_mhz`` argument), ``"exact"`` (same target, array shape, widths and k_max),
-    ``"nearest"`` (same target: the closest array, same widths preferred; the time is an
-    estimate) or ``"none"`` (``fmax_mhz`` None, ``source`` says how to get one).
+    ``"nearest"`` (same target: the closest widths, then the closest array size; the time is
+    an estimate) or ``"none"`` (``fmax_mhz`` None, ``source`` says how to get one).
     ``extra_sources`` are JSON files searched first (e.g. a bench's own ``fpga.json``)."""
     if fmax_mhz is not None:
         return {"fmax_mhz": float(fmax_mhz), "source": "--fmax (given)", "match": "given", "config": None,
@@ -1005,7 +1005,8 @@ def find_fmax(array: ArrayConfig, target: str = "ecp5-25k", fmax_mhz: float | No
                     int(e.get("out_bits", e["a_bits"])), int(e.get("k_max", sfx.DEFAULT_K_MAX)))
         except (KeyError, TypeError, ValueError):
             continue
-        score = (have != want, have[2:5] != want[2:5], abs(have[0] * have[1] - want[0] * want[1]), have[5] != want[5])
+        bits_apart = sum(abs(h - w) for h, w in zip(have[2:5], want[2:5]))  # widths set the PE and clamp paths
+        score = (have != want, bits_apart, abs(have[0] * have[1] - want[0] * want[1]), have[5] != want[5])
         if best is None or score < best[0]:
             best = (score, e, src, have)
     cmd = (f"sfx synth --target {target} --rows {array.rows} --cols {array.cols} --a-bits {array.a_bits} "

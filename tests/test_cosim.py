@@ -219,13 +219,16 @@ def test_find_fmax(monkeypatch, tmp_path):
     base = {"target": "ecp5-25k", "kind": "accel", "rows": 2, "cols": 2, "a_bits": 8, "w_bits": 8, "out_bits": 8,
             "k_max": 16384, "fmax_mhz": 100.0, "fits": True}
     other = dict(base, rows=4, cols=4, fmax_mhz=90.0)
-    (tmp_path / "a.json").write_text(json.dumps([base, other, dict(base, target="ice40-up5k", fmax_mhz=40.0)]))
+    narrow = dict(base, rows=8, cols=8, a_bits=2, w_bits=2, out_bits=2, fmax_mhz=150.0)
+    (tmp_path / "a.json").write_text(json.dumps([base, other, narrow, dict(base, target="ice40-up5k", fmax_mhz=40.0)]))
     monkeypatch.setattr(cs, "fmax_sources", lambda: [tmp_path / "a.json"])
     arr = cs.ArrayConfig(rows=4, cols=4)
     f = cs.find_fmax(arr, "ecp5-25k")
     assert (f["fmax_mhz"], f["match"]) == (90.0, "exact")
     f = cs.find_fmax(cs.ArrayConfig(rows=8, cols=8), "ecp5-25k")
-    assert (f["fmax_mhz"], f["match"], f["config"]) == (90.0, "nearest", "4x4 a8w8o8 k_max=16384")
+    assert (f["fmax_mhz"], f["match"], f["config"]) == (90.0, "nearest", "4x4 a8w8o8 k_max=16384")  # widths first
+    f = cs.find_fmax(cs.ArrayConfig(rows=8, cols=8, w_bits=4), "ecp5-25k")
+    assert f["config"] == "4x4 a8w8o8 k_max=16384"
     assert cs.find_fmax(arr, "ice40-up5k")["fmax_mhz"] == 40.0
     none = cs.find_fmax(arr, "nowhere")
     assert none["fmax_mhz"] is None and "sfx synth --target nowhere --rows 4" in none["source"]
