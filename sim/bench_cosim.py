@@ -92,12 +92,13 @@ def run(out_dir: Path, quick: bool = False) -> dict:
         f = next(iter(rep["fpga"]["per_array"].values()))
         summ.append([
             f"SF{w} ({rep['arrays'][0]})", "yes" if rep["bit_exact"] else "NO",
-            f"{rep['mismatches']} / {rep['codes_compared']}", rep["cycles"], f"{rep['utilization']:.2f}",
-            f"{rep['fpga']['time_us']:.0f}" if rep["fpga"]["time_us"] is not None else "-",
+            f"{rep['mismatches']} / {rep['codes_compared']}", rep["saturated"], rep["cycles"],
+            f"{rep['utilization']:.2f}", f"{rep['fpga']['time_us']:.0f}" if rep["fpga"]["time_us"] is not None else "-",
             f"{fw['rtl_vs_float']['cosine']:.5f}" if "rtl_vs_float" in fw else "-",
             f"{sp['macs_per_wall_s'] / 1e3:.0f} k", f"{sp['macs_per_cpu_s'] / 1e6:.2f} M",
             f"{sp['cycles_per_cpu_s'] / 1e3:.0f} k"])
-    summary = markdown_table(["weights (array)", "bit-exact", "differing codes / compared", "cycles", "utilization",
+    summary = markdown_table(["weights (array)", "bit-exact", "differing codes / compared", "saturated outputs",
+                              "cycles", "utilization",
                               "FPGA us (all)", "next-token logits cosine vs float",
                               "simulated MACs / wall s", "MACs / CPU s (bench loop)", "cycles / CPU s"], summ)
     fmax_lines = []
@@ -149,7 +150,9 @@ def run(out_dir: Path, quick: bool = False) -> dict:
         f"* utilization: MACs / (rows x cols x cycles); FPGA us: cycles / Fmax.\n\n{table}")
     sections = [
         ("Layers", body),
-        ("Summary", summary + "\n\nThe next-token cosine compares the whole model's logits (the co-simulated "
+        ("Summary", summary + "\n\nSaturated outputs: results beyond the output exponent chosen from the float layer output "
+                              "(the RTL's `sat_count`, equal to `sfx.linear`'s count). "
+                              "The next-token cosine compares the whole model's logits (the co-simulated "
                               "layers on the RTL, every other layer with the checkpoint's quantized weights in "
                               "software) with the float model's: it shows the cost of SF4 weights across the whole "
                               "model, not of the RTL. "
