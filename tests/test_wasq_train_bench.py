@@ -41,3 +41,8 @@ def test_bench_writes_report_tables_and_figures(tmp_path):
     assert q["fasteropt_vs_opt"]["identical"] and q["fasteropt_vs_opt"]["loss_curves_identical"]
     assert q["fpm"]["train"]["steps"] == 2 * 3 and q["plain"]["train"]["steps"] == 6
     assert [r["round"] for r in data["lth"]["rounds"]] == [0, 1]
+    # the page can be re-rendered from the JSON alone (wording changes need no new measurement)
+    (tmp_path / "wasq.md").unlink()
+    bench.rerender(tmp_path)
+    again = (tmp_path / "wasq.md").read_text()
+    assert again.split("## Setup")[1].split("## Versions")[0] == md.split("## Setup")[1].split("## Versions")[0]

@@ -89,7 +89,6 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str = MODEL, budgets
 
     ``model`` and ``budgets`` exist for the bench's own smoke test (a tiny model, tiny
     budgets); ``make bench`` uses the defaults."""
-    from ..bench import markdown_table, write_report
     from .analyze import analyze, write_analysis
     from .checkpoint import save_checkpoint
     from .cli_train import pad_id
@@ -165,8 +164,6 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str = MODEL, budgets
     # ------------------------------------------------------------------ 2. QAT at SF4
     cfg4 = WASQConfig(weight_bits=4)
     tcfg = TrainConfig(epochs=b.epochs, lr=b.lr, warmup_steps=b.warmup, scheduler="cosine", progress=False)
-    ft_cmd = (f"sfx finetune --model {model} --data {DATA} --split train --weight-bits 4 --context {CONTEXT} "
-              f"--tokens {b.calib_tokens} --epochs {b.epochs} --lr {b.lr:g} --warmup {b.warmup}")
     qat: dict[str, Any] = {}
     work = Path(tempfile.mkdtemp(prefix="bench-wasq-"))
     try:
@@ -254,12 +251,41 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str = MODEL, budgets
     data["sweep_table"] = sweep_markdown(sweep_rows)
 
     data["total_seconds"] = time.perf_counter() - t_start
-    _plots(fig_dir, data)
-    sections = _sections(data, b, eval_cmd, ft_cmd, markdown_table)
-    cmd = "sfx bench wasq" + (" --quick" if quick else "")
-    write_report(out_dir, "wasq", f"WASQ on {model}: SFx post-training quantization and QAT"
-                 + (" (quick smoke run: budgets too small to mean anything)" if quick else ""), sections, data, cmd)
+    data["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    data["quick"] = quick
+    _render(out_dir, data, b)
     return data
+
+
+def _render(out_dir: Path, data: dict[str, Any], b: Budgets) -> None:
+    from ..bench import markdown_table, write_report
+
+    fig_dir = Path(out_dir) / "wasq"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    _plots(fig_dir, data)
+    eval_cmd = (f"sfx eval --model {data['model']} --data {DATA} --split test --context {CONTEXT} "
+                f"--max-tokens {b.eval_tokens}")
+    ft_cmd = (f"sfx finetune --model {data['model']} --data {DATA} --split train --weight-bits 4 --context {CONTEXT} "
+              f"--tokens {b.calib_tokens} --epochs {b.epochs} --lr {b.lr:g} --warmup {b.warmup}")
+    sections = _sections(data, b, eval_cmd, ft_cmd, markdown_table)
+    quick = bool(data.get("quick"))
+    cmd = "sfx bench wasq" + (" --quick" if quick else "")
+    write_report(out_dir, "wasq", f"WASQ on {data['model']}: SFx post-training quantization and QAT"
+                 + (" (quick smoke run: budgets too small to mean anything)" if quick else ""), sections, data, cmd)
+
+
+def rerender(out_dir: Path | str) -> None:
+    """Rewrite ``wasq.md`` and the figures from the numbers in ``wasq.json`` (no new
+    measurement; for report wording changes). The measurement date is kept in the text."""
+    import json
+
+    out_dir = Path(out_dir)
+    saved = json.loads((out_dir / "wasq.json").read_text())
+    data = saved["results"]
+    data.setdefault("measured_at", saved.get("machine", {}).get("date"))
+    fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data["budgets"].items()}
+    known = set(Budgets.__dataclass_fields__)
+    _render(out_dir, data, Budgets(**{k: v for k, v in fields.items() if k in known}))
 
 
 # --------------------------------------------------------------------------- report
@@ -283,7 +309,8 @@ def _sections(d: dict[str, Any], b: Budgets, eval_cmd: str, ft_cmd: str, table) 
         f"{d['context']}, {b.epochs} shot(s) (epochs), AdamW lr {b.lr:g}, {b.warmup} warm-up step(s), cosine decay, "
         f"batch 1, fp32 master weights, dropout off. Quantization: weight-only, per output channel, float scales "
         f"(the default) unless noted.",
-        f"* Machine load: torch threads {d['torch_threads']}, load average at start "
+        f"* Measured {d.get('measured_at', '?')} (the header's date is when this page was written). "
+        f"Machine load: torch threads {d['torch_threads']}, load average at start "
         f"{', '.join(f'{x:.1f}' for x in d['load_average_at_start']) if d['load_average_at_start'] else 'n/a'} "
         f"(the 2 cores are shared; timings are noisy, ratios measured back to back). Whole bench: "
         f"{d['total_seconds'] / 60:.1f} min.",
@@ -412,9 +439,11 @@ def _targets(d: dict[str, Any], b: Budgets) -> str:
     if abs(sf8) > 0.5:
         i8 = _pct(by["int8 RTN"]["perplexity"], fp)
         fixes.append(f"SF8 weight-only is {sf8:+.2f} % (int8 RTN {i8:+.2f} %: with float per-channel scales the SF8 "
-                     f"grid is the int8 RTN grid). Closing it needs finer scales (per group of 32-128 weights) or "
-                     f"error-compensating rounding (GPTQ / AdaRound on the SFx grid, `sfx bench ptq`), or a short "
-                     f"QAT (fpm at SF8).")
+                     f"grid is the int8 RTN grid, so this is not an SFx-specific loss). This model's weights sit on "
+                     f"the GGUF's Q4_1 grid (a scale and offset per group of 32), which one scale per output channel "
+                     f"cannot follow exactly. Closing the gap needs finer scales (per group of 32-128 weights; not in "
+                     f"WASQConfig yet), error-compensating rounding (GPTQ / AdaRound on the SFx grid, "
+                     f"`sfx bench ptq`), or a short QAT at SF8 (the lth table's round 0 is one).")
     if abs(w8a8) > 3.0:
         fixes.append(f"W8A8 is {w8a8:+.2f} %: per-token SF8 activations lose the small channels of tokens with "
                      f"outliers. SmoothQuant-style migration of activation outliers into the weights, or SF10 "
