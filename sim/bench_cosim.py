@@ -150,8 +150,8 @@ def run(out_dir: Path, quick: bool = False) -> dict:
         f"* utilization: MACs / (rows x cols x cycles); FPGA us: cycles / Fmax.\n\n{table}")
     sections = [
         ("Layers", body),
-        ("Summary", summary + "\n\nSaturated outputs: results beyond the output exponent chosen from the float layer output "
-                              "(the RTL's `sat_count`, equal to `sfx.linear`'s count). "
+        ("Summary", summary + "\n\nSaturated outputs: results beyond the output exponent chosen from the float "
+                              "layer output (the RTL's `sat_count`, equal to `sfx.linear`'s count). "
                               "The next-token cosine compares the whole model's logits (the co-simulated "
                               "layers on the RTL, every other layer with the checkpoint's quantized weights in "
                               "software) with the float model's: it shows the cost of SF4 weights across the whole "

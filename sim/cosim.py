@@ -274,8 +274,9 @@ class RTLSession:
         env["SFX_COSIM_HOST"] = json.dumps(spec)
         self._host_log = self.run_dir / "host.log"
         self._host_log_f = open(self._host_log, "wb")
-        self._proc = subprocess.Popen([sys.executable, "-c", "from superfloat.sim.cosim import _host_main; _host_main()"],
-                                      env=env, stdout=self._host_log_f, stderr=subprocess.STDOUT)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", "from superfloat.sim.cosim import _host_main; _host_main()"],
+            env=env, stdout=self._host_log_f, stderr=subprocess.STDOUT)
         self._conn: socket.socket | None = None
         self._file = None
         t1 = time.perf_counter()
@@ -367,7 +368,8 @@ class RTLSession:
         job = self.run_dir / f"job{self.ops}.npz"
         out = self.run_dir / f"out{self.ops}.npz"
         np.savez(job, cmd=_hex_words([traffic.cmd]), par=_hex_words(traffic.par), act=_hex_words(traffic.act),
-                 wgt=_hex_words(traffic.wgt), res_beats=np.int64(traffic.res_beats), params=np.array(params_env(self.p)))
+                 wgt=_hex_words(traffic.wgt), res_beats=np.int64(traffic.res_beats),
+                 params=np.array(params_env(self.p)))
         t_sim = time.perf_counter()
         self._file.write(f"run {job} {out}\n".encode())
         line = self._readline(None, f"operation {self.ops}")
@@ -1418,7 +1420,8 @@ def cosim(checkpoint: str | os.PathLike, layer: str = "all", *, prompt: str | No
             blocks=(cap_sw.value, cap_ref.value, cap_rtl.value, block_fp), fmax=fmax, target=target, notes=notes,
             timing={"reference_pass_s": ref_s, "rtl_pass_s": rtl_s, "wall_s": time.perf_counter() - t_start},
             out_exponent=out_exponent)
-        say(f"done in {report['wall_s']:.1f} s: {report['mismatches']} mismatching code(s) of {report['codes_compared']}")
+        say(f"done in {report['wall_s']:.1f} s: {report['mismatches']} mismatching code(s) of "
+            f"{report['codes_compared']}")
         return report
 
 
@@ -1572,8 +1575,8 @@ class CosimReport(dict):
         lines.append(f"bit-exact: {'YES' if d['bit_exact'] else 'NO'}: {d['mismatches']} differing code(s) of "
                      f"{d['codes_compared']} (RTL vs sfx.linear on the same inputs); logits of the RTL forward "
                      f"{'identical to' if fw['logits_identical'] else 'DIFFER from'} the sfx.linear forward "
-                     f"(max diff {fw['max_logit_diff']:.3g})" + (f"; RTL error flag in {', '.join(d['rtl_error_flags'])}"
-                                                                 if d["rtl_error_flags"] else ""))
+                     f"(max diff {fw['max_logit_diff']:.3g})"
+                     + (f"; RTL error flag in {', '.join(d['rtl_error_flags'])}" if d["rtl_error_flags"] else ""))
         rs = fw["rtl_vs_software"]
         nt = fw["next_token"]
         lines.append(f"vs the software model (checkpoint in PyTorch): logits max |diff| {rs['max_abs_diff']:.4g}, "

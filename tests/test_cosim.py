@@ -210,8 +210,8 @@ def test_select_layers():
     assert cs.select_layers(names, "model.layers.1.mlp.up_proj") == (["model.layers.1.mlp.up_proj"], "layer")
     assert cs.select_layers(names, "model.layers.0.mlp")[0] == ["model.layers.0.mlp.up_proj",
                                                                 "model.layers.0.mlp.down_proj"]
-    with pytest.raises(cs.CosimError, match=r"no quantized layer or block named 'model.layers.0.q_proj'.*"
-                                            r"Did you mean model.layers.0.self_attn.q_proj.*Valid layers \(8 in total\)"):
+    with pytest.raises(cs.CosimError, match=r"no quantized layer or block named 'model.layers.0.q_proj'.*Did you "
+                                            r"mean model.layers.0.self_attn.q_proj.*Valid layers \(8 in total\)"):
         cs.select_layers(names, "model.layers.0.q_proj")
 
 
