@@ -58,8 +58,7 @@ def cmd_synth(args) -> int:
     except (ValueError, TypeError) as e:
         _err(str(e))
         return EXIT_USAGE
-    summary_path = write_summary(s, (out_dir or Path(s["out_dir"]).parent / (Path(s["out_dir"]).name + "-summary"))
-                                 / "summary.json")
+    summary_path = write_summary(s, (out_dir or Path(s["out_dir"])) / "summary.json")
     s["summary_json"] = str(summary_path)
     if args.json:
         print(json.dumps(s, indent=2))
