@@ -183,21 +183,23 @@ def _sections(rows, clip_rows, fp, clip_fp, f_bytes, b, note, t_calib, t_clip, s
             " The `clip` method has no W4A16 row: it acts on activations only. `mixed` at W8A8 promotes nothing "
             "(already at the high width).")
     # size pivot
-    head2 = ["method", "codes", *[f"{c} MB" for c in cfgs], "W4 bits/weight"]
+    head2 = ["method", "codes", *[f"{c} MB" for c in cfgs], "W4A4 quantized layers MB", "W4A4 bits/weight"]
     body2 = []
     for meth, codes in keys:
         cells = []
         for c in cfgs:
             r = by.get((meth, codes, c))
             cells.append("" if r is None else f"{r['packed_file_bytes'] / 1e6:.1f}")
-        r4 = by.get((meth, codes, "W4A16")) or by.get((meth, codes, "W4A4"))
-        body2.append([meth, codes, *cells, f"{r4['bits_per_weight']:.2f}" if r4 else ""])
+        r4 = by.get((meth, codes, "W4A4"))
+        body2.append([meth, codes, *cells, f"{r4['quantized_bytes'] / 1e6:.1f}" if r4 else "",
+                      f"{r4['bits_per_weight']:.2f}" if r4 else ""])
     size = ("Real bytes of the packed file (`save_packed`: codes bit-packed at their width, scales/zero points/"
             "exponents as stored, biases, and every unquantized tensor -- embeddings, norms -- in fp32), in MB "
-            "(10^6 bytes). The tied embedding (fp32, "
-            f"{_emb_mb(rows, f_bytes):.1f} MB) dominates at 4 bits. bits/weight counts codes plus scales of the "
-            "quantized layers. Activation bits do not change the weights, except where mixed precision promotes "
-            "layers.\n\n" + markdown_table(head2, body2) +
+            f"(10^6 bytes); the float model is {f_bytes / 1e6:.1f} MB. Everything that is not a quantized layer "
+            f"(mostly the tied fp32 embedding) takes {_emb_mb(rows, f_bytes):.1f} MB and dominates at 4 bits. "
+            "'quantized layers MB' = packed codes + scales + biases of the quantized layers; bits/weight = codes "
+            "plus scales per quantized weight. Activation bits do not change the weights, except where mixed "
+            "precision promotes layers.\n\n" + markdown_table(head2, body2) +
             f"\n\nCommand: `sfx ptq quantize -m {b['model']} --method M -w W --codes C --packed FILE` writes the "
             "same file.")
     # clipping
