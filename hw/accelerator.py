@@ -28,11 +28,13 @@ class SFxAccelerator(wiring.Component):
 
     Blocks (see ``docs/architecture.md``):
 
-    * feed sequencer: takes ``cmd`` (a malformed one, ``K = 0``, ``K > k_max``,
-      ``T = 0`` or ``N = 0``, is consumed, sets :attr:`error`, and leaves the unit idle),
-      then for each tile one ``par`` beat (bias, shift, mult of ``cols`` channels; a bias
-      of a valid channel with ``|bias| >= 2**(A-2)`` sets :attr:`error`) and ``K``
-      ``act``/``wgt`` beats, transferred together;
+    * feed sequencer (``IDLE -> CHECK -> PAR -> STREAM -> NEXT -> PAR ... -> IDLE``):
+      takes ``cmd`` and checks it in the next cycle (a malformed one, ``K = 0``,
+      ``K > k_max``, ``T = 0`` or ``N = 0``, is consumed, sets :attr:`error`, and leaves
+      the unit idle), then for each tile one ``par`` beat (bias, shift, mult of ``cols``
+      channels; a bias of a valid channel with ``|bias| >= 2**(A-2)`` sets :attr:`error`)
+      and ``K`` ``act``/``wgt`` beats, transferred together, and one cycle to step the
+      tile counters;
     * :class:`SFxMacArray`: PE ``(i, j)`` accumulates ``X[t0+i, k] * W[n0+j, k]``; a
       finished tile moves to shadow registers and drains row-major while the next tile
       accumulates;
@@ -43,15 +45,14 @@ class SFxAccelerator(wiring.Component):
       counter admits a row into the drain only when the FIFO has room for it, so the
       clamp pipeline never stalls and ``res`` back-pressure never loses a beat.
 
-    Latency: the first ``res`` beat of a tile is valid ``4 + 1 + 5 + (cols - 1) + 2``
+    Latency: the first ``res`` beat of a tile is valid ``4 + 1 + 6 + (cols - 1) + 2``
     cycles after its last ``act``/``wgt`` beat (array, drain stage, clamp, row assembly,
     FIFO).
     Throughput: one ``act``/``wgt`` beat pair per cycle (``rows * cols`` MACs) in steady
-    state, plus one cycle per tile for the ``par`` beat; a tile's drain takes
-    ``min(rows, T - t0) * cols`` cycles and overlaps the next tile's accumulation, so it
-    costs nothing when ``K >= min(rows, T - t0) * cols + 3`` (else a tile takes
-    ``min(rows, T - t0) * cols + 4`` cycles). Measured: ``T = N = 64``, ``K = 1024`` on
-    8x8 takes 65 676 cycles, 99.8 % of the ideal.
+    state, plus two cycles per tile (``NEXT`` and the ``par`` beat); a tile's drain takes
+    ``min(rows, T - t0) * cols`` cycles and overlaps the next tile's accumulation: a tile
+    takes ``max(K + 2, min(rows, T - t0) * cols + 4)`` cycles. Measured: ``T = N = 64``,
+    ``K = 1024`` on 8x8 takes 65 741 cycles, 99.7 % of the ideal.
 
     Status: :attr:`busy`; sticky :attr:`error` (malformed command, bias out of range, or a
     right shift ``r`` outside ``0..63`` in the clamp unit); :attr:`sat_count`, saturated
@@ -142,7 +143,7 @@ class SFxAccelerator(wiring.Component):
 
         A row admitted into the drain holds a credit for ``1 + CLAMP_LATENCY + 4``
         cycles (drain stage, clamp, FIFO write and output register, ``res`` transfer), so
-        ``ceil(10 / cols)`` credits keep the drain at one accumulator per cycle (measured:
+        ``ceil(11 / cols)`` credits keep the drain at one accumulator per cycle (measured:
         fewer slow it down). At least 3: ``SyncFIFOBuffered`` of depth 2 refuses a write
         in the cycle after a write into its empty memory, which the credits do not model.
         """
@@ -165,10 +166,14 @@ class SFxAccelerator(wiring.Component):
 
         # ------------------------------------------------------------------ feed sequencer
         k_last = Signal(p.k_bits)          # K - 1
-        k_cnt = Signal(p.k_bits)
+        k_left = Signal(p.k_bits)          # beats of the tile after the next one
+        first = Signal()                   # the next beat is the tile's first (registered: timing)
+        last = Signal()                    # the next beat is the tile's last
         n_len = Signal(16)
         t_rem = Signal(16)                 # T - t0 of the current tile
         n_rem = Signal(16)                 # N - n0 of the current tile
+        n_end = Signal()                   # n_rem <= cols: last tile of a row of tiles (registered)
+        t_end = Signal()                   # t_rem <= rows: last row of tiles (registered)
         op_relu, op_rnd, op_mult = Signal(), Signal(), Signal()
         nx_par = Signal(par_layout(p), reset_less=True)    # this tile's par beat
         nx_xexp = Signal(8 * rows, reset_less=True)       # this tile's row exponents
@@ -182,8 +187,8 @@ class SFxAccelerator(wiring.Component):
         lane_ok = Cat(n_rem > j for j in range(cols))     # channel n0 + j < N
 
         cmd = self.cmd.payload
-        first = k_cnt == 0
-        last = k_cnt == k_last
+        cmd_r = Signal(cmd_layout(p), reset_less=True)
+        cmd_bad = Signal(reset_less=True)
         m.d.comb += [
             array.inp.payload.act.eq(self.act.payload.codes),
             array.inp.payload.wgt.eq(self.wgt.payload),
@@ -204,19 +209,27 @@ class SFxAccelerator(wiring.Component):
             with m.State("IDLE"):
                 m.d.comb += self.cmd.ready.eq(1)
                 with m.If(self.cmd.valid):
-                    bad = (cmd.k == 0) | (cmd.k > p.k_max) | (cmd.t == 0) | (cmd.n == 0)
-                    with m.If(bad):
-                        m.d.sync += err.eq(1)
-                    with m.Else():
-                        m.d.sync += [
-                            k_last.eq(cmd.k - 1), n_len.eq(cmd.n), t_rem.eq(cmd.t), n_rem.eq(cmd.n),
-                            op_relu.eq(cmd.relu), op_rnd.eq(cmd.rounding), op_mult.eq(cmd.use_mult),
-                        ]
-                        m.next = "PAR"
+                    m.d.sync += [
+                        cmd_r.eq(cmd),
+                        cmd_bad.eq((cmd.k == 0) | (cmd.k > p.k_max) | (cmd.t == 0) | (cmd.n == 0)),
+                    ]
+                    m.next = "CHECK"
+            with m.State("CHECK"):   # the command acts from registers (timing)
+                with m.If(cmd_bad):
+                    m.d.sync += err.eq(1)
+                    m.next = "IDLE"
+                with m.Else():
+                    m.d.sync += [
+                        k_last.eq(cmd_r.k - 1), n_len.eq(cmd_r.n), t_rem.eq(cmd_r.t), n_rem.eq(cmd_r.n),
+                        n_end.eq(cmd_r.n <= cols), t_end.eq(cmd_r.t <= rows),
+                        op_relu.eq(cmd_r.relu), op_rnd.eq(cmd_r.rounding), op_mult.eq(cmd_r.use_mult),
+                    ]
+                    m.next = "PAR"
             with m.State("PAR"):
                 m.d.comb += self.par.ready.eq(1)
                 with m.If(self.par.valid):
-                    m.d.sync += [nx_par.eq(self.par.payload), k_cnt.eq(0)]
+                    m.d.sync += [nx_par.eq(self.par.payload), k_left.eq(k_last), first.eq(1),
+                                 last.eq(k_last == 0)]
                     # |bias| >= 2**(A-2) on a valid channel: flagged one cycle later (timing)
                     lim = 1 << (A - 2)
                     m.d.sync += [
@@ -232,7 +245,7 @@ class SFxAccelerator(wiring.Component):
                     self.wgt.ready.eq(self.act.valid & array.inp.ready),
                 ]
                 with m.If(beat):
-                    m.d.sync += k_cnt.eq(k_cnt + 1)
+                    m.d.sync += [k_left.eq(k_left - 1), first.eq(0), last.eq(k_left == 1)]
                     with m.If(first):
                         m.d.sync += nx_xexp.eq(self.act.payload.exp)
                     with m.If(last):
@@ -242,16 +255,18 @@ class SFxAccelerator(wiring.Component):
                             dr_ok.eq(lane_ok),
                             dr_relu.eq(op_relu), dr_rnd.eq(op_rnd), dr_mult.eq(op_mult),
                         ]
-                        with m.If(n_rem <= cols):
-                            m.d.sync += n_rem.eq(n_len)
-                            with m.If(t_rem <= rows):
-                                m.next = "IDLE"
-                            with m.Else():
-                                m.d.sync += t_rem.eq(t_rem - rows)
-                                m.next = "PAR"
-                        with m.Else():
-                            m.d.sync += n_rem.eq(n_rem - cols)
-                            m.next = "PAR"
+                        m.next = "NEXT"
+            with m.State("NEXT"):    # step to the next tile (a cycle of its own: timing)
+                with m.If(n_end):
+                    m.d.sync += [n_rem.eq(n_len), n_end.eq(n_len <= cols)]
+                    with m.If(t_end):
+                        m.next = "IDLE"
+                    with m.Else():
+                        m.d.sync += [t_rem.eq(t_rem - rows), t_end.eq(t_rem <= 2 * rows)]
+                        m.next = "PAR"
+                with m.Else():
+                    m.d.sync += [n_rem.eq(n_rem - cols), n_end.eq(n_rem <= 2 * cols)]
+                    m.next = "PAR"
 
         # ------------------------------------------------------------------ drain stage
         occ = Signal(range(depth + 1))    # rows admitted into the drain and not yet taken on res

@@ -15,7 +15,7 @@ __all__ = ["SFxClampUnit", "clamp_in_layout", "clamp_out_layout", "SHIFT_BITS", 
 #: Width of the clamp unit's ``shift`` input: ``shift[n] + xexp[t]`` of two int8 values.
 SHIFT_BITS = 9
 #: Cycles from an input transfer to its result (with no stall).
-CLAMP_LATENCY = 5
+CLAMP_LATENCY = 6
 _MAX_R = 63
 
 
@@ -52,13 +52,13 @@ class SFxClampUnit(wiring.Component):
        ``acc_bits x 16``).
     3. Coarse right shift by ``r & 0x38`` with a guard bit and a sticky bit.
     4. Fine right shift by ``r & 7``.
-    5. Round (nearest-even: up if ``guard & (sticky | lsb)``; toward-zero: never),
-       saturate to ``2**(out_bits-1) - 1``, encode sign-magnitude (zero is code 0).
+    5. Round (nearest-even: up if ``guard & (sticky | lsb)``; toward-zero: never).
+    6. Saturate to ``2**(out_bits-1) - 1``, encode sign-magnitude (zero is code 0).
 
     ``r`` outside ``0..63`` is not supported by the hardware (SPEC section 4): it sets the
     sticky :attr:`error` and is clamped into ``0..63`` (the result is then meaningless).
 
-    Latency: :data:`CLAMP_LATENCY` (5) cycles. Throughput: one result per cycle. The
+    Latency: :data:`CLAMP_LATENCY` (6) cycles. Throughput: one result per cycle. The
     pipeline advances when :attr:`o` is empty or taken (``i.ready = ~o.valid | o.ready``,
     a combinational path from ``o.ready`` to ``i.ready``).
 
@@ -119,13 +119,13 @@ class SFxClampUnit(wiring.Component):
         P = A + sfx.MULT_FRAC_BITS   # product width
         X = P + 1                    # product with a guard bit below
 
-        v1, v2, v3, v4, v5 = (Signal(name=f"v{k}") for k in range(1, 6))
+        v1, v2, v3, v4, v5, v6 = (Signal(name=f"v{k}") for k in range(1, 7))
         adv = Signal()
         m.d.comb += [
-            adv.eq(~v5 | self.o.ready),
+            adv.eq(~v6 | self.o.ready),
             self.i.ready.eq(adv),
-            self.o.valid.eq(v5),
-            self.busy.eq(v1 | v2 | v3 | v4 | v5),
+            self.o.valid.eq(v6),
+            self.busy.eq(v1 | v2 | v3 | v4 | v5 | v6),
         ]
 
         # Stage 1: magnitude, relu, multiplier operand, right shift amount.
@@ -184,23 +184,27 @@ class SFxClampUnit(wiring.Component):
                 neg4.eq(neg3), rnd4.eq(rnd3),
             ]
 
-        # Stage 5: round, saturate, encode. y4 = {q, guard}; r = 0 gives guard 0.
+        # Stage 5: round. y4 = {q, guard}; r = 0 gives guard 0.
         q = y4[1:]
         guard = y4[0]
         up = ~rnd4 & guard & (st4 | q[0])
-        q2 = Signal(mo + 1)
-        m.d.comb += q2.eq(q[:mo] + up)
-        sat = (q[mo:] != 0) | q2[mo]
-        lim = (1 << mo) - 1
-        mag5 = Mux(sat, lim, q2[:mo])
-        code = Signal(self._out_bits, reset_less=True)
-        sat5 = Signal(reset_less=True)
+        q5 = Signal(mo + 1, reset_less=True)
+        hi5, neg5 = Signal(reset_less=True), Signal(reset_less=True)
         with m.If(adv):
-            m.d.sync += [v5.eq(v4), code.eq(Cat(mag5, neg4 & (mag5 != 0))), sat5.eq(sat)]
-        m.d.comb += [self.o.payload.code.eq(code), self.o.payload.sat.eq(sat5)]
+            m.d.sync += [v5.eq(v4), q5.eq(q[:mo] + up), hi5.eq(q[mo:] != 0), neg5.eq(neg4)]
+
+        # Stage 6: saturate, encode.
+        sat = hi5 | q5[mo]
+        lim = (1 << mo) - 1
+        mag6 = Mux(sat, lim, q5[:mo])
+        code = Signal(self._out_bits, reset_less=True)
+        sat6 = Signal(reset_less=True)
+        with m.If(adv):
+            m.d.sync += [v6.eq(v5), code.eq(Cat(mag6, neg5 & (mag6 != 0))), sat6.eq(sat)]
+        m.d.comb += [self.o.payload.code.eq(code), self.o.payload.sat.eq(sat6)]
 
         sat_count = Signal(self._count_bits)
-        with m.If(self.o.valid & self.o.ready & sat5 & ~sat_count.all()):
+        with m.If(self.o.valid & self.o.ready & sat6 & ~sat_count.all()):
             m.d.sync += sat_count.eq(sat_count + 1)
         m.d.comb += self.sat_count.eq(sat_count)
         return m

@@ -48,8 +48,8 @@ class SFxMacArray(wiring.Component):
     (one idle cycle per tile lets the shadow copy the registered accumulator, which keeps
     it one LUT per bit); and the shadow registers hold one tile, so a ``last`` beat is not
     accepted (``inp.ready`` low while ``inp.payload.last``) until the previous drain has
-    finished. All other beats are accepted at once: with ``K >= rows * cols`` and no
-    stall on :attr:`out`, every PE does one MAC per cycle except one cycle per tile.
+    finished. All other beats are accepted at once: with ``K >= rows * cols + 3`` and
+    no stall on :attr:`out`, every PE does one MAC per cycle except one cycle per tile.
 
     With ``overlap_drain=False`` the PEs have no shadow registers (about a third less
     logic per PE, for FPGAs where area is what matters): the finished sums are read
