@@ -251,7 +251,7 @@ def run_flow(rtlil: str, *, target: str | Target, out_dir: Path | str, freq_mhz:
         if e.step == "nextpnr" and _report.is_fit_error(e.reason):
             res.fits = False
             raise FlowError("fit", f"design does not fit {tgt.name}: {e.reason}", e.log, res) from None
-        raise
+        raise FlowError(e.step, e.reason, e.log, res) from None   # keep the synthesis numbers
     res.files["nextpnr_log"] = out / "nextpnr.log"
     rep = _report.parse_nextpnr_report(out / "report.json")
     res.device = rep["utilization"]
@@ -263,16 +263,21 @@ def run_flow(rtlil: str, *, target: str | Target, out_dir: Path | str, freq_mhz:
         res.messages.append("nextpnr reported no clock (a purely combinational design?)")
 
     if pack:
-        if tgt.family == "ice40":
-            res.seconds["pack"] = run_tool("pack", [_tool("yowasp-icepack"), "top.asc", "top.bin"],
-                                           log=out / "pack.log", cwd=out, timeout=to["pack"])
-            res.files["bitstream"] = out / "top.bin"
-        else:
-            res.seconds["pack"] = run_tool("pack", [_tool("yowasp-ecppack"), "--compress", "top.config", "top.bit"],
-                                           log=out / "pack.log", cwd=out, timeout=to["pack"])
-            res.files["bitstream"] = out / "top.bit"
+        try:
+            _pack(res, tgt, out, to)
+        except FlowError as e:
+            raise FlowError(e.step, e.reason, e.log, res) from None
     res.seconds["total"] = sum(v for k, v in res.seconds.items() if k != "total")
     return res
+
+
+def _pack(res: FlowResult, tgt: Target, out: Path, to: dict) -> None:
+    if tgt.family == "ice40":
+        argv, name = [_tool("yowasp-icepack"), "top.asc", "top.bin"], "top.bin"
+    else:
+        argv, name = [_tool("yowasp-ecppack"), "--compress", "top.config", "top.bit"], "top.bit"
+    res.seconds["pack"] = run_tool("pack", argv, log=out / "pack.log", cwd=out, timeout=to["pack"])
+    res.files["bitstream"] = out / name
 
 
 def module_names(rtlil: str) -> list[str]:

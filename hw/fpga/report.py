@@ -124,7 +124,8 @@ def first_error(log: Path | str) -> str | None:
 
 _FIT_PATTERNS = re.compile(
     r"no BELs remaining|Unable to place|unable to place|too many|Design uses|exceeds|not enough|"
-    r"Failed to find a legal|failed to legali[sz]e|No wires left|has no bel", re.I)
+    r"Failed to find a legal|Unable to find legal placement|utili[sz]ation limit|failed to legali[sz]e|"
+    r"No wires left|has no bel", re.I)
 
 
 def is_fit_error(reason: str) -> bool:

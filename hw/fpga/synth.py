@@ -119,7 +119,8 @@ def synthesize(*, target: str, rows: int, cols: int, a_bits: int, w_bits: int, o
             old = json.loads(cached.read_text())
         except ValueError:
             old = {}
-        if old.get("design_hash") == summary["design_hash"]:
+        # a tool failure (not "does not fit") may be transient: run it again
+        if old.get("design_hash") == summary["design_hash"] and old.get("step") in (None, "fit"):
             old["cached"] = True
             return old
     try:
