@@ -445,9 +445,14 @@ def _targets(d: dict[str, Any], b: Budgets) -> str:
                      f"WASQConfig yet), error-compensating rounding (GPTQ / AdaRound on the SFx grid, "
                      f"`sfx bench ptq`), or a short QAT at SF8 (the lth table's round 0 is one).")
     if abs(w8a8) > 3.0:
-        fixes.append(f"W8A8 is {w8a8:+.2f} %: per-token SF8 activations lose the small channels of tokens with "
-                     f"outliers. SmoothQuant-style migration of activation outliers into the weights, or SF10 "
-                     f"activations for the layers with the largest inputs (down projections), would fix it.")
+        iw = _pct(by["W8A8 int8 (per-token int8 activations)"]["perplexity"], fp)
+        fixes.append(f"W8A8 is {w8a8:+.2f} % (int8 weights and activations: {iw:+.2f} %). SPEC gives each token a "
+                     f"power-of-two exponent (streamed as xexp, no multiplier per row), so a token's largest value "
+                     f"lands anywhere in the upper half of the SF8 range: up to one bit is lost against int8's float "
+                     f"per-token scale, and tokens with outlier channels lose their small channels. Fixes: SF9/SF10 "
+                     f"activations (or only for the layers with the largest inputs, the MLP down projections), "
+                     f"SmoothQuant-style migration of activation outliers into the weights (`sfx bench ptq`), or finer "
+                     f"activation exponents (per token and group of channels).")
     for m in ("fpm", "opt"):
         if not q[m]["perplexity"] < int4:
             fixes.append(f"SF4 {m} ({q[m]['perplexity']:.3f}) is not below int4 RTN ({int4:.3f}) with "
