@@ -51,6 +51,7 @@ def machine_info() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "torch_threads": threads,
         "platform": platform.platform(),
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "versions": {name: ver for name, ver, _ in tool_versions() if ver is not None},
     }
 
@@ -66,7 +67,8 @@ def write_report(out_dir: Path | str, name: str, title: str, sections: list[tupl
     out_dir.mkdir(parents=True, exist_ok=True)
     info = machine_info()
     md = [f"# {title}", "", f"Produced by `{command}` on {info['date']}.", "",
-          f"Machine: {info['cpu']}, {info['cores']} cores, {info['platform']}.", ""]
+          f"Machine: {info['cpu']}, {info['cores']} cores, {info['platform']}; load average (1 min) "
+          f"{info['load_avg_1m']} when the report was written (timings are slower on a loaded machine).", ""]
     for heading, body in sections:
         md += [f"## {heading}", "", body.rstrip(), ""]
     md += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in info["versions"].items()), ""]
