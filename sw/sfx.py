@@ -416,6 +416,22 @@ def _signed_lut(bits: int) -> np.ndarray:
     return _signed_from_codes(c, bits).astype(np.float64)
 
 
+def _check_operands(x_codes: Any, w_codes: Any, a_bits: int, w_bits: int, k_max: int,
+                    allow_empty_k: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Validated ``[T, K]`` activation and ``[N, K]`` weight code matrices."""
+    x = _check_matrix(x_codes, a_bits, "x_codes")
+    w = _check_matrix(w_codes, w_bits, "w_codes")
+    t, k = x.shape
+    n, kw = w.shape
+    if k != kw:
+        raise ValueError(f"x_codes is [T={t}, K={k}] but w_codes is [N={n}, K={kw}]: the K dimensions differ")
+    if k == 0 and not allow_empty_k:
+        raise ValueError("K must be at least 1 (x_codes and w_codes have no columns)")
+    if k > k_max:
+        raise ValueError(f"K={k} exceeds k_max={k_max}: split the reduction or raise k_max")
+    return x, w
+
+
 def _exact_code_matmul(x: np.ndarray, a_bits: int, w: np.ndarray, w_bits: int) -> np.ndarray:
     """Exact integer ``sum_k p(x[t,k], w[n,k])`` of validated codes, int64 ``[T, N]``.
 
@@ -451,14 +467,8 @@ def matmul_acc(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, bias: An
     a_bits = check_bits(a_bits, "a_bits")
     w_bits = check_bits(w_bits, "w_bits")
     k_max = _check_k_max(k_max)
-    x = _check_matrix(x_codes, a_bits, "x_codes")
-    w = _check_matrix(w_codes, w_bits, "w_codes")
-    t, k = x.shape
-    n, kw = w.shape
-    if k != kw:
-        raise ValueError(f"x_codes is [T={t}, K={k}] but w_codes is [N={n}, K={kw}]: the K dimensions differ")
-    if k > k_max:
-        raise ValueError(f"K={k} exceeds k_max={k_max}: split the reduction or raise k_max")
+    x, w = _check_operands(x_codes, w_codes, a_bits, w_bits, k_max, allow_empty_k=True)
+    n = w.shape[0]
     a = accumulator_bits(a_bits, w_bits, k_max)
     blim = (1 << (a - 2)) - 1
     b = np.zeros(n, dtype=np.int64) if bias is None else _broadcast_channel(bias, n, "bias", -blim, blim)
@@ -579,16 +589,8 @@ def check_linear_args(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, o
     k_max = _check_k_max(k_max)
     if not isinstance(relu, (bool, np.bool_)):
         raise TypeError(f"relu must be a bool, got {relu!r}")
-    x = _check_matrix(x_codes, a_bits, "x_codes")
-    w = _check_matrix(w_codes, w_bits, "w_codes")
-    t, k = x.shape
-    n, kw = w.shape
-    if k != kw:
-        raise ValueError(f"x_codes is [T={t}, K={k}] but w_codes is [N={n}, K={kw}]: the K dimensions differ")
-    if k == 0:
-        raise ValueError("K must be at least 1 (x_codes and w_codes have no columns)")
-    if k > k_max:
-        raise ValueError(f"K={k} exceeds k_max={k_max}: split the reduction or raise k_max")
+    x, w = _check_operands(x_codes, w_codes, a_bits, w_bits, k_max, allow_empty_k=False)
+    t, n = x.shape[0], w.shape[0]
     a = accumulator_bits(a_bits, w_bits, k_max)
     blim = (1 << (a - 2)) - 1
     b = np.zeros(n, dtype=np.int64) if bias is None else _broadcast_channel(bias, n, "bias", -blim, blim)

@@ -197,7 +197,8 @@ def linear_case(draw):
     base = f - (o_bits - 1)
     xexp = draw(st.lists(st.integers(-3, 3), min_size=t, max_size=t))
     shift = draw(st.lists(st.integers(max(base - 60, -124), min(base - 3, 124)), min_size=n, max_size=n))
-    bias = draw(st.lists(st.integers(-(1 << 20), 1 << 20), min_size=n, max_size=n))
+    blim = (1 << (sfx.accumulator_bits(a_bits, w_bits) - 2)) - 1  # SPEC 3: |bias| < 2**(A-2)
+    bias = draw(st.lists(st.integers(-blim, blim), min_size=n, max_size=n))
     return dict(x=x, w=w, a_bits=a_bits, w_bits=w_bits, out_bits=o_bits, bias=bias, shift=shift,
                 relu=draw(st.booleans()), rounding=draw(st.sampled_from(ROUNDINGS)), mult=mult, xexp=xexp)
 
