@@ -335,7 +335,6 @@ class QuantizedWeight:
         """float32 ``[N, K]`` real weights (exact per the format's arithmetic)."""
         n, k = self.shape
         if self.fmt.kind == "sfx":
-            e = 0 if self.exponent is None else None
             if self.exponent is not None:
                 eg = np.asarray(self.exponent).reshape(n, -1)
                 if eg.shape[1] == 1:
@@ -345,7 +344,7 @@ class QuantizedWeight:
                     v = sfx.decode(cg.astype(sfx.code_dtype(self.bits)), self.bits, eg[..., None])
                     v = ungroup(torch.from_numpy(v), k).numpy()
                 return torch.from_numpy(np.ascontiguousarray(v)).to(torch.float32)
-            v = sfx.decode(self.codes, self.bits, e)  # float64, exact grid values
+            v = sfx.decode(self.codes, self.bits)  # float64, exact grid values
             s = np.asarray(self.scale, dtype=np.float64).reshape(n, -1)
             if s.shape[1] == 1:
                 out = v * s
