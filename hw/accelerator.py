@@ -187,7 +187,6 @@ class SFxAccelerator(wiring.Component):
         lane_ok = Cat(n_rem > j for j in range(cols))     # channel n0 + j < N
 
         cmd = self.cmd.payload
-        cmd_r = Signal(cmd_layout(p), reset_less=True)
         cmd_bad = Signal(reset_less=True)
         m.d.comb += [
             array.inp.payload.act.eq(self.act.payload.codes),
@@ -210,8 +209,9 @@ class SFxAccelerator(wiring.Component):
                 m.d.comb += self.cmd.ready.eq(1)
                 with m.If(self.cmd.valid):
                     m.d.sync += [
-                        cmd_r.eq(cmd),
                         cmd_bad.eq((cmd.k == 0) | (cmd.k > p.k_max) | (cmd.t == 0) | (cmd.n == 0)),
+                        k_last.eq(cmd.k - 1), n_len.eq(cmd.n), t_rem.eq(cmd.t), n_rem.eq(cmd.n),
+                        op_relu.eq(cmd.relu), op_rnd.eq(cmd.rounding), op_mult.eq(cmd.use_mult),
                     ]
                     m.next = "CHECK"
             with m.State("CHECK"):   # the command acts from registers (timing)
@@ -219,11 +219,7 @@ class SFxAccelerator(wiring.Component):
                     m.d.sync += err.eq(1)
                     m.next = "IDLE"
                 with m.Else():
-                    m.d.sync += [
-                        k_last.eq(cmd_r.k - 1), n_len.eq(cmd_r.n), t_rem.eq(cmd_r.t), n_rem.eq(cmd_r.n),
-                        n_end.eq(cmd_r.n <= cols), t_end.eq(cmd_r.t <= rows),
-                        op_relu.eq(cmd_r.relu), op_rnd.eq(cmd_r.rounding), op_mult.eq(cmd_r.use_mult),
-                    ]
+                    m.d.sync += [n_end.eq(n_rem <= cols), t_end.eq(t_rem <= rows)]
                     m.next = "PAR"
             with m.State("PAR"):
                 m.d.comb += self.par.ready.eq(1)
