@@ -35,6 +35,10 @@ SKIP_FACTOR = 1.25
 BOARD_CONFIG = dict(rows=2, cols=2, a_bits=8)
 TARGET_GOALS = [("ice40-up5k", 8, 4, 40.0), ("ecp5-25k", 8, 8, 100.0)]
 SMALL_K_MAX = 2048
+#: Accelerator variants run (2x2, 4x4, 8x8) for each target goal besides the default
+#: (k_max 16384, overlapped drain): (k_max, overlap_drain).
+GOAL_VARIANTS = {"ice40-up5k": [(16384, False), (SMALL_K_MAX, True), (SMALL_K_MAX, False)],
+                 "ecp5-25k": [(SMALL_K_MAX, True)]}
 #: 8x8 PE arrays (slow to place and route on 2 cores) only at the targets' widths; LUTs of
 #: the arrays grow linearly with the PE count (2x2 -> 4x4), so 4x4 carries the comparison.
 BIG_ARRAYS = {("ice40-up5k", 4), ("ecp5-25k", 8)}
@@ -42,7 +46,8 @@ BIG_ARRAYS = {("ice40-up5k", 4), ("ecp5-25k", 8)}
 
 def _job_dir(job: dict) -> Path:
     return (build_root() / "fpga" / "bench" / job["target"] /
-            f"{job['kind']}-{job['n']}x{job['n']}-sf{job['bits']}-k{job['k_max']}")
+            f"{job['kind']}-{job['n']}x{job['n']}-sf{job['bits']}-k{job['k_max']}"
+            f"{'' if job.get('overlap', True) else '-nooverlap'}")
 
 
 def _run_job(job: dict) -> dict:
@@ -50,7 +55,8 @@ def _run_job(job: dict) -> dict:
 
     t0 = time.perf_counter()
     s = synthesize(target=job["target"], rows=job["n"], cols=job["n"], a_bits=job["bits"], w_bits=job["bits"],
-                   out_bits=job["bits"], k_max=job["k_max"], kind=job["kind"], out_dir=_job_dir(job), cache=True)
+                   out_bits=job["bits"], k_max=job["k_max"], kind=job["kind"], out_dir=_job_dir(job), cache=True,
+                   overlap_drain=job.get("overlap", True))
     s["wall_s"] = round(time.perf_counter() - t0, 2)
     s["job"] = job
     return s
@@ -69,7 +75,7 @@ def _estimate(results: dict, job: dict) -> float | None:
     """LUTs of an n x n job extrapolated from the 2x2 and 4x4 runs of the same kind/width/target."""
     pts = []
     for m in (2, 4):
-        r = results.get((job["target"], job["kind"], m, job["bits"], job["k_max"]))
+        r = results.get((job["target"], job["kind"], m, job["bits"], job["k_max"], job.get("overlap", True)))
         if r and r.get("luts"):
             pts.append((m * m, r["luts"]))
     if len(pts) < 2:
@@ -95,14 +101,15 @@ def _jobs(quick: bool) -> tuple[list[dict], list[dict]]:
                     (first if n < 8 else second).append(job)
     if not quick:
         for target, n, bits, _ in TARGET_GOALS:
-            for m in (2, 4):
-                first.append(dict(target=target, kind="accel", n=m, bits=bits, k_max=SMALL_K_MAX))
-            second.append(dict(target=target, kind="accel", n=n, bits=bits, k_max=SMALL_K_MAX))
+            for k_max, overlap in GOAL_VARIANTS[target]:
+                for m in (2, 4):
+                    first.append(dict(target=target, kind="accel", n=m, bits=bits, k_max=k_max, overlap=overlap))
+                second.append(dict(target=target, kind="accel", n=n, bits=bits, k_max=k_max, overlap=overlap))
     return first, second
 
 
 def _key(job: dict) -> tuple:
-    return (job["target"], job["kind"], job["n"], job["bits"], job["k_max"])
+    return (job["target"], job["kind"], job["n"], job["bits"], job["k_max"], job.get("overlap", True))
 
 
 def _pool_map(fn, items, workers: int = 2):
@@ -135,14 +142,15 @@ def run(out_dir: Path, quick: bool) -> None:
     for job in skipped:
         results[_key(job)] = {"job": job, "target": job["target"], "kind": job["kind"],
                               "config": f"{job['n']}x{job['n']} SF{job['bits']}", "k_max": job["k_max"],
+                              "overlap_drain": job.get("overlap", True),
                               "skipped": f"not run: about {job['estimate']} LUT4 extrapolated from 2x2/4x4, "
                                          f"> {SKIP_FACTOR}x the device's {TARGETS[job['target']].capacity['luts']}"}
     boards = [] if quick else _pool_map(_run_board, ["icebreaker", "ulx3s-25f", "orangecrab-25f"])
     for b in boards:
         print(f"  board {b['board']}: {b.get('wall_s')} s, Fmax {b.get('fmax_mhz')}, {b.get('error', 'ok')}", flush=True)
 
-    rows = sorted(results.values(), key=lambda r: (r["target"], r["job"]["bits"], r["job"]["n"], r["job"]["k_max"],
-                                                  KINDS.index(r["kind"])))
+    rows = sorted(results.values(), key=lambda r: (r["target"], r["job"]["bits"], r["job"]["n"], -r["job"]["k_max"],
+                                                  not r["job"].get("overlap", True), KINDS.index(r["kind"])))
     sections = [("What was run", _what(quick, results, skipped, time.perf_counter() - t_start))]
     sections.append(("Targets", _targets(results)))
     for target in TARGETS:
@@ -184,17 +192,18 @@ def _accel_table(rows, target, markdown_table) -> str:
         if r["target"] != target or r["kind"] != "accel":
             continue
         j = r["job"]
+        ov = "yes" if j.get("overlap", True) else "no"
         if r.get("skipped"):
-            out.append([r["config"], j["k_max"], "-", "-", "-", "-", "-", "-", "-", "-", r["skipped"], "-"])
+            out.append([r["config"], j["k_max"], ov, "-", "-", "-", "-", "-", "-", "-", "-", r["skipped"], "-"])
             continue
         plan = r.get("dsp_plan") or {}
         cp = r.get("critical_path")
         cps = f"{cp['from']} -> {cp['to']} ({cp['delay_ns']} ns, {cp['logic_levels']} cells)" if cp else "-"
-        out.append([r["config"], j["k_max"], r.get("acc_bits"), r.get("luts"), r.get("ffs"),
+        out.append([r["config"], j["k_max"], ov, r.get("acc_bits"), r.get("luts"), r.get("ffs"),
                     f"{r.get('dsps')} ({plan.get('dsp_pes')} PEs{', clamp' if plan.get('clamp_impl') == 'dsp' else ''})",
                     r.get("brams"), r.get("device_logic") or "-", r.get("fmax_mhz") or "-",
                     r.get("peak_gmacs") or "-", _fmt_fit(r) + (f": {r['error'][:90]}" if r.get("error") else ""), cps])
-    return markdown_table(["config", "k_max", "A", "LUT4", "FF", "DSP", "BRAM", "logic used (with wrapper)",
+    return markdown_table(["config", "k_max", "overlap", "A", "LUT4", "FF", "DSP", "BRAM", "logic used (with wrapper)",
                            "Fmax MHz", "peak GMAC/s", "fits", "critical path"], out)
 
 
@@ -227,11 +236,12 @@ def _targets(results: dict) -> str:
 
     lines = []
     for target, n, bits, goal in TARGET_GOALS:
-        for k in (sfx.DEFAULT_K_MAX, SMALL_K_MAX):
-            r = results.get((target, "accel", n, bits, k))
+        for k, overlap in [(sfx.DEFAULT_K_MAX, True), *GOAL_VARIANTS[target]]:
+            r = results.get((target, "accel", n, bits, k, overlap))
             if r is None:
                 continue
-            what = f"{n}x{n} SF{bits} on {target} (k_max {k}), goal >= {goal:g} MHz"
+            what = (f"{n}x{n} SF{bits} on {target} (k_max {k}{', no overlapped drain' if not overlap else ''}), "
+                    f"goal >= {goal:g} MHz")
             if r.get("skipped"):
                 lines.append(f"* {what}: {r['skipped']}.")
             elif r.get("error"):
@@ -327,7 +337,9 @@ def _notes() -> str:
             "A x 16 multiplier is on DSPs). The PE arrays use logic multipliers only.\n"
             "* SM saves = 1 - LUT4(sign-magnitude) / LUT4(two's complement), same array, same accumulator width "
             "A = sfx.accumulator_bits(x, x, k_max).\n"
-            "* k_max sets the accumulator width A (SPEC section 3): 16384 (default) or 2048.")
+            "* k_max sets the accumulator width A (SPEC section 3): 16384 (default) or 2048. overlap: the "
+            "accelerator's overlapped drain (shadow registers, the default); without it the PEs are smaller and "
+            "the array stalls while a tile drains (`--no-overlap-drain`).")
 
 
 def main() -> None:  # pragma: no cover - manual helper

@@ -51,7 +51,7 @@ class UARTBridge(wiring.Component):
 
     Parameters
     ----------
-    rows, cols, a_bits, w_bits, out_bits, k_max, dsp_pes, clamp_impl
+    rows, cols, a_bits, w_bits, out_bits, k_max, dsp_pes, clamp_impl, overlap_drain
         Those of :class:`superfloat.hw.accelerator.SFxAccelerator`.
     divisor : int
         UART bit time in clock cycles (>= 4).
@@ -72,7 +72,8 @@ class UARTBridge(wiring.Component):
 
     def __init__(self, *, rows: int, cols: int, a_bits: int, w_bits: int, out_bits: int,
                  k_max: int = sfx.DEFAULT_K_MAX, dsp_pes: int = 0, clamp_impl: str = "dsp", divisor: int,
-                 fifo_depth: int | None = None, credit_chunk: int | None = None, idle_timeout: int = 1 << 22):
+                 fifo_depth: int | None = None, credit_chunk: int | None = None, idle_timeout: int = 1 << 22,
+                 overlap_drain: bool = True):
         self._params = AccelParams(rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, out_bits=out_bits,
                                    k_max=k_max)
         self._dsp_pes = check_int(dsp_pes, "dsp_pes", 0, rows * cols)
@@ -80,6 +81,9 @@ class UARTBridge(wiring.Component):
         self._divisor = check_int(divisor, "divisor", MIN_DIVISOR, 1 << 24)
         self._layout = link_layout(self._params, fifo_depth=fifo_depth, credit_chunk=credit_chunk)
         self._idle_timeout = check_int(idle_timeout, "idle_timeout", 16, 1 << 32)
+        if not isinstance(overlap_drain, bool):
+            raise TypeError(f"overlap_drain must be a bool, got {overlap_drain!r}")
+        self._overlap = overlap_drain
         super().__init__({
             "rx": In(1, init=1),
             "tx": Out(1, init=1),
@@ -107,8 +111,9 @@ class UARTBridge(wiring.Component):
         m.submodules.utx = utx = UARTTx(divisor=self._divisor)
         fifo = SyncFIFOBuffered(width=8, depth=lay.fifo_depth)
         m.submodules.fifo = ResetInserter(abort)(fifo)
+        extra = {} if self._overlap else {"overlap_drain": False}
         accel = SFxAccelerator(rows=p.rows, cols=p.cols, a_bits=p.a_bits, w_bits=p.w_bits, out_bits=p.out_bits,
-                               k_max=p.k_max, dsp_pes=self._dsp_pes, clamp_impl=self._clamp_impl)
+                               k_max=p.k_max, dsp_pes=self._dsp_pes, clamp_impl=self._clamp_impl, **extra)
         m.submodules.accel = ResetInserter(soft_rst | abort)(accel)
 
         flags = {name: Signal(name=f"flag_{name}") for name in ("overflow", "framing", "bad_type", "aborted")}

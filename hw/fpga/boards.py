@@ -116,7 +116,7 @@ def generated_constraints(name: str) -> str:
 def build_board(name: str, *, rows: int = 2, cols: int = 2, a_bits: int = 8, w_bits: int | None = None,
                 out_bits: int | None = None, k_max: int = sfx.DEFAULT_K_MAX, baud: int | None = None,
                 dsp_budget: int | None = None, out_dir: Path | str | None = None,
-                timeout: float | None = None) -> dict[str, Any]:
+                timeout: float | None = None, overlap_drain: bool = True) -> dict[str, Any]:
     """Build the bitstream of the board top; return a report dict with ``bitstream`` (path),
     ``fmax_mhz``, ``clock_mhz``, ``met_timing``, resources, ``dsp_plan`` and ``seconds``,
     or ``error`` / ``step`` on failure. Bad parameters raise ``ValueError``."""
@@ -132,20 +132,22 @@ def build_board(name: str, *, rows: int = 2, cols: int = 2, a_bits: int = 8, w_b
     divisor_for(clk_hz, baud)   # validates the baud rate early
     plan = plan_dsp_pes(b.target, rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, k_max=k_max, budget=dsp_budget)
     kw = dict(rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, out_bits=out_bits, k_max=k_max,
-              dsp_pes=plan.dsp_pes, clamp_impl=plan.clamp_impl)
+              dsp_pes=plan.dsp_pes, clamp_impl=plan.clamp_impl, overlap_drain=overlap_drain)
     from superfloat.hw.interface import AccelParams
     AccelParams(rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, out_bits=out_bits, k_max=k_max)  # checks
     t0 = time.perf_counter()
     files = _prepare(name, BoardTop(bridge_kwargs=kw, baud=baud))
     if out_dir is None:
-        out_dir = build_root() / "fpga" / "board" / f"{name}-{rows}x{cols}-a{a_bits}w{w_bits}o{out_bits}-k{k_max}-{baud}"
+        out_dir = (build_root() / "fpga" / "board" /
+                   f"{name}-{rows}x{cols}-a{a_bits}w{w_bits}o{out_bits}-k{k_max}-{baud}{'' if overlap_drain else '-nooverlap'}")
     out_dir = Path(out_dir)
     from .synth import config_name
 
     rep: dict[str, Any] = {"board": name, "config": config_name(rows, cols, a_bits, w_bits, out_bits),
                            "rows": rows, "cols": cols, "a_bits": a_bits, "w_bits": w_bits, "out_bits": out_bits,
                            "k_max": k_max, "baud": baud, "clock_mhz": clk_hz / 1e6, "port_hint": b.port_hint,
-                           "dsp_plan": plan.as_dict(), "dsp_pes": plan.dsp_pes, "out_dir": str(out_dir),
+                           "dsp_plan": plan.as_dict(), "dsp_pes": plan.dsp_pes, "overlap_drain": overlap_drain,
+                           "out_dir": str(out_dir),
                            "constraints": str(b.constraints_path), "met_timing": False, "fmax_mhz": None}
     cons = b.constraints_path
     if not cons.is_file():

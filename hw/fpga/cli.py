@@ -30,6 +30,8 @@ def _add_array_args(p: argparse.ArgumentParser, *, rows: int, cols: int, bits: i
                    help=f"longest reduction the hardware accepts (default {sfx.DEFAULT_K_MAX})")
     p.add_argument("--dsp-budget", type=int, default=None,
                    help="use at most this many DSP blocks (default: all of the device)")
+    p.add_argument("--no-overlap-drain", dest="overlap_drain", action="store_false",
+                   help="accelerator without shadow registers: smaller PEs, the array stalls while a tile drains")
 
 
 def _widths(args):
@@ -54,7 +56,8 @@ def cmd_synth(args) -> int:
     try:
         s = synthesize(target=args.target, rows=args.rows, cols=args.cols, a_bits=a, w_bits=w, out_bits=o,
                        k_max=args.k_max, freq_mhz=args.freq, dsp_budget=args.dsp_budget, kind=args.design,
-                       out_dir=(out_dir / "flow") if out_dir else None, timeouts=timeouts, seed=args.seed)
+                       out_dir=(out_dir / "flow") if out_dir else None, timeouts=timeouts, seed=args.seed,
+                       overlap_drain=args.overlap_drain)
     except (ValueError, TypeError) as e:
         _err(str(e))
         return EXIT_USAGE
@@ -98,7 +101,8 @@ def cmd_build_board(args) -> int:
     try:
         r = build_board(args.board, rows=args.rows, cols=args.cols, a_bits=a, w_bits=w, out_bits=o,
                         k_max=args.k_max, baud=args.baud, dsp_budget=args.dsp_budget,
-                        out_dir=Path(args.out) if args.out else None, timeout=args.timeout)
+                        out_dir=Path(args.out) if args.out else None, timeout=args.timeout,
+                        overlap_drain=args.overlap_drain)
     except (ValueError, TypeError) as e:
         _err(str(e))
         return EXIT_USAGE

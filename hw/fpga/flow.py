@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -239,12 +240,16 @@ def run_flow(rtlil: str, *, target: str | Target, out_dir: Path | str, freq_mhz:
     args = [_tool(tgt.nextpnr), *(nextpnr_args if nextpnr_args is not None else tgt.nextpnr_args),
             "--json", "synth.json", "--report", "report.json", "--freq", f"{freq_mhz:g}",
             "--timing-allow-fail", "--seed", str(seed)]
+    if constraints:   # copied beside the netlist: YoWASP tools may not see every host path (e.g. /tmp)
+        cons = Path(constraints)
+        local = "constraints" + cons.suffix
+        shutil.copyfile(cons, out / local)
     if tgt.family == "ice40":
         args += ["--asc", "top.asc"]
-        args += ["--pcf", str(Path(constraints).resolve())] if constraints else ["--pcf-allow-unconstrained"]
+        args += ["--pcf", local] if constraints else ["--pcf-allow-unconstrained"]
     else:
         args += ["--textcfg", "top.config"]
-        args += ["--lpf", str(Path(constraints).resolve())] if constraints else ["--lpf-allow-unconstrained"]
+        args += ["--lpf", local] if constraints else ["--lpf-allow-unconstrained"]
     try:
         res.seconds["nextpnr"] = run_tool("nextpnr", args, log=out / "nextpnr.log", cwd=out, timeout=to["nextpnr"])
     except FlowError as e:

@@ -44,7 +44,7 @@ def config_name(rows: int, cols: int, a_bits: int, w_bits: int, out_bits: int) -
 
 
 def build_core(kind: str, *, rows: int, cols: int, a_bits: int, w_bits: int, out_bits: int,
-               k_max: int, plan: DspPlan | None):
+               k_max: int, plan: DspPlan | None, overlap_drain: bool = True):
     """The core component: the accelerator with the plan's ``dsp_pes`` / clamp, or a PE array."""
     if kind == "accel":
         from superfloat.hw.accelerator import SFxAccelerator
@@ -52,6 +52,8 @@ def build_core(kind: str, *, rows: int, cols: int, a_bits: int, w_bits: int, out
         kw: dict[str, Any] = {"dsp_pes": plan.dsp_pes if plan else 0}
         if plan is not None:
             kw["clamp_impl"] = plan.clamp_impl
+        if not overlap_drain:   # (only passed when off: older accelerators lack the option)
+            kw["overlap_drain"] = False
         return SFxAccelerator(rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, out_bits=out_bits,
                               k_max=k_max, **kw)
     if kind in ("sm-array", "tc-array"):
@@ -64,7 +66,7 @@ def build_core(kind: str, *, rows: int, cols: int, a_bits: int, w_bits: int, out
 def synthesize(*, target: str, rows: int, cols: int, a_bits: int, w_bits: int, out_bits: int | None = None,
                k_max: int = sfx.DEFAULT_K_MAX, freq_mhz: float | None = None, dsp_budget: int | None = None,
                kind: str = "accel", out_dir: Path | str | None = None, timeouts: dict | None = None,
-               seed: int = 1, cache: bool = False) -> dict[str, Any]:
+               seed: int = 1, cache: bool = False, overlap_drain: bool = True) -> dict[str, Any]:
     """Build and synthesize one design; return its summary (the ``--json`` object).
 
     The summary always has ``target``, ``kind``, ``config``, ``fits``, ``fmax_mhz``,
@@ -73,7 +75,8 @@ def synthesize(*, target: str, rows: int, cols: int, a_bits: int, w_bits: int, o
     (the numbers known so far are kept). Bad parameters raise ``ValueError`` /
     ``TypeError`` before any tool runs.
 
-    With ``cache``, a previous summary in ``out_dir`` made from the same RTLIL, target,
+    ``overlap_drain=False`` builds the accelerator without shadow registers (smaller PEs; the
+    array stalls while a tile drains). With ``cache``, a previous summary in ``out_dir`` made from the same RTLIL, target,
     clock, seed and tool versions is returned without running the tools (``cached``).
     """
     tgt = get_target(target)
@@ -93,8 +96,10 @@ def synthesize(*, target: str, rows: int, cols: int, a_bits: int, w_bits: int, o
     if kind == "accel":
         plan = plan_dsp_pes(tgt.name, rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, k_max=k_max,
                             budget=dsp_budget)
+    if not isinstance(overlap_drain, bool):
+        raise TypeError(f"overlap_drain must be a bool, got {overlap_drain!r}")
     core = build_core(kind, rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, out_bits=out_bits,
-                      k_max=k_max, plan=plan)
+                      k_max=k_max, plan=plan, overlap_drain=overlap_drain)
     wrapper = ScanWrapper(core)
     text = rtlil.convert(wrapper, name="top", emit_src=False)
     cfg = config_name(rows, cols, a_bits, w_bits, out_bits)
@@ -102,6 +107,8 @@ def synthesize(*, target: str, rows: int, cols: int, a_bits: int, w_bits: int, o
         slug = f"{kind}-{rows}x{cols}-a{a_bits}w{w_bits}o{out_bits}-k{k_max}"
         if plan is not None:
             slug += f"-d{plan.dsp_pes}{plan.clamp_impl[0]}"
+        if not overlap_drain and kind == "accel":
+            slug += "-nooverlap"
         out_dir = build_root() / "fpga" / "synth" / tgt.name / slug
     summary: dict[str, Any] = {
         "target": tgt.name, "kind": kind, "config": cfg, "rows": rows, "cols": cols, "a_bits": a_bits,
@@ -109,6 +116,7 @@ def synthesize(*, target: str, rows: int, cols: int, a_bits: int, w_bits: int, o
         "freq_target_mhz": freq, "freq_explicit": explicit_freq, "fits": False, "fmax_mhz": None,
         "met_timing": False, "luts": None, "ffs": None, "dsps": None, "brams": None,
         "dsp_pes": plan.dsp_pes if plan else 0, "dsp_plan": plan.as_dict() if plan else None,
+        "overlap_drain": overlap_drain,
         "wrapper": {"scan_in_bits": wrapper.in_bits, "observed_out_bits": wrapper.out_bits},
         "out_dir": str(out_dir),
         "design_hash": _design_hash(text, tgt.name, freq, seed, kind),
