@@ -24,7 +24,7 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from superfloat.hw._checks import check_bits, check_impl, check_int
+from superfloat.hw._checks import check_bits, check_impl, check_int, checking
 from superfloat.hw.pe import SFxPE
 from superfloat.sw import sfx
 
@@ -59,9 +59,10 @@ class TwosComplementMultiplier(wiring.Component):
     """
 
     def __init__(self, *, a_width: int, b_width: int, impl: str = "lut"):
-        self._a_width = check_int(a_width, "a_width", 2, 64)
-        self._b_width = check_int(b_width, "b_width", 2, 64)
-        self._impl = check_impl(impl)
+        with checking(self):
+            self._a_width = check_int(a_width, "a_width", 2, 64)
+            self._b_width = check_int(b_width, "b_width", 2, 64)
+            self._impl = check_impl(impl)
         super().__init__({
             "a": In(signed(self._a_width)),
             "b": In(signed(self._b_width)),
@@ -119,10 +120,11 @@ class TwosComplementPE(wiring.Component):
     """
 
     def __init__(self, *, a_bits: int, w_bits: int, acc_bits: int, impl: str = "lut", clear: bool | None = None):
-        self._a_bits = check_bits(a_bits, "a_bits")
-        self._w_bits = check_bits(w_bits, "w_bits")
-        self._acc_bits = check_int(acc_bits, "acc_bits", a_bits + w_bits, 64)
-        self._impl = check_impl(impl)
+        with checking(self):
+            self._a_bits = check_bits(a_bits, "a_bits")
+            self._w_bits = check_bits(w_bits, "w_bits")
+            self._acc_bits = check_int(acc_bits, "acc_bits", a_bits + w_bits, 64)
+            self._impl = check_impl(impl)
         self._clear = _sm_pe_has_clear() if clear is None else bool(clear)
         ctl = {"clear": In(1)} if self._clear else {"first": In(1), "capture": In(1)}
         super().__init__({
@@ -198,15 +200,16 @@ class PEArrayCore(wiring.Component):
 
     def __init__(self, *, kind: str, rows: int, cols: int, a_bits: int, w_bits: int,
                  k_max: int = sfx.DEFAULT_K_MAX, impl: str = "lut"):
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
-        self._kind = kind
-        self._rows = check_int(rows, "rows", 1, 64)
-        self._cols = check_int(cols, "cols", 1, 64)
-        self._a_bits = check_bits(a_bits, "a_bits")
-        self._w_bits = check_bits(w_bits, "w_bits")
-        self._k_max = check_int(k_max, "k_max", 1, sfx.K_MAX_LIMIT)
-        self._impl = check_impl(impl)
+        with checking(self):
+            if kind not in KINDS:
+                raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
+            self._kind = kind
+            self._rows = check_int(rows, "rows", 1, 64)
+            self._cols = check_int(cols, "cols", 1, 64)
+            self._a_bits = check_bits(a_bits, "a_bits")
+            self._w_bits = check_bits(w_bits, "w_bits")
+            self._k_max = check_int(k_max, "k_max", 1, sfx.K_MAX_LIMIT)
+            self._impl = check_impl(impl)
         self._acc_bits = sfx.accumulator_bits(a_bits, w_bits, k_max)
         super().__init__({
             "act": In(data.ArrayLayout(self._a_bits, self._rows)),

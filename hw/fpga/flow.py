@@ -138,12 +138,40 @@ def _tool(name: str) -> str:
     return path
 
 
+_WARM: set[str] = set()
+
+
+def _warm(exe: str, timeout: float) -> None:
+    """Run a YoWASP tool once under a file lock, so that concurrent processes (pytest-xdist
+    workers, bench workers) do not all compile the same WebAssembly at once: the first
+    compiles into ``YOWASP_CACHE_DIR``, the others wait and then load the cache."""
+    name = Path(exe).name
+    if name in _WARM or not name.startswith("yowasp-"):
+        return
+    import fcntl
+
+    env = yowasp_env()
+    cache = Path(env["YOWASP_CACHE_DIR"])
+    cache.mkdir(parents=True, exist_ok=True)
+    flag = "-V" if "yosys" in name else "--version" if "nextpnr" in name else "--help"
+    with open(cache / f".warm-{name}.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            subprocess.run([exe, flag], capture_output=True, env=env, timeout=timeout)
+        except (OSError, subprocess.SubprocessError):
+            pass   # the real run reports any problem
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+    _WARM.add(name)
+
+
 def run_tool(step: str, argv: Sequence[str], *, log: Path, cwd: Path, timeout: float) -> float:
     """Run ``argv`` with output to ``log``; kill its process group after ``timeout`` s.
 
     Returns the seconds taken. Raises :class:`FlowError` on a timeout or non-zero exit
     (the reason is the first ``ERROR`` line of the log when there is one).
     """
+    _warm(argv[0], timeout)
     t0 = time.perf_counter()
     with open(log, "wb") as f:
         proc = subprocess.Popen(list(argv), cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=yowasp_env(),

@@ -85,7 +85,7 @@ class ScanWrapper(wiring.Component):
 
     def __init__(self, core: wiring.Component):
         if not isinstance(core, wiring.Component):
-            self._MustUse__silence = True   # never elaborated: no "created but never used" warning
+            self._MustUse__used = True   # rejected: no "created but never used" warning
             raise TypeError(f"core must be an amaranth.lib.wiring.Component, got {type(core).__name__}")
         self._core = core
         ins, outs = _leaves(core)
