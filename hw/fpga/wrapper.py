@@ -14,11 +14,9 @@ places it inside :class:`ScanWrapper`:
   core crosses more than one LUT before a register, so the wrapper does not limit Fmax.
 
 Ports: ``scan_in``, ``scan_en`` In(1), ``scan_out`` Out(1), plus ``clk`` and ``rst``.
-The wrapper's own logic is one submodule (``top.scan``) that the flow keeps as its own
-hierarchy level (``keep_hierarchy``), while the core is flattened into ``top``: the
-cells of module ``top`` are exactly the core's, those of ``top.scan`` the wrapper's.
-(Keeping the core itself as a level instead triggers a Yosys 0.70 ABC9 assertion on
-large ECP5 designs.)
+The core is the submodule ``top.core`` (the wrapper's own logic is ``top.scan``). The flow
+synthesizes ``top.core`` alone for the core's cell counts and the whole design, flat,
+for place and route (see :func:`superfloat.hw.fpga.flow.run_flow`).
 """
 from __future__ import annotations
 
@@ -30,8 +28,7 @@ __all__ = ["ScanWrapper", "CORE_NAME", "SCAN_NAME"]
 
 #: Name of the core submodule (the RTLIL module is ``top.core``).
 CORE_NAME = "core"
-#: Name of the wrapper's own logic (``top.scan``, kept as its own level by the flow, so
-#: that the cells left in ``top`` after flattening are exactly the core's).
+#: Name of the wrapper's own logic (``top.scan``).
 SCAN_NAME = "scan"
 
 _MISR_WIDTH = 32
