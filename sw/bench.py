@@ -57,18 +57,22 @@ def machine_info() -> dict[str, Any]:
 
 
 def write_report(out_dir: Path | str, name: str, title: str, sections: list[tuple[str, str]],
-                 data: dict[str, Any], command: str) -> tuple[Path, Path]:
+                 data: dict[str, Any], command: str, machine: dict[str, Any] | None = None
+                 ) -> tuple[Path, Path]:
     """Write ``<out_dir>/<name>.md`` and ``.json``.
 
     ``sections`` is a list of ``(heading, markdown body)``; ``data`` is the raw numbers.
-    The command that produced the file is written at the top of both.
+    The command that produced the file is written at the top of both. ``machine`` (the
+    ``machine`` record of an earlier report) re-renders a report without measuring again:
+    date, machine and versions stay those of the measurement.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    info = machine_info()
+    info = machine_info() if machine is None else machine
+    load = (f"; load average (1 min) {info['load_avg_1m']} when the report was written (timings are slower "
+            f"on a loaded machine)" if "load_avg_1m" in info else "")
     md = [f"# {title}", "", f"Produced by `{command}` on {info['date']}.", "",
-          f"Machine: {info['cpu']}, {info['cores']} cores, {info['platform']}; load average (1 min) "
-          f"{info['load_avg_1m']} when the report was written (timings are slower on a loaded machine).", ""]
+          f"Machine: {info['cpu']}, {info['cores']} cores, {info['platform']}{load}.", ""]
     for heading, body in sections:
         md += [f"## {heading}", "", body.rstrip(), ""]
     md += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in info["versions"].items()), ""]

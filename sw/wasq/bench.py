@@ -257,7 +257,7 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str = MODEL, budgets
     return data
 
 
-def _render(out_dir: Path, data: dict[str, Any], b: Budgets) -> None:
+def _render(out_dir: Path, data: dict[str, Any], b: Budgets, machine: dict[str, Any] | None = None) -> None:
     from ..bench import markdown_table, write_report
 
     fig_dir = Path(out_dir) / "wasq"
@@ -271,12 +271,14 @@ def _render(out_dir: Path, data: dict[str, Any], b: Budgets) -> None:
     quick = bool(data.get("quick"))
     cmd = "sfx bench wasq" + (" --quick" if quick else "")
     write_report(out_dir, "wasq", f"WASQ on {data['model']}: SFx post-training quantization and QAT"
-                 + (" (quick smoke run: budgets too small to mean anything)" if quick else ""), sections, data, cmd)
+                 + (" (quick smoke run: budgets too small to mean anything)" if quick else ""), sections, data, cmd,
+                 machine=machine)
 
 
 def rerender(out_dir: Path | str) -> None:
     """Rewrite ``wasq.md`` and the figures from the numbers in ``wasq.json`` (no new
-    measurement; for report wording changes). The measurement date is kept in the text."""
+    measurement; for report wording changes). Date, machine and versions stay those of the
+    measurement."""
     import json
 
     out_dir = Path(out_dir)
@@ -285,7 +287,7 @@ def rerender(out_dir: Path | str) -> None:
     data.setdefault("measured_at", saved.get("machine", {}).get("date"))
     fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data["budgets"].items()}
     known = set(Budgets.__dataclass_fields__)
-    _render(out_dir, data, Budgets(**{k: v for k, v in fields.items() if k in known}))
+    _render(out_dir, data, Budgets(**{k: v for k, v in fields.items() if k in known}), machine=saved.get("machine"))
 
 
 # --------------------------------------------------------------------------- report
@@ -309,7 +311,7 @@ def _sections(d: dict[str, Any], b: Budgets, eval_cmd: str, ft_cmd: str, table) 
         f"{d['context']}, {b.epochs} shot(s) (epochs), AdamW lr {b.lr:g}, {b.warmup} warm-up step(s), cosine decay, "
         f"batch 1, fp32 master weights, dropout off. Quantization: weight-only, per output channel, float scales "
         f"(the default) unless noted.",
-        f"* Measured {d.get('measured_at', '?')} (the header's date is when this page was written). "
+        f"* Measured {d.get('measured_at', '?')}. "
         f"Machine load: torch threads {d['torch_threads']}, load average at start "
         f"{', '.join(f'{x:.1f}' for x in d['load_average_at_start']) if d['load_average_at_start'] else 'n/a'} "
         f"(the 2 cores are shared; timings are noisy, ratios measured back to back). Whole bench: "
