@@ -61,7 +61,7 @@ def run(out_dir: Path, quick: bool = False) -> dict:
             reports[w]["quant_config_label"] = config.describe()
         if not quick:
             ck = ckroot / "smollm2-135m-sf8"
-            print(f"[bench cosim] SF8: the whole forward pass (every linear layer) on the RTL", file=sys.stderr,
+            print("[bench cosim] SF8: the whole forward pass (every linear layer) on the RTL", file=sys.stderr,
                   flush=True)
             full = cosim(ck, "all", prompt=PROMPT, tokens=tokens, simulator=simulator, rows=rows, cols=cols, jobs=2,
                          float_model=float_model, progress=True, fmax_sources=[out_dir / "fpga.json"])

@@ -35,7 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"superfloat {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMAND_MODULES:
+    register_modules(sub, SUBCOMMAND_MODULES)
+    return parser
+
+
+def register_modules(sub, names) -> None:
+    """Import each module of ``names`` and call its ``register(sub)``; a module that is not
+    installed is skipped (an import error inside an installed module is raised)."""
+    for name in names:
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as e:
@@ -43,7 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         mod.register(sub)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,7 +47,6 @@ def _verilator() -> str | None:
 
 def tool_versions() -> list[tuple[str, str | None, str]]:
     """``(tool, version or None, how to install)`` for every tool the project uses."""
-    venv_hint = "make setup  (or: pip install -e '.[dev]')"
     return [
         ("python", platform.python_version(), ""),
         ("numpy", _dist_version("numpy"), "pip install numpy"),

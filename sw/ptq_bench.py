@@ -53,7 +53,7 @@ def _eval_cmd(method: str, w: int, a: int | None, codes: str, b: dict[str, Any])
 def run(out_dir: Path | str, quick: bool = False) -> None:
     import torch
 
-    from .bench import markdown_table, write_report
+    from .bench import write_report
     from .ptq_cli import _ppl, run_clip_analysis
     from .wasq.config import WASQConfig
     from .wasq.data import calibration_batches, load_text, tokenize

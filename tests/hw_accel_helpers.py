@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from superfloat.hw.interface import (ROUNDING_CODES, AccelParams, act_layout, cmd_layout, pack_lanes,
+from superfloat.hw.interface import (ROUNDING_CODES, AccelParams, cmd_layout, pack_lanes,
                                      par_lane_layout, tile_schedule)
 from superfloat.sw import sfx
 

@@ -17,7 +17,7 @@ from superfloat.hw.mac_array import SFxMacArray
 from superfloat.hw.pe import SFxMagnitudeMultiplier, SFxPE
 from superfloat.hw.interface import AccelParams
 
-from hw_accel_helpers import Op, bad_cmd_beat, check_results, op_beats, random_op, run_ops
+from hw_accel_helpers import bad_cmd_beat, check_results, op_beats, random_op, run_ops
 from hw_stream_helpers import Sink, Source, make_sim, run_streams
 
 

@@ -4,19 +4,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from superfloat.sw import cli
 
 TINY = ["-m", "tiny-llama", "--max-tokens", "200", "--calib-tokens", "128", "--context", "64", "--search-tokens", "32"]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _json(capsys) -> dict:

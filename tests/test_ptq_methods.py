@@ -15,7 +15,7 @@ from superfloat.sw.wasq.ptq import (Calibration, PTQConfig, PTQLinear, load_pack
 from superfloat.sw.wasq.ptq.adaround import adaround_levels, output_error_rows
 from superfloat.sw.wasq.ptq.awq import awq_scale_, choose_group_sizes, clip_search
 from superfloat.sw.wasq.ptq.clipping import calibrate_act, candidate_ranges
-from superfloat.sw.wasq.ptq.graph import linear_weight, scale_groups
+from superfloat.sw.wasq.ptq.graph import scale_groups
 from superfloat.sw.wasq.ptq.mixed_precision import allocate_bits
 from superfloat.sw.wasq.ptq.quantizers import ActQuantizer, WeightFormat, quantize_levels, weight_grid
 from superfloat.sw.wasq.ptq.smoothquant import smooth_, smoothing_factors
@@ -24,13 +24,6 @@ from superfloat.sw.wasq.config import WASQConfig
 
 ARCHS = ["tiny-llama", "tiny-opt", "tiny-gpt2"]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only add overhead (and pytest -n 2 runs two workers)
-    yield
-    torch.set_num_threads(n)
 
 
 def _model(arch: str, outliers: bool = True):

@@ -15,13 +15,6 @@ from superfloat.sw.wasq.quantize import candidate_layers, quantize_
 from superfloat.sw.wasq.train import make_blocks
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _blocks(context=40, n=3):
     g = torch.Generator().manual_seed(3)

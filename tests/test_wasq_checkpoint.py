@@ -14,13 +14,6 @@ from superfloat.sw.wasq.checkpoint import CheckpointError, load_checkpoint, save
 from superfloat.sw.wasq.models import byte_tokenizer, load_model, tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add contention on 2 shared cores
-    yield
-    torch.set_num_threads(n)
-
 
 LAYER = "model.layers.1.self_attn.q_proj"  # a layer of tiny-llama
 

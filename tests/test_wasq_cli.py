@@ -4,17 +4,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from superfloat.sw import cli
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add contention on 2 shared cores
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

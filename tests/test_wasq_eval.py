@@ -11,13 +11,6 @@ from superfloat.sw.wasq.evaluate import perplexity, text_perplexity, window_plan
 from superfloat.sw.wasq.models import byte_tokenizer, tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add contention on 2 shared cores
-    yield
-    torch.set_num_threads(n)
-
 
 class Uniform(torch.nn.Module):
     """Equal logits everywhere: every token has probability 1/V."""

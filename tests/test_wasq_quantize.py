@@ -12,13 +12,6 @@ from superfloat.sw.wasq import (DEFAULT_SKIP, SFxLinear, WASQConfig, calibrate_,
 from superfloat.sw.wasq.models import tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add contention on 2 shared cores
-    yield
-    torch.set_num_threads(n)
-
 
 ARCHS = ["tiny-gpt2", "tiny-opt", "tiny-llama"]
 # quantized Linear/Conv1D per decoder layer (4 layers each): GPT-2 c_attn, c_proj, c_fc, c_proj;

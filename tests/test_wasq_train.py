@@ -14,14 +14,6 @@ from superfloat.sw.wasq.train import (Blocks, TrainConfig, causal_lm_loss, evalu
                                       latest_checkpoint, make_blocks, train)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread when the 2 cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _ids(n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

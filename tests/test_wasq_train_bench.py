@@ -4,18 +4,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
-
 from superfloat.sw.wasq import bench
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_bench_writes_report_tables_and_figures(tmp_path):

@@ -6,18 +6,10 @@ import json
 import re
 
 import pytest
-import torch
 
 from superfloat.sw import cli
 from superfloat.sw.wasq.models import load_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture()

@@ -15,13 +15,6 @@ from superfloat.sw.wasq.quantize import quantize_, quantized_layers
 from superfloat.sw.wasq.train import TrainConfig, evaluate_loss, make_blocks
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _blocks(n_blocks=4, context=48, seed=0):
     g = torch.Generator().manual_seed(seed)

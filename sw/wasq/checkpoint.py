@@ -39,7 +39,7 @@ from torch import nn
 
 from .. import __version__, sfx
 from .config import WASQConfig
-from .qlinear import ExportedLinear, SFxLinear
+from .qlinear import ExportedLinear
 from .quantize import quantize_, quantized_layers, wasq_config_of
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_info", "CheckpointError",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import json
 import sys
 import time
@@ -382,11 +381,6 @@ def register(sub) -> None:
     p.add_argument("--context", type=int, default=512, help=argparse.SUPPRESS)
     p.set_defaults(func=_run(cmd_generate))
 
-    for name in EXTENSION_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name and (name == e.name or name.startswith(e.name + ".")):
-                continue
-            raise
-        mod.register(sub)
+    from ..cli import register_modules
+
+    register_modules(sub, EXTENSION_MODULES)

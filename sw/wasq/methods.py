@@ -18,7 +18,6 @@ of each method and what was fixed.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import sys
@@ -30,7 +29,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .analyze import Analysis, analyze, block_index, select_layers
+from .analyze import Analysis, analyze, select_layers
 from .config import WASQConfig
 from .quantize import quantize_, quantized_layers
 from .train import Blocks, TrainConfig, TrainStats, default_forward, freeze_all_but, train

@@ -31,8 +31,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 __all__ = ["SweepSpec", "run_sweep", "write_sweep", "COLUMNS"]
 
 COLUMNS = ("model", "params", "context", "bits", "shots", "method", "perplexity", "float_perplexity", "delta_pct",
