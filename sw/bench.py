@@ -23,6 +23,7 @@ BENCHES = {
     "rtl": "superfloat.sim.bench_rtl:run",
     "fpga": "superfloat.hw.fpga.bench:run",
     "wasq": "superfloat.sw.wasq.bench:run",
+    "fasteropt": "superfloat.sw.wasq.bench_fasteropt:run",
     "ptq": "superfloat.sw.ptq_bench:run",
     "cosim": "superfloat.sim.bench_cosim:run",
 }
