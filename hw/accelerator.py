@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed
+from amaranth.hdl import Cat, Module, Mux, Signal, signed
 from amaranth.lib import stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
@@ -14,7 +14,7 @@ from ._checks import check_bool, check_impl, check_int, checking
 from .clamp import CLAMP_LATENCY, SHIFT_BITS, SFxClampUnit
 from .interface import (AccelParams, act_layout, cmd_layout, par_layout, res_layout,
                         wgt_layout)
-from .mac_array import DRAIN_LATENCY, SFxMacArray
+from .mac_array import SFxMacArray
 
 __all__ = ["SFxAccelerator"]
 

@@ -339,3 +339,26 @@ def test_serial_port_that_does_not_exist():
     x, w = _x_w()
     with pytest.raises(host.LinkError, match="cannot open /dev/does-not-exist at 115200 baud"):
         host.run_linear_uart(x, w, a_bits=8, w_bits=8, out_bits=8, port="/dev/does-not-exist")
+
+
+def test_bench_target_notes_explain_from_the_runs():
+    """results/fpga.md's target notes are computed from the runs: cells the accelerator needed
+    (nextpnr's message) and, where Fmax is missed, whether the bare array misses it too."""
+    from superfloat.hw.fpga import bench
+
+    k = sfx.DEFAULT_K_MAX
+    cp = {"from": "a", "to": "b", "delay_ns": 10.4, "logic_levels": 5}
+    res = {
+        ("ice40-up5k", "sm-array", 8, 4, k, True): dict(fmax_mhz=51.3, device_logic="4528/5280", critical_path=cp),
+        ("ice40-up5k", "accel", 8, 4, k, True): dict(error="design does not fit: it needs 5290 FFs"),
+        ("ice40-up5k", "accel", 8, 4, 2048, False): dict(
+            error="Failed to expand region (0, 0) |_> (25, 31) of 6647 ICESTORM_LCs 1 warning, 1 error"),
+        ("ecp5-25k", "sm-array", 8, 8, k, True): dict(fmax_mhz=95.5, device_logic="22122/24288", critical_path=cp),
+        ("ecp5-25k", "accel", 8, 8, k, True): dict(fmax_mhz=95.7, dsp_pes=26, critical_path=cp),
+    }
+    ice, ecp = bench._target_notes(res)
+    assert "51.3 MHz" in ice and "it needs 6647 logic cells against the device's 5280" in ice
+    assert "26 of 64 PEs on DSP blocks (the device has 28)" in ecp
+    assert "a 7 x 7-bit magnitude product in LUTs" in ecp
+    res[("ecp5-25k", "sm-array", 8, 8, k, True)]["fmax_mhz"] = 120.0
+    assert "magnitude product" not in bench._target_notes(res)[1]

@@ -20,11 +20,9 @@ is not run (reported as such). Results are cached by design hash under
 """
 from __future__ import annotations
 
-import json
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
 
 from .flow import TARGETS, build_root
 
@@ -251,7 +249,69 @@ def _targets(results: dict) -> str:
                 ok = r["fmax_mhz"] >= goal
                 lines.append(f"* {what}: {'**reached**' if ok else '**missed**'}: Fmax {r['fmax_mhz']} MHz, "
                              f"{r['device_logic']} logic, {r['dsps']} DSP, peak {r['peak_gmacs']} GMAC/s.")
+    if lines:
+        lines += ["", *_target_notes(results)]
     return "\n".join(lines) or "(not run in quick mode)"
+
+
+def _lcs_needed(error: str | None) -> int | None:
+    """Logic cells nextpnr tried to place, from its 'Failed to expand region ... of N ICESTORM_LCs'."""
+    import re
+
+    m = re.search(r"of (\d+) ICESTORM_LCs", error or "")
+    return int(m.group(1)) if m else None
+
+
+def _target_notes(results: dict) -> list[str]:
+    """Why each target is reached or not, from the runs themselves (array alone against the
+    accelerator, cells needed, critical paths)."""
+    from superfloat.sw import sfx
+
+    notes = []
+    for target, n, bits, goal in TARGET_GOALS:
+        k = sfx.DEFAULT_K_MAX
+        arr = results.get((target, "sm-array", n, bits, k, True))
+        accels = [r for (t, kind, m, b, _, _), r in results.items()
+                  if (t, kind, m, b) == (target, "accel", n, bits) and not r.get("skipped")]
+        if not arr or not accels:
+            continue
+        cap = TARGETS[target].capacity["luts"]
+        head = f"* {n}x{n} SF{bits} on {target}: the bare PE array (`sm-array`, logic multipliers) "
+        if arr.get("fmax_mhz"):
+            head += (f"places in {arr['device_logic']} logic cells at {arr['fmax_mhz']} MHz "
+                     f"(critical path {_path(arr)}). ")
+        else:
+            head += f"does not place ({arr.get('error')}). "
+        fitting = [r for r in accels if r.get("fmax_mhz")]
+        if not fitting:
+            needed = [x for x in (_lcs_needed(r.get("error")) for r in accels) if x]
+            head += ("The accelerator around it (command and tile control, activation/weight feeds, the "
+                     "overlapped-drain shadow registers, result FIFO, clamp unit) does not fit"
+                     + (f": {'its variants need' if len(needed) > 1 else 'it needs'} "
+                        f"{min(needed)}{'' if min(needed) == max(needed) else f'-{max(needed)}'} logic cells "
+                        f"against the device's {cap}" if needed else "") +
+                     ". A smaller array (the 4x4 accelerator fits) or moving the feeds and shadow registers "
+                     "into block RAM would be needed.")
+        else:
+            best = max(fitting, key=lambda r: r["fmax_mhz"])
+            pes = n * n
+            head += (f"The accelerator's best variant reaches {best['fmax_mhz']} MHz with {best['dsp_pes']} of "
+                     f"{pes} PEs on DSP blocks (the device has {TARGETS[target].capacity['dsps']}); critical "
+                     f"path {_path(best)}.")
+            if best["fmax_mhz"] < goal and arr.get("fmax_mhz") and arr["fmax_mhz"] < goal:
+                head += (f" The array alone misses {goal:g} MHz as well: a {bits - 1} x {bits - 1}-bit "
+                         f"magnitude product in LUTs in one cycle is one limit, so reaching the goal needs a "
+                         f"pipelined logic multiplier (one more register stage in the non-DSP PEs), and "
+                         f"registered fan-out of the control state where the critical path is in the control.")
+        notes.append(head)
+    return notes
+
+
+def _path(r: dict) -> str:
+    cp = r.get("critical_path") or {}
+    if not cp:
+        return "n/a"
+    return f"{cp.get('from')} -> {cp.get('to')}, {cp.get('delay_ns')} ns, {cp.get('logic_levels')} levels"
 
 
 def _boards_table(boards, markdown_table) -> str:
