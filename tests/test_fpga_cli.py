@@ -136,6 +136,9 @@ def test_abc9_assertion_reruns_with_split_lut_mapping(tmp_path, monkeypatch):
         (cwd / "yosys.log").write_text("ERROR: something else\n")
         raise flow.FlowError(step, "something else", log)
 
+    assert flow._is_abc9_assert("4.46.15.7. Executing ABC_OPS_REINTEGRATE pass\n<suppressed>\n"
+                                "ERROR: Assert `wire' failed in passes/techmap/abc_ops_reintegrate.cc:596.\n")
+    assert not flow._is_abc9_assert("ERROR: Assert `x' failed in kernel/other.cc:1.\n")
     monkeypatch.setattr(flow, "run_tool", other_error)
     with pytest.raises(flow.FlowError, match="yosys: something else"):
         flow._run_yosys("yosys", flow.get_target("ice40-up5k"), "top", out=tmp_path, script="synth.ys",

@@ -229,9 +229,17 @@ def _yosys_script(target: Target, top: str, *, dsp: bool, stat_json: str, synth_
     return "\n".join(lines) + "\n"
 
 
-#: Yosys 0.70's ABC9 reintegration assertion (connection widths); the flow re-runs the
-#: synthesis with :func:`_yosys_script`'s ``split_at_luts`` when a log shows it.
+#: Yosys 0.70's ABC9 reintegration assertions (``GetSize(conn.first) == GetSize(conn.second)``
+#: in rtlil.cc, ``wire`` in abc_ops_reintegrate.cc); the flow re-runs the synthesis with
+#: :func:`_yosys_script`'s ``split_at_luts`` when a log shows one.
 ABC9_ASSERT = "GetSize(conn.first) == GetSize(conn.second)"
+
+
+def _is_abc9_assert(log_text: str) -> bool:
+    """An ``ERROR: Assert`` raised while ABC9's result was being reintegrated."""
+    err = log_text.rfind("ERROR: Assert")
+    return err >= 0 and (ABC9_ASSERT in log_text[err:] or "abc_ops_reintegrate" in log_text[err:]
+                         or "ABC_OPS_REINTEGRATE" in log_text[max(0, err - 4000):err])
 
 
 def _run_yosys(step: str, tgt: Target, top: str, *, out: Path, script: str, log: str, dsp: bool, stat_json: str,
@@ -245,7 +253,7 @@ def _run_yosys(step: str, tgt: Target, top: str, *, out: Path, script: str, log:
                             log=out / log.replace(".log", ".out"), cwd=out, timeout=timeout)
         except FlowError:
             logged = (out / log).read_text(errors="replace") if (out / log).exists() else ""
-            if split or ABC9_ASSERT not in logged:
+            if split or not _is_abc9_assert(logged):
                 raise
             messages.append(f"{step}: Yosys ABC9 reintegration assertion; re-ran with LUT mapping split "
                             f"(autoname before map_luts)")
