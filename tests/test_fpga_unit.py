@@ -227,6 +227,12 @@ def test_first_error_and_fit_classification(tmp_path):
     assert report.is_fit_error(msg)
     assert not report.is_fit_error("Failed to route")
     assert report.first_error(tmp_path / "missing.log") is None
+    log.write_text("Info: Device utilisation:\nInfo: \t         ICESTORM_LC:    6883/   5280   130%\n"
+                   "Info: \t        ICESTORM_RAM:       0/     30     0%\n"
+                   "ERROR: Failed to expand region (0, 0) |_> (25, 31) of 6883 ICESTORM_LCs\n")
+    assert report.is_fit_error(report.first_error(log))
+    assert report.over_capacity(log) == ["ICESTORM_LC 6883/5280 (130 %)"]
+    assert report.over_capacity(tmp_path / "missing.log") == []
 
 
 def test_result_table():
@@ -351,13 +357,15 @@ def test_bench_target_notes_explain_from_the_runs():
     res = {
         ("ice40-up5k", "sm-array", 8, 4, k, True): dict(fmax_mhz=51.3, device_logic="4528/5280", critical_path=cp),
         ("ice40-up5k", "accel", 8, 4, k, True): dict(error="design does not fit: it needs 5290 FFs"),
+        ("ice40-up5k", "accel", 8, 4, 2048, True): dict(
+            error="design does not fit ice40-up5k: it needs ICESTORM_LC 6883/5280 (130 %)"),
         ("ice40-up5k", "accel", 8, 4, 2048, False): dict(
             error="Failed to expand region (0, 0) |_> (25, 31) of 6647 ICESTORM_LCs 1 warning, 1 error"),
         ("ecp5-25k", "sm-array", 8, 8, k, True): dict(fmax_mhz=95.5, device_logic="22122/24288", critical_path=cp),
         ("ecp5-25k", "accel", 8, 8, k, True): dict(fmax_mhz=95.7, dsp_pes=26, critical_path=cp),
     }
     ice, ecp = bench._target_notes(res)
-    assert "51.3 MHz" in ice and "it needs 6647 logic cells against the device's 5280" in ice
+    assert "51.3 MHz" in ice and "its variants need 6647-6883 logic cells against the device's 5280" in ice
     assert "26 of 64 PEs on DSP blocks (the device has 28)" in ecp
     assert "a 7 x 7-bit magnitude product in LUTs" in ecp
     res[("ecp5-25k", "sm-array", 8, 8, k, True)]["fmax_mhz"] = 120.0

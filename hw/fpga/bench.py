@@ -255,11 +255,12 @@ def _targets(results: dict) -> str:
 
 
 def _lcs_needed(error: str | None) -> int | None:
-    """Logic cells nextpnr tried to place, from its 'Failed to expand region ... of N ICESTORM_LCs'."""
+    """Logic cells nextpnr tried to place, from the flow's fit message (``ICESTORM_LC N/5280``) or
+    nextpnr's own ('Failed to expand region ... of N ICESTORM_LCs')."""
     import re
 
-    m = re.search(r"of (\d+) ICESTORM_LCs", error or "")
-    return int(m.group(1)) if m else None
+    m = re.search(r"of (\d+) ICESTORM_LCs|ICESTORM_LC (\d+)/", error or "")
+    return int(m.group(1) or m.group(2)) if m else None
 
 
 def _target_notes(results: dict) -> list[str]:

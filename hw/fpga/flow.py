@@ -337,7 +337,9 @@ def run_flow(rtlil: str, *, target: str | Target, out_dir: Path | str, freq_mhz:
     except FlowError as e:
         if e.step == "nextpnr" and _report.is_fit_error(e.reason):
             res.fits = False
-            raise FlowError("fit", f"design does not fit {tgt.name}: {e.reason}", e.log, res) from None
+            over = _report.over_capacity(out / "nextpnr.log")
+            why = f"it needs {', '.join(over)}" if over else e.reason
+            raise FlowError("fit", f"design does not fit {tgt.name}: {why}", e.log, res) from None
         raise FlowError(e.step, e.reason, e.log, res) from None   # keep the synthesis numbers
     res.files["nextpnr_log"] = out / "nextpnr.log"
     rep = _report.parse_nextpnr_report(out / "report.json")

@@ -125,7 +125,20 @@ def first_error(log: Path | str) -> str | None:
 _FIT_PATTERNS = re.compile(
     r"no BELs remaining|Unable to place|unable to place|too many|Design uses|exceeds|not enough|"
     r"Failed to find a legal|Unable to find legal placement|utili[sz]ation limit|failed to legali[sz]e|"
-    r"No wires left|has no bel", re.I)
+    r"No wires left|has no bel|Failed to expand region", re.I)
+
+_UTIL_LINE = re.compile(r"^Info:\s+(\w+):\s+(\d+)/\s*(\d+)\s+\d+%", re.M)
+
+
+def over_capacity(log: Path | str) -> list[str]:
+    """The resources that nextpnr's "Device utilisation" table shows above 100 %
+    (e.g. ``"ICESTORM_LC 6883/5280 (130 %)"``); empty when none or no log."""
+    try:
+        text = Path(log).read_text(errors="replace")
+    except OSError:
+        return []
+    return [f"{name} {used}/{total} ({100 * int(used) // int(total)} %)"
+            for name, used, total in _UTIL_LINE.findall(text) if int(total) and int(used) > int(total)]
 
 
 def is_fit_error(reason: str) -> bool:
