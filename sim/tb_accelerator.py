@@ -22,7 +22,6 @@ import json
 import math
 import os
 import random
-import time
 
 import cocotb
 import numpy as np
@@ -393,29 +392,11 @@ async def bias_out_of_range(dut):
 @cocotb.test(skip=not os.environ.get("SFX_SIM_JOB"))
 async def run_job(dut):
     """One operation from ``SFX_SIM_JOB`` (packed by run_linear), no stalls; results, cycle
-    counts and status to ``SFX_SIM_OUT``."""
-    with np.load(os.environ["SFX_SIM_JOB"]) as job:
-        p = AccelParams(**json.loads(str(job["params"])))
-        beats = {s: [int(h, 16) for h in job[s].tolist()] for s in DRIVEN}
-        n_res = int(job["res_beats"])
+    counts (``sim_cycles`` with the reset) and status to ``SFX_SIM_OUT``."""
+    from .tb_cosim import run_one
+
     bench = StreamBench(dut, poll=128)  # no Python scheduler per cycle; cycle counts stay exact
     drv = {s: bench.add(StreamDriver(dut, s)) for s in DRIVEN}
     res = bench.add(StreamSink(dut, "res"))
-    t0 = time.perf_counter()
-    c0 = time.process_time()
     await bench.start()
-    for s in DRIVEN:
-        drv[s].put(beats[s])
-    budget = 20 * (len(beats["act"]) + n_res + len(beats["par"])) + 5000
-    await bench.until(lambda: len(res.beats) >= n_res, max_cycles=budget, what=f"{n_res} res beats")
-    await bench.until(lambda: read_int(dut.busy) == 0, max_cycles=500, what="busy to fall")
-    loop_s = time.perf_counter() - t0
-    loop_cpu_s = time.process_time() - c0
-    sim_cycles = bench.cycle
-    left = {s: d.pending for s, d in drv.items() if d.pending}
-    assert not left, f"beats left untaken after the last result: {left}"
-    np.savez(os.environ["SFX_SIM_OUT"], res=np.array([format(w, "x") for w in res.beats] or [""])[:n_res],
-             cycles=np.int64(res.last_transfer_cycle - drv["cmd"].first_transfer_cycle + 1),
-             sim_cycles=np.int64(sim_cycles), loop_s=np.float64(loop_s), loop_cpu_s=np.float64(loop_cpu_s),
-             sat_count=np.int64(read_int(dut.sat_count)), error=np.int64(read_int(dut.error)),
-             busy=np.int64(read_int(dut.busy)))
+    await run_one(bench, drv, res, dut, os.environ["SFX_SIM_JOB"], os.environ["SFX_SIM_OUT"], start_cycle=0)

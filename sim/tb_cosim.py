@@ -36,12 +36,16 @@ def _words(arr) -> list[int]:
     return [int(h, 16) for h in arr.tolist() if h != ""]
 
 
-async def _run_one(bench: StreamBench, drv: dict, res: StreamSink, dut, job_path: str, out_path: str) -> None:
+async def run_one(bench: StreamBench, drv: dict, res: StreamSink, dut, job_path: str, out_path: str,
+                  start_cycle: int | None = None) -> None:
+    """Stream the operation of ``job_path`` (a run_linear job file) through the started
+    ``bench`` without stalls and write results, cycle counts and status to ``out_path``
+    (atomically). ``sim_cycles`` counts from ``start_cycle`` (default: now)."""
     with np.load(job_path) as job:
         beats = {s: _words(job[s]) for s in DRIVEN}
         n_res = int(job["res_beats"])
     res.clear()
-    start_cycle = bench.cycle
+    start_cycle = bench.cycle if start_cycle is None else start_cycle
     t0 = time.perf_counter()
     c0 = time.process_time()
     for s in DRIVEN:
@@ -88,7 +92,7 @@ async def serve(dut):
                 await bench.reset(2)  # status (sat_count, error) per operation, as in one run_linear call
             first = False
             try:
-                await _run_one(bench, drv, res, dut, parts[1], parts[2])
+                await run_one(bench, drv, res, dut, parts[1], parts[2])
             except BaseException as e:
                 msg = f"{type(e).__name__}: {e}".replace("\n", " ")
                 f.write(f"error {msg}\n".encode())
