@@ -24,6 +24,7 @@ BENCHES = {
     "fpga": "superfloat.hw.fpga.bench:run",
     "wasq": "superfloat.sw.wasq.bench:run",
     "fasteropt": "superfloat.sw.wasq.bench_fasteropt:run",
+    "wasq-targets": "superfloat.sw.wasq.bench_targets:run",
     "ptq": "superfloat.sw.ptq_bench:run",
     "cosim": "superfloat.sim.bench_cosim:run",
 }
