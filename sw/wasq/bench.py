@@ -95,6 +95,7 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str = MODEL, budgets
     from .config import WASQConfig
     from .data import load_text, tokenize
     from .evaluate import perplexity
+    from .bench_fasteropt import state_dict_diff
     from .methods import fasteropt, fpm, lth, opt
     from .models import load_model
     from .quantize import quantize_
@@ -210,9 +211,8 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str = MODEL, budgets
         # fasteropt must reproduce opt
         wa = runs["opt"].model.state_dict()
         wb = runs["fasteropt"].model.state_dict()
-        maxdiff = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
-        qat["fasteropt_vs_opt"] = {"max_abs_weight_diff": maxdiff,
-                                   "identical": all(torch.equal(wa[k], wb[k]) for k in wa),
+        maxdiff, identical = state_dict_diff(wa, wb)
+        qat["fasteropt_vs_opt"] = {"max_abs_weight_diff": maxdiff, "identical": identical,
                                    "loss_curves_identical": runs["opt"].train.losses == runs["fasteropt"].train.losses}
         qat["trained_layer_names_opt"] = runs["opt"].trained_layers
         del runs, wa, wb

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["run", "Budgets", "selections", "predicted_speedup"]
+__all__ = ["run", "Budgets", "selections", "predicted_speedup", "state_dict_diff"]
 
 MODEL = "smollm2-135m"
 QUICK_MODEL = "tiny-llama"
@@ -97,7 +97,9 @@ def selections(analysis, n_blocks: int, top_k: int) -> list[dict[str, Any]]:
     return out
 
 
-def _maxdiff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, bool]:
+def state_dict_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, bool]:
+    """``(max |a - b| over every tensor, bit-identical)`` of two state dicts (``inf, False``
+    when their keys differ)."""
     if a.keys() != b.keys():
         return math.inf, False
     same = all(torch.equal(a[k], b[k]) for k in a)
@@ -173,7 +175,7 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str | None = None,
                     if not ref:
                         ref = {"sd": sd, "losses": list(res.train.losses)}
                     else:
-                        diff, same = _maxdiff(ref["sd"], sd)
+                        diff, same = state_dict_diff(ref["sd"], sd)
                         comps.append({"method": name, "max_abs_weight_diff": diff, "identical": same,
                                       "loss_curves_identical": list(res.train.losses) == ref["losses"]})
                     del m, res, sd
