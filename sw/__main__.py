@@ -1,5 +1,6 @@
+"""``python -m superfloat.sw``: the ``sfx`` command line (:mod:`superfloat.cli`)."""
 import sys
 
-from .cli import main
+from superfloat.cli import main
 
 sys.exit(main())

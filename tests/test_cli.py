@@ -5,7 +5,8 @@ import json
 import subprocess
 import sys
 
-from superfloat.sw import cli, cli_info
+from superfloat import cli
+from superfloat.cli import info as cli_info
 
 
 def test_help_lists_commands(capsys):
@@ -37,7 +38,7 @@ def test_info_reports_versions_and_install_hints(capsys, monkeypatch):
 
 
 def test_bench_sw_quick_writes_report(tmp_path):
-    from superfloat.sw import bench_sw
+    from superfloat.bench import sw as bench_sw
 
     data = bench_sw.run(tmp_path, quick=True)
     md = (tmp_path / "sw_model.md").read_text()

@@ -345,7 +345,7 @@ def test_a_bias_out_of_the_accumulator_range_is_rejected_before_any_build(ckpts,
 
 
 def test_cli_errors_and_list_layers(ckpts, no_build, capsys):
-    from superfloat.sw.cli import main
+    from superfloat.cli import main
 
     assert main(["cosim", "-c", str(ckpts["llama8"]), "--list-layers"]) == 0
     out = capsys.readouterr().out
@@ -374,8 +374,8 @@ def test_docs_examples():
 
 def test_demo_quick_and_summary(ckpts, capsys):
     """``sfx demo --quick`` (software only) and the demo's summary on a dry-run report."""
-    from superfloat.sw import demo
-    from superfloat.sw.cli import main
+    from superfloat.cli import demo
+    from superfloat.cli import main
 
     assert main(["demo", "--quick"]) == 0
     assert "SF8 x SF8 -> SF8 linear" in capsys.readouterr().out

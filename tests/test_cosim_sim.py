@@ -59,7 +59,7 @@ def test_whole_forward_pass_on_the_rtl(ckpts, simulator):
 def test_cli_json_block_with_biases_and_widened_sf4_weights(ckpts, capsys):
     """OPT (SF4 pow2 weights widened onto the 8-bit array, SF8 dynamic activations, biases): one
     decoder block (attention + MLP) through ``sfx cosim --json``."""
-    from superfloat.sw.cli import main
+    from superfloat.cli import main
 
     code = main(["cosim", "-c", str(ckpts["opt4"]), "--layer", "model.decoder.layers.1", "--tokens", "6",
                  "--rows", "4", "--cols", "4", "--k-max", "64", "--w-bits", "8", "--json",

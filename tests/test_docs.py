@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from superfloat.sw.cli_info import code_table
+from superfloat.cli.info import code_table
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

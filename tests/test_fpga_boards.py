@@ -5,7 +5,7 @@ import pytest
 
 from superfloat.hw.fpga import boards
 from superfloat.hw.fpga.uart import divisor_for
-from superfloat.sw import cli
+from superfloat import cli
 
 
 @pytest.mark.parametrize("name", list(boards.BOARDS))

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from superfloat.hw.fpga import flow
-from superfloat.sw import cli
+from superfloat import cli
 
 TINY = ["--design", "sm-array", "--rows", "1", "--cols", "1", "--a-bits", "2"]
 

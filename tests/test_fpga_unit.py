@@ -350,7 +350,7 @@ def test_serial_port_that_does_not_exist():
 def test_bench_target_notes_explain_from_the_runs():
     """results/fpga.md's target notes are computed from the runs: cells the accelerator needed
     (nextpnr's message) and, where Fmax is missed, whether the bare array misses it too."""
-    from superfloat.hw.fpga import bench
+    from superfloat.bench import fpga as bench
 
     k = sfx.DEFAULT_K_MAX
     cp = {"from": "a", "to": "b", "delay_ns": 10.4, "logic_levels": 5}

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from amaranth.hdl import Fragment
 
-from superfloat.hw import cli as hw_cli
+from superfloat.cli import verilog as hw_cli
 from superfloat.hw.accelerator import SFxAccelerator
 from superfloat.hw.interface import AccelParams, act_layout, cmd_layout, par_layout, res_layout, wgt_layout
 from superfloat.hw.verilog import LINT_WAIVERS, generate_verilog, payload_fields, port_list
@@ -129,9 +129,9 @@ def test_cli_rejects_bad_parameters(tmp_path, capsys):
 
 
 def test_cli_is_registered():
-    from superfloat.sw import cli as sw_cli
+    from superfloat import cli as sw_cli
 
-    assert "superfloat.hw.cli" in sw_cli.SUBCOMMAND_MODULES
+    assert "superfloat.cli.verilog" in sw_cli.SUBCOMMAND_MODULES
 
 
 LINT_CONFIGS = [

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from superfloat.sw import cli
+from superfloat import cli
 
 TINY = ["-m", "tiny-llama", "--max-tokens", "200", "--calib-tokens", "128", "--context", "64", "--search-tokens", "32"]
 
@@ -80,13 +80,13 @@ def test_clip_analysis(capsys):
 
 
 def test_bench_quick_writes_report_and_plot(tmp_path, monkeypatch):
-    from superfloat.sw import ptq_bench
+    from superfloat.bench import ptq as ptq_bench
 
     monkeypatch.setattr(ptq_bench, "METHOD_ORDER", ("rtn", "clip", "asym"))
     monkeypatch.setattr(ptq_bench, "CONFIGS", ((4, None), (4, 4)))
     monkeypatch.setitem(ptq_bench.BUDGET, True, {**ptq_bench.BUDGET[True], "calib_tokens": 128, "eval_tokens": 130,
                                                   "clip_eval_tokens": 65, "context": 64})
-    import superfloat.sw.ptq_cli as pc
+    import superfloat.cli.ptq as pc
 
     monkeypatch.setattr(pc, "clip_strategies", lambda: ["dynamic", "raw", "float+-1"])
     ptq_bench.run(tmp_path, quick=True)

@@ -1,4 +1,4 @@
-"""``sfx bench fasteropt`` (sw/wasq/bench_fasteropt.py) on a tiny model with tiny budgets:
+"""``sfx bench fasteropt`` (bench/fasteropt.py) on a tiny model with tiny budgets:
 the report is written, fasteropt reproduces opt bit for bit on every selection, and the
 speed-up fields are numbers (no timing assertions: the real run is ``sfx bench fasteropt``)."""
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import math
 
-from superfloat.sw import bench as sfx_bench
-from superfloat.sw.wasq import bench_fasteropt
+import superfloat.bench as sfx_bench
+from superfloat.bench import fasteropt as bench_fasteropt
 
 
 def test_quick_bench_writes_report_and_fasteropt_equals_opt(tmp_path):
@@ -36,4 +36,4 @@ def test_predicted_speedup_formula():
 
 
 def test_registered_as_a_bench():
-    assert sfx_bench.BENCHES["fasteropt"] == "superfloat.sw.wasq.bench_fasteropt:run"
+    assert sfx_bench.BENCHES["fasteropt"] == "superfloat.bench.fasteropt:run"

@@ -1,11 +1,11 @@
-"""``sfx bench wasq-targets`` (sw/wasq/bench_targets.py) on a tiny model: every row is one
+"""``sfx bench wasq-targets`` (bench/wasq_targets.py) on a tiny model: every row is one
 ``sfx eval`` whose command is printed beside its number, and the targets are judged from them."""
 from __future__ import annotations
 
 import json
 
-from superfloat.sw import bench as bench_registry
-from superfloat.sw.wasq import bench_targets
+import superfloat.bench as bench_registry
+from superfloat.bench import wasq_targets as bench_targets
 
 
 def test_quick_bench_writes_every_row_with_its_command(tmp_path):
@@ -25,4 +25,4 @@ def test_quick_bench_writes_every_row_with_its_command(tmp_path):
 
 
 def test_registered_as_a_bench():
-    assert bench_registry.BENCHES["wasq-targets"] == "superfloat.sw.wasq.bench_targets:run"
+    assert bench_registry.BENCHES["wasq-targets"] == "superfloat.bench.wasq_targets:run"

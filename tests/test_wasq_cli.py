@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from superfloat.sw import cli
+from superfloat import cli
 
 
 
@@ -95,7 +95,7 @@ def test_generate_side_by_side(capsys):
 
 def test_generate_keeps_the_float_model_float():
     from superfloat.sw.wasq import quantized_layers
-    from superfloat.sw.wasq.cli import generation_entries
+    from superfloat.cli.wasq import generation_entries
 
     args = cli.build_parser().parse_args(["generate", "--model", "tiny-opt", "--weight-bits", "4", "8", "--prompt", "x"])
     entries = generation_entries(args)

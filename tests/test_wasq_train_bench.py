@@ -1,10 +1,10 @@
-"""The WASQ bench (sw/wasq/bench.py) end to end on a tiny model with tiny budgets: the
+"""The WASQ bench (bench/wasq.py) end to end on a tiny model with tiny budgets: the
 report has every table, target and figure (the real run is ``make bench``)."""
 from __future__ import annotations
 
 import json
 
-from superfloat.sw.wasq import bench
+from superfloat.bench import wasq as bench
 
 
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from superfloat.sw import cli
+from superfloat import cli
 from superfloat.sw.wasq.models import load_model
 
 

@@ -49,7 +49,7 @@ def write_baseline(summary: dict) -> Path:
     """Store the numbers of a successful ``sfx synth`` run as a baseline."""
     if "error" in summary or not summary.get("fits"):
         raise ValueError(f"cannot store a failed run as a baseline: {summary.get('error', 'does not fit')}")
-    from superfloat.sw.bench import machine_info
+    from superfloat.bench import machine_info
 
     data: dict[str, Any] = {k: summary.get(k) for k in _KEYS}
     data["tools"] = {k: v for k, v in machine_info()["versions"].items() if "yowasp" in k or k == "amaranth"}

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 __all__ = ["load_text", "tokenize", "shakespeare_files", "SHAKESPEARE_SPLITS", "SPLITS", "DATASET_ALIASES",
            "default_split", "calibration_batches"]
@@ -180,3 +180,12 @@ def calibration_batches(ids, context: int, max_tokens: int) -> Iterator:
         chunk = ids[s:s + context]
         if len(chunk) > 0:
             yield chunk.reshape(1, -1)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The token id used for padding: the tokenizer's pad token, else its EOS token, else 0."""
+    for attr in ("pad_token_id", "eos_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if v is not None:
+            return int(v)
+    return 0

@@ -86,7 +86,7 @@ def _log(spec: SweepSpec, msg: str) -> None:
 def run_sweep(spec: SweepSpec) -> list[dict[str, Any]]:
     """Measure every point of ``spec``; returns one row (dict with :data:`COLUMNS`) per point,
     float rows included (``method="float"``, ``bits=None``)."""
-    from .cli_train import pad_id
+    from .data import pad_id
     from .config import WASQConfig
     from .data import load_text, tokenize
     from .evaluate import perplexity

@@ -1,6 +1,6 @@
 """The PTQ methods inside WASQ's own ``sfx quantize`` / ``sfx eval`` (``--method awq`` ...).
 
-:mod:`superfloat.sw.wasq.cli` calls these helpers when ``--method`` names a PTQ method
+:mod:`superfloat.cli.wasq` calls these helpers when ``--method`` names a PTQ method
 (:data:`PTQ_METHODS`); ``vanilla`` / ``rtn-int`` keep their WASQ meaning (SFx and integer
 round-to-nearest). ``--codes`` picks SFx codes (default) or the integer baselines for
 the PTQ methods. ``sfx ptq ...`` has the full set of options.

@@ -1,7 +1,7 @@
 """``sfx bench wasq``: SmolLM2-135M on held-out Shakespeare, PTQ and QAT (writes ``results/wasq.md``).
 
 Everything is measured here, by the code paths users run (``quantize_``, the WASQ
-methods, ``perplexity``), and written through :func:`superfloat.sw.bench.write_report`.
+methods, ``perplexity``), and written through :func:`superfloat.bench.write_report`.
 Figures go to ``<out>/wasq/``.
 
 What it measures (budgets in :class:`Budgets`; the report states them):
@@ -89,17 +89,17 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str = MODEL, budgets
 
     ``model`` and ``budgets`` exist for the bench's own smoke test (a tiny model, tiny
     budgets); ``make bench`` uses the defaults."""
-    from .analyze import analyze, write_analysis
-    from .checkpoint import save_checkpoint
-    from .cli_train import pad_id
-    from .config import WASQConfig
-    from .data import load_text, tokenize
-    from .evaluate import perplexity
-    from .bench_fasteropt import state_dict_diff
-    from .methods import fasteropt, fpm, lth, opt
-    from .models import load_model
-    from .quantize import quantize_
-    from .train import TrainConfig, make_blocks, train
+    from superfloat.sw.wasq.analyze import analyze, write_analysis
+    from superfloat.sw.wasq.checkpoint import save_checkpoint
+    from superfloat.sw.wasq.data import pad_id
+    from superfloat.sw.wasq.config import WASQConfig
+    from superfloat.sw.wasq.data import load_text, tokenize
+    from superfloat.sw.wasq.evaluate import perplexity
+    from superfloat.bench.fasteropt import state_dict_diff
+    from superfloat.sw.wasq.methods import fasteropt, fpm, lth, opt
+    from superfloat.sw.wasq.models import load_model
+    from superfloat.sw.wasq.quantize import quantize_
+    from superfloat.sw.wasq.train import TrainConfig, make_blocks, train
 
     out_dir = Path(out_dir)
     fig_dir = out_dir / "wasq"
@@ -239,7 +239,7 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str = MODEL, budgets
     del m, res
 
     # ------------------------------------------------------------------ 4. scaling-law sweep (tiny models)
-    from .sweep import SweepSpec, markdown as sweep_markdown, run_sweep, write_sweep
+    from superfloat.sw.wasq.sweep import SweepSpec, markdown as sweep_markdown, run_sweep, write_sweep
 
     spec = SweepSpec(models=b.sweep_models, bits=b.sweep_bits, contexts=b.sweep_contexts, shots=b.sweep_shots,
                      data=DATA, calib_tokens=b.sweep_tokens, eval_tokens=b.sweep_eval_tokens, lr=b.sweep_lr,
@@ -258,7 +258,7 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str = MODEL, budgets
 
 
 def _render(out_dir: Path, data: dict[str, Any], b: Budgets, machine: dict[str, Any] | None = None) -> None:
-    from ..bench import markdown_table, write_report
+    from superfloat.bench import markdown_table, write_report
 
     fig_dir = Path(out_dir) / "wasq"
     fig_dir.mkdir(parents=True, exist_ok=True)

@@ -25,11 +25,11 @@ PROMPT = "The quick brown fox jumps over the lazy dog, and the"
 
 
 def run(out_dir: Path, quick: bool = False) -> dict:
-    from superfloat.sw.bench import markdown_table, write_report
+    from superfloat.bench import markdown_table, write_report
     from superfloat.sw.wasq import WASQConfig, load_model, quantize_, save_checkpoint
     from superfloat.sw.wasq.models import SMOLLM2_NOTE
 
-    from .cosim import ArrayConfig, cosim, prebuild
+    from superfloat.sim.cosim import ArrayConfig, cosim, prebuild
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)

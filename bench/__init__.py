@@ -19,19 +19,19 @@ from typing import Any
 
 #: name -> "module:function"
 BENCHES = {
-    "sw": "superfloat.sw.bench_sw:run",
-    "rtl": "superfloat.sim.bench_rtl:run",
-    "fpga": "superfloat.hw.fpga.bench:run",
-    "wasq": "superfloat.sw.wasq.bench:run",
-    "fasteropt": "superfloat.sw.wasq.bench_fasteropt:run",
-    "wasq-targets": "superfloat.sw.wasq.bench_targets:run",
-    "ptq": "superfloat.sw.ptq_bench:run",
-    "cosim": "superfloat.sim.bench_cosim:run",
+    "sw": "superfloat.bench.sw:run",
+    "rtl": "superfloat.bench.rtl:run",
+    "fpga": "superfloat.bench.fpga:run",
+    "wasq": "superfloat.bench.wasq:run",
+    "fasteropt": "superfloat.bench.fasteropt:run",
+    "wasq-targets": "superfloat.bench.wasq_targets:run",
+    "ptq": "superfloat.bench.ptq:run",
+    "cosim": "superfloat.bench.cosim:run",
 }
 
 
 def machine_info() -> dict[str, Any]:
-    from .cli_info import tool_versions
+    from superfloat.cli.info import tool_versions
 
     try:
         import torch

@@ -22,8 +22,8 @@ def _err(msg: str) -> None:
 
 
 def cmd_cosim(args: argparse.Namespace) -> int:
-    from .cosim import CosimError, cosim
-    from .runner import SimulationFailed, SimulatorNotFound
+    from superfloat.sim.cosim import CosimError, cosim
+    from superfloat.sim.runner import SimulationFailed, SimulatorNotFound
 
     if args.list_layers:
         return _list_layers(args.checkpoint)

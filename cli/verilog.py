@@ -1,4 +1,4 @@
-"""``sfx verilog``: write the accelerator's Verilog (registered in ``sw/cli.py``)."""
+"""``sfx verilog``: write the accelerator's Verilog (registered in ``cli/__init__.py``)."""
 from __future__ import annotations
 
 import argparse
@@ -41,7 +41,7 @@ def register(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .verilog import generate_verilog
+    from superfloat.hw.verilog import generate_verilog
 
     try:
         text = generate_verilog(rows=args.rows, cols=args.cols, a_bits=args.a_bits, w_bits=args.w_bits,

@@ -11,19 +11,19 @@ import argparse
 import importlib
 import sys
 
-from . import __version__
+from superfloat.sw import __version__
 
 #: Modules that add subcommands, in help order. A module that is not installed yet
 #: (ModuleNotFoundError for that very module) is skipped; any other import error is raised.
 SUBCOMMAND_MODULES = [
-    "superfloat.sw.cli_info",      # info, demo
-    "superfloat.sw.wasq.cli",      # quantize, eval, finetune, analyze, generate, sweep
-    "superfloat.sw.wasq.cli_train",  # finetune, analyze, sweep (also reached through wasq.cli; registers once)
-    "superfloat.sw.ptq_cli",       # ptq analysis commands (W4A4 methods)
-    "superfloat.hw.cli",           # verilog
-    "superfloat.hw.fpga.cli",      # synth, build-board
-    "superfloat.sim.cli",          # cosim
-    "superfloat.sw.bench",         # bench
+    "superfloat.cli.info",      # info, demo
+    "superfloat.cli.wasq",      # quantize, eval, finetune, analyze, generate, sweep
+    "superfloat.cli.train",  # finetune, analyze, sweep (also reached through wasq.cli; registers once)
+    "superfloat.cli.ptq",       # ptq analysis commands (W4A4 methods)
+    "superfloat.cli.verilog",           # verilog
+    "superfloat.cli.fpga",      # synth, build-board
+    "superfloat.cli.sim",          # cosim
+    "superfloat.bench",         # bench
 ]
 
 

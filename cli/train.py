@@ -1,7 +1,7 @@
 """``sfx finetune``, ``sfx analyze`` and ``sfx sweep`` (WASQ training and analysis).
 
-Registered from :mod:`superfloat.sw.cli` (``SUBCOMMAND_MODULES``) and from
-:mod:`superfloat.sw.wasq.cli` (``EXTENSION_MODULES``); :func:`register` adds the
+Registered from :mod:`superfloat.cli` (``SUBCOMMAND_MODULES``) and from
+:mod:`superfloat.cli.wasq` (``EXTENSION_MODULES``); :func:`register` adds the
 commands once whichever comes first. Options are spelled like ``sfx eval``'s
 (``--model``, ``--data``, ``--weight-bits``, ``--act-bits``, ``--scale``, ...).
 """
@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cli import CLIError, _run, add_model_args, add_quant_args
+from superfloat.cli.wasq import CLIError, _run, add_model_args, add_quant_args
+from superfloat.sw.wasq.data import pad_id
 
 __all__ = ["register", "cmd_finetune", "cmd_analyze", "cmd_sweep", "load_blocks"]
 
@@ -67,7 +68,7 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace, method: str = "sfx", bits: int | None = None):
-    from .config import DEFAULT_SKIP, WASQConfig
+    from superfloat.sw.wasq.config import DEFAULT_SKIP, WASQConfig
 
     try:
         return WASQConfig(weight_bits=args.weight_bits if bits is None else bits, act_bits=args.act_bits,
@@ -79,31 +80,23 @@ def _config(args: argparse.Namespace, method: str = "sfx", bits: int | None = No
 
 
 def _load(spec: str):
-    from .models import load_model
+    from superfloat.sw.wasq.models import load_model
 
     try:
         lm = load_model(spec)
     except ValueError as e:
         raise CLIError(str(e)) from None
-    from .quantize import quantized_layers
+    from superfloat.sw.wasq.quantize import quantized_layers
 
     if quantized_layers(lm.model):
         raise CLIError(f"{spec} is already quantized (a WASQ checkpoint); start from the float model")
     return lm
 
 
-def pad_id(tokenizer: Any) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        v = getattr(tokenizer, attr, None)
-        if v is not None:
-            return int(v)
-    return 0
-
-
 def load_blocks(tokenizer: Any, data: str, split: str, context: int, tokens: int):
     """The first ``tokens`` tokens of ``data``/``split`` cut into blocks of ``context``."""
-    from .data import load_text, tokenize
-    from .train import make_blocks
+    from superfloat.sw.wasq.data import load_text, tokenize
+    from superfloat.sw.wasq.train import make_blocks
 
     try:
         text = load_text(data, split)
@@ -114,7 +107,7 @@ def load_blocks(tokenizer: Any, data: str, split: str, context: int, tokens: int
 
 
 def _eval_ids(tokenizer: Any, data: str, split: str, tokens: int):
-    from .data import load_text, tokenize
+    from superfloat.sw.wasq.data import load_text, tokenize
 
     try:
         return tokenize(tokenizer, load_text(data, split), tokens)
@@ -123,7 +116,7 @@ def _eval_ids(tokenizer: Any, data: str, split: str, tokens: int):
 
 
 def _train_config(args: argparse.Namespace):
-    from .train import TrainConfig
+    from superfloat.sw.wasq.train import TrainConfig
 
     try:
         return TrainConfig(epochs=args.epochs, lr=args.lr, max_steps=args.max_steps, batch_size=args.batch_size,
@@ -153,9 +146,9 @@ def _json_default(o: Any):
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .checkpoint import save_checkpoint
-    from .evaluate import perplexity
-    from .methods import run_method
+    from superfloat.sw.wasq.checkpoint import save_checkpoint
+    from superfloat.sw.wasq.evaluate import perplexity
+    from superfloat.sw.wasq.methods import run_method
 
     out = Path(args.output)
     model_dir = out / "model"
@@ -186,7 +179,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                           pad_token_id=pad_id(lm.tokenizer)).perplexity
 
     if args.method in ("opt", "fasteropt"):
-        from .analyze import read_analysis
+        from superfloat.sw.wasq.analyze import read_analysis
 
         kwargs.update(fraction=args.fraction)
         if args.layers:
@@ -214,7 +207,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                                "calibration_blocks": len(blocks) if blocks is not None else 0,
                                "note": lm.note, **res.summary()}
     if res.extra.get("analysis") is not None:
-        from .analyze import write_analysis
+        from superfloat.sw.wasq.analyze import write_analysis
 
         write_analysis(res.extra["analysis"], out / "analysis")
         summary["analysis_dir"] = str(out / "analysis")
@@ -254,8 +247,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .analyze import analyze, write_analysis
-    from .config import DEFAULT_SKIP, WASQConfig
+    from superfloat.sw.wasq.analyze import analyze, write_analysis
+    from superfloat.sw.wasq.config import DEFAULT_SKIP, WASQConfig
 
     if args.weight_bits is None:
         raise CLIError("--weight-bits is required (the quantization whose effect is analysed)")
@@ -296,7 +289,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import SweepSpec, run_sweep, write_sweep
+    from superfloat.sw.wasq.sweep import SweepSpec, run_sweep, write_sweep
 
     try:
         spec = SweepSpec(models=tuple(args.model), bits=tuple(args.bits), contexts=tuple(args.context),
@@ -351,7 +344,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 def register(sub) -> None:
     if "finetune" in getattr(sub, "choices", {}):
-        return  # already registered (sw/cli.py and wasq/cli.py both list this module)
+        return  # already registered (cli/__init__.py and cli/wasq.py both list this module)
     p = sub.add_parser("finetune", help="WASQ methods: vanilla, fpm, opt, fasteropt, lth (QAT to SFx)",
                        description="Quantize a float causal LM to SFx and train it (docs/wasq-methods.md). Writes "
                                    "DIR/model (a WASQ checkpoint: weights re-projected to the SFx grid), "

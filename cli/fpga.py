@@ -41,9 +41,9 @@ def _widths(args):
 
 
 def cmd_synth(args) -> int:
-    from .flow import TARGETS
-    from .report import format_result_table
-    from .synth import synthesize, write_summary
+    from superfloat.hw.fpga.flow import TARGETS
+    from superfloat.hw.fpga.report import format_result_table
+    from superfloat.hw.fpga.synth import synthesize, write_summary
 
     if args.target not in TARGETS:
         _err(f"unknown target {args.target!r}: choose one of {', '.join(TARGETS)}")
@@ -84,7 +84,7 @@ def cmd_synth(args) -> int:
         if code != EXIT_OK:
             _err("not updating the baseline: the run failed")
             return code
-        from .regress import write_baseline
+        from superfloat.hw.fpga.regress import write_baseline
 
         path = write_baseline(s)
         print(f"baseline written: {path}", file=sys.stderr)
@@ -92,7 +92,7 @@ def cmd_synth(args) -> int:
 
 
 def cmd_build_board(args) -> int:
-    from .boards import BOARDS, build_board
+    from superfloat.hw.fpga.boards import BOARDS, build_board
 
     if args.board not in BOARDS:
         _err(f"unknown board {args.board!r}: choose one of {', '.join(BOARDS)}")
@@ -123,8 +123,8 @@ def cmd_build_board(args) -> int:
 
 
 def register(sub) -> None:
-    from .flow import TARGETS
-    from .synth import KINDS
+    from superfloat.hw.fpga.flow import TARGETS
+    from superfloat.hw.fpga.synth import KINDS
 
     p = sub.add_parser("synth", help="synthesize the accelerator for an FPGA (yowasp yosys + nextpnr)",
                        description="Synthesize, place and route an SFx accelerator (or a comparison PE array) "
@@ -146,7 +146,7 @@ def register(sub) -> None:
                    help="store the result as the CI baseline in hw/fpga/baselines/")
     p.set_defaults(func=cmd_synth)
 
-    from .boards import BOARDS
+    from superfloat.hw.fpga.boards import BOARDS
 
     b = sub.add_parser("build-board", help="build a bitstream of the accelerator with its UART host link",
                        description="Build the board top (accelerator + UART bridge) for a board and print the "

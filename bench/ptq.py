@@ -53,13 +53,13 @@ def _eval_cmd(method: str, w: int, a: int | None, codes: str, b: dict[str, Any])
 def run(out_dir: Path | str, quick: bool = False) -> None:
     import torch
 
-    from .bench import write_report
-    from .ptq_cli import _ppl, run_clip_analysis
-    from .wasq.config import WASQConfig
-    from .wasq.data import calibration_batches, load_text, tokenize
-    from .wasq.models import load_model
-    from .wasq.ptq import Calibration, PTQConfig, float_bytes, memory_report, ptq_quantize_, save_packed
-    from .wasq.quantize import candidate_layers
+    from superfloat.bench import write_report
+    from superfloat.cli.ptq import _ppl, run_clip_analysis
+    from superfloat.sw.wasq.config import WASQConfig
+    from superfloat.sw.wasq.data import calibration_batches, load_text, tokenize
+    from superfloat.sw.wasq.models import load_model
+    from superfloat.sw.wasq.ptq import Calibration, PTQConfig, float_bytes, memory_report, ptq_quantize_, save_packed
+    from superfloat.sw.wasq.quantize import candidate_layers
 
     b = BUDGET[bool(quick)]
     t_start = time.perf_counter()
@@ -157,7 +157,7 @@ def _fmt_ppl(p: float) -> str:
 
 def _sections(rows, clip_rows, fp, clip_fp, f_bytes, b, note, t_calib, t_clip, seconds, png, quick, cpu=0.0,
               failed=()):
-    from .bench import markdown_table
+    from superfloat.bench import markdown_table
 
     cfgs = [_label(w, a) for w, a in CONFIGS]
     by = {(r["method"], r["codes"], r["config"]): r for r in rows}

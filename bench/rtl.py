@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from superfloat.sw.bench import markdown_table, write_report
+from superfloat.bench import markdown_table, write_report
 
-from .linear import run_linear
+from superfloat.sim.linear import run_linear
 
 ROWS = COLS = 8
 BITS = 8

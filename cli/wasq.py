@@ -20,7 +20,7 @@ __all__ = ["register", "EXTENSION_MODULES", "add_model_args", "add_quant_args", 
            "config_from_args", "prepare_model", "load_ids", "CLIError"]
 
 #: Modules (by import name) that add more WASQ subcommands; missing ones are skipped.
-EXTENSION_MODULES = ["superfloat.sw.wasq.cli_train"]
+EXTENSION_MODULES = ["superfloat.cli.train"]
 
 METHOD_CHOICES = ("vanilla", "rtn-int", "sfx", "int")
 
@@ -52,7 +52,7 @@ def add_quant_args(p: argparse.ArgumentParser, *, bits_required: bool = False, m
     g.add_argument("--act-bits", "-a", type=int, metavar="Y",
                    help="quantize every quantized layer's input to SF Y (default: weight-only)")
     if ptq:
-        from .ptq.wasq_cli import PTQ_METHODS, add_codes_arg
+        from superfloat.sw.wasq.ptq.wasq_cli import PTQ_METHODS, add_codes_arg
 
         g.add_argument("--method", default="vanilla", choices=METHOD_CHOICES + PTQ_METHODS,
                        help="vanilla = SFx round-to-nearest (default); rtn-int = symmetric per-channel integer RTN "
@@ -96,7 +96,7 @@ def add_window_args(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, weight_bits: int | None = None):
     """The :class:`WASQConfig` the options ask for, or ``None`` (float) without ``--weight-bits``."""
-    from .config import DEFAULT_SKIP, WASQConfig
+    from superfloat.sw.wasq.config import DEFAULT_SKIP, WASQConfig
 
     bits = weight_bits if weight_bits is not None else getattr(args, "weight_bits", None)
     if isinstance(bits, list):
@@ -105,7 +105,7 @@ def config_from_args(args: argparse.Namespace, weight_bits: int | None = None):
         if getattr(args, "act_bits", None) is not None:
             raise CLIError("--act-bits needs --weight-bits (WASQ quantizes the weights of every layer it touches)")
         return None
-    from .ptq.wasq_cli import is_ptq, ptq_config_from_args
+    from superfloat.sw.wasq.ptq.wasq_cli import is_ptq, ptq_config_from_args
 
     if is_ptq(getattr(args, "method", None)):
         return ptq_config_from_args(args, bits, CLIError)
@@ -119,7 +119,7 @@ def config_from_args(args: argparse.Namespace, weight_bits: int | None = None):
 
 def load_ids(args: argparse.Namespace, tokenizer: Any, *, data: str | None = None, split: str | None = None,
              max_tokens: int | None = None):
-    from .data import load_text, tokenize
+    from superfloat.sw.wasq.data import load_text, tokenize
 
     try:
         text = load_text(data or args.data, split if split is not None else getattr(args, "split", None))
@@ -134,14 +134,14 @@ def load_ids(args: argparse.Namespace, tokenizer: Any, *, data: str | None = Non
 def prepare_model(args: argparse.Namespace, lm, config) -> dict[str, Any]:
     """Apply ``config`` to ``lm.model`` (calibrating static activation exponents); returns a
     description for reports. ``config=None`` leaves the model as it is."""
-    from .config import WASQConfig
-    from .quantize import calibrate_, quantize_, quantized_layers, wasq_config_of
+    from superfloat.sw.wasq.config import WASQConfig
+    from superfloat.sw.wasq.quantize import calibrate_, quantize_, quantized_layers, wasq_config_of
 
     if config is None:
         existing = wasq_config_of(lm.model)
         return {"quantized_layers": len(quantized_layers(lm.model)), "config": existing}
     if not isinstance(config, WASQConfig):  # a PTQ method (superfloat.sw.wasq.ptq)
-        from .ptq.wasq_cli import prepare
+        from superfloat.sw.wasq.ptq.wasq_cli import prepare
 
         return prepare(args, lm, config, load_ids, CLIError)
     if quantized_layers(lm.model):
@@ -151,7 +151,7 @@ def prepare_model(args: argparse.Namespace, lm, config) -> dict[str, Any]:
     except ValueError as e:
         raise CLIError(str(e)) from None
     if config.act_bits is not None and config.act_exponent == "static":
-        from .data import calibration_batches
+        from superfloat.sw.wasq.data import calibration_batches
 
         ids = load_ids(args, lm.tokenizer, data=args.calib_data or args.data, split="train",
                        max_tokens=args.calib_tokens)
@@ -160,7 +160,7 @@ def prepare_model(args: argparse.Namespace, lm, config) -> dict[str, Any]:
 
 
 def _load(spec: str):
-    from .models import load_model
+    from superfloat.sw.wasq.models import load_model
 
     try:
         return load_model(spec)
@@ -186,7 +186,7 @@ def _config_fields(cfg) -> dict[str, Any]:
         return {"method": "float", "weight_bits": None, "act_bits": None, "scale_kind": None, "weight_scale": None,
                 "act_exponent": None, "rounding": None, "label": "float"}
     if not hasattr(cfg, "weight_scale"):  # a PTQConfig
-        from .ptq.wasq_cli import config_fields
+        from superfloat.sw.wasq.ptq.wasq_cli import config_fields
 
         return config_fields(cfg)
     return {"method": {"sfx": "vanilla", "int": "rtn-int"}[cfg.method], "weight_bits": cfg.weight_bits,
@@ -196,8 +196,8 @@ def _config_fields(cfg) -> dict[str, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .. import __version__
-    from .evaluate import perplexity
+    from superfloat.sw import __version__
+    from superfloat.sw.wasq.evaluate import perplexity
 
     for name in ("context", "max_tokens", "batch_size", "stride"):
         v = getattr(args, name)
@@ -216,7 +216,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        pad_token_id=pad, progress=not args.no_progress, desc=f"eval {desc['config'].describe() if desc['config'] else 'float'}")
     except ValueError as e:
         raise CLIError(str(e)) from None
-    from .data import default_split
+    from superfloat.sw.wasq.data import default_split
 
     out = {
         "model": args.model, "data": args.data, "split": args.split or default_split(args.data),
@@ -243,20 +243,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .checkpoint import save_checkpoint
+    from superfloat.sw.wasq.checkpoint import save_checkpoint
 
     config = config_from_args(args)
     if config.method == "int":
         raise CLIError("--method rtn-int is an evaluation baseline (sfx eval); checkpoints hold SFx codes only")
     if not getattr(config, "hardware_executable", True):  # a PTQ config that a checkpoint cannot hold
-        from .ptq.wasq_cli import save
+        from superfloat.sw.wasq.ptq.wasq_cli import save
 
         save(None, config, args, CLIError)  # raises the explanation before any work
     t0 = time.perf_counter()
     lm = _load(args.model)
     desc = prepare_model(args, lm, config)
     if "ptq_report" in desc:
-        from .ptq.wasq_cli import save
+        from superfloat.sw.wasq.ptq.wasq_cli import save
 
         mem = save(lm, config, args, CLIError)
     else:
@@ -315,7 +315,7 @@ def generation_entries(args: argparse.Namespace) -> list[tuple[str, Any, Any]]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import format_blocks, format_side_by_side, generate_many
+    from superfloat.sw.wasq.generate import format_blocks, format_side_by_side, generate_many
 
     entries = generation_entries(args)
     try:
@@ -381,6 +381,6 @@ def register(sub) -> None:
     p.add_argument("--context", type=int, default=512, help=argparse.SUPPRESS)
     p.set_defaults(func=_run(cmd_generate))
 
-    from ..cli import register_modules
+    from superfloat.cli import register_modules
 
     register_modules(sub, EXTENSION_MODULES)
