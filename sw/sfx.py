@@ -47,6 +47,10 @@ __all__ = [
     "linear_with_stats",
     "LinearStats",
     "fold_scale",
+    "fold_row_scale",
+    "encode_rows",
+    "encode_rows_scaled",
+    "default_row_scale",
     "check_bits",
     "check_codes",
     "check_rounding",
@@ -290,7 +294,11 @@ def encode(values: Any, bits: int, exponent: Any = 0, rounding: str = "nearest_e
     exps = _check_exponent(exponent)
     m = bits - 1
     dt = _work_dtype(arr.dtype, exps, m)
-    shape = np.broadcast_shapes(arr.shape, exps.shape)
+    try:
+        shape = np.broadcast_shapes(arr.shape, exps.shape)
+    except ValueError:
+        raise ValueError(f"exponent of shape {list(exps.shape)} does not broadcast against values of shape "
+                         f"{list(arr.shape)} (use [N, 1] per channel / per row of a [N, K] tensor)") from None
     out = np.empty(shape, dtype=code_dtype(bits))
     trunc = rounding == "toward_zero"
     if exps.ndim == 0 and arr.shape == shape:
@@ -475,19 +483,96 @@ def matmul_acc(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, bias: An
     return _exact_code_matmul(x, a_bits, w, w_bits) + b[None, :]
 
 
+_LIMB = 32
+_LIMB_MASK = (1 << _LIMB) - 1
+_FLOOR_CLIP = 1 << 21  # |floor| beyond this saturates every SFx width (|q| <= 2**15 - 1)
+
+
+class _NumpyOps:
+    """The array operations :func:`_round_limbs` needs, for numpy (``sfx_torch`` passes torch's)."""
+
+    where = staticmethod(np.where)
+    clip = staticmethod(np.clip)
+
+
+def _limbs(a):
+    """Split int64 ``a`` into ``(hi, lo)`` with ``a == hi * 2**32 + lo`` and ``0 <= lo < 2**32``."""
+    return a >> _LIMB, a & _LIMB_MASK
+
+
+def _limbs_mul(hi, lo, m):
+    """``(hi, lo) * m`` as limbs, exactly, for ``1 <= m < 2**16`` and ``|hi| < 2**47``.
+
+    ``lo * m < 2**48`` and ``|hi * m| < 2**63``: no intermediate leaves int64. Starting from
+    an int64 accumulator (``|hi| <= 2**31``) two multiplications stay in range (after one,
+    ``|hi| < 2**47``), which is what ``mult`` and ``xmult`` (SPEC section 4 steps 0, 0b) need.
+    """
+    p = lo * m
+    return hi * m + (p >> _LIMB), p & _LIMB_MASK
+
+
+def _round_limbs(hi, lo, r, rounding: str, mo: int, relu: bool, xp=_NumpyOps):
+    """SPEC section 4 steps 1-3 on the exact integer ``v = hi * 2**32 + lo``, for ``0 <= r <= 63``.
+
+    Returns ``(q, saturated)``: the saturated signed result and a boolean mask. Every
+    intermediate stays in int64: for ``r <= 32`` the floor is ``hi * 2**(32-r) + (lo >> r)``
+    (``hi`` clipped to ``+-2**21`` first: beyond that the result saturates either way, with
+    the same sign), the remainder ``lo mod 2**r``; for ``r > 32`` the floor is
+    ``hi >> (r-32)``, the remainder ``(hi mod 2**(r-32)) * 2**32 + lo < 2**63``. Rounding
+    follows from the floor and the remainder: nearest-even adds 1 when ``rem > half`` or
+    (``rem == half`` and the floor is odd); toward-zero adds 1 to the floor of a negative
+    value with a nonzero remainder (no ``abs``, so ``-2**63`` is handled).
+    """
+    if relu:
+        neg = hi < 0  # v < 0 exactly when hi < 0 (0 <= lo < 2**32)
+        hi = xp.where(neg, 0, hi)
+        lo = xp.where(neg, 0, lo)
+    small = r <= _LIMB
+    rs = xp.clip(r, 0, _LIMB)
+    d = xp.clip(r - _LIMB, 0, _LIMB)
+    fl_small = (xp.clip(hi, -_FLOOR_CLIP, _FLOOR_CLIP) << (_LIMB - rs)) + (lo >> rs)
+    rem_small = lo & ((1 << rs) - 1)
+    fl_big = hi >> d
+    rem_big = ((hi - (fl_big << d)) << _LIMB) | lo
+    fl = xp.where(small, fl_small, fl_big)
+    rem = xp.where(small, rem_small, rem_big)
+    if rounding == "nearest_even":
+        half = xp.where(r > 0, 1 << xp.clip(r - 1, 0, 62), 0)
+        up = (r > 0) & ((rem > half) | ((rem == half) & ((fl & 1) == 1)))
+    else:
+        up = (hi < 0) & (rem != 0)
+    q = xp.clip(fl, -_FLOOR_CLIP, _FLOOR_CLIP) + up
+    lim = (1 << mo) - 1
+    sat = (q > lim) | (q < -lim)
+    return xp.clip(q, -lim, lim), sat
+
+
+def _check_per(x: Any, name: str, lo: int, hi: int, shape: tuple, what: str) -> np.ndarray:
+    arr = _int_array(x, name, lo, hi)
+    try:
+        np.broadcast_shapes(shape, arr.shape)
+    except ValueError:
+        raise ValueError(f"{name} of shape {list(arr.shape)} does not broadcast against {what} of shape "
+                         f"{list(shape)}") from None
+    return arr
+
+
 def requantize(acc: Any, *, frac_bits: int, shift: Any = 0, out_bits: int, relu: bool = False,
-               rounding: str = "nearest_even", mult: Any = None) -> tuple[np.ndarray, int]:
+               rounding: str = "nearest_even", mult: Any = None, xmult: Any = None) -> tuple[np.ndarray, int]:
     """The activation clamp unit (SPEC section 4): accumulators to SF``out_bits`` codes.
 
-    ``y = acc * 2**(-frac_bits + shift)`` (times ``mult * 2**-16`` if ``mult`` is given),
-    optional ReLU, right shift by ``r = frac_bits (+16) - (out_bits - 1) - shift`` with
-    ``rounding``, saturation to ``+-(2**(out_bits-1) - 1)``, sign-magnitude encoding.
+    ``y = acc * 2**(-frac_bits + shift)`` (times ``mult * 2**-16`` if ``mult`` is given, and
+    times ``xmult * 2**-16`` if ``xmult`` is given), optional ReLU, right shift by
+    ``r = frac_bits (+16) (+16) - (out_bits - 1) - shift`` with ``rounding``, saturation to
+    ``+-(2**(out_bits-1) - 1)``, sign-magnitude encoding.
 
-    ``shift`` and ``mult`` are scalars or broadcast against ``acc`` (per output channel:
-    shape ``[N]`` for ``acc`` ``[T, N]``; per element: ``acc``'s shape).
+    ``shift``, ``mult`` and ``xmult`` are scalars or broadcast against ``acc`` (per output
+    channel: shape ``[N]`` for ``acc`` ``[T, N]``; per activation row: ``[T, 1]``; per
+    element: ``acc``'s shape). Exact for every int64 ``acc``: the products with ``mult`` and
+    ``xmult`` (up to 95 bits) are carried as two int64 limbs, never in floating point.
 
     Returns:
-        ``(codes, n_saturated)``: codes (uint8/uint16) of ``acc``'s shape and the
+        ``(codes, n_saturated)``: codes (uint8/uint16) of the broadcast shape and the
         number of outputs that saturated.
     """
     out_bits = check_bits(out_bits, "out_bits")
@@ -500,47 +585,28 @@ def requantize(acc: Any, *, frac_bits: int, shift: Any = 0, out_bits: int, relu:
         raise TypeError(f"relu must be a bool, got {relu!r}")
     a = _int_array(acc, "acc")
     f = int(frac_bits)
-    sh = _int_array(shift, "shift")
-    try:
-        np.broadcast_shapes(a.shape, sh.shape)
-    except ValueError:
-        raise ValueError(f"shift of shape {list(sh.shape)} does not broadcast against acc of shape {list(a.shape)}") from None
-    if mult is not None:
-        mu = _int_array(mult, "mult", 1, (1 << MULT_FRAC_BITS) - 1)
-        try:
-            np.broadcast_shapes(a.shape, mu.shape)
-        except ValueError:
-            raise ValueError(f"mult of shape {list(mu.shape)} does not broadcast against acc of shape {list(a.shape)}") from None
-        lim = 1 << (63 - MULT_FRAC_BITS)
-        if a.size and np.abs(a).max() >= lim:
-            raise ValueError(f"acc must satisfy |acc| < 2**{63 - MULT_FRAC_BITS} when mult is given (acc * mult must fit 64 bits)")
-        a = a * mu
-        f += MULT_FRAC_BITS
+    sh = _check_per(shift, "shift", None, None, a.shape, "acc")
+    mu = None if mult is None else _check_per(mult, "mult", 1, (1 << MULT_FRAC_BITS) - 1, a.shape, "acc")
+    xm = None if xmult is None else _check_per(xmult, "xmult", 1, (1 << MULT_FRAC_BITS) - 1, a.shape, "acc")
+    extra = "".join(" + 16" for m in (mu, xm) if m is not None)
+    f += MULT_FRAC_BITS * ((mu is not None) + (xm is not None))
     mo = out_bits - 1
     r = f - mo - sh
     if r.size and (r.min() < 0 or r.max() > MAX_RIGHT_SHIFT):
         bad = (r < 0) | (r > MAX_RIGHT_SHIFT)
-        rb = np.broadcast_to(r, bad.shape)[bad].flat[0] if bad.ndim else int(r)
+        rb = r[bad].flat[0] if bad.ndim else int(r)
         raise ValueError(
-            f"right shift r = frac_bits{' + 16' if mult is not None else ''} - (out_bits - 1) - shift = {int(rb)} "
+            f"right shift r = frac_bits{extra} - (out_bits - 1) - shift = {int(rb)} "
             f"is outside 0..{MAX_RIGHT_SHIFT} (frac_bits={frac_bits}, out_bits={out_bits}, "
             f"{int(bad.sum())} element(s)); choose the output exponent so that the shift is in range"
         )
-    if relu:
-        a = np.maximum(a, 0)
-    r = np.broadcast_to(r, np.broadcast_shapes(a.shape, r.shape))
-    a = np.broadcast_to(a, r.shape)
-    if rounding == "nearest_even":
-        q = a >> r
-        rem = a - (q << r)
-        half = np.where(r > 0, np.left_shift(np.int64(1), np.maximum(r - 1, 0)), 0)
-        up = (r > 0) & ((rem > half) | ((rem == half) & ((q & 1) == 1)))
-        q = q + up
-    else:
-        q = np.sign(a) * (np.abs(a) >> r)
-    lim = (1 << mo) - 1
-    sat = (q > lim) | (q < -lim)
-    q = np.clip(q, -lim, lim)
+    hi, lo = _limbs(a)
+    for m in (mu, xm):
+        if m is not None:
+            hi, lo = _limbs_mul(hi, lo, m)
+    shape = np.broadcast_shapes(hi.shape, r.shape)
+    q, sat = _round_limbs(np.broadcast_to(hi, shape), np.broadcast_to(lo, shape), np.broadcast_to(r, shape),
+                          rounding, mo, bool(relu))
     return _codes_from_signed(q, out_bits), int(sat.sum())
 
 
@@ -560,6 +626,7 @@ class LinearArgs:
     relu: bool
     rounding: str
     k_max: int
+    xmult: np.ndarray | None = None  # int64 [T] or None (SPEC revision 2, section 4 step 0b)
 
     @property
     def T(self) -> int:
@@ -580,7 +647,8 @@ class LinearArgs:
 
 def check_linear_args(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, out_bits: int, bias: Any = None,
                       shift: Any = 0, relu: bool = False, rounding: str = "nearest_even",
-                      k_max: int = DEFAULT_K_MAX, mult: Any = None, x_exponent: Any = None) -> LinearArgs:
+                      k_max: int = DEFAULT_K_MAX, mult: Any = None, x_exponent: Any = None,
+                      xmult: Any = None) -> LinearArgs:
     """Check every argument of :func:`linear` (shared with the RTL harness, same messages)."""
     a_bits = check_bits(a_bits, "a_bits")
     w_bits = check_bits(w_bits, "w_bits")
@@ -604,7 +672,8 @@ def check_linear_args(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, o
             xe = np.full(t, int(xe), dtype=np.int64)
         elif xe.shape != (t,):
             raise ValueError(f"x_exponent must be a scalar or have shape [{t}] (one per activation row), got {list(xe.shape)}")
-    f = a_bits - 1 + w_bits - 1 + (MULT_FRAC_BITS if mu is not None else 0)
+    xm = None if xmult is None else _per_row(xmult, t, "xmult", 1, (1 << MULT_FRAC_BITS) - 1)
+    f = a_bits - 1 + w_bits - 1 + MULT_FRAC_BITS * ((mu is not None) + (xm is not None))
     r = f - (out_bits - 1) - (sh[None, :] + xe[:, None])
     if r.size and (r.min() < 0 or r.max() > MAX_RIGHT_SHIFT):
         bad = np.argwhere((r < 0) | (r > MAX_RIGHT_SHIFT))[0]
@@ -612,7 +681,17 @@ def check_linear_args(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, o
             f"right shift r = F - (out_bits - 1) - (shift[n] + x_exponent[t]) = {int(r[tuple(bad)])} at t={bad[0]}, "
             f"n={bad[1]} is outside 0..{MAX_RIGHT_SHIFT} (F={f}): choose shift / output exponent in range"
         )
-    return LinearArgs(x, w, a_bits, w_bits, out_bits, b, sh, mu, xe, bool(relu), rounding, k_max)
+    return LinearArgs(x, w, a_bits, w_bits, out_bits, b, sh, mu, xe, bool(relu), rounding, k_max, xm)
+
+
+def _per_row(x: Any, t: int, name: str, lo: int, hi: int) -> np.ndarray:
+    """Scalar or ``[T]`` per-activation-row integer parameter, as int64 ``[T]``."""
+    arr = _int_array(x, name, lo, hi)
+    if arr.ndim == 0:
+        return np.full(t, int(arr), dtype=np.int64)
+    if arr.shape != (t,):
+        raise ValueError(f"{name} must be a scalar or have shape [{t}] (one per activation row), got {list(arr.shape)}")
+    return arr
 
 
 @dataclass(frozen=True)
@@ -633,7 +712,8 @@ def _linear(args: LinearArgs) -> tuple[np.ndarray, LinearStats]:
     acc = _exact_code_matmul(args.x, args.a_bits, args.w, args.w_bits) + args.bias[None, :]
     shift = args.shift[None, :] + args.x_exponent[:, None]
     codes, nsat = requantize(acc, frac_bits=args.frac_bits, shift=shift, out_bits=args.out_bits, relu=args.relu,
-                             rounding=args.rounding, mult=None if args.mult is None else args.mult[None, :])
+                             rounding=args.rounding, mult=None if args.mult is None else args.mult[None, :],
+                             xmult=None if args.xmult is None else args.xmult[:, None])
     stats = LinearStats(nsat, args.T * args.N * args.K, int(acc.min()) if acc.size else 0,
                         int(acc.max()) if acc.size else 0)
     return codes, stats
@@ -641,9 +721,9 @@ def _linear(args: LinearArgs) -> tuple[np.ndarray, LinearStats]:
 
 def linear(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, out_bits: int, bias: Any = None,
            shift: Any = 0, relu: bool = False, rounding: str = "nearest_even", k_max: int = DEFAULT_K_MAX,
-           mult: Any = None, x_exponent: Any = None) -> np.ndarray:
+           mult: Any = None, x_exponent: Any = None, xmult: Any = None) -> np.ndarray:
     """LINEAR (SPEC section 5): ``Y[t,n] = requantize(bias[n] + sum_k X[t,k] W[n,k], F,
-    shift[n] + x_exponent[t], out_bits, relu, rounding, mult[n])``.
+    shift[n] + x_exponent[t], out_bits, relu, rounding, mult[n], xmult[t])``.
 
     Args:
         x_codes: ``[T, K]`` SF``a_bits`` codes (activations).
@@ -652,13 +732,15 @@ def linear(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, out_bits: in
         shift: int8 per output channel (``Ea + Ew - Eo`` or from :func:`fold_scale`).
         mult: optional 16-bit per-channel multiplier (``mult * 2**-16``).
         x_exponent: optional int8 per activation row.
+        xmult: optional 16-bit per-row multiplier (``xmult[t] * 2**-16``, SPEC revision 2),
+            see :func:`fold_row_scale` and :func:`encode_rows_scaled`.
 
     Returns:
         ``[T, N]`` SF``out_bits`` codes.
     """
     codes, _ = linear_with_stats(x_codes, w_codes, a_bits=a_bits, w_bits=w_bits, out_bits=out_bits, bias=bias,
                                  shift=shift, relu=relu, rounding=rounding, k_max=k_max, mult=mult,
-                                 x_exponent=x_exponent)
+                                 x_exponent=x_exponent, xmult=xmult)
     return codes
 
 
@@ -689,3 +771,69 @@ def fold_scale(scale: Any) -> tuple[Any, Any]:
     if arr.ndim == 0:
         return int(mult), int(shift)
     return mult, shift
+
+
+def fold_row_scale(scale: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row float activation scales ``[T]`` to ``(xmult, xexp)`` (SPEC revision 2, section 4
+    step 0b): :func:`fold_scale`'s rounding (16 significant bits, nearest-even,
+    ``2**15 <= xmult < 2**16``, ``xmult * 2**(xexp - 16)`` the rounded scale), with ``xexp``
+    checked against the int8 range of ``x_exponent``. Returns int64 arrays."""
+    arr = _as_array(scale, "scale")
+    xm, xe = fold_scale(arr)
+    xm, xe = np.asarray(xm, dtype=np.int64), np.asarray(xe, dtype=np.int64)
+    bad = (xe < INT8_MIN) | (xe > INT8_MAX)
+    if bad.any():
+        raise ValueError(f"scale gives an exponent outside int8 ({INT8_MIN}..{INT8_MAX}) for {int(bad.sum())} "
+                         f"row(s), the first {int(xe[bad].flat[0])} at index {_first_index(bad)}")
+    return xm, xe
+
+
+def _check_rows(values: Any) -> np.ndarray:
+    arr = _as_array(values, "x")
+    if arr.ndim != 2:
+        raise ValueError(f"x must be a 2-D [T, K] matrix (one row per token), got shape {list(arr.shape)}")
+    if arr.dtype.kind in "iub":
+        arr = arr.astype(np.float64)
+    return arr
+
+
+def encode_rows(values: Any, bits: int, rounding: str = "nearest_even") -> tuple[np.ndarray, np.ndarray]:
+    """Dynamic per-token activations (SPEC sections 2 and 5): ``x_exponent[t] =
+    choose_exponent(x[t])`` and ``codes[t] = encode(x[t], bits, x_exponent[t])``.
+
+    Returns ``(codes [T, K], x_exponent int8 [T])``."""
+    arr = _check_rows(values)
+    e = choose_exponent(arr, bits, axis=0)
+    return encode(arr, bits, e[:, None], rounding), e
+
+
+def default_row_scale(values: Any, bits: int) -> np.ndarray:
+    """``max|x[t]| / (1 - 2**-M)`` per row (1.0 for an all-zero row): the float scale that maps
+    a row's largest magnitude onto the largest SF``bits`` value."""
+    arr = _check_rows(values)
+    bits = check_bits(bits)
+    _check_no_nan(arr, "x")
+    amax = np.abs(arr.astype(np.float64)).max(axis=1) if arr.size else np.zeros(arr.shape[0])
+    s = amax / (1.0 - 2.0 ** -(bits - 1))
+    return np.where(s > 0, s, 1.0)
+
+
+def encode_rows_scaled(values: Any, bits: int, scale: Any = None,
+                       rounding: str = "nearest_even") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-token activations with a float scale (SPEC revision 2, sections 4 step 0b and 8):
+    ``(xmult, xexp) = fold_row_scale(scale)`` and ``codes[t] = encode(x[t] / s[t], bits)``
+    where ``s[t] = xmult[t] * 2**(xexp[t] - 16)`` is the scale as the accelerator applies it
+    (the 16-bit rounded one), the division in float64.
+
+    ``scale`` defaults to :func:`default_row_scale`. Returns ``(codes [T, K], xexp int64 [T],
+    xmult int64 [T])``: pass them as ``x_exponent`` and ``xmult`` to :func:`linear`."""
+    arr = _check_rows(values)
+    if scale is None:
+        scale = default_row_scale(arr, bits)
+    sc = _as_array(scale, "scale")
+    if sc.shape != (arr.shape[0],):
+        raise ValueError(f"scale must have shape [{arr.shape[0]}] (one per row of x), got {list(sc.shape)}")
+    xm, xe = fold_row_scale(sc)
+    s = np.ldexp(xm.astype(np.float64), (xe - MULT_FRAC_BITS).astype(np.int32))
+    _check_no_nan(arr, "x")
+    return encode(arr.astype(np.float64) / s[:, None], bits, 0, rounding), xe, xm

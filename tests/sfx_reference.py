@@ -39,11 +39,15 @@ def product(ca: int, a_bits: int, cw: int, w_bits: int) -> int:
 
 
 def requantize(acc: int, frac_bits: int, shift: int, out_bits: int, relu: bool = False,
-               rounding: str = "nearest_even", mult: int | None = None) -> tuple[int, bool]:
-    """(code, saturated) of one accumulator: SPEC section 4 as a rational computation."""
+               rounding: str = "nearest_even", mult: int | None = None,
+               xmult: int | None = None) -> tuple[int, bool]:
+    """(code, saturated) of one accumulator: SPEC section 4 as a rational computation
+    (Python integers of any width: acc * mult * xmult may need more than 64 bits)."""
     f = frac_bits
     if mult is not None:
         acc, f = acc * mult, f + 16
+    if xmult is not None:
+        acc, f = acc * xmult, f + 16
     if relu:
         acc = max(acc, 0)
     mo = out_bits - 1
@@ -56,7 +60,7 @@ def requantize(acc: int, frac_bits: int, shift: int, out_bits: int, relu: bool =
     return ((1 << mo) | -q if q < 0 else q), sat
 
 
-def linear(x, w, a_bits, w_bits, out_bits, bias, shift, relu, rounding, mult, xexp):
+def linear(x, w, a_bits, w_bits, out_bits, bias, shift, relu, rounding, mult, xexp, xmult=None):
     """Nested-list LINEAR of SPEC section 5."""
     f = a_bits - 1 + w_bits - 1
     out = []
@@ -65,7 +69,7 @@ def linear(x, w, a_bits, w_bits, out_bits, bias, shift, relu, rounding, mult, xe
         for n, wrow in enumerate(w):
             acc = bias[n] + sum(product(a, a_bits, b, w_bits) for a, b in zip(row, wrow))
             code, _ = requantize(acc, f, shift[n] + xexp[t], out_bits, relu, rounding,
-                                 None if mult is None else mult[n])
+                                 None if mult is None else mult[n], None if xmult is None else xmult[t])
             orow.append(code)
         out.append(orow)
     return out
