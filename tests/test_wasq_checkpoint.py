@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from superfloat.sw.wasq import WASQConfig, calibrate_, quantize_, quantized_layers
-from superfloat.sw.wasq.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from superfloat.sw.wasq.checkpoint import CheckpointError, _tensor_digests, load_checkpoint, save_checkpoint
 from superfloat.sw.wasq.models import byte_tokenizer, load_model, tiny_model
 
 
@@ -56,7 +56,7 @@ def test_round_trip_same_codes_same_logits(tmp_path, arch, kw):
         if a.scale is not None:
             np.testing.assert_array_equal(a.scale, b.scale)
     assert tok is not None and tok.decode(tok("to be")["input_ids"]) == "to be"
-    assert info["format_version"] == 1 and info["base_model"]["architecture"] == type(model).__name__
+    assert info["format_version"] == 2 and info["base_model"]["architecture"] == type(model).__name__
     assert mem["model_safetensors_bytes"] == os.path.getsize(tmp_path / "ck" / "model.safetensors")
     assert mem["codes_bytes"] == sum(l.weight.numel() * (1 if l.bits <= 8 else 2) for l in q0.values())
     # saving the loaded model again writes the same tensors
@@ -134,7 +134,9 @@ def good_ckpt(tmp_path_factory):
     return d
 
 
-def _damaged(good, tmp_path, edit_tensors=None, edit_config=None):
+def _damaged(good, tmp_path, edit_tensors=None, edit_config=None, reseal=True):
+    """A copy of ``good`` with its tensors and/or config edited. ``reseal``: the SHA-256 digests are
+    recomputed after a tensor edit (a consistent but wrong checkpoint, to reach the checks behind them)."""
     import shutil
 
     d = tmp_path / "bad"
@@ -143,6 +145,10 @@ def _damaged(good, tmp_path, edit_tensors=None, edit_config=None):
         t = load_file(d / "model.safetensors")
         edit_tensors(t)
         save_file(t, d / "model.safetensors")
+        if reseal:
+            info = json.loads((d / "sfx_config.json").read_text())
+            info["sha256"] = _tensor_digests(d / "model.safetensors")
+            (d / "sfx_config.json").write_text(json.dumps(info))
     if edit_config:
         info = json.loads((d / "sfx_config.json").read_text())
         edit_config(info)
@@ -176,10 +182,10 @@ def test_damaged_tensor_errors_name_the_tensor(good_ckpt, tmp_path, edit, msg):
 
 
 @pytest.mark.parametrize("edit, msg", [
-    (lambda c: c.update(format_version=7), r"unknown format_version 7; superfloat .* reads format version\(s\) 1"),
+    (lambda c: c.update(format_version=7), r"unknown format_version 7; superfloat .* reads format version\(s\) 1, 2"),
     (lambda c: c.update(format="something"), r"format is 'something', expected 'superfloat-wasq-checkpoint'"),
     (lambda c: c["layers"][LAYER].update(bits=1), rf"layers\['{LAYER}'\]\.bits must be in 2\.\.16"),
-    (lambda c: c["layers"].update({"model.nope": {"bits": 4}}), r"layer 'model\.nope' does not exist"),
+    (lambda c: c["layers"].update({"model.nope": dict(c["layers"][LAYER])}), r"layer 'model\.nope' does not exist"),
 ])
 def test_damaged_config_errors(good_ckpt, tmp_path, edit, msg):
     d = _damaged(good_ckpt, tmp_path, edit_config=edit)

@@ -1,15 +1,21 @@
-"""WASQ checkpoints (SPEC section 7): what is streamed into the accelerator.
+"""WASQ checkpoints (SPEC section 7, revision 2): what is streamed into the accelerator.
 
 A checkpoint is a directory::
 
-    model.safetensors     <name>.codes     uint8/uint16 [N, K]   SFx codes of layer <name>
-                          <name>.exponent  int8 [N] or []        power-of-two exponents
-                          <name>.scale     float64 [N] or []     float scales (scale_kind "float" only)
-                          <name>.bias      float [N]             (layers with a bias)
-                          ...               every unquantized tensor under its state-dict name
+    model.safetensors     <name>.codes         uint8/uint16 [N, K]  SFx codes of layer <name>
+                          <name>.exponent      int8 [N] or []       power-of-two exponents
+                          <name>.scale         float64 [N] or []    float scales (scale_kind "float" only)
+                          <name>.bias          float [N]            (layers with a bias)
+                          <name>.out_exponent  int8 [N]             static output exponents Eo[n] (rev. 2,
+                                                                    layers that have them)
+                          ...                   every unquantized tensor under its state-dict name
     sfx_config.json       format name and version, tool version, rounding, bits and
-                          activation settings per layer, the WASQConfig, the base model's
-                          config and architecture (to rebuild it offline), memory in bytes
+                          activation settings per layer (``act_bits``, ``act_exponent``
+                          "dynamic"/"static", ``act_amax``; rev. 2: ``out_bits``,
+                          ``out_exponent``), the WASQConfig, the base model's config and
+                          architecture (to rebuild it offline), memory in bytes; rev. 2:
+                          ``sha256`` ``{tensor: hex digest of its bytes in the file}`` and
+                          ``tokenizer_files`` ``{file: hex digest}``
     tokenizer files       (when a tokenizer is given)
 
 ``real[n, k] = value(codes[n, k]) * 2**exponent[n] * scale[n]`` (scale 1 when absent).
@@ -17,19 +23,33 @@ For float scales ``exponent`` is 0 and the accelerator gets ``scale`` through
 ``sfx.fold_scale`` (:meth:`ExportedLinear.fold`). Tensors that share storage (tied
 embeddings) are stored once; ``sfx_config.json["aliases"]`` maps the others to it.
 
-Writing is atomic: everything goes to a hidden temporary directory beside the target,
-``sfx_config.json`` last, then one ``rename``; an interrupted save leaves no directory
-under the target name (and a temporary one has no complete ``sfx_config.json``).
-Loading checks everything and names the tensor in every error.
+Writing is atomic: everything goes to a hidden temporary directory beside the target
+(``.NAME.tmp-PID-HEX``), ``sfx_config.json`` last, then one ``rename`` (an existing
+checkpoint is first renamed to ``.NAME.old-PID-HEX`` and removed after the swap). An
+interrupted save leaves no directory under the target name (and a temporary one has no
+complete ``sfx_config.json``); the leftovers of a killed save are removed by the next
+save to the same target (a warning names any it cannot remove).
+
+Loading checks everything and raises :class:`CheckpointError` (one line naming the file,
+tensor or field, and what to do) on any damage: the safetensors header, every field of
+``sfx_config.json`` the loader uses, missing files (weights, config, tokenizer), SHA-256
+of every tensor (rev. 2), NaN/inf in float tensors, per-layer metadata against the
+tensors (shape, dtype, the code width ``bits``, exponents, output exponents).
+Revision-1 checkpoints (no digests) still load.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import struct
+import sys
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,21 +62,66 @@ from .config import WASQConfig
 from .qlinear import ExportedLinear
 from .quantize import quantize_, quantized_layers, wasq_config_of
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_info", "CheckpointError",
-           "FORMAT_NAME", "FORMAT_VERSION", "CONFIG_FILE", "WEIGHTS_FILE"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_info", "CheckpointError", "stale_save_dirs",
+           "FORMAT_NAME", "FORMAT_VERSION", "SUPPORTED_VERSIONS", "CONFIG_FILE", "WEIGHTS_FILE"]
 
 FORMAT_NAME = "superfloat-wasq-checkpoint"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 CONFIG_FILE = "sfx_config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
+#: what to do about a damaged checkpoint (appended to most load errors)
+_REDO = "restore the checkpoint from a copy or re-create it with sfx quantize"
+_FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+_ST_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+              "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded (the message names the file or tensor)."""
+    """A checkpoint that cannot be loaded (one line naming the file, tensor or field, and what to do)."""
 
 
+def _one_line(e: BaseException | str) -> str:
+    """The first non-empty line of an exception's text (library errors are often multi-line)."""
+    text = str(e).strip()
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return type(e).__name__ if isinstance(e, BaseException) else ""
+
+
+def _sha256_file_range(f, lo: int, hi: int) -> str:
+    h = hashlib.sha256()
+    f.seek(lo)
+    left = hi - lo
+    while left > 0:
+        chunk = f.read(min(left, 1 << 24))
+        if not chunk:
+            break
+        h.update(chunk)
+        left -= len(chunk)
+    return h.hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return _sha256_file_range(f, 0, path.stat().st_size)
+
+
+def _tensor_digests(path: Path) -> dict[str, str]:
+    """``{tensor: SHA-256 of its bytes}`` as they lie in the safetensors file ``path``."""
+    header, start = _safetensors_header(path, with_start=True)
+    out = {}
+    with open(path, "rb") as f:
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            lo, hi = meta["data_offsets"]
+            out[name] = _sha256_file_range(f, start + lo, start + hi)
+    return out
 # --------------------------------------------------------------------------- save
 
 
@@ -94,6 +159,80 @@ def _base_model_info(model: nn.Module, source: str | None, note: str | None) -> 
     return {"architecture": arch, "model_type": d.get("model_type"), "config": d, "source": source, "note": note}
 
 
+_STALE_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?[0-9a-f]{12}$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own earlier, failed save (we are not saving it now)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists, owned by someone else
+    return True
+
+
+def stale_save_dirs(directory: str | os.PathLike) -> list[Path]:
+    """The leftovers of interrupted saves to ``directory``: ``.NAME.tmp-*`` (a save killed
+    while writing) and ``.NAME.old-*`` (killed between the two renames: the previous
+    checkpoint) beside it, whose saving process is gone (a folder of a save still running
+    in another process is not listed)."""
+    target = Path(directory).expanduser()
+    parent = target.parent
+    if not parent.is_dir():
+        return []
+    out = []
+    for p in sorted(parent.iterdir()):
+        m = _STALE_RE.match(p.name)
+        if m is None or m.group("name") != target.name or not p.is_dir():
+            continue
+        pid = m.group("pid")
+        if pid is not None and _pid_alive(int(pid)):
+            continue
+        out.append(p)
+    return out
+
+
+def _remove_stale(target: Path) -> list[str]:
+    """Remove the leftovers of interrupted saves to ``target``; returns (and warns about) those
+    that could not be removed."""
+    failed = []
+    for p in stale_save_dirs(target):
+        try:
+            shutil.rmtree(p)
+        except OSError as e:
+            failed.append(f"{p} ({e.strerror or e})")
+    if failed:
+        warnings.warn(f"save_checkpoint: could not remove {len(failed)} leftover folder(s) of an interrupted save "
+                      f"beside {target}: {'; '.join(failed)}; remove them by hand", RuntimeWarning, stacklevel=3)
+    return failed
+
+
+def _layer_out_fields(layer: nn.Module, name: str, n: int) -> tuple[np.ndarray | None, int | None]:
+    """The revision-2 output fields of a quantized layer (``out_exponent`` int8 [N], ``out_bits``),
+    ``None`` where the layer has none."""
+    oe = getattr(layer, "out_exponent", None)
+    ob = getattr(layer, "out_bits", None)
+    if ob is not None:
+        try:
+            ob = sfx.check_bits(ob, f"layer {name}: out_bits")
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"save_checkpoint: {e}") from None
+    if oe is not None:
+        if isinstance(oe, torch.Tensor):
+            oe = oe.detach().cpu().numpy()
+        arr = np.asarray(oe)
+        if arr.shape != (n,) or arr.dtype.kind not in "iu":
+            raise ValueError(f"save_checkpoint: layer {name}: out_exponent must be an integer array of shape [{n}], "
+                             f"got {arr.dtype} {list(arr.shape)}")
+        if arr.size and (int(arr.min()) < sfx.INT8_MIN or int(arr.max()) > sfx.INT8_MAX):
+            raise ValueError(f"save_checkpoint: layer {name}: out_exponent must be in the int8 range")
+        oe = arr.astype(np.int8)
+    return oe, ob
+
+
 def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any = None,
                     overwrite: bool = False, source: str | None = None, note: str | None = None) -> dict[str, Any]:
     """Write the quantized ``model`` as a WASQ checkpoint directory, atomically.
@@ -106,10 +245,19 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, tokenizer
         source, note: recorded in ``sfx_config.json["base_model"]`` (e.g. the model spec and
             the Q4_1 caveat of smollm2-135m).
 
+    Leftover folders of earlier interrupted saves to the same target (``.NAME.tmp-*``,
+    ``.NAME.old-*``) are removed first (a ``RuntimeWarning`` names any that cannot be).
+
     Returns:
         The ``memory`` summary: real file bytes of ``model.safetensors`` and of the whole
         directory, bytes of the codes as stored (one uint8/uint16 per code) and if packed
         at ``bits`` per code, and the float32 bytes the quantized weights replace.
+
+    Raises:
+        ValueError: no quantized layers, an integer-RTN layer, NaN/inf in a float tensor
+            (the message names it: such a checkpoint would not load).
+        FileExistsError: the target exists and is not an empty directory or (with
+            ``overwrite``) a WASQ checkpoint.
     """
     target = Path(directory).expanduser()
     layers = quantized_layers(model)
@@ -140,6 +288,12 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, tokenizer
             tensors[f"{name}.scale"] = torch.from_numpy(np.array(ex.scale, dtype=np.float64))
         if layer.bias is not None:
             tensors[f"{name}.bias"] = layer.bias.detach().cpu().contiguous().clone()
+        out_exp, out_bits = _layer_out_fields(layer, name, layer.out_features)
+        if layer.act_amax is not None and not (math.isfinite(float(layer.act_amax)) and layer.act_amax >= 0):
+            raise ValueError(f"save_checkpoint: layer {name}: calibrated act_amax is {layer.act_amax}; calibrate "
+                             f"again on finite activations")
+        if out_exp is not None:
+            tensors[f"{name}.out_exponent"] = torch.from_numpy(np.ascontiguousarray(out_exp))
         codes_bytes += ex.codes.nbytes
         packed_bits += ex.codes.size * ex.bits
         float_bytes += ex.codes.size * 4
@@ -149,6 +303,7 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, tokenizer
             "weight_scale": layer.weight_scale, "scale_kind": layer.scale_kind, "rounding": ex.rounding,
             "act_bits": layer.act_bits, "act_exponent": layer.act_exponent if layer.act_bits is not None else None,
             "act_amax": layer.act_amax, "act_exponent_value": layer.static_act_exponent,
+            "out_bits": out_bits, "out_exponent": out_exp is not None,
         }
 
     skip_keys = set()
@@ -168,6 +323,11 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, tokenizer
         # (a float tensor tied to a quantized layer's shadow weight, e.g. the embedding
         # of a quantized lm_head, is stored as float under its own name)
         tensors[key] = t.cpu().contiguous().clone()
+    for key, t in tensors.items():
+        if t.dtype.is_floating_point and t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"save_checkpoint: tensor {key!r} holds {bad} NaN/inf value(s); such a checkpoint "
+                             f"would not load: fix the model (e.g. a diverged fine-tune) before saving")
 
     dtypes = {str(p.dtype).replace("torch.", "") for p in model.parameters()}
     info: dict[str, Any] = {
@@ -193,7 +353,8 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, tokenizer
     }
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
+    _remove_stale(target)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
     try:
         from safetensors.torch import save_file
@@ -201,8 +362,11 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, tokenizer
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "superfloat": FORMAT_NAME,
                                                              "format_version": str(FORMAT_VERSION)})
         _fsync_file(tmp / WEIGHTS_FILE)
+        info["sha256"] = _tensor_digests(tmp / WEIGHTS_FILE)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+            info["tokenizer_files"] = {f.name: _sha256_file(f) for f in sorted(tmp.iterdir())
+                                       if f.is_file() and f.name != WEIGHTS_FILE}
         file_bytes = (tmp / WEIGHTS_FILE).stat().st_size
         info["memory"] = {
             "model_safetensors_bytes": file_bytes,
@@ -229,10 +393,13 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, tokenizer
                 os.chmod(f, 0o666 & ~umask)
         _fsync_dir(tmp)
         if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
+            old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:12]}"
             os.replace(target, old)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
+            if old.exists():
+                warnings.warn(f"save_checkpoint: could not remove the previous checkpoint's folder {old}; remove it "
+                              f"by hand", RuntimeWarning, stacklevel=2)
         else:
             os.replace(tmp, target)
         _fsync_dir(target.parent)
@@ -254,96 +421,347 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
-# --------------------------------------------------------------------------- load
+# --------------------------------------------------------------------------- load: sfx_config.json
 
 
-def read_checkpoint_info(directory: str | os.PathLike) -> dict[str, Any]:
-    """Parse and check ``sfx_config.json`` (format name and version)."""
-    d = Path(directory).expanduser()
-    if not d.is_dir():
-        raise CheckpointError(f"checkpoint directory {d} does not exist")
-    path = d / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{d} is not a WASQ checkpoint: it has no {CONFIG_FILE}")
+def _type_name(v: Any, article: bool = False) -> str:
+    name = "null" if v is None else {"str": "string", "dict": "object", "list": "array", "bool": "boolean",
+                                     "int": "integer", "float": "number"}.get(type(v).__name__, type(v).__name__)
+    if not article or name == "null":
+        return name
+    return ("an " if name[0] in "aeiou" else "a ") + name
+
+
+def _got(v: Any) -> str:
+    return "got null" if v is None else f"got {_type_name(v)} {_short(v)}"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class _Fields:
+    """Typed access to one object of ``sfx_config.json``; every error names the field."""
+
+    def __init__(self, path: Path, obj: Any, where: str) -> None:
+        self.path, self.where = path, where
+        if not isinstance(obj, dict):
+            raise self.error(None, f"must be a JSON object, {_got(obj)}")
+        self.obj = obj
+
+    def error(self, key: str | None, msg: str, hint: str = _REDO) -> CheckpointError:
+        field = self.where if key is None else (f"{self.where}.{key}" if self.where else key)
+        if not field:
+            return CheckpointError(f"{self.path}: the file {msg}; {hint}")
+        return CheckpointError(f"{self.path}: field {field} {msg}; {hint}")
+
+    def get(self, key: str, kinds: tuple, default: Any = None, *, required: bool = False, choices=None) -> Any:
+        if key not in self.obj:
+            if required:
+                raise self.error(key, "is missing")
+            return default
+        v = self.obj[key]
+        ok = any((k is None and v is None) or (k is int and _is_int(v)) or (k is float and _is_int(v))
+                 or (k is float and isinstance(v, float)) or (k not in (None, int, float) and isinstance(v, k))
+                 for k in kinds)
+        if not ok:
+            want = " or ".join(_type_name(k(), article=True) if k is not None else "null" for k in kinds)
+            raise self.error(key, f"must be {want}, {_got(v)}")
+        if choices is not None and v is not None and v not in choices:
+            raise self.error(key, f"must be one of {', '.join(map(repr, choices))}, got {_short(v)}")
+        return v
+
+    def bits(self, key: str, *, required: bool = False, optional: bool = False) -> int | None:
+        v = self.get(key, (int, None) if optional else (int,), required=required)
+        if v is None:
+            return None
+        if not sfx.MIN_BITS <= v <= sfx.MAX_BITS:
+            raise self.error(key, f"must be in {sfx.MIN_BITS}..{sfx.MAX_BITS} (SFx widths), got {v}")
+        return v
+
+
+def _short(v: Any) -> str:
     try:
-        info = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON (truncated?): {e}") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"{path}: format is {info.get('format') if isinstance(info, dict) else None!r}, "
-                              f"expected {FORMAT_NAME!r}")
+        text = json.dumps(v)
+    except (TypeError, ValueError):
+        text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_layer_spec(path: Path, name: str, spec: Any) -> None:
+    f = _Fields(path, spec, f"layers[{name!r}]")
+    bits = f.bits("bits", required=True)
+    for key in ("in_features", "out_features"):
+        v = f.get(key, (int,), required=True)
+        if v < 1:
+            raise f.error(key, f"must be a positive integer, got {v}")
+    f.get("bias", (bool,))
+    f.get("method", (str,))
+    f.get("source", (str, None))
+    f.get("weight_scale", (str,), choices=("channel", "tensor"))
+    f.get("scale_kind", (str,), choices=("float", "pow2"))
+    f.get("rounding", (str,), choices=sfx.ROUNDINGS)
+    act_bits = f.bits("act_bits", optional=True)
+    mode = f.get("act_exponent", (str, None), choices=("dynamic", "static"))
+    amax = f.get("act_amax", (float, None))
+    if amax is not None and not (math.isfinite(amax) and amax >= 0):
+        raise f.error("act_amax", f"must be a finite number >= 0 (the calibrated max |input|), got {amax}")
+    ev = f.get("act_exponent_value", (int, None))
+    if ev is not None and not sfx.INT8_MIN <= ev <= sfx.INT8_MAX:
+        raise f.error("act_exponent_value", f"must be in the int8 range, got {ev}")
+    if act_bits is not None and mode == "static" and amax is not None:
+        want = int(sfx.choose_exponent(np.float64(amax), act_bits))
+        if ev is not None and ev != want:
+            raise f.error("act_exponent_value", f"is {ev} but act_amax {amax} at act_bits {act_bits} gives exponent "
+                                                f"{want}: the two fields contradict each other")
+    if act_bits is None and mode is not None:
+        raise f.error("act_exponent", f"is {mode!r} but act_bits is null (a weight-only layer has no activation mode)")
+    f.bits("out_bits", optional=True)
+    f.get("out_exponent", (bool,))
+    del bits
+
+
+def _check_info(path: Path, info: Any) -> dict[str, Any]:
+    top = _Fields(path, info, "")
+    fmt = top.get("format", (str, None))
+    if fmt != FORMAT_NAME:
+        raise CheckpointError(f"{path}: format is {fmt!r}, expected {FORMAT_NAME!r}; this is not a WASQ checkpoint "
+                              f"configuration")
     ver = info.get("format_version")
-    if ver not in SUPPORTED_VERSIONS:
+    if not _is_int(ver) or ver not in SUPPORTED_VERSIONS:
         raise CheckpointError(f"{path}: unknown format_version {ver!r}; superfloat {__version__} reads "
-                              f"format version(s) {', '.join(map(str, SUPPORTED_VERSIONS))}")
-    for key in ("layers", "base_model", "quant_config"):
-        if key not in info:
-            raise CheckpointError(f"{path}: missing field {key!r}")
+                              f"format version(s) {', '.join(map(str, SUPPORTED_VERSIONS))}: upgrade superfloat or "
+                              f"re-create the checkpoint")
+    layers = top.get("layers", (dict,), required=True)
+    if not layers:
+        raise top.error("layers", "is empty: a WASQ checkpoint has at least one quantized layer")
+    for name, spec in layers.items():
+        _check_layer_spec(path, name, spec)
+    base = _Fields(path, top.get("base_model", (dict,), required=True), "base_model")
+    base.get("config", (dict,), required=True)
+    base.get("architecture", (str,), required=True)
+    base.get("model_type", (str, None))
+    base.get("source", (str, None))
+    base.get("note", (str, None))
+    top.get("quant_config", (dict,), required=True)
+    aliases = top.get("aliases", (dict,), {})
+    for k, v in aliases.items():
+        if not isinstance(v, str):
+            raise top.error(f"aliases[{k!r}]", f"must be a tensor name (a string), {_got(v)}")
+    top.get("dtype", (str,), choices=_FLOAT_DTYPES)
+    top.get("rounding", (str,), choices=sfx.ROUNDINGS)
+    tok = top.get("tokenizer", (bool,), False)
+    acts = top.get("activations", (dict, None))
+    if acts is not None:
+        se = _Fields(path, acts, "activations").get("static_exponents", (dict,), {})
+        for n, e in se.items():
+            spec = layers.get(n)
+            if spec is None:
+                raise top.error(f"activations.static_exponents[{n!r}]", "names no layer of 'layers'")
+            if e != spec.get("act_exponent_value"):
+                raise top.error(f"activations.static_exponents[{n!r}]",
+                                f"is {_short(e)} but layers[{n!r}].act_exponent_value is "
+                                f"{_short(spec.get('act_exponent_value'))}: the two fields contradict each other")
+    if ver >= 2:
+        digests = top.get("sha256", (dict,), required=True)
+        for k, v in digests.items():
+            if not (isinstance(v, str) and _SHA_RE.match(v)):
+                raise top.error(f"sha256[{k!r}]", f"must be a SHA-256 hex digest (64 lower-case hex digits), got "
+                                                  f"{_short(v)}")
+        tf = top.get("tokenizer_files", (dict,), required=tok)
+        for k, v in (tf or {}).items():
+            if not k or "/" in k or "\\" in k or k in (".", ".."):
+                raise top.error(f"tokenizer_files[{k!r}]", "must be a plain file name")
+            if not (isinstance(v, str) and _SHA_RE.match(v)):
+                raise top.error(f"tokenizer_files[{k!r}]", f"must be a SHA-256 hex digest, got {_short(v)}")
     return info
 
 
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    """Read the header and check every tensor lies inside the file (names the first truncated one)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path} is truncated: {size} bytes, not even a safetensors header")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise CheckpointError(f"{path} is truncated: its header claims {n} bytes but the file has {size}")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path} has a corrupt safetensors header: {e}") from None
+def read_checkpoint_info(directory: str | os.PathLike) -> dict[str, Any]:
+    """Parse and check ``sfx_config.json`` (format name and version, and the type and range of
+    every field the loader uses). Raises :class:`CheckpointError` naming the field."""
+    d = Path(directory).expanduser()
+    if not d.is_dir():
+        old = [p for p in stale_save_dirs(d) if ".old-" in p.name and (p / CONFIG_FILE).is_file()]
+        if old and not d.exists():
+            raise CheckpointError(f"checkpoint directory {d} does not exist: a save to it was interrupted between "
+                                  f"its two renames; the previous checkpoint is {old[-1]}: rename it to {d}")
+        if d.exists():
+            raise CheckpointError(f"{d} is a file, not a checkpoint directory")
+        raise CheckpointError(f"checkpoint directory {d} does not exist")
+    path = d / CONFIG_FILE
+    if not path.is_file():
+        if (d / WEIGHTS_FILE).is_file() and _is_wasq_weights(d / WEIGHTS_FILE):
+            raise CheckpointError(f"{path} is missing ({WEIGHTS_FILE} beside it holds WASQ checkpoint tensors, "
+                                  f"but without {CONFIG_FILE} they cannot be loaded); {_REDO}")
+        raise CheckpointError(f"{d} is not a WASQ checkpoint: it has no {CONFIG_FILE}")
+    try:
+        info = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path} is not valid JSON (truncated?): {_one_line(e)}; {_REDO}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read: {e.strerror or e}") from None
+    return _check_info(path, info)
+
+
+def _is_wasq_weights(path: Path) -> bool:
+    """``model.safetensors`` written by :func:`save_checkpoint` (its metadata says so)."""
+    try:
+        header = _safetensors_header(path)
+    except CheckpointError:
+        return False
+    meta = header.get("__metadata__") or {}
+    return meta.get("superfloat") == FORMAT_NAME or any(k.endswith(".codes") for k in header)
+
+
+# --------------------------------------------------------------------------- load: tensors
+
+
+def _safetensors_header(path: Path, *, with_start: bool = False):
+    """Read and check the header: every entry an object with a known dtype, a shape and
+    ``data_offsets`` that match, inside the file, not overlapping (names the tensor)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path} is truncated: {size} bytes, not even a safetensors header; {_REDO}")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise CheckpointError(f"{path} is truncated: its header claims {n} bytes but the file has {size}; "
+                                      f"{_REDO}")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path} has a corrupt safetensors header: {_one_line(e)}; {_REDO}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupt safetensors header: it is a JSON {_type_name(header)}, not an "
+                              f"object; {_REDO}")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{path} has a corrupt safetensors header: '__metadata__' must be an object of "
+                              f"strings; {_REDO}")
     end = 8 + n
-    bad = []
+    spans = []
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        lo, hi = meta["data_offsets"]
-        if end + hi > size:
-            bad.append((end + lo, name, end + hi))
-    if bad:
-        bad.sort()
-        _, name, need = bad[0]
-        more = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
+        bad = f"{path} has a corrupt safetensors header: tensor {name!r}"
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{bad} is a JSON {_type_name(meta)}, not an object; {_REDO}")
+        for key in ("dtype", "shape", "data_offsets"):
+            if key not in meta:
+                raise CheckpointError(f"{bad} has no {key!r}; {_REDO}")
+        dt, shape, offs = meta["dtype"], meta["shape"], meta["data_offsets"]
+        if dt not in _ST_DTYPES:
+            raise CheckpointError(f"{bad} has dtype {_short(dt)}, not one of {', '.join(_ST_DTYPES)}; {_REDO}")
+        if not (isinstance(shape, list) and all(_is_int(s) and s >= 0 for s in shape)):
+            raise CheckpointError(f"{bad} has shape {_short(shape)}, not a list of non-negative integers; {_REDO}")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs) and 0 <= offs[0] <= offs[1]):
+            raise CheckpointError(f"{bad} has data_offsets {_short(offs)}, not [begin, end] with 0 <= begin <= end; "
+                                  f"{_REDO}")
+        nbytes = math.prod(shape) * _ST_DTYPES[dt]
+        if offs[1] - offs[0] != nbytes:
+            raise CheckpointError(f"{bad}: data_offsets {offs} span {offs[1] - offs[0]} bytes but dtype {dt} shape "
+                                  f"{shape} needs {nbytes}; {_REDO}")
+        spans.append((offs[0], offs[1], name))
+    beyond = sorted((end + lo, name, end + hi) for lo, hi, name in spans if end + hi > size)
+    if beyond:
+        _, name, need = beyond[0]
+        more = f" (and {len(beyond) - 1} more tensor(s))" if len(beyond) > 1 else ""
         raise CheckpointError(f"{path} is truncated ({size} of at least {need} bytes): tensor {name!r} lies beyond "
-                              f"the end of the file{more}")
-    return header
+                              f"the end of the file{more}; {_REDO}")
+    spans.sort()
+    for (lo0, hi0, a), (lo1, hi1, b) in zip(spans, spans[1:]):
+        if lo1 < hi0:
+            raise CheckpointError(f"{path} has a corrupt safetensors header: tensors {a!r} and {b!r} overlap (bytes "
+                                  f"{lo0}..{hi0} and {lo1}..{hi1}); {_REDO}")
+    return (header, end) if with_start else header
+
+
+def _index_files(d: Path) -> list[Path]:
+    path = d / INDEX_FILE
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {_one_line(e)}; {_REDO}") from None
+    wm = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(v, str) and v and "/" not in v for v in wm.values()):
+        raise CheckpointError(f"{path}: field weight_map must be an object of tensor name -> shard file name; "
+                              f"{_REDO}")
+    return sorted({d / f for f in wm.values()})
 
 
 class _Tensors:
-    """Lazy access to the checkpoint's tensors (one file or shards with an index)."""
+    """Lazy access to the checkpoint's tensors (one file or shards with an index), every
+    header checked and (format revision 2) every tensor's SHA-256 verified."""
 
-    def __init__(self, d: Path) -> None:
+    def __init__(self, d: Path, info: dict[str, Any] | None = None) -> None:
         from safetensors import safe_open
 
         self.dir = d
-        self.files: dict[str, Path] = {}
+        self.files: dict[str, int] = {}
         if (d / WEIGHTS_FILE).is_file():
             files = [d / WEIGHTS_FILE]
         elif (d / INDEX_FILE).is_file():
-            try:
-                index = json.loads((d / INDEX_FILE).read_text())
-                files = sorted({d / f for f in index["weight_map"].values()})
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{d / INDEX_FILE} is not a valid shard index: {e}") from None
+            files = _index_files(d)
         else:
-            raise CheckpointError(f"{d} has no {WEIGHTS_FILE} (nor {INDEX_FILE})")
+            raise CheckpointError(f"{d} has no {WEIGHTS_FILE} (nor {INDEX_FILE}): the checkpoint's tensors are "
+                                  f"missing; {_REDO}")
         self.handles = []
+        self.paths: list[Path] = []
+        headers = []
         for path in files:
             if not path.is_file():
-                raise CheckpointError(f"{d}: shard {path.name} is missing")
-            header = _safetensors_header(path)
+                raise CheckpointError(f"{d}: shard {path.name} is missing; {_REDO}")
+            header = _safetensors_header(path, with_start=True)
+            for name in header[0]:
+                if name != "__metadata__":
+                    if name in self.files:
+                        raise CheckpointError(f"{path}: tensor {name!r} is also in {self.paths[self.files[name]]}; "
+                                              f"{_REDO}")
+                    self.files[name] = len(self.paths)
+            self.paths.append(path)
+            headers.append(header)
+        digests = (info or {}).get("sha256")
+        if digests is not None:
+            self._verify(digests, headers)
+        for path in self.paths:
             try:
                 h = safe_open(str(path), framework="pt")
             except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-                raise CheckpointError(f"could not open {path}: {e}") from None
+                raise CheckpointError(f"could not open {path}: {_one_line(e)}; {_REDO}") from None
             self.handles.append(h)
-            for name in header:
-                if name != "__metadata__":
-                    self.files[name] = len(self.handles) - 1
+
+    def _verify(self, digests: dict[str, str], headers) -> None:
+        cfg = self.dir / CONFIG_FILE
+        unlisted = sorted(set(self.files) - set(digests))
+        if unlisted:
+            raise CheckpointError(f"{cfg}: field sha256 has no digest for tensor {unlisted[0]!r} of "
+                                  f"{self.paths[self.files[unlisted[0]]].name}"
+                                  + (f" (and {len(unlisted) - 1} more)" if len(unlisted) > 1 else "")
+                                  + f": the tensor was added after the save or the field was edited; {_REDO}")
+        absent = sorted(set(digests) - set(self.files))
+        if absent:
+            raise CheckpointError(f"checkpoint {self.dir} is missing tensor {absent[0]!r} (field sha256 of "
+                                  f"{CONFIG_FILE} lists it)" + (f" and {len(absent) - 1} more" if len(absent) > 1
+                                                                 else "") + f"; {_REDO}")
+        for path, (header, start) in zip(self.paths, headers):
+            try:
+                with open(path, "rb") as f:
+                    for name, meta in header.items():
+                        if name == "__metadata__":
+                            continue
+                        lo, hi = meta["data_offsets"]
+                        if _sha256_file_range(f, start + lo, start + hi) != digests[name]:
+                            raise CheckpointError(
+                                f"{path}: tensor {name!r} fails its SHA-256 check (its bytes changed since the save: "
+                                f"the file is corrupt or was edited); {_REDO}")
+            except OSError as e:
+                raise CheckpointError(f"{path} cannot be read: {e.strerror or e}") from None
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -353,46 +771,96 @@ class _Tensors:
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.files:
-            raise CheckpointError(f"checkpoint {self.dir} is missing tensor {name!r}")
+            raise CheckpointError(f"checkpoint {self.dir} is missing tensor {name!r}; {_REDO}")
         try:
             return self.handles[self.files[name]].get_tensor(name)
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"checkpoint {self.dir}: could not read tensor {name!r}: {e}") from None
+            raise CheckpointError(f"checkpoint {self.dir}: could not read tensor {name!r}: {_one_line(e)}; "
+                                  f"{_REDO}") from None
 
 
 def _expect(t: torch.Tensor, name: str, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...], d: Path) -> None:
     if tuple(t.shape) != tuple(shape):
-        raise CheckpointError(f"checkpoint {d}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}")
+        raise CheckpointError(f"checkpoint {d}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}; "
+                              f"{_REDO}")
     if t.dtype not in dtypes:
         raise CheckpointError(f"checkpoint {d}: tensor {name!r} has dtype {str(t.dtype).replace('torch.', '')}, "
-                              f"expected {' or '.join(str(x).replace('torch.', '') for x in dtypes)}")
+                              f"expected {' or '.join(str(x).replace('torch.', '') for x in dtypes)}; {_REDO}")
 
 
-def _build_model(info: dict[str, Any]) -> nn.Module:
+def _check_finite(t: torch.Tensor, name: str, d: Path) -> None:
+    if t.dtype.is_floating_point and t.numel():
+        ok = torch.isfinite(t)
+        if not bool(ok.all()):
+            bad = ~ok
+            first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+            raise CheckpointError(f"checkpoint {d}: tensor {name!r} holds {int(bad.sum())} NaN/inf value(s) (the "
+                                  f"first at index {first}); {_REDO}")
+
+
+def _build_model(info: dict[str, Any], path: Path) -> nn.Module:
     import transformers
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, PreTrainedModel
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     base = info["base_model"]
     cfg_dict = dict(base["config"])
     model_type = cfg_dict.get("model_type") or base.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise CheckpointError(f"base model type {model_type!r} is unknown to transformers {transformers.__version__}")
-    config = CONFIG_MAPPING[model_type].from_dict(cfg_dict)
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise CheckpointError(f"{path}: field base_model.config.model_type is {_short(model_type)}, a model type "
+                              f"unknown to transformers {transformers.__version__}; upgrade transformers or {_REDO}")
     arch = base.get("architecture")
-    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    cls = getattr(transformers, arch, None)
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+        raise CheckpointError(f"{path}: field base_model.architecture is {arch!r}, not a model class of "
+                              f"transformers {transformers.__version__} (e.g. LlamaForCausalLM); {_REDO}")
+    try:
+        config = CONFIG_MAPPING[model_type].from_dict(cfg_dict)
+    except Exception as e:  # noqa: BLE001 - transformers validates configs with many error types
+        raise CheckpointError(f"{path}: field base_model.config is not a valid {model_type} config: "
+                              f"{_one_line(e)}; {_REDO}") from None
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # pragma: no cover - older transformers
         from contextlib import nullcontext as no_init_weights
-    with no_init_weights():
-        if cls is not None and hasattr(cls, "_from_config"):
-            model = cls._from_config(config)
-        else:
-            model = AutoModelForCausalLM.from_config(config)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()  # no_init_weights also skips the tying that init_weights does
+    try:
+        with no_init_weights():
+            if hasattr(cls, "_from_config"):
+                model = cls._from_config(config)
+            else:  # pragma: no cover
+                model = AutoModelForCausalLM.from_config(config)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()  # no_init_weights also skips the tying that init_weights does
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: could not build {arch} from field base_model.config: "
+                              f"{type(e).__name__}: {_one_line(e)}; {_REDO}") from None
     return model
+
+
+def _load_tokenizer(d: Path, info: dict[str, Any]):
+    from transformers import AutoTokenizer
+
+    files = info.get("tokenizer_files")
+    if files is not None:  # revision 2: the files and their digests
+        for name, digest in files.items():
+            p = d / name
+            if not p.is_file():
+                raise CheckpointError(f"checkpoint {d}: tokenizer file {name} is missing ({CONFIG_FILE} lists "
+                                      f"{', '.join(files)}); copy it from the base model's tokenizer or {_REDO}")
+            if _sha256_file(p) != digest:
+                raise CheckpointError(f"checkpoint {d}: tokenizer file {name} fails its SHA-256 check (changed since "
+                                      f"the save); {_REDO}")
+    else:
+        vocab = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt", "sentencepiece.bpe.model")
+        if not any((d / v).is_file() for v in vocab):
+            raise CheckpointError(f"checkpoint {d}: its tokenizer files are missing ({CONFIG_FILE} says a tokenizer "
+                                  f"was saved, but there is no {' / '.join(vocab[:2])}); copy the base model's "
+                                  f"tokenizer files into {d} or {_REDO}")
+    try:
+        return AutoTokenizer.from_pretrained(str(d))
+    except Exception as e:  # noqa: BLE001 - tokenizers fail in many ways
+        raise CheckpointError(f"checkpoint {d}: its tokenizer does not load: {_one_line(e)}; copy the base model's "
+                              f"tokenizer files into {d} or {_REDO}") from None
 
 
 def load_checkpoint(directory: str | os.PathLike, *, device: str | torch.device | None = None,
@@ -401,31 +869,51 @@ def load_checkpoint(directory: str | os.PathLike, *, device: str | torch.device 
 
     The model has the same :class:`SFxLinear` layers with the same codes (``export()``
     returns the stored tensors) and gives the same logits as the model that was saved.
+    Revision-2 layer fields are set back on each layer: ``out_exponent`` (int8 numpy
+    ``[N]`` or ``None``) and ``out_bits`` (int or ``None``).
 
     Returns:
         the model (eval mode), or ``(model, tokenizer or None, info)`` with ``return_info``.
 
     Raises:
-        CheckpointError (a ``ValueError``): unknown format version, missing/unexpected
-            tensor, wrong shape or dtype, code outside ``[0, 2**bits)``, non-positive
-            scale, truncated file; the message names the tensor (or file).
+        CheckpointError (a ``ValueError``), one line: unknown format version, a malformed
+            field of ``sfx_config.json``, a corrupt safetensors header, a missing file, a
+            tensor failing its SHA-256, NaN/inf in a float tensor, missing/unexpected
+            tensor, wrong shape or dtype, code outside ``[0, 2**bits)``, ``bits`` that
+            contradicts the codes, non-positive scale, truncated file; the message names
+            the file, field or tensor.
     """
     d = Path(directory).expanduser()
+    try:
+        return _load(d, device, return_info)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the last resort: one line, never a traceback
+        raise CheckpointError(f"checkpoint {d} could not be loaded: {type(e).__name__}: {_one_line(e)} (if the "
+                              f"checkpoint is intact, this is a bug in superfloat: please report it)") from e
+
+
+def _load(d: Path, device, return_info: bool):
     info = read_checkpoint_info(d)
-    store = _Tensors(d)
+    cfg_path = d / CONFIG_FILE
+    store = _Tensors(d, info)
     try:
         config = WASQConfig.from_dict(info["quant_config"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{d / CONFIG_FILE}: invalid quant_config: {e}") from None
-    model = _build_model(info)
-    dtype = getattr(torch, str(info.get("dtype", "float32")), torch.float32)
-    model = model.to(dtype)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{cfg_path}: field quant_config is invalid: {_one_line(e)}; {_REDO}") from None
+    model = _build_model(info, cfg_path)
+    model = model.to(getattr(torch, info.get("dtype", "float32")))
     layer_specs: dict[str, Any] = info["layers"]
     try:
         quantize_(model, config, layers=list(layer_specs))
-    except ValueError as e:
-        raise CheckpointError(f"checkpoint {d}: the base model does not match the layer list: {e}") from None
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint {d}: field layers of {CONFIG_FILE} does not match the base model "
+                              f"built from 'base_model': {_one_line(e)}; {_REDO}") from None
     layers = quantized_layers(model)
+    missing = [n for n in layer_specs if n not in layers]
+    if missing:
+        raise CheckpointError(f"{cfg_path}: field layers names {missing[0]!r}, which the base model does not "
+                              f"quantize; {_REDO}")
 
     # Unquantized tensors: every state-dict entry that is not a quantized layer's weight/bias.
     q_keys = set()
@@ -433,31 +921,35 @@ def load_checkpoint(directory: str | os.PathLike, *, device: str | torch.device 
         q_keys.update({f"{name}.weight", f"{name}.bias"})
     expected = {k: v for k, v in model.state_dict().items() if k not in q_keys}
     aliases: dict[str, str] = info.get("aliases", {})
-    if not isinstance(aliases, dict):
-        raise CheckpointError(f"{d / CONFIG_FILE}: 'aliases' must be an object")
+    for key in aliases:
+        if key not in expected:
+            raise CheckpointError(f"{cfg_path}: field aliases names {key!r}, which is no unquantized tensor of the "
+                                  f"base model; {_REDO}")
     float_sd = {}
     for key, ref in expected.items():
         src = aliases.get(key, key)
         t = store.get(src)
         if tuple(t.shape) != tuple(ref.shape):
             raise CheckpointError(f"checkpoint {d}: tensor {src!r} has shape {list(t.shape)}, the model expects "
-                                  f"{list(ref.shape)}")
+                                  f"{list(ref.shape)} (built from 'base_model' of {CONFIG_FILE}); {_REDO}")
         if ref.dtype.is_floating_point and not t.dtype.is_floating_point:
-            raise CheckpointError(f"checkpoint {d}: tensor {src!r} has dtype {t.dtype}, expected a float tensor")
+            raise CheckpointError(f"checkpoint {d}: tensor {src!r} has dtype {t.dtype}, expected a float tensor; "
+                                  f"{_REDO}")
+        if not ref.dtype.is_floating_point and t.dtype != ref.dtype:
+            raise CheckpointError(f"checkpoint {d}: tensor {src!r} has dtype {t.dtype}, expected {ref.dtype}; "
+                                  f"{_REDO}")
+        _check_finite(t, src, d)
         float_sd[key] = t
 
     known = {aliases.get(k, k) for k in float_sd}
     for name, spec in layer_specs.items():
         layer = layers[name]
-        bits = spec.get("bits")
-        try:
-            bits = sfx.check_bits(bits, f"layers[{name!r}].bits")
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{d / CONFIG_FILE}: {e}") from None
+        bits = spec["bits"]
+        where = f"{cfg_path}: field layers[{name!r}]"
         n, k = layer.out_features, layer.in_features
-        if (spec.get("out_features"), spec.get("in_features")) != (n, k):
-            raise CheckpointError(f"{d / CONFIG_FILE}: layer {name!r} is [{spec.get('out_features')}, "
-                                  f"{spec.get('in_features')}] but the base model's is [{n}, {k}]")
+        if (spec["out_features"], spec["in_features"]) != (n, k):
+            raise CheckpointError(f"{cfg_path}: layer {name!r} is [{spec['out_features']}, {spec['in_features']}] "
+                                  f"but the base model's is [{n}, {k}]; {_REDO}")
         cname = f"{name}.codes"
         codes = store.get(cname)
         _expect(codes, cname, (n, k), (torch.uint8,) if bits <= 8 else (torch.uint16,), d)
@@ -466,7 +958,13 @@ def load_checkpoint(directory: str | os.PathLike, *, device: str | torch.device 
             sfx.check_codes(codes_np, bits, cname)
         except ValueError as e:
             raise CheckpointError(f"checkpoint {d}: tensor {cname!r} holds codes outside [0, 2**{bits}) for "
-                                  f"SF{bits}: {e}") from None
+                                  f"SF{bits}: {e}; fix {where}.bits or {_REDO}") from None
+        mag = codes_np & ((1 << (bits - 1)) - 1)
+        if int(np.count_nonzero(mag)) >= 64 and not bool((codes_np >> (bits - 1)).any()):
+            top = int(codes_np.max())
+            raise CheckpointError(f"{where}.bits is {bits}, but no code of tensor {cname!r} has the SF{bits} sign bit "
+                                  f"(bit {bits - 1}) set: its codes are {top.bit_length()}-bit codes (largest {top}), "
+                                  f"so bits contradicts the codes; fix the field or {_REDO}")
         ename = f"{name}.exponent"
         exp = store.get(ename)
         per_channel = spec.get("weight_scale", "channel") == "channel"
@@ -478,44 +976,62 @@ def load_checkpoint(directory: str | os.PathLike, *, device: str | torch.device 
             _expect(st, sname, (n,) if per_channel else (), (torch.float64, torch.float32), d)
             scale = st.to(torch.float64).numpy()
             if not np.all(np.isfinite(scale) & (scale > 0)):
-                raise CheckpointError(f"checkpoint {d}: tensor {sname!r} must hold positive finite scales")
+                raise CheckpointError(f"checkpoint {d}: tensor {sname!r} must hold positive finite scales; {_REDO}")
+            if bool((exp != 0).any()):
+                raise CheckpointError(f"checkpoint {d}: tensor {ename!r} must be all 0 for a layer with float scales "
+                                      f"(scale_kind 'float': the scale is in {sname!r}), got "
+                                      f"{int((exp != 0).sum())} non-zero exponent(s); {_REDO}")
             known.add(sname)
         elif sname in store:
             raise CheckpointError(f"checkpoint {d}: unexpected tensor {sname!r}: layer {name!r} has power-of-two "
-                                  f"exponents (scale_kind 'pow2')")
+                                  f"exponents (scale_kind 'pow2'); {_REDO}")
         bias = None
         bname = f"{name}.bias"
-        if spec.get("bias", layer.bias is not None):
-            if layer.bias is None:
-                raise CheckpointError(f"checkpoint {d}: layer {name!r} has a bias in the checkpoint but not in "
-                                      f"the base model")
+        has_bias = spec.get("bias", layer.bias is not None)
+        if has_bias != (layer.bias is not None):
+            raise CheckpointError(f"{where}.bias is {str(has_bias).lower()} but the base model's layer "
+                                  f"{'has no' if layer.bias is None else 'has a'} bias; {_REDO}")
+        if has_bias:
             bt = store.get(bname)
             _expect(bt, bname, (n,), (torch.float32, torch.float16, torch.bfloat16, torch.float64), d)
+            _check_finite(bt, bname, d)
             bias = bt.to(torch.float32).numpy()
             known.add(bname)
+        oname = f"{name}.out_exponent"
+        out_exp = None
+        if spec.get("out_exponent", False):
+            ot = store.get(oname)
+            _expect(ot, oname, (n,), (torch.int8,), d)
+            out_exp = ot.numpy().copy()
+            known.add(oname)
+        elif oname in store:
+            raise CheckpointError(f"checkpoint {d}: unexpected tensor {oname!r}: {where}.out_exponent is not true; "
+                                  f"{_REDO}")
         known.update({cname, ename})
         layer.weight_scale = spec.get("weight_scale", layer.weight_scale)
         layer.scale_kind = spec.get("scale_kind", layer.scale_kind)
         layer.act_bits = spec.get("act_bits", layer.act_bits)
         layer.act_exponent = spec.get("act_exponent") or layer.act_exponent
         layer.act_amax = spec.get("act_amax")
+        layer.out_exponent = out_exp
+        layer.out_bits = spec.get("out_bits")
         ex = ExportedLinear(bits, codes_np.astype(sfx.code_dtype(bits), copy=False), exp.numpy(), scale, bias,
                             spec.get("rounding", config.rounding))
         layer.load_exported(ex)
+        if not bool(torch.isfinite(layer.weight).all()):
+            raise CheckpointError(f"checkpoint {d}: layer {name!r}: tensors {ename!r}"
+                                  f"{f' and {sname!r}' if scale is not None else ''} scale the codes beyond the "
+                                  f"{str(layer.weight.dtype).replace('torch.', '')} range (the weights decode to "
+                                  f"inf); {_REDO}")
 
     extra = sorted(set(store.keys()) - known)
     if extra:
         raise CheckpointError(f"checkpoint {d}: unexpected tensor {extra[0]!r}"
                               + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-                              + ": it matches no quantized layer and no parameter of the base model")
+                              + f": it matches no quantized layer and no parameter of the base model; {_REDO}")
     model.load_state_dict(float_sd, strict=False)  # quantized layers were set by load_exported
     if device is not None:
         model = model.to(device)
     model.eval()
-    tok = None
-    if info.get("tokenizer"):
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(d))
+    tok = _load_tokenizer(d, info) if info.get("tokenizer") else None
     return (model, tok, info) if return_info else model
-

@@ -189,38 +189,105 @@ def load_model(spec: str, *, dtype: torch.dtype | None = torch.float32, device: 
     low = spec.lower()
     if low in SMOLLM2_NAMES:
         d = smollm2_dir(progress=progress)
-        model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(str(d))
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(str(d))
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"the cached fp32 copy of smollm2-135m in {d} does not load ({type(e).__name__}: "
+                             f"{_first_line(e)}); delete that folder and run again to convert it anew") from None
         return LoadedModel(_finish(model, dtype, device), tok, spec, "smollm2", SMOLLM2_NOTE)
     if low in TINY_MODELS:
         return LoadedModel(_finish(tiny_model(low, seed=seed), dtype, device), byte_tokenizer(), spec, "tiny")
     path = Path(spec).expanduser()
-    if path.is_dir() and (path / "sfx_config.json").is_file():
+    if path.is_dir() and _is_checkpoint_dir(path):
         from .checkpoint import load_checkpoint
 
         model, tok, info = load_checkpoint(path, return_info=True)
-        note = info.get("base_model", {}).get("note")
-        return LoadedModel(_finish(model, None, device), tok, spec, "checkpoint", note)
+        base = info.get("base_model", {})
+        if tok is None and isinstance(base.get("source"), str) and base["source"].lower() in TINY_MODELS:
+            tok = byte_tokenizer()  # a tiny model saved without its (built-in) tokenizer
+        return LoadedModel(_finish(model, None, device), tok, spec, "checkpoint", base.get("note"))
     if path.is_dir():
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto")
-        tok = AutoTokenizer.from_pretrained(str(path))
-        note = (path / "SUPERFLOAT_NOTE.txt").read_text().strip() if (path / "SUPERFLOAT_NOTE.txt").is_file() else None
-        return LoadedModel(_finish(model, None, device), tok, spec, "local", note)
+        return _load_local_dir(path, spec, dtype, device)
     if path.is_file() and path.suffix == ".gguf":
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        except Exception as e:  # noqa: BLE001 - gguf/transformers raise many kinds
+            raise ValueError(f"could not load the GGUF file {path}: {type(e).__name__}: {_first_line(e)}") from None
         return LoadedModel(_finish(model, dtype, device), tok, spec, "gguf",
                            "weights dequantized from a GGUF file (quantized weights, not the original float model)")
     if path.exists():
         raise ValueError(f"{spec!r} exists but is neither a model directory, a WASQ checkpoint nor a .gguf file")
+    if "/" not in spec and low.startswith(("tiny-", "smollm")):
+        raise ValueError(f"unknown model {spec!r}{_did_you_mean(low)}; offline choices: {', '.join(model_names())}")
     if spec.startswith(("/", "./", "../", "~")) or spec.endswith(".gguf") or os.sep + os.sep in spec:
         raise ValueError(f"no such model directory or file: {spec!r} (offline choices: {', '.join(model_names())})")
     try:
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype or "auto")
         tok = AutoTokenizer.from_pretrained(spec)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - hub errors come in many types (OSError, ValueError, HTTP errors...)
         raise ValueError(
-            f"could not load model {spec!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            f"could not load model {spec!r} from the Hugging Face hub ({type(e).__name__}: {_first_line(e)}){_did_you_mean(low)}. "
             f"Without a network use one of: {', '.join(model_names())}, a local model directory, a .gguf file "
             f"or a WASQ checkpoint directory") from None
     return LoadedModel(_finish(model, None, device), tok, spec, "hub")
+
+
+def _first_line(e: BaseException) -> str:
+    for line in str(e).splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def _did_you_mean(low: str) -> str:
+    import difflib
+
+    names = [*SMOLLM2_NAMES, *TINY_MODELS]
+    close = difflib.get_close_matches(low, names, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _is_checkpoint_dir(path: Path) -> bool:
+    """A WASQ checkpoint directory: it has ``sfx_config.json``, or (damaged) WASQ tensors without it."""
+    if (path / "sfx_config.json").is_file():
+        return True
+    if (path / "config.json").is_file():
+        return False
+    from .checkpoint import WEIGHTS_FILE, _is_wasq_weights
+
+    return (path / WEIGHTS_FILE).is_file() and _is_wasq_weights(path / WEIGHTS_FILE)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt",
+                    "sentencepiece.bpe.model")
+
+
+def _load_local_dir(path: Path, spec: str, dtype, device) -> LoadedModel:
+    """A local Hugging Face model directory: ``config.json``, weights and tokenizer files, each
+    missing one named."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} is not a model directory: it has no config.json (a Hugging Face model) nor "
+                         f"sfx_config.json (a WASQ checkpoint)")
+    weights = [p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth")
+               or p.name.endswith(".safetensors.index.json")]
+    if not weights:
+        raise ValueError(f"{path} has a config.json but no weights (model.safetensors or pytorch_model.bin); copy "
+                         f"them into it or use another model")
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise ValueError(f"{path} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, ...); copy the "
+                         f"tokenizer of the model into it (tokenizer.save_pretrained)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto")
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"could not load the model in {path}: {type(e).__name__}: {_first_line(e)}") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"could not load the tokenizer in {path}: {type(e).__name__}: {_first_line(e)}; copy the "
+                         f"model's tokenizer files into it") from None
+    note = (path / "SUPERFLOAT_NOTE.txt").read_text().strip() if (path / "SUPERFLOAT_NOTE.txt").is_file() else None
+    return LoadedModel(_finish(model, None, device), tok, spec, "local", note)
