@@ -344,6 +344,9 @@ def test_a_bias_out_of_the_accumulator_range_is_rejected_before_any_build(ckpts,
     t = load_file(str(ck / "model.safetensors"))
     t["model.decoder.layers.0.fc2.bias"] = torch.full_like(t["model.decoder.layers.0.fc2.bias"], 3e8)
     save_file(t, str(ck / "model.safetensors"))
+    from superfloat.sw.wasq.checkpoint import reseal_checkpoint
+
+    reseal_checkpoint(ck)  # a deliberate edit (format rev. 2 checks every tensor's SHA-256)
     with pytest.raises(cs.CosimError, match=r"layer model.decoder.layers.0.fc2: bias must be <= "):
         cs.cosim(ck, "model.decoder.layers.0.fc2", rows=4, cols=4, k_max=64, w_bits=8)
 

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from superfloat.sw.wasq import WASQConfig, calibrate_, quantize_, quantized_layers
-from superfloat.sw.wasq.checkpoint import CheckpointError, _tensor_digests, load_checkpoint, save_checkpoint
+from superfloat.sw.wasq.checkpoint import (CheckpointError, _config_digests, _tensor_digests, load_checkpoint,
+                                           save_checkpoint)
 from superfloat.sw.wasq.models import byte_tokenizer, load_model, tiny_model
 
 
@@ -137,8 +138,9 @@ def good_ckpt(tmp_path_factory):
 
 
 def _damaged(good, tmp_path, edit_tensors=None, edit_config=None, reseal=True):
-    """A copy of ``good`` with its tensors and/or config edited. ``reseal``: the SHA-256 digests are
-    recomputed after a tensor edit (a consistent but wrong checkpoint, to reach the checks behind them)."""
+    """A copy of ``good`` with its tensors and/or config edited. ``reseal``: the SHA-256 digests
+    (``sha256``, ``config_sha256``) are recomputed after the edit (a consistent but wrong checkpoint,
+    to reach the checks behind them)."""
     import shutil
 
     d = tmp_path / "bad"
@@ -154,6 +156,8 @@ def _damaged(good, tmp_path, edit_tensors=None, edit_config=None, reseal=True):
     if edit_config:
         info = json.loads((d / "sfx_config.json").read_text())
         edit_config(info)
+        if reseal and "config_sha256" in info:
+            info["config_sha256"] = _config_digests(info)
         (d / "sfx_config.json").write_text(json.dumps(info))
     return d
 
@@ -288,6 +292,7 @@ def test_sha256_field_must_cover_exactly_the_tensors(good_ckpt, tmp_path):
 def _as_rev1(c):
     c["format_version"] = 1
     c.pop("sha256")
+    c.pop("config_sha256")
     c.pop("tokenizer_files", None)
     for spec in c["layers"].values():
         spec.pop("out_bits")
@@ -558,3 +563,34 @@ def test_a_save_killed_by_sigkill_leaves_nothing_after_the_next_save(tmp_path, w
     save_checkpoint(model, target)
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
     load_checkpoint(target)
+
+
+@pytest.mark.parametrize("edit, part", [
+    (lambda c: c["layers"][LAYER].update(act_bits=6), f"layers['{LAYER}']"),
+    (lambda c: c["layers"][LAYER].update(rounding="toward_zero"), f"layers['{LAYER}']"),
+    (lambda c: c["base_model"]["config"].update(rms_norm_eps=1e-3), "base_model"),
+    (lambda c: c["quant_config"].update(weight_bits=6), "quant_config"),
+    (lambda c: c.update(dtype="float64"), "settings"),
+])
+def test_a_config_edit_that_changes_the_model_fails_its_digest(good_ckpt, tmp_path, edit, part):
+    d = _damaged(good_ckpt, tmp_path, edit_config=edit, reseal=False)
+    with pytest.raises(CheckpointError, match=rf"sfx_config\.json: field {re.escape(part)} was changed since the save "
+                                              rf"\(it fails its SHA-256 in field config_sha256\); .* or delete field "
+                                              rf"config_sha256 to accept a deliberate edit"):
+        load_checkpoint(d)
+    # informational fields are not covered; deleting config_sha256 accepts a deliberate edit
+    load_checkpoint(_damaged(good_ckpt, tmp_path / "note", edit_config=lambda c: c["base_model"].update(note="mine"),
+                             reseal=False))
+    _edit_config(d, lambda c: c.pop("config_sha256"))
+    load_checkpoint(d)
+
+
+def test_uncalibrated_static_layers_are_refused(good_ckpt, tmp_path):
+    with pytest.raises(ValueError, match=rf"layer model\.layers\.0\.self_attn\.q_proj: the static activation exponent is "
+                                         rf"not calibrated; run "
+                                         rf"superfloat\.sw\.wasq\.calibrate_"):
+        save_checkpoint(_quantized(weight_bits=4, act_bits=8, act_exponent="static"), tmp_path / "ck")
+    d = _damaged(good_ckpt, tmp_path, edit_config=lambda c: c["layers"][LAYER].update(act_bits=8, act_exponent="static"))
+    with pytest.raises(CheckpointError, match=rf"act_amax is null but act_exponent is 'static': the layer was never "
+                                              rf"calibrated"):
+        load_checkpoint(d)

@@ -63,6 +63,7 @@ from .qlinear import ExportedLinear
 from .quantize import quantize_, quantized_layers, wasq_config_of
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_info", "CheckpointError", "stale_save_dirs",
+           "reseal_checkpoint",
            "FORMAT_NAME", "FORMAT_VERSION", "SUPPORTED_VERSIONS", "CONFIG_FILE", "WEIGHTS_FILE"]
 
 FORMAT_NAME = "superfloat-wasq-checkpoint"
@@ -122,6 +123,25 @@ def _tensor_digests(path: Path) -> dict[str, str]:
             lo, hi = meta["data_offsets"]
             out[name] = _sha256_file_range(f, start + lo, start + hi)
     return out
+def _canonical_sha(v: Any) -> str:
+    return hashlib.sha256(json.dumps(v, sort_keys=True, separators=(",", ":"), allow_nan=True,
+                                     default=_json_default).encode()).hexdigest()
+
+
+def _config_digests(info: dict[str, Any]) -> dict[str, str]:
+    """SHA-256 of each part of ``sfx_config.json`` that changes what the model computes:
+    ``layers[NAME]`` (one per layer), ``base_model`` (its config, architecture and model
+    type), ``quant_config``, ``aliases``, ``settings`` (dtype, rounding, activations).
+    Informational fields (note, source, created, tool version, memory) are not covered."""
+    base = info.get("base_model") or {}
+    out = {f"layers[{n!r}]": _canonical_sha(spec) for n, spec in (info.get("layers") or {}).items()}
+    out["base_model"] = _canonical_sha({k: base.get(k) for k in ("config", "architecture", "model_type")})
+    out["quant_config"] = _canonical_sha(info.get("quant_config"))
+    out["aliases"] = _canonical_sha(info.get("aliases", {}))
+    out["settings"] = _canonical_sha({k: info.get(k) for k in ("dtype", "rounding", "activations")})
+    return out
+
+
 # --------------------------------------------------------------------------- save
 
 
@@ -289,6 +309,10 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, tokenizer
         if layer.bias is not None:
             tensors[f"{name}.bias"] = layer.bias.detach().cpu().contiguous().clone()
         out_exp, out_bits = _layer_out_fields(layer, name, layer.out_features)
+        if layer.act_bits is not None and layer.act_exponent == "static" and layer.act_amax is None:
+            raise ValueError(f"save_checkpoint: layer {name}: the static activation exponent is not calibrated; run "
+                             f"superfloat.sw.wasq.calibrate_(model, batches) first (CLI: --calib-tokens N > 0) or use "
+                             f"act_exponent='dynamic'")
         if layer.act_amax is not None and not (math.isfinite(float(layer.act_amax)) and layer.act_amax >= 0):
             raise ValueError(f"save_checkpoint: layer {name}: calibrated act_amax is {layer.act_amax}; calibrate "
                              f"again on finite activations")
@@ -380,6 +404,7 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, tokenizer
             "quantized_params": int(sum(layer.weight.numel() for layer in layers.values())),
             "total_params": int(sum(p.numel() for p in model.parameters())),
         }
+        info["config_sha256"] = _config_digests(info)
         cfg_tmp = tmp / (CONFIG_FILE + ".part")
         cfg_tmp.write_text(json.dumps(info, indent=2, default=_json_default) + "\n")
         _fsync_file(cfg_tmp)
@@ -407,6 +432,34 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, tokenizer
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return info["memory"]
+
+
+def reseal_checkpoint(directory: str | os.PathLike) -> None:
+    """Accept deliberate edits of a checkpoint: recompute the revision-2 digests of
+    ``sfx_config.json`` (``sha256`` of every tensor, ``tokenizer_files``, ``config_sha256``)
+    from the files as they are now, and rewrite it atomically (a revision-1 checkpoint
+    becomes revision 2). The edited checkpoint must still pass every other check at load."""
+    d = Path(directory).expanduser()
+    path = d / CONFIG_FILE
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} cannot be read as JSON: {_one_line(e)}") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path} is not a WASQ checkpoint configuration")
+    files = [d / WEIGHTS_FILE] if (d / WEIGHTS_FILE).is_file() else _index_files(d)
+    info["sha256"] = {k: v for f in files for k, v in _tensor_digests(f).items()}
+    if info.get("tokenizer"):
+        old = info.get("tokenizer_files")
+        names = list(old) if isinstance(old, dict) else [f.name for f in sorted(d.iterdir()) if f.is_file() and f.name
+                                                         not in (WEIGHTS_FILE, CONFIG_FILE, INDEX_FILE)
+                                                         and not f.name.endswith(".safetensors")]
+        info["tokenizer_files"] = {n: _sha256_file(d / n) for n in names if (d / n).is_file()}
+    info["format_version"] = FORMAT_VERSION
+    info["config_sha256"] = _config_digests(info)
+    part = path.with_name(CONFIG_FILE + ".part")
+    part.write_text(json.dumps(info, indent=2, default=_json_default) + "\n")
+    os.replace(part, path)
 
 
 def _json_default(o: Any) -> Any:
@@ -514,6 +567,10 @@ def _check_layer_spec(path: Path, name: str, spec: Any) -> None:
         if ev is not None and ev != want:
             raise f.error("act_exponent_value", f"is {ev} but act_amax {amax} at act_bits {act_bits} gives exponent "
                                                 f"{want}: the two fields contradict each other")
+    if act_bits is not None and mode == "static" and amax is None:
+        raise f.error("act_amax", "is null but act_exponent is 'static': the layer was never calibrated; re-create "
+                                  "the checkpoint with calibration (sfx quantize --act-exponent static --calib-tokens N)",
+                      "or use act_exponent 'dynamic'")
     if act_bits is None and mode is not None:
         raise f.error("act_exponent", f"is {mode!r} but act_bits is null (a weight-only layer has no activation mode)")
     f.bits("out_bits", optional=True)
@@ -568,6 +625,20 @@ def _check_info(path: Path, info: Any) -> dict[str, Any]:
             if not (isinstance(v, str) and _SHA_RE.match(v)):
                 raise top.error(f"sha256[{k!r}]", f"must be a SHA-256 hex digest (64 lower-case hex digits), got "
                                                   f"{_short(v)}")
+        cd = top.get("config_sha256", (dict,))  # absent: the user accepted hand edits by deleting it
+        if cd is not None:
+            want = _config_digests(info)
+            for part in sorted(set(want) | set(cd)):
+                if part not in cd:
+                    raise top.error(f"config_sha256", f"has no digest for {part} (a layer added after the save?); "
+                                    f"delete field config_sha256 to accept hand edits", _REDO)
+                if part not in want:
+                    raise top.error(f"config_sha256[{part!r}]", f"names a part of {CONFIG_FILE} that is missing "
+                                    f"(a layer removed after the save?)")
+                if cd[part] != want[part]:
+                    raise CheckpointError(f"{path}: field {part} was changed since the save (it fails its SHA-256 "
+                                          f"in field config_sha256); {_REDO}, or delete field config_sha256 to "
+                                          f"accept a deliberate edit")
         tf = top.get("tokenizer_files", (dict,), required=tok)
         for k, v in (tf or {}).items():
             if not k or "/" in k or "\\" in k or k in (".", ".."):
@@ -928,6 +999,12 @@ def _load(d: Path, device, return_info: bool):
     float_sd = {}
     for key, ref in expected.items():
         src = aliases.get(key, key)
+        if src not in store:
+            if src != key:
+                raise CheckpointError(f"checkpoint {d} is missing tensor {src!r} (field aliases[{key!r}] of "
+                                      f"{CONFIG_FILE} says {key!r} is stored under that name); {_REDO}")
+            raise CheckpointError(f"checkpoint {d} is missing tensor {key!r} (and field aliases of {CONFIG_FILE} "
+                                  f"names no stored tensor it is tied to); {_REDO}")
         t = store.get(src)
         if tuple(t.shape) != tuple(ref.shape):
             raise CheckpointError(f"checkpoint {d}: tensor {src!r} has shape {list(t.shape)}, the model expects "
