@@ -40,12 +40,20 @@ BUDGET = {
 }
 
 
+def _hardware_short(cfg) -> str:
+    """``"yes"`` or ``"no: ..."`` in a few words (for tables)."""
+    parts = {"int": ["integer codes"], "int_asym": ["zero points"]}.get(cfg.codes, [])
+    if cfg.group_size is not None:
+        parts.append("groups along K")
+    return "yes" if not parts else "no: " + ", ".join(parts)
+
+
 def _label(w: int, a: int | None) -> str:
     return f"W{w}A{a or 16}"
 
 
 def _eval_cmd(method: str, w: int, a: int | None, codes: str, b: dict[str, Any]) -> str:
-    return (f"sfx ptq eval -m {b['model']} --method {method} -w {w}" + (f" -a {a}" if a else "") +
+    return (f"sfx eval -m {b['model']} --method {method} -w {w}" + (f" -a {a}" if a else "") +
             f" --codes {codes} --max-tokens {b['eval_tokens']} --calib-tokens {b['calib_tokens']} "
             f"--context {b['context']} --awq-grid {b['awq_grid']} --adaround-iters {b['adaround_iters']}")
 
@@ -54,12 +62,13 @@ def run(out_dir: Path | str, quick: bool = False) -> None:
     import torch
 
     from superfloat.bench import write_report
-    from superfloat.cli.ptq import _ppl, run_clip_analysis
+    from superfloat.cli.methods import _ppl, run_clip_analysis
     from superfloat.sw.wasq.config import WASQConfig
     from superfloat.sw.wasq.data import calibration_batches, load_text, tokenize
     from superfloat.sw.wasq.models import load_model
-    from superfloat.sw.wasq.ptq import Calibration, PTQConfig, float_bytes, memory_report, ptq_quantize_, save_packed
-    from superfloat.sw.wasq.quantize import candidate_layers
+    from superfloat.sw.wasq.packing import float_bytes, memory_report, save_packed
+    from superfloat.sw.wasq.ptq import Calibration
+    from superfloat.sw.wasq.quantize import candidate_layers, quantize_, quantize_report
 
     b = BUDGET[bool(quick)]
     t_start = time.perf_counter()
@@ -86,13 +95,14 @@ def run(out_dir: Path | str, quick: bool = False) -> None:
             for codes in (("int_asym",) if method == "asym" else ("sfx",) if method in SFX_ONLY else ("sfx", "int")):
                 if method == "clip" and a is None:
                     continue  # clipping acts on activations only: W4A16 is the rtn row
-                cfg = PTQConfig.preset(method, weight_bits=w, act_bits=a, codes=codes, awq_grid=b["awq_grid"],
-                                       adaround_iters=b["adaround_iters"])
+                cfg = WASQConfig(method=method, weight_bits=w, act_bits=a, codes=codes,
+                                 method_options={"awq_grid": b["awq_grid"], "adaround_iters": b["adaround_iters"]})
                 m = copy.deepcopy(base)
                 t0 = time.perf_counter()
                 try:
-                    rep = ptq_quantize_(m, cfg, calibration=calib, search_tokens=b["search_tokens"],
-                                        weight_cache=cache if method == "adaround" else None)
+                    quantize_(m, cfg, calibration=calib, search_tokens=b["search_tokens"],
+                                  weight_cache=cache if method == "adaround" else None)
+                    rep = quantize_report(m)
                     tq = time.perf_counter() - t0
                     t0 = time.perf_counter()
                     ppl = _ppl(m, ids, b["context"], pad)
@@ -105,15 +115,18 @@ def run(out_dir: Path | str, quick: bool = False) -> None:
                 mem = memory_report(m)
                 with tempfile.TemporaryDirectory(prefix="ptq-bench-") as d:
                     packed = save_packed(m, Path(d) / "m.safetensors")
-                hb = sum(1 for v in rep.layers.values() if v.get("bits", w) > w)
+                layers_info = rep.layers if rep is not None else {}
+                hb = sum(1 for v in layers_info.values() if v.get("bits", w) > w)
                 rows.append({"method": method, "codes": codes, "weight_bits": w, "act_bits": a,
                              "config": _label(w, a), "perplexity": ppl, "delta_pct": 100 * (ppl / fp - 1),
                              "packed_file_bytes": packed["file_bytes"], "quantized_bytes": packed["quantized_bytes"],
                              "bits_per_weight": mem["bits_per_weight"], "hardware_executable": cfg.hardware_executable,
-                             "hardware_notes": cfg.hardware_notes(), "hardware": cfg.hardware_short(),
+                             "hardware_notes": cfg.hardware_notes(), "hardware": _hardware_short(cfg),
                              "quantize_seconds": round(tq, 1),
-                             "eval_seconds": round(te, 1), "layers_high_bits": hb, "notes": rep.notes,
-                             "ranking": rep.ranking, "stage_seconds": {k: round(v, 1) for k, v in rep.seconds.items()},
+                             "eval_seconds": round(te, 1), "layers_high_bits": hb,
+                             "notes": rep.notes if rep is not None else [],
+                             "ranking": rep.ranking if rep is not None else None,
+                             "stage_seconds": {k: round(v, 1) for k, v in (rep.seconds if rep is not None else {}).items()},
                              "command": _eval_cmd(method, w, a, codes, b)})
                 _say(f"{method:13s} {codes:8s} {_label(w, a)}: {ppl:10.3f} ({tq:.0f} s + {te:.0f} s)")
                 del m
@@ -200,7 +213,7 @@ def _sections(rows, clip_rows, fp, clip_fp, f_bytes, b, note, t_calib, t_clip, s
             "'quantized layers MB' = packed codes + scales + biases of the quantized layers; bits/weight = codes "
             "plus scales per quantized weight. Activation bits do not change the weights, except where mixed "
             "precision promotes layers.\n\n" + markdown_table(head2, body2) +
-            f"\n\nCommand: `sfx ptq quantize -m {b['model']} --method M -w W --codes C --packed FILE` writes the "
+            f"\n\nCommand: `sfx quantize -m {b['model']} --method M -w W --codes C --packed FILE` writes the "
             "same file.")
     # clipping
     head3 = ["activations", "codes", "strategy", "perplexity", "vs float", "on the accelerator"]
@@ -218,7 +231,7 @@ def _sections(rows, clip_rows, fp, clip_fp, f_bytes, b, note, t_calib, t_clip, s
             "SFx rows use a float per-tensor activation scale (folds into the per-lane multiplier), `(pow2)` rows a "
             "power-of-two exponent (the range snaps up to the next power of two).\n\n" +
             markdown_table(head3, body3) +
-            f"\n\nCommand: `sfx ptq clip -m {b['model']} -a 8 4 --max-tokens {b['clip_eval_tokens']} "
+            f"\n\nCommand: `sfx clip-analysis -m {b['model']} -a 8 4 --max-tokens {b['clip_eval_tokens']} "
             f"--calib-tokens {b['calib_tokens']}`.")
     hw = ("* **Executable by the SFx accelerator** (SPEC section 5): SFx codes with one scale per output channel "
           "(float, through the per-lane multiplier, or a power-of-two exponent) and activations with one exponent "
@@ -228,8 +241,8 @@ def _sections(rows, clip_rows, fp, clip_fp, f_bytes, b, note, t_calib, t_clip, s
           "* **Software only**: per-group scales along K (`awq-dyngroup`; the accelerator applies scales per whole "
           "output channel), zero points (`asym`), and every integer-code row (baselines; integer per-token "
           "activation scales would need a multiplier per row).\n"
-          "* `PTQConfig.hardware_executable` / `hardware_notes()` give the same answer in the API; "
-          "`sfx ptq quantize -o DIR` writes a WASQ checkpoint only for executable configurations.")
+          "* `WASQConfig.hardware_executable` / `hardware_notes()` give the same answer in the API; "
+          "`sfx quantize -o DIR` writes a WASQ checkpoint only for executable configurations.")
     setup = (f"* Model: {b['model']}. " + (f"**{note}.**" if note else "") + "\n"
              f"* Evaluation: held-out Shakespeare test plays (Hamlet, Macbeth, The Tempest, Twelfth Night), the "
              f"first {b['eval_tokens']} tokens, context {b['context']}, disjoint windows, every token scored once "

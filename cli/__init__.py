@@ -1,7 +1,7 @@
 """The ``sfx`` command line.
 
-Subcommands live next to the code they drive; each module listed in
-:data:`SUBCOMMAND_MODULES` exposes ``register(subparsers)`` which adds its
+Every subcommand lives in this package (``cli/``), one module per group; each module
+listed in :data:`SUBCOMMAND_MODULES` exposes ``register(subparsers)`` which adds its
 subcommands (each with ``set_defaults(func=...)``; ``func(args)`` returns an exit
 code). This keeps the CLI one entry point without one file that every part edits.
 """
@@ -16,14 +16,14 @@ from superfloat.sw import __version__
 #: Modules that add subcommands, in help order. A module that is not installed yet
 #: (ModuleNotFoundError for that very module) is skipped; any other import error is raised.
 SUBCOMMAND_MODULES = [
-    "superfloat.cli.info",      # info, demo
-    "superfloat.cli.wasq",      # quantize, eval, finetune, analyze, generate, sweep
-    "superfloat.cli.train",  # finetune, analyze, sweep (also reached through wasq.cli; registers once)
-    "superfloat.cli.ptq",       # ptq analysis commands (W4A4 methods)
-    "superfloat.cli.verilog",           # verilog
+    "superfloat.cli.info",      # info, table, demo
+    "superfloat.cli.wasq",      # quantize, eval, generate (+ finetune, analyze, sweep from cli.train)
+    "superfloat.cli.train",     # finetune, analyze, sweep (also reached through cli.wasq; registers once)
+    "superfloat.cli.methods",   # methods, clip-analysis (the post-training methods)
+    "superfloat.cli.verilog",   # verilog
     "superfloat.cli.fpga",      # synth, build-board
-    "superfloat.cli.sim",          # cosim
-    "superfloat.bench",         # bench
+    "superfloat.cli.sim",       # cosim
+    "superfloat.cli.bench",     # bench
 ]
 
 

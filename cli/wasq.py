@@ -22,7 +22,8 @@ __all__ = ["register", "EXTENSION_MODULES", "add_model_args", "add_quant_args", 
 #: Modules (by import name) that add more WASQ subcommands; missing ones are skipped.
 EXTENSION_MODULES = ["superfloat.cli.train"]
 
-METHOD_CHOICES = ("vanilla", "rtn-int", "sfx", "int")
+#: ``--method`` spellings of round to nearest: SFx (``vanilla``, the upstream name) and the integer baseline
+RTN_CHOICES = ("vanilla", "rtn-int", "sfx", "int")
 
 
 class CLIError(Exception):
@@ -41,8 +42,10 @@ def add_model_args(p: argparse.ArgumentParser, *, default: str | None = "smollm2
 
 def add_quant_args(p: argparse.ArgumentParser, *, bits_required: bool = False, multi_bits: bool = False,
                    ptq: bool = False) -> None:
-    """``ptq=True`` (``sfx quantize``/``sfx eval``) also offers the post-training methods of
-    :mod:`superfloat.sw.wasq.ptq` as ``--method`` and their ``--codes``."""
+    """The WASQConfig options. ``ptq=True`` (``sfx quantize``/``sfx eval``) also offers the
+    post-training methods of :mod:`superfloat.sw.wasq.ptq` as ``--method`` with their knobs."""
+    from superfloat.sw.wasq.ptq.config import ACT_CLIPS, METHODS
+
     g = p.add_argument_group("quantization (WASQConfig; defaults in docs/wasq.md)")
     if multi_bits:
         g.add_argument("--weight-bits", "-w", type=int, nargs="+", metavar="X", help="SFx weight width(s), 2..16")
@@ -51,18 +54,14 @@ def add_quant_args(p: argparse.ArgumentParser, *, bits_required: bool = False, m
                        help="SFx weight width, 2..16" + ("" if bits_required else " (default: evaluate the float model)"))
     g.add_argument("--act-bits", "-a", type=int, metavar="Y",
                    help="quantize every quantized layer's input to SF Y (default: weight-only)")
-    if ptq:
-        from superfloat.sw.wasq.ptq.wasq_cli import PTQ_METHODS, add_codes_arg
-
-        g.add_argument("--method", default="vanilla", choices=METHOD_CHOICES + PTQ_METHODS,
-                       help="vanilla = SFx round-to-nearest (default); rtn-int = symmetric per-channel integer RTN "
-                            "baseline; the others are post-training methods (docs/ptq-methods.md; calibrated on "
-                            "--calib-data/--calib-tokens)")
-        add_codes_arg(g)
-    else:
-        g.add_argument("--method", default="vanilla", choices=METHOD_CHOICES,
-                       help="vanilla = SFx round-to-nearest (default); rtn-int = symmetric per-channel integer RTN "
-                            "baseline")
+    methods = RTN_CHOICES + (tuple(m for m in METHODS if m != "rtn") if ptq else ())
+    g.add_argument("--method", default="vanilla", choices=methods,
+                   help="vanilla = SFx round-to-nearest (default); rtn-int = symmetric per-channel integer RTN "
+                        "baseline" + ("; the others are post-training methods ('sfx methods', docs/ptq-methods.md; "
+                                      "calibrated on --calib-data/--calib-tokens)" if ptq else ""))
+    g.add_argument("--codes", default="sfx", choices=("sfx", "int", "int_asym"),
+                   help="code family: SFx (default; what the accelerator runs) or the integer baselines, symmetric "
+                        "(int) or asymmetric (int_asym); see docs/ptq-methods.md")
     g.add_argument("--scale", dest="scale_kind", default="float", choices=("float", "pow2"),
                    help="weight scale: float per-row scale folded into the hardware multiplier (default) or "
                         "power-of-two exponents")
@@ -74,9 +73,26 @@ def add_quant_args(p: argparse.ArgumentParser, *, bits_required: bool = False, m
     g.add_argument("--skip", nargs="*", metavar="GLOB", default=None,
                    help="module-name globs kept float (default: lm_head, embeddings, norms)")
     g.add_argument("--calib-data", metavar="D", default=None,
-                   help="calibration text for --act-exponent static (default: --data, train split)")
+                   help="calibration text for the methods and --act-exponent static (default: --data, train split)")
     g.add_argument("--calib-tokens", type=int, default=2048, metavar="N",
-                   help="calibration tokens for --act-exponent static (default 2048)")
+                   help="calibration tokens (default 2048)")
+    if ptq:
+        k = p.add_argument_group("post-training method knobs (override the --method preset)")
+        k.add_argument("--group-size", default=None,
+                       help="per-group scales along K: an int or 'dynamic' (software only; default: per channel)")
+        k.add_argument("--act-scale", default="pow2", choices=("pow2", "float"),
+                       help="static SFx activation scale: power of two (default, hardware) or float (software)")
+        k.add_argument("--act-clip", default=None, choices=ACT_CLIPS, help="static range strategy, searched per layer")
+        k.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA", help="SmoothQuant alpha")
+        k.add_argument("--awq-grid", type=int, default=None, help="AWQ alpha grid points (default 20)")
+        k.add_argument("--adaround-iters", type=int, default=None, help="AdaRound Adam steps per layer (default 100)")
+        k.add_argument("--mp-fraction", type=float, default=None, help="mixed precision: top fraction at high bits")
+        k.add_argument("--mp-high-bits", type=int, default=None, help="mixed precision: the high width (default 8)")
+        k.add_argument("--mp-ranking", default=None, choices=("own", "analyze", "auto"),
+                       help="mixed precision ranking: own output error, sfx analyze's, or analyze when available")
+        k.add_argument("--search-tokens", type=int, default=256,
+                       help="tokens used by the AWQ/clip/activation-range searches (default 256)")
+        k.add_argument("--progress", action="store_true", help="progress messages of the method on stderr")
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -94,9 +110,13 @@ def add_window_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=1, metavar="B", help="windows per forward pass (default 1)")
 
 
+#: CLI knob -> MethodOptions field
+_KNOBS = ("act_clip", "smoothquant", "awq_grid", "adaround_iters", "mp_fraction", "mp_high_bits", "mp_ranking")
+
+
 def config_from_args(args: argparse.Namespace, weight_bits: int | None = None):
     """The :class:`WASQConfig` the options ask for, or ``None`` (float) without ``--weight-bits``."""
-    from superfloat.sw.wasq.config import DEFAULT_SKIP, WASQConfig
+    from superfloat.sw.wasq.config import DEFAULT_SKIP, METHOD_ALIASES, WASQConfig
 
     bits = weight_bits if weight_bits is not None else getattr(args, "weight_bits", None)
     if isinstance(bits, list):
@@ -105,14 +125,28 @@ def config_from_args(args: argparse.Namespace, weight_bits: int | None = None):
         if getattr(args, "act_bits", None) is not None:
             raise CLIError("--act-bits needs --weight-bits (WASQ quantizes the weights of every layer it touches)")
         return None
-    from superfloat.sw.wasq.ptq.wasq_cli import is_ptq, ptq_config_from_args
-
-    if is_ptq(getattr(args, "method", None)):
-        return ptq_config_from_args(args, bits, CLIError)
+    method, codes = args.method, getattr(args, "codes", "sfx")
+    if method in METHOD_ALIASES:  # round to nearest: vanilla = --codes (default sfx), rtn-int = int
+        method, codes = "rtn", ("int" if METHOD_ALIASES[method] == "int" else codes)
+    elif args.weight_scale != "channel":
+        raise CLIError(f"--method {method} quantizes per output channel (or per group); --weight-scale tensor is a "
+                       f"vanilla/rtn-int option")
+    kw: dict[str, Any] = {}
+    gs = getattr(args, "group_size", None)
+    if gs is not None:
+        if gs != "dynamic":
+            try:
+                gs = int(gs)
+            except ValueError:
+                raise CLIError(f"--group-size must be an int or 'dynamic', got {gs!r}") from None
+        kw["group_size"] = gs
+    options = {k: getattr(args, k) for k in _KNOBS if getattr(args, k, None) is not None}
     try:
         return WASQConfig(weight_bits=bits, act_bits=args.act_bits, weight_scale=args.weight_scale,
                           scale_kind=args.scale_kind, act_exponent=args.act_exponent, rounding=args.rounding,
-                          skip=tuple(args.skip) if args.skip is not None else DEFAULT_SKIP, method=args.method)
+                          skip=tuple(args.skip) if args.skip is not None else DEFAULT_SKIP, method=method,
+                          codes=codes, act_scale=getattr(args, "act_scale", "pow2"), method_options=options,
+                          **kw)
     except (TypeError, ValueError) as e:
         raise CLIError(str(e)) from None
 
@@ -132,31 +166,30 @@ def load_ids(args: argparse.Namespace, tokenizer: Any, *, data: str | None = Non
 
 
 def prepare_model(args: argparse.Namespace, lm, config) -> dict[str, Any]:
-    """Apply ``config`` to ``lm.model`` (calibrating static activation exponents); returns a
-    description for reports. ``config=None`` leaves the model as it is."""
-    from superfloat.sw.wasq.config import WASQConfig
-    from superfloat.sw.wasq.quantize import calibrate_, quantize_, quantized_layers, wasq_config_of
+    """Apply ``config`` to ``lm.model`` with :func:`~superfloat.sw.wasq.quantize_` (calibrated on
+    ``--calib-data``/``--calib-tokens`` when the method or static activations need it);
+    returns a description for reports. ``config=None`` leaves the model as it is."""
+    from superfloat.sw.wasq.quantize import quantize_, quantize_report, quantized_layers, wasq_config_of
 
     if config is None:
         existing = wasq_config_of(lm.model)
         return {"quantized_layers": len(quantized_layers(lm.model)), "config": existing}
-    if not isinstance(config, WASQConfig):  # a PTQ method (superfloat.sw.wasq.ptq)
-        from superfloat.sw.wasq.ptq.wasq_cli import prepare
-
-        return prepare(args, lm, config, load_ids, CLIError)
     if quantized_layers(lm.model):
         raise CLIError(f"{lm.spec} is already quantized (a WASQ checkpoint); drop --weight-bits to evaluate it as saved")
-    try:
-        quantize_(lm.model, config)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
-    if config.act_bits is not None and config.act_exponent == "static":
+    batches = None
+    if config.needs_calibration:
         from superfloat.sw.wasq.data import calibration_batches
 
         ids = load_ids(args, lm.tokenizer, data=args.calib_data or args.data, split="train",
                        max_tokens=args.calib_tokens)
-        calibrate_(lm.model, calibration_batches(ids, getattr(args, "context", 512), args.calib_tokens))
-    return {"quantized_layers": len(quantized_layers(lm.model)), "config": config}
+        batches = list(calibration_batches(ids, getattr(args, "context", 512), args.calib_tokens))
+    try:
+        quantize_(lm.model, config, calibration=batches, search_tokens=getattr(args, "search_tokens", 256),
+                  progress=getattr(args, "progress", False))
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    return {"quantized_layers": len(quantized_layers(lm.model)), "config": config,
+            "report": quantize_report(lm.model)}
 
 
 def _load(spec: str):
@@ -185,14 +218,13 @@ def _config_fields(cfg) -> dict[str, Any]:
     if cfg is None:
         return {"method": "float", "weight_bits": None, "act_bits": None, "scale_kind": None, "weight_scale": None,
                 "act_exponent": None, "rounding": None, "label": "float"}
-    if not hasattr(cfg, "weight_scale"):  # a PTQConfig
-        from superfloat.sw.wasq.ptq.wasq_cli import config_fields
-
-        return config_fields(cfg)
-    return {"method": {"sfx": "vanilla", "int": "rtn-int"}[cfg.method], "weight_bits": cfg.weight_bits,
-            "act_bits": cfg.act_bits, "scale_kind": cfg.scale_kind if cfg.method == "sfx" else None,
-            "weight_scale": cfg.weight_scale, "act_exponent": cfg.act_exponent if cfg.act_bits else None,
-            "rounding": cfg.rounding, "label": cfg.describe()}
+    method = cfg.method
+    if method == "rtn" and cfg.codes in ("sfx", "int"):
+        method = {"sfx": "vanilla", "int": "rtn-int"}[cfg.codes]
+    return {"method": method, "weight_bits": cfg.weight_bits, "act_bits": cfg.act_bits,
+            "scale_kind": cfg.scale_kind if cfg.codes == "sfx" else None, "weight_scale": cfg.weight_scale,
+            "act_exponent": cfg.act_exponent if cfg.act_bits else None, "rounding": cfg.rounding,
+            "label": cfg.describe(), "codes": cfg.codes, "hardware_executable": cfg.hardware_executable}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -208,14 +240,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        f"would never be scored")
     config = config_from_args(args)
     lm = _load(args.model)
+    float_model = copy.deepcopy(lm.model) if args.baseline and config is not None else None
     desc = prepare_model(args, lm, config)
     ids = load_ids(args, lm.tokenizer, max_tokens=args.max_tokens)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    try:
-        r = perplexity(lm.model, ids, context=args.context, stride=args.stride, batch_size=args.batch_size,
-                       pad_token_id=pad, progress=not args.no_progress, desc=f"eval {desc['config'].describe() if desc['config'] else 'float'}")
-    except ValueError as e:
-        raise CLIError(str(e)) from None
+
+    def ppl(model, label):
+        try:
+            return perplexity(model, ids, context=args.context, stride=args.stride, batch_size=args.batch_size,
+                              pad_token_id=pad, progress=not args.no_progress, desc=f"eval {label}")
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+
+    r = ppl(lm.model, desc["config"].describe() if desc["config"] else "float")
+    extra: dict[str, Any] = {}
+    if float_model is not None:
+        extra["float_perplexity"] = ppl(float_model, "float").perplexity
+        del float_model
+    if args.memory and desc["quantized_layers"]:
+        import tempfile
+        from pathlib import Path
+
+        from superfloat.sw.wasq.packing import memory_report, save_packed
+
+        extra["memory"] = memory_report(lm.model)
+        with tempfile.TemporaryDirectory(prefix="sfx-eval-") as d:
+            extra["packed_file_bytes"] = save_packed(lm.model, Path(d) / "m.safetensors")["file_bytes"]
     from superfloat.sw.wasq.data import default_split
 
     out = {
@@ -226,7 +276,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens, "total_tokens": r.total_tokens,
         "windows": r.windows, "seconds": round(r.seconds, 3),
         "tokens_per_second": round(r.tokens / r.seconds, 1) if r.seconds > 0 else None,
-        "note": lm.note, "superfloat_version": __version__,
+        **extra, "note": lm.note, "superfloat_version": __version__,
     }
     if args.json:
         print(json.dumps(out))
@@ -234,6 +284,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{args.model} [{out['label']}] on {args.data} ({out['split']}): perplexity {r.perplexity:.4f} "
               f"(NLL {r.nll:.4f} nats) over {r.tokens} tokens, context {r.context}, stride {r.stride}, "
               f"{r.windows} windows, {r.seconds:.1f} s")
+        if "float_perplexity" in extra:
+            print(f"float model on the same tokens: perplexity {extra['float_perplexity']:.4f} "
+                  f"({100 * (r.perplexity / extra['float_perplexity'] - 1):+.2f} %)")
+        if "memory" in extra:
+            print(f"quantized layers: {extra['memory']['bits_per_weight']:.3f} bits per weight (codes + scales); "
+                  f"packed file {extra['packed_file_bytes'] / 2**20:.2f} MiB")
+        if config is not None and not config.hardware_executable:
+            print(f"hardware-executable: no ({'; '.join(config.hardware_notes())})")
         if lm.note:
             print(f"note: {lm.note}")
     return 0
@@ -244,32 +302,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from superfloat.sw.wasq.checkpoint import save_checkpoint
+    from superfloat.sw.wasq.packing import save_packed
 
     config = config_from_args(args)
-    if config.method == "int":
-        raise CLIError("--method rtn-int is an evaluation baseline (sfx eval); checkpoints hold SFx codes only")
-    if not getattr(config, "hardware_executable", True):  # a PTQ config that a checkpoint cannot hold
-        from superfloat.sw.wasq.ptq.wasq_cli import save
-
-        save(None, config, args, CLIError)  # raises the explanation before any work
+    if args.output is None and args.packed is None:
+        raise CLIError("give --output DIR (a WASQ checkpoint) and/or --packed FILE (a packed file of any format)")
+    if args.output is not None and not config.hardware_executable:  # explain before any work
+        raise CLIError(f"--method {args.method} with these options is not executable by the SFx accelerator "
+                       f"({'; '.join(config.hardware_notes())}): WASQ checkpoints hold SFx codes with per-channel "
+                       f"scales; --packed FILE writes a packed file of any configuration")
     t0 = time.perf_counter()
     lm = _load(args.model)
     desc = prepare_model(args, lm, config)
-    if "ptq_report" in desc:
-        from superfloat.sw.wasq.ptq.wasq_cli import save
-
-        mem = save(lm, config, args, CLIError)
-    else:
-        try:
+    mem: dict[str, Any] = {}
+    try:
+        if args.output is not None:
             mem = save_checkpoint(lm.model, args.output, tokenizer=lm.tokenizer, overwrite=args.overwrite,
                                   source=args.model, note=lm.note)
-        except (FileExistsError, ValueError) as e:
-            raise CLIError(str(e)) from None
+        if args.packed is not None:
+            mem["packed"] = save_packed(lm.model, args.packed, metadata={"config": config.to_dict(),
+                                                                           "source": args.model})
+    except (FileExistsError, ValueError) as e:
+        raise CLIError(str(e)) from None
     out = {"model": args.model, "output": str(args.output), **_config_fields(config),
            "quantized_layers": desc["quantized_layers"], "memory": mem, "seconds": round(time.perf_counter() - t0, 2),
            "note": lm.note}
     if args.json:
-        print(json.dumps(out))
+        print(json.dumps(out, default=str))
+    elif args.output is None:
+        print(f"wrote {args.packed}: {config.describe()}, {desc['quantized_layers']} layers quantized, "
+              f"{mem['packed']['file_bytes'] / 2**20:.2f} MiB packed")
     else:
         mib = 1 / 2**20
         print(f"wrote {args.output}: {config.describe()}, {desc['quantized_layers']} layers quantized")
@@ -344,7 +406,10 @@ def register(sub) -> None:
     add_quant_args(p, bits_required=True, ptq=True)
     p.add_argument("--data", "-d", default="shakespeare", help=argparse.SUPPRESS)
     p.add_argument("--context", type=int, default=512, help=argparse.SUPPRESS)
-    p.add_argument("--output", "-o", required=True, metavar="DIR", help="checkpoint directory to write (atomically)")
+    p.add_argument("--output", "-o", default=None, metavar="DIR",
+                   help="WASQ checkpoint directory to write (atomically; hardware-executable configurations)")
+    p.add_argument("--packed", default=None, metavar="FILE",
+                   help="also (or only) write a packed safetensors file: codes packed at their bits, any format")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at DIR")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_run(cmd_quantize))
@@ -358,6 +423,9 @@ def register(sub) -> None:
     add_window_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (perplexity, tokens, bits, context, ...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--baseline", action="store_true", help="also evaluate the float model on the same tokens")
+    p.add_argument("--memory", action="store_true",
+                   help="also report the bytes of the quantized layers as stored (codes packed at their bits, scales)")
     p.set_defaults(func=_run(cmd_eval))
 
     p = sub.add_parser("generate", help="generate text from one or several (quantized) models side by side",

@@ -62,7 +62,7 @@ def test_quantize_then_eval_checkpoint(capsys, tmp_path, text_file):
     (["eval", "--model", "tiny-llama", "--weight-bits", "4", "--context", "8", "--stride", "9"],
      "stride (9) must not exceed context (8)"),
     (["quantize", "--model", "tiny-llama", "--weight-bits", "4", "--method", "rtn-int", "-o", "x"],
-     "rtn-int is an evaluation baseline"),
+     "--method rtn-int with these options is not executable by the SFx accelerator (integer codes"),
     (["eval", "--model", "/no/such/model/dir"], "no such model directory or file: '/no/such/model/dir'"),
     (["eval", "--model", "no-such-org/no-such-model"], "could not load model 'no-such-org/no-such-model' from the "
                                                        "Hugging Face hub"),

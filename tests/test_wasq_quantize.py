@@ -41,7 +41,7 @@ def _layer(bits=8, n=24, k=40, seed=0, **kw) -> SFxLinear:
     ({"act_exponent": "auto"}, ValueError, r"act_exponent must be one of 'dynamic', 'static'"),
     ({"rounding": "up"}, ValueError, r"rounding must be one of 'nearest_even', 'toward_zero'"),
     ({"method": "gptq"}, ValueError, r"method must be one of .*'vanilla'.*got 'gptq'"),
-    ({"method": "int", "rounding": "toward_zero"}, ValueError, r"'nearest_even' for method='int'"),
+    ({"method": "int", "rounding": "toward_zero"}, ValueError, r"'nearest_even' for codes='int'"),
     ({"skip": "lm_head"}, TypeError, r"skip must be a sequence of glob patterns, got the string 'lm_head'"),
     ({"layer_bits": {"*mlp*": 1}}, ValueError, r"layer_bits\['\*mlp\*'\] must be in 2\.\.16"),
 ])
@@ -52,10 +52,24 @@ def test_config_validation_messages(kwargs, exc, msg):
 
 def test_config_defaults_and_round_trip():
     c = WASQConfig()
-    assert (c.weight_bits, c.act_bits, c.weight_scale, c.scale_kind, c.act_exponent, c.rounding, c.method) == \
-        (8, None, "channel", "float", "dynamic", "nearest_even", "sfx")
+    assert (c.weight_bits, c.act_bits, c.weight_scale, c.scale_kind, c.act_exponent, c.rounding, c.codes,
+            c.method) == (8, None, "channel", "float", "dynamic", "nearest_even", "sfx", "rtn")
     assert c.skip == DEFAULT_SKIP
-    assert WASQConfig(method="vanilla").method == "sfx" and WASQConfig(method="rtn-int").method == "int"
+    # legacy code-family spellings of method (format-1 checkpoints store them)
+    assert (WASQConfig(method="vanilla").codes, WASQConfig(method="vanilla").method) == ("sfx", "rtn")
+    assert WASQConfig(method="rtn-int").codes == "int"
+    assert WASQConfig.from_dict({"weight_bits": 4, "method": "int"}) == WASQConfig(weight_bits=4, codes="int")
+    with pytest.raises(ValueError, match="method='int' means codes='int' but codes='int_asym' was given"):
+        WASQConfig(method="int", codes="int_asym")
+    # presets set the formats they imply, and refuse a contradiction
+    assert WASQConfig(method="awq-g128").group_size == 128
+    assert WASQConfig(method="asym").codes == "int_asym"
+    with pytest.raises(ValueError, match=r"method='awq-g128' implies group_size=128, got 64"):
+        WASQConfig(method="awq-g128", group_size=64)
+    with pytest.raises(ValueError, match=r"unknown method option\(s\) alpha"):
+        WASQConfig(method="smoothquant", method_options={"alpha": 0.5})
+    with pytest.raises(ValueError, match=r"method option smoothquant \(alpha\) must be a number in \[0, 1\]"):
+        WASQConfig(method="smoothquant", method_options={"smoothquant": 2.0})
     c2 = WASQConfig(weight_bits=4, act_bits=8, layer_bits={"*down_proj": 6}, skip=("lm_head",))
     assert WASQConfig.from_dict(c2.to_dict()) == c2
     assert c2.bits_for("model.layers.0.mlp.down_proj") == 6 and c2.bits_for("model.layers.0.mlp.up_proj") == 4
@@ -275,7 +289,7 @@ def test_int_baseline_is_torch_fake_quantize_per_channel_affine(bits):
     want = torch.fake_quantize_per_channel_affine(w, scale, torch.zeros(24, dtype=torch.int32), 0, -qmax - 1, qmax)
     assert torch.equal(layer.qweight(), want)
     assert layer.qweight().unique().numel() > 2
-    with pytest.raises(ValueError, match=r"method 'int' \(the integer RTN baseline\) has no SFx codes"):
+    with pytest.raises(ValueError, match=r"int codes \(a software baseline\) cannot be executed by the SFx accelerator"):
         layer.export()
     # the absmax integer grid is the SFx float-scale grid (only float32 vs float64 arithmetic differs)
     sfx_layer = _layer(bits=bits, scale_kind="float")

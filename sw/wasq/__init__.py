@@ -1,11 +1,13 @@
 """WASQ: Weight and Activation SFx Quantization for causal LMs (see ``docs/wasq.md``).
 
-torchao-style API::
+torchao-style API: one config, one ``quantize_``, one quantized layer, one checkpoint::
 
     from superfloat.sw.wasq import WASQConfig, quantize_, save_checkpoint, load_checkpoint
     lm = load_model("smollm2-135m")
-    quantize_(lm.model, WASQConfig(weight_bits=8))
+    quantize_(lm.model, WASQConfig(weight_bits=8))                  # round to nearest
     save_checkpoint(lm.model, "build/sf8", tokenizer=lm.tokenizer)
+
+    quantize_(other, WASQConfig(weight_bits=4, act_bits=8, method="awq"), calibration=batches)
 
 All SFx arithmetic goes through :mod:`superfloat.sw.sfx` / :mod:`superfloat.sw.sfx_torch`.
 Submodules import torch/transformers lazily where they can; importing this package
@@ -13,20 +15,27 @@ imports torch.
 """
 from __future__ import annotations
 
-from .config import DEFAULT_SKIP, WASQConfig, normalize_method
-from .qlinear import ExportedLinear, SFxLinear, float_scale
-from .quantize import calibrate_, candidate_layers, invalidate_caches, quantize_, quantized_layers, wasq_config_of
+from .config import CODES, DEFAULT_SKIP, WASQConfig, normalize_method
+from .formats import ActQuantizer, ExportedLinear, QuantizedWeight, WeightFormat, float_scale
+from .qlinear import SFxLinear
+from .quantize import (calibrate_, candidate_layers, invalidate_caches, quantize_, quantize_report, quantized_layers,
+                       wasq_config_of)
 
 __all__ = [
-    "WASQConfig", "DEFAULT_SKIP", "normalize_method",
-    "SFxLinear", "ExportedLinear", "float_scale",
-    "quantize_", "calibrate_", "quantized_layers", "invalidate_caches", "wasq_config_of", "candidate_layers",
+    "WASQConfig", "DEFAULT_SKIP", "CODES", "normalize_method",
+    "SFxLinear", "ExportedLinear", "QuantizedWeight", "WeightFormat", "ActQuantizer", "float_scale",
+    "quantize_", "quantize_report", "calibrate_", "quantized_layers", "invalidate_caches", "wasq_config_of",
+    "candidate_layers", "save_packed", "load_packed", "memory_report",
     "save_checkpoint", "load_checkpoint", "CheckpointError",
     "load_model", "LoadedModel", "load_text", "perplexity", "PerplexityResult", "generate",
 ]
 
 
 def __getattr__(name: str):  # lazy: checkpoint/models/data/evaluate/generate pull in transformers
+    if name in ("save_packed", "load_packed", "memory_report"):
+        from . import packing
+
+        return getattr(packing, name)
     if name in ("save_checkpoint", "load_checkpoint", "CheckpointError"):
         from . import checkpoint
 

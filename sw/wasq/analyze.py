@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .config import WASQConfig
-from .quantize import candidate_layers, quantize_, quantized_layers
+from .layers import candidate_layers, convert_rtn_, quantized_layers
 from .train import Blocks, default_forward
 
 __all__ = ["LayerStats", "Analysis", "analyze", "kmeans_1d", "select_layers", "write_analysis", "read_analysis",
@@ -176,7 +176,11 @@ def analyze(float_model: nn.Module, blocks: Blocks, config: WASQConfig, *, quant
     if not names:
         raise ValueError(f"analyze: nothing to quantize in {type(float_model).__name__} with skip={list(config.skip)}")
     if quant_model is None:
-        quant_model = quantize_(copy.deepcopy(float_model), config)
+        if config.method != "rtn":
+            raise ValueError(f"analyze ranks layers under round to nearest; got method {config.method!r} "
+                             f"(quantize with that method first and pass quant_model=)")
+        quant_model = copy.deepcopy(float_model)
+        convert_rtn_(quant_model, config, candidate_layers(quant_model, config))
     qlayers = quantized_layers(quant_model)
     missing = [n for n in names if n not in qlayers]
     if missing:

@@ -1,4 +1,11 @@
-"""``SFxLinear``: a linear layer with fake-quantized SFx weights (and optionally inputs).
+"""``SFxLinear``: the one quantized linear layer (fake-quantized weights and optionally inputs).
+
+Every format goes through it: SFx codes (what the accelerator executes), and the software
+baselines (symmetric integer, asymmetric integer with zero points, per-group scales along
+K), chosen by :class:`~superfloat.sw.wasq.WASQConfig`. Round-to-nearest quantizes the
+float *shadow* weight on the fly; a post-training method (:mod:`superfloat.sw.wasq.ptq`)
+or a checkpoint freezes chosen codes in the layer (:meth:`SFxLinear.load_quantized`,
+:meth:`SFxLinear.load_exported`) until the weight changes.
 
 The layer keeps the float32 *shadow* weight as its trainable parameter. Its forward
 uses the fake-quantized weight (the exact SFx grid value of every element, via
@@ -19,17 +26,16 @@ it always follows the optimizer (upstream never re-quantized after optimizer ste
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import sfx, sfx_torch
-from .baselines import int_fake_quantize, int_qrange, int_scale
+from .baselines import int_fake_quantize
 from .config import WASQConfig
+from .formats import ActQuantizer, ExportedLinear, QuantizedWeight, WeightFormat, fake_quant_weight, float_scale, \
+    quantize_weight
 
 __all__ = ["SFxLinear", "ExportedLinear", "float_scale"]
 
@@ -52,81 +58,41 @@ class _STE(torch.autograd.Function):
         return g, None, None
 
 
-def float_scale(w: Any, bits: int, axis: int | None = 0):
-    """SPEC section 1 float scale: ``s = max|w| / (1 - 2**-M)`` in float64, per row (``axis=0``)
-    or per tensor (``axis=None``); 1.0 for an all-zero slice. numpy in, numpy out; torch in, torch out."""
-    m = sfx.check_bits(bits) - 1
-    denom = 1.0 - 2.0 ** -m
-    if isinstance(w, torch.Tensor):
-        a = w.detach().to(torch.float64).abs()
-        amax = a.amax(dim=tuple(range(1, a.dim()))) if axis == 0 else (a.amax() if a.numel() else a.new_zeros(()))
-        s = amax / denom
-        return torch.where(amax > 0, s, torch.ones_like(s))
-    a = np.abs(np.asarray(w, dtype=np.float64))
-    amax = a.max(axis=tuple(range(1, a.ndim))) if axis == 0 else np.asarray(a.max() if a.size else 0.0)
-    s = amax / denom
-    return np.where(amax > 0, s, 1.0)
-
-
-@dataclass
-class ExportedLinear:
-    """What one quantized layer sends to the accelerator (SPEC section 7 tensors).
-
-    ``real[n, k] = value(codes[n, k]) * 2**exponent[n] * scale[n]`` (``scale`` is 1 when
-    ``None``; ``exponent``/``scale`` are 0-d for per-tensor scales).
-    """
-
-    bits: int
-    codes: np.ndarray          # uint8 / uint16 [N, K]
-    exponent: np.ndarray       # int8 [N] or []
-    scale: np.ndarray | None   # float64 [N] or [] (scale_kind="float"), else None
-    bias: np.ndarray | None    # float32 [N]
-    rounding: str = "nearest_even"
-
-    def dequantize(self) -> np.ndarray:
-        """float64 ``[N, K]`` real weights (exact)."""
-        e = self.exponent.reshape(-1, 1) if self.exponent.ndim else self.exponent
-        v = sfx.decode(self.codes, self.bits, e)
-        if self.scale is not None:
-            v = v * (self.scale.reshape(-1, 1) if self.scale.ndim else self.scale)
-        return v
-
-    def fold(self) -> tuple[np.ndarray, np.ndarray]:
-        """Hardware ``(mult, shift)`` of the weight scale per output channel (``sfx.fold_scale``;
-        mult 1 << 15 with shift 1 for a pure power-of-two scale). The caller adds the
-        activation and output exponents to ``shift``."""
-        n = self.codes.shape[0]
-        e = np.broadcast_to(self.exponent.astype(np.int64), (n,))
-        if self.scale is None:
-            return np.full(n, 1 << 15, dtype=np.int64), e + 1
-        mult, shift = sfx.fold_scale(np.broadcast_to(self.scale, (n,)))
-        return mult, shift + e
-
-
 class SFxLinear(nn.Linear):
-    """``y = x_q @ w_q.T + b`` with SFx fake quantization (see the module docstring).
+    """``y = x_q @ w_q.T + b`` with fake quantization (see the module docstring).
 
     Build it with :meth:`from_float` (``quantize_`` does) or directly. Arguments:
 
     Args:
         in_features, out_features, bias: as ``nn.Linear``.
-        bits: weight width (SFx 2..16, or integer bits for ``method="int"``).
+        bits: weight width (SFx 2..16, or integer bits for the integer codes).
         act_bits: input width or ``None`` (weight-only).
         weight_scale: ``"channel"`` or ``"tensor"``.
-        scale_kind: ``"float"`` or ``"pow2"``.
+        scale_kind: ``"float"`` or ``"pow2"`` (SFx).
         act_exponent: ``"dynamic"`` (per token) or ``"static"`` (calibrated per tensor).
         rounding: ``"nearest_even"`` or ``"toward_zero"``.
-        method: ``"sfx"`` or ``"int"`` (integer RTN baseline).
+        codes: ``"sfx"`` (default), ``"int"`` or ``"int_asym"`` (software baselines).
+        group_size: ``None`` or a positive int (per-group scales along K, software only).
+        act_scale: static SFx activations: ``"pow2"`` (default) or ``"float"``.
+        method: legacy spelling of ``codes`` (``"sfx"``/``"int"``).
         source: ``"linear"`` or ``"conv1d"`` (what was replaced; informational).
+
+    Accelerator-exact attributes (SPEC section 8, stored in the checkpoint): ``out_bits``
+    (output width) and ``out_exponent`` (int8 ``[N]`` static output exponents), ``None``
+    until calibrated.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits: int = 8,
                  act_bits: int | None = None, weight_scale: str = "channel", scale_kind: str = "float",
-                 act_exponent: str = "dynamic", rounding: str = "nearest_even", method: str = "sfx",
+                 act_exponent: str = "dynamic", rounding: str = "nearest_even", codes: str | None = None,
+                 group_size: int | None = None, act_scale: str = "pow2", method: str | None = None,
                  source: str = "linear", device=None, dtype=None) -> None:
+        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)):
+            raise ValueError(f"SFxLinear group_size must be None or a positive int, got {group_size!r}")
         # Validate through WASQConfig (one place for the rules and messages).
         cfg = WASQConfig(weight_bits=bits, act_bits=act_bits, weight_scale=weight_scale, scale_kind=scale_kind,
-                         act_exponent=act_exponent, rounding=rounding, method=method)
+                         act_exponent=act_exponent, rounding=rounding, codes=codes or "sfx",
+                         method=method or "rtn", group_size=group_size, act_scale=act_scale)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.bits = cfg.weight_bits
         self.act_bits = cfg.act_bits
@@ -134,21 +100,34 @@ class SFxLinear(nn.Linear):
         self.scale_kind = cfg.scale_kind
         self.act_exponent = cfg.act_exponent
         self.rounding = cfg.rounding
-        self.method = cfg.method
+        self.codes = cfg.codes
+        self.group_size = cfg.group_size
+        self.act_scale = cfg.act_scale
         self.source = source
-        #: static activation quantization: calibrated max |input| (None until calibrated)
-        self.act_amax: float | None = None
+        #: static activation quantization: calibrated max |input| (or ``(lo, hi)`` for
+        #: ``int_asym``); None until calibrated
+        self.act_amax: float | tuple[float, float] | None = None
+        #: accelerator-exact execution (SPEC section 8): output width and static output exponents
+        self.out_bits: int | None = None
+        self.out_exponent: np.ndarray | None = None
         self.layer_name = ""  # set by quantize_, used in error messages
         self._calibrating = False
         self._cache: tuple[tuple, torch.Tensor] | None = None
-        self._frozen: tuple[tuple, ExportedLinear] | None = None
+        self._frozen: tuple[tuple, ExportedLinear | QuantizedWeight] | None = None
+
+    @property
+    def method(self) -> str:
+        """Legacy name of :attr:`codes` (the code family: ``"sfx"``, ``"int"``, ``"int_asym"``)."""
+        return self.codes
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_float(cls, module: nn.Module, config: WASQConfig, name: str = "", bits: int | None = None) -> "SFxLinear":
+    def from_float(cls, module: nn.Module, config: WASQConfig, name: str = "", bits: int | None = None,
+                   group_size: int | None = None) -> "SFxLinear":
         """Replace an ``nn.Linear`` (sharing its weight and bias parameters) or a
-        transformers ``Conv1D`` (weight transposed to ``[out, in]``)."""
+        transformers ``Conv1D`` (weight transposed to ``[out, in]``). ``bits`` and
+        ``group_size`` override the config's for this layer."""
         kind = _module_kind(module)
         if kind is None:
             raise TypeError(f"{name or 'module'}: can only quantize nn.Linear or transformers Conv1D, "
@@ -157,11 +136,13 @@ class SFxLinear(nn.Linear):
             n, k = module.out_features, module.in_features
         else:
             k, n = module.weight.shape
+        if group_size is None and isinstance(config.group_size, int):
+            group_size = config.group_size
         w = module.weight
         layer = cls(k, n, bias=module.bias is not None, bits=config.bits_for(name) if bits is None else bits,
                     act_bits=config.act_bits, weight_scale=config.weight_scale, scale_kind=config.scale_kind,
-                    act_exponent=config.act_exponent, rounding=config.rounding, method=config.method,
-                    source=kind, device="meta")
+                    act_exponent=config.act_exponent, rounding=config.rounding, codes=config.codes,
+                    group_size=group_size, act_scale=config.act_scale, source=kind, device="meta")
         if kind == "linear":
             layer.weight = w  # same Parameter: ties and optimizer references survive
             layer.bias = module.bias
@@ -169,8 +150,20 @@ class SFxLinear(nn.Linear):
             layer.weight = nn.Parameter(w.detach().t().contiguous(), requires_grad=w.requires_grad)
             layer.bias = module.bias
         layer.layer_name = name
+        layer.out_bits = config.out_bits_for(name)
         layer.train(module.training)
         return layer
+
+    def weight_format(self) -> WeightFormat:
+        """The :class:`~superfloat.sw.wasq.formats.WeightFormat` of this layer's weights."""
+        return WeightFormat(self.codes, self.bits, self.scale_kind, self.group_size,
+                            self.rounding if self.codes == "sfx" else "nearest_even")
+
+    @property
+    def hardware_executable(self) -> bool:
+        """SFx codes with per-channel (or per-tensor) scales and SFx power-of-two activations."""
+        return (self.codes == "sfx" and self.group_size is None
+                and not (self.act_bits is not None and self.act_exponent == "static" and self.act_scale == "float"))
 
     # ------------------------------------------------------------------ weight quantization
 
@@ -186,7 +179,9 @@ class SFxLinear(nn.Linear):
     def _compute_qweight(self) -> torch.Tensor:
         w = self.weight.detach()
         try:
-            if self.method == "int":
+            if self.group_size is not None or self.codes == "int_asym":
+                return fake_quant_weight(w, self.weight_format()).to(w.dtype)
+            if self.codes == "int":
                 return int_fake_quantize(w, self.bits, axis=0 if self.weight_scale == "channel" else None)
             if self.scale_kind == "pow2":
                 if self.weight_scale == "channel":
@@ -225,47 +220,41 @@ class SFxLinear(nn.Linear):
 
     # ------------------------------------------------------------------ activations
 
+    def act_quantizer(self) -> ActQuantizer | None:
+        """The input quantizer (:class:`~superfloat.sw.wasq.formats.ActQuantizer`), or None (weight-only)."""
+        if self.act_bits is None:
+            return None
+        q = ActQuantizer(self.codes, self.act_bits, self.act_exponent, scale_kind=self.act_scale,
+                         rounding=self.rounding)
+        if self.act_exponent == "static":
+            if self.act_amax is None:
+                raise RuntimeError(
+                    f"layer {self.layer_name or '?'}: static activation exponent is not calibrated; "
+                    f"run superfloat.sw.wasq.calibrate_(model, batches) (or quantize_(..., calibration=...)) "
+                    f"or use act_exponent='dynamic'")
+            q.set_threshold(self.act_amax)
+        return q
+
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        bits = self.act_bits
-        assert bits is not None
-        xd = x.detach()
-        mask = None
+        q = self.act_quantizer()
+        assert q is not None
         try:
-            if self.act_exponent == "dynamic":
-                flat = xd.reshape(-1, xd.shape[-1])
-                if self.method == "int":
-                    xq = int_fake_quantize(flat, bits, axis=0)
-                else:
-                    e = sfx_torch.choose_exponent(flat, bits, axis=0, keepdims=True)  # one per token (row)
-                    xq = sfx_torch.fake_quantize(flat, bits, e, self.rounding)
-                xq = xq.reshape(x.shape)
-            else:
-                if self.act_amax is None:
-                    raise RuntimeError(
-                        f"layer {self.layer_name or '?'}: static activation exponent is not calibrated; "
-                        f"run superfloat.sw.wasq.calibrate_(model, batches) (or quantize_(..., calibration=...)) "
-                        f"or use act_exponent='dynamic'")
-                if self.method == "int":
-                    qmin, qmax = int_qrange(bits)
-                    scale = float(int_scale(torch.tensor(self.act_amax), bits))
-                    xq = torch.fake_quantize_per_tensor_affine(xd.to(torch.float32), scale, 0, qmin, qmax).to(x.dtype)
-                    limit = scale * qmax
-                else:
-                    e = self.static_act_exponent
-                    xq = sfx_torch.fake_quantize(xd, bits, e, self.rounding)
-                    limit = (1.0 - 2.0 ** -(bits - 1)) * 2.0 ** e
-                if torch.is_grad_enabled() and x.requires_grad:
-                    mask = xd.abs() <= limit
+            xq = q(x)
         except ValueError as e:
             raise ValueError(f"layer {self.layer_name or '?'}: input: {e}") from None
         if torch.is_grad_enabled() and x.requires_grad:
+            mask = None
+            if q.mode == "static":
+                lo, hi = q.saturation_range()
+                xd = x.detach()
+                mask = (xd >= lo) & (xd <= hi)
             return _STE.apply(x, xq, mask)
         return xq
 
     @property
     def static_act_exponent(self) -> int | None:
         """Calibrated per-tensor input exponent (``sfx.choose_exponent`` of the calibrated max), or None."""
-        if self.act_amax is None or self.act_bits is None or self.method != "sfx":
+        if self.act_amax is None or self.act_bits is None or self.codes != "sfx" or self.act_scale != "pow2":
             return None
         return int(sfx.choose_exponent(np.float64(self.act_amax), self.act_bits))
 
@@ -282,15 +271,45 @@ class SFxLinear(nn.Linear):
 
     # ------------------------------------------------------------------ export / load
 
+    def _frozen_value(self) -> ExportedLinear | QuantizedWeight | None:
+        if self._frozen is not None and self._frozen[0] == self._key():
+            return self._frozen[1]
+        return None
+
+    def stored_weight(self) -> QuantizedWeight:
+        """The weights as stored, in any format: the frozen codes of a method or checkpoint, else
+        round-to-nearest of the current weight (:func:`~superfloat.sw.wasq.formats.quantize_weight`)."""
+        fz = self._frozen_value()
+        if isinstance(fz, QuantizedWeight):
+            return fz
+        if isinstance(fz, ExportedLinear) and fz.exponent.ndim:
+            fmt = self.weight_format()
+            scale = None if fz.scale is None else np.asarray(fz.scale, dtype=np.float64)
+            return QuantizedWeight(fmt, tuple(fz.codes.shape), fz.codes, scale,
+                                   None if fz.scale is not None else fz.exponent)
+        if self.weight_scale != "channel":
+            raise ValueError(f"layer {self.layer_name or '?'}: per-tensor weights have no stored per-channel form; "
+                             f"use export()")
+        return quantize_weight(self.weight.detach().cpu().to(torch.float32), self.weight_format())
+
     def export(self) -> ExportedLinear:
         """Codes, exponents, float scales and bias for the hardware, from the numpy model:
         ``sfx.encode(w, bits, sfx.choose_exponent(w, bits, axis=0)[:, None])`` (pow2) or
-        ``sfx.encode(w / s[:, None], bits)`` with :func:`float_scale` (float)."""
-        if self.method != "sfx":
-            raise ValueError(f"layer {self.layer_name or '?'}: method 'int' (the integer RTN baseline) has no SFx "
-                             f"codes to export; quantize with method='sfx'")
-        if self._frozen is not None and self._frozen[0] == self._key():
-            return self._frozen[1]
+        ``sfx.encode(w / s[:, None], bits)`` with :func:`float_scale` (float); the frozen
+        codes of a method or checkpoint when the weight has not changed since."""
+        if not self.hardware_executable:
+            why = ("per-group scales along K" if self.group_size is not None else
+                   "a static float activation scale" if self.codes == "sfx" else
+                   f"{self.codes} codes (a software baseline)")
+            raise ValueError(f"layer {self.layer_name or '?'}: {why} cannot be executed by the SFx accelerator "
+                             f"(software only): nothing to export; quantize with codes='sfx', per-channel scales "
+                             f"(or save a packed file with superfloat.sw.wasq.packing.save_packed)")
+        fz = self._frozen_value()
+        if isinstance(fz, ExportedLinear):
+            return fz
+        bias = None if self.bias is None else self.bias.detach().cpu().to(torch.float32).numpy().copy()
+        if isinstance(fz, QuantizedWeight):
+            return fz.to_exported(bias)
         w = self.weight.detach().cpu()
         if w.dtype == torch.bfloat16:
             w = w.to(torch.float32)  # exact
@@ -313,8 +332,16 @@ class SFxLinear(nn.Linear):
                 e = np.zeros(scale.shape, dtype=np.int8)
         except ValueError as err:
             raise ValueError(f"layer {self.layer_name or '?'}: weight: {err}") from None
-        bias = None if self.bias is None else self.bias.detach().cpu().to(torch.float32).numpy().copy()
         return ExportedLinear(bits, codes, np.asarray(e, dtype=np.int8), scale, bias, self.rounding)
+
+    def _freeze(self, wq: torch.Tensor, value: ExportedLinear | QuantizedWeight) -> None:
+        dtype = self.weight.dtype if self.weight.device.type != "meta" else torch.float32
+        dev = self.weight.device if self.weight.device.type != "meta" else torch.device("cpu")
+        wq = wq.to(dtype=dtype, device=dev)
+        self.weight = nn.Parameter(wq, requires_grad=True)
+        key = self._key()
+        self._cache = (key, wq.clone())
+        self._frozen = (key, value)
 
     @torch.no_grad()
     def load_exported(self, ex: ExportedLinear) -> None:
@@ -324,27 +351,40 @@ class SFxLinear(nn.Linear):
         if ex.codes.shape != (self.out_features, self.in_features):
             raise ValueError(f"layer {self.layer_name}: codes shape {list(ex.codes.shape)} != "
                              f"[{self.out_features}, {self.in_features}]")
-        dtype = self.weight.dtype if self.weight.device.type != "meta" else torch.float32
-        dev = self.weight.device if self.weight.device.type != "meta" else torch.device("cpu")
-        wq = torch.from_numpy(ex.dequantize()).to(dtype=dtype, device=dev)
-        self.weight = nn.Parameter(wq, requires_grad=True)
         if ex.bias is not None:
             if self.bias is None:
                 raise ValueError(f"layer {self.layer_name}: checkpoint has a bias but the layer has none")
+            dtype = self.weight.dtype if self.weight.device.type != "meta" else torch.float32
+            dev = self.weight.device if self.weight.device.type != "meta" else torch.device("cpu")
             self.bias = nn.Parameter(torch.from_numpy(np.asarray(ex.bias)).to(dtype=dtype, device=dev))
         self.bits = ex.bits
         self.rounding = ex.rounding
-        key = self._key()
-        self._cache = (key, wq.clone())
-        self._frozen = (key, ex)
+        self._freeze(torch.from_numpy(ex.dequantize()), ex)
+
+    @torch.no_grad()
+    def load_quantized(self, qw: QuantizedWeight) -> None:
+        """Freeze the codes a post-training method chose (any format; the layer's format
+        becomes ``qw``'s): forward uses their exact values, :meth:`export` returns them
+        (hardware formats), :meth:`stored_weight` too, until the weight changes."""
+        if tuple(qw.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"layer {self.layer_name}: codes shape {list(qw.shape)} != "
+                             f"[{self.out_features}, {self.in_features}]")
+        fmt = qw.fmt
+        self.codes, self.bits, self.group_size = fmt.kind, fmt.bits, fmt.group_size
+        if fmt.kind == "sfx":
+            self.scale_kind, self.rounding = fmt.scale_kind, fmt.rounding
+        self.weight_scale = "channel"
+        self._freeze(qw.dequantize(), qw)
 
     def extra_repr(self) -> str:
-        if self.method == "int":
-            w = f"w=int{self.bits} RTN/{self.weight_scale}"
-        else:
-            w = f"w=SF{self.bits} {self.scale_kind}/{self.weight_scale}"
-        a = "a=float" if self.act_bits is None else f"a={'int' if self.method == 'int' else 'SF'}{self.act_bits} {self.act_exponent}"
+        fmt = self.weight_format()
+        w = f"w={fmt.label()}" + ("" if self.codes != "sfx" else f" {self.scale_kind}/{self.weight_scale}")
+        a = "a=float" if self.act_bits is None else f"a={self.act_quantizer_label()}"
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {w}, {a}"
+
+    def act_quantizer_label(self) -> str:
+        k = {"sfx": "SF", "int": "int", "int_asym": "int-asym"}[self.codes]
+        return f"{k}{self.act_bits} {self.act_exponent}"
 
 
 def _module_kind(module: nn.Module) -> str | None:

@@ -7,45 +7,45 @@ import torch
 from torch import nn
 
 from .config import WASQConfig
+from .layers import candidate_layers, convert_rtn_, quantized_layers
 from .qlinear import SFxLinear, _module_kind
 
-__all__ = ["quantize_", "calibrate_", "quantized_layers", "invalidate_caches", "wasq_config_of", "candidate_layers"]
+__all__ = ["quantize_", "calibrate_", "quantized_layers", "invalidate_caches", "wasq_config_of", "candidate_layers",
+           "quantize_report"]
 
 _ATTR = "_superfloat_wasq"
-
-
-def candidate_layers(model: nn.Module, config: WASQConfig) -> dict[str, str]:
-    """``{name: "linear"|"conv1d"}`` of the layers :func:`quantize_` would replace (not skipped)."""
-    out = {}
-    for name, mod in model.named_modules():
-        kind = _module_kind(mod)
-        if kind is not None and name and not config.is_skipped(name):
-            out[name] = kind
-    return out
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+_REPORT = "_superfloat_wasq_report"
 
 
 def quantize_(model: nn.Module, config: WASQConfig | None = None, *, calibration: Iterable[Any] | None = None,
-              layers: Iterable[str] | None = None) -> nn.Module:
+              layers: Iterable[str] | None = None, calib_tokens: int | None = None, search_tokens: int = 256,
+              progress: bool = False, weight_cache: dict | None = None) -> nn.Module:
     """Replace every ``nn.Linear`` and transformers ``Conv1D`` of ``model`` that ``config``
     does not skip by an :class:`SFxLinear` (in place; returns ``model``).
+
+    With ``config.method == "rtn"`` (the default) the layers quantize their weights by
+    round to nearest; any other method (:data:`superfloat.sw.wasq.ptq.METHODS`) first runs
+    its passes over the float model (SmoothQuant / AWQ scales folded into the model,
+    clip searches, AdaRound, mixed precision, static activation ranges) and the layers
+    then hold the codes it chose. Either way the result is the same layer class, saved
+    by :func:`~superfloat.sw.wasq.save_checkpoint` when the format is hardware-executable.
 
     Args:
         model: any ``nn.Module`` (a transformers causal LM in practice).
         config: :class:`WASQConfig` (default: ``WASQConfig()``: SF8 float per-channel scales, weight-only).
-        calibration: batches for :func:`calibrate_` (needed when ``act_bits`` is set with
-            ``act_exponent="static"``; ignored otherwise).
+        calibration: token batches (``[B, T]`` / ``[T]`` tensors, or dicts of model inputs):
+            needed by the methods that calibrate (``config.needs_calibration``) and for
+            static activation exponents; ignored otherwise.
         layers: explicit layer names to replace instead of applying ``config.skip``
-            (used when rebuilding a checkpoint).
+            (used when rebuilding a checkpoint: the layers are only converted, the method's
+            passes do not run, its codes come from the checkpoint).
+        calib_tokens, search_tokens, progress, weight_cache: the methods' calibration
+            budget, search budget, progress messages and weight cache
+            (:func:`superfloat.sw.wasq.ptq.pipeline.run_method`).
 
     Raises:
         ValueError: the model already holds SFxLinear layers, ``layers`` names a module that is
-            not a Linear/Conv1D, or nothing would be quantized.
+            not a Linear/Conv1D, nothing would be quantized, or a method needs calibration.
     """
     config = WASQConfig() if config is None else config
     if not isinstance(config, WASQConfig):
@@ -68,23 +68,31 @@ def quantize_(model: nn.Module, config: WASQConfig | None = None, *, calibration
     if not targets:
         raise ValueError(f"nothing to quantize in {type(model).__name__}: no nn.Linear/Conv1D outside the skip "
                          f"patterns {list(config.skip)}")
-    for name in targets:
-        mod = model.get_submodule(name)
-        _set_module(model, name, SFxLinear.from_float(mod, config, name))
+    if layers is None and (config.method != "rtn" or config.group_size == "dynamic"):
+        from .ptq.pipeline import run_method
+
+        with torch.no_grad():
+            report = run_method(model, config, targets, calibration, calib_tokens=calib_tokens,
+                                search_tokens=search_tokens, progress=progress, weight_cache=weight_cache)
+        setattr(model, _ATTR, config)
+        setattr(model, _REPORT, report)
+        return model
+    convert_rtn_(model, config, targets)
     setattr(model, _ATTR, config)
     if config.act_bits is not None and config.act_exponent == "static" and calibration is not None:
         calibrate_(model, calibration)
     return model
 
 
+def quantize_report(model: nn.Module):
+    """The :class:`~superfloat.sw.wasq.ptq.PTQReport` of the method :func:`quantize_` ran on
+    ``model`` (what each pass did and how long it took), or None (round to nearest)."""
+    return getattr(model, _REPORT, None)
+
+
 def wasq_config_of(model: nn.Module) -> WASQConfig | None:
     """The :class:`WASQConfig` that :func:`quantize_` applied to ``model`` (None if never quantized)."""
     return getattr(model, _ATTR, None)
-
-
-def quantized_layers(model: nn.Module) -> dict[str, SFxLinear]:
-    """``{name: SFxLinear}`` in module order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, SFxLinear)}
 
 
 def invalidate_caches(model: nn.Module) -> None:

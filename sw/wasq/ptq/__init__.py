@@ -1,39 +1,32 @@
-"""Post-training quantization methods of the W4A4 study, on SFx and on integer codes.
+"""The post-training methods: passes over the float model that prepare scales and rounding
+before the one conversion of :func:`superfloat.sw.wasq.quantize_` (see ``docs/ptq-methods.md``).
 
-See ``docs/ptq-methods.md``. The methods (presets of :class:`PTQConfig`):
+A method is ``WASQConfig.method`` (presets in :data:`METHODS`; knobs in
+:class:`MethodOptions`, overridden by ``WASQConfig.method_options``):
 
 * ``rtn``: round to nearest, per output channel (the baseline);
-* ``smoothquant``: SmoothQuant factors folded into norms / previous linears;
-* ``awq``: AWQ scale search (with activation quantization in the loss) + clip search;
+* ``smoothquant``: SmoothQuant factors folded into norms / previous linears (:mod:`.smoothquant`);
+* ``awq``: AWQ scale search (with activation quantization in the loss) + clip search (:mod:`.awq`);
 * ``awq-g128`` / ``awq-dyngroup``: AWQ with per-group scales along K (fixed 128, or a
   power of two per layer from statistics) -- software only;
 * ``clip``: static activation ranges, strategy searched per layer (:mod:`.clipping`);
-* ``mixed``: layer-wise mixed precision from a sensitivity ranking;
-* ``adaround``: learned rounding on the SFx (or integer) grid, outlier-aware clipping;
+* ``mixed``: layer-wise mixed precision from a sensitivity ranking (:mod:`.mixed_precision`);
+* ``adaround``: learned rounding on the SFx (or integer) grid, outlier-aware clipping (:mod:`.adaround`);
 * ``asym``: asymmetric integer (scale + zero point) baseline.
 
-Every method works with ``codes="sfx"`` and with the integer baseline ``codes="int"``
-(``"int_asym"`` too)::
+Every method works with ``codes="sfx"`` and with the integer baselines ``codes="int"`` /
+``"int_asym"``; the result is always :class:`~superfloat.sw.wasq.SFxLinear` layers::
 
-    from superfloat.sw.wasq.ptq import PTQConfig, ptq_quantize_
-    cfg = PTQConfig.preset("awq", weight_bits=4, act_bits=4, codes="sfx")
-    report = ptq_quantize_(model, cfg, calibration=batches)
-    cfg.hardware_executable      # True: per-channel scales, per-token exponents
+    from superfloat.sw.wasq import WASQConfig, quantize_, quantize_report
+    cfg = WASQConfig(weight_bits=4, act_bits=4, method="awq")
+    quantize_(model, cfg, calibration=batches)
+    cfg.hardware_executable        # True: per-channel scales, per-token exponents
+    quantize_report(model)         # what each pass did, and how long it took
 """
 from __future__ import annotations
 
 from .calib import Calibration
-from .config import METHOD_HELP, METHODS, PTQConfig
-from .export import float_bytes, memory_report, save_ptq_checkpoint, to_wasq_model
-from .packing import load_packed, pack_codes, packed_nbytes, save_packed, unpack_codes
-from .pipeline import PTQReport, ptq_config_of, ptq_quantize_
-from .qlinear import PTQLinear, ptq_layers
-from .quantizers import ActQuantizer, QuantizedWeight, WeightFormat, fake_quant_weight, quantize_weight
+from .config import METHOD_HELP, METHODS, MethodOptions
+from .pipeline import PTQReport, run_method
 
-__all__ = [
-    "PTQConfig", "METHODS", "METHOD_HELP", "ptq_quantize_", "PTQReport", "ptq_config_of",
-    "PTQLinear", "ptq_layers", "Calibration",
-    "WeightFormat", "QuantizedWeight", "ActQuantizer", "quantize_weight", "fake_quant_weight",
-    "pack_codes", "unpack_codes", "packed_nbytes", "save_packed", "load_packed",
-    "to_wasq_model", "save_ptq_checkpoint", "memory_report", "float_bytes",
-]
+__all__ = ["METHODS", "METHOD_HELP", "MethodOptions", "PTQReport", "run_method", "Calibration"]

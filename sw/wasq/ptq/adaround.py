@@ -22,7 +22,7 @@ On SFx the levels are SFx magnitudes (``|q| <= 2**M - 1``) and the codes are
 keeps AdaRound's or RTN's rounding, whichever has the smaller exact output error on the
 calibration inputs, so the result is never worse than RTN there.
 
-*Outlier-aware*: with ``PTQConfig.weight_clip`` the per-row range is first chosen by
+*Outlier-aware*: with ``MethodOptions.weight_clip`` the per-row range is first chosen by
 the clip search (:func:`.awq.clip_search`), so a few outlier weights no longer set the
 step of their whole row (they saturate when that lowers the output error).
 """
@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from .quantizers import WeightGrid, group_view, ungroup
+from ..formats import WeightGrid, group_view, ungroup
 
 __all__ = ["adaround_levels", "output_error_rows"]
 

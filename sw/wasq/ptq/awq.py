@@ -33,7 +33,7 @@ from torch import nn
 
 from .calib import Calibration
 from .graph import ScaleGroup, apply_scale, linear_weight, scale_groups
-from .quantizers import ActQuantizer, WeightFormat, fake_quant_weight, group_view
+from ..formats import ActQuantizer, WeightFormat, fake_quant_weight, group_view
 
 __all__ = ["awq_scale_", "clip_search", "choose_group_sizes", "group_error", "CLIP_RATIOS"]
 

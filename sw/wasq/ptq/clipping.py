@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from .quantizers import ActQuantizer
+from ..formats import ActQuantizer
 
 __all__ = ["STRATEGIES", "SIGMA_KS", "PERCENTILES", "MSE_RATIOS", "candidate_ranges", "calibrate_act",
            "float_clip", "FloatClip"]

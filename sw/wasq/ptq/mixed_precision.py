@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .quantizers import ActQuantizer, WeightFormat, fake_quant_weight
+from ..formats import ActQuantizer, WeightFormat, fake_quant_weight
 
 __all__ = ["layer_sensitivity", "allocate_bits", "analyze_ranking"]
 

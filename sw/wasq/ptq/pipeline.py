@@ -1,6 +1,6 @@
-"""``ptq_quantize_(model, PTQConfig, calibration)``: every PTQ method in one pass.
+"""The post-training passes, run by :func:`superfloat.sw.wasq.quantize_` for ``config.method != "rtn"``.
 
-Order (each step optional, see :class:`~superfloat.sw.wasq.ptq.PTQConfig`):
+Order (each step optional, see :class:`~superfloat.sw.wasq.ptq.MethodOptions`):
 
 1. capture the float model's layer inputs on the calibration tokens (:mod:`.calib`);
 2. SmoothQuant factors folded into norms / previous linears (:mod:`.smoothquant`);
@@ -11,7 +11,8 @@ Order (each step optional, see :class:`~superfloat.sw.wasq.ptq.PTQConfig`):
    (:mod:`.adaround`) codes;
 7. per layer: the activation quantizer; static ranges searched per layer
    (:mod:`.clipping`);
-8. every quantized ``nn.Linear`` / ``Conv1D`` is replaced by a :class:`PTQLinear`.
+8. every quantized ``nn.Linear`` / ``Conv1D`` is replaced by the one quantized layer,
+   :class:`~superfloat.sw.wasq.SFxLinear`, holding the chosen codes (``load_quantized``).
 
 Steps 2 and 4 leave the float model's function unchanged; the captured inputs are
 rescaled alongside, so one calibration pass serves everything. The searches of steps 4
@@ -30,28 +31,26 @@ import torch
 from torch import nn
 
 from ..config import WASQConfig
-from ..quantize import candidate_layers, quantized_layers
+from ..formats import ActQuantizer, quantize_levels, quantize_weight, weight_grid
+from ..layers import set_module
+from ..qlinear import SFxLinear
 from .adaround import adaround_levels
 from .awq import awq_scale_, choose_group_sizes, clip_search
 from .calib import Calibration
 from .clipping import calibrate_act
-from .config import GROUP_CHOICES, PTQConfig
+from .config import GROUP_CHOICES
 from .graph import linear_weight, scale_groups
 from .mixed_precision import allocate_bits, analyze_ranking, layer_sensitivity
-from .qlinear import PTQLinear, ptq_layers
-from .quantizers import ActQuantizer, quantize_levels, quantize_weight, weight_grid
 from .smoothquant import smooth_
 
-__all__ = ["ptq_quantize_", "PTQReport", "ptq_config_of"]
-
-_ATTR = "_superfloat_ptq"
+__all__ = ["run_method", "PTQReport"]
 
 
 @dataclass
 class PTQReport:
-    """What :func:`ptq_quantize_` did: per layer and per scale group, and how long each step took."""
+    """What the method's passes did: per layer and per scale group, and how long each step took."""
 
-    config: PTQConfig
+    config: WASQConfig
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     groups: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -70,31 +69,23 @@ class PTQReport:
                 "notes": self.notes}
 
 
-def ptq_config_of(model: nn.Module) -> PTQReport | None:
-    """The :class:`PTQReport` of the last :func:`ptq_quantize_` on ``model`` (None if never)."""
-    return getattr(model, _ATTR, None)
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def _log(progress: bool, msg: str) -> None:
     if progress:
         print(f"[ptq] {msg}", file=sys.stderr, flush=True)
 
 
 @torch.no_grad()
-def ptq_quantize_(model: nn.Module, config: PTQConfig, calibration: Calibration | Iterable[Any] | None = None, *,
-                  calib_tokens: int | None = None, search_tokens: int = 256, progress: bool = False,
-                  weight_cache: dict | None = None) -> PTQReport:
-    """Quantize ``model`` in place with ``config`` (see the module docstring).
+def run_method(model: nn.Module, config: WASQConfig, cands: dict[str, str],
+               calibration: Calibration | Iterable[Any] | None = None, *, calib_tokens: int | None = None,
+               search_tokens: int = 256, progress: bool = False, weight_cache: dict | None = None) -> PTQReport:
+    """Run ``config.method``'s passes on the float ``model`` and convert the layers ``cands``
+    (``{name: "linear"|"conv1d"}``) to :class:`SFxLinear` with the chosen codes (in place).
 
     Args:
         model: a float transformers causal LM (Llama-style, OPT or GPT-2 for the scale
             searches; any model with ``nn.Linear``/``Conv1D`` layers otherwise).
-        config: the recipe.
+        config: the formats and the method (``config.options`` are its knobs).
+        cands: the layers to quantize (:func:`superfloat.sw.wasq.candidate_layers`).
         calibration: token batches (``[B, T]`` / ``[T]`` tensors or dicts, no padding), or a
             :class:`Calibration` captured from this very float model (it is not modified).
             Required when ``config.needs_calibration``.
@@ -105,24 +96,16 @@ def ptq_quantize_(model: nn.Module, config: PTQConfig, calibration: Calibration 
             are identical (keys hold digests of both tensors), e.g. the same AdaRound
             weights for W4A16, W4A8 and W4A4.
     Returns:
-        a :class:`PTQReport` (also kept on the model, :func:`ptq_config_of`).
+        a :class:`PTQReport`.
 
     Raises:
-        ValueError: already quantized model, nothing to quantize, missing calibration,
-            unsupported architecture for SmoothQuant/AWQ.
+        ValueError: missing calibration, unsupported architecture for SmoothQuant/AWQ.
     """
-    if not isinstance(config, PTQConfig):
-        raise TypeError(f"config must be a PTQConfig, got {type(config).__name__}")
-    if ptq_layers(model) or quantized_layers(model):
-        raise ValueError("model is already quantized (it holds PTQLinear/SFxLinear layers); start from the float model")
-    cands = candidate_layers(model, WASQConfig(skip=config.skip))
-    if not cands:
-        raise ValueError(f"nothing to quantize in {type(model).__name__}: no nn.Linear/Conv1D outside the skip "
-                         f"patterns {list(config.skip)}")
+    opt = config.options
     report = PTQReport(config)
     t_all = time.perf_counter()
     names = list(cands)
-    scaling = config.smoothquant is not None or config.awq
+    scaling = opt.scaling
 
     groups = scale_groups(model) if scaling else []  # unsupported architectures fail before calibration
 
@@ -147,18 +130,18 @@ def ptq_quantize_(model: nn.Module, config: PTQConfig, calibration: Calibration 
         _log(progress, f"calibration: {calib.tokens} tokens, {len(calib.inputs)} distinct layer inputs")
 
     # 2. SmoothQuant
-    if config.smoothquant is not None:
+    if opt.smoothquant is not None:
         t0 = time.perf_counter()
-        rep = smooth_(model, calib, float(config.smoothquant), groups=groups, which=config.smooth_groups)
+        rep = smooth_(model, calib, float(opt.smoothquant), groups=groups, which=opt.smooth_groups)
         for g, r in rep.items():
             report.groups.setdefault(g, {})["smoothquant"] = r
         report.seconds["smoothquant"] = time.perf_counter() - t0
-        _log(progress, f"smoothquant: alpha {config.smoothquant}, {len(rep)} groups")
+        _log(progress, f"smoothquant: alpha {opt.smoothquant}, {len(rep)} groups")
 
     def base_act(bits: int | None) -> ActQuantizer | None:
         if bits is None:
             return None
-        return ActQuantizer(config.codes, bits, config.act_mode, scale_kind=config.act_scale, rounding=config.rounding)
+        return ActQuantizer(config.codes, bits, config.act_exponent, scale_kind=config.act_scale, rounding=config.rounding)
 
     def search_act(bits: int | None) -> ActQuantizer | None:  # static ranges are not calibrated yet: per token
         if bits is None:
@@ -168,10 +151,10 @@ def ptq_quantize_(model: nn.Module, config: PTQConfig, calibration: Calibration 
     # 3. mixed precision
     wbits = {n: config.weight_bits for n in names}
     abits = {n: config.act_bits for n in names}
-    if config.mixed_precision:
+    if opt.mixed_precision:
         t0 = time.perf_counter()
-        hb = config.mp_high_bits
-        promotable = hb > config.weight_bits or (config.mp_act and config.act_bits is not None and hb > config.act_bits)
+        hb = opt.mp_high_bits
+        promotable = hb > config.weight_bits or (opt.mp_act and config.act_bits is not None and hb > config.act_bits)
         if not promotable:
             report.notes.append(f"mixed precision: W{config.weight_bits}A{config.act_bits or 16} is already at or "
                                 f"above {hb} bits; nothing promoted")
@@ -179,11 +162,11 @@ def ptq_quantize_(model: nn.Module, config: PTQConfig, calibration: Calibration 
             sens, how = _sensitivity(model, calib, names, config, calibration, search_act, search_tokens)
             report.ranking = how
             sizes = {n: int(linear_weight(model.get_submodule(n)).numel()) for n in names}
-            chosen = allocate_bits(sens, sizes, 0, 1, fraction=float(config.mp_fraction))
+            chosen = allocate_bits(sens, sizes, 0, 1, fraction=float(opt.mp_fraction))
             for n, hi in chosen.items():
                 if hi:
                     wbits[n] = max(config.weight_bits, hb)
-                    if config.mp_act and config.act_bits is not None:
+                    if opt.mp_act and config.act_bits is not None:
                         abits[n] = max(config.act_bits, hb)
                 report.layers.setdefault(n, {})["sensitivity"] = sens[n]
             _log(progress, f"mixed precision ({how}): {sum(chosen.values())} of {len(names)} layers at {hb} bits")
@@ -191,12 +174,12 @@ def ptq_quantize_(model: nn.Module, config: PTQConfig, calibration: Calibration 
 
     # 4. AWQ scales
     fixed_group = config.group_size if isinstance(config.group_size, int) else None
-    if config.awq:
+    if opt.awq:
         t0 = time.perf_counter()
         search_group = fixed_group if fixed_group is not None else (config.group_budget if config.group_size ==
                                                                     "dynamic" else None)
         rep = awq_scale_(model, calib, lambda n: config.weight_format(wbits.get(n, config.weight_bits), search_group),
-                         lambda n: search_act(abits.get(n, config.act_bits)), grid=config.awq_grid,
+                         lambda n: search_act(abits.get(n, config.act_bits)), grid=opt.awq_grid,
                          tokens=search_tokens, groups=groups)
         for g, r in rep.items():
             report.groups.setdefault(g, {})["awq"] = r
@@ -231,8 +214,8 @@ def ptq_quantize_(model: nn.Module, config: PTQConfig, calibration: Calibration 
         info.update({"bits": fmt.bits, "group_size": fmt.group_size, "format": fmt.label()})
         t0 = time.perf_counter()
         key = None
-        if weight_cache is not None and (config.weight_clip or config.adaround):
-            key = (n, fmt, config.weight_clip, config.adaround, config.adaround_iters, search_tokens, _digest(w),
+        if weight_cache is not None and (opt.weight_clip or opt.adaround):
+            key = (n, fmt, opt.weight_clip, opt.adaround, opt.adaround_iters, search_tokens, _digest(w),
                    _digest(calib.x(n)))
         if key is not None and key in weight_cache:
             qw, cached_info = weight_cache[key]
@@ -240,13 +223,13 @@ def ptq_quantize_(model: nn.Module, config: PTQConfig, calibration: Calibration 
             info["cached"] = True
         else:
             clip = None
-            if config.weight_clip:
+            if opt.weight_clip:
                 clip, st = clip_search(w, calib.sample(n, search_tokens), fmt)
                 info["clip"] = {"error": st["error"], "error_noclip": st["error_noclip"],
                                 "mean_ratio": float(clip.double().mean())}
-            if config.adaround:
+            if opt.adaround:
                 grid = weight_grid(w, fmt, clip)
-                q, st = adaround_levels(w, calib.x(n), grid, iters=config.adaround_iters)
+                q, st = adaround_levels(w, calib.x(n), grid, iters=opt.adaround_iters)
                 qw = quantize_levels(q, grid)
                 info["adaround"] = st
             else:
@@ -257,19 +240,24 @@ def ptq_quantize_(model: nn.Module, config: PTQConfig, calibration: Calibration 
         t0 = time.perf_counter()
         act = base_act(abits[n])
         if act is not None and act.mode == "static":
-            info["act"] = calibrate_act(act, calib.sample(n, search_tokens), w, config.act_clip)
+            info["act"] = calibrate_act(act, calib.sample(n, search_tokens), w, opt.act_clip)
         if act is not None:
             info["act_bits"] = act.bits
             info["act"] = {**info.get("act", {}), "describe": act.describe()}
         t_a += time.perf_counter() - t0
-        src = cands[n]
-        _set_module(model, n, PTQLinear(qw, mod.bias, act, name=n, source=src))
+        layer = SFxLinear.from_float(mod, config, n, bits=qw.bits, group_size=qw.fmt.group_size)
+        layer.act_bits = None if act is None else act.bits
+        if act is not None:
+            layer.act_exponent = act.mode
+            layer.act_scale = act.scale_kind
+            layer.act_amax = act.threshold
+        layer.load_quantized(qw)
+        set_module(model, n, layer)
         if progress and (i + 1) % 20 == 0:
             _log(progress, f"layers: {i + 1}/{len(names)}")
     report.seconds["weights"] = t_w
     report.seconds["activations"] = t_a
     report.seconds["total"] = time.perf_counter() - t_all
-    setattr(model, _ATTR, report)
     return report
 
 
@@ -280,16 +268,13 @@ def _digest(t: torch.Tensor) -> str:
 
 
 def _sensitivity(model, calib, names, config, calibration, search_act, search_tokens):
-    how = config.mp_ranking
+    how = config.options.mp_ranking
     if how in ("analyze", "auto"):
         try:
-            from ..config import WASQConfig as _W
-
             if config.codes == "int_asym":
                 raise ImportError("sfx analyze has no asymmetric integer quantizer")
-            wc = _W(weight_bits=config.weight_bits, act_bits=config.act_bits, scale_kind=config.scale_kind,
-                    method="sfx" if config.codes == "sfx" else "int", skip=config.skip,
-                    rounding=config.rounding)
+            wc = WASQConfig(weight_bits=config.weight_bits, act_bits=config.act_bits, scale_kind=config.scale_kind,
+                            codes=config.codes, skip=config.skip, rounding=config.rounding)
             src = calib.batches if calib is not None else None
             batches = [b if isinstance(b, torch.Tensor) else torch.as_tensor(b["input_ids"]) for b in src or []]
             if not batches:

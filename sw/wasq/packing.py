@@ -10,7 +10,7 @@ packs any ``bits``-wide unsigned codes (2..16 bits) densely, **LSB first**:
 So at 4 bits, byte 0 holds code 0 in its low nibble and code 1 in its high nibble; at
 8 bits the stream is the codes themselves; at 3 bits eight codes fill three bytes.
 The last byte is zero-padded. :func:`unpack_codes` inverts :func:`pack_codes` exactly
-(``tests/test_ptq_packing.py`` checks every width and ragged lengths).
+(``tests/test_ptq_formats.py`` checks every width and ragged lengths).
 
 :func:`save_packed` / :func:`load_packed` write and read a *packed* PTQ checkpoint
 (one ``safetensors`` file): per quantized layer its packed codes, scales, zero points
@@ -23,12 +23,15 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from torch import nn
+
 __all__ = ["pack_codes", "unpack_codes", "packed_nbytes", "save_packed", "load_packed", "PACKED_FORMAT",
-           "PACKED_VERSION"]
+           "PACKED_VERSION", "memory_report", "float_bytes"]
 
 PACKED_FORMAT = "superfloat-ptq-packed"
 PACKED_VERSION = 1
@@ -128,10 +131,10 @@ def unpack_codes(data: Any, bits: int, count: int | None = None, shape: tuple[in
 
 
 def save_packed(model, path: str | os.PathLike, *, metadata: dict[str, Any] | None = None) -> dict[str, int]:
-    """Write ``model`` (after :func:`superfloat.sw.wasq.ptq.ptq_quantize_`) as one packed
+    """Write ``model`` (after :func:`superfloat.sw.wasq.quantize_`, any format) as one packed
     ``safetensors`` file, atomically (temporary name, then rename).
 
-    For every :class:`~superfloat.sw.wasq.ptq.PTQLinear` ``<name>``: ``<name>.packed``
+    For every :class:`~superfloat.sw.wasq.SFxLinear` ``<name>``: ``<name>.packed``
     (uint8, codes packed at the layer's bits), ``<name>.scale`` / ``.exponent`` /
     ``.zero_point`` (as the quantizer stores them: float64 per-channel SFx scales,
     float32 integer and per-group scales, int8 exponents, int32 zero points) and
@@ -145,16 +148,16 @@ def save_packed(model, path: str | os.PathLike, *, metadata: dict[str, Any] | No
     import torch
     from safetensors.torch import save_file
 
-    from .qlinear import ptq_layers
+    from .layers import quantized_layers
 
-    layers = ptq_layers(model)
+    layers = quantized_layers(model)
     if not layers:
-        raise ValueError("save_packed: the model has no PTQLinear layers; run ptq_quantize_ first")
+        raise ValueError("save_packed: the model has no SFxLinear layers; run superfloat.sw.wasq.quantize_ first")
     tensors: dict[str, torch.Tensor] = {}
     meta_layers: dict[str, Any] = {}
     codes_bytes = quant_bytes = 0
     for name, layer in layers.items():
-        qw = layer.qweight
+        qw = layer.stored_weight()
         packed = pack_codes(qw.codes, qw.bits)
         tensors[f"{name}.packed"] = torch.from_numpy(packed)
         codes_bytes += packed.nbytes
@@ -213,7 +216,7 @@ def load_packed(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]
     """
     from safetensors import safe_open
 
-    from .quantizers import QuantizedWeight
+    from .formats import QuantizedWeight
 
     p = Path(path).expanduser()
     if not p.is_file():
@@ -251,3 +254,46 @@ def load_packed(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]
     for key, ref in aliases.items():
         tensors[key] = tensors[ref]
     return layers, tensors
+
+
+def _unique_tensors(model: nn.Module, skip_prefixes: set[str]) -> int:
+    seen = set()
+    total = 0
+    for key, t in model.state_dict(keep_vars=True).items():
+        if any(key.startswith(p + ".") for p in skip_prefixes):
+            continue
+        sk = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if sk in seen:
+            continue
+        seen.add(sk)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def float_bytes(model: nn.Module) -> int:
+    """Bytes of every distinct tensor of a (float) model as held (tied tensors once)."""
+    return _unique_tensors(model, set())
+
+
+def memory_report(model: nn.Module) -> dict[str, Any]:
+    """Bytes of a quantized model as stored by :func:`.packing.save_packed` (without the file header):
+    ``codes_packed`` (really packed), ``side`` (scales, exponents, zero points),
+    ``bias``, ``unquantized`` (embeddings, norms, skipped layers), ``total``, plus
+    ``weight_params`` and ``bits_per_weight`` (codes + side tensors)."""
+    from .layers import quantized_layers
+
+    layers = quantized_layers(model)
+    if not layers:
+        raise ValueError("memory_report: the model has no SFxLinear layers")
+    codes = side = bias = params = 0
+    for l in layers.values():
+        qw = l.stored_weight()
+        codes += pack_codes(qw.codes, qw.bits).nbytes
+        side += sum(np.asarray(a).nbytes for a in qw.side_tensors().values())
+        if l.bias is not None:
+            bias += l.bias.numel() * l.bias.element_size()
+        params += qw.codes.size
+    other = _unique_tensors(model, set(layers))
+    return {"codes_packed": codes, "side": side, "bias": bias, "unquantized": other,
+            "total": codes + side + bias + other, "weight_params": params,
+            "bits_per_weight": 8.0 * (codes + side) / params if params else 0.0}

@@ -1,9 +1,9 @@
-"""Weight and activation quantizers shared by every PTQ method.
+"""Weight and activation formats: the quantizers of :class:`~superfloat.sw.wasq.SFxLinear` and of every method.
 
 Three kinds of codes (``WeightFormat.kind`` / ``ActQuantizer.kind``):
 
 * ``"sfx"``: SFx sign-magnitude codes (SPEC section 1). Weights get one float scale
-  per output channel (``scale_kind="float"``, the colleague's
+  per output channel (``scale_kind="float"``, the
   :func:`~superfloat.sw.wasq.qlinear.float_scale` rule, folded by the hardware into its
   per-lane multiplier) or one power-of-two exponent per channel (``"pow2"``). Every
   rounding and saturation goes through :mod:`superfloat.sw.sfx` (codes) and
@@ -33,12 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ... import sfx, sfx_torch
-from ..baselines import int_fake_quantize, int_qrange, int_scale
-from ..qlinear import ExportedLinear, float_scale
+from .. import sfx, sfx_torch
 from . import asymmetric
+from .baselines import int_fake_quantize, int_qrange, int_scale
 
-__all__ = ["KINDS", "WeightFormat", "WeightGrid", "QuantizedWeight", "ActQuantizer", "weight_grid",
+__all__ = ["KINDS", "ExportedLinear", "float_scale", "WeightFormat", "WeightGrid", "QuantizedWeight", "ActQuantizer", "weight_grid",
            "fake_quant_weight", "quantize_weight", "quantize_levels", "group_view", "ungroup"]
 
 KINDS = ("sfx", "int", "int_asym")
@@ -109,6 +108,57 @@ class WeightFormat:
         k = {"sfx": f"SF{self.bits}" + ("" if self.scale_kind == "float" else " pow2"),
              "int": f"int{self.bits}", "int_asym": f"int{self.bits} asym"}[self.kind]
         return k + (f" g{self.group_size}" if self.group_size else "")
+
+
+def float_scale(w: Any, bits: int, axis: int | None = 0):
+    """SPEC section 1 float scale: ``s = max|w| / (1 - 2**-M)`` in float64, per row (``axis=0``)
+    or per tensor (``axis=None``); 1.0 for an all-zero slice. numpy in, numpy out; torch in, torch out."""
+    m = sfx.check_bits(bits) - 1
+    denom = 1.0 - 2.0 ** -m
+    if isinstance(w, torch.Tensor):
+        a = w.detach().to(torch.float64).abs()
+        amax = a.amax(dim=tuple(range(1, a.dim()))) if axis == 0 else (a.amax() if a.numel() else a.new_zeros(()))
+        s = amax / denom
+        return torch.where(amax > 0, s, torch.ones_like(s))
+    a = np.abs(np.asarray(w, dtype=np.float64))
+    amax = a.max(axis=tuple(range(1, a.ndim))) if axis == 0 else np.asarray(a.max() if a.size else 0.0)
+    s = amax / denom
+    return np.where(amax > 0, s, 1.0)
+
+
+@dataclass
+class ExportedLinear:
+    """What one quantized layer sends to the accelerator (SPEC section 7 tensors).
+
+    ``real[n, k] = value(codes[n, k]) * 2**exponent[n] * scale[n]`` (``scale`` is 1 when
+    ``None``; ``exponent``/``scale`` are 0-d for per-tensor scales).
+    """
+
+    bits: int
+    codes: np.ndarray          # uint8 / uint16 [N, K]
+    exponent: np.ndarray       # int8 [N] or []
+    scale: np.ndarray | None   # float64 [N] or [] (scale_kind="float"), else None
+    bias: np.ndarray | None    # float32 [N]
+    rounding: str = "nearest_even"
+
+    def dequantize(self) -> np.ndarray:
+        """float64 ``[N, K]`` real weights (exact)."""
+        e = self.exponent.reshape(-1, 1) if self.exponent.ndim else self.exponent
+        v = sfx.decode(self.codes, self.bits, e)
+        if self.scale is not None:
+            v = v * (self.scale.reshape(-1, 1) if self.scale.ndim else self.scale)
+        return v
+
+    def fold(self) -> tuple[np.ndarray, np.ndarray]:
+        """Hardware ``(mult, shift)`` of the weight scale per output channel (``sfx.fold_scale``;
+        mult 1 << 15 with shift 1 for a pure power-of-two scale). The caller adds the
+        activation and output exponents to ``shift``."""
+        n = self.codes.shape[0]
+        e = np.broadcast_to(self.exponent.astype(np.int64), (n,))
+        if self.scale is None:
+            return np.full(n, 1 << 15, dtype=np.int64), e + 1
+        mult, shift = sfx.fold_scale(np.broadcast_to(self.scale, (n,)))
+        return mult, shift + e
 
 
 # --------------------------------------------------------------------------- groups
@@ -368,9 +418,7 @@ class QuantizedWeight:
 
     def packed_nbytes(self) -> int:
         """Bytes of the packed codes plus the side tensors as stored."""
-        from .packing import packed_nbytes
-
-        return packed_nbytes(int(self.codes.size), self.bits) + sum(a.nbytes for a in self.side_tensors().values())
+        return (int(self.codes.size) * self.bits + 7) // 8 + sum(a.nbytes for a in self.side_tensors().values())
 
     def describe_storage(self) -> dict[str, Any]:
         return {"kind": self.fmt.kind, "bits": self.bits, "shape": list(self.shape),
@@ -384,7 +432,7 @@ class QuantizedWeight:
         return cls(fmt, tuple(spec["shape"]), codes, side.get("scale"), side.get("exponent"), side.get("zero_point"))
 
     def to_exported(self, bias: np.ndarray | None) -> ExportedLinear:
-        """The colleague's :class:`ExportedLinear` (SFx per-channel formats only)."""
+        """The :class:`ExportedLinear` view (SFx per-channel formats only)."""
         if not self.hardware_executable:
             raise ValueError(f"{self.fmt.label()} weights are not SFx codes with per-channel scales; only those "
                              f"can be exported to a WASQ checkpoint")
@@ -465,7 +513,7 @@ class ActQuantizer:
     * ``mode="static"``: one calibrated range per layer: ``threshold`` ``c`` (symmetric
       kinds; values beyond ``+-c`` saturate) or ``(lo, hi)`` (``int_asym``). SFx with
       ``scale_kind="pow2"`` uses ``E = sfx.choose_exponent(c)`` and saturates at
-      ``(1 - 2**-M) * 2**E`` (exactly the colleague's static exponent, so it survives a
+      ``(1 - 2**-M) * 2**E`` (exactly SFxLinear's static exponent, so it survives a
       WASQ checkpoint); ``"float"`` uses the scale ``c / (1 - 2**-M)`` (one scale per
       tensor folds into the hardware's per-lane multiplier, but checkpoint format v1
       records exponents only).
@@ -497,8 +545,8 @@ class ActQuantizer:
         else:
             c = max(abs(float(threshold[0])), abs(float(threshold[1]))) if isinstance(threshold, (tuple, list)) \
                 else float(threshold)
-            if not math.isfinite(c) or c <= 0:
-                raise ValueError(f"activation clip threshold must be positive and finite, got {c}")
+            if not math.isfinite(c) or c < 0:
+                raise ValueError(f"activation clip threshold must be non-negative and finite, got {c}")
             self.threshold = c
         self.strategy = strategy
 
@@ -509,10 +557,28 @@ class ActQuantizer:
             return int(sfx.choose_exponent(np.float64(self.threshold), self.bits))
         return None
 
+    def saturation_range(self) -> tuple[float, float]:
+        """``(lo, hi)``: the inputs a static quantizer represents without saturating
+        (the straight-through gradient is zero outside)."""
+        if self.mode != "static" or self.threshold is None:
+            return -math.inf, math.inf
+        if self.kind == "int_asym":
+            return self.threshold
+        if self.kind == "sfx":
+            lim = (1.0 - 2.0 ** -(self.bits - 1)) * (2.0 ** self.exponent if self.scale_kind == "pow2"
+                                                     else self._float_scale())
+        else:
+            lim = float(int_scale(torch.tensor(self.threshold), self.bits)) * int_qrange(self.bits)[1]
+        return -lim, lim
+
+    def _float_scale(self) -> float:
+        c = float(self.threshold)
+        return c / (1.0 - 2.0 ** -(self.bits - 1)) if c > 0 else 1.0
+
     @property
     def hardware_executable(self) -> bool:
-        """SFx codes with per-token exponents or one per-tensor scale/exponent."""
-        return self.kind == "sfx"
+        """SFx codes with per-token exponents or one per-tensor power-of-two exponent."""
+        return self.kind == "sfx" and not (self.mode == "static" and self.scale_kind == "float")
 
     def describe(self) -> str:
         k = {"sfx": "SF", "int": "int", "int_asym": "int-asym"}[self.kind]
@@ -540,7 +606,7 @@ class ActQuantizer:
         if self.kind == "sfx":
             if self.scale_kind == "pow2":
                 return sfx_torch.fake_quantize(xd, self.bits, self.exponent, self.rounding).to(x.dtype)
-            s = self.threshold / (1.0 - 2.0 ** -(self.bits - 1))
+            s = self._float_scale()
             return (sfx_torch.fake_quantize(xd.to(torch.float64) / s, self.bits, 0, self.rounding) * s).to(x.dtype)
         if self.kind == "int":
             qmin, qmax = int_qrange(self.bits)

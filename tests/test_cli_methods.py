@@ -1,4 +1,5 @@
-"""``sfx ptq`` commands and the ``ptq`` bench (tiny models, few tokens)."""
+"""``sfx methods``, ``sfx clip-analysis``, the post-training methods through ``sfx eval/quantize
+--method`` (cli/methods.py, cli/wasq.py) and the ``ptq`` bench (tiny models, few tokens)."""
 from __future__ import annotations
 
 import json
@@ -16,62 +17,69 @@ def _json(capsys) -> dict:
 
 
 def test_methods_lists_hardware_flags(capsys):
-    assert cli.main(["ptq", "methods", "--json"]) == 0
+    assert cli.main(["methods", "--json"]) == 0
     rows = {r["method"]: r for r in _json(capsys)["methods"]}
     assert set(rows) >= {"rtn", "smoothquant", "awq", "awq-dyngroup", "clip", "mixed", "adaround", "asym"}
     assert rows["awq"]["hardware_executable_sfx"] and not rows["awq-dyngroup"]["hardware_executable_sfx"]
-    assert cli.main(["ptq", "methods"]) == 0
+    assert cli.main(["methods"]) == 0
     assert "needs per-group scales along K" in capsys.readouterr().out
 
 
+EVAL = ["eval", "-m", "tiny-llama", "--max-tokens", "200", "--calib-tokens", "128", "--context", "64",
+        "--search-tokens", "32", "--no-progress"]
+
+
 def test_eval_reports_perplexity_size_and_hardware(capsys):
-    assert cli.main(["ptq", "eval", *TINY, "--method", "awq", "-w", "4", "-a", "4", "--awq-grid", "2", "--baseline",
+    assert cli.main([*EVAL, "--method", "awq", "-w", "4", "-a", "4", "--awq-grid", "2", "--baseline", "--memory",
                      "--json"]) == 0
     out = _json(capsys)
-    assert out["label"] == "awq W4A4 SF4" and out["hardware_executable"] is True
-    assert out["perplexity"] > 1 and out["float_perplexity"] > 1 and out["tokens"] == 200
+    assert out["label"] == "awq SF4 float/channel + A4 dynamic" and out["hardware_executable"] is True
+    assert out["perplexity"] > 1 and out["float_perplexity"] > 1 and out["tokens"] == 199
     assert out["memory"]["bits_per_weight"] > 4 and out["packed_file_bytes"] > out["memory"]["codes_packed"]
-    assert cli.main(["ptq", "eval", *TINY, "--method", "asym", "-w", "3"]) == 0
+    assert cli.main([*EVAL, "--method", "asym", "-w", "3"]) == 0
     text = capsys.readouterr().out
-    assert "asym W3A16 int3 asym" in text and "hardware-executable: no (zero points" in text
+    assert "[asym int3 asym]" in text and "hardware-executable: no (zero points" in text
 
 
 def test_quantize_writes_checkpoint_and_packed_file(tmp_path, capsys):
     from superfloat.sw.wasq.checkpoint import load_checkpoint
-    from superfloat.sw.wasq.ptq import load_packed
+    from superfloat.sw.wasq.packing import load_packed
 
     ck, pk = tmp_path / "ck", tmp_path / "m.safetensors"
-    assert cli.main(["ptq", "quantize", *TINY, "--method", "mixed", "-w", "4", "-a", "8", "-o", str(ck),
-                     "--packed", str(pk), "--json"]) == 0
+    assert cli.main(["quantize", "-m", "tiny-llama", "--calib-tokens", "128", "--context", "64", "--method", "mixed",
+                     "-w", "4", "-a", "8", "-o", str(ck), "--packed", str(pk), "--json"]) == 0
     out = _json(capsys)
-    assert out["checkpoint"]["codes_packed_bytes"] > 0 and out["packed"]["file_bytes"] == pk.stat().st_size
+    assert out["memory"]["codes_packed_bytes"] > 0 and out["memory"]["packed"]["file_bytes"] == pk.stat().st_size
     model = load_checkpoint(ck)
     bits = {getattr(m, "bits", None) for m in model.modules()} - {None}
     assert bits == {4, 8}  # mixed precision: the checkpoint carries bits per layer
     layers, _ = load_packed(pk)
     assert {q.bits for q in layers.values()} == {4, 8}
+    assert cli.main(["quantize", "-m", "tiny-llama", "-w", "4", "--method", "awq-dyngroup", "--calib-tokens", "128",
+                     "--context", "64", "--packed", str(tmp_path / "g.safetensors")]) == 0  # any format packs
+    assert "layers quantized" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, msg", [
-    (["quantize", "--method", "awq-dyngroup", "-o", "X"], "is not hardware-executable .* use --packed FILE"),
-    (["quantize", "--method", "rtn"], "give --output DIR"),
-    (["eval", "--method", "rtn", "--group-size", "big"], "--group-size must be an int or 'dynamic', got 'big'"),
-    (["eval", "--method", "rtn", "-w", "1"], r"PTQConfig.weight_bits must be in 2..16, got 1"),
-    (["eval", "--method", "rtn", "--max-tokens", "1"], "token counts must be at least 2"),
-    (["eval", "--method", "rtn", "--data", "nope:x"], "data 'nope:x' is not a file"),
+    (["quantize", "-m", "tiny-llama", "-w", "4", "--method", "awq-dyngroup", "-o", "X"],
+     r"is not executable by the SFx accelerator \(per-group scales along K.*--packed FILE"),
+    (["quantize", "-m", "tiny-llama", "-w", "4", "--method", "rtn-int"], "give --output DIR"),
+    ([*EVAL, "-w", "4", "--method", "awq", "--group-size", "big"], "--group-size must be an int or 'dynamic', got 'big'"),
+    ([*EVAL, "--method", "awq", "-w", "1"], r"WASQConfig.weight_bits must be in 2..16 \(SFx widths\), got 1"),
+    ([*EVAL, "--method", "awq", "-w", "4", "--weight-scale", "tensor"], "--weight-scale tensor is a vanilla/rtn-int"),
+    ([*EVAL, "--method", "awq", "-w", "4", "--data", "nope:x"], "data 'nope:x' is not a file"),
 ])
 def test_errors(argv, msg, capsys):
-    cmd, rest = argv[0], argv[1:]
-    assert cli.main(["ptq", cmd, *TINY, *rest]) == 2
+    assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"sfx ptq {cmd}: error:")
+    assert err.startswith(f"sfx {argv[0]}: error:")
     import re
 
     assert re.search(msg, err), err
 
 
 def test_clip_analysis(capsys):
-    assert cli.main(["ptq", "clip", *TINY, "-a", "4", "--codes", "sfx", "--strategies", "dynamic", "raw", "mse",
+    assert cli.main(["clip-analysis", *TINY, "-a", "4", "--codes", "sfx", "--strategies", "dynamic", "raw", "mse",
                      "float+-1", "--json"]) == 0
     out = _json(capsys)
     strategies = [r["strategy"] for r in out["rows"]]
@@ -86,7 +94,7 @@ def test_bench_quick_writes_report_and_plot(tmp_path, monkeypatch):
     monkeypatch.setattr(ptq_bench, "CONFIGS", ((4, None), (4, 4)))
     monkeypatch.setitem(ptq_bench.BUDGET, True, {**ptq_bench.BUDGET[True], "calib_tokens": 128, "eval_tokens": 130,
                                                   "clip_eval_tokens": 65, "context": 64})
-    import superfloat.cli.ptq as pc
+    import superfloat.cli.methods as pc
 
     monkeypatch.setattr(pc, "clip_strategies", lambda: ["dynamic", "raw", "float+-1"])
     ptq_bench.run(tmp_path, quick=True)
@@ -117,7 +125,8 @@ def test_wasq_eval_and_quantize_take_the_ptq_methods(tmp_path, capsys):
     common = ["-m", "tiny-llama", "--max-tokens", "200", "--context", "64", "--calib-tokens", "128"]
     assert cli.main(["eval", *common, "-w", "4", "-a", "8", "--method", "smoothquant", "--json", "--no-progress"]) == 0
     out = _json(capsys)
-    assert out["method"] == "smoothquant" and out["label"] == "smoothquant W4A8 SF4" and out["hardware_executable"]
+    assert out["method"] == "smoothquant" and out["label"] == "smoothquant SF4 float/channel + A8 dynamic"
+    assert out["hardware_executable"]
     assert cli.main(["eval", *common, "-w", "4", "--method", "awq", "--codes", "int", "--json", "--no-progress"]) == 0
     assert _json(capsys)["codes"] == "int"
     ck = tmp_path / "ck"
@@ -129,7 +138,7 @@ def test_wasq_eval_and_quantize_take_the_ptq_methods(tmp_path, capsys):
     # software-only configurations are refused before any work
     assert cli.main(["quantize", "-m", "tiny-llama", "-w", "4", "--method", "awq-dyngroup", "-o",
                      str(tmp_path / "x")]) == 2
-    assert "not hardware-executable (per-group scales along K" in capsys.readouterr().err
+    assert "is not executable by the SFx accelerator (per-group scales along K" in capsys.readouterr().err
     # vanilla keeps its meaning; commands that do not take PTQ methods reject them
     assert cli.main(["eval", *common, "-w", "8", "--json", "--no-progress"]) == 0
     assert _json(capsys)["method"] == "vanilla"

@@ -1,4 +1,4 @@
-"""PTQ formats: weight quantizers (SFx, int, asymmetric int, per group), activation
+"""The formats of sw/wasq/formats.py and packing.py: weight quantizers (SFx, int, asymmetric int, per group), activation
 quantizers, bit packing and the packed checkpoint file."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from torch import nn
 
 from superfloat.sw import sfx
 from superfloat.sw.wasq import SFxLinear, WASQConfig
-from superfloat.sw.wasq.ptq import (ActQuantizer, WeightFormat, fake_quant_weight, pack_codes, packed_nbytes,
-                                    quantize_weight, unpack_codes)
-from superfloat.sw.wasq.ptq import asymmetric
-from superfloat.sw.wasq.ptq.quantizers import quantize_levels, weight_grid
+from superfloat.sw.wasq import asymmetric
+from superfloat.sw.wasq.formats import (ActQuantizer, WeightFormat, fake_quant_weight, quantize_levels, quantize_weight,
+                                        weight_grid)
+from superfloat.sw.wasq.packing import pack_codes, packed_nbytes, unpack_codes
 
 
 def _w(n=24, k=40, seed=0) -> torch.Tensor:
@@ -153,8 +153,10 @@ def test_activation_quantizers():
     assert -1.0 - step <= float(sa(x).min()) < -1.0 + step and 3.0 - step < float(sa(x).max()) <= 3.0 + step
     with pytest.raises(RuntimeError, match="static activation quantizer is not calibrated"):
         ActQuantizer("sfx", 4, "static")(x)
-    with pytest.raises(ValueError, match="activation clip threshold must be positive"):
-        ActQuantizer("sfx", 4, "static", threshold=0.0)
+    with pytest.raises(ValueError, match="activation clip threshold must be non-negative and finite, got -1.0"):
+        ActQuantizer("sfx", 4, "static", threshold=-1.0)
+    z = ActQuantizer("sfx", 4, "static", threshold=0.0)  # a calibrated all-zero input: exponent 0, as choose_exponent
+    assert z.exponent == 0 and z.saturation_range() == (-0.875, 0.875)
     with pytest.raises(ValueError, match="act mode must be one of 'dynamic', 'static'"):
         ActQuantizer("sfx", 4, "token")
 

@@ -1,5 +1,6 @@
-"""PTQ methods on tiny models: SmoothQuant and AWQ keep the float function, clipping,
-mixed precision, AdaRound, the pipeline, hardware flags, checkpoints and memory."""
+"""The post-training methods (sw/wasq/ptq/) on tiny models: SmoothQuant and AWQ keep the
+float function, clipping, mixed precision, AdaRound, the passes through quantize_, hardware
+flags, checkpoints and memory."""
 from __future__ import annotations
 
 import copy
@@ -10,14 +11,15 @@ import torch
 
 from superfloat.sw import sfx
 from superfloat.sw.wasq.models import tiny_model
-from superfloat.sw.wasq.ptq import (Calibration, PTQConfig, PTQLinear, load_packed, memory_report, ptq_layers,
-                                    ptq_quantize_, save_packed, save_ptq_checkpoint, to_wasq_model)
+from superfloat.sw.wasq import SFxLinear, quantize_, quantize_report, quantized_layers
+from superfloat.sw.wasq.formats import ActQuantizer, WeightFormat, quantize_levels, weight_grid
+from superfloat.sw.wasq.packing import load_packed, memory_report, save_packed
+from superfloat.sw.wasq.ptq import Calibration
 from superfloat.sw.wasq.ptq.adaround import adaround_levels, output_error_rows
 from superfloat.sw.wasq.ptq.awq import awq_scale_, choose_group_sizes, clip_search
 from superfloat.sw.wasq.ptq.clipping import calibrate_act, candidate_ranges
 from superfloat.sw.wasq.ptq.graph import scale_groups
 from superfloat.sw.wasq.ptq.mixed_precision import allocate_bits
-from superfloat.sw.wasq.ptq.quantizers import ActQuantizer, WeightFormat, quantize_levels, weight_grid
 from superfloat.sw.wasq.ptq.smoothquant import smooth_, smoothing_factors
 from superfloat.sw.wasq.quantize import candidate_layers
 from superfloat.sw.wasq.config import WASQConfig
@@ -199,15 +201,18 @@ def test_every_method_runs_with_sfx_and_int_codes(arch):
             if arch == "tiny-gpt2" and method not in ("rtn", "smoothquant", "adaround") and codes == "int":
                 continue  # keep the test short; GPT-2 is covered by the SFx runs
             m = copy.deepcopy(base)
-            cfg = PTQConfig.preset(method, weight_bits=4, act_bits=6, codes=codes, awq_grid=4, adaround_iters=10)
-            rep = ptq_quantize_(m, cfg, calibration=calib, search_tokens=64)
-            layers = ptq_layers(m)
+            cfg = WASQConfig(method=method, weight_bits=4, act_bits=6, codes=codes,
+                             method_options={"awq_grid": 4, "adaround_iters": 10})
+            quantize_(m, cfg, calibration=calib, search_tokens=64)
+            rep = quantize_report(m)
+            layers = quantized_layers(m)
             assert len(layers) == n_layers
-            assert all(isinstance(l, PTQLinear) for l in layers.values())
+            assert all(type(l) is SFxLinear for l in layers.values())  # the one quantized layer, every method
             out = _logits(m, ids)
             rel = float((out - ref).pow(2).mean() / ref.pow(2).mean())
             assert np.isfinite(rel) and rel < 0.5, (method, codes, rel)
-            assert rep.hardware_executable == cfg.hardware_executable
+            if method != "rtn":
+                assert rep.hardware_executable == cfg.hardware_executable
             assert all(l.hardware_executable == cfg.hardware_executable for l in layers.values()) or \
                 cfg.codes != "sfx"
             if method == "mixed":
@@ -215,44 +220,45 @@ def test_every_method_runs_with_sfx_and_int_codes(arch):
 
 
 def test_hardware_executable_flags():
-    hw = {m: PTQConfig.preset(m, weight_bits=4, act_bits=4).hardware_executable for m in
+    hw = {m: WASQConfig(method=m, weight_bits=4, act_bits=4).hardware_executable for m in
           ("rtn", "smoothquant", "awq", "clip", "mixed", "adaround")}
     assert all(hw.values())
-    assert not PTQConfig.preset("awq-g128").hardware_executable
-    assert "per-group scales along K" in PTQConfig.preset("awq-dyngroup").hardware_notes()[0]
-    assert not PTQConfig.preset("rtn", codes="int").hardware_executable
-    assert "zero points" in PTQConfig.preset("asym").hardware_notes()[0]
+    assert not WASQConfig(method="awq-g128").hardware_executable
+    assert "per-group scales along K" in WASQConfig(method="awq-dyngroup").hardware_notes()[0]
+    assert not WASQConfig(codes="int").hardware_executable
+    assert "zero points" in WASQConfig(method="asym").hardware_notes()[0]
 
 
-def test_pipeline_errors():
+def test_method_errors():
     m = tiny_model("tiny-llama")
     with pytest.raises(ValueError, match="PTQ method 'awq' needs calibration data"):
-        ptq_quantize_(m, PTQConfig.preset("awq"))
-    with pytest.raises(ValueError, match="unknown PTQ method 'gptq'"):
-        PTQConfig.preset("gptq")
-    with pytest.raises(ValueError, match=r"PTQConfig.smoothquant \(alpha\) must be a number in \[0, 1\]"):
-        PTQConfig(smoothquant=2.0)
-    with pytest.raises(ValueError, match="act_mode='static' needs act_bits"):
-        PTQConfig(act_mode="static")
-    with pytest.raises(ValueError, match="method 'asym' is the asymmetric integer baseline"):
-        PTQConfig.preset("asym", codes="sfx")
-    with pytest.raises(ValueError, match="unknown PTQConfig field"):
-        PTQConfig.from_dict({"bits": 4})
+        quantize_(m, WASQConfig(method="awq"))
+    with pytest.raises(ValueError, match="WASQConfig.method must be one of .*got 'gptq'"):
+        WASQConfig(method="gptq")
+    with pytest.raises(ValueError, match=r"method option smoothquant \(alpha\) must be a number in \[0, 1\]"):
+        WASQConfig(method="smoothquant", method_options={"smoothquant": 2.0})
+    with pytest.raises(ValueError, match="method='clip' with static activation ranges needs act_bits"):
+        WASQConfig(method="clip")
+    with pytest.raises(ValueError, match="method='asym' implies codes='int_asym', got 'int'"):
+        WASQConfig(method="asym", codes="int")
+    with pytest.raises(ValueError, match="unknown WASQConfig field"):
+        WASQConfig.from_dict({"bits": 4})
     with pytest.raises(ValueError, match="nothing to quantize"):
-        ptq_quantize_(m, PTQConfig(skip=("*",)))
-    ptq_quantize_(m, PTQConfig())
+        quantize_(m, WASQConfig(method="adaround", skip=("*",)))
+    quantize_(m, WASQConfig(method="rtn"))
     with pytest.raises(ValueError, match="already quantized"):
-        ptq_quantize_(m, PTQConfig())
+        quantize_(m, WASQConfig(method="awq"))
     bloom = torch.nn.Sequential(torch.nn.Linear(4, 4))
     bloom.config = type("C", (), {"model_type": "bloom"})()
     with pytest.raises(ValueError, match="has model_type 'bloom'"):
-        ptq_quantize_(bloom, PTQConfig.preset("smoothquant"), calibration=[torch.zeros(1, 4)])
+        quantize_(bloom, WASQConfig(method="smoothquant"), calibration=[torch.zeros(1, 4)])
 
 
 def test_config_round_trip():
-    cfg = PTQConfig.preset("awq-dyngroup", weight_bits=3, act_bits=8)
-    assert PTQConfig.from_dict(cfg.to_dict()) == cfg
-    assert cfg.label() == "awq-dyngroup W3A8 SF3 g-dyn"
+    cfg = WASQConfig(method="awq-dyngroup", weight_bits=3, act_bits=8, method_options={"awq_grid": 5})
+    assert WASQConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.describe() == "awq-dyngroup SF3 float/channel gdynamic + A8 dynamic"
+    assert cfg.options.awq and cfg.options.awq_grid == 5 and cfg.group_size == "dynamic"
 
 
 # --------------------------------------------------------------------------- export, checkpoint, memory
@@ -260,54 +266,56 @@ def test_config_round_trip():
 
 @pytest.mark.parametrize("act", [None, "dynamic", "static"])
 def test_hardware_configs_become_identical_wasq_checkpoints(tmp_path, act):
-    from superfloat.sw.wasq.checkpoint import load_checkpoint
+    from superfloat.sw.wasq.checkpoint import load_checkpoint, save_checkpoint
 
     m = _model("tiny-llama")
-    cfg = PTQConfig.preset("awq", weight_bits=4, act_bits=None if act is None else 6, awq_grid=3,
-                           act_mode=act or "dynamic", mixed_precision=True, mp_fraction=0.1)
-    ptq_quantize_(m, cfg, calibration=_batches(), search_tokens=64)
+    cfg = WASQConfig(method="awq", weight_bits=4, act_bits=None if act is None else 6,
+                     act_exponent=act or "dynamic",
+                     method_options={"awq_grid": 3, "mixed_precision": True, "mp_fraction": 0.1})
+    quantize_(m, cfg, calibration=_batches(), search_tokens=64)
     ids = torch.cat(_batches(2, 32, seed=3))
     out = _logits(m, ids)
-    save_ptq_checkpoint(m, tmp_path / "ck")
+    save_checkpoint(m, tmp_path / "ck")
     back = load_checkpoint(tmp_path / "ck")
-    assert torch.equal(_logits(back, ids), out)  # bit-identical logits through SFxLinear
-    twin = to_wasq_model(copy.deepcopy(m))
-    assert torch.equal(_logits(twin, ids), out)
-    layers = ptq_layers(m)
-    for name, sl in __import__("superfloat.sw.wasq", fromlist=["quantized_layers"]).quantized_layers(back).items():
-        assert np.array_equal(sl.export().codes, layers[name].qweight.codes)
-        assert sl.bits == layers[name].bits
+    assert torch.equal(_logits(back, ids), out)  # bit-identical logits through the one checkpoint reader
+    layers = quantized_layers(m)
+    for name, sl in quantized_layers(back).items():
+        assert np.array_equal(sl.export().codes, layers[name].stored_weight().codes)
+        assert sl.bits == layers[name].bits and sl.act_bits == layers[name].act_bits
 
 
 def test_software_only_configs_refuse_checkpoints(tmp_path):
-    for cfg in (PTQConfig(weight_bits=4, codes="int"), PTQConfig(weight_bits=4, group_size=32)):
+    from superfloat.sw.wasq.checkpoint import save_checkpoint
+
+    for cfg in (WASQConfig(weight_bits=4, codes="int"), WASQConfig(weight_bits=4, group_size=32),
+                WASQConfig(weight_bits=4, method="asym")):
         m = tiny_model("tiny-opt")
-        ptq_quantize_(m, cfg)
-        with pytest.raises(ValueError, match=r"layer model\.decoder\.layers\.0\.self_attn\.k_proj: .*\(software only\)"):
-            save_ptq_checkpoint(m, tmp_path / "x")
+        quantize_(m, cfg)
+        with pytest.raises(ValueError, match=r"layer model\.decoder\.layers\.0\.self_attn\.k_proj.*(software|no SFx codes)"):
+            save_checkpoint(m, tmp_path / "x")
     m = tiny_model("tiny-opt")
-    ptq_quantize_(m, PTQConfig(weight_bits=4, act_bits=4, act_mode="static", act_scale="float"),
-                  calibration=_batches(2))
-    with pytest.raises(ValueError, match="static float activation scales are not representable"):
-        to_wasq_model(m)
+    quantize_(m, WASQConfig(weight_bits=4, act_bits=4, method="clip", act_scale="float"), calibration=_batches(2))
+    with pytest.raises(ValueError, match="a static float activation scale cannot be executed by the SFx accelerator"):
+        save_checkpoint(m, tmp_path / "y")
 
 
 @pytest.mark.parametrize("codes", ["sfx", "int_asym"])
 def test_packed_file_round_trip_and_memory(tmp_path, codes):
     m = tiny_model("tiny-gpt2")
-    cfg = PTQConfig(weight_bits=3, codes=codes, group_size=64)
-    ptq_quantize_(m, cfg)
+    cfg = WASQConfig(weight_bits=3, codes=codes, group_size=64)
+    quantize_(m, cfg)
     mem = memory_report(m)
     info = save_packed(m, tmp_path / "p.safetensors")
     assert info["codes_bytes"] == mem["codes_packed"]
     n_params = mem["weight_params"]
-    assert mem["codes_packed"] == sum((l.qweight.codes.size * 3 + 7) // 8 for l in ptq_layers(m).values())
-    assert mem["codes_packed"] < n_params * 3 / 8 + len(ptq_layers(m))
+    layers_m = quantized_layers(m)
+    assert mem["codes_packed"] == sum((l.stored_weight().codes.size * 3 + 7) // 8 for l in layers_m.values())
+    assert mem["codes_packed"] < n_params * 3 / 8 + len(layers_m)
     assert abs(info["file_bytes"] - mem["total"]) < 20_000  # only the safetensors header differs
     layers, tensors = load_packed(tmp_path / "p.safetensors")
-    for name, l in ptq_layers(m).items():
-        assert np.array_equal(layers[name].codes, l.qweight.codes)
-        assert torch.equal(layers[name].dequantize(), l.weight)
+    for name, l in layers_m.items():
+        assert np.array_equal(layers[name].codes, l.stored_weight().codes)
+        assert torch.equal(layers[name].dequantize(), l.qweight())  # the values the layer computes with
     assert "transformer.wte.weight" in tensors
     with pytest.raises(ValueError, match="is not a packed PTQ checkpoint"):
         from safetensors.torch import save_file
@@ -323,8 +331,9 @@ def test_weight_cache_reuses_adaround_weights_across_activation_widths():
     codes = []
     for a in (None, 4):
         m = copy.deepcopy(base)
-        rep = ptq_quantize_(m, PTQConfig.preset("adaround", weight_bits=3, act_bits=a, adaround_iters=5),
-                            calibration=calib, search_tokens=64, weight_cache=cache)
-        codes.append({n: l.qweight.codes for n, l in ptq_layers(m).items()})
+        quantize_(m, WASQConfig(method="adaround", weight_bits=3, act_bits=a, method_options={"adaround_iters": 5}),
+                  calibration=calib, search_tokens=64, weight_cache=cache)
+        rep = quantize_report(m)
+        codes.append({n: l.stored_weight().codes for n, l in quantized_layers(m).items()})
         assert all(v.get("cached", False) == (a == 4) for v in rep.layers.values())
     assert len(cache) == len(codes[0]) and all(np.array_equal(codes[0][n], codes[1][n]) for n in codes[0])
