@@ -522,6 +522,10 @@ class LinearOp:
         relu, rounding, k_max: as in :func:`superfloat.sw.sfx.linear`.
         xmult: ``True`` for the per-row multiplier mode (SPEC revision 2): every call then
             needs ``xmult``; ``False`` (default) forbids it.
+        row_bias: ``True`` lets each call pass its own ``bias`` (accumulator units, checked
+            by :meth:`check_bias`): the accumulator's unit depends on the rows' activation
+            exponent, so a layer with a float bias is one operation per exponent. The
+            exactness bounds then assume any legal bias (``|bias| < 2**(A-2)``).
         device: where the prepared weights live (default: ``w_codes``' device, or CPU).
         matmul: one of :data:`MATMULS`.
 
@@ -532,7 +536,7 @@ class LinearOp:
     def __init__(self, w_codes: Any, *, w_bits: int, a_bits: int, out_bits: int, bias: Any = None,
                  shift: Any = 0, mult: Any = None, relu: bool = False, rounding: str = "nearest_even",
                  k_max: int = sfx.DEFAULT_K_MAX, xmult: bool = False, device: Any = None,
-                 matmul: str = "auto") -> None:
+                 matmul: str = "auto", row_bias: bool = False) -> None:
         if not isinstance(xmult, bool):
             raise TypeError(f"xmult must be a bool (the per-row multiplier mode), got {xmult!r}")
         if matmul not in MATMULS:
@@ -570,8 +574,11 @@ class LinearOp:
         amax_a = sfx.max_magnitude(a_bits)
         row_abs = np.abs(ws_np).sum(axis=1)  # int64, < 2**35
         mult_np = args.mult if args.mult is not None else np.ones(n, dtype=np.int64)
-        acc_bound = max((int(row_abs[i]) * amax_a + abs(int(args.bias[i]))) for i in range(n))
-        v_bound = max((int(row_abs[i]) * amax_a + abs(int(args.bias[i]))) * int(mult_np[i]) for i in range(n))
+        self.row_bias = bool(row_bias)
+        self._blim = (1 << (sfx.accumulator_bits(a_bits, w_bits, args.k_max) - 2)) - 1
+        bias_abs = [self._blim if row_bias else abs(int(args.bias[i])) for i in range(n)]
+        acc_bound = max((int(row_abs[i]) * amax_a + bias_abs[i]) for i in range(n))
+        v_bound = max((int(row_abs[i]) * amax_a + bias_abs[i]) * int(mult_np[i]) for i in range(n))
         if xmult:
             v_bound *= (1 << sfx.MULT_FRAC_BITS) - 1
         self._acc_bound = acc_bound
@@ -659,8 +666,14 @@ class LinearOp:
                              f"got {list(r.shape)}")
         return r
 
+    def check_bias(self, bias: Any) -> torch.Tensor:
+        """A per-call bias (``row_bias=True``): ``[N]`` or scalar accumulator units, range-checked
+        (``|bias| < 2**(A-2)``, the numpy model's message), as an int64 tensor on the layer's device."""
+        b = sfx._broadcast_channel(_np(bias), self.N, "bias", -self._blim, self._blim)
+        return torch.as_tensor(b, dtype=torch.int64, device=self._dev)
+
     def __call__(self, x_codes: torch.Tensor, x_exponent: Any = None, xmult: Any = None, *,
-                 signed: bool = False, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                 signed: bool = False, check: bool = True, bias: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(codes int32 [T, N], n_saturated int64 0-d tensor)`` of LINEAR on ``x_codes`` ``[T, K]``.
 
         Args:
@@ -669,6 +682,7 @@ class LinearOp:
             x_exponent: int per row (``[T]`` or scalar; default 0), added to ``shift``.
             xmult: ``[T]`` 16-bit multipliers, required in ``xmult`` mode, else must be None.
             check: validate codes and row parameters (host syncs); ``False`` trusts the caller.
+            bias: this call's bias (``row_bias=True`` only), preferably from :meth:`check_bias`.
         """
         if not isinstance(x_codes, torch.Tensor):
             x_codes = torch.as_tensor(x_codes)
@@ -684,6 +698,13 @@ class LinearOp:
             raise ValueError("xmult given but this LinearOp was built with xmult=False (build it with xmult=True)")
         xe = None if x_exponent is None else self._row(x_exponent, t, "x_exponent")
         xm = None if xmult is None else self._row(xmult, t, "xmult")
+        if bias is not None:
+            if not self.row_bias:
+                raise ValueError("bias given to a call but this LinearOp was built with row_bias=False "
+                                 "(the bias is fixed at construction; build it with row_bias=True)")
+            if not (isinstance(bias, torch.Tensor) and bias.dtype == torch.int64 and tuple(bias.shape) == (self.N,)
+                    and bias.device == self._dev) or check:
+                bias = self.check_bias(bias)
         if check:
             self._check_inputs(x_codes, signed, xe if xe is not None else torch.zeros(1, dtype=torch.int64), xm)
         xs = x_codes.to(torch.int32)
@@ -692,7 +713,7 @@ class LinearOp:
             mag = xs & ((1 << m) - 1)
             xs = torch.where((xs >> m) != 0, -mag, mag)
         acc = self._matmul(xs)
-        return self._requantize(acc, xe, xm)
+        return self._requantize(acc, xe, xm, bias)
 
     def _matmul(self, xs: torch.Tensor) -> torch.Tensor:
         """Exact ``sum_k x[t,k] w[n,k]`` (no bias): an int32/int64 tensor, or a float tensor of
@@ -730,10 +751,13 @@ class LinearOp:
             acc += p.to(it)
         return acc
 
-    def _requantize(self, acc: torch.Tensor, xe: torch.Tensor | None, xm: torch.Tensor | None):
+    def _requantize(self, acc: torch.Tensor, xe: torch.Tensor | None, xm: torch.Tensor | None,
+                    bias: torch.Tensor | None = None):
         lim, mo = self._lim, self._mo
+        ibias = self._bias if bias is None else bias
         if self.requant == "float64":
-            y = torch.addcmul(self._b, acc.to(torch.float64), self._s)  # (acc + bias) * mult * 2**-rn, exact
+            fb = self._b if bias is None else bias.to(torch.float64) * self._s  # exact: |bias * mult| < 2**53
+            y = torch.addcmul(fb, acc.to(torch.float64), self._s)  # (acc + bias) * mult * 2**-rn, exact
             if xe is not None or xm is not None:
                 rowf = torch.exp2(xe.to(torch.float64)) if xe is not None else None
                 if xm is not None:
@@ -743,7 +767,7 @@ class LinearOp:
             y.round_() if self.rounding == "nearest_even" else y.trunc_()
             q = y.to(torch.int32)
         elif self.requant == "int64":
-            v = acc.to(torch.int64) + self._bias
+            v = acc.to(torch.int64) + ibias
             v.mul_(self._m2)
             if xm is not None:
                 v.mul_(xm[:, None])
@@ -760,7 +784,7 @@ class LinearOp:
                 q = (v + ((v >> 63) & ((1 << r) - 1))) >> r
             q = q.clamp_(-(lim + 1), lim + 1).to(torch.int32)
         else:
-            v = acc.to(torch.int64) + self._bias
+            v = acc.to(torch.int64) + ibias
             r = self._rn if xe is None else self._rn[None, :] - xe[:, None]
             mults = [None if self._mult is None else self._mult, None if xm is None else xm[:, None]]
             q, sat = _requantize_exact(v, r, mo, self.relu, self.rounding, mults)
