@@ -26,6 +26,8 @@ it always follows the optimizer (upstream never re-quantized after optimizer ste
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -111,9 +113,13 @@ class SFxLinear(nn.Linear):
         self.out_bits: int | None = None
         self.out_exponent: np.ndarray | None = None
         self.layer_name = ""  # set by quantize_, used in error messages
+        #: ``"fake"`` (fake quantization) or ``"accelerator"`` (SPEC section 8 exactly; see
+        #: :func:`superfloat.sw.wasq.accelerator.set_backend`)
+        self.backend = "fake"
         self._calibrating = False
         self._cache: tuple[tuple, torch.Tensor] | None = None
         self._frozen: tuple[tuple, ExportedLinear | QuantizedWeight] | None = None
+        self._program: tuple[tuple, Any] | None = None
 
     @property
     def method(self) -> str:
@@ -260,7 +266,33 @@ class SFxLinear(nn.Linear):
 
     # ------------------------------------------------------------------ forward
 
+    def _program_key(self) -> tuple:
+        eo = None if self.out_exponent is None else np.asarray(self.out_exponent).tobytes()
+        return (self._key(), self.out_bits, eo, self.act_bits, self.act_exponent, self.act_amax, self.act_scale,
+                self.rounding)
+
+    def _accel_program(self, build: bool = True):
+        if self._program is not None and self._program[0] == self._program_key():
+            return self._program[1]
+        if not build:
+            return None
+        from .accelerator import LayerProgram
+
+        prog = LayerProgram.from_layer(self)
+        self._program = (self._program_key(), prog)
+        return prog
+
+    def accelerator_program(self):
+        """The :class:`~superfloat.sw.wasq.accelerator.LayerProgram` this layer runs on the
+        accelerator (built on first use, rebuilt when the weights or calibration change)."""
+        return self._accel_program(build=True)
+
+    def invalidate_program(self) -> None:
+        self._program = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D401
+        if self.backend == "accelerator" and not self._calibrating:
+            return self.accelerator_program().forward(x)
         w = self.quantized_weight()
         if self._calibrating:
             amax = float(x.detach().abs().amax()) if x.numel() else 0.0

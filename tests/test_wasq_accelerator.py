@@ -1,0 +1,198 @@
+"""Accelerator-exact execution (sw/wasq/accelerator.py, SPEC section 8): every layer call of
+real models, on the accelerator backend, equals ``sfx.linear`` code for code (zero tolerance),
+the mapping computes the layer's function, static output exponents, statistics, errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from superfloat.sw import sfx, sfx_torch
+from superfloat.sw.wasq import WASQConfig, quantize_, quantized_layers
+from superfloat.sw.wasq.accelerator import (AcceleratorError, accelerator_stats, backend_of, bias_to_accumulator,
+                                            calibrate_outputs_, output_exponent_rule, reset_accelerator_stats,
+                                            set_backend)
+from superfloat.sw.wasq.models import tiny_model
+
+CONFIGS = {
+    "w8a8": WASQConfig(weight_bits=8, act_bits=8),
+    "w4a8-pow2": WASQConfig(weight_bits=4, act_bits=8, scale_kind="pow2"),
+    "w8-weight-only": WASQConfig(weight_bits=8),
+    "w6a6-static-tz": WASQConfig(weight_bits=6, act_bits=6, act_exponent="static", rounding="toward_zero"),
+}
+
+
+def _batches(n=3, t=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (1, t), generator=g) for _ in range(n)]
+
+
+def reference_codes(prog, x: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
+    """The numpy model on the rows as streamed: per-row exponents (clamped into the range the
+    shifts allow), codes, one LINEAR per exponent when the layer has a bias."""
+    lo, hi = prog.x_exponent_range
+    if prog.act_mode == "static":
+        ea = np.full(x.shape[0], prog.act_exponent, dtype=np.int64)
+    else:
+        _, ea = sfx.encode_rows(x, prog.a_bits, prog.rounding)
+    ea = np.clip(ea.astype(np.int64), lo, hi)
+    xc = sfx.encode(x, prog.a_bits, ea[:, None], prog.rounding)
+    out = np.zeros((x.shape[0], prog.N), dtype=np.int64)
+    sat = 0
+    groups = [np.arange(x.shape[0])] if prog.bias is None else [np.flatnonzero(ea == e) for e in np.unique(ea)]
+    for rows in groups:
+        bias = None if prog.bias is None else bias_to_accumulator(
+            prog.bias, frac_bits=prog.frac_bits, a_exponent=int(ea[rows[0]]), w_shift=prog.w_shift, mult=prog.mult)
+        codes, st = sfx.linear_with_stats(xc[rows], prog.w_codes, a_bits=prog.a_bits, w_bits=prog.w_bits,
+                                          out_bits=prog.out_bits, bias=bias, shift=prog.shift, mult=prog.mult,
+                                          x_exponent=ea[rows], rounding=prog.rounding)
+        out[rows] = codes
+        sat += st.n_saturated
+    return out, sat, ea
+
+
+def _check_every_call(model, ids) -> int:
+    """Run ``model`` on the accelerator backend, recompute every layer call with the numpy
+    model, compare codes, saturation counts and outputs; also hold each output close to the
+    fake-quantized layer's (the mapping computes the layer's function). Returns the calls checked."""
+    calls = []
+
+    def hook(mod, inp, out):
+        calls.append((mod, inp[0].detach().reshape(-1, inp[0].shape[-1]).clone(), out.detach()))
+
+    layers = quantized_layers(model)
+    hs = [m.register_forward_hook(hook) for m in layers.values()]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in hs:
+            h.remove()
+    assert len(calls) >= len(layers)
+    for mod, x, out in calls:
+        prog = mod.accelerator_program()
+        want, want_sat, _ = reference_codes(prog, x.numpy())
+        got, _, nsat = prog.codes(x)
+        assert np.array_equal(got.numpy(), want), mod.layer_name
+        assert int(nsat) == want_sat, mod.layer_name
+        y = sfx.decode(want.astype(sfx.code_dtype(prog.out_bits)), prog.out_bits, prog.out_exponent[None, :])
+        assert np.array_equal(out.reshape(-1, prog.N).numpy(), y.astype(np.float32)), mod.layer_name
+        # the function: close to the fake-quantized layer where nothing saturated
+        mod.backend = "fake"
+        with torch.no_grad():
+            fake = mod(x).numpy().astype(np.float64)
+        mod.backend = "accelerator"
+        step = np.exp2(prog.out_exponent - (prog.out_bits - 1))[None, :]
+        ok = np.abs(want) < (1 << (prog.out_bits - 1)) - 1
+        tol = step + 1e-3 * np.abs(fake).max() + 1e-6
+        assert np.all(np.abs(y - fake)[ok] <= np.broadcast_to(tol, y.shape)[ok]), mod.layer_name
+    return len(calls)
+
+
+@pytest.mark.parametrize("cfg", list(CONFIGS), ids=str)
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-opt", "tiny-gpt2"])
+def test_every_layer_call_equals_sfx_linear(arch, cfg):
+    m = tiny_model(arch)
+    quantize_(m, CONFIGS[cfg], calibration=_batches())
+    calibrate_outputs_(m, _batches(seed=1), out_bits=None if cfg != "w4a8-pow2" else 8)
+    set_backend(m, "accelerator")
+    assert backend_of(m) == "accelerator"
+    assert _check_every_call(m, torch.cat(_batches(2, 24, seed=7))) >= 7
+
+
+def test_smollm2_layer_calls_equal_sfx_linear():
+    """Real SmolLM2-135M layers (first two decoder blocks), W8A8 and SF4 weight-only."""
+    from superfloat.sw.wasq.models import load_model
+
+    lm = load_model("smollm2-135m", progress=False)
+    m = lm.model
+    m.model.layers = m.model.layers[:2]
+    m.config.num_hidden_layers = 2
+    ids = lm.tokenizer("To be, or not to be, that is the question: whether 'tis nobler in the mind",
+                       return_tensors="pt").input_ids[:, :16]
+    calib = [lm.tokenizer("Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to "
+                          "praise him. The evil that men do lives after them.", return_tensors="pt").input_ids]
+    import copy
+
+    for cfg in (WASQConfig(weight_bits=8, act_bits=8), WASQConfig(weight_bits=4)):
+        q = copy.deepcopy(m)
+        quantize_(q, cfg)
+        calibrate_outputs_(q, calib)
+        set_backend(q, "accelerator")
+        assert _check_every_call(q, ids) == 14
+
+
+def test_output_exponents_rule_headroom_and_saturation_counted():
+    assert output_exponent_rule([0.0, 1.0, 3.0], 8, headroom=1.0).tolist() == [0, 1, 2]
+    assert output_exponent_rule([1.0, 3.0], 8, headroom=1.5).tolist() == [1, 3]
+    with pytest.raises(ValueError, match="headroom must be a finite number >= 1"):
+        output_exponent_rule([1.0], 8, headroom=0.5)
+    m = tiny_model("tiny-llama")
+    quantize_(m, WASQConfig(weight_bits=8, act_bits=8))
+    calibrate_outputs_(m, _batches(), out_bits=8, headroom=1.0)
+    set_backend(m, "accelerator")
+    with torch.no_grad():
+        m(torch.cat(_batches(2, 32, seed=9)) * 0 + 7)  # one token repeated: outputs the calibration never saw
+    st = accelerator_stats(m)
+    assert st["rows"] > 0 and st["outputs"] > st["saturated"] >= 0
+    assert all(v["rows"] > 0 for v in st["layers"].values())
+    reset_accelerator_stats(m)
+    assert accelerator_stats(m)["saturated"] == 0
+
+
+def test_saturation_is_counted_exactly():
+    m = tiny_model("tiny-opt")
+    quantize_(m, WASQConfig(weight_bits=8, act_bits=8))
+    calibrate_outputs_(m, _batches(), out_bits=8)
+    layer = next(iter(quantized_layers(m).values()))
+    layer.out_exponent = (layer.out_exponent.astype(np.int64) - 3).astype(np.int8)  # 8x too small: saturates
+    set_backend(m, "accelerator")
+    x = torch.randn(20, layer.in_features) * 4
+    prog = layer.accelerator_program()
+    codes, _, nsat = prog.codes(x)
+    _, want_sat, _ = reference_codes(prog, x.numpy())
+    assert int(nsat) == want_sat > 0
+    lim = (1 << 7) - 1
+    assert int(((codes & lim) == lim).sum()) >= want_sat
+
+
+def test_errors_name_the_layer_and_say_what_to_do():
+    m = tiny_model("tiny-llama")
+    quantize_(m, WASQConfig(weight_bits=8, act_bits=8))
+    with pytest.raises(AcceleratorError, match=r"layer model\.layers\.0\.self_attn\.q_proj: no calibrated output "
+                                               r"exponents .*calibrate_outputs_"):
+        set_backend(m, "accelerator")
+    with pytest.raises(ValueError, match="backend must be one of 'fake', 'accelerator'"):
+        set_backend(m, "fpga")
+    with pytest.raises(AcceleratorError, match=r"layer model\.layers\.0\.self_attn\.q_proj: saw 3 calibration rows, "
+                                               r"fewer than 16: the calibration text is too short"):
+        calibrate_outputs_(m, [torch.tensor([[1, 2, 3]])])
+    with pytest.raises(AcceleratorError, match="the model has no quantized layers"):
+        set_backend(tiny_model("tiny-llama"), "accelerator")
+    g = tiny_model("tiny-gpt2")
+    quantize_(g, WASQConfig(weight_bits=4, group_size=32))
+    with pytest.raises(AcceleratorError, match=r"layer transformer\.h\.0\.attn\.c_attn: SF4 g32 .*not executable by "
+                                               r"the SFx accelerator \(software only\)"):
+        calibrate_outputs_(g, _batches())
+
+
+def test_row_bias_linear_op_equals_the_model():
+    """LinearOp's per-call bias (a layer with a bias: one operation per activation exponent)."""
+    rng = np.random.default_rng(3)
+    for a, w, o in ((8, 8, 16), (4, 4, 8), (16, 8, 16), (16, 16, 16)):
+        wc = rng.integers(0, 2 ** w, (12, 33)).astype(sfx.code_dtype(w))
+        xc = rng.integers(0, 2 ** a, (9, 33)).astype(sfx.code_dtype(a))
+        mult, sh = rng.integers(2 ** 15, 2 ** 16, 12), rng.integers(-3, 3, 12)
+        op = sfx_torch.LinearOp(wc, w_bits=w, a_bits=a, out_bits=o, shift=sh, mult=mult, row_bias=True)
+        blim = (1 << (sfx.accumulator_bits(a, w) - 2)) - 1
+        for b in (rng.integers(-blim, blim, 12), np.full(12, blim), np.full(12, -blim)):
+            xe = rng.integers(-2, 3, 9)
+            got, ns = op(torch.as_tensor(xc.astype(np.int64)), torch.as_tensor(xe), bias=b)
+            want, st = sfx.linear_with_stats(xc, wc, a_bits=a, w_bits=w, out_bits=o, bias=b, shift=sh, mult=mult,
+                                             x_exponent=xe)
+            assert np.array_equal(got.numpy(), want) and int(ns) == st.n_saturated
+    with pytest.raises(ValueError, match=r"bias must be <= "):
+        op.check_bias(np.full(12, blim + 1))
+    plain = sfx_torch.LinearOp(wc, w_bits=w, a_bits=a, out_bits=o, shift=sh, mult=mult)
+    with pytest.raises(ValueError, match="built with row_bias=False"):
+        plain(torch.as_tensor(xc.astype(np.int64)), 0, bias=np.zeros(12, dtype=np.int64))
