@@ -121,8 +121,10 @@ def register(sub) -> None:
     p.add_argument("--jobs", "-j", type=int, default=1,
                    help="operations simulated at once, one simulator process each (independent layers such as "
                         "q/k/v or gate/up run in parallel; default 1)")
-    p.add_argument("--engine", default="session", choices=("session", "run_linear", "reference"),
-                   help="session: one simulator process serves many operations (default); run_linear: one "
+    p.add_argument("--engine", default="session", choices=("session", "session-percycle", "run_linear", "reference"),
+                   help="session: one simulator process serves many operations, streamed by drivers inside the "
+                        "simulation (default); session-percycle: the same with Python driving every cycle (debug); "
+                        "run_linear: one "
                         "superfloat.sim.run_linear call (one simulator start) per operation; reference: sfx.linear "
                         "only (dry run, no simulator)")
     p.add_argument("--waves", action="store_true", help="record waveforms (their paths are in the --json report)")

@@ -190,8 +190,8 @@ def cosim(checkpoint: str | os.PathLike, layer: str = "all", *, prompt: str | No
     extra_sources = [Path(p) for p in fmax_sources]
     if simulator not in runner.SIMULATORS:
         raise CosimError(f"simulator must be one of {', '.join(map(repr, runner.SIMULATORS))}, got {simulator!r}")
-    if engine not in ("session", "run_linear", "reference"):
-        raise CosimError(f"engine must be 'session', 'run_linear' or 'reference', got {engine!r}")
+    if engine not in ("session", "session-percycle", "run_linear", "reference"):
+        raise CosimError(f"engine must be 'session', 'session-percycle', 'run_linear' or 'reference', got {engine!r}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise CosimError(f"jobs must be a positive int, got {jobs!r}")
     if out_exponent not in ("channel", "tensor"):

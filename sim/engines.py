@@ -189,15 +189,24 @@ class RTLSession:
 
     START_TIMEOUT_S = 600.0
 
-    def __init__(self, array: ArrayConfig, *, waves: bool = False, dsp_pes: int = 0):
-        from .linear import build_accelerator
+    def __init__(self, array: ArrayConfig, *, waves: bool = False, dsp_pes: int = 0, engine: str = "harness",
+                 seed: int = 1, stalls: Any = None):
+        from .harness import Stalls, build_harness
+        from .linear import ENGINES, build_accelerator
 
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(map(repr, ENGINES))}, got {engine!r}")
         self.array = array
         self.p = array.params()
         self.waves = bool(waves)
+        self.engine = engine
+        self.seed = int(seed)
+        self.stalls = stalls if isinstance(stalls, Stalls) else (Stalls.uniform(float(stalls), 6) if stalls
+                                                                 else Stalls())
         t0 = time.perf_counter()
         with _BUILD_LOCK:  # the runner sets os.environ while it builds: one build at a time per process
-            self.build = build_accelerator(self.p, simulator=array.simulator, waves=self.waves, dsp_pes=dsp_pes)
+            build = build_harness if engine == "harness" else build_accelerator
+            self.build = build(self.p, simulator=array.simulator, waves=self.waves, dsp_pes=dsp_pes)
         self.build_s = time.perf_counter() - t0
         self.ops = 0
         self._tmp = Path(tempfile.mkdtemp(prefix="sfx-cosim-"))  # short path: AF_UNIX names are <= 107 bytes
@@ -209,7 +218,8 @@ class RTLSession:
         self._listener.listen(1)
         spec = {"rows": self.p.rows, "cols": self.p.cols, "a_bits": self.p.a_bits, "w_bits": self.p.w_bits,
                 "out_bits": self.p.out_bits, "k_max": self.p.k_max, "simulator": array.simulator,
-                "waves": self.waves, "dsp_pes": dsp_pes, "run_dir": str(self.run_dir), "socket": sock_path}
+                "waves": self.waves, "dsp_pes": dsp_pes, "run_dir": str(self.run_dir), "socket": sock_path,
+                "engine": engine}
         env = dict(os.environ)
         env["SFX_COSIM_HOST"] = json.dumps(spec)
         self._host_log = self.run_dir / "host.log"
@@ -303,6 +313,8 @@ class RTLSession:
                                                                        self.p.out_bits, self.p.k_max):
             raise ValueError(f"operation widths a{args.a_bits}w{args.w_bits}o{args.out_bits} k_max={args.k_max} do "
                              f"not match the session's array {self.array.name}")
+        if self.engine == "harness":
+            return self._run_harness(args, t_start)
         traffic = linear_traffic(args, self.p)
         self.ops += 1
         job = self.run_dir / f"job{self.ops}.npz"
@@ -336,6 +348,42 @@ class RTLSession:
             saturated=int(meas["sat_count"]), reference_saturated=int(ref_stats.n_saturated),
             error=bool(meas["error"]), mismatches=count, first_mismatch=first, padding_nonzero=padding,
             sim_cycles=int(meas["sim_cycles"]), loop_s=loop_s, loop_cpu_s=float(meas["loop_cpu_s"]),
+            sim_s=sim_s, wall_s=time.perf_counter() - t_start,
+            build_cached=self.build.cached, build_s=self.build.build_s, build_dir=str(self.build.dir),
+            waves=self.waves_path)
+        return codes, ref, stats
+
+    def _run_harness(self, args: sfx.LinearArgs, t_start: float) -> tuple[np.ndarray, np.ndarray, Any]:
+        from .harness import HarnessJob, depths_for, linear_beats, read_res_text, read_result, res_codes, write_job
+        from .linear import harness_failure
+        from .scoreboard import first_mismatch, linear_kwargs
+
+        beats, counts = linear_beats(args, self.p)
+        self.ops += 1
+        write_job(self.run_dir, HarnessJob(beats, counts, seed=self.seed + self.ops - 1, stalls=self.stalls,
+                                           reset_cycles=2), depths_for(self.array.simulator))
+        t_sim = time.perf_counter()
+        self._file.write(b"go\n")
+        line = self._readline(None, f"operation {self.ops}")
+        parts = line.split()
+        if len(parts) != 3 or parts[0] != "ok":
+            raise self._failed(f"operation {self.ops} failed: {line}")
+        sim_s = time.perf_counter() - t_sim
+        res = read_result(self.run_dir)
+        msg = harness_failure(self.array.simulator, res, f"operation {self.ops} (T={args.T} N={args.N} K={args.K})")
+        if msg:
+            raise self._failed(msg)
+        codes, padding = res_codes(read_res_text(self.run_dir), args.T, args.N, self.p)
+        ref, ref_stats = sfx.linear_with_stats(args.x, args.w, **linear_kwargs(args))
+        count, first = first_mismatch(codes, ref)
+        cycles = res.cycles
+        macs = args.T * args.N * args.K
+        stats = OpStats(
+            simulator=self.array.simulator, rows=self.p.rows, cols=self.p.cols, cycles=cycles, macs=macs,
+            utilization=macs / (self.p.rows * self.p.cols * cycles) if cycles else 0.0,
+            saturated=res.stats["sat_count"], reference_saturated=int(ref_stats.n_saturated),
+            error=bool(res.stats["error"]), mismatches=count, first_mismatch=first, padding_nonzero=padding,
+            sim_cycles=res.stats["cycles"], loop_s=float(parts[1]), loop_cpu_s=float(parts[2]),
             sim_s=sim_s, wall_s=time.perf_counter() - t_start,
             build_cached=self.build.cached, build_s=self.build.build_s, build_dir=str(self.build.dir),
             waves=self.waves_path)
@@ -381,12 +429,15 @@ def _host_main() -> None:  # pragma: no cover - runs in the helper process
     from superfloat.hw.interface import AccelParams
 
     from . import runner
+    from .harness import build_harness
     from .linear import build_accelerator
 
     spec = json.loads(os.environ.pop("SFX_COSIM_HOST"))
     p = AccelParams(**{k: spec[k] for k in ("rows", "cols", "a_bits", "w_bits", "out_bits", "k_max")})
-    b = build_accelerator(p, simulator=spec["simulator"], waves=spec["waves"], dsp_pes=spec["dsp_pes"])
-    r = runner.run(b, "superfloat.sim.tb_cosim", testcase="serve", env={"SFX_COSIM_SOCKET": spec["socket"]},
+    harness = spec.get("engine", "harness") == "harness"
+    build = build_harness if harness else build_accelerator
+    b = build(p, simulator=spec["simulator"], waves=spec["waves"], dsp_pes=spec["dsp_pes"])
+    r = runner.run(b, "superfloat.sim.tb_harness" if harness else "superfloat.sim.tb_cosim", testcase="serve", env={"SFX_COSIM_SOCKET": spec["socket"]},
                    run_dir=spec["run_dir"], waves=spec["waves"], check=False)
     if r.failed or not r.tests:
         for name, msg in r.failures:
@@ -412,11 +463,14 @@ class SessionEngine:
 
     name = "session"
 
-    def __init__(self, jobs: int = 1, *, waves: bool = False):
+    def __init__(self, jobs: int = 1, *, waves: bool = False, sim_engine: str = "harness"):
         if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
             raise ValueError(f"jobs must be a positive int, got {jobs!r}")
         self.jobs = jobs
         self.waves = waves
+        self.sim_engine = sim_engine
+        if sim_engine == "percycle":
+            self.name = "session-percycle"
         self._q: queue.Queue = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._sessions: list[RTLSession] = []
@@ -450,7 +504,7 @@ class SessionEngine:
             try:
                 s = mine.get(op.array)
                 if s is None:
-                    s = RTLSession(op.array, waves=self.waves)
+                    s = RTLSession(op.array, waves=self.waves, engine=self.sim_engine)
                     mine[op.array] = s
                     with self._lock:
                         self._sessions.append(s)
@@ -554,20 +608,24 @@ def prebuild(array: ArrayConfig, *, waves: bool = False) -> subprocess.Popen:
 def _prebuild_main() -> None:  # pragma: no cover - runs in the helper process
     from superfloat.hw.interface import AccelParams
 
-    from .linear import build_accelerator
+    from .harness import build_harness
 
     spec = json.loads(os.environ.pop("SFX_COSIM_PREBUILD"))
     p = AccelParams(**{k: spec[k] for k in ("rows", "cols", "a_bits", "w_bits", "out_bits", "k_max")})
-    b = build_accelerator(p, simulator=spec["simulator"], waves=spec["waves"])
+    b = build_harness(p, simulator=spec["simulator"], waves=spec["waves"])
     print(f"{'cached' if b.cached else 'built'}: {b.dir} ({b.build_s:.1f} s)", flush=True)
 
 
 def make_engine(engine: str, jobs: int = 1, *, waves: bool = False):
-    """``"session"`` (default), ``"run_linear"`` or ``"reference"`` (``sfx.linear`` only)."""
+    """``"session"`` (default: in-simulation stream drivers), ``"session-percycle"`` (the
+    per-cycle Python drivers, for debugging), ``"run_linear"`` or ``"reference"``
+    (``sfx.linear`` only)."""
     if engine == "session":
         return SessionEngine(jobs, waves=waves)
+    if engine == "session-percycle":
+        return SessionEngine(jobs, waves=waves, sim_engine="percycle")
     if engine == "run_linear":
         return RunLinearEngine(jobs, waves=waves)
     if engine == "reference":
         return ReferenceEngine()
-    raise ValueError(f"engine must be 'session', 'run_linear' or 'reference', got {engine!r}")
+    raise ValueError(f"engine must be 'session', 'session-percycle', 'run_linear' or 'reference', got {engine!r}")

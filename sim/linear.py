@@ -46,6 +46,7 @@ __all__ = [
 
 ACCEL_TOPLEVEL = "sfx_accelerator"
 TB_MODULE = "superfloat.sim.tb_accelerator"
+HARNESS_TB_MODULE = "superfloat.sim.tb_harness"
 _HERE = Path(__file__).resolve().parent
 #: Files whose contents enter the build key of accelerator builds (the cocotb side).
 BENCH_SOURCES = tuple(_HERE / f for f in ("tb_accelerator.py", "streams.py", "scoreboard.py", "linear.py"))
@@ -269,6 +270,9 @@ class LinearSimStats:
     build_s: float
     build_dir: str
     waves: str | None
+    engine: str = "harness"  # "harness" (in-simulation drivers) or "percycle"
+    seed: int = 1  # seed of the in-simulation stall generators
+    stalls: str = "no stalls"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -284,7 +288,8 @@ def _hex_array(words: list[int]) -> np.ndarray:
 def run_linear(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, out_bits: int, bias: Any = None,
                shift: Any = 0, relu: bool = False, rounding: str = "nearest_even", mult: Any = None,
                x_exponent: Any = None, rows: int = 8, cols: int = 8, k_max: int = sfx.DEFAULT_K_MAX,
-               simulator: str = "verilator", waves: bool = False) -> tuple[np.ndarray, LinearSimStats]:
+               simulator: str = "verilator", waves: bool = False, engine: str = "harness", seed: int = 1,
+               stalls: Any = None) -> tuple[np.ndarray, LinearSimStats]:
     """LINEAR computed by the RTL in an HDL simulator: the co-simulation twin of :func:`sfx.linear`.
 
     Arguments are those of :func:`superfloat.sw.sfx.linear` (checked by
@@ -293,6 +298,13 @@ def run_linear(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, out_bits
     ``"icarus"``) and ``waves`` (record a trace; its path is printed and returned in the
     stats).
 
+    ``engine``: ``"harness"`` (default) hands the whole operation to the simulator, whose
+    HDL-side drivers and monitor (:mod:`superfloat.sim.harness`) stream it without Python
+    per cycle; ``"percycle"`` drives every beat from Python (:mod:`superfloat.sim.streams`,
+    for debugging; 10-100x slower, no stalls). ``stalls`` (harness only): None (full rate), a
+    probability (random gaps on every stream, up to 6 cycles) or a
+    :class:`superfloat.sim.harness.Stalls`; ``seed`` seeds the in-simulation stall generators.
+
     Returns:
         ``(codes, stats)``: ``[T, N]`` codes with the dtype of ``sfx.linear``'s result,
         and :class:`LinearSimStats`. The codes are the RTL's; ``stats.mismatches`` says
@@ -300,9 +312,10 @@ def run_linear(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, out_bits
 
     Raises:
         ValueError / TypeError: bad arguments (from ``sfx.check_linear_args``; also the
-            simulator name and the array shape).
+            simulator name, the engine and the array shape).
         runner.SimulatorNotFound: the simulator is not installed (with install hints).
-        runner.SimulationFailed: the build or the bench failed (e.g. the RTL hung).
+        runner.SimulationFailed: the build or the bench failed (e.g. the RTL hung, or the
+            harness saw a handshake violation).
     """
     t_start = time.perf_counter()
     args = sfx.check_linear_args(x_codes, w_codes, a_bits=a_bits, w_bits=w_bits, out_bits=out_bits, bias=bias,
@@ -310,22 +323,17 @@ def run_linear(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, out_bits
                                  x_exponent=x_exponent)
     if simulator not in runner.SIMULATORS:
         raise ValueError(f"simulator must be one of {', '.join(map(repr, runner.SIMULATORS))}, got {simulator!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(map(repr, ENGINES))}, got {engine!r}")
+    if engine == "percycle" and stalls:
+        raise ValueError("stalls need engine='harness' (the per-cycle path streams at full rate)")
     p = AccelParams(rows=rows, cols=cols, a_bits=args.a_bits, w_bits=args.w_bits, out_bits=args.out_bits,
                     k_max=args.k_max)
-    traffic = linear_traffic(args, p)
-    b = build_accelerator(p, simulator=simulator, waves=waves)
-    run_dir = b.dir / "runs" / f"linear-{time.strftime('%Y%m%d-%H%M%S')}-{_uid()}"
-    run_dir.mkdir(parents=True)
-    job, out = run_dir / "job.npz", run_dir / "out.npz"
-    np.savez(job, cmd=_hex_array([traffic.cmd]), par=_hex_array(traffic.par), act=_hex_array(traffic.act),
-             wgt=_hex_array(traffic.wgt), res_beats=np.int64(traffic.res_beats),
-             params=np.array(params_env(p)))
-    r = runner.run(b, TB_MODULE, testcase="run_job", env={"SFX_SIM_JOB": str(job), "SFX_SIM_OUT": str(out)},
-                   run_dir=run_dir, waves=waves)
-    with np.load(out) as o:
-        res_words = [int(s, 16) for s in o["res"].tolist()]
-        meas = {k: o[k].item() for k in o.files if k != "res"}
-    codes, padding = res_to_codes(res_words, args.T, args.N, p)
+    if engine == "harness":
+        codes, padding, meas, r, b, stall_text = _run_harness(args, p, simulator, waves, seed, stalls)
+    else:
+        codes, padding, meas, r, b = _run_percycle(args, p, simulator, waves)
+        stall_text = "no stalls"
     ref, ref_stats = sfx.linear_with_stats(args.x, args.w, **linear_kwargs(args))
     count, first = first_mismatch(codes, ref)
     cycles = int(meas["cycles"])
@@ -341,10 +349,72 @@ def run_linear(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, out_bits
         cycles_per_cpu_s=int(meas["sim_cycles"]) / float(meas["loop_cpu_s"]) if meas["loop_cpu_s"] else 0.0,
         macs_per_s=macs / loop_s if loop_s else 0.0, sim_s=r.wall_s, wall_s=time.perf_counter() - t_start,
         build_cached=b.cached, build_s=b.build_s, build_dir=str(b.dir),
-        waves=str(r.waves) if r.waves else None)
+        waves=str(r.waves) if r.waves else None, engine=engine, seed=int(seed), stalls=stall_text)
     if not waves:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(r.run_dir, ignore_errors=True)
     return codes, stats
+
+
+#: ``run_linear`` engines: in-simulation drivers (default) and the per-cycle Python path.
+ENGINES = ("harness", "percycle")
+
+
+def harness_failure(simulator: str, res, where: str) -> str | None:
+    """The message for a harness job that hung or broke a handshake rule (None if clean)."""
+    st = res.stats
+    if st["timeout"]:
+        return (f"{simulator}: {where} did not finish within {st['cycles']} cycles (the RTL hung): beats taken "
+                f"cmd {st['got_cmd']}, par {st['got_par']}, act {st['got_act']}, wgt {st['got_wgt']}; res "
+                f"{st['got_res']} received; busy {st['busy']}")
+    if res.protocol_errors:
+        return f"{simulator}: {where}: stream protocol violated: {'; '.join(res.protocol_errors)}"
+    return None
+
+
+def _run_harness(args, p, simulator, waves, seed, stalls):
+    from .harness import HarnessJob, Stalls, build_harness, depths_for, linear_beats, read_res_text, read_result, \
+        res_codes, write_job
+
+    if stalls is None or stalls == 0:
+        st = Stalls()
+    elif isinstance(stalls, Stalls):
+        st = stalls
+    else:
+        st = Stalls.uniform(float(stalls), 6)
+    beats, counts = linear_beats(args, p)
+    b = build_harness(p, simulator=simulator, waves=waves)
+    run_dir = b.dir / "runs" / f"linear-{time.strftime('%Y%m%d-%H%M%S')}-{_uid()}"
+    run_dir.mkdir(parents=True)
+    write_job(run_dir, HarnessJob(beats, counts, seed=seed, stalls=st, reset_cycles=2), depths_for(simulator))
+    r = runner.run(b, HARNESS_TB_MODULE, testcase="run_job", env={"SFX_SIM_HARNESS_JOB": "1"}, run_dir=run_dir,
+                   waves=waves)
+    res = read_result(run_dir)
+    msg = harness_failure(simulator, res, f"LINEAR T={args.T} N={args.N} K={args.K}")
+    if msg:
+        raise runner.SimulationFailed(f"{msg}; run folder {run_dir}")
+    codes, padding = res_codes(read_res_text(run_dir), args.T, args.N, p)
+    timing = json.loads((run_dir / "sfx_timing.json").read_text())
+    meas = {"cycles": res.cycles, "sim_cycles": res.stats["cycles"], "sat_count": res.stats["sat_count"],
+            "error": res.stats["error"], **timing}
+    return codes, padding, meas, r, b, st.describe()
+
+
+def _run_percycle(args, p, simulator, waves):
+    traffic = linear_traffic(args, p)
+    b = build_accelerator(p, simulator=simulator, waves=waves)
+    run_dir = b.dir / "runs" / f"linear-{time.strftime('%Y%m%d-%H%M%S')}-{_uid()}"
+    run_dir.mkdir(parents=True)
+    job, out = run_dir / "job.npz", run_dir / "out.npz"
+    np.savez(job, cmd=_hex_array([traffic.cmd]), par=_hex_array(traffic.par), act=_hex_array(traffic.act),
+             wgt=_hex_array(traffic.wgt), res_beats=np.int64(traffic.res_beats),
+             params=np.array(params_env(p)))
+    r = runner.run(b, TB_MODULE, testcase="run_job", env={"SFX_SIM_JOB": str(job), "SFX_SIM_OUT": str(out)},
+                   run_dir=run_dir, waves=waves)
+    with np.load(out) as o:
+        res_words = [int(s, 16) for s in o["res"].tolist()]
+        meas = {k: o[k].item() for k in o.files if k != "res"}
+    codes, padding = res_to_codes(res_words, args.T, args.N, p)
+    return codes, padding, meas, r, b
 
 
 _UID = [0]

@@ -1,0 +1,348 @@
+"""cocotb side of the in-simulation harness (:mod:`superfloat.sim.harness`, top ``sfx_harness``).
+
+cocotb is the orchestrator: it starts the clock (cocotb's GPI clock, no Python per edge),
+toggles ``go`` once per job and waits for ``done`` to toggle; the harness feeds and
+collects every stream cycle by cycle meanwhile. The job's files are in the simulator's
+working folder (:func:`superfloat.sim.harness.write_job`).
+
+Tests:
+
+* ``run_job``: one job written by :func:`superfloat.sim.run_linear` (``SFX_SIM_HARNESS_JOB``);
+  timings to ``sfx_timing.json``;
+* ``serve``: jobs from a host over the Unix socket ``SFX_COSIM_SOCKET`` (``go`` -> ``ok
+  <loop_s> <loop_cpu_s>``, ``quit``), for :class:`superfloat.sim.engines.RTLSession`;
+* the regression tests (``HARNESS_TESTS``), which pack random operations in this process,
+  run them in batches with random stalls on every stream (seed ``SFX_SIM_SEED``, printed),
+  and check every ``res`` beat with :class:`~superfloat.sim.scoreboard.LinearScoreboard`
+  against ``sfx.linear``; ``verify`` runs ``SFX_SIM_VERIFY_CODES`` output codes of random
+  operations (the verification at scale of ``sfx bench rtl``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import time
+from pathlib import Path
+
+import cocotb
+from cocotb.clock import Clock
+from cocotb.triggers import Edge
+
+from .harness import HarnessJob, Stalls, batch_job, depths_for, linear_beats, read_result, write_job
+
+__all__ = ["Harness", "HARNESS_TESTS"]
+
+#: The regression tests run on the harness (``tests/test_sim_harness.py``).
+HARNESS_TESTS = ("h_random_batches", "h_long_result_backpressure", "h_reset_mid_operation", "h_malformed_commands",
+                 "h_bias_out_of_range")
+
+
+class Harness:
+    """Clock and job control of ``sfx_harness``. :meth:`run` runs the job whose files are in the
+    working folder and returns ``(loop_s, loop_cpu_s)``: wall and CPU time of the simulation."""
+
+    def __init__(self, dut, period_ns: int = 10):
+        self.dut = dut
+        self.jobs = 0
+        done = str(dut.done.value)
+        # The harness stays in the simulator across cocotb tests: go continues from done.
+        self.go = 1 if done == "1" else 0
+        dut.go.value = self.go
+        if hasattr(dut, "clk"):  # harness built with clock="port"; else the clock runs inside
+            Clock(dut.clk, period_ns, unit="ns", impl="gpi").start(start_high=False)
+
+    async def run(self) -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        self.go ^= 1
+        self.dut.go.value = self.go
+        while str(self.dut.done.value) != str(self.go):  # (Icarus: done goes X -> 0 at time 0)
+            await Edge(self.dut.done)
+        self.jobs += 1
+        return time.perf_counter() - t0, time.process_time() - c0
+
+
+@cocotb.test(skip=not os.environ.get("SFX_SIM_HARNESS_JOB"))
+async def run_job(dut):
+    """One job prepared by the host in the working folder; timings to ``sfx_timing.json``."""
+    h = Harness(dut)
+    loop_s, cpu_s = await h.run()
+    Path("sfx_timing.json").write_text(json.dumps({"loop_s": loop_s, "loop_cpu_s": cpu_s}))
+
+
+@cocotb.test(skip=not os.environ.get("SFX_COSIM_SOCKET"))
+async def serve(dut):
+    """Run jobs from the host over ``SFX_COSIM_SOCKET`` until ``quit``: the simulator is
+    blocked (no cycles pass) while the host prepares the next job."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(os.environ["SFX_COSIM_SOCKET"])
+    f = sock.makefile("rwb", buffering=0)
+    h = Harness(dut)
+    try:
+        f.write(b"ready\n")
+        while True:
+            line = f.readline()
+            if not line or line.strip() == b"quit":
+                break
+            if line.strip() != b"go":
+                raise ValueError(f"bad request {line!r}")
+            loop_s, cpu_s = await h.run()
+            f.write(f"ok {loop_s!r} {cpu_s!r}\n".encode())
+    finally:
+        dut._log.info("harness session served %d job(s)", h.jobs)
+        try:
+            f.close()
+            sock.close()
+        except OSError:
+            pass
+
+
+# --------------------------------------------------------------------------- regression tests
+
+
+def _params():
+    from .tb_accelerator import _params as p
+
+    return p()
+
+
+def _seed() -> int:
+    return int(os.environ.get("SFX_SIM_SEED", "1"))
+
+
+class HarnessBench:
+    """Regression bench on the harness: jobs of operations packed here, every result beat
+    checked with :class:`LinearScoreboard`, status and handshake monitors checked after
+    every job."""
+
+    def __init__(self, dut, p, *, name: str, seed: int):
+        from .scoreboard import LinearScoreboard
+
+        self.dut = dut
+        self.p = p
+        self.h = Harness(dut)
+        self.depths = depths_for("icarus" if "icarus" in cocotb.SIM_NAME.lower() else "verilator")
+        self.sb = LinearScoreboard(p, context=f"{name} seed={seed}")
+        self.name = name
+        self.seed = seed
+        self.jobs = 0
+        self.codes = 0
+        self.cycles = 0
+        dut._log.info("%s: seed %d", name, seed)
+
+    async def job(self, ops, *, stalls: Stalls, reset_cycles: int = 2, tail_cycles: int = 0, abort=None,
+                  check: bool = True, inject: bool = False, expect_timeout: bool = False):
+        """Run ``ops`` (``(sfx.LinearArgs, name)`` pairs, or raw ``(beats, counts)`` with name)
+        back to back in one job; return the :class:`HarnessResult`."""
+        from superfloat.sw import sfx
+
+        from .scoreboard import linear_kwargs
+
+        self.jobs += 1
+        seed = (self.seed * 1_000_003 + self.jobs) & 0xFFFFFFFF
+        expected, sat = [], 0
+        packed = []
+        for op, name in ops:
+            if isinstance(op, tuple):
+                packed.append(op)
+                continue
+            packed.append(linear_beats(op, self.p))
+            if check:
+                codes, st = sfx.linear_with_stats(op.x, op.w, **linear_kwargs(op))
+                if inject and not expected:
+                    codes = codes.copy()
+                    codes[0, 0] ^= 1
+                expected.append(self.sb.expect(codes, name=name, n_saturated=st.n_saturated,
+                                               info={"T": op.T, "N": op.N, "K": op.K, "relu": op.relu,
+                                                     "rounding": op.rounding, "mult": op.mult is not None,
+                                                     "job seed": seed}))
+                sat += st.n_saturated
+        job: HarnessJob = batch_job(packed, self.p, seed=seed, stalls=stalls, reset_cycles=reset_cycles,
+                                    tail_cycles=tail_cycles, abort=abort)
+        write_job(".", job, self.depths)
+        await self.h.run()
+        r = read_result(".")
+        st = r.stats
+        self.cycles += st["cycles"]
+        where = f"{self.name} job {self.jobs} (job seed {seed}, {stalls.describe()})"
+        assert not r.protocol_errors, f"{where}: {r.protocol_errors}"
+        if expect_timeout:
+            assert st["timeout"], f"{where}: expected the job to hang"
+            return r
+        assert not st["timeout"], (f"{where}: timeout after {st['cycles']} cycles: taken cmd {st['got_cmd']}/"
+                                   f"{job.counts['cmd']}, par {st['got_par']}/{job.counts['par']}, act "
+                                   f"{st['got_act']}/{job.counts['act']}, wgt {st['got_wgt']}/{job.counts['wgt']}; "
+                                   f"res {st['got_res']}/{job.counts['res']}")
+        if check:
+            for word in r.res:
+                self.sb.check(word)
+            assert self.sb.idle, f"{where}: {self.sb.expected_beats} res beats missing"
+            assert st["got_res"] == job.counts["res"], f"{where}: {st['got_res']} res beats, expected " \
+                                                       f"{job.counts['res']}"
+            if reset_cycles and not abort:
+                assert st["sat_count"] == min(sat, (1 << 32) - 1), \
+                    f"{where}: sat_count {st['sat_count']}, the reference saturated {sat}"
+            self.codes += sum(int(e.codes.size) for e in expected)
+        return r
+
+
+def _ops(rng, p, count, **kw):
+    from .tb_accelerator import random_args
+
+    return [(random_args(rng, p, use_mult=bool(rng.getrandbits(1)), use_xexp=bool(rng.getrandbits(1)), **kw),
+             f"op{i}") for i in range(count)]
+
+
+@cocotb.test()
+async def h_random_batches(dut):
+    """Batches of random operations back to back (tiling in T, N, K, relu, both roundings,
+    mult, per-row exponents, biases at the limit), each batch with its own stall pattern on
+    every stream (none, light, heavy, long gaps), every code checked."""
+    p = _params()
+    b = HarnessBench(dut, p, name="h_random_batches", seed=_seed())
+    rng = random.Random(_seed() * 7 + 1)
+    nops = int(os.environ.get("SFX_SIM_NOPS", "6"))
+    inject = os.environ.get("SFX_SIM_INJECT") == "flip"  # self-test: the scoreboard must fail
+    for i, stalls in enumerate((Stalls(), Stalls.uniform(0.1, 4), Stalls.uniform(0.4, 8), Stalls.uniform(0.05, 64))):
+        await b.job(_ops(rng, p, nops), stalls=stalls, inject=inject and i == 0)
+    dut._log.info("h_random_batches: %d codes checked in %d jobs", b.codes, b.jobs)
+
+
+@cocotb.test()
+async def h_long_result_backpressure(dut):
+    """Drain-bound operations (K = 1, 2) while ``res`` is held off for runs of up to 64 cycles."""
+    p = _params()
+    b = HarnessBench(dut, p, name="h_long_result_backpressure", seed=_seed() + 6)
+    rng = random.Random(_seed() * 19 + 6)
+    ops = _ops(rng, p, 4, t=2 * p.rows + 1, n=2 * p.cols + 1, k=1)
+    ops += _ops(rng, p, 2, t=2 * p.rows + 1, n=2 * p.cols + 1, k=2)
+    await b.job(ops, stalls=Stalls.uniform(0.0, 1, res_prob=0.7, res_max_len=64))
+
+
+@cocotb.test()
+async def h_reset_mid_operation(dut):
+    """A reset while inputs stream in, while results drain, and while ``res`` is blocked (the
+    inputs must then stop being taken); after each, the status reads 0 and the next operation
+    is correct."""
+    from .tb_accelerator import random_args
+
+    p = _params()
+    b = HarnessBench(dut, p, name="h_reset_mid_operation", seed=_seed() + 3)
+    rng = random.Random(_seed() * 17 + 3)
+    for phase in ("inputs", "results", "blocked"):
+        big = phase == "blocked"
+        args = random_args(rng, p, use_mult=True, use_xexp=True, t=(4 if big else 2) * p.rows,
+                           n=(2 if big else 1) * p.cols + 1, k=max(2, p.k_max // 2))
+        beats, counts = linear_beats(args, p)
+        if phase == "inputs":
+            abort, stalls = ("act", rng.randint(1, max(1, counts["act"] - 1))), Stalls.uniform(0.25, 6)
+        elif phase == "results":
+            abort, stalls = ("res", 1), Stalls.uniform(0.25, 6)
+        else:
+            abort = ("cycle", 2 * counts["act"] + 50 * p.cols)
+            stalls = Stalls.uniform(0.0, 1, res_prob=1.0, res_max_len=1)
+        r = await b.job([((beats, counts), f"aborted-{phase}")], stalls=stalls, abort=abort, check=False)
+        assert r.stats["aborted"], f"{phase}: the job was not cut by the reset ({r.stats})"
+        if phase == "blocked":
+            assert r.stats["got_res"] == 0, "res transferred while ready was low"
+            assert r.stats["got_act"] < counts["act"], "the inputs were all taken although no result could leave"
+        r = await b.job(_ops(rng, p, 1), stalls=Stalls.uniform(0.25, 6), reset_cycles=3)
+        after = {"busy": r.stats["rst_busy"], "error": r.stats["rst_error"], "sat_count": r.stats["rst_sat"]}
+        assert after == {"busy": 0, "error": 0, "sat_count": 0}, f"status after the reset ({phase}): {after}"
+        assert r.stats["error"] == 0, f"error after the operation following the reset ({phase})"
+
+
+@cocotb.test()
+async def h_malformed_commands(dut):
+    """K = 0, K = k_max + 1, the largest K field, T = 0, N = 0: the command is consumed, error is
+    set and sticky, nothing comes out (20 cycles watched), and the next operation is correct."""
+    from superfloat.sim.harness import words_hex
+
+    from .linear import cmd_word
+
+    p = _params()
+    b = HarnessBench(dut, p, name="h_malformed_commands", seed=_seed() + 4)
+    rng = random.Random(_seed() * 13 + 4)
+    kmax_field = (1 << p.k_bits) - 1
+    cases = [("K=0", dict(k=0, t=p.rows, n=p.cols)), ("K=k_max+1", dict(k=p.k_max + 1, t=1, n=1)),
+             (f"K={kmax_field}", dict(k=kmax_field, t=p.rows + 1, n=2)), ("T=0", dict(k=2, t=0, n=1)),
+             ("N=0", dict(k=2, t=1, n=0))]
+    from .harness import _widths
+
+    for name, fields in cases:
+        cmd = words_hex([cmd_word(p, relu=bool(rng.getrandbits(1)), **fields)], _widths(p)["cmd"])
+        raw = ({"cmd": cmd, "par": b"", "act": b"", "wgt": b""}, {"cmd": 1, "par": 0, "act": 0, "wgt": 0, "res": 0})
+        r = await b.job([(raw, name)], stalls=Stalls.uniform(0.2, 4), tail_cycles=20)
+        st = r.stats
+        assert st["got_cmd"] == 1, f"the {name} command was not taken"
+        assert st["error"] == 1 and st["busy"] == 0, f"after {name}: error {st['error']}, busy {st['busy']}"
+        assert st["got_res"] == 0, f"{st['got_res']} res beat(s) came out after {name}"
+        r = await b.job(_ops(rng, p, 1), stalls=Stalls.uniform(0.2, 4), reset_cycles=0)
+        assert r.stats["error"] == 1, f"after {name} and a correct operation: error must stay set (sticky)"
+    r = await b.job(_ops(rng, p, 1), stalls=Stalls(), reset_cycles=3)
+    assert r.stats["rst_error"] == 0 and r.stats["error"] == 0, "reset must clear error"
+
+
+@cocotb.test()
+async def h_bias_out_of_range(dut):
+    """``|bias| = 2**(A-2)`` on a valid channel sets error (the results are not checked); after a
+    reset the next operation is correct."""
+    from .tb_accelerator import random_args
+    from .harness import _widths, words_hex
+    from .linear import linear_traffic
+
+    p = _params()
+    b = HarnessBench(dut, p, name="h_bias_out_of_range", seed=_seed() + 5)
+    rng = random.Random(_seed() * 11 + 5)
+    args = random_args(rng, p, use_mult=False, use_xexp=False, t=1, n=1, k=2)
+    tr = linear_traffic(args, p)
+    lim = 1 << (p.acc_bits - 2)
+    w = _widths(p)
+    beats = {"cmd": words_hex([tr.cmd], w["cmd"]),
+             "par": words_hex([(tr.par[0] & ~((1 << p.acc_bits) - 1)) | lim], w["par"]),
+             "act": words_hex(tr.act, w["act"]), "wgt": words_hex(tr.wgt, w["wgt"])}
+    counts = {"cmd": 1, "par": 1, "act": len(tr.act), "wgt": len(tr.wgt), "res": tr.res_beats}
+    r = await b.job([((beats, counts), "bias error")], stalls=Stalls.uniform(0.2, 4), check=False)
+    assert r.stats["error"] == 1 and r.stats["got_res"] == tr.res_beats, f"bias out of range: {r.stats}"
+    r = await b.job(_ops(rng, p, 1), stalls=Stalls.uniform(0.2, 4), reset_cycles=3)
+    assert r.stats["error"] == 0
+
+
+@cocotb.test(skip=not os.environ.get("SFX_SIM_VERIFY_CODES"))
+async def verify(dut):
+    """Random operations until ``SFX_SIM_VERIFY_CODES`` output codes are checked: random
+    shapes (tiling in T, N and K), parameters, roundings, relu, mult, xexp, biases at the
+    limits, and a new random stall pattern on every stream for every batch; statistics to
+    ``sfx_verify.json``."""
+    p = _params()
+    target = int(os.environ["SFX_SIM_VERIFY_CODES"])
+    seed = _seed()
+    b = HarnessBench(dut, p, name="verify", seed=seed)
+    rng = random.Random(seed)
+    t0 = time.perf_counter()
+    stall_jobs = 0
+    features = {"relu": 0, "toward_zero": 0, "mult": 0, "xexp": 0, "bias_at_limit": 0, "k_max": 0}
+    acc_lim = (1 << (p.acc_bits - 2)) - 1
+    while b.codes < target:
+        ops = _ops(rng, p, 16)
+        for a, _ in ops:
+            features["relu"] += a.relu
+            features["toward_zero"] += a.rounding == "toward_zero"
+            features["mult"] += a.mult is not None
+            features["xexp"] += bool(a.x_exponent.any())
+            features["bias_at_limit"] += bool((abs(a.bias) == acc_lim).any())
+            features["k_max"] += a.K == p.k_max
+        if rng.random() < 0.25:
+            stalls = Stalls()
+        else:
+            stalls = Stalls({s: rng.choice([0.0, 0.05, 0.2, 0.5]) for s in ("cmd", "par", "act", "wgt", "res")},
+                            {s: rng.choice([1, 4, 16, 64]) for s in ("cmd", "par", "act", "wgt", "res")})
+            stall_jobs += 1
+        await b.job(ops, stalls=stalls)
+    wall = time.perf_counter() - t0
+    Path("sfx_verify.json").write_text(json.dumps({
+        "codes": b.codes, "operations": len(b.sb.done_ops), "jobs": b.jobs, "jobs_with_stalls": stall_jobs,
+        "cycles": b.cycles, "seed": seed, "wall_s": wall, "features": features}))
+    dut._log.info("verify: %d codes of %d operations checked in %d jobs (seed %d), %.1f s", b.codes,
+                  len(b.sb.done_ops), b.jobs, seed, wall)
