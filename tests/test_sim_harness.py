@@ -1,0 +1,110 @@
+"""The in-simulation stream harness (``sim/harness.py``, ``sim/tb_harness.py``) on Verilator and Icarus.
+
+* host-side packing: the vectorized ``$readmemh`` beats equal ``linear_traffic``'s (itself
+  built on ``hw/interface.py``), and ``res_codes`` inverts the ``res`` packing;
+* every configuration of ``tb_accelerator.CONFIGS`` runs the harness regression tests (random
+  batches with seeded stalls on every stream, long result back-pressure, reset in the middle of
+  an operation, malformed commands, bias out of range; every code against ``sfx.linear``);
+* a short ``verify`` run (the scale verification of ``sfx bench rtl``) and self-tests: a
+  flipped expected code and a wrong payload make the bench fail.
+"""
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from superfloat.hw.interface import AccelParams
+from superfloat.sim import runner
+from superfloat.sim.harness import Stalls, build_harness, linear_beats, res_codes
+from superfloat.sim.linear import linear_traffic, params_env, run_linear
+from superfloat.sim.scoreboard import expected_res_words, linear_kwargs
+from superfloat.sim.tb_accelerator import CONFIGS, random_args
+from superfloat.sim.tb_harness import HARNESS_TESTS
+from superfloat.sw import sfx
+
+TB = "superfloat.sim.tb_harness"
+
+
+def group(config: str, simulator: str) -> pytest.MarkDecorator:
+    return pytest.mark.xdist_group(f"sim-harness-{config}-{simulator}")
+
+
+@pytest.mark.parametrize("config", list(CONFIGS) + ["sf8_8x8"])
+def test_packing_matches_linear_traffic(config):
+    c = CONFIGS.get(config, dict(rows=8, cols=8, a_bits=8, w_bits=8, out_bits=8, k_max=16384))
+    p = AccelParams(**c)
+    rng = random.Random(5)
+    for i in range(12):
+        a = random_args(rng, p, use_mult=bool(i & 1), use_xexp=bool(i & 2))
+        tr = linear_traffic(a, p)
+        beats, counts = linear_beats(a, p)
+        for s in ("par", "act", "wgt"):
+            assert [int(x, 16) for x in beats[s].decode().split()] == getattr(tr, s), s
+        assert int(beats["cmd"], 16) == tr.cmd
+        assert counts == {"cmd": 1, "par": len(tr.par), "act": len(tr.act), "wgt": len(tr.wgt), "res": tr.res_beats}
+        ref = sfx.linear(a.x, a.w, **linear_kwargs(a))
+        nd = -(-(p.out_bits * p.cols) // 4)
+        text = "".join(f"{w:0{nd}x}\n" for w in expected_res_words(ref, p))
+        codes, pad = res_codes(text, a.T, a.N, p)
+        assert np.array_equal(codes, ref) and codes.dtype == ref.dtype and pad == 0
+    with pytest.raises(ValueError, match=r"3 res beats for an operation that has"):
+        res_codes("0\n0\n0\n", p.rows + 5, 1, p)
+
+
+def test_stalls_are_checked():
+    with pytest.raises(ValueError, match=r"stall probability of act must be in 0..1, got 1.5"):
+        Stalls({"act": 1.5}).cfg()
+    with pytest.raises(ValueError, match=r"longest stall of res must be in 1..256 cycles, got 300"):
+        Stalls.uniform(0.1, 4, res_max_len=300).cfg()
+    assert Stalls.uniform(0.5, 6).cfg()["thr_wgt"] == 32768 and Stalls.uniform(0.5, 6).cfg()["mask_wgt"] == 7
+
+
+CASES = [pytest.param(c, s, marks=[pytest.mark.sim, group(c, s)], id=f"{c}-{s}") for c in CONFIGS
+         for s in runner.SIMULATORS]
+
+
+@pytest.mark.parametrize("config,simulator", CASES)
+def test_harness_benches(config, simulator, tmp_path):
+    p = AccelParams(**CONFIGS[config])
+    b = build_harness(p, simulator=simulator)
+    r = runner.run(b, TB, testcase=list(HARNESS_TESTS) + ["verify"],
+                   env={"SFX_SIM_PARAMS": params_env(p), "SFX_SIM_NOPS": "6", "SFX_SIM_SEED": "3",
+                        "SFX_SIM_VERIFY_CODES": "2000"}, run_dir=tmp_path / "run")
+    assert r.tests == len(HARNESS_TESTS) + 1 and r.failed == 0
+    v = json.loads((tmp_path / "run" / "sfx_verify.json").read_text())
+    assert v["codes"] >= 2000 and v["seed"] == 3 and v["operations"] > 0
+
+
+@pytest.mark.sim
+@group("sf8_4x4", "verilator")
+def test_harness_scoreboard_catches_a_wrong_code():
+    """Self-test: with one expected code flipped, the harness bench must fail and name the element."""
+    p = AccelParams(**CONFIGS["sf8_4x4"])
+    b = build_harness(p, simulator="verilator")
+    with pytest.raises(runner.SimulationFailed, match=r"Y\[t=0, n=0\]: expected code 0x[0-9a-f]+, got 0x"):
+        runner.run(b, TB, testcase="h_random_batches",
+                   env={"SFX_SIM_PARAMS": params_env(p), "SFX_SIM_INJECT": "flip", "SFX_SIM_NOPS": "2"})
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("simulator", [pytest.param(s, marks=group("sf8_4x4", s)) for s in runner.SIMULATORS])
+def test_run_linear_harness_with_stalls_equals_percycle(simulator):
+    """Same codes with the harness (with and without stalls) and the per-cycle path; without
+    stalls the same cycle count; the seed is in the stats."""
+    p = AccelParams(**CONFIGS["sf8_4x4"])
+    a = random_args(random.Random(9), p, use_mult=True, use_xexp=True, t=9, n=6, k=40)
+    kw = dict(**linear_kwargs(a), rows=p.rows, cols=p.cols, simulator=simulator)
+    kw["k_max"] = p.k_max
+    c_h, s_h = run_linear(a.x, a.w, **kw)
+    c_p, s_p = run_linear(a.x, a.w, **kw, engine="percycle")
+    c_s, s_s = run_linear(a.x, a.w, **kw, stalls=0.3, seed=77)
+    ref = sfx.linear(a.x, a.w, **linear_kwargs(a))
+    for c, s in ((c_h, s_h), (c_p, s_p), (c_s, s_s)):
+        assert np.array_equal(c, ref) and s.mismatches == 0 and s.saturated == s.reference_saturated
+    assert s_h.cycles == s_p.cycles and s_h.engine == "harness" and s_p.engine == "percycle"
+    assert s_s.cycles > s_h.cycles and s_s.seed == 77 and "act 0.30x6" in s_s.stalls
+    with pytest.raises(ValueError, match=r"engine must be one of 'harness', 'percycle', got 'x'"):
+        run_linear(a.x, a.w, **kw, engine="x")
