@@ -270,7 +270,7 @@ def test_flipped_byte_fails_the_sha256_naming_the_tensor(good_ckpt, tmp_path, te
     d = _damaged(good_ckpt, tmp_path)
     _flip_byte(d, tensor, offset)
     with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor '{re.escape(tensor)}' fails its SHA-256 "
-                                              rf"check \(its bytes changed since the save"):
+                                              rf"check \(its bytes, or its digest in field sha256 of sfx_config\.json, changed"):
         load_checkpoint(d)
 
 
@@ -279,7 +279,7 @@ def test_sha256_field_must_cover_exactly_the_tensors(good_ckpt, tmp_path):
     with pytest.raises(CheckpointError, match=r"field sha256 has no digest for tensor 'model\.norm\.weight'"):
         load_checkpoint(d)
     d2 = _damaged(good_ckpt, tmp_path / "2", edit_config=lambda c: c["sha256"].update({"ghost.weight": "0" * 64}))
-    with pytest.raises(CheckpointError, match=r"is missing tensor 'ghost\.weight' \(field sha256 of sfx_config\.json"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is missing tensor .ghost\.weight. \(field sha256 of sfx_config\.json"):
         load_checkpoint(d2)
     d3 = _damaged(good_ckpt, tmp_path / "3", edit_config=lambda c: c["sha256"].update({"model.norm.weight": "xyz"}))
     with pytest.raises(CheckpointError, match=r"field sha256\['model\.norm\.weight'\] must be a SHA-256 hex digest"):

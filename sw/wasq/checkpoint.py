@@ -727,7 +727,7 @@ def _safetensors_header(path: Path, *, with_start: bool = False):
             if key not in meta:
                 raise CheckpointError(f"{bad} has no {key!r}; {_REDO}")
         dt, shape, offs = meta["dtype"], meta["shape"], meta["data_offsets"]
-        if dt not in _ST_DTYPES:
+        if not isinstance(dt, str) or dt not in _ST_DTYPES:
             raise CheckpointError(f"{bad} has dtype {_short(dt)}, not one of {', '.join(_ST_DTYPES)}; {_REDO}")
         if not (isinstance(shape, list) and all(_is_int(s) and s >= 0 for s in shape)):
             raise CheckpointError(f"{bad} has shape {_short(shape)}, not a list of non-negative integers; {_REDO}")
@@ -782,6 +782,7 @@ class _Tensors:
         else:
             raise CheckpointError(f"{d} has no {WEIGHTS_FILE} (nor {INDEX_FILE}): the checkpoint's tensors are "
                                   f"missing; {_REDO}")
+        self.where = files[0].name if len(files) == 1 else f"{INDEX_FILE} (and its shards)"
         self.handles = []
         self.paths: list[Path] = []
         headers = []
@@ -817,7 +818,7 @@ class _Tensors:
                                   + f": the tensor was added after the save or the field was edited; {_REDO}")
         absent = sorted(set(digests) - set(self.files))
         if absent:
-            raise CheckpointError(f"checkpoint {self.dir} is missing tensor {absent[0]!r} (field sha256 of "
+            raise CheckpointError(f"checkpoint {self.dir}: {self.where} is missing tensor {absent[0]!r} (field sha256 of "
                                   f"{CONFIG_FILE} lists it)" + (f" and {len(absent) - 1} more" if len(absent) > 1
                                                                  else "") + f"; {_REDO}")
         for path, (header, start) in zip(self.paths, headers):
@@ -829,8 +830,8 @@ class _Tensors:
                         lo, hi = meta["data_offsets"]
                         if _sha256_file_range(f, start + lo, start + hi) != digests[name]:
                             raise CheckpointError(
-                                f"{path}: tensor {name!r} fails its SHA-256 check (its bytes changed since the save: "
-                                f"the file is corrupt or was edited); {_REDO}")
+                                f"{path}: tensor {name!r} fails its SHA-256 check (its bytes, or its digest in field "
+                                f"sha256 of {CONFIG_FILE}, changed since the save: a corrupt or edited file); {_REDO}")
             except OSError as e:
                 raise CheckpointError(f"{path} cannot be read: {e.strerror or e}") from None
 
@@ -842,7 +843,7 @@ class _Tensors:
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.files:
-            raise CheckpointError(f"checkpoint {self.dir} is missing tensor {name!r}; {_REDO}")
+            raise CheckpointError(f"checkpoint {self.dir}: {self.where} is missing tensor {name!r}; {_REDO}")
         try:
             return self.handles[self.files[name]].get_tensor(name)
         except Exception as e:  # noqa: BLE001
@@ -1001,9 +1002,9 @@ def _load(d: Path, device, return_info: bool):
         src = aliases.get(key, key)
         if src not in store:
             if src != key:
-                raise CheckpointError(f"checkpoint {d} is missing tensor {src!r} (field aliases[{key!r}] of "
+                raise CheckpointError(f"checkpoint {d}: {store.where} is missing tensor {src!r} (field aliases[{key!r}] of "
                                       f"{CONFIG_FILE} says {key!r} is stored under that name); {_REDO}")
-            raise CheckpointError(f"checkpoint {d} is missing tensor {key!r} (and field aliases of {CONFIG_FILE} "
+            raise CheckpointError(f"checkpoint {d}: {store.where} is missing tensor {key!r} (and field aliases of {CONFIG_FILE} "
                                   f"names no stored tensor it is tied to); {_REDO}")
         t = store.get(src)
         if tuple(t.shape) != tuple(ref.shape):
