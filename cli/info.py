@@ -116,8 +116,11 @@ def register(sub) -> None:
     p = sub.add_parser("info", help="versions of the tools found, and how to install missing ones")
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("table", help="print the Markdown table of every SFx code (bits <= 8)")
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--exponent", type=int, default=0, help="power-of-two exponent E (value * 2**E)")
+    from superfloat.cli.argtypes import int_range
+
+    p.add_argument("--bits", type=int_range(2, 8, what="an SFx width (tables are printed up to 8 bits)"), default=4)
+    p.add_argument("--exponent", type=int_range(-128, 127, what="an int8 exponent"), default=0,
+                   help="power-of-two exponent E (value * 2**E)")
     p.set_defaults(func=cmd_table)
     from superfloat.cli import demo
 

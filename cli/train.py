@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from superfloat.cli import argtypes
 from superfloat.cli.wasq import CLIError, _run, add_model_args, add_quant_args
 from superfloat.sw.wasq.data import pad_id
 
@@ -26,16 +27,13 @@ TRAIN_METHODS = ("vanilla", "fpm", "opt", "fasteropt", "lth")
 
 
 def _positive(name: str, kind=int, allow_zero: bool = False):
-    def parse(s: str):
-        try:
-            v = kind(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a {'number' if kind is float else 'whole number'}, "
-                                             f"got {s!r}") from None
-        if v < 0 or (v == 0 and not allow_zero):
-            raise argparse.ArgumentTypeError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {s}")
-        return v
-    return parse
+    """``type=`` for ``name``: a positive (or, with ``allow_zero``, non-negative) int or finite
+    float (superfloat.cli.argtypes; argparse prefixes the message with the flag)."""
+    from superfloat.cli import argtypes
+
+    if kind is float:
+        return argtypes.nonneg_float if allow_zero else argtypes.positive_float
+    return argtypes.nonneg_int if allow_zero else argtypes.positive_int
 
 
 def _fraction(s: str):
@@ -54,8 +52,9 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     """The WASQConfig options of ``add_quant_args`` minus its ``--method`` (``finetune``
     uses ``--method`` for the training method; the quantizer is always SFx here)."""
     g = p.add_argument_group("quantization (WASQConfig; defaults in docs/wasq.md)")
-    g.add_argument("--weight-bits", "-w", type=int, required=True, metavar="X", help="SFx weight width, 2..16")
-    g.add_argument("--act-bits", "-a", type=int, metavar="Y", help="SF Y inputs of every quantized layer "
+    g.add_argument("--weight-bits", "-w", type=argtypes.sfx_bits, required=True, metavar="X",
+                   help="SFx weight width, 2..16")
+    g.add_argument("--act-bits", "-a", type=argtypes.sfx_bits, metavar="Y", help="SF Y inputs of every quantized layer "
                                                                     "(default: weight-only)")
     g.add_argument("--scale", dest="scale_kind", default="float", choices=("float", "pow2"),
                    help="weight scale: float per row (default) or power-of-two exponents")
@@ -336,7 +335,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduler", default="cosine", choices=("constant", "constant_with_warmup", "linear", "cosine"))
     g.add_argument("--max-grad-norm", type=_positive("--max-grad-norm", float, True), default=1.0,
                    help="gradient clipping (0: off; default 1.0)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=argtypes.nonneg_int, default=0)
     g.add_argument("--save-every", type=_positive("--save-every"), default=None, metavar="S",
                    help="also checkpoint every S steps (always: end of each epoch, end of run, Ctrl-C)")
     g.add_argument("--dropout", action="store_true", help="train with the model's dropout (default: off)")
@@ -367,7 +366,7 @@ def register(sub) -> None:
     g.add_argument("--layers", nargs="+", metavar="NAME", help="train exactly these layers")
     g = p.add_argument_group("lth")
     g.add_argument("--rounds", type=_positive("--rounds", int, True), default=2, help="pruning rounds (default 2)")
-    g.add_argument("--prune", type=float, default=0.2, help="fraction of surviving weights pruned per round (0.2)")
+    g.add_argument("--prune", type=argtypes.float_range(0.0, 1.0, open_low=True, open_high=True), default=0.2, help="fraction of surviving weights pruned per round (0.2)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-tokens", type=_positive("--eval-tokens", int, True), default=0, metavar="T",
                    help="perplexity on the first T tokens of --eval-split after training (and after each lth round)")
@@ -405,7 +404,7 @@ def register(sub) -> None:
     p.add_argument("--model", "-m", nargs="+", default=["tiny-llama"], metavar="M",
                    help="model spec(s) (default tiny-llama)")
     p.add_argument("--data", "-d", default="shakespeare", metavar="D")
-    p.add_argument("--bits", nargs="+", type=int, default=[4, 6, 8], metavar="X", help="SFx weight widths (4 6 8)")
+    p.add_argument("--bits", nargs="+", type=argtypes.sfx_bits, default=[4, 6, 8], metavar="X", help="SFx weight widths (4 6 8)")
     p.add_argument("--context", nargs="+", type=_positive("--context"), default=[64, 256], metavar="C",
                    help="calibration and evaluation window lengths (default 64 256)")
     p.add_argument("--shots", nargs="+", type=_positive("--shots", int, True), default=[0, 1, 3], metavar="S",
@@ -418,7 +417,7 @@ def register(sub) -> None:
     p.add_argument("--pretrain-steps", type=_positive("--pretrain-steps", int, True), default=0, metavar="S",
                    help="first train each float model S steps on the train split (for the random tiny models)")
     p.add_argument("--scale", dest="scale_kind", default="float", choices=("float", "pow2"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=argtypes.nonneg_int, default=0)
     p.add_argument("--output", "-o", required=True, metavar="DIR")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")

@@ -80,8 +80,6 @@ def test_vanilla_finetune_needs_no_training(tmp_path, text, capsys):
 
 
 @pytest.mark.parametrize("argv, msg", [
-    (["--weight-bits", "1"], "WASQConfig.weight_bits must be in 2..16"),
-    (["--weight-bits", "4", "--method", "lth", "--prune", "1.5"], r"lth: prune must be a fraction in \(0, 1\)"),
     (["--weight-bits", "4", "--method", "opt", "--layers", "x", "--analysis", "y"],
      "give either --layers or --analysis, not both"),
     (["--weight-bits", "4", "--method", "opt", "--analysis", "/nonexistent"], "no analysis at"),
@@ -97,7 +95,9 @@ def test_finetune_errors(tmp_path, text, capsys, argv, msg):
 
 @pytest.mark.parametrize("argv, msg", [
     (["--fraction", "2"], r"--fraction must be a number in \(0, 1\] or 'cluster', got 2"),
-    (["--epochs", "0"], "--epochs must be > 0, got 0"),
+    (["--epochs", "0"], "argument --epochs: must be an integer >= 1, got 0"),
+    (["--weight-bits", "1"], r"argument --weight-bits/-w: must be an SFx width in 2\.\.16, got 1"),
+    (["--method", "lth", "--prune", "1.5"], r"argument --prune: must be a number in \(0, 1\), got 1\.5"),
     (["--method", "gptq"], "invalid choice: 'gptq'"),
 ])
 def test_finetune_argument_errors(tmp_path, capsys, argv, msg):
@@ -141,5 +141,6 @@ def test_sweep_cli(tmp_path, text, capsys):
     assert all(r["float_perplexity"] == rows[0]["perplexity"] for r in rows)
     assert {r["method"] for r in rows} == {"float", "vanilla", "fpm"}
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
-    assert cli.main(["sweep", "--bits", "1", "-o", str(out), "--data", text]) == 2
-    assert "sweep: bits must be in 2..16, got 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sweep", "--bits", "1", "-o", str(out), "--data", text])
+    assert e.value.code == 2 and "argument --bits: must be an SFx width in 2..16, got 1" in capsys.readouterr().err
