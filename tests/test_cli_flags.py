@@ -85,3 +85,20 @@ def test_cli_numeric_flags_are_range_checked(argv, msg, capsys):
 def test_table_accepts_the_range_ends(capsys):
     assert cli.main(["table", "--bits", "2", "--exponent", "-128"]) == 0
     assert "| 3 | `11` |" in capsys.readouterr().out
+
+
+def test_text_files_that_give_no_text_are_named(tmp_path):
+    from superfloat.sw.wasq.data import load_text
+
+    short = tmp_path / "short.txt"
+    short.write_text("one line\ntwo\n")
+    with pytest.raises(ValueError, match=r"the test split of '.*short\.txt' \(lines 95\.\.100 % of its 2 lines\) is "
+                                         r"empty; use --split all"):
+        load_text(str(short), "test")
+    assert load_text(str(short), "all") == "one line\ntwo\n"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"the text file '.*empty\.txt' is empty"):
+        load_text(str(empty))
+    with pytest.raises(ValueError, match=r"cannot decode .*short\.txt as nosuchcodec"):
+        load_text(str(short), encoding="nosuchcodec")

@@ -62,9 +62,15 @@ def shakespeare_files() -> dict[str, Path]:
 
 
 def _read(path: Path, encoding: str | None = None) -> str:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read the text file {path}: {e.strerror or e}") from None
     if encoding:
-        return data.decode(encoding)
+        try:
+            return data.decode(encoding)
+        except (LookupError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot decode {path} as {encoding}: {e}") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
@@ -129,7 +135,13 @@ def load_text(spec: str, split: str | None = None, *, encoding: str | None = Non
         lines = text.splitlines(keepends=True)
         lo, hi = _FILE_FRACTIONS[split]
         n = len(lines)
-        return "".join(lines[int(round(lo * n)): int(round(hi * n))])
+        part = "".join(lines[int(round(lo * n)): int(round(hi * n))])
+        if not part.strip():
+            if not text.strip():
+                raise ValueError(f"the text file {spec!r} is empty")
+            raise ValueError(f"the {split} split of {spec!r} (lines {int(round(lo * 100))}..{int(round(hi * 100))} % "
+                             f"of its {n} lines) is empty; use --split all (or a longer file)")
+        return part
     if path.is_dir():
         raise ValueError(f"{spec!r} is a directory; give a text file, 'shakespeare', 'wikitext-2' or hf:NAME[:CONFIG]")
     low = spec.lower()
