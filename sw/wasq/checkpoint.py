@@ -17,6 +17,12 @@ A checkpoint is a directory::
                           ``sha256`` ``{tensor: hex digest of its bytes in the file}`` and
                           ``tokenizer_files`` ``{file: hex digest}``
     tokenizer files       (when a tokenizer is given)
+    config.json           the base model's Hugging Face config with a ``quantization_config``
+                          (``quant_method`` ``"superfloat"``): ``AutoModelForCausalLM.from_pretrained``
+                          loads the checkpoint through :mod:`superfloat.sw.wasq.hf` (docs/huggingface.md);
+                          derived from ``sfx_config.json``, which stays the reference (the loaders
+                          ignore it; the Hugging Face path checks it against ``base_model``)
+    generation_config.json  (models that generate) as ``save_pretrained`` writes it
 
 ``real[n, k] = value(codes[n, k]) * 2**exponent[n] * scale[n]`` (scale 1 when absent).
 For float scales ``exponent`` is 0 and the accelerator gets ``scale`` through
@@ -62,8 +68,8 @@ from .config import WASQConfig
 from .qlinear import ExportedLinear
 from .quantize import quantize_, quantized_layers, wasq_config_of
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_info", "CheckpointError", "stale_save_dirs",
-           "reseal_checkpoint",
+__all__ = ["save_checkpoint", "load_checkpoint", "load_into", "read_checkpoint_info", "CheckpointError",
+           "stale_save_dirs", "reseal_checkpoint", "HF_CONFIG_FILE", "GENERATION_CONFIG_FILE",
            "FORMAT_NAME", "FORMAT_VERSION", "SUPPORTED_VERSIONS", "CONFIG_FILE", "WEIGHTS_FILE"]
 
 FORMAT_NAME = "superfloat-wasq-checkpoint"
@@ -72,6 +78,12 @@ SUPPORTED_VERSIONS = (1, 2)
 CONFIG_FILE = "sfx_config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+HF_CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+#: files of a target directory that ``save_checkpoint(keep_other_files=True)`` does not carry over (the
+#: checkpoint writes its own; weights of an earlier float save would shadow or contradict it)
+_STALE_WEIGHTS_RE = re.compile(r"^(model|pytorch_model|tf_model|flax_model|adapter_model)([-.].*)?\.(safetensors|bin|h5|msgpack)"
+                               r"(\.index\.json)?$")
 
 #: what to do about a damaged checkpoint (appended to most load errors)
 _REDO = "restore the checkpoint from a copy or re-create it with sfx quantize"
@@ -254,8 +266,14 @@ def _layer_out_fields(layer: nn.Module, name: str, n: int) -> tuple[np.ndarray |
 
 
 def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any = None,
-                    overwrite: bool = False, source: str | None = None, note: str | None = None) -> dict[str, Any]:
+                    overwrite: bool = False, source: str | None = None, note: str | None = None,
+                    keep_other_files: bool = False) -> dict[str, Any]:
     """Write the quantized ``model`` as a WASQ checkpoint directory, atomically.
+
+    Besides ``model.safetensors`` and ``sfx_config.json`` it writes ``config.json`` (the
+    base model's Hugging Face config with a ``quantization_config``, so that
+    ``AutoModelForCausalLM.from_pretrained`` loads it: :mod:`superfloat.sw.wasq.hf`) and,
+    for models that generate, ``generation_config.json``.
 
     Args:
         model: a transformers model after :func:`quantize_` (method ``"sfx"``).
@@ -264,6 +282,12 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, tokenizer
         tokenizer: saved alongside (``save_pretrained``) so the checkpoint is self-contained.
         source, note: recorded in ``sfx_config.json["base_model"]`` (e.g. the model spec and
             the Q4_1 caveat of smollm2-135m).
+        keep_other_files: ``save_pretrained`` semantics (what the model's ``save_pretrained``
+            uses): the target may be any directory; the files and folders in it that the
+            checkpoint does not write (a tokenizer, a README, ...) are kept (hard links into
+            the new directory, which still replaces the old one atomically), except weight
+            files of an earlier save (``model*.safetensors``, ``pytorch_model*.bin``, their
+            indexes), which would contradict the checkpoint.
 
     Leftover folders of earlier interrupted saves to the same target (``.NAME.tmp-*``,
     ``.NAME.old-*``) are removed first (a ``RuntimeWarning`` names any that cannot be).
@@ -291,10 +315,12 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, tokenizer
     if target.exists():
         if not target.is_dir():
             raise FileExistsError(f"{target} exists and is not a directory")
-        if any(target.iterdir()) and not overwrite:
+        if keep_other_files:
+            pass  # save_pretrained semantics: write into any directory, keep what the checkpoint does not write
+        elif any(target.iterdir()) and not overwrite:
             raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True (CLI: --overwrite) to "
                                   f"replace a checkpoint")
-        if any(target.iterdir()) and not (target / CONFIG_FILE).is_file():
+        elif any(target.iterdir()) and not (target / CONFIG_FILE).is_file():
             raise FileExistsError(f"{target} is not empty and is not a WASQ checkpoint; refusing to replace it")
 
     tensors: dict[str, torch.Tensor] = {}
@@ -391,6 +417,9 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, tokenizer
             tokenizer.save_pretrained(str(tmp))
             info["tokenizer_files"] = {f.name: _sha256_file(f) for f in sorted(tmp.iterdir())
                                        if f.is_file() and f.name != WEIGHTS_FILE}
+        _write_hf_files(model, tmp, info)
+        if keep_other_files and target.is_dir():
+            _carry_over(target, tmp)
         file_bytes = (tmp / WEIGHTS_FILE).stat().st_size
         info["memory"] = {
             "model_safetensors_bytes": file_bytes,
@@ -414,7 +443,7 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, tokenizer
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdir/safetensors may create private modes: apply the user's umask
         for f in tmp.iterdir():
-            if f.is_file():
+            if f.is_file() and not f.is_symlink() and f.stat().st_nlink == 1:  # (not the carried-over hard links)
                 os.chmod(f, 0o666 & ~umask)
         _fsync_dir(tmp)
         if target.exists():
@@ -432,6 +461,41 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, tokenizer
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return info["memory"]
+
+
+def _write_hf_files(model: nn.Module, tmp: Path, info: dict[str, Any]) -> None:
+    """``config.json`` (from ``info``, with the ``quantization_config``) and, for a model that
+    generates, ``generation_config.json``: what ``from_pretrained`` reads besides the weights."""
+    from .hf import hf_config
+
+    hf_config(info).to_json_file(str(tmp / HF_CONFIG_FILE), use_diff=True)
+    gen = getattr(model, "generation_config", None)
+    can = getattr(model, "can_generate", None)
+    if gen is not None and callable(can) and can():
+        gen.save_pretrained(str(tmp))
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Hard-link (or copy) into ``new`` every entry of the directory ``old`` that ``new`` does
+    not have, except weight files of an earlier save and leftovers of ours."""
+    for p in sorted(old.iterdir()):
+        dst = new / p.name
+        if dst.exists() or dst.is_symlink() or _STALE_WEIGHTS_RE.match(p.name) or p.name == CONFIG_FILE + ".part":
+            continue
+        if p.is_symlink():
+            os.symlink(os.readlink(p), dst)
+        elif p.is_dir():
+            shutil.copytree(p, dst, symlinks=True, copy_function=_link_or_copy)
+        elif p.is_file():
+            _link_or_copy(str(p), str(dst))
 
 
 def reseal_checkpoint(directory: str | os.PathLike) -> None:
@@ -452,7 +516,8 @@ def reseal_checkpoint(directory: str | os.PathLike) -> None:
     if info.get("tokenizer"):
         old = info.get("tokenizer_files")
         names = list(old) if isinstance(old, dict) else [f.name for f in sorted(d.iterdir()) if f.is_file() and f.name
-                                                         not in (WEIGHTS_FILE, CONFIG_FILE, INDEX_FILE)
+                                                         not in (WEIGHTS_FILE, CONFIG_FILE, INDEX_FILE,
+                                                                 HF_CONFIG_FILE, GENERATION_CONFIG_FILE)
                                                          and not f.name.endswith(".safetensors")]
         info["tokenizer_files"] = {n: _sha256_file(d / n) for n in names if (d / n).is_file()}
     info["format_version"] = FORMAT_VERSION
@@ -965,16 +1030,62 @@ def load_checkpoint(directory: str | os.PathLike, *, device: str | torch.device 
                               f"checkpoint is intact, this is a bug in superfloat: please report it)") from e
 
 
+def load_into(model: nn.Module, directory: str | os.PathLike) -> dict[str, Any]:
+    """Fill ``model`` (a float transformers model of the checkpoint's base architecture,
+    built from the same config, e.g. by ``from_pretrained``) with the checkpoint in
+    ``directory``, in place: exactly what :func:`load_checkpoint` does after building the
+    model (every check, the digests, the quantized layers with their codes, activation and
+    output settings, the unquantized tensors, the stored dtype). Used by the Hugging Face
+    integration (:mod:`superfloat.sw.wasq.hf`). Returns the checkpoint's ``sfx_config.json``.
+
+    Raises:
+        CheckpointError: as :func:`load_checkpoint`.
+    """
+    d = Path(directory).expanduser()
+    try:
+        info = read_checkpoint_info(d)
+        store = _Tensors(d, info)
+        _populate(model, d, info, store, _quant_config(info, d / CONFIG_FILE))
+        return info
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the last resort: one line, never a traceback
+        raise CheckpointError(f"checkpoint {d} could not be loaded: {type(e).__name__}: {_one_line(e)} (if the "
+                              f"checkpoint is intact, this is a bug in superfloat: please report it)") from e
+
+
+def _quant_config(info: dict[str, Any], cfg_path: Path) -> WASQConfig:
+    try:
+        return WASQConfig.from_dict(info["quant_config"])
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{cfg_path}: field quant_config is invalid: {_one_line(e)}; {_REDO}") from None
+
+
+def _attach_hf(model: nn.Module) -> None:
+    from .hf import attach
+
+    attach(model)
+
+
 def _load(d: Path, device, return_info: bool):
     info = read_checkpoint_info(d)
     cfg_path = d / CONFIG_FILE
     store = _Tensors(d, info)
-    try:
-        config = WASQConfig.from_dict(info["quant_config"])
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{cfg_path}: field quant_config is invalid: {_one_line(e)}; {_REDO}") from None
+    config = _quant_config(info, cfg_path)
     model = _build_model(info, cfg_path)
-    model = model.to(getattr(torch, info.get("dtype", "float32")))
+    _populate(model, d, info, store, config)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    _attach_hf(model)
+    tok = _load_tokenizer(d, info) if info.get("tokenizer") else None
+    return (model, tok, info) if return_info else model
+
+
+def _populate(model: nn.Module, d: Path, info: dict[str, Any], store: "_Tensors", config: WASQConfig) -> None:
+    """Everything :func:`load_checkpoint` does once the base model is built (in place)."""
+    cfg_path = d / CONFIG_FILE
+    model.to(getattr(torch, info.get("dtype", "float32")))
     layer_specs: dict[str, Any] = info["layers"]
     try:
         quantize_(model, config, layers=list(layer_specs))
@@ -1108,8 +1219,4 @@ def _load(d: Path, device, return_info: bool):
                               + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
                               + f": it matches no quantized layer and no parameter of the base model; {_REDO}")
     model.load_state_dict(float_sd, strict=False)  # quantized layers were set by load_exported
-    if device is not None:
-        model = model.to(device)
     model.eval()
-    tok = _load_tokenizer(d, info) if info.get("tokenizer") else None
-    return (model, tok, info) if return_info else model

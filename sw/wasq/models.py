@@ -253,10 +253,9 @@ def _is_checkpoint_dir(path: Path) -> bool:
     """A WASQ checkpoint directory: it has ``sfx_config.json``, or (damaged) WASQ tensors without it."""
     if (path / "sfx_config.json").is_file():
         return True
-    if (path / "config.json").is_file():
-        return False
     from .checkpoint import WEIGHTS_FILE, _is_wasq_weights
 
+    # (before config.json: a WASQ checkpoint has one too, for from_pretrained)
     return (path / WEIGHTS_FILE).is_file() and _is_wasq_weights(path / WEIGHTS_FILE)
 
 
