@@ -144,11 +144,37 @@ def _json_default(o: Any):
 # --------------------------------------------------------------------------- sfx finetune
 
 
+def _process_state():
+    """accelerate's process state (several processes under ``accelerate launch`` / ``torchrun``)."""
+    from superfloat.sw.wasq.train import DistributedLaunchError, process_state
+
+    try:
+        return process_state()
+    except DistributedLaunchError as e:
+        raise CLIError(str(e)) from None
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from superfloat.sw.wasq.checkpoint import save_checkpoint
+    """``sfx finetune``; under several processes (docs/distributed.md) every rank trains its
+    slice of each global batch, rank 0 alone writes the checkpoint, ``finetune.json`` and
+    the output (the others wait for it), with global token and loss figures."""
+    ps = _process_state()
+    try:
+        return _finetune(args, ps)
+    except CLIError as e:
+        if ps.num_processes > 1 and not ps.is_main_process:
+            raise CLIError(f"[rank {ps.process_index}] {e}") from None
+        raise
+    finally:
+        if ps.num_processes > 1:
+            ps.destroy_process_group()
+
+
+def _finetune(args: argparse.Namespace, ps) -> int:
     from superfloat.sw.wasq.evaluate import perplexity
     from superfloat.sw.wasq.methods import run_method
 
+    main = ps.is_main_process
     out = Path(args.output)
     model_dir = out / "model"
     if model_dir.exists() and any(model_dir.iterdir()) and not (args.resume or args.overwrite):
@@ -158,7 +184,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.overwrite and not args.resume and (out / "train_state").exists():
         import shutil
 
-        shutil.rmtree(out / "train_state")  # --overwrite starts afresh
+        if main:
+            shutil.rmtree(out / "train_state")  # --overwrite starts afresh
+        ps.wait_for_everyone()
     if args.method in ("opt", "fasteropt") and args.layers and args.analysis:
         raise CLIError("give either --layers or --analysis, not both")
     t0 = time.perf_counter()
@@ -198,13 +226,26 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CLIError(str(e)) from None
     except KeyboardInterrupt:
-        print(f"interrupted; continue with the same command plus --resume (checkpoints in {out / 'train_state'})",
-              file=sys.stderr)
+        if main:
+            print(f"interrupted; continue with the same command plus --resume (checkpoints in {out / 'train_state'})",
+                  file=sys.stderr)
         return 130
+    if not main:  # rank 0 evaluates and writes; the others wait for it (a failure there stops the launcher)
+        ps.wait_for_everyone()
+        return 0
+    try:
+        return _report(args, res, lm, blocks, eval_ids, ppl, out, model_dir, config, t0, ps.num_processes)
+    finally:
+        ps.wait_for_everyone()
+
+
+def _report(args, res, lm, blocks, eval_ids, ppl, out: Path, model_dir: Path, config, t0: float, world: int) -> int:
+    from superfloat.sw.wasq.checkpoint import save_checkpoint
+
     summary: dict[str, Any] = {"model": args.model, "data": args.data, "split": args.split, "context": args.context,
                                "calibration_tokens": blocks.n_tokens if blocks is not None else 0,
                                "calibration_blocks": len(blocks) if blocks is not None else 0,
-                               "note": lm.note, **res.summary()}
+                               "note": lm.note, "world": world, **res.summary()}
     if res.extra.get("analysis") is not None:
         from superfloat.sw.wasq.analyze import write_analysis
 
@@ -229,6 +270,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         if tr is not None:
             line += (f"; {tr.steps} steps, loss {tr.first_loss:.4f} -> {tr.last_loss:.4f}, "
                      f"{tr.tokens_per_s:.0f} tokens/s, {len(res.trained_layers)} layers trained")
+            if tr.world > 1:
+                line += f" ({tr.world} processes, global figures)"
         print(line)
         if args.method == "lth":
             for r in res.extra["rounds"]:

@@ -434,7 +434,7 @@ def lth(model: nn.Module, blocks: Blocks, config: WASQConfig, train_cfg: TrainCo
             records.append(rec)
             if rec_path is not None:
                 rec_path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = rec_path.with_name(".lth_rounds.json.tmp")
+                tmp = rec_path.with_name(f".lth_rounds.json.tmp{os.getpid()}")  # (one per process: several may write)
                 tmp.write_text(json.dumps(records, indent=2) + "\n")
                 os.replace(tmp, rec_path)
         print(f"[lth] round {r}: sparsity {sp:.3f}, last loss {stats.last_loss:.4f}"

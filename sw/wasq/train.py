@@ -4,8 +4,15 @@
 ``requires_grad=True`` (the methods in :mod:`superfloat.sw.wasq.methods` decide which),
 over fixed-length token blocks (:class:`Blocks`), with Hugging Face ``accelerate``:
 
-* ``Accelerator()``: one CPU process by default; ``accelerate launch`` gives multi-GPU /
-  multi-node data parallelism (each process takes its slice of every global batch).
+* ``Accelerator()``: one CPU process by default; ``accelerate launch`` / ``torchrun`` give
+  data parallelism over several processes (docs/distributed.md): each process takes its
+  slice of every global batch, gradients are averaged by DDP (gloo on CPU, nccl on GPUs),
+  the loss is normalised by the *global* number of predicted tokens (so N processes with
+  batch B train like one process with batch N*B), and the reported losses and token counts
+  are global (all-reduced). Started by a launcher on a machine without GPUs, the processes
+  train on CPU (gloo) even without ``--cpu``/``ACCELERATE_USE_CPU``. When the environment
+  says several processes but accelerate sees one, :func:`train` raises
+  :class:`DistributedLaunchError` instead of training alone.
 * fp32 master weights, always: a trainable parameter that is not float32 is an error
   (upstream cast the whole model to bf16/fp16 and trained that). Mixed precision, if a
   user asks ``accelerate`` for it, only autocasts the matmuls.
@@ -49,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["TrainConfig", "TrainStats", "Blocks", "make_blocks", "encode_text", "causal_lm_loss", "default_forward",
-           "train", "latest_checkpoint", "evaluate_loss", "SCHEDULERS"]
+           "train", "latest_checkpoint", "evaluate_loss", "SCHEDULERS", "process_state", "DistributedLaunchError"]
 
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 IGNORE_INDEX = -100
@@ -126,9 +133,10 @@ class TrainConfig:
 
 @dataclass
 class TrainStats:
-    """What :func:`train` did. ``tokens`` counts real (non-pad) input tokens processed;
-    ``seconds`` is the wall time of the optimizer steps only (no set-up, no checkpoint
-    writes); ``tokens_per_s = tokens / seconds``."""
+    """What :func:`train` did. ``tokens`` counts real (non-pad) input tokens processed by
+    all ``world`` processes together; ``losses`` are the global per-token losses of each
+    step; ``seconds`` is the wall time of the optimizer steps only (no set-up, no
+    checkpoint writes; of this process); ``tokens_per_s = tokens / seconds``."""
 
     steps: int
     total_steps: int
@@ -137,6 +145,7 @@ class TrainStats:
     losses: list[float] = field(default_factory=list)
     resumed_from: int | None = None
     trainable_params: int = 0
+    world: int = 1
 
     @property
     def tokens_per_s(self) -> float:
@@ -370,6 +379,94 @@ def _save(accelerator, state_dir: Path, state: _TrainerState, total_steps: int, 
     return final
 
 
+# --------------------------------------------------------------------------- processes
+
+_WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "ACCELERATE_NUM_PROCESSES")
+_RANK_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+LAUNCH_HELP = ("on one machine start N processes with: accelerate launch --multi_gpu --num_processes N -m "
+               "superfloat.sw finetune ... (on a machine without GPUs they train on CPU, gloo) or torchrun "
+               "--nproc_per_node N -m superfloat.sw finetune ...; see docs/distributed.md")
+
+
+class DistributedLaunchError(RuntimeError):
+    """The launch environment and accelerate disagree on the number of processes."""
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "y", "on")
+
+
+def _env_int(name: str) -> int | None:
+    try:
+        return int(os.environ[name])
+    except (KeyError, ValueError):
+        return None
+
+
+def _has_accelerator_device() -> bool:
+    acc = getattr(torch, "accelerator", None)
+    if acc is not None and hasattr(acc, "is_available"):
+        try:
+            return bool(acc.is_available())
+        except Exception:  # noqa: BLE001 - a broken driver is no device
+            return False
+    return torch.cuda.is_available()
+
+
+def _accelerator_kwargs(accelerator_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """``Accelerator`` keywords of a run: a process started by a launcher (``LOCAL_RANK`` set:
+    torchrun, ``accelerate launch --multi_gpu``) on a machine without GPUs trains on CPU
+    (accelerate would otherwise run it as an unaware single process)."""
+    kw = dict(accelerator_kwargs or {})
+    if "cpu" not in kw and _env_int("LOCAL_RANK") is not None and (_env_int("WORLD_SIZE") or 1) > 1 \
+            and not _has_accelerator_device():
+        kw["cpu"] = True
+    return kw
+
+
+def _check_launch() -> None:
+    """``accelerate launch --cpu --num_processes N`` (N > 1) without MPI starts *one* process,
+    with ``ACCELERATE_USE_CPU`` and ``MASTER_ADDR`` but no rank variables."""
+    if _env_flag("ACCELERATE_USE_CPU") and os.environ.get("MASTER_ADDR") and not any(v in os.environ
+                                                                                    for v in _RANK_VARS):
+        raise DistributedLaunchError(
+            "accelerate launch --cpu was asked for several processes (--num_processes > 1 or --num_machines > 1) "
+            "but started only this one: accelerate starts several CPU processes only through MPI "
+            "(--mpirun_hostfile); " + LAUNCH_HELP + "; for one process drop --num_processes (or unset MASTER_ADDR)")
+
+
+def _check_world(n: int) -> None:
+    for var in _WORLD_VARS:
+        want = _env_int(var)
+        if want is not None and want > 1 and want != n:
+            raise DistributedLaunchError(
+                f"the environment says {want} processes ({var}={want}) but accelerate sees {n}: the processes "
+                f"would train alone and write the same files; " + LAUNCH_HELP)
+    local = _env_int("LOCAL_WORLD_SIZE")
+    if local is not None and local > 1 and n == 1:
+        raise DistributedLaunchError(f"the environment says {local} processes on this machine (LOCAL_WORLD_SIZE="
+                                     f"{local}) but accelerate sees 1; " + LAUNCH_HELP)
+
+
+def process_state(accelerator_kwargs: dict[str, Any] | None = None):
+    """accelerate's ``PartialState`` of this run, started the way :func:`train` starts its
+    ``Accelerator`` (same CPU rule and checks): for code around training that must run on
+    one process (``is_main_process``) or wait for the others (``wait_for_everyone()``).
+
+    Raises:
+        DistributedLaunchError: ``accelerate launch --cpu --num_processes N`` without MPI
+            (one process started), or launch variables (``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``,
+            ``ACCELERATE_NUM_PROCESSES``, MPI's) that disagree with accelerate.
+    """
+    from accelerate import PartialState
+
+    _check_launch()
+    kw = _accelerator_kwargs(accelerator_kwargs)
+    state = PartialState(cpu=bool(kw.get("cpu")) or _env_flag("ACCELERATE_USE_CPU"))
+    _check_world(state.num_processes)
+    return state
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -429,12 +526,16 @@ def train(model: nn.Module, blocks: Blocks, cfg: TrainConfig | None = None, *, s
         post_step: called right after each ``optimizer.step()`` (``lth`` re-applies its
             masks there).
         accelerator_kwargs: keyword arguments of the ``accelerate.Accelerator`` created for
-            this run (default none: ``accelerate launch`` / its config decide).
+            this run (default none: ``accelerate launch`` / its config decide; launched
+            processes on a machine without GPUs get ``cpu=True``).
         desc: progress-bar label.
         run_id: extra items for the run fingerprint that a resume must match.
 
     Returns:
-        :class:`TrainStats`.
+        :class:`TrainStats` (global figures over all processes).
+
+    Raises:
+        DistributedLaunchError: see :func:`process_state`.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -458,8 +559,10 @@ def train(model: nn.Module, blocks: Blocks, cfg: TrainConfig | None = None, *, s
     forward = forward or default_forward
     state_dir = Path(state_dir) if state_dir is not None else None
 
-    acc = Accelerator(**(accelerator_kwargs or {}))
+    _check_launch()
+    acc = Accelerator(**_accelerator_kwargs(accelerator_kwargs))
     world, rank = acc.num_processes, acc.process_index
+    _check_world(world)
     spe = _steps_per_epoch(len(blocks), cfg, world)
     total = spe * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, spe * cfg.epochs)
     fingerprint = {"data": blocks.fingerprint(), "n_blocks": len(blocks), "context": blocks.context,
@@ -511,25 +614,41 @@ def train(model: nn.Module, blocks: Blocks, cfg: TrainConfig | None = None, *, s
                disable=not (cfg.progress and acc.is_local_main_process), file=sys.stderr)
     in_update = False
     last_saved = step if resumed_from is not None else None
+    # per block: predicted tokens (labels after the first that are not padding) and real tokens;
+    # every process knows every process's batches, so the global counts need no communication
+    n_pred = (blocks.labels[:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
+    n_tok = blocks.attention_mask.sum(dim=1).tolist()
     try:
         while step < total:
-            micro = _epoch_micro_batches(len(blocks), epoch, cfg, world, rank)
+            micro_all = [_epoch_micro_batches(len(blocks), epoch, cfg, world, r) for r in range(world)]
+            micro = micro_all[rank]
             for s in range(offset, spe):
                 if step >= total:
                     break
-                group = micro[s * cfg.grad_accum:(s + 1) * cfg.grad_accum]
+                groups = [m[s * cfg.grad_accum:(s + 1) * cfg.grad_accum] for m in micro_all]
+                group = groups[rank]
                 t0 = time.perf_counter()
                 batches = [blocks.batch(idx, device) for idx in group]
-                denom = max(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches), 1)
+                denom = max(sum(n_pred[i] for g in groups for idx in g for i in idx), 1)  # global
+                step_tokens = sum(n_tok[i] for g in groups for idx in g for i in idx)
                 step_loss = 0.0
+                local_sum = 0.0
                 for j, b in enumerate(batches):
                     sync = contextlib.nullcontext() if j == len(batches) - 1 else acc.no_sync(pmodel)
                     with sync:
                         loss_sum, _ = causal_lm_loss(forward(pmodel, b), b["labels"])
-                        loss = loss_sum / denom
+                        # DDP averages the gradients over the world: scale so that the average is the
+                        # gradient of the global mean loss per predicted token
+                        loss = loss_sum / denom if world == 1 else loss_sum * (world / denom)
                         acc.backward(loss)
-                    step_loss += float(loss.detach())
-                    tokens_this_run += int(b["attention_mask"].sum())
+                    if world == 1:
+                        step_loss += float(loss.detach())
+                    else:
+                        local_sum += float(loss_sum.detach())
+                if world > 1:
+                    total_sum = acc.reduce(torch.tensor([local_sum], dtype=torch.float64, device=device), "sum")
+                    step_loss = float(total_sum[0]) / denom
+                tokens_this_run += step_tokens
                 if cfg.max_grad_norm is not None:
                     acc.clip_grad_norm_(params, cfg.max_grad_norm)
                 in_update = True
@@ -543,7 +662,7 @@ def train(model: nn.Module, blocks: Blocks, cfg: TrainConfig | None = None, *, s
                 step += 1
                 state.step = step
                 state.losses.append(step_loss)
-                state.tokens += sum(int(b["attention_mask"].sum()) for b in batches)
+                state.tokens += step_tokens
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_this_run / max(seconds, 1e-9):.0f}")
                 if state_dir is not None and ((cfg.save_every and step % cfg.save_every == 0)
@@ -567,7 +686,7 @@ def train(model: nn.Module, blocks: Blocks, cfg: TrainConfig | None = None, *, s
     acc.wait_for_everyone()
     model.train(False)
     return TrainStats(steps=step, total_steps=total, tokens=tokens_this_run, seconds=seconds, losses=list(state.losses),
-                      resumed_from=resumed_from, trainable_params=sum(p.numel() for p in params))
+                      resumed_from=resumed_from, trainable_params=sum(p.numel() for p in params), world=world)
 
 
 def freeze_all_but(model: nn.Module, trainable: Iterable[str] | None) -> list[str]:
