@@ -366,7 +366,7 @@ def _signed_to_codes(q: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def encode_rows(x: Any, bits: int, rounding: str = "nearest_even", *, signed: bool = False,
-                check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                check: bool = True, dtype: torch.dtype = torch.int32) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token activations in one pass, identical to :func:`superfloat.sw.sfx.encode_rows`:
     ``x_exponent[t] = choose_exponent(x[t], bits)`` and ``codes[t] = encode(x[t], bits, x_exponent[t])``.
 
@@ -375,10 +375,14 @@ def encode_rows(x: Any, bits: int, rounding: str = "nearest_even", *, signed: bo
         signed: return the signed integers ``(-1)**s * m`` of the codes instead of the codes
             (what :class:`LinearOp` multiplies; pass them with ``signed=True``), saving a pass.
         check: raise on NaN (one host sync); ``False`` skips the check.
+        dtype: of the returned codes / signed integers; a float dtype (exact: ``|q| < 2**15``)
+            only with ``signed`` (what :class:`LinearOp`'s float matmuls take, saving passes).
 
     Returns:
         ``(codes int32 [T, K], x_exponent int8 [T])``, on ``x``'s device.
     """
+    if dtype.is_floating_point and not signed:
+        raise ValueError("encode_rows: a float dtype holds signed integers only (signed=True); codes are integers")
     bits = sfx.check_bits(bits)
     sfx.check_rounding(rounding)
     v = _check_rows(x)
@@ -393,8 +397,11 @@ def encode_rows(x: Any, bits: int, rounding: str = "nearest_even", *, signed: bo
         s1 = torch.clamp(se, max=_F32_EXP_RANGE[1])
         y = v.to(torch.float32) * torch.exp2(s1.to(torch.float32))
         y = y * torch.exp2((se - s1).to(torch.float32))
-    q = _round(y, bits, rounding).to(torch.int32)
-    return (q if signed else _signed_to_codes(q, m)), e
+    q = _round(y, bits, rounding)
+    if signed and dtype.is_floating_point:
+        return q.to(dtype).add_(0.0), e  # -0.0 -> +0.0
+    q = q.to(torch.int32)
+    return (q if signed else _signed_to_codes(q, m)).to(dtype), e
 
 
 def fold_row_scale(scale: Any, *, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -485,6 +492,65 @@ def _packed(t: torch.Tensor) -> torch.Tensor:
 def _n_digits(bits: int) -> int:
     """int8 digits that hold a signed SF``bits`` magnitude (|v| <= 2**(bits-1) - 1)."""
     return 1 if bits <= 8 else (2 if bits <= 15 else 3)
+
+
+def _float_digit_bounds(bits: int, n: int, b: int) -> int:
+    """The largest ``|digit|`` of :func:`_float_digits` over every signed SF``bits`` value."""
+    v = float(sfx.max_magnitude(bits))
+    ext = torch.tensor([-v, v], dtype=torch.float64)
+    return max(int(d.abs().max()) for d in _float_digits(ext, n, b))
+
+
+def _float_digits(v: torch.Tensor, n: int, b: int) -> list[torch.Tensor]:
+    """Base-``2**b`` digits of signed integers held in a float tensor, ``v == sum_i d_i * 2**(b*i)``:
+    ``d_top = round(v / 2**((n-1)*b))``... computed low digit first, each lower digit
+    ``v - 2**b * round(v / 2**b)`` in ``[-2**(b-1), 2**(b-1)]`` (ties to even). Every step is
+    exact in the float dtype (power-of-two scalings and differences of integers below 2**24)."""
+    if n == 1:
+        return [v]
+    out = []
+    for _ in range(n - 1):
+        hi = torch.round(v * (2.0 ** -b))
+        out.append(v - hi * (2.0 ** b))
+        v = hi
+    out.append(v)
+    return out
+
+
+def _combine_digits(p: torch.Tensor, t: int, n: int, da: int, dw: int, b: int) -> torch.Tensor:
+    """``sum_ij p[i*t:(i+1)*t, j*n:(j+1)*n] * 2**(b*(i+j))`` of a digit-product matmul (float64, exact)."""
+    acc = p[:t, :n].clone()
+    for i in range(da):
+        for j in range(dw):
+            if i or j:
+                acc.add_(p[i * t:(i + 1) * t, j * n:(j + 1) * n], alpha=float(1 << (b * (i + j))))
+    return acc
+
+
+def _float_plan(a_bits: int, w_bits: int, maxw: int, k: int, dt: torch.dtype) -> tuple[int, int, int, int, float]:
+    """``(digits of x, digits of w, digit bits, K-chunk, cost)`` of an exact float matmul: every partial
+    sum of a chunk stays below the float's exact-integer limit (``2**24`` / ``2**53``), so BLAS
+    gives exact integers whatever its summation order. Picks the cheapest split (digits x chunks)."""
+    limit = 1 << (24 if dt == torch.float32 else 53)
+    best = None
+    for da in (1, 2, 3):
+        for dw in (1, 2, 3):
+            ba = max(1, -(-(a_bits) // da)) if da > 1 else 0
+            bw = max(1, -(-(w_bits) // dw)) if dw > 1 else 0
+            if da > 1 and dw > 1 and ba != bw:
+                continue  # one base for both operands' digits
+            b = max(ba, bw)
+            ma = _float_digit_bounds(a_bits, da, b) if da > 1 else sfx.max_magnitude(a_bits)
+            mw = min(maxw, _float_digit_bounds(w_bits, dw, b)) if dw > 1 else maxw
+            chunk = (limit - 1) // max(1, ma * mw)
+            if chunk < 1:
+                continue
+            cost = da * dw * (-(-k // chunk) if k else 1) + 0.01 * (da + dw)
+            if best is None or cost < best[0]:
+                best = (cost, da, dw, b, max(1, min(chunk, max(k, 1))))
+    if best is None:  # unreachable for bits <= 16
+        raise ValueError(f"no exact float matmul for SF{a_bits} x SF{w_bits}")
+    return best[1], best[2], best[3], best[4], best[0]
 
 
 class LinearOp:
@@ -586,16 +652,13 @@ class LinearOp:
 
         # ---- matmul plan
         maxw = int(np.abs(ws_np).max()) if ws_np.size else 0
-        maxp = max(1, amax_a * maxw)
         da, dw = _n_digits(a_bits), _n_digits(w_bits)
-        c32 = (1 << 24) // maxp
         if matmul == "auto":
-            if dev.type == "cpu" and hasattr(torch, "_int_mm") and da * dw <= 4:
-                matmul = "int8"
-            elif c32 >= min(k, 256) and _float32_exact(max(a_bits, w_bits), dev):
-                matmul = "float32"
-            else:
-                matmul = "float64"
+            matmul = "int8" if dev.type == "cuda" and hasattr(torch, "_int_mm") and da * dw <= 4 else None
+            if matmul is None:  # float64 BLAS costs about 4x float32 per product (measured on CPU)
+                c32 = _float_plan(a_bits, w_bits, maxw, k, torch.float32)[4]
+                c64 = _float_plan(a_bits, w_bits, maxw, k, torch.float64)[4]
+                matmul = "float32" if _float32_exact(max(a_bits, w_bits), dev) and c32 <= 4 * c64 else "float64"
         self.matmul = matmul
         ws = torch.as_tensor(ws_np, device=dev)
         if matmul == "int8":
@@ -605,9 +668,11 @@ class LinearOp:
             self._w = [_packed(wd[s:s + self._chunk]) for s in range(0, k, self._chunk)]
         else:
             dt = torch.float32 if matmul == "float32" else torch.float64
-            self._chunk = max(1, ((1 << 24) if dt == torch.float32 else (1 << 53)) // maxp)
-            self._w = [ws[:, s:s + self._chunk].to(dt).contiguous() for s in range(0, k, self._chunk)]  # [N, Kc]
             self._dtype = dt
+            self._da, self._dw, self._base, self._chunk, _ = _float_plan(a_bits, w_bits, maxw, k, dt)
+            wf = ws.to(dt)
+            wd = torch.cat(_float_digits(wf, self._dw, self._base), dim=0) if self._dw > 1 else wf  # [dw*N, K]
+            self._w = [wd[:, s:s + self._chunk].to(dt).contiguous() for s in range(0, k, self._chunk)]
         self._nchunks = len(self._w)
         # partial sums combine in int32 when the whole accumulator fits
         self._acc32 = acc_bound < (1 << 31)
@@ -630,9 +695,11 @@ class LinearOp:
     # ------------------------------------------------------------------ per call
 
     def _check_inputs(self, x: torch.Tensor, signed: bool, xe: torch.Tensor | None, xm: torch.Tensor | None):
-        if x.is_floating_point() or x.dtype == torch.bool or x.is_complex():
+        if (x.is_floating_point() and not signed) or x.dtype == torch.bool or x.is_complex():
             raise TypeError(f"x_codes must be an integer tensor of SF{self.a_bits} codes, got {x.dtype}; "
                             f"use encode_rows() to turn floats into codes")
+        if x.is_floating_point() and not bool(torch.all(x == torch.round(x))):
+            raise ValueError("x_codes (signed=True, a float tensor) must hold integers")
         if x.numel():
             lo, hi = (-self._amax_a(), self._amax_a()) if signed else (0, (1 << self.a_bits) - 1)
             mn, mx = int(x.min()), int(x.max())
@@ -673,7 +740,8 @@ class LinearOp:
         return torch.as_tensor(b, dtype=torch.int64, device=self._dev)
 
     def __call__(self, x_codes: torch.Tensor, x_exponent: Any = None, xmult: Any = None, *,
-                 signed: bool = False, check: bool = True, bias: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 signed: bool = False, check: bool = True, bias: Any = None, out: str = "codes",
+                 out_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(codes int32 [T, N], n_saturated int64 0-d tensor)`` of LINEAR on ``x_codes`` ``[T, K]``.
 
         Args:
@@ -683,7 +751,14 @@ class LinearOp:
             xmult: ``[T]`` 16-bit multipliers, required in ``xmult`` mode, else must be None.
             check: validate codes and row parameters (host syncs); ``False`` trusts the caller.
             bias: this call's bias (``row_bias=True`` only), preferably from :meth:`check_bias`.
+            out: ``"codes"`` (the SF``out_bits`` codes), ``"signed"`` (their signed integers
+                ``(-1)**s * m``, int32) or ``"values"``: the signed integers times ``out_scale``
+                (a float tensor ``[N]``, e.g. ``2**(Eo - Mo)`` to decode them), in its dtype.
         """
+        if out not in ("codes", "signed", "values"):
+            raise ValueError(f"out must be 'codes', 'signed' or 'values', got {out!r}")
+        if (out == "values") != (out_scale is not None):
+            raise ValueError("out='values' needs out_scale (a float tensor [N]), and only it takes one")
         if not isinstance(x_codes, torch.Tensor):
             x_codes = torch.as_tensor(x_codes)
         if x_codes.dim() != 2 or x_codes.shape[1] != self.K:
@@ -707,13 +782,18 @@ class LinearOp:
                 bias = self.check_bias(bias)
         if check:
             self._check_inputs(x_codes, signed, xe if xe is not None else torch.zeros(1, dtype=torch.int64), xm)
-        xs = x_codes.to(torch.int32)
+        xs = x_codes if signed and x_codes.is_floating_point() and self.matmul != "int8" else x_codes.to(torch.int32)
         if not signed:
             m = self.a_bits - 1
             mag = xs & ((1 << m) - 1)
             xs = torch.where((xs >> m) != 0, -mag, mag)
-        acc = self._matmul(xs)
-        return self._requantize(acc, xe, xm, bias)
+        q, nsat = self._requantize(self._matmul(xs), xe, xm, bias)
+        if out == "codes":
+            return _codes(q, self._mo), nsat
+        if out == "signed":
+            return q.to(torch.int32), nsat
+        y = q.to(out_scale.dtype).mul_(out_scale[None, :])
+        return (y.add_(0.0) if y.is_floating_point() else y), nsat  # -0.0 (a rounded tiny negative) -> +0.0
 
     def _matmul(self, xs: torch.Tensor) -> torch.Tensor:
         """Exact ``sum_k x[t,k] w[n,k]`` (no bias): an int32/int64 tensor, or a float tensor of
@@ -739,10 +819,22 @@ class LinearOp:
                     "float32 matmuls run in reduced precision (torch.set_float32_matmul_precision / "
                     "torch.backends.cuda.matmul.allow_tf32): the float32 LinearOp path is not exact for "
                     f"SF{max(self.a_bits, self.w_bits)} operands; restore 'highest' or build with matmul='float64'")
+            da, dw = self._da, self._dw
             xf = xs.to(self._dtype)
+            if da > 1:
+                xf = torch.cat(_float_digits(xf, da, self._base), dim=0)
+            # one exact float matmul per K-chunk; chunks (and digits) combine in float64, exactly:
+            # every partial sum is an integer below 2**53 (|acc| < 2**45, digits are balanced)
+            acc = None
             for c, wc in enumerate(self._w):
                 s, e = c * self._chunk, min(k, (c + 1) * self._chunk)
-                outs.append(torch.nn.functional.linear(xf[:, s:e] if self._nchunks > 1 else xf, wc))
+                p = torch.nn.functional.linear(xf[:, s:e] if self._nchunks > 1 else xf, wc)
+                if da * dw > 1 or self._nchunks > 1:
+                    p = p.to(torch.float64)
+                if da * dw > 1:
+                    p = _combine_digits(p, t, n, da, dw, self._base)
+                acc = p if acc is None else acc.add_(p)
+            return acc
         if len(outs) == 1:
             return outs[0]
         it = torch.int32 if self._acc32 else torch.int64
@@ -765,7 +857,7 @@ class LinearOp:
                 y.mul_(rowf[:, None])
             y.clamp_(0.0 if self.relu else -(lim + 1.0), lim + 1.0)  # ReLU; saturation keeps the sign
             y.round_() if self.rounding == "nearest_even" else y.trunc_()
-            q = y.to(torch.int32)
+            q = y
         elif self.requant == "int64":
             v = acc.to(torch.int64) + ibias
             v.mul_(self._m2)
@@ -782,18 +874,16 @@ class LinearOp:
                 q = ((v + ((v >> r1) & 1)) + ((1 << r) - 1)) >> r1
             else:
                 q = (v + ((v >> 63) & ((1 << r) - 1))) >> r
-            q = q.clamp_(-(lim + 1), lim + 1).to(torch.int32)
+            q = q.clamp_(-(lim + 1), lim + 1)
         else:
             v = acc.to(torch.int64) + ibias
             r = self._rn if xe is None else self._rn[None, :] - xe[:, None]
             mults = [None if self._mult is None else self._mult, None if xm is None else xm[:, None]]
             q, sat = _requantize_exact(v, r, mo, self.relu, self.rounding, mults)
-            return _codes(q, mo), sat.sum()
+            return q, sat.sum()
         # q is rounded and clamped to +-(lim + 1): saturated exactly where |q| > lim
-        a = q.abs()
-        nsat = (a > lim).sum()
-        codes = torch.where(q < 0, (1 << mo) + a.clamp_(max=lim), a.clamp_(max=lim))
-        return codes, nsat
+        nsat = (q.abs() > lim).sum()
+        return q.clamp_(-lim, lim), nsat
 
 
 def _float32_exact(bits: int, dev: torch.device) -> bool:

@@ -173,15 +173,34 @@ def test_encode_matches_rational_reference(v, bits, e, rounding):
 @settings(max_examples=300, deadline=None)
 @given(acc=st.integers(-(1 << 44), 1 << 44), bits=st.integers(2, 16), shift=st.integers(-40, 40),
        f=st.integers(2, 30), relu=st.booleans(), rounding=st.sampled_from(ROUNDINGS),
-       mult=st.one_of(st.none(), st.integers(1, (1 << 16) - 1)))
-def test_requantize_matches_rational_reference(acc, bits, shift, f, relu, rounding, mult):
-    r = f + (16 if mult is not None else 0) - (bits - 1) - shift
+       mult=st.one_of(st.none(), st.integers(1, (1 << 16) - 1)),
+       xmult=st.one_of(st.none(), st.integers(1, (1 << 16) - 1)))
+def test_requantize_matches_rational_reference(acc, bits, shift, f, relu, rounding, mult, xmult):
+    r = f + (16 if mult is not None else 0) + (16 if xmult is not None else 0) - (bits - 1) - shift
     if not 0 <= r <= 63:
         return
     code, nsat = sfx.requantize(np.array([acc]), frac_bits=f, shift=shift, out_bits=bits, relu=relu,
-                                rounding=rounding, mult=mult)
-    want, sat = ref.requantize(acc, f, shift, bits, relu, rounding, mult)
+                                rounding=rounding, mult=mult, xmult=xmult)
+    want, sat = ref.requantize(acc, f, shift, bits, relu, rounding, mult, xmult)
     assert (int(code[0]), nsat) == (want, int(sat))
+
+
+@settings(max_examples=300, deadline=None)
+@given(acc=st.one_of(st.integers(-(1 << 63), (1 << 63) - 1),
+                     st.sampled_from([-(1 << 63), (1 << 63) - 1, -(1 << 62), 1 << 62, -1, 1, 0])),
+       bits=st.integers(2, 16), r=st.integers(0, 63), relu=st.booleans(), rounding=st.sampled_from(ROUNDINGS))
+def test_requantize_whole_int64_range(acc, bits, r, relu, rounding):
+    """Every int64 accumulator (SPEC section 4; the issue-17 audit found -2**63 toward zero wrong)."""
+    f = r + bits - 1
+    code, nsat = sfx.requantize(np.array([acc], dtype=np.int64), frac_bits=f, out_bits=bits, relu=relu,
+                                rounding=rounding)
+    want, sat = ref.requantize(acc, f, 0, bits, relu, rounding)
+    assert (int(code[0]), nsat) == (want, int(sat))
+
+
+def test_requantize_smallest_int64_toward_zero():
+    code, nsat = sfx.requantize(np.array([-2 ** 63]), frac_bits=10, out_bits=8, rounding="toward_zero")
+    assert (int(code[0]), nsat) == (255, 1)
 
 
 @st.composite
@@ -190,9 +209,10 @@ def linear_case(draw):
     t, n, k = draw(st.integers(1, 4)), draw(st.integers(1, 4)), draw(st.integers(1, 12))
     x = draw(st.lists(st.lists(st.integers(0, (1 << a_bits) - 1), min_size=k, max_size=k), min_size=t, max_size=t))
     w = draw(st.lists(st.lists(st.integers(0, (1 << w_bits) - 1), min_size=k, max_size=k), min_size=n, max_size=n))
-    use_mult = draw(st.booleans())
-    f = a_bits + w_bits - 2 + (16 if use_mult else 0)
+    use_mult, use_xmult = draw(st.booleans()), draw(st.booleans())
+    f = a_bits + w_bits - 2 + (16 if use_mult else 0) + (16 if use_xmult else 0)
     mult = draw(st.lists(st.integers(1, 65535), min_size=n, max_size=n)) if use_mult else None
+    xmult = draw(st.lists(st.integers(1, 65535), min_size=t, max_size=t)) if use_xmult else None
     # pick shifts so that r = F - Mo - shift - xexp stays in 0..63
     base = f - (o_bits - 1)
     xexp = draw(st.lists(st.integers(-3, 3), min_size=t, max_size=t))
@@ -200,7 +220,8 @@ def linear_case(draw):
     blim = (1 << (sfx.accumulator_bits(a_bits, w_bits) - 2)) - 1  # SPEC 3: |bias| < 2**(A-2)
     bias = draw(st.lists(st.integers(-blim, blim), min_size=n, max_size=n))
     return dict(x=x, w=w, a_bits=a_bits, w_bits=w_bits, out_bits=o_bits, bias=bias, shift=shift,
-                relu=draw(st.booleans()), rounding=draw(st.sampled_from(ROUNDINGS)), mult=mult, xexp=xexp)
+                relu=draw(st.booleans()), rounding=draw(st.sampled_from(ROUNDINGS)), mult=mult, xexp=xexp,
+                xmult=xmult)
 
 
 @settings(max_examples=150, deadline=None)
@@ -209,9 +230,9 @@ def test_linear_matches_rational_reference(case):
     c = case
     got = sfx.linear(np.array(c["x"]), np.array(c["w"]), a_bits=c["a_bits"], w_bits=c["w_bits"],
                      out_bits=c["out_bits"], bias=c["bias"], shift=c["shift"], relu=c["relu"],
-                     rounding=c["rounding"], mult=c["mult"], x_exponent=c["xexp"])
+                     rounding=c["rounding"], mult=c["mult"], x_exponent=c["xexp"], xmult=c["xmult"])
     want = ref.linear(c["x"], c["w"], c["a_bits"], c["w_bits"], c["out_bits"], c["bias"], c["shift"], c["relu"],
-                      c["rounding"], c["mult"], c["xexp"])
+                      c["rounding"], c["mult"], c["xexp"], c["xmult"])
     assert got.tolist() == want
 
 
@@ -516,3 +537,44 @@ def test_error_other_arguments():
         sfx.linear(np.zeros((1, 0), int), np.zeros((1, 0), int), a_bits=8, w_bits=8, out_bits=8)
     with pytest.raises(TypeError, match=r"relu must be a bool"):
         sfx.linear(np.zeros((1, 1), int), np.zeros((1, 1), int), a_bits=8, w_bits=8, out_bits=8, relu="yes")
+
+
+# --------------------------------------------------------------------------- per-token activation scales (rev. 2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(scale=st.floats(min_value=2.0 ** -120, max_value=2.0 ** 120, allow_nan=False, allow_infinity=False))
+def test_fold_row_scale_is_the_scale_to_16_significant_bits(scale):
+    xm, xe = sfx.fold_row_scale(np.array([scale]))
+    m, e = int(xm[0]), int(xe[0])
+    assert (1 << 15) <= m < (1 << 16)
+    got = Fraction(m) * Fraction(2) ** (e - 16)
+    # nearest-even rounding to 16 significant bits: the error is at most half a unit of the 16th bit
+    assert abs(got - Fraction(scale)) <= Fraction(2) ** (e - 17)
+
+
+def test_fold_row_scale_and_encode_rows_scaled_errors():
+    with pytest.raises(ValueError, match=r"scale must be positive and finite: 1 value\(s\) are not, the first -1.0"):
+        sfx.fold_row_scale(np.array([1.0, -1.0]))
+    with pytest.raises(ValueError, match=r"scale gives an exponent outside int8"):
+        sfx.fold_row_scale(np.array([2.0 ** 200]))
+    with pytest.raises(ValueError, match=r"scale must have shape \[2\] \(one per row of x\), got \[3\]"):
+        sfx.encode_rows_scaled(np.ones((2, 4)), 8, np.ones(3))
+    with pytest.raises(ValueError, match=r"x must be a 2-D \[T, K\] matrix"):
+        sfx.encode_rows(np.ones(4), 8)
+
+
+def test_encode_rows_scaled_is_encode_of_the_row_over_its_applied_scale():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6, 40)) * np.exp(rng.uniform(-8, 8, (6, 1)))
+    x[2] = 0.0
+    for bits in (2, 4, 8, 16):
+        codes, xe, xm = sfx.encode_rows_scaled(x, bits)
+        s = np.ldexp(xm.astype(np.float64), (xe - 16).astype(np.int32))
+        np.testing.assert_array_equal(codes, sfx.encode(x / s[:, None], bits))
+        # the default scale maps each row's largest magnitude to (about) the largest code
+        assert all(int((codes[t] & ((1 << (bits - 1)) - 1)).max()) >= (1 << (bits - 1)) - 2 for t in (0, 1, 3))
+        assert not codes[2].any() and xm[2] == 1 << 15 and xe[2] == 1  # an all-zero row: scale 1.0
+        c2, e2 = sfx.encode_rows(x, bits)
+        np.testing.assert_array_equal(c2, sfx.encode(x, bits, e2[:, None]))
+        np.testing.assert_array_equal(e2, sfx.choose_exponent(x, bits, axis=0))

@@ -206,6 +206,9 @@ class LayerProgram:
         self.x_exponent_range = (lo, hi)
         self._eo = torch.as_tensor(self.out_exponent, dtype=torch.int64, device=self.device)[None, :]
         self._bias_cache: dict[int, torch.Tensor] = {}
+        self._out_scale: dict[torch.dtype, torch.Tensor] = {}
+        # signed activations straight into the float matmul (no integer round trip)
+        self._x_dtype = {"float32": torch.float32, "float64": torch.float64}.get(self.op.matmul, torch.int32)
         self.N, self.K = n, self.w_codes.shape[1]
         self.reset_stats()
 
@@ -252,20 +255,24 @@ class LayerProgram:
         z = lambda: torch.zeros((), dtype=torch.int64, device=self.device)  # noqa: E731
         self.stats = {"calls": z(), "rows": z(), "saturated": z(), "clamped_rows": z()}
 
-    def stream_rows(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def stream_rows(self, x2: torch.Tensor, *, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(codes int32 [T, K], x_exponent int64 [T], clamped bool [T])``: the activation stream of
-        float rows ``x2`` ``[T, K]`` exactly as the hardware receives it (SPEC section 8 step 1)."""
+        float rows ``x2`` ``[T, K]`` exactly as the hardware receives it (SPEC section 8 step 1);
+        ``signed``: the codes' signed integers ``(-1)**s * m`` instead (what the matmul takes)."""
         lo, hi = self.x_exponent_range
         if self.act_mode == "static":
             e = torch.full((x2.shape[0],), int(self.act_exponent), dtype=torch.int64, device=x2.device)
             ec = e.clamp(lo, hi)
         else:
-            codes, e8 = sfx_torch.encode_rows(x2, self.a_bits, self.rounding)
+            codes, e8 = sfx_torch.encode_rows(x2, self.a_bits, self.rounding, signed=signed,
+                                              dtype=self._x_dtype if signed else torch.int32)
             e = e8.to(torch.int64)
             ec = e.clamp(lo, hi)
             if not bool((ec != e).any()):
                 return codes, e, torch.zeros_like(e, dtype=torch.bool)
         codes = sfx_torch.encode(x2, self.a_bits, ec[:, None], self.rounding)
+        if signed:
+            codes = sfx_torch._signed(codes, self.a_bits).to(torch.int32)
         return codes, ec, ec != e
 
     def _bias_for(self, ea: int) -> torch.Tensor:
@@ -280,24 +287,30 @@ class LayerProgram:
             self._bias_cache[ea] = b
         return b
 
-    def codes(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(output codes [T, N], x_exponent [T], n_saturated)`` of float rows ``x2`` ``[T, K]``."""
-        xc, ea, clamped = self.stream_rows(x2)
+    def _run(self, x2: torch.Tensor, **out: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        xs, ea, clamped = self.stream_rows(x2, signed=True)
         self.stats["clamped_rows"] += clamped.sum()
         if self.bias is None:
-            y, nsat = self.op(xc, ea, check=False)
+            y, nsat = self.op(xs, ea, signed=True, check=False, **out)
         else:  # one LINEAR operation per distinct row exponent (the bias is in accumulator units)
-            y = torch.empty((x2.shape[0], self.N), dtype=torch.int32, device=x2.device)
+            parts = []
             nsat = torch.zeros((), dtype=torch.int64, device=x2.device)
             for e in torch.unique(ea).tolist():
                 rows = torch.nonzero(ea == e).reshape(-1)
-                yr, ns = self.op(xc[rows], ea[rows], bias=self._bias_for(int(e)), check=False)
-                y[rows] = yr
+                yr, ns = self.op(xs[rows], ea[rows], signed=True, check=False, bias=self._bias_for(int(e)), **out)
+                parts.append((rows, yr))
                 nsat += ns
+            y = torch.empty((x2.shape[0], self.N), dtype=parts[0][1].dtype, device=x2.device)
+            for rows, yr in parts:
+                y[rows] = yr
         self.stats["saturated"] += nsat
         self.stats["calls"] += 1
         self.stats["rows"] += x2.shape[0]
         return y, ea, nsat
+
+    def codes(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(output codes int32 [T, N], x_exponent [T], n_saturated)`` of float rows ``x2`` ``[T, K]``."""
+        return self._run(x2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's output on the accelerator: ``decode(LINEAR(...), out_bits, Eo)`` in ``x``'s dtype."""
@@ -305,10 +318,14 @@ class LayerProgram:
         x2 = x.detach().reshape(-1, shape[-1])
         if x2.device != self.device:
             x2 = x2.to(self.device)
-        y, _, _ = self.codes(x2)
-        out = sfx_torch.decode(y, self.out_bits, self._eo, dtype=torch.float32 if x.dtype != torch.float64
-                               else torch.float64)
-        return out.to(device=x.device, dtype=x.dtype).reshape(*shape[:-1], self.N)
+        if x2.shape[0] == 0:
+            return x.new_zeros(*shape[:-1], self.N)
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        scale = self._out_scale.get(dt)
+        if scale is None:  # decode: q * 2**(Eo - Mo), exact in float32 (|q| < 2**15, Eo in int8)
+            scale = self._out_scale[dt] = torch.exp2((self._eo[0] - (self.out_bits - 1)).to(dt))
+        y, _, _ = self._run(x2, out="values", out_scale=scale)
+        return y.to(device=x.device, dtype=x.dtype).reshape(*shape[:-1], self.N)
 
 
 # --------------------------------------------------------------------------- the model
