@@ -32,9 +32,11 @@ def cmd_cosim(args: argparse.Namespace) -> int:
              "--list-layers shows the names)")
         return EXIT_USAGE
     try:
-        report = cosim(args.checkpoint, args.layer, prompt=args.prompt, tokens=args.tokens, simulator=args.simulator,
+        report = cosim(args.checkpoint, args.layer, prompt=args.prompt, tokens=args.tokens, data=args.data,
+                       split=args.split, max_tokens=args.max_tokens, context=args.context, simulator=args.simulator,
                        rows=args.rows, cols=args.cols, k_max=args.k_max, a_bits=args.a_bits, w_bits=args.w_bits,
-                       out_bits=args.out_bits, out_exponent=args.out_exponent, jobs=args.jobs, engine=args.engine,
+                       out_bits=args.out_bits, calibrate_outputs=args.calibrate_outputs, calib_data=args.calib_data,
+                       calib_tokens=args.calib_tokens, headroom=args.headroom, jobs=args.jobs, engine=args.engine,
                        waves=args.waves, target=args.target, fmax_mhz=args.fmax, float_model=args.float_model,
                        progress=not args.no_progress)
     except CosimError as e:
@@ -86,17 +88,26 @@ def _list_layers(checkpoint: str) -> int:
 
 
 def register(sub) -> None:
+    from superfloat.sim.cosim import DEFAULT_CALIB_DATA, DEFAULT_CALIB_TOKENS
+
+    from .argtypes import float_range, int_range, positive_int
+
     p = sub.add_parser(
         "cosim", help="co-simulate a WASQ checkpoint's layers on the generated accelerator (Verilator / Icarus)",
-        description="Run the model in software on a prompt, quantize each selected layer's input activations as "
-                    "the checkpoint says, stream weights, bias, scales and activations through the simulated RTL, "
-                    "and report: RTL codes against sfx.linear (must be 0 differing codes), the dequantized RTL "
-                    "output against the float layer output, cycles, utilization and the time on the FPGA at its "
-                    "reported Fmax. With --layer all every linear layer of the forward pass runs on the RTL and the "
-                    "logits are compared with the bit-exact software path. See docs/cosim.md.",
-        epilog="examples: sfx cosim --checkpoint build/demo/smollm2-135m-sf8 --layer "
-               "model.layers.0.self_attn.q_proj --tokens 8; sfx cosim --checkpoint DIR --layer model.layers.0.mlp "
-               "--jobs 2; sfx cosim --checkpoint DIR --layer all --prompt 'Hello' --rows 4 --cols 4 --json")
+        description="Run the model with its accelerator-exact backend (SPEC section 8) on a prompt or a text, and "
+                    "compute each selected layer on the simulated RTL instead, from the same layer program "
+                    "(activation codes and row exponents, weight codes, multiplier, shift from the checkpoint's "
+                    "calibrated static output exponents, bias in accumulator units); report: RTL codes against "
+                    "sfx.linear (must be 0 differing codes), the decoded RTL output against the backend's (must "
+                    "be identical), the error against the fake-quantized layer, cycles, utilization and the time on "
+                    "the FPGA at its reported Fmax. With --layer all every quantized linear runs on the RTL and the "
+                    "logits must equal the accelerator backend's bit for bit; with --data the perplexity of the text "
+                    "is computed with every selected layer on the RTL, beside the backend's (must be identical). "
+                    "See docs/cosim.md.",
+        epilog="examples: sfx cosim --checkpoint CK --layer model.layers.0.self_attn.q_proj --tokens 8; "
+               "sfx cosim --checkpoint CK --layer all --tokens 16; sfx cosim --checkpoint CK --layer all --data "
+               "shakespeare --max-tokens 128; sfx cosim --checkpoint CK --layer all --calibrate-outputs --out-bits 8 "
+               "--rows 4 --cols 4 --json")
     p.add_argument("--checkpoint", "-c", required=True, metavar="DIR", help="WASQ checkpoint directory (sfx quantize)")
     p.add_argument("--layer", "-l", metavar="NAME",
                    help="a quantized layer (e.g. model.layers.0.self_attn.q_proj), a block holding several "
@@ -106,18 +117,37 @@ def register(sub) -> None:
     p.add_argument("--prompt", "-p", default=None, help="input text (default: a built-in English paragraph)")
     p.add_argument("--tokens", "-t", type=int, default=None, metavar="N",
                    help="use the first N tokens of the prompt (default: all of --prompt, or 8 of the built-in text)")
+    p.add_argument("--data", default=None, metavar="D",
+                   help="perplexity mode: a text (file, 'shakespeare', 'wikitext-2', hf:NAME; see sfx eval) whose first "
+                        "--max-tokens tokens are scored with every selected layer on the RTL")
+    p.add_argument("--split", default=None, help="split of --data (default: all for files, test for corpora)")
+    p.add_argument("--max-tokens", type=int_range(2, None), default=None, metavar="N",
+                   help="tokens of --data to evaluate (every one is simulated)")
+    p.add_argument("--context", type=int_range(2, None), default=None, metavar="N",
+                   help="window length for --data (default: one window of --max-tokens)")
     p.add_argument("--simulator", default="verilator", choices=("verilator", "icarus"))
+    c = p.add_argument_group("static output exponents (SPEC sections 7-8; the checkpoint's by default)")
+    c.add_argument("--calibrate-outputs", action="store_true",
+                   help="calibrate every layer's output exponents first (superfloat.sw.wasq.accelerator."
+                        "calibrate_outputs_) for --out-bits, replacing the checkpoint's; needed when the checkpoint "
+                        "has none")
+    c.add_argument("--calib-data", default=DEFAULT_CALIB_DATA, metavar="D",
+                   help=f"calibration text, train split (default {DEFAULT_CALIB_DATA})")
+    c.add_argument("--calib-tokens", type=positive_int, default=DEFAULT_CALIB_TOKENS, metavar="N",
+                   help=f"calibration tokens (default {DEFAULT_CALIB_TOKENS})")
+    c.add_argument("--headroom", type=float_range(1.0, None), default=None,
+                   help="factor above the calibrated maximum (default: the library's)")
     g = p.add_argument_group("the accelerator (as generated by sfx verilog)")
     g.add_argument("--rows", type=int, default=8, help="PE rows: activation rows per tile (default 8)")
     g.add_argument("--cols", type=int, default=8, help="PE columns: output channels per tile (default 8)")
     g.add_argument("--k-max", type=int, default=sfx.DEFAULT_K_MAX,
                    help=f"longest reduction the array accepts (default {sfx.DEFAULT_K_MAX})")
     g.add_argument("--a-bits", type=int, default=None,
-                   help="activation width of the array (default: the checkpoint's; 8 for weight-only checkpoints)")
+                   help="activation width of the array (default: the layer's; weight-only layers stream SF16)")
     g.add_argument("--w-bits", type=int, default=None, help="weight width of the array (default: the layer's)")
-    g.add_argument("--out-bits", type=int, default=None, help="output width (default: the activation width)")
-    g.add_argument("--out-exponent", default="channel", choices=("channel", "tensor"),
-                   help="output exponents per channel (default) or per tensor")
+    g.add_argument("--out-bits", type=int, default=None,
+                   help="output width (default: the width the layers' output exponents are calibrated for; with "
+                        "--calibrate-outputs: the width to calibrate)")
     p.add_argument("--jobs", "-j", type=int, default=1,
                    help="operations simulated at once, one simulator process each (independent layers such as "
                         "q/k/v or gate/up run in parallel; default 1)")

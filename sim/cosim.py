@@ -2,73 +2,57 @@
 
 The flow, for one layer, a block of layers or the whole forward pass:
 
-1. load the checkpoint (:func:`superfloat.sw.wasq.load_checkpoint`: every tensor checked)
-   and check that it fits the array before anything is built: weight / activation widths
-   against the array's, ``K <= k_max``, the layer names;
-2. run the model in software on the prompt three times:
+1. load the checkpoint (:func:`superfloat.sw.wasq.load_checkpoint`: every tensor checked);
+   every quantized layer needs its calibrated static output exponents (``<name>.out_exponent``,
+   SPEC sections 7-8): without them :class:`CosimError` says how to calibrate them, or
+   ``calibrate_outputs=True`` calibrates them here
+   (:func:`superfloat.sw.wasq.accelerator.calibrate_outputs_` on calibration text). Output
+   exponents are never taken from the output being computed;
+2. check that the selected layers fit the array before anything is built (widths, ``K``,
+   ``N``, the output width the exponents are calibrated for);
+3. run the model on the tokens:
 
-   * **software**: the checkpoint's own forward (fake-quantized weights, float or
-     fake-quantized activations between layers);
-   * **reference**: every selected linear layer replaced, through a forward hook, by the
-     bit-exact integer path: its input quantized per token (:func:`quantize_input`), the
-     weight codes, bias and scales mapped onto the accelerator's parameters
-     (:func:`layer_ops`) and computed by :func:`superfloat.sw.sfx.linear`, the codes
-     decoded with the output exponents;
-   * **RTL**: the same, with each operation computed by the generated accelerator in an
-     HDL simulator (:class:`RTLSession`, or :func:`superfloat.sim.run_linear` with
-     ``engine="run_linear"``);
+   * **software**: the checkpoint's fake-quantized forward (``backend="fake"``);
+   * **accelerator**: the accelerator-exact backend (``set_backend(model, "accelerator")``,
+     SPEC section 8) for every quantized layer;
+   * **RTL**: the accelerator backend again, with each selected layer's output replaced,
+     through a forward hook, by the codes the RTL computes in an HDL simulator
+     (:class:`RTLSession`; or ``sfx.linear`` alone with ``engine="reference"``) from the same
+     :class:`~superfloat.sw.wasq.accelerator.LayerProgram` (:func:`program_ops`), decoded
+     with the same exponents;
 
-3. report, per layer: RTL codes against ``sfx.linear`` on the same inputs (zero
-   mismatches required), the dequantized RTL output against the float layer output,
-   cycles, utilisation and the time on the FPGA at its reported Fmax; for the model:
-   whether the RTL forward's logits equal the reference forward's, and how close both are
-   to the software model.
+4. report, per layer: RTL codes against ``sfx.linear`` on the same operations (zero
+   differences required), the decoded RTL output against the backend's (identical
+   required), the error against the fake-quantized layer, cycles, utilisation and the time
+   on the FPGA at its reported Fmax; for the model: whether the RTL forward's logits equal,
+   bit for bit, the accelerator backend's, and (``data`` mode) the perplexity of a text
+   computed with every selected layer on the RTL beside the backend's perplexity of the same
+   tokens (equal bit for bit) and the fake-quantized and float ones.
 
-How the checkpoint maps onto the accelerator (SPEC sections 1, 3-5):
-
-* weights: the stored codes; a power-of-two exponent ``Ew[n]`` goes into ``shift``; a
-  float scale ``s[n] * 2**Ew[n]`` is folded by ``sfx.fold_scale`` into ``mult[n]`` and
-  ``shift``;
-* activations: SF``a`` codes with one exponent per token (``xexp``, streamed with each
-  row) or one static exponent; a weight-only checkpoint gets SF8 per-token dynamic
-  activations (the report says so);
-* output: SF``o`` codes with an output exponent ``Eo`` per channel (or per tensor) chosen
-  from the float layer output so that the right shift stays in 0..63;
-  ``shift[n] = Ew[n] - Eo[n]`` (or the folded shift minus ``Eo[n]``);
-* bias: in accumulator units, ``round_nearest_even(b / unit)`` with
-  ``unit = 2**(Ea - F) * 2**Ew`` (times ``mult * 2**(shift_w - 16)`` for a folded scale),
-  computed exactly with rationals (:func:`bias_to_accumulator`). The accumulator's unit
-  depends on the token's exponent ``Ea``, so a layer with a bias is run as one operation
-  per distinct ``Ea`` (tokens grouped; a static activation exponent gives one group).
-
-The code is split by concern; every public name is importable from here:
-:mod:`.engines` (engines and simulator sessions), :mod:`.mapping` (checkpoint -> LINEAR),
-:mod:`.fmax` (Fmax lookup), :mod:`.hooks` (model hooks), :mod:`.report` (the report).
+The code is split by concern: :mod:`.engines` (engines and simulator sessions),
+:mod:`.mapping` (layer program -> LINEAR operations), :mod:`.fmax` (Fmax lookup),
+:mod:`.hooks` (model hooks), :mod:`.report` (the report).
 """
 from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
-
 
 from superfloat.sw import sfx
 
 from .engines import (ArrayConfig, Op, OpResult, OpStats, ReferenceEngine, RTLSession, RunLinearEngine,
                       SessionEngine, make_engine, prebuild)
 from .fmax import find_fmax, fmax_sources
-from .hooks import _LinearHooks, _OutputCapture
-from .mapping import (CosimError, LayerCall, LayerQuant, bias_to_accumulator, layer_ops, output_exponent,
-                      quantize_input, resolve_array, select_layers, weight_scale_params, widen_codes)
+from .hooks import _OutputCapture, _ProgramHooks, _Recorder
+from .mapping import CosimError, LayerCall, program_ops, resolve_array, select_layers
 from .report import CosimReport, _build_report
 
 __all__ = [
     "CosimError",
     "ArrayConfig",
-    "LayerQuant",
     "LayerCall",
     "Op",
     "OpResult",
@@ -79,18 +63,15 @@ __all__ = [
     "RunLinearEngine",
     "ReferenceEngine",
     "make_engine",
-    "bias_to_accumulator",
-    "weight_scale_params",
-    "output_exponent",
-    "quantize_input",
-    "widen_codes",
-    "layer_ops",
+    "program_ops",
     "resolve_array",
     "select_layers",
     "find_fmax",
     "fmax_sources",
     "cosim",
     "CosimReport",
+    "DEFAULT_CALIB_DATA",
+    "DEFAULT_CALIB_TOKENS",
 ]
 
 
@@ -98,6 +79,11 @@ DEFAULT_PROMPT = ("The quick brown fox jumps over the lazy dog. Once upon a time
                   "there lived an old clockmaker who built machines that could count the stars, and every "
                   "night the children of the town came to listen to his stories about numbers and light.")
 DEFAULT_TOKENS = 8
+#: calibration text of ``calibrate_outputs=True`` (the Shakespeare plays' train split: held out
+#: from the test split that ``data="shakespeare"`` scores)
+DEFAULT_CALIB_DATA = "shakespeare"
+DEFAULT_CALIB_TOKENS = 1024
+_CALIB_CONTEXT = 256
 
 
 def _token_ids(tok: Any, prompt: str | None, tokens: int | None, vocab: int | None) -> tuple[list[int], str, list[str]]:
@@ -118,11 +104,33 @@ def _token_ids(tok: Any, prompt: str | None, tokens: int | None, vocab: int | No
         ids = ids[:tokens]
     if not ids:
         raise CosimError("the prompt gives no tokens")
+    _check_t(len(ids))
+    return ids, text, notes
+
+
+def _check_t(t: int) -> None:
     from superfloat.hw.interface import TN_BITS
 
-    if len(ids) > (1 << TN_BITS) - 1:
-        raise CosimError(f"{len(ids)} tokens do not fit the 16-bit T field of a command")
-    return ids, text, notes
+    if t > (1 << TN_BITS) - 1:
+        raise CosimError(f"{t} tokens per forward pass do not fit the 16-bit T field of a command; use a shorter "
+                         f"--context")
+
+
+def _data_ids(tok: Any, data: str, split: str | None, max_tokens: int | None) -> tuple[list[int], str]:
+    from superfloat.sw.wasq.data import load_text, tokenize
+
+    if tok is None:
+        raise CosimError("--data needs a checkpoint with a tokenizer (save_checkpoint(..., tokenizer=...))")
+    if max_tokens is None:
+        raise CosimError("--data needs --max-tokens N (every token is simulated: start with 128)")
+    try:
+        text = load_text(data, split)
+        ids = tokenize(tok, text, max_tokens)
+    except ValueError as e:
+        raise CosimError(f"--data {data}: {e}") from None
+    if len(ids) < 2:
+        raise CosimError(f"--data {data}: {len(ids)} token(s); a perplexity needs at least 2")
+    return [int(v) for v in ids], f"{data} ({split or 'default split'}), first {len(ids)} tokens"
 
 
 class _torch_threads:
@@ -141,12 +149,114 @@ class _torch_threads:
         torch.set_num_threads(self.saved)
 
 
+class _Logits:
+    """A callable model wrapper for :func:`superfloat.sw.wasq.evaluate.perplexity` that keeps
+    every logits tensor it returns (float64 numpy, in call order)."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.logits: list = []
+
+    def __call__(self, **kw):
+        out = self.model(**kw)
+        lg = out.logits if hasattr(out, "logits") else out
+        self.logits.append(lg.detach().to("cpu").double().numpy())
+        return out
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def eval(self):
+        self.model.eval()
+        return self
+
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    @property
+    def config(self):
+        return getattr(self.model, "config", None)
+
+    def all(self):
+        import numpy as np
+
+        return np.concatenate([x.reshape(-1, x.shape[-1]) for x in self.logits])[None]
+
+
+def _missing_exponents_error(missing: list[str], checkpoint: Any) -> CosimError:
+    more = f" (and {len(missing) - 1} more layer(s))" if len(missing) > 1 else ""
+    return CosimError(
+        f"layer {missing[0]}{more} has no calibrated static output exponents (<name>.out_exponent, SPEC sections "
+        f"7-8): co-simulation streams the checkpoint's exponents and never derives them from the output it "
+        f"computes. Calibrate them: 'sfx cosim --checkpoint {checkpoint} ... --calibrate-outputs' (on "
+        f"--calib-data/--calib-tokens, default {DEFAULT_CALIB_TOKENS} tokens of the {DEFAULT_CALIB_DATA} train split), "
+        f"'sfx quantize ... --calib-tokens N', or in Python superfloat.sw.wasq.accelerator.calibrate_outputs_(model, "
+        f"batches) followed by save_checkpoint")
+
+
+def _calibrate(model: Any, tok: Any, *, data: str, tokens: int, out_bits: int | None, headroom: float | None,
+               progress: bool) -> dict:
+    from superfloat.sw.wasq.accelerator import AcceleratorError, calibrate_outputs_
+    from superfloat.sw.wasq.data import calibration_batches, load_text, tokenize
+
+    if tok is None:
+        raise CosimError("--calibrate-outputs needs a checkpoint with a tokenizer (or calibrate in Python with "
+                         "superfloat.sw.wasq.accelerator.calibrate_outputs_)")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2:
+        raise CosimError(f"--calib-tokens must be an int >= 2, got {tokens!r}")
+    try:
+        ids = tokenize(tok, load_text(data, "train"), tokens)
+    except ValueError as e:
+        raise CosimError(f"--calib-data {data}: {e}") from None
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or _CALIB_CONTEXT
+    batches = list(calibration_batches(ids, min(_CALIB_CONTEXT, int(limit)), tokens))
+    kw = {} if headroom is None else {"headroom": headroom}
+    try:
+        rep = calibrate_outputs_(model, batches, out_bits=out_bits, progress=progress, **kw)
+    except (AcceleratorError, ValueError) as e:
+        raise CosimError(f"calibrating the output exponents: {e}") from None
+    return {"data": f"{data} (train split)", "tokens": int(len(ids)), "layers": len(rep),
+            "raised_channels": sum(r["raised_channels"] for r in rep.values())}
+
+
+def _software_passes(model: Any, fm: Any, forward, modules: dict, block_module: Any, block_name: str | None):
+    """The fake-quantized pass, the float model's (if any) and the accelerator backend's (which
+    also records the plan of layer calls). Returns ``(logits, perplexities, captures,
+    accelerator pass seconds, accelerator statistics, plan)``."""
+    import torch
+
+    from superfloat.sw.wasq.accelerator import accelerator_stats, reset_accelerator_stats, set_backend
+
+    with torch.no_grad():
+        set_backend(model, "fake")
+        with _OutputCapture(block_module) as cap_sw:
+            logits_sw, ppl_sw = forward(model)
+        logits_fp = block_fp = ppl_fp = None
+        if fm is not None:
+            with _OutputCapture(fm.get_submodule(block_name) if block_name else None) as cap_fp:
+                logits_fp, ppl_fp = forward(fm)
+            block_fp = cap_fp.value
+        set_backend(model, "accelerator")
+        reset_accelerator_stats(model)
+        t0 = time.perf_counter()
+        with _Recorder(modules) as rec, _OutputCapture(block_module) as cap_acc:
+            logits_acc, ppl_acc = forward(model)
+        acc_s = time.perf_counter() - t0
+        acc_stats = accelerator_stats(model)
+    return ((logits_sw, logits_acc, logits_fp), (ppl_sw, ppl_acc, ppl_fp), (cap_sw, cap_acc, block_fp), acc_s,
+            acc_stats, rec.record)
+
+
 def cosim(checkpoint: str | os.PathLike, layer: str = "all", *, prompt: str | None = None, tokens: int | None = None,
-          simulator: str = "verilator", rows: int = 8, cols: int = 8, k_max: int = sfx.DEFAULT_K_MAX,
-          a_bits: int | None = None, w_bits: int | None = None, out_bits: int | None = None,
-          out_exponent: str = "channel", jobs: int = 1, engine: str = "session", waves: bool = False,
-          target: str = "ecp5-25k", fmax_mhz: float | None = None, float_model: Any = None,
-          progress: bool = False, fmax_sources: Sequence[str | os.PathLike] = ()) -> "CosimReport":
+          data: str | None = None, split: str | None = None, max_tokens: int | None = None,
+          context: int | None = None, simulator: str = "verilator", rows: int = 8, cols: int = 8,
+          k_max: int = sfx.DEFAULT_K_MAX, a_bits: int | None = None, w_bits: int | None = None,
+          out_bits: int | None = None, calibrate_outputs: bool = False, calib_data: str = DEFAULT_CALIB_DATA,
+          calib_tokens: int = DEFAULT_CALIB_TOKENS, headroom: float | None = None, jobs: int = 1,
+          engine: str = "session", waves: bool = False, target: str = "ecp5-25k", fmax_mhz: float | None = None,
+          float_model: Any = None, progress: bool = False,
+          fmax_sources: Sequence[str | os.PathLike] = ()) -> "CosimReport":
     """Co-simulate layer(s) of a WASQ checkpoint on the generated accelerator (see the module docstring).
 
     Args:
@@ -156,25 +266,33 @@ def cosim(checkpoint: str | os.PathLike, layer: str = "all", *, prompt: str | No
             (every quantized layer: the whole forward).
         prompt, tokens: the input text, and how many of its tokens to use (default: the
             first 8 tokens of :data:`DEFAULT_PROMPT`).
+        data, split, max_tokens, context: perplexity mode: the first ``max_tokens`` tokens of
+            a text (:func:`superfloat.sw.wasq.load_text` spec: a file, ``shakespeare``, ...;
+            ``split`` default: ``all`` for files, ``test`` for corpora), scored by
+            :func:`superfloat.sw.wasq.perplexity` in windows of ``context`` tokens (default:
+            one window of ``max_tokens``).
         simulator: ``"verilator"`` or ``"icarus"``.
         rows, cols, k_max: the array's shape and longest reduction.
-        a_bits, w_bits, out_bits: the array's widths (default: the checkpoint's; weight-only
-            checkpoints get 8-bit activations; outputs as wide as the activations).
-            Narrower checkpoint codes are widened exactly, wider ones are an error.
-        out_exponent: ``"channel"`` (default) or ``"tensor"`` output exponents.
+        a_bits, w_bits, out_bits: the array's widths (default: each layer's program's).
+            Narrower codes are widened exactly, wider ones are an error; the output width
+            must be the one the exponents are calibrated for.
+        calibrate_outputs: calibrate every layer's static output exponents first (on
+            ``calib_tokens`` tokens of ``calib_data``'s train split, for ``out_bits`` or the
+            layers' widths, with ``headroom``), replacing the checkpoint's.
         jobs: operations simulated at once (one simulator process each).
-        engine: ``"session"`` (default), ``"run_linear"`` (one simulator per operation) or
-            ``"reference"`` (``sfx.linear`` only, no simulator: a dry run).
+        engine: ``"session"`` (default), ``"session-percycle"``, ``"run_linear"`` (one simulator
+            per operation) or ``"reference"`` (``sfx.linear`` only, no simulator: a dry run).
         waves: record waveforms (paths in the report).
         target, fmax_mhz: the FPGA target whose Fmax converts cycles to time, or a given Fmax.
         fmax_sources: extra synthesis report files searched first (see :func:`find_fmax`).
         float_model: optional float model (a ``load_model`` spec or a module) to compare
-            against as well (logits; per layer: the layer with float weights).
+            against as well (logits, perplexity; per layer: the layer with float weights).
         progress: step lines and a progress bar on stderr.
 
     Raises:
-        CosimError: a damaged or mismatched checkpoint, an unknown layer, a layer that does
-            not fit the array, a bad option; always before any simulator build starts.
+        CosimError: a damaged or mismatched checkpoint, uncalibrated output exponents, an
+            unknown layer, a layer that does not fit the array, a bad option; always before
+            any simulator build starts.
         superfloat.sim.SimulatorNotFound, superfloat.sim.SimulationFailed: simulator problems.
     """
     import torch
@@ -194,16 +312,22 @@ def cosim(checkpoint: str | os.PathLike, layer: str = "all", *, prompt: str | No
         raise CosimError(f"engine must be 'session', 'session-percycle', 'run_linear' or 'reference', got {engine!r}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise CosimError(f"jobs must be a positive int, got {jobs!r}")
-    if out_exponent not in ("channel", "tensor"):
-        raise CosimError(f"out_exponent must be 'channel' or 'tensor', got {out_exponent!r}")
     for nm, v in (("a_bits", a_bits), ("w_bits", w_bits), ("out_bits", out_bits)):
         if v is not None:
             try:
                 sfx.check_bits(v, nm)
             except (TypeError, ValueError) as e:
                 raise CosimError(str(e)) from None
+    if data is None and (max_tokens is not None or context is not None or split is not None):
+        raise CosimError("--max-tokens, --context and --split go with --data (perplexity of a text)")
+    if data is not None and (prompt is not None or tokens is not None):
+        raise CosimError("give either --data (perplexity of a text) or --prompt/--tokens, not both")
+    for nm, v in (("max_tokens", max_tokens), ("context", context)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 2):
+            raise CosimError(f"--{nm.replace('_', '-')} must be an int >= 2, got {v!r}")
 
     from superfloat.sw.wasq import quantized_layers
+    from superfloat.sw.wasq.accelerator import AcceleratorError, set_backend
     from superfloat.sw.wasq.checkpoint import CheckpointError, load_checkpoint
 
     say(f"loading checkpoint {checkpoint}")
@@ -211,15 +335,32 @@ def cosim(checkpoint: str | os.PathLike, layer: str = "all", *, prompt: str | No
         model, tok, info = load_checkpoint(checkpoint, return_info=True)
     except CheckpointError as e:
         raise CosimError(f"cannot co-simulate this checkpoint: {e}") from None
+    model.eval()
     qlayers = quantized_layers(model)
     names, kind = select_layers(list(qlayers), layer)
-    lqs = {n: LayerQuant.from_module(n, qlayers[n], default_act_bits=a_bits or 8) for n in names}
-    arrays = {n: resolve_array(lqs[n], rows=rows, cols=cols, k_max=k_max, simulator=simulator, a_bits=a_bits,
-                               w_bits=w_bits, out_bits=out_bits) for n in names}
     notes: list[str] = []
-    wo = sorted({lq.act_source for lq in lqs.values() if lq.act_source != "checkpoint"})
-    notes += wo
-    widened = [n for n in names if arrays[n].w_bits > lqs[n].bits or arrays[n].a_bits > lqs[n].act_bits]
+    calibration = None
+    if calibrate_outputs:
+        say(f"calibrating the static output exponents on {calib_tokens} tokens of {calib_data}")
+        with _torch_threads(max(1, torch.get_num_threads())):
+            calibration = _calibrate(model, tok, data=calib_data, tokens=calib_tokens, out_bits=out_bits,
+                                     headroom=headroom, progress=progress)
+        notes.append(f"output exponents calibrated here on {calibration['tokens']} tokens of {calibration['data']} "
+                     f"(the checkpoint's were replaced)")
+    else:
+        missing = [n for n, m in qlayers.items() if m.out_exponent is None]
+        if missing:
+            raise _missing_exponents_error(missing, checkpoint)
+    try:
+        set_backend(model, "accelerator")
+    except (AcceleratorError, ValueError) as e:
+        raise CosimError(f"the accelerator cannot run this checkpoint: {e}") from None
+    programs = {n: qlayers[n].accelerator_program() for n in names}
+    arrays = {n: resolve_array(n, programs[n], rows=rows, cols=cols, k_max=k_max, simulator=simulator,
+                               a_bits=a_bits, w_bits=w_bits, out_bits=out_bits) for n in names}
+    sources = sorted({p.act_source for p in programs.values() if p.act_source != "layer"})
+    notes += sources
+    widened = [n for n in names if arrays[n].w_bits > programs[n].w_bits or arrays[n].a_bits > programs[n].a_bits]
     if widened:
         notes.append(f"{len(widened)} layer(s) have codes narrower than the array; they were widened exactly "
                      f"(e.g. {widened[0]})")
@@ -227,8 +368,14 @@ def cosim(checkpoint: str | os.PathLike, layer: str = "all", *, prompt: str | No
     if base_note:
         notes.append(str(base_note))
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    ids, text, tok_notes = _token_ids(tok, prompt, tokens, vocab)
-    notes += tok_notes
+    if data is not None:
+        ids, text = _data_ids(tok, data, split, max_tokens)
+        ctx = context or len(ids)
+        _check_t(min(ctx, len(ids) - 1))
+    else:
+        ids, text, tok_notes = _token_ids(tok, prompt, tokens, vocab)
+        notes += tok_notes
+        ctx = None
     if engine != "reference":
         runner.check_simulator(simulator)  # SimulatorNotFound (with install hints) before any work
     input_ids = torch.tensor([ids], dtype=torch.long)
@@ -253,52 +400,46 @@ def cosim(checkpoint: str | os.PathLike, layer: str = "all", *, prompt: str | No
             except AttributeError:
                 pass
 
-    T = len(ids)
-    say(f"{kind} {layer!r}: {len(names)} layer(s), {T} token(s); software and reference (sfx.linear) passes")
-    # A forward pass over a few tokens gains nothing from intra-op threads, and spinning threads
+    from superfloat.sw.wasq.evaluate import perplexity
+
+    def forward(m: Any) -> tuple[Any, Any]:
+        """Logits ``[1, L, V]`` (float64 numpy) and the perplexity (data mode) of model ``m``."""
+        if data is None:
+            return m(input_ids).logits.double().numpy(), None
+        rec = _Logits(m)
+        ppl = perplexity(rec, torch.tensor(ids), context=ctx, progress=False)
+        return rec.all(), ppl
+
+    T = len(ids) if data is None else min(ctx, len(ids) - 1)
+    say(f"{kind} {layer!r}: {len(names)} layer(s), {len(ids)} token(s); fake-quantized and accelerator-exact passes")
+    # A forward pass over a few tokens gains little from intra-op threads, and spinning threads
     # would take the core that a simulator process needs.
     with _torch_threads(1):
-        with torch.no_grad():
-            with _OutputCapture(block_module) as cap_sw:
-                logits_sw = model(input_ids).logits.double().numpy()
-            logits_fp = block_fp = None
-            if fm is not None:
-                with _OutputCapture(fm.get_submodule(layer) if kind == "block" else None) as cap_fp:
-                    logits_fp = fm(input_ids).logits.double().numpy()
-                block_fp = cap_fp.value
-            ref_engine = ReferenceEngine()
-            t0 = time.perf_counter()
-            with _LinearHooks(modules, lqs, arrays, ref_engine, out_exponent=out_exponent,
-                              float_modules=float_modules) as hb, _OutputCapture(block_module) as cap_ref:
-                logits_ref = model(input_ids).logits.double().numpy()
-            ref_s = time.perf_counter() - t0
-        plan = hb.record
-        total_ops = sum(len(c.call.ops) for c in hb.calls)
-        total_macs = sum(op.macs for c in hb.calls for op in c.call.ops)
-        distinct = sorted({a.name for a in arrays.values()})
-        say(f"{total_ops} accelerator operation(s), {total_macs / 1e6:.2f} M MACs, on {engine} "
-            f"({simulator}, array {', '.join(distinct)}, jobs={jobs})")
+        try:
+            logits, ppls, caps, acc_s, acc_stats, plan = _software_passes(
+                model, fm, forward, modules, block_module, layer if kind == "block" else None)
+        except AcceleratorError as e:
+            raise CosimError(f"the accelerator backend cannot run this checkpoint: {e}") from None
+        logits_sw, logits_acc, logits_fp = logits
+        ppl_sw, ppl_acc, ppl_fp = ppls
+        cap_sw, cap_acc, block_fp = caps
+        say(f"{len(plan)} layer call(s) of {T} row(s) on {engine} ({simulator}, array "
+            f"{', '.join(sorted({a.name for a in arrays.values()}))}, jobs={jobs})")
 
         eng = make_engine(engine, jobs, waves=waves)
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=total_ops, desc=f"cosim {simulator}", unit="op", file=sys.stderr, dynamic_ncols=True,
+            bar = tqdm(total=len(plan), desc=f"cosim {simulator}", unit="layer", file=sys.stderr, dynamic_ncols=True,
                        leave=False)
-        lock = threading.Lock()
-
-        def done(_r: OpResult) -> None:
-            if bar is not None:
-                with lock:
-                    bar.update(1)
-
         t0 = time.perf_counter()
         try:
-            with torch.no_grad(), _LinearHooks(modules, lqs, arrays, eng, out_exponent=out_exponent, plan=plan,
-                                               prefetch=jobs > 1, float_modules=float_modules,
-                                               on_op_done=done) as hc, _OutputCapture(block_module) as cap_rtl:
-                logits_rtl = model(input_ids).logits.double().numpy()
+            with torch.no_grad(), _ProgramHooks(modules, programs, arrays, eng, plan=plan, prefetch=jobs > 1,
+                                                float_modules=float_modules, compare_fake=True,
+                                                on_call=(lambda _c: bar.update(1)) if bar is not None else None) \
+                    as hc, _OutputCapture(block_module) as cap_rtl:
+                logits_rtl, ppl_rtl = forward(model)
         finally:
             if bar is not None:
                 bar.close()
@@ -307,13 +448,19 @@ def cosim(checkpoint: str | os.PathLike, layer: str = "all", *, prompt: str | No
 
         fmax = {a.name: find_fmax(a, target, fmax_mhz, extra_sources)
                 for a in {arrays[n] for n in names}}
+        ppl = None
+        if data is not None:
+            ppl = {"rtl": ppl_rtl.to_dict(), "accelerator": ppl_acc.to_dict(), "fake": ppl_sw.to_dict(),
+                   "float": ppl_fp.to_dict() if ppl_fp is not None else None,
+                   "identical": bool(ppl_rtl.nll == ppl_acc.nll and ppl_rtl.perplexity == ppl_acc.perplexity),
+                   "data": text, "context": ctx}
         report = _build_report(
-            checkpoint=str(checkpoint), info=info, layer=layer, kind=kind, names=names, ids=ids, text=text,
-            simulator=simulator, engine=eng, jobs=jobs, arrays=arrays, lqs=lqs, ref_calls=hb.calls, rtl_calls=hc.calls,
-            logits=(logits_sw, logits_ref, logits_rtl, logits_fp),
-            blocks=(cap_sw.value, cap_ref.value, cap_rtl.value, block_fp), fmax=fmax, target=target, notes=notes,
-            timing={"reference_pass_s": ref_s, "rtl_pass_s": rtl_s, "wall_s": time.perf_counter() - t_start},
-            out_exponent=out_exponent)
-        say(f"done in {report['wall_s']:.1f} s: {report['mismatches']} mismatching code(s) of "
+            checkpoint=str(checkpoint), info=info, layer=layer, kind=kind, names=names, ids=ids,
+            text=text if data is None else None, simulator=simulator, engine=eng, jobs=jobs, arrays=arrays,
+            programs=programs, rtl_calls=hc.calls, logits=(logits_sw, logits_acc, logits_rtl, logits_fp),
+            blocks=(cap_sw.value, cap_acc.value, cap_rtl.value, block_fp), fmax=fmax, target=target, notes=notes,
+            timing={"accelerator_pass_s": acc_s, "rtl_pass_s": rtl_s, "wall_s": time.perf_counter() - t_start},
+            perplexity=ppl, calibration=calibration, accelerator_stats=acc_stats)
+        say(f"done in {report['wall_s']:.1f} s: {report['mismatches']} differing code(s) of "
             f"{report['codes_compared']}")
         return report

@@ -23,47 +23,47 @@ def _logit_compare(a, b) -> dict:
             "argmax_agreement": float((am == bm).mean()), "next_token_equal": bool(am[-1] == bm[-1])}
 
 
-def _build_report(*, checkpoint, info, layer, kind, names, ids, text, simulator, engine, jobs, arrays, lqs, ref_calls,
-                  rtl_calls, logits, blocks, fmax, target, notes, timing, out_exponent) -> "CosimReport":
-    logits_sw, logits_ref, logits_rtl, logits_fp = logits
-    block_sw, block_ref, block_rtl, block_fp = blocks
+def _build_report(*, checkpoint, info, layer, kind, names, ids, text, simulator, engine, jobs, arrays, programs,
+                  rtl_calls, logits, blocks, fmax, target, notes, timing, perplexity, calibration,
+                  accelerator_stats) -> "CosimReport":
+    logits_sw, logits_acc, logits_rtl, logits_fp = logits
+    block_sw, block_acc, block_rtl, block_fp = blocks
     layers = []
-    ref_by_index = {c.index: c for c in ref_calls}
     tot = {"mismatches": 0, "codes": 0, "cycles": 0, "sim_cycles": 0, "macs": 0, "pe_cycles": 0, "saturated": 0,
-           "loop_s": 0.0, "loop_cpu_s": 0.0, "sim_s": 0.0, "fpga_us": 0.0, "abs_sum": 0.0, "n_out": 0}
+           "loop_s": 0.0, "loop_cpu_s": 0.0, "sim_s": 0.0, "fpga_us": 0.0, "abs_sum": 0.0, "n_out": 0,
+           "differ_from_backend": 0}
     fpga_known = True
     errors = []
     for c in rtl_calls:
         arr = c.call.array
+        prog = c.call.program
         stats = [r.stats for r in c.results]
         cycles = sum(s.cycles for s in stats)
         sim_cycles = sum(s.sim_cycles for s in stats)
         macs = sum(op.macs for op in c.call.ops)
         mism = sum(r.mismatches for r in c.results)
         first = next((r.first_mismatch for r in c.results if r.first_mismatch), None)
-        e = _err_stats(c.y_out, c.y_float)
+        e = _err_stats(c.y_out, c.y_fake) if c.y_fake is not None else _err_stats(c.y_out, c.y_out)
         f = fmax[arr.name]
         fpga_us = cycles / f["fmax_mhz"] if f["fmax_mhz"] else None
         if fpga_us is None:
             fpga_known = False
-        rc = ref_by_index.get(c.index)
-        lq = c.call.layer
         eo = c.call.out_exponent
         entry = {
             "name": c.name, "array": arr.name, "T": c.call.shape[0], "N": c.call.shape[1], "K": c.call.shape[2],
-            "w_bits": lq.bits, "scale": lq.scale_kind, "bias": lq.has_bias,
-            "activations": f"SF{lq.act_bits} {lq.act_mode}" + (f" (E={lq.act_exponent})" if lq.act_mode == "static"
-                                                               else " per token"),
-            "activation_source": lq.act_source, "ops": len(c.call.ops),
-            "x_exponents": [int(v) for v in np.unique(c.call.x_exponent)],
-            "out_exponent": [int(eo.min()), int(eo.max())], "out_exponent_clamped": c.call.clamped_channels,
+            "w_bits": int(prog.w_bits), "a_bits": int(prog.a_bits), "out_bits": int(prog.out_bits),
+            "scale": "float" if prog.mult is not None else "pow2", "bias": prog.bias is not None,
+            "activations": f"SF{prog.a_bits} {prog.act_mode}" + (f" (E={prog.act_exponent})"
+                                                                 if prog.act_mode == "static" else " per token"),
+            "activation_source": prog.act_source, "ops": len(c.call.ops),
+            "x_exponents": [int(v) for v in np.unique(c.call.x_exponent)], "clamped_rows": c.call.clamped_rows,
+            "out_exponent": [int(eo.min()), int(eo.max())],
             "mismatches": mism, "codes_compared": int(c.codes.size), "first_mismatch": first,
-            "equal_to_reference_pass": bool(rc is not None and rc.name == c.name
-                                            and np.array_equal(rc.codes, c.codes)),
+            "equal_to_accelerator": c.equal_to_backend,
             "cycles": cycles, "sim_cycles": sim_cycles, "macs": macs,
             "utilization": macs / (arr.rows * arr.cols * cycles) if cycles else 0.0,
-            "saturated": sum(s.saturated for s in stats),
-            "saturated_reference": sum(s.reference_saturated for s in stats),
+            "saturated": sum(int(s.saturated) for s in stats),
+            "saturated_reference": sum(int(s.reference_saturated) for s in stats),
             "rtl_error_flag": any(s.error for s in stats),
             **e,
             "fpga_us": fpga_us,
@@ -78,6 +78,7 @@ def _build_report(*, checkpoint, info, layer, kind, names, ids, text, simulator,
         if entry["rtl_error_flag"]:
             errors.append(c.name)
         tot["mismatches"] += mism
+        tot["differ_from_backend"] += 0 if c.equal_to_backend else 1
         tot["codes"] += int(c.codes.size)
         tot["cycles"] += cycles
         tot["sim_cycles"] += sim_cycles
@@ -90,21 +91,22 @@ def _build_report(*, checkpoint, info, layer, kind, names, ids, text, simulator,
         tot["abs_sum"] += e["mean_abs_error"] * c.y_out.size
         tot["n_out"] += c.y_out.size
 
+    last = (0, -1)
     fwd = {
-        "logits_identical": bool(np.array_equal(logits_rtl, logits_ref)),
-        "max_logit_diff": float(np.abs(logits_rtl - logits_ref).max()),
-        "argmax_identical": bool(np.array_equal(logits_rtl.argmax(-1), logits_ref.argmax(-1))),
-        "next_token": {"rtl": int(logits_rtl[0, -1].argmax()), "reference": int(logits_ref[0, -1].argmax()),
-                       "software": int(logits_sw[0, -1].argmax())},
+        "logits_identical": bool(np.array_equal(logits_rtl, logits_acc)),
+        "max_logit_diff": float(np.abs(logits_rtl - logits_acc).max()),
+        "argmax_identical": bool(np.array_equal(logits_rtl.argmax(-1), logits_acc.argmax(-1))),
+        "next_token": {"rtl": int(logits_rtl[last].argmax()), "accelerator": int(logits_acc[last].argmax()),
+                       "software": int(logits_sw[last].argmax())},
         "rtl_vs_software": _logit_compare(logits_rtl, logits_sw),
-        "reference_vs_software": _logit_compare(logits_ref, logits_sw),
+        "accelerator_vs_software": _logit_compare(logits_acc, logits_sw),
     }
     if logits_fp is not None:
-        fwd["next_token"]["float"] = int(logits_fp[0, -1].argmax())
+        fwd["next_token"]["float"] = int(logits_fp[last].argmax())
         fwd["rtl_vs_float"] = _logit_compare(logits_rtl, logits_fp)
         fwd["software_vs_float"] = _logit_compare(logits_sw, logits_fp)
     if block_rtl is not None:
-        blk = {"identical_to_reference": bool(np.array_equal(block_rtl, block_ref)),
+        blk = {"identical_to_accelerator": bool(np.array_equal(block_rtl, block_acc)),
                "vs_software": _err_stats(block_rtl, block_sw)}
         if block_fp is not None:
             blk["vs_float"] = _err_stats(block_rtl, block_fp)
@@ -112,25 +114,33 @@ def _build_report(*, checkpoint, info, layer, kind, names, ids, text, simulator,
     arrays_used = sorted({a.name for a in arrays.values()})
     starts = list(getattr(engine, "session_start_s", []))
     rtl_s = timing["rtl_pass_s"]
+    bit_exact = (tot["mismatches"] == 0 and tot["differ_from_backend"] == 0 and fwd["logits_identical"]
+                 and not errors and (perplexity is None or perplexity["identical"]))
     data = {
         "checkpoint": checkpoint, "model": (info.get("base_model") or {}).get("architecture"),
         "quant_config": info.get("quant_config"), "selection": layer, "kind": kind, "layers_simulated": len(names),
-        "tokens": len(ids), "token_ids": ids, "prompt": text, "simulator": simulator, "engine": engine.name,
-        "jobs": jobs, "arrays": arrays_used, "out_exponent": out_exponent,
+        "layer_calls": len(rtl_calls), "tokens": len(ids), "token_ids": ids, "prompt": text,
+        "simulator": simulator, "engine": engine.name, "jobs": jobs, "arrays": arrays_used,
+        "output_exponents": "static, calibrated" + (" here" if calibration else " (checkpoint)"),
+        "calibration": calibration,
         "mismatches": tot["mismatches"], "codes_compared": tot["codes"],
-        "bit_exact": tot["mismatches"] == 0 and fwd["logits_identical"] and not errors,
+        "calls_differing_from_accelerator": tot["differ_from_backend"],
+        "bit_exact": bit_exact,
         "rtl_error_flags": errors,
         "cycles": tot["cycles"], "macs": tot["macs"],
         "utilization": tot["macs"] / tot["pe_cycles"] if tot["pe_cycles"] else 0.0,
         "saturated": tot["saturated"],
+        "accelerator_backend": {k: v for k, v in accelerator_stats.items() if k != "layers"},
         "max_abs_error": max((l["max_abs_error"] for l in layers), default=0.0),
         "mean_abs_error": tot["abs_sum"] / tot["n_out"] if tot["n_out"] else 0.0,
         "cosine": min((l["cosine"] for l in layers), default=1.0),
         "fpga": {"target": target, "per_array": fmax, "time_us": tot["fpga_us"] if fpga_known else None},
         "forward": fwd,
-        "speed": {"rtl_pass_s": rtl_s, "reference_pass_s": timing["reference_pass_s"],
-                  "session_start_s": starts, "sim_loop_s": tot["loop_s"],
+        "perplexity": perplexity,
+        "speed": {"rtl_pass_s": rtl_s, "accelerator_pass_s": timing["accelerator_pass_s"],
+                  "session_start_s": starts, "sim_loop_s": tot["loop_s"], "sim_cycles": tot["sim_cycles"],
                   "macs_per_wall_s": tot["macs"] / rtl_s if rtl_s else 0.0,
+                  "cycles_per_wall_s": tot["sim_cycles"] / rtl_s if rtl_s else 0.0,
                   "macs_per_loop_s": tot["macs"] / tot["loop_s"] if tot["loop_s"] else 0.0,
                   "cycles_per_loop_s": tot["sim_cycles"] / tot["loop_s"] if tot["loop_s"] else 0.0,
                   "sim_loop_cpu_s": tot["loop_cpu_s"],
@@ -145,40 +155,56 @@ class CosimReport(dict):
     """The result of :func:`cosim`: a dict (what ``sfx cosim --json`` prints) with a text view.
 
     Top-level keys: ``mismatches`` and ``codes_compared`` (RTL against ``sfx.linear``, all
-    operations), ``bit_exact`` (no mismatch, RTL forward logits identical to the reference
-    forward's, no RTL error flag), ``cycles``, ``macs``, ``utilization``, ``saturated``,
+    operations), ``calls_differing_from_accelerator`` (layer calls whose decoded RTL output
+    is not identical to the accelerator backend's), ``bit_exact`` (no mismatch, every call
+    identical, RTL forward logits, and perplexity in data mode, identical to the accelerator
+    backend's, no RTL error flag), ``cycles``, ``macs``, ``utilization``, ``saturated``,
     ``max_abs_error`` (worst layer), ``mean_abs_error``, ``cosine`` (worst layer; errors of
-    the dequantized RTL output against the float layer output), ``fpga`` (Fmax source and
-    time), ``forward`` (logits), ``speed``, ``notes`` and ``layers`` (one entry per layer).
+    the decoded RTL output against the layer's fake-quantized output), ``fpga`` (Fmax source
+    and time), ``forward`` (logits), ``perplexity`` (data mode: ``rtl``, ``accelerator``,
+    ``fake``, ``float``, ``identical``), ``speed``, ``notes`` and ``layers`` (one entry per
+    layer call).
     """
 
     def format(self) -> str:
         d = self
         lines = [f"cosim {d['kind']} {d['selection']!r} of {d['checkpoint']} ({d['model']}), {d['tokens']} token(s), "
-                 f"{d['simulator']} via {d['engine']}, array {', '.join(d['arrays'])}"]
+                 f"{d['simulator']} via {d['engine']}, array {', '.join(d['arrays'])}; output exponents "
+                 f"{d['output_exponents']}"]
         rows = d["layers"]
-        hdr = f"  {'layer':<44} {'T x K -> N':>16} {'ops':>3} {'mism':>5} {'cycles':>9} {'util':>5} " \
-              f"{'max|err|':>9} {'mean|err|':>9} {'cosine':>8} {'FPGA us':>8}"
+        hdr = f"  {'layer':<44} {'T x K -> N':>16} {'ops':>3} {'mism':>5} {'=acc':>4} {'cycles':>9} {'util':>5} " \
+              f"{'max|err|':>9} {'cosine':>8} {'FPGA us':>8}"
         lines.append(hdr)
         shown = rows if len(rows) <= 16 else rows[:8] + [None] + rows[-4:]
         for r in shown:
             if r is None:
-                lines.append(f"  ... {len(rows) - 12} more layer(s) (--json lists all)")
+                lines.append(f"  ... {len(rows) - 12} more layer call(s) (--json lists all)")
                 continue
             us = f"{r['fpga_us']:.1f}" if r["fpga_us"] is not None else "-"
             lines.append(f"  {r['name'][-44:]:<44} {str(r['T']) + ' x ' + str(r['K']) + ' -> ' + str(r['N']):>16} "
-                         f"{r['ops']:>3} {r['mismatches']:>5} {r['cycles']:>9} {r['utilization']:>5.2f} "
-                         f"{r['max_abs_error']:>9.4g} {r['mean_abs_error']:>9.3g} {r['cosine']:>8.5f} {us:>8}")
+                         f"{r['ops']:>3} {r['mismatches']:>5} {'yes' if r['equal_to_accelerator'] else 'NO':>4} "
+                         f"{r['cycles']:>9} {r['utilization']:>5.2f} {r['max_abs_error']:>9.4g} {r['cosine']:>8.5f} "
+                         f"{us:>8}")
         fw = d["forward"]
         lines.append(f"bit-exact: {'YES' if d['bit_exact'] else 'NO'}: {d['mismatches']} differing code(s) of "
-                     f"{d['codes_compared']} (RTL vs sfx.linear on the same inputs); logits of the RTL forward "
-                     f"{'identical to' if fw['logits_identical'] else 'DIFFER from'} the sfx.linear forward "
-                     f"(max diff {fw['max_logit_diff']:.3g})"
+                     f"{d['codes_compared']} (RTL vs sfx.linear on the same operations); "
+                     f"{d['calls_differing_from_accelerator']} layer call(s) differ from the accelerator backend; "
+                     f"logits of the RTL forward {'identical to' if fw['logits_identical'] else 'DIFFER from'} the "
+                     f"accelerator backend's (max diff {fw['max_logit_diff']:.3g})"
                      + (f"; RTL error flag in {', '.join(d['rtl_error_flags'])}" if d["rtl_error_flags"] else ""))
+        pp = d.get("perplexity")
+        if pp:
+            ln = (f"perplexity of {pp['data']} ({pp['rtl']['tokens']} scored): RTL {pp['rtl']['perplexity']:.6f}, "
+                  f"accelerator backend {pp['accelerator']['perplexity']:.6f} "
+                  f"({'identical' if pp['identical'] else 'DIFFERENT'}), fake-quantized "
+                  f"{pp['fake']['perplexity']:.6f}")
+            if pp.get("float"):
+                ln += f", float {pp['float']['perplexity']:.6f}"
+            lines.append(ln)
         rs = fw["rtl_vs_software"]
         nt = fw["next_token"]
-        lines.append(f"vs the software model (checkpoint in PyTorch): logits max |diff| {rs['max_abs_diff']:.4g}, "
-                     f"cosine {rs['cosine']:.6f}, argmax agreement {rs['argmax_agreement']:.0%}, next token "
+        lines.append(f"vs the fake-quantized model: logits max |diff| {rs['max_abs_diff']:.4g}, cosine "
+                     f"{rs['cosine']:.6f}, argmax agreement {rs['argmax_agreement']:.0%}, next token "
                      f"{nt['rtl']} vs {nt['software']}")
         if "rtl_vs_float" in fw:
             rf = fw["rtl_vs_float"]
@@ -186,12 +212,12 @@ class CosimReport(dict):
                          f"argmax agreement {rf['argmax_agreement']:.0%}, next token {nt['rtl']} vs {nt['float']}")
         if "block_output" in fw:
             b = fw["block_output"]
-            lines.append(f"block output: {'identical to' if b['identical_to_reference'] else 'DIFFERS from'} the "
-                         f"sfx.linear path; vs software max |err| {b['vs_software']['max_abs_error']:.4g}, cosine "
-                         f"{b['vs_software']['cosine']:.6f}")
+            lines.append(f"block output: {'identical to' if b['identical_to_accelerator'] else 'DIFFERS from'} the "
+                         f"accelerator backend's; vs fake-quantized max |err| {b['vs_software']['max_abs_error']:.4g}, "
+                         f"cosine {b['vs_software']['cosine']:.6f}")
         lines.append(f"accelerator: {d['cycles']} cycles, utilization {d['utilization']:.2f}, {d['macs']} MACs, "
-                     f"{d['saturated']} saturated output(s); worst layer max |err| {d['max_abs_error']:.4g}, "
-                     f"cosine {d['cosine']:.6f}")
+                     f"{d['saturated']} saturated output(s); worst layer vs fake-quantized max |err| "
+                     f"{d['max_abs_error']:.4g}, cosine {d['cosine']:.6f}")
         fp = d["fpga"]
         for name, f in fp["per_array"].items():
             if f["fmax_mhz"]:
@@ -202,9 +228,9 @@ class CosimReport(dict):
             else:
                 lines.append(f"FPGA {fp['target']}: array {name}: {f['source']}")
         sp = d["speed"]
-        lines.append(f"harness: {sp['macs_per_wall_s'] / 1e3:.1f} k simulated MACs per wall second of the RTL pass "
-                     f"({sp['rtl_pass_s']:.1f} s, simulator start-up included); bench loop "
-                     f"{sp['cycles_per_loop_s'] / 1e3:.1f} k cycles per wall s, {sp['cycles_per_cpu_s'] / 1e3:.1f} k "
+        lines.append(f"simulation: RTL pass {sp['rtl_pass_s']:.1f} s ({sp['cycles_per_wall_s'] / 1e3:.0f} k simulated "
+                     f"cycles per wall s, simulator start-up and host work included); simulator loop "
+                     f"{sp['cycles_per_loop_s'] / 1e3:.0f} k cycles per wall s, {sp['cycles_per_cpu_s'] / 1e3:.0f} k "
                      f"per CPU s; total {d['wall_s']:.1f} s")
         for n in d["notes"]:
             lines.append(f"note: {n}")

@@ -332,26 +332,29 @@ async def h_bias_out_of_range(dut):
 
 def verify_ops(rng: random.Random, p, count: int) -> list:
     """Random operations for the verification at scale: random shapes with tiling in T, N and K
-    (``K`` mostly short, so that most cycles produce codes, but also ``k_max`` and long
-    reductions), random relu, rounding, mult (with extreme multipliers), per-row exponents,
+    (``K`` mostly up to twice the rows, where the array drains a tile while it computes the
+    next and most cycles produce codes; 10 % up to 64, 1 % up to 1024, 0.2 % ``k_max`` on one
+    tile), random relu, rounding, mult (with extreme multipliers), per-row exponents,
     biases at the accumulator limit and shifts over the whole legal range."""
     from .tb_accelerator import random_args
 
     out = []
     for _ in range(count):
         r = rng.random()
-        if r < 0.02:
-            k = p.k_max
-        elif r < 0.10:
-            k = rng.randint(1, min(p.k_max, 1024))
-        elif r < 0.20:
-            k = rng.choice([1, 2])
-        else:
-            k = rng.randint(1, min(p.k_max, 48))
         t = rng.choice([1, p.rows, p.rows + 1, rng.randint(1, 4 * p.rows + 1)])
         n = rng.choice([1, p.cols, p.cols + 1, rng.randint(1, 4 * p.cols + 1)])
+        if r < 0.002:  # the longest reduction (accumulator width), one tile
+            k, t, n = p.k_max, rng.randint(1, p.rows), rng.randint(1, p.cols)
+        elif r < 0.012:
+            k = rng.randint(65, max(65, min(p.k_max, 1024)))
+        elif r < 0.10:
+            k = rng.randint(2 * p.rows + 1, max(2 * p.rows + 1, 64))
+        elif r < 0.25:
+            k = rng.choice([1, 2])
+        else:
+            k = rng.randint(1, 2 * p.rows)
         out.append(random_args(rng, p, use_mult=bool(rng.getrandbits(1)), use_xexp=bool(rng.getrandbits(1)),
-                               t=t, n=n, k=k))
+                               t=t, n=n, k=min(k, p.k_max)))
     return out
 
 
@@ -387,8 +390,9 @@ async def verify(dut):
         if rng.random() < 0.25:
             stalls = Stalls()
         else:
-            stalls = Stalls({s: rng.choice([0.0, 0.05, 0.2, 0.5]) for s in ("cmd", "par", "act", "wgt", "res")},
-                            {s: rng.choice([1, 4, 16, 64]) for s in ("cmd", "par", "act", "wgt", "res")})
+            # mostly short, rare gaps (each stream slowed by ~10 % on average), sometimes long or dense ones
+            stalls = Stalls({s: rng.choice([0.0, 0.0, 0.02, 0.05, 0.2]) for s in ("cmd", "par", "act", "wgt", "res")},
+                            {s: rng.choice([1, 2, 4, 4, 64]) for s in ("cmd", "par", "act", "wgt", "res")})
             stall_jobs += 1
         r = await b.job([(a, f"op{b.ops + i}") for i, a in enumerate(args)], stalls=stalls)
         features["saturated_codes"] += r.stats["sat_count"]

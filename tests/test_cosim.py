@@ -1,13 +1,14 @@
-"""``superfloat.sim.cosim`` without a simulator: the checkpoint -> accelerator mapping (bias,
-shift, multiplier, output exponents) exact against ``sfx`` on hand cases, layer selection,
-and the errors raised before any simulator build (damaged or mismatched checkpoints).
+"""``superfloat.sim.cosim`` without a simulator: layer programs -> accelerator operations (equal,
+by construction, to the accelerator-exact backend and checked against ``sfx.linear``), static
+output exponents from the checkpoint (never from the output being computed), the perplexity
+mode, layer selection, and the errors raised before any simulator build (uncalibrated,
+damaged or mismatched checkpoints).
 
 ``tests/test_cosim_sim.py`` runs the same flow on Verilator and Icarus."""
 from __future__ import annotations
 
 import json
 import struct
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ from superfloat.sim import cosim as cs
 from superfloat.sw import sfx
 
 VOCAB = 257
+CALIB_TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+              "foolishness, it was the epoch of belief, it was the epoch of incredulity. ") * 2
 
 
 # --------------------------------------------------------------------------- helpers (also used by test_cosim_sim)
@@ -50,13 +53,21 @@ def micro_model(kind: str, seed: int = 0):
     return model.eval()
 
 
-def micro_checkpoint(directory: Path, kind: str = "llama", **config) -> Path:
-    """Quantize a micro model with ``WASQConfig(**config)`` and save it (with the byte tokenizer)."""
+def micro_checkpoint(directory: Path, kind: str = "llama", *, calibrate: bool = True, out_bits: int | None = 8,
+                     **config) -> Path:
+    """Quantize a micro model with ``WASQConfig(**config)``, calibrate its static output exponents
+    (``out_bits``) on :data:`CALIB_TEXT` unless ``calibrate=False``, and save it (byte tokenizer)."""
+    import torch
+
     from superfloat.sw.wasq import WASQConfig, quantize_, save_checkpoint
+    from superfloat.sw.wasq.accelerator import calibrate_outputs_
     from superfloat.sw.wasq.models import byte_tokenizer
 
     model = micro_model(kind)
     quantize_(model, WASQConfig(**config))
+    if calibrate:
+        ids = torch.tensor(list(CALIB_TEXT.encode()[:60]), dtype=torch.long).reshape(1, -1)
+        calibrate_outputs_(model, [ids], out_bits=out_bits)
     save_checkpoint(model, directory, tokenizer=byte_tokenizer(), overwrite=True)
     return Path(directory)
 
@@ -65,138 +76,82 @@ def micro_checkpoint(directory: Path, kind: str = "llama", **config) -> Path:
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("cosim-ckpt")
     return {
-        "llama8": micro_checkpoint(root / "llama8", "llama", weight_bits=8),
-        "opt4": micro_checkpoint(root / "opt4", "opt", weight_bits=4, act_bits=8, scale_kind="pow2"),
+        "llama8": micro_checkpoint(root / "llama8", "llama", weight_bits=8, act_bits=8),  # float scales: mult
+        "llama-wo": micro_checkpoint(root / "llama-wo", "llama", weight_bits=8, out_bits=None),  # weight-only
+        "opt4": micro_checkpoint(root / "opt4", "opt", weight_bits=4, act_bits=8, scale_kind="pow2"),  # bias
+        "raw": micro_checkpoint(root / "raw", "llama", calibrate=False, weight_bits=8, act_bits=8),
     }
 
 
-def exported(codes_values, bits, *, exponent=0, scale=None, bias=None):
-    """An ExportedLinear from exact real weight values (codes by sfx.encode)."""
-    from superfloat.sw.wasq import ExportedLinear
+def _program_and_input(ck: Path, name: str, x_scales=(1, 8, 64, 1, 8, 64, 2)):
+    """A layer's program from a calibrated checkpoint and float rows with several exponents."""
+    import torch
 
-    w = np.asarray(codes_values, dtype=np.float64)
-    n = w.shape[0]
-    e = np.full(n, exponent, dtype=np.int8)
-    sc = None if scale is None else np.asarray(scale, dtype=np.float64)
-    codes = sfx.encode(w / (1.0 if sc is None else sc[:, None]), bits, e[:, None].astype(np.int64))
-    return ExportedLinear(bits, codes, e, sc, None if bias is None else np.asarray(bias, dtype=np.float32))
+    from superfloat.sw.wasq import load_checkpoint, quantized_layers
 
-
-def layer(ex, act_bits=8, mode="dynamic", exponent=None, name="hand"):
-    return cs.LayerQuant(name, ex, act_bits, mode, exponent, "test", "nearest_even")
-
-
-def run_reference(call: cs.LayerCall) -> np.ndarray:
-    eng = cs.ReferenceEngine()
-    results = [eng.submit(op).result() for op in call.ops]
-    return call.decode(call.assemble(results))
-
-
-# --------------------------------------------------------------------------- bias and shift conversion
-
-
-def test_bias_to_accumulator_power_of_two_is_specs_formula():
-    f = 14  # SF8 x SF8
-    b = np.array([0.25, -0.25, 2.5 * 2.0 ** -14, 3.5 * 2.0 ** -14, -2.5 * 2.0 ** -14, 0.0])
-    got = cs.bias_to_accumulator(b, frac_bits=f, a_exponent=0, w_shift=0)
-    assert got.tolist() == [4096, -4096, 2, 4, -2, 0]  # ties to even
-    # SPEC 3: round(b * 2**(F - Ea - Ew)), nearest even, for random biases and exponents
-    rng = np.random.default_rng(1)
-    b = rng.standard_normal(200).astype(np.float32)
-    ea, ew = 3, rng.integers(-6, 2, 200)
-    got = cs.bias_to_accumulator(b, frac_bits=f, a_exponent=ea, w_shift=ew)
-    want = np.rint(b.astype(np.float64) * np.ldexp(1.0, f - ea - ew)).astype(np.int64)
-    assert np.array_equal(got, want)
-
-
-def test_bias_to_accumulator_with_folded_scale_divides_by_the_hardware_scale():
-    mult, w_shift = sfx.fold_scale(np.array([1.5, 0.75]))  # 1.5 = 49152 * 2**(1 - 16)
-    assert mult.tolist() == [49152, 49152] and w_shift.tolist() == [1, 0]
-    unit = 2.0 ** -14  # 2**(Ea - F) with Ea = 0, F = 14
-    b = np.array([3 * unit, 0.75 * 0.5 * unit])
-    assert cs.bias_to_accumulator(b, frac_bits=14, a_exponent=0, w_shift=w_shift, mult=mult).tolist() == [2, 0]
-    # 2.25 * unit / 1.5 = 1.5 -> 2 (ties to even); -0.75 * unit / 1.5 = -0.5 -> 0
-    b = np.array([2.25 * unit, -0.75 * unit])
-    got = cs.bias_to_accumulator(b, frac_bits=14, a_exponent=0, w_shift=[1, 1], mult=[49152, 49152])
-    assert got.tolist() == [2, 0]
-    # exact rationals: any float bias, any mult
-    rng = np.random.default_rng(2)
-    b = rng.standard_normal(50)
-    m = rng.integers(1 << 15, 1 << 16, 50)
-    sh = rng.integers(-4, 4, 50)
-    got = cs.bias_to_accumulator(b, frac_bits=14, a_exponent=2, w_shift=sh, mult=m)
-    for i in range(50):
-        q = Fraction(float(b[i])) / (Fraction(2) ** (2 - 14 + int(sh[i]) - 16) * int(m[i]))
-        assert got[i] == round(q)
-
-
-def test_bias_to_accumulator_rejects_nan():
-    with pytest.raises(ValueError, match="NaN/inf"):
-        cs.bias_to_accumulator([np.nan], frac_bits=14, a_exponent=0, w_shift=0)
-
-
-@pytest.mark.parametrize("scale", [None, [0.75, 1.25]], ids=["pow2", "float-scale"])
-def test_hand_case_is_exact_through_sfx_linear(scale):
-    """y = x @ W.T + b with values on every grid: the decoded integer result is exactly y."""
-    w = np.array([[0.5, 0.25], [-0.5, 0.125]])
-    b = np.array([0.25, -0.5])
-    x = np.array([[0.5, 0.5], [-0.25, 0.75]])
-    s = np.ones(2) if scale is None else np.array(scale)
-    y = x @ (w * s[:, None]).T + b
-    ex = exported(w * s[:, None], 8, scale=scale, bias=b)
-    lq = layer(ex)
-    arr = cs.ArrayConfig(rows=2, cols=2, k_max=16)
-    call = cs.layer_ops(lq, x, y, arr)
-    out = run_reference(call)
-    assert np.array_equal(out, y)
-    # the parameters the accelerator gets
-    mult, w_shift = cs.weight_scale_params(ex)
-    op = call.ops[0]
-    assert np.array_equal(op.args.shift, w_shift - call.out_exponent)
-    assert (mult is None) == (scale is None) and (op.args.mult is None) == (scale is None)
-    f = 14 + (16 if scale is not None else 0)
-    r = f - 7 - (op.args.shift[None, :] + op.args.x_exponent[:, None])
-    assert r.min() >= 0 and r.max() <= 63
-
-
-def test_bias_with_per_token_exponents_runs_one_operation_per_exponent():
+    model = load_checkpoint(ck)
+    prog = quantized_layers(model)[name].accelerator_program()
     rng = np.random.default_rng(3)
-    w = rng.standard_normal((5, 16)) * 0.1
-    b = rng.standard_normal(5)
-    u = rng.standard_normal((6, 16))
-    x = 0.9 * u / np.abs(u).max(axis=1, keepdims=True) * np.array([1, 8, 64, 1, 8, 64])[:, None]
-    lq = layer(exported(w, 8, exponent=-1, bias=b))
-    y = x @ sfx.fake_quantize(w, 8, -1).T + b
-    call = cs.layer_ops(lq, x, y, cs.ArrayConfig(rows=2, cols=2, k_max=16))
-    assert call.x_exponent.tolist() == [0, 3, 6, 0, 3, 6] and len(call.ops) == 3
-    assert sorted(np.concatenate([op.rows_index for op in call.ops]).tolist()) == list(range(6))
-    for op in call.ops:  # each group: constant exponent, bias in that exponent's units
+    u = rng.standard_normal((len(x_scales), prog.K))
+    x = 0.9 * u / np.abs(u).max(axis=1, keepdims=True) * np.asarray(x_scales, dtype=np.float64)[:, None]
+    return prog, torch.tensor(x, dtype=torch.float32)
+
+
+def _reference_codes(call) -> np.ndarray:
+    eng = cs.ReferenceEngine()
+    return call.assemble([eng.submit(op).result() for op in call.ops])
+
+
+# --------------------------------------------------------------------------- layer program -> operations
+
+
+def test_operations_are_the_programs_and_equal_the_backend(ckpts):
+    """shift, mult, codes, row exponents come from the LayerProgram; sfx.linear on the operations
+    gives the backend's codes (float-scale layer: the multiplier path)."""
+    prog, x = _program_and_input(ckpts["llama8"], "model.layers.0.mlp.gate_proj")
+    call = cs.program_ops("gate", prog, x, cs.ArrayConfig(rows=4, cols=4, a_bits=8, w_bits=8, out_bits=8, k_max=64))
+    assert len(call.ops) == 1 and call.shape == (7, prog.N, prog.K)
+    op = call.ops[0]
+    xc, ea, _ = prog.stream_rows(x)
+    assert np.array_equal(op.args.x, xc.numpy()) and np.array_equal(op.args.x_exponent, ea.numpy())
+    assert np.array_equal(op.args.shift, prog.w_shift - prog.out_exponent) and np.array_equal(op.args.mult, prog.mult)
+    assert np.array_equal(op.args.w, prog.w_codes) and op.args.bias is None or not np.any(op.args.bias)
+    got = _reference_codes(call)
+    want, _, _ = prog.codes(x)
+    assert np.array_equal(got, want.numpy())
+    y = call.decode(got, x)
+    assert y.dtype == x.dtype and np.array_equal(y.numpy(), prog.forward(x).numpy())
+
+
+def test_bias_groups_and_widened_codes_equal_the_backend(ckpts):
+    """OPT, SF4 pow2 weights with biases, on an 8-bit weight array: one operation per row exponent,
+    each with the bias in that exponent's accumulator units, scaled exactly by the widening."""
+    from superfloat.sw.wasq.accelerator import bias_to_accumulator
+
+    prog, x = _program_and_input(ckpts["opt4"], "model.decoder.layers.0.fc1")
+    arr = cs.ArrayConfig(rows=4, cols=4, a_bits=8, w_bits=8, out_bits=8, k_max=64)
+    call = cs.program_ops("fc1", prog, x, arr)
+    exps = sorted(set(call.x_exponent.tolist()))
+    assert len(exps) >= 3 and len(call.ops) == len(exps)
+    assert sorted(np.concatenate([op.rows_index for op in call.ops]).tolist()) == list(range(7))
+    for op in call.ops:
         e = int(op.args.x_exponent[0])
         assert np.all(op.args.x_exponent == e)
-        assert np.array_equal(op.args.bias, cs.bias_to_accumulator(b, frac_bits=14, a_exponent=e, w_shift=-1))
-    out = run_reference(call)
-    step = np.ldexp(1.0, call.out_exponent - 7)  # output grid of each channel
-    assert np.all(np.abs(out - y) <= step[None, :] * 1.5 + np.abs(y) * 2.0 ** -6)
+        want = bias_to_accumulator(prog.bias, frac_bits=prog.frac_bits, a_exponent=e, w_shift=prog.w_shift)
+        assert np.array_equal(op.args.bias, want * 16)  # SF4 -> SF8 weights: F grows by 4
+        assert np.array_equal(sfx.decode(op.args.w, 8), sfx.decode(prog.w_codes, 4))
+    assert np.array_equal(_reference_codes(call), prog.codes(x)[0].numpy())
 
 
-def test_output_exponent_keeps_the_right_shift_in_range():
-    y = np.array([[1e-9, 100.0], [0.0, -3.0]])
-    eo, clamped = cs.output_exponent(y, 8, w_shift=[0, 0], x_exponent=[0, 5], frac_bits=14)
-    assert eo.tolist()[1] == 7  # 100 <= (1 - 2**-7) * 2**7
-    r = 14 - 7 - (np.array([0, 0])[None, :] - eo[None, :] + np.array([0, 5])[:, None])
-    assert r.min() >= 0 and r.max() <= 63 and clamped == 1  # channel 0 wanted 2**-29: clamped up
-    with pytest.raises(ValueError, match="per-token exponents span too much"):
-        cs.output_exponent(y, 8, w_shift=[0, 0], x_exponent=[-40, 40], frac_bits=14)
-    et, _ = cs.output_exponent(y, 8, w_shift=[0, 0], x_exponent=[0, 0], frac_bits=14, per="tensor")
-    assert et.tolist() == [7, 7]
-
-
-def test_narrower_codes_are_widened_exactly():
-    c4 = np.arange(16, dtype=np.uint8)
-    c8 = cs.widen_codes(c4, 4, 8)
-    assert np.array_equal(sfx.decode(c8, 8), sfx.decode(c4, 4))
-    with pytest.raises(ValueError, match="cannot narrow"):
-        cs.widen_codes(c8, 8, 4)
+def test_layer_does_not_fit_the_array(ckpts):
+    prog, _ = _program_and_input(ckpts["opt4"], "model.decoder.layers.0.fc1")
+    kw = dict(rows=4, cols=4, k_max=64, simulator="verilator")
+    with pytest.raises(cs.CosimError, match=r"layer L: the checkpoint holds SF4 weight codes but the array takes SF2"):
+        cs.resolve_array("L", prog, w_bits=2, **kw)
+    with pytest.raises(cs.CosimError, match=r"layer L: its static output exponents are calibrated for SF8 outputs "
+                                            r"but the array produces SF16 \(--out-bits 16\).*--calibrate-outputs"):
+        cs.resolve_array("L", prog, out_bits=16, **kw)
+    assert cs.resolve_array("L", prog, **kw).name == "4x4 a8w4o8 k_max=64"
 
 
 # --------------------------------------------------------------------------- selection, Fmax
@@ -243,10 +198,44 @@ def test_find_fmax(monkeypatch, tmp_path):
 def test_reference_engine_dry_run_end_to_end(ckpts):
     rep = cs.cosim(ckpts["opt4"], "all", engine="reference", rows=4, cols=4, k_max=64, w_bits=8, tokens=5)
     assert rep["mismatches"] == 0 and rep["forward"]["logits_identical"] and rep.bit_exact
+    assert rep["calls_differing_from_accelerator"] == 0 and rep["output_exponents"] == "static, calibrated (checkpoint)"
     assert rep["codes_compared"] == sum(l["T"] * l["N"] for l in rep["layers"]) and rep["layers_simulated"] == 12
-    assert rep["cosine"] > 0.999 and rep["forward"]["rtl_vs_software"]["argmax_agreement"] == 1.0
+    assert rep["cosine"] > 0.99 and rep["forward"]["accelerator_vs_software"]["cosine"] > 0.99
     assert any("widened" in n for n in rep["notes"])  # SF4 codes on an 8-bit weight array
-    assert all(l["activation_source"] == "checkpoint" and l["bias"] for l in rep["layers"])
+    assert all(l["activation_source"] == "layer" and l["bias"] and l["equal_to_accelerator"] for l in rep["layers"])
+
+
+def test_perplexity_mode_equals_the_backend_bit_for_bit(ckpts):
+    rep = cs.cosim(ckpts["llama8"], "all", engine="reference", rows=4, cols=4, k_max=64, data="shakespeare",
+                   max_tokens=24)
+    pp = rep["perplexity"]
+    assert pp["identical"] and pp["rtl"]["perplexity"] == pp["accelerator"]["perplexity"] and rep.bit_exact
+    assert pp["rtl"]["tokens"] == 23 and pp["context"] == 24 and rep["layers"][0]["T"] == 23
+    assert pp["fake"]["perplexity"] > 1 and "shakespeare" in pp["data"]
+    rep = cs.cosim(ckpts["llama8"], "model.layers.1.mlp", engine="reference", rows=4, cols=4, k_max=64,
+                   data="shakespeare", max_tokens=24, context=10)
+    assert rep["perplexity"]["identical"] and rep["perplexity"]["rtl"]["windows"] == 3 and rep["layer_calls"] == 9
+
+
+def test_uncalibrated_checkpoint_is_an_error_or_calibrated_when_asked(ckpts, no_build):
+    with pytest.raises(cs.CosimError, match=r"layer model.layers.0.self_attn.q_proj \(and 13 more layer\(s\)\) has "
+                                            r"no calibrated static output exponents.*--calibrate-outputs.*"
+                                            r"sfx quantize \.\.\. --calib-tokens N.*calibrate_outputs_"):
+        cs.cosim(ckpts["raw"], "all", engine="reference", rows=4, cols=4, k_max=64)
+    rep = cs.cosim(ckpts["raw"], "model.layers.0.mlp", engine="reference", rows=4, cols=4, k_max=64,
+                   calibrate_outputs=True, calib_tokens=256, out_bits=8, tokens=6)
+    assert rep.bit_exact and rep["calibration"]["tokens"] == 256 and rep["output_exponents"] == "static, calibrated here"
+    assert rep["arrays"] == ["4x4 a8w8o8 k_max=64"]
+    with pytest.raises(cs.CosimError, match=r"--calib-tokens must be an int >= 2, got 1"):
+        cs.cosim(ckpts["raw"], "all", engine="reference", rows=4, cols=4, k_max=64, calibrate_outputs=True,
+                 calib_tokens=1)
+
+
+def test_weight_only_layers_stream_sf16_activations(ckpts):
+    rep = cs.cosim(ckpts["llama-wo"], "model.layers.0.self_attn", engine="reference", rows=4, cols=4, k_max=64,
+                   tokens=4)
+    assert rep.bit_exact and rep["arrays"] == ["4x4 a16w8o16 k_max=64"]
+    assert any("weight-only layer: SF16 per-token activations" in n for n in rep["notes"])
 
 
 # --------------------------------------------------------------------------- errors before any build
@@ -265,6 +254,9 @@ def no_build(monkeypatch, tmp_path):
 
     monkeypatch.setattr(lin, "build_accelerator", boom)
     import superfloat.sim.engines as engines
+    import superfloat.sim.harness as harness
+
+    monkeypatch.setattr(harness, "build_harness", boom)
 
     monkeypatch.setattr(engines, "RTLSession", boom)
     yield build_dir
@@ -313,7 +305,7 @@ MISMATCHES = [
      r"layer model.layers.0.mlp.up_proj: the checkpoint holds SF8 weight codes but the array takes SF4 weights "
      r"\(--w-bits 4\)"),
     (dict(ckpt="opt4", layer="model.decoder.layers.1", a_bits=6),
-     r"layer model.decoder.layers.1.self_attn.k_proj: the checkpoint quantizes activations to SF8 but the array "
+     r"layer model.decoder.layers.1.self_attn.k_proj: the layer streams SF8 activations \(layer\) but the array "
      r"takes SF6 activations \(--a-bits 6\)"),
     (dict(layer="model.layers.0.mlp.down_proj", k_max=32),
      r"layer model.layers.0.mlp.down_proj: K=64 exceeds the array's k_max=32"),
@@ -347,7 +339,9 @@ def test_a_bias_out_of_the_accumulator_range_is_rejected_before_any_build(ckpts,
     from superfloat.sw.wasq.checkpoint import reseal_checkpoint
 
     reseal_checkpoint(ck)  # a deliberate edit (format rev. 2 checks every tensor's SHA-256)
-    with pytest.raises(cs.CosimError, match=r"layer model.decoder.layers.0.fc2: bias must be <= "):
+    with pytest.raises(cs.CosimError, match=r"the accelerator backend cannot run this checkpoint: layer "
+                                            r"model.decoder.layers.0.fc2: bias with activation exponent -?\d+: bias "
+                                            r"must be <= "):
         cs.cosim(ck, "model.decoder.layers.0.fc2", rows=4, cols=4, k_max=64, w_bits=8)
 
 
