@@ -223,3 +223,16 @@ def test_push_to_hub_uploads_the_wasq_checkpoint_offline(tmp_path, monkeypatch):
     (snap.parents[1] / "refs" / "main").write_text("0" * 40)
     got = AutoModelForCausalLM.from_pretrained("me/sf5b", cache_dir=str(tmp_path / "cache"))
     assert torch.equal(_logits(got), ref)
+
+
+def test_docs_example_runs():
+    import doctest
+    import re
+
+    path = Path(__file__).resolve().parent.parent / "docs" / "huggingface.md"
+    blocks = re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+    assert blocks
+    test = doctest.DocTestParser().get_doctest("\n".join(blocks), {}, path.name, str(path), 0)
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0
