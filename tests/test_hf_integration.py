@@ -73,6 +73,10 @@ def test_from_pretrained_equals_load_checkpoint(tmp_path, arch, kw):
     assert torch.equal(_logits(got), _logits(model))
     _same_layers(ref, got)
     _same_layers(model, got)
+    if arch == "tiny-gpt2":
+        with pytest.warns(UserWarning, match=r"loads in the dtype it was saved in \(float32\), not bfloat16"):
+            again = AutoModelForCausalLM.from_pretrained(ck, dtype=torch.bfloat16)
+        assert torch.equal(_logits(again), _logits(ref))
 
 
 def test_save_pretrained_of_a_quantized_model_writes_a_wasq_checkpoint(tmp_path):

@@ -39,7 +39,9 @@ Needs transformers 5.
 from __future__ import annotations
 
 import os
+import re
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +130,7 @@ class SuperfloatHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.checkpoint_dir: Path | None = None
         self.info: dict[str, Any] | None = None
+        self.requested_dtype: torch.dtype | None = None
 
     # ---------------------------------------------------------------- before loading
 
@@ -145,6 +148,7 @@ class SuperfloatHfQuantizer(HfQuantizer):
                                  f"config, calibration=batches) (CLI: sfx quantize)")
 
     def update_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
+        self.requested_dtype = dtype
         return torch.float32 if dtype is None else dtype
 
     def _process_model_before_weight_loading(self, model: PreTrainedModel, checkpoint_files: list[str] | None = None,
@@ -160,8 +164,6 @@ class SuperfloatHfQuantizer(HfQuantizer):
         self.checkpoint_dir, self.info = d, info
         # Silence transformers' report: the stored tensors of quantized layers are not parameters,
         # and their float weights are not stored (load_into builds them from the codes).
-        import re
-
         names = "|".join(re.escape(n) for n in info["layers"])
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
             rf"^({names})\.(codes|exponent|scale|out_exponent)$"}
@@ -175,7 +177,13 @@ class SuperfloatHfQuantizer(HfQuantizer):
         from .quantize import quantize_
 
         if self.pre_quantized:
-            load_into(model, self.checkpoint_dir)
+            info = load_into(model, self.checkpoint_dir)
+            want = self.requested_dtype
+            saved = info.get("dtype", "float32")
+            if isinstance(want, torch.dtype) and want != getattr(torch, saved):
+                warnings.warn(f"superfloat: a WASQ checkpoint loads in the dtype it was saved in ({saved}), not "
+                              f"{str(want).replace('torch.', '')}: the logits then equal load_checkpoint's; cast the "
+                              f"model afterwards (model.to(dtype)) if you want another", UserWarning, stacklevel=2)
         else:
             quantize_(model, self.quantization_config.wasq_config)
         model.eval()
