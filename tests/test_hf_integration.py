@@ -81,6 +81,8 @@ def test_from_pretrained_equals_load_checkpoint(tmp_path, arch, kw):
 
 def test_save_pretrained_of_a_quantized_model_writes_a_wasq_checkpoint(tmp_path):
     model = _quantized("tiny-gpt2", weight_bits=4, scale_kind="pow2")
+    assert model.is_quantized and model.quantization_method == "superfloat"
+    assert model.config.quantization_config.quant_config["weight_bits"] == 4
     ref = _logits(model)
     model.save_pretrained(tmp_path / "a")
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
@@ -130,6 +132,14 @@ def test_save_pretrained_never_writes_float_weights(tmp_path):
     with pytest.raises(RuntimeError, match=r"transformers' own save_pretrained would write the float shadow weights"):
         PreTrainedModel.save_pretrained(model, tmp_path / "z")  # the class method, bypassing ours
     assert not (tmp_path / "z" / "model.safetensors").exists() and not (tmp_path / "y").exists()
+    import io  # a pickled model loses the bound save_pretrained, keeps the quantizer: still no float weights
+
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    with pytest.raises(RuntimeError, match=r"own save_pretrained would write the float shadow weights"):
+        torch.load(buf, weights_only=False).save_pretrained(tmp_path / "p")
+    assert not (tmp_path / "p" / "model.safetensors").exists()
     model.save_pretrained(tmp_path / "w", is_main_process=False)  # other ranks write nothing
     assert not (tmp_path / "w").exists()
 

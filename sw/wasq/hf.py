@@ -319,7 +319,8 @@ def write_hf_config(directory: str | os.PathLike) -> Path:
 def attach(model: nn.Module, quantizer: SuperfloatHfQuantizer | None = None) -> nn.Module:
     """Give a quantized transformers model its Hugging Face identity (in place; other modules
     are returned unchanged): ``config.quantization_config`` (:class:`SuperfloatConfig`),
-    ``hf_quantizer`` (so ``model.is_quantized``) and a ``save_pretrained`` that writes a
+    ``hf_quantizer``, ``is_quantized`` and ``quantization_method`` (as ``from_pretrained`` of a
+    quantized model sets them) and a ``save_pretrained`` that writes a
     WASQ checkpoint (:func:`save_pretrained`). Called by ``quantize_``, ``load_checkpoint``
     and ``from_pretrained``."""
     from .quantize import wasq_config_of
@@ -334,6 +335,8 @@ def attach(model: nn.Module, quantizer: SuperfloatHfQuantizer | None = None) -> 
     else:
         quantizer.quantization_config.quant_config = wasq.to_dict()
     model.hf_quantizer = quantizer
+    model.is_quantized = True  # (what transformers' preprocess_model sets)
+    model.quantization_method = QUANT_METHOD
     model.config.quantization_config = quantizer.quantization_config
     model.save_pretrained = types.MethodType(save_pretrained, model)
     return model
