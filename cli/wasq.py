@@ -12,9 +12,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 import time
 from typing import Any
+
+from superfloat.cli.argtypes import float_range, int_range, nonneg_int, positive_float, positive_int, probability, sfx_bits
 
 __all__ = ["register", "EXTENSION_MODULES", "add_model_args", "add_quant_args", "add_data_args", "add_window_args",
            "config_from_args", "prepare_model", "load_ids", "CLIError"]
@@ -48,11 +51,11 @@ def add_quant_args(p: argparse.ArgumentParser, *, bits_required: bool = False, m
 
     g = p.add_argument_group("quantization (WASQConfig; defaults in docs/wasq.md)")
     if multi_bits:
-        g.add_argument("--weight-bits", "-w", type=int, nargs="+", metavar="X", help="SFx weight width(s), 2..16")
+        g.add_argument("--weight-bits", "-w", type=sfx_bits, nargs="+", metavar="X", help="SFx weight width(s), 2..16")
     else:
-        g.add_argument("--weight-bits", "-w", type=int, required=bits_required, metavar="X",
+        g.add_argument("--weight-bits", "-w", type=sfx_bits, required=bits_required, metavar="X",
                        help="SFx weight width, 2..16" + ("" if bits_required else " (default: evaluate the float model)"))
-    g.add_argument("--act-bits", "-a", type=int, metavar="Y",
+    g.add_argument("--act-bits", "-a", type=sfx_bits, metavar="Y",
                    help="quantize every quantized layer's input to SF Y (default: weight-only)")
     methods = RTN_CHOICES + (tuple(m for m in METHODS if m != "rtn") if ptq else ())
     g.add_argument("--method", default="vanilla", choices=methods,
@@ -74,7 +77,7 @@ def add_quant_args(p: argparse.ArgumentParser, *, bits_required: bool = False, m
                    help="module-name globs kept float (default: lm_head, embeddings, norms)")
     g.add_argument("--calib-data", metavar="D", default=None,
                    help="calibration text for the methods and --act-exponent static (default: --data, train split)")
-    g.add_argument("--calib-tokens", type=int, default=2048, metavar="N",
+    g.add_argument("--calib-tokens", type=positive_int, default=2048, metavar="N",
                    help="calibration tokens (default 2048)")
     if ptq:
         k = p.add_argument_group("post-training method knobs (override the --method preset)")
@@ -83,14 +86,14 @@ def add_quant_args(p: argparse.ArgumentParser, *, bits_required: bool = False, m
         k.add_argument("--act-scale", default="pow2", choices=("pow2", "float"),
                        help="static SFx activation scale: power of two (default, hardware) or float (software)")
         k.add_argument("--act-clip", default=None, choices=ACT_CLIPS, help="static range strategy, searched per layer")
-        k.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA", help="SmoothQuant alpha")
-        k.add_argument("--awq-grid", type=int, default=None, help="AWQ alpha grid points (default 20)")
-        k.add_argument("--adaround-iters", type=int, default=None, help="AdaRound Adam steps per layer (default 100)")
-        k.add_argument("--mp-fraction", type=float, default=None, help="mixed precision: top fraction at high bits")
-        k.add_argument("--mp-high-bits", type=int, default=None, help="mixed precision: the high width (default 8)")
+        k.add_argument("--smoothquant", type=float_range(0.0, 1.0), default=None, metavar="ALPHA", help="SmoothQuant alpha")
+        k.add_argument("--awq-grid", type=positive_int, default=None, help="AWQ alpha grid points (default 20)")
+        k.add_argument("--adaround-iters", type=nonneg_int, default=None, help="AdaRound Adam steps per layer (default 100)")
+        k.add_argument("--mp-fraction", type=float_range(0.0, 1.0), default=None, help="mixed precision: top fraction at high bits")
+        k.add_argument("--mp-high-bits", type=sfx_bits, default=None, help="mixed precision: the high width (default 8)")
         k.add_argument("--mp-ranking", default=None, choices=("own", "analyze", "auto"),
                        help="mixed precision ranking: own output error, sfx analyze's, or analyze when available")
-        k.add_argument("--search-tokens", type=int, default=256,
+        k.add_argument("--search-tokens", type=positive_int, default=256,
                        help="tokens used by the AWQ/clip/activation-range searches (default 256)")
         k.add_argument("--progress", action="store_true", help="progress messages of the method on stderr")
 
@@ -104,10 +107,35 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_window_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--context", type=int, default=512, metavar="N", help="window length in tokens (default 512)")
-    p.add_argument("--stride", type=int, default=None, metavar="S", help="window step (default: --context)")
-    p.add_argument("--max-tokens", type=int, default=None, metavar="T", help="evaluate only the first T tokens")
-    p.add_argument("--batch-size", type=int, default=1, metavar="B", help="windows per forward pass (default 1)")
+    p.add_argument("--context", type=positive_int, default=512, metavar="N", help="window length in tokens (default 512)")
+    p.add_argument("--stride", type=positive_int, default=None, metavar="S", help="window step (default: --context)")
+    p.add_argument("--max-tokens", type=int_range(2, None), default=None, metavar="T", help="evaluate only the first T tokens")
+    p.add_argument("--batch-size", type=positive_int, default=1, metavar="B", help="windows per forward pass (default 1)")
+
+
+def add_accel_args(p: argparse.ArgumentParser, *, eval_: bool) -> None:
+    """Accelerator-exact execution (SPEC section 8): output widths and static output exponents."""
+
+    g = p.add_argument_group("accelerator-exact execution (SPEC section 8; docs/accelerator-exact.md)")
+    if eval_:
+        g.add_argument("--backend", default="fake", choices=("fake", "accelerator"),
+                       help="fake: fake quantization (default); accelerator: every quantized linear computes "
+                            "exactly what the FPGA returns (codes streamed per token, exact integer LINEAR, "
+                            "requantization, static output exponents)")
+        g.add_argument("--calibrate-outputs", action="store_true",
+                       help="(re)calibrate the static output exponents on --calib-data/--calib-tokens before "
+                            "evaluating (a checkpoint without them, or another --out-bits)")
+        g.add_argument("--float-model", metavar="M", default=None,
+                       help="the float model for top1_agreement and the float perplexity of a checkpoint (default: "
+                            "the checkpoint's recorded source model, when it loads offline)")
+        g.add_argument("--no-baseline", action="store_true",
+                       help="skip the float pass (no float_perplexity / top1_agreement)")
+    g.add_argument("--out-bits", type=sfx_bits, default=None, metavar="N",
+                   help="width of the accelerator's output codes of every quantized layer (default: "
+                        "the recipe's, see docs/accelerator-exact.md)")
+    g.add_argument("--headroom", type=float_range(1.0, None), default=None, metavar="H",
+                   help="static output exponents leave this factor above the calibrated maximum (default: by width, "
+                        "see docs/accelerator-exact.md)")
 
 
 #: CLI knob -> MethodOptions field
@@ -146,7 +174,7 @@ def config_from_args(args: argparse.Namespace, weight_bits: int | None = None):
                           scale_kind=args.scale_kind, act_exponent=args.act_exponent, rounding=args.rounding,
                           skip=tuple(args.skip) if args.skip is not None else DEFAULT_SKIP, method=method,
                           codes=codes, act_scale=getattr(args, "act_scale", "pow2"), method_options=options,
-                          **kw)
+                          out_bits=getattr(args, "out_bits", None), **kw)
     except (TypeError, ValueError) as e:
         raise CLIError(str(e)) from None
 
@@ -176,20 +204,43 @@ def prepare_model(args: argparse.Namespace, lm, config) -> dict[str, Any]:
         return {"quantized_layers": len(quantized_layers(lm.model)), "config": existing}
     if quantized_layers(lm.model):
         raise CLIError(f"{lm.spec} is already quantized (a WASQ checkpoint); drop --weight-bits to evaluate it as saved")
-    batches = None
-    if config.needs_calibration:
-        from superfloat.sw.wasq.data import calibration_batches
-
-        ids = load_ids(args, lm.tokenizer, data=args.calib_data or args.data, split="train",
-                       max_tokens=args.calib_tokens)
-        batches = list(calibration_batches(ids, getattr(args, "context", 512), args.calib_tokens))
+    batches = calibration_text(args, lm) if config.needs_calibration else None
     try:
         quantize_(lm.model, config, calibration=batches, search_tokens=getattr(args, "search_tokens", 256),
                   progress=getattr(args, "progress", False))
     except ValueError as e:
         raise CLIError(str(e)) from None
     return {"quantized_layers": len(quantized_layers(lm.model)), "config": config,
-            "report": quantize_report(lm.model)}
+            "report": quantize_report(lm.model), "calibration": batches}
+
+
+def calibration_text(args: argparse.Namespace, lm) -> list:
+    """Calibration batches: ``--calib-tokens`` of ``--calib-data`` (default ``--data``), train split."""
+    from superfloat.sw.wasq.data import calibration_batches
+
+    if args.calib_tokens < 1:
+        raise CLIError(f"--calib-tokens must be >= 1, got {args.calib_tokens}")
+    ids = load_ids(args, lm.tokenizer, data=args.calib_data or args.data, split="train", max_tokens=args.calib_tokens)
+    return list(calibration_batches(ids, getattr(args, "context", 512), args.calib_tokens))
+
+
+def calibrate_outputs(args: argparse.Namespace, lm, batches: list | None = None) -> dict[str, Any]:
+    """Static output exponents of every quantized layer (SPEC section 8) on the calibration text;
+    returns a summary for reports."""
+    from superfloat.sw.wasq.accelerator import AcceleratorError, calibrate_outputs_
+
+    if batches is None:
+        batches = calibration_text(args, lm)
+    kw = {} if args.headroom is None else {"headroom": args.headroom}
+    try:
+        rep = calibrate_outputs_(lm.model, batches, out_bits=args.out_bits, progress=not getattr(args, "no_progress",
+                                                                                               False), **kw)
+    except (AcceleratorError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    tokens = sum(int(b.numel()) for b in batches)
+    widths = sorted({r["out_bits"] for r in rep.values()})
+    return {"calib_tokens": tokens, "out_bits": widths, "headroom": sorted({r["headroom"] for r in rep.values()}),
+            "raised_channels": sum(r["raised_channels"] for r in rep.values())}
 
 
 def _load(spec: str):
@@ -227,8 +278,27 @@ def _config_fields(cfg) -> dict[str, Any]:
             "label": cfg.describe(), "codes": cfg.codes, "hardware_executable": cfg.hardware_executable}
 
 
+def _float_reference(args: argparse.Namespace, lm, config, quantized: bool):
+    """The float model for top-1 agreement and the float perplexity, or None (with why)."""
+    if not quantized or args.no_baseline:
+        return None, None
+    if config is not None:  # quantized here: the float model is the one we loaded
+        return copy.deepcopy(lm.model), None
+    spec = args.float_model or lm.source
+    if spec is None:
+        return None, "no float model: give --float-model M (the checkpoint records no source model)"
+    try:
+        return _load(spec).model, None
+    except CLIError as e:
+        if args.float_model:
+            raise
+        return None, f"the checkpoint's source model {spec!r} does not load here ({e}); give --float-model M"
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from superfloat.sw import __version__
+    from superfloat.sw.wasq.accelerator import (AcceleratorError, accelerator_stats, reset_accelerator_stats,
+                                                set_backend)
     from superfloat.sw.wasq.evaluate import perplexity
 
     for name in ("context", "max_tokens", "batch_size", "stride"):
@@ -240,23 +310,52 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        f"would never be scored")
     config = config_from_args(args)
     lm = _load(args.model)
-    float_model = copy.deepcopy(lm.model) if args.baseline and config is not None else None
+    limit = getattr(lm.model.config, "max_position_embeddings", None) if hasattr(lm.model, "config") else None
+    if isinstance(limit, int) and args.context > limit:
+        raise CLIError(f"--context {args.context} exceeds the model's {limit} positions (max_position_embeddings)")
+    accel = args.backend == "accelerator"
+    if config is None and (args.out_bits is not None or args.headroom is not None) and not args.calibrate_outputs \
+            and lm.kind == "checkpoint":
+        raise CLIError("--out-bits/--headroom change the static output exponents of a checkpoint: add "
+                       "--calibrate-outputs to recalibrate them (on --calib-data/--calib-tokens)")
+    if args.calibrate_outputs and config is None and lm.kind != "checkpoint":
+        raise CLIError("--calibrate-outputs needs a quantized model: --weight-bits N or a WASQ checkpoint")
+    float_model, why_no_float = _float_reference(args, lm, config, config is not None or lm.kind == "checkpoint")
     desc = prepare_model(args, lm, config)
+    calib = None
+    if desc["quantized_layers"] and (args.calibrate_outputs or (accel and config is not None)):
+        calib = calibrate_outputs(args, lm, desc.get("calibration"))
+    if accel:
+        if not desc["quantized_layers"]:
+            raise CLIError("--backend accelerator runs quantized layers: give --weight-bits N or a WASQ checkpoint")
+        try:
+            set_backend(lm.model, "accelerator")
+        except AcceleratorError as e:
+            raise CLIError(str(e)) from None
+        reset_accelerator_stats(lm.model)
     ids = load_ids(args, lm.tokenizer, max_tokens=args.max_tokens)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-
-    def ppl(model, label):
-        try:
-            return perplexity(model, ids, context=args.context, stride=args.stride, batch_size=args.batch_size,
-                              pad_token_id=pad, progress=not args.no_progress, desc=f"eval {label}")
-        except ValueError as e:
-            raise CLIError(str(e)) from None
-
-    r = ppl(lm.model, desc["config"].describe() if desc["config"] else "float")
+    label = desc["config"].describe() if desc["config"] else "float"
+    try:
+        r = perplexity(lm.model, ids, context=args.context, stride=args.stride, batch_size=args.batch_size,
+                       pad_token_id=pad, progress=not args.no_progress, desc=f"eval {label} [{args.backend}]",
+                       reference=float_model)
+    except (AcceleratorError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    del float_model
     extra: dict[str, Any] = {}
-    if float_model is not None:
-        extra["float_perplexity"] = ppl(float_model, "float").perplexity
-        del float_model
+    if r.reference_perplexity is not None:
+        extra["float_perplexity"] = r.reference_perplexity
+        extra["top1_agreement"] = r.top1_agreement
+    elif why_no_float:
+        extra["float_note"] = why_no_float
+    if calib is not None:
+        extra["output_calibration"] = calib
+    if accel:
+        st = accelerator_stats(lm.model)
+        worst = sorted(st["layers"].items(), key=lambda kv: -kv[1]["saturated"])[:5]
+        extra.update({"saturated": st["saturated"], "outputs": st["outputs"], "clamped_rows": st["clamped_rows"],
+                      "saturated_layers": dict(worst)})
     if args.memory and desc["quantized_layers"]:
         import tempfile
         from pathlib import Path
@@ -268,9 +367,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             extra["packed_file_bytes"] = save_packed(lm.model, Path(d) / "m.safetensors")["file_bytes"]
     from superfloat.sw.wasq.data import default_split
 
+    if not math.isfinite(r.perplexity):
+        raise CLIError(f"perplexity is {r.perplexity} (non-finite logits): the model produces NaN/inf on this text")
     out = {
         "model": args.model, "data": args.data, "split": args.split or default_split(args.data),
-        **_config_fields(desc["config"]),
+        **_config_fields(desc["config"]), "backend": args.backend,
         "quantized_layers": desc["quantized_layers"],
         "context": r.context, "stride": r.stride, "max_tokens": args.max_tokens,
         "perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens, "total_tokens": r.total_tokens,
@@ -280,20 +381,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     }
     if args.json:
         print(json.dumps(out))
-    else:
-        print(f"{args.model} [{out['label']}] on {args.data} ({out['split']}): perplexity {r.perplexity:.4f} "
-              f"(NLL {r.nll:.4f} nats) over {r.tokens} tokens, context {r.context}, stride {r.stride}, "
-              f"{r.windows} windows, {r.seconds:.1f} s")
-        if "float_perplexity" in extra:
-            print(f"float model on the same tokens: perplexity {extra['float_perplexity']:.4f} "
-                  f"({100 * (r.perplexity / extra['float_perplexity'] - 1):+.2f} %)")
-        if "memory" in extra:
-            print(f"quantized layers: {extra['memory']['bits_per_weight']:.3f} bits per weight (codes + scales); "
-                  f"packed file {extra['packed_file_bytes'] / 2**20:.2f} MiB")
-        if config is not None and not config.hardware_executable:
-            print(f"hardware-executable: no ({'; '.join(config.hardware_notes())})")
-        if lm.note:
-            print(f"note: {lm.note}")
+        return 0
+    print(f"{args.model} [{out['label']}]{' accelerator-exact' if accel else ''} on {args.data} ({out['split']}): perplexity "
+          f"{r.perplexity:.4f} (NLL {r.nll:.4f} nats) over {r.tokens} tokens, context {r.context}, stride "
+          f"{r.stride}, {r.windows} windows, {r.seconds:.1f} s")
+    if "float_perplexity" in extra:
+        print(f"float model on the same tokens: perplexity {extra['float_perplexity']:.4f} "
+              f"({100 * (r.perplexity / extra['float_perplexity'] - 1):+.2f} %), top-1 agreement "
+              f"{100 * extra['top1_agreement']:.2f} %")
+    elif why_no_float:
+        print(f"note: {why_no_float}")
+    if calib is not None:
+        print(f"output exponents calibrated on {calib['calib_tokens']} tokens (SF{'/'.join(map(str, calib['out_bits']))}"
+              f" outputs, headroom {'/'.join(map(str, calib['headroom']))}x)")
+    if accel:
+        print(f"accelerator: {extra['saturated']} of {extra['outputs']} output codes saturated"
+              + (f", {extra['clamped_rows']} activation rows clamped" if extra["clamped_rows"] else "")
+              + (f" (most in {next(iter(extra['saturated_layers']))})" if extra["saturated_layers"] else ""))
+    if "memory" in extra:
+        print(f"quantized layers: {extra['memory']['bits_per_weight']:.3f} bits per weight (codes + scales); "
+              f"packed file {extra['packed_file_bytes'] / 2**20:.2f} MiB")
+    if desc["config"] is not None and not desc["config"].hardware_executable:
+        print(f"hardware-executable: no ({'; '.join(desc['config'].hardware_notes())})")
+    if lm.note:
+        print(f"note: {lm.note}")
     return 0
 
 
@@ -314,6 +425,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     lm = _load(args.model)
     desc = prepare_model(args, lm, config)
+    calib = None
+    if args.output is not None:  # a checkpoint the accelerator runs carries its static output exponents
+        calib = calibrate_outputs(args, lm, desc.get("calibration"))
     mem: dict[str, Any] = {}
     try:
         if args.output is not None:
@@ -325,8 +439,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     except (FileExistsError, ValueError) as e:
         raise CLIError(str(e)) from None
     out = {"model": args.model, "output": str(args.output), **_config_fields(config),
-           "quantized_layers": desc["quantized_layers"], "memory": mem, "seconds": round(time.perf_counter() - t0, 2),
-           "note": lm.note}
+           "quantized_layers": desc["quantized_layers"], "memory": mem, "output_calibration": calib,
+           "seconds": round(time.perf_counter() - t0, 2), "note": lm.note}
     if args.json:
         print(json.dumps(out, default=str))
     elif args.output is None:
@@ -334,7 +448,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
               f"{mem['packed']['file_bytes'] / 2**20:.2f} MiB packed")
     else:
         mib = 1 / 2**20
-        print(f"wrote {args.output}: {config.describe()}, {desc['quantized_layers']} layers quantized")
+        print(f"wrote {args.output}: {config.describe()}, {desc['quantized_layers']} layers quantized, static output "
+              f"exponents calibrated on {calib['calib_tokens']} tokens (SF{'/'.join(map(str, calib['out_bits']))} "
+              f"outputs, headroom {'/'.join(map(str, calib['headroom']))}x)")
         print(f"  model.safetensors  {mem['model_safetensors_bytes'] * mib:9.2f} MiB (real file bytes; "
               f"directory {mem['directory_bytes'] * mib:.2f} MiB)")
         print(f"  codes as stored    {mem['codes_bytes'] * mib:9.2f} MiB (one uint8/uint16 per code), "
@@ -406,8 +522,10 @@ def register(sub) -> None:
     add_quant_args(p, bits_required=True, ptq=True)
     p.add_argument("--data", "-d", default="shakespeare", help=argparse.SUPPRESS)
     p.add_argument("--context", type=int, default=512, help=argparse.SUPPRESS)
+    add_accel_args(p, eval_=False)
     p.add_argument("--output", "-o", default=None, metavar="DIR",
-                   help="WASQ checkpoint directory to write (atomically; hardware-executable configurations)")
+                   help="WASQ checkpoint directory to write (atomically; hardware-executable configurations), with "
+                        "static output exponents calibrated on --calib-data/--calib-tokens")
     p.add_argument("--packed", default=None, metavar="FILE",
                    help="also (or only) write a packed safetensors file: codes packed at their bits, any format")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at DIR")
@@ -421,9 +539,13 @@ def register(sub) -> None:
     add_data_args(p)
     add_quant_args(p, ptq=True)
     add_window_args(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object (perplexity, tokens, bits, context, ...)")
+    add_accel_args(p, eval_=True)
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (perplexity, tokens, bits, context, float_perplexity, top1_agreement, "
+                        "saturated, ...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.add_argument("--baseline", action="store_true", help="also evaluate the float model on the same tokens")
+    p.add_argument("--baseline", action="store_true",
+                   help="(default now) evaluate the float model on the same tokens; see --no-baseline")
     p.add_argument("--memory", action="store_true",
                    help="also report the bytes of the quantized layers as stored (codes packed at their bits, scales)")
     p.set_defaults(func=_run(cmd_eval))
@@ -436,12 +558,12 @@ def register(sub) -> None:
     add_quant_args(p, multi_bits=True)
     p.add_argument("--no-float", action="store_true", help="with --weight-bits: do not show the float model")
     p.add_argument("--prompt", "-p", required=True)
-    p.add_argument("--max-new-tokens", "-n", type=int, default=40)
+    p.add_argument("--max-new-tokens", "-n", type=positive_int, default=40)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=positive_float, default=1.0)
+    p.add_argument("--top-k", type=positive_int, default=None)
+    p.add_argument("--top-p", type=probability(open_low=True), default=None)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--layout", choices=("columns", "blocks"), default="columns")
     p.add_argument("--json", action="store_true")

@@ -57,7 +57,21 @@ def test_quantize_then_eval_checkpoint(capsys, tmp_path, text_file):
 
 @pytest.mark.parametrize("argv, msg", [
     (["eval", "--model", "tiny-llama", "--act-bits", "8"], "--act-bits needs --weight-bits"),
-    (["eval", "--model", "tiny-llama", "--weight-bits", "1"], "weight_bits must be in 2..16"),
+    (["eval", "--model", "tiny-llama", "--weight-bits", "1"], "argument --weight-bits/-w: must be an SFx width in "
+                                                              "2..16, got 1"),
+    (["eval", "--model", "tiny-llama", "--context", "0"], "argument --context: must be an integer >= 1, got 0"),
+    (["eval", "--model", "tiny-llama", "--context", "9999"], "--context 9999 exceeds the model's"),
+    (["eval", "--model", "tiny-llama", "--headroom", "0.5"], "argument --headroom: must be a number >= 1, got 0.5"),
+    (["eval", "--model", "tiny-llama", "--out-bits", "17"], "argument --out-bits: must be an SFx width in 2..16"),
+    (["eval", "--model", "tiny-llama", "--backend", "accelerator"],
+     "--backend accelerator runs quantized layers: give --weight-bits N or a WASQ checkpoint"),
+    (["eval", "--model", "tiny-llama", "--calibrate-outputs"], "--calibrate-outputs needs a quantized model"),
+    (["eval", "--model", "tiny-llama", "-w", "8", "-a", "8", "--backend", "accelerator", "--calib-tokens", "5"],
+     "calibration rows, fewer than 16: the calibration text is too short"),
+    (["eval", "--model", "tiny-llama", "-w", "8", "--backend", "accelerator", "--calib-tokens", "0"],
+     "argument --calib-tokens: must be an integer >= 1, got 0"),
+    (["generate", "--model", "tiny-llama", "--prompt", "x", "--top-p", "2"], "argument --top-p: must be a number in "
+                                                                             "(0, 1], got 2"),
     (["eval", "--model", "tiny-llama", "--data", "nope"], "'nope' is not a file"),
     (["eval", "--model", "tiny-llama", "--weight-bits", "4", "--context", "8", "--stride", "9"],
      "stride (9) must not exceed context (8)"),
@@ -76,7 +90,11 @@ def test_cli_errors(capsys, argv, msg, monkeypatch):
             raise OSError("We couldn't connect to 'https://huggingface.co'")
 
         monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", offline)
-    assert cli.main(argv) == 2
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # argparse's own errors (range-checked flags)
+        code = e.code
+    assert code == 2
     err = capsys.readouterr().err
     assert f"sfx {argv[0]}: error: " in err and msg in err
 
@@ -113,3 +131,61 @@ def test_commands_are_registered(capsys):
     help_text = capsys.readouterr().out
     for opt in ("--weight-bits", "--act-bits", "--method", "--context", "--stride", "--max-tokens", "--json"):
         assert opt in help_text
+
+
+def test_eval_accelerator_backend(capsys, text_file):
+    """--backend accelerator: SPEC section 8 on the fly (output exponents calibrated on the calibration
+    text), JSON with top1_agreement (float pass in the same run) and saturated; a checkpoint from
+    sfx quantize carries its exponents and evaluates to the same numbers."""
+    base = ["--data", str(text_file), "--context", "64", "--max-tokens", "300", "--json", "--no-progress",
+            "--calib-data", str(text_file)]
+    q = ["eval", "--model", "tiny-llama", "-w", "8", "-a", "8"] + base
+    fake = _json(capsys, q)
+    acc = _json(capsys, q + ["--backend", "accelerator"])
+    assert fake["backend"] == "fake" and acc["backend"] == "accelerator"
+    for r in (fake, acc):
+        assert 0.0 <= r["top1_agreement"] <= 1.0 and r["float_perplexity"] > 1
+    assert acc["float_perplexity"] == fake["float_perplexity"]
+    assert acc["saturated"] >= 0 and acc["outputs"] == 7 * 0 + acc["outputs"] > 0
+    assert acc["output_calibration"]["out_bits"] == [16] and acc["output_calibration"]["headroom"] == [4.0]
+    assert abs(acc["perplexity"] / fake["perplexity"] - 1) < 0.05  # 16-bit outputs: close to fake
+    narrow = _json(capsys, q + ["--backend", "accelerator", "--out-bits", "4", "--headroom", "1"])
+    assert narrow["output_calibration"]["out_bits"] == [4] and narrow["perplexity"] != acc["perplexity"]
+    assert narrow["saturated"] > 0 and narrow["saturated_layers"]
+    nob = _json(capsys, q + ["--backend", "accelerator", "--no-baseline"])
+    assert "top1_agreement" not in nob and nob["perplexity"] == acc["perplexity"]
+
+
+def test_accelerator_checkpoint_round_trip(capsys, tmp_path, text_file):
+    ck = tmp_path / "ck"
+    calib = ["--calib-data", str(text_file), "--calib-tokens", "400"]
+    w = _json(capsys, ["quantize", "--model", "tiny-opt", "-w", "8", "-a", "8", "-o", str(ck), "--json",
+                       "--context", "64"] + calib)
+    assert w["output_calibration"]["calib_tokens"] == 400
+    common = ["--data", str(text_file), "--context", "64", "--max-tokens", "200", "--json", "--no-progress",
+              "--backend", "accelerator"]
+    a = _json(capsys, ["eval", "--model", str(ck)] + common)  # float model: the recorded source, tiny-opt
+    b = _json(capsys, ["eval", "--model", "tiny-opt", "-w", "8", "-a", "8"] + common + calib)
+    assert a["perplexity"] == b["perplexity"] and a["top1_agreement"] == b["top1_agreement"]
+    assert cli.main(["eval", "--model", str(ck), "--out-bits", "8"] + common) == 2
+    assert "--out-bits/--headroom change the static output exponents of a checkpoint: add --calibrate-outputs" \
+        in capsys.readouterr().err
+    c = _json(capsys, ["eval", "--model", str(ck), "--out-bits", "8", "--calibrate-outputs"] + common + calib)
+    assert c["output_calibration"]["out_bits"] == [8] and c["perplexity"] != a["perplexity"]
+
+
+def test_accelerator_needs_calibrated_checkpoint(capsys, tmp_path, text_file):
+    from superfloat.sw.wasq import WASQConfig, quantize_, save_checkpoint
+    from superfloat.sw.wasq.models import byte_tokenizer, tiny_model
+
+    m = tiny_model("tiny-llama")
+    quantize_(m, WASQConfig(weight_bits=8))
+    save_checkpoint(m, tmp_path / "raw", tokenizer=byte_tokenizer(), source="tiny-llama")
+    argv = ["eval", "--model", str(tmp_path / "raw"), "--data", str(text_file), "--context", "64", "--max-tokens",
+            "100", "--backend", "accelerator", "--no-progress"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no calibrated output exponents (SPEC section 8); calibrate them with" in err
+    assert "sfx eval --calibrate-outputs" in err
+    assert cli.main(argv + ["--calibrate-outputs", "--calib-data", str(text_file), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["output_calibration"]["calib_tokens"] > 0

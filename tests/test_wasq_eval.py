@@ -177,3 +177,25 @@ def test_tokenize_prefix_equals_full():
     text = load_text("shakespeare", "validation")[:20000]
     full = tokenize(tok, text)
     assert torch.equal(tokenize(tok, text, 300), full[:300])
+
+
+class Shifted(NextToken):
+    """NextToken's favourite is ``(x + 2) % V`` after odd tokens: half the argmaxes differ."""
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = super().forward(input_ids, attention_mask)
+        odd = (input_ids % 2 == 1) & (attention_mask == 1 if attention_mask is not None else True)
+        logits[odd] = logits[odd].roll(1, dims=-1)
+        return logits
+
+
+def test_reference_model_gives_its_perplexity_and_top1_agreement():
+    ids = torch.arange(201) % 10
+    ref = NextToken(10, 0.5)
+    same = perplexity(NextToken(10, 0.5), ids, context=16, stride=16, batch_size=3, progress=False, reference=ref)
+    assert same.top1_agreement == 1.0 and same.reference_perplexity == pytest.approx(same.perplexity, rel=1e-12)
+    r = perplexity(Shifted(10, 0.5), ids, context=16, stride=16, batch_size=3, progress=False, reference=ref)
+    # ids cycle 0..9: odd inputs are half of the 200 scored positions (padding never counts)
+    assert r.top1_agreement == 0.5 and r.reference_perplexity == pytest.approx(2.0, rel=1e-6)
+    plain = perplexity(NextToken(10, 0.5), ids, context=16, progress=False)
+    assert plain.top1_agreement is None and plain.reference_perplexity is None

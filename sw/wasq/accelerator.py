@@ -33,9 +33,10 @@ How a layer maps onto LINEAR (also what co-simulation and the board host driver 
 
 Static output exponents (the rule, :func:`output_exponent_rule`): per output channel, the
 smallest ``Eo`` with ``headroom * max|y[:, n]|`` representable, ``max`` over the
-calibration text; ``headroom`` (default :data:`DEFAULT_HEADROOM`, i.e. 50 % above the
-largest calibrated output) keeps unseen text from saturating; outputs beyond it saturate
-and are counted (``saturated``).
+calibration text; ``headroom`` (default :func:`default_headroom`: 4x for outputs of 12 bits
+and more, 1x for narrower ones, where a lost bit costs more than a rare saturation) keeps unseen
+text from saturating; outputs beyond it
+saturate and are counted (``saturated``).
 """
 from __future__ import annotations
 
@@ -52,14 +53,23 @@ from .. import sfx, sfx_torch
 
 __all__ = ["BACKENDS", "DEFAULT_OUT_BITS", "DEFAULT_HEADROOM", "WEIGHT_ONLY_ACT_BITS", "AcceleratorError",
            "LayerProgram", "set_backend", "backend_of", "calibrate_outputs_", "accelerator_stats",
-           "reset_accelerator_stats", "output_exponent_rule", "bias_to_accumulator", "weight_scale_params",
+           "reset_accelerator_stats", "output_exponent_rule", "default_headroom", "bias_to_accumulator", "weight_scale_params",
            "widen_codes", "MIN_CALIB_ROWS"]
 
 BACKENDS = ("fake", "accelerator")
 #: output width of every layer unless the config or the checkpoint says otherwise
 DEFAULT_OUT_BITS = 16
-#: static output exponents leave this factor of headroom above the calibrated maximum
-DEFAULT_HEADROOM = 1.5
+#: static output exponents leave a factor of headroom above the calibrated maximum; how much
+#: pays depends on the output width (:func:`default_headroom`): a wide output has bits to
+#: spare and saturating an outlier token costs far more than a lost low bit
+HEADROOM_WIDE, HEADROOM_NARROW, WIDE_OUT_BITS = 4.0, 1.0, 12
+DEFAULT_HEADROOM = HEADROOM_WIDE  # of the default output width (DEFAULT_OUT_BITS)
+
+
+def default_headroom(out_bits: int) -> float:
+    """The default headroom of SF``out_bits`` outputs: :data:`HEADROOM_WIDE` from
+    :data:`WIDE_OUT_BITS` bits up, else :data:`HEADROOM_NARROW` (measured, docs/accelerator-exact.md)."""
+    return HEADROOM_WIDE if out_bits >= WIDE_OUT_BITS else HEADROOM_NARROW
 #: activations of a weight-only layer on the accelerator (it always streams codes)
 WEIGHT_ONLY_ACT_BITS = 16
 #: fewest calibration rows (tokens) a layer must see for its output exponents
@@ -135,10 +145,12 @@ def widen_codes(codes: np.ndarray, from_bits: int, to_bits: int) -> np.ndarray:
     return sfx.encode(sfx.decode(codes, from_bits), to_bits)
 
 
-def output_exponent_rule(amax: Any, out_bits: int, headroom: float = DEFAULT_HEADROOM) -> np.ndarray:
+def output_exponent_rule(amax: Any, out_bits: int, headroom: float | None = None) -> np.ndarray:
     """The static output exponents of calibrated per-channel maxima ``amax`` ``[N]``: the smallest
     ``Eo[n]`` with ``headroom * amax[n] <= (1 - 2**-(out_bits-1)) * 2**Eo[n]`` (``sfx.choose_exponent``
-    of the scaled maximum; 0 for a channel that never fired)."""
+    of the scaled maximum; 0 for a channel that never fired). ``headroom=None``: :func:`default_headroom`."""
+    if headroom is None:
+        headroom = default_headroom(out_bits)
     if not (isinstance(headroom, (int, float)) and not isinstance(headroom, bool) and math.isfinite(headroom)
             and headroom >= 1.0):
         raise ValueError(f"headroom must be a finite number >= 1 (a factor above the calibrated maximum), "
@@ -401,7 +413,7 @@ def _run_batch(model: nn.Module, batch: Any) -> None:
 
 @torch.no_grad()
 def calibrate_outputs_(model: nn.Module, batches: Iterable[Any], *, out_bits: int | None = None,
-                       headroom: float = DEFAULT_HEADROOM, min_rows: int = MIN_CALIB_ROWS,
+                       headroom: float | None = None, min_rows: int = MIN_CALIB_ROWS,
                        progress: bool = False) -> dict[str, dict[str, Any]]:
     """Calibrate the static output exponents ``Eo`` of every quantized layer (SPEC section 8).
 
@@ -409,10 +421,11 @@ def calibrate_outputs_(model: nn.Module, batches: Iterable[Any], *, out_bits: in
     the model on its fake-quantized backend, records ``max|y[:, n]|`` of every layer's
     output channel and the largest activation exponent its input needed, then sets
     ``layer.out_bits`` (``out_bits``, else the layer's own, else :data:`DEFAULT_OUT_BITS`) and
-    ``layer.out_exponent`` = :func:`output_exponent_rule` (``headroom`` above the maximum),
+    ``layer.out_exponent`` = :func:`output_exponent_rule` (``headroom`` above the maximum; ``None``:
+    :func:`default_headroom` of the layer's output width),
     raised where needed so that every calibrated row's right shift is in 0..63.
 
-    Returns ``{layer: {"out_bits", "amax_max", "raised_channels", "rows"}}``.
+    Returns ``{layer: {"out_bits", "headroom", "amax_max", "raised_channels", "rows"}}``.
 
     Raises:
         AcceleratorError: a layer saw fewer than ``min_rows`` calibration rows (names it), or
@@ -469,7 +482,8 @@ def calibrate_outputs_(model: nn.Module, batches: Iterable[Any], *, out_bits: in
                                    f"text is too short to set its output exponents; give more tokens "
                                    f"(--calib-tokens)")
         ob = out_bits or layer.out_bits or DEFAULT_OUT_BITS
-        eo = output_exponent_rule(amax[name].cpu().numpy(), ob, headroom)
+        hr = default_headroom(ob) if headroom is None else headroom
+        eo = output_exponent_rule(amax[name].cpu().numpy(), ob, hr)
         # every calibrated row must keep its right shift in 0..63: Ea[t] <= F' - Mo - w_shift[n] + Eo[n]
         ex = layer.export()
         mult, w_shift = weight_scale_params(ex)
@@ -484,6 +498,6 @@ def calibrate_outputs_(model: nn.Module, batches: Iterable[Any], *, out_bits: in
         layer.out_bits = int(ob)
         layer.out_exponent = eo.astype(np.int8)
         layer.invalidate_program()
-        report[name] = {"out_bits": int(ob), "amax_max": float(amax[name].max()), "raised_channels": raised,
+        report[name] = {"out_bits": int(ob), "headroom": hr, "amax_max": float(amax[name].max()), "raised_channels": raised,
                         "rows": seen}
     return report

@@ -39,7 +39,11 @@ class PerplexityResult:
     windows: int
     context: int
     stride: int
-    seconds: float
+    seconds: float      # the model's forward passes and scoring (not the reference's)
+    #: with ``reference``: its perplexity on the same tokens, and the share of scored positions
+    #: where the model's argmax equals the reference's (``top1_agreement``)
+    reference_perplexity: float | None = None
+    top1_agreement: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,7 +94,7 @@ def _call(model: Callable, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 @torch.no_grad()
 def perplexity(model: Callable, input_ids: Any, *, context: int = 512, stride: int | None = None,
                max_tokens: int | None = None, batch_size: int = 1, pad_token_id: int = 0,
-               progress: bool = True, desc: str = "perplexity") -> PerplexityResult:
+               progress: bool = True, desc: str = "perplexity", reference: Callable | None = None) -> PerplexityResult:
     """Perplexity of ``model`` on the token stream ``input_ids`` (1-D) by the module's protocol.
 
     Args:
@@ -103,6 +107,8 @@ def perplexity(model: Callable, input_ids: Any, *, context: int = 512, stride: i
         batch_size: windows per forward pass (right-padded; padding never scored).
         pad_token_id: id written into padding positions (irrelevant to the result).
         progress: tqdm bar on stderr.
+        reference: another model (e.g. the float model) run on the same windows in the same
+            pass: its perplexity and the top-1 agreement of ``model`` with it are returned too.
     """
     stride = context if stride is None else stride
     _check_window(context, stride)
@@ -119,13 +125,15 @@ def perplexity(model: Callable, input_ids: Any, *, context: int = 512, stride: i
     plan = window_plan(n, context, stride)
     device = _device_of(model)
     was_training = bool(getattr(model, "training", False))
-    if hasattr(model, "eval"):
-        model.eval()
+    ref_training = bool(getattr(reference, "training", False))
+    for m in (model, reference):
+        if hasattr(m, "eval"):
+            m.eval()
     from tqdm.auto import tqdm
 
-    t0 = time.perf_counter()
-    total = 0.0
-    count = 0
+    seconds = 0.0
+    total = ref_total = 0.0
+    count = agree = 0
     bar = tqdm(total=n - 1, desc=desc, unit="tok", disable=not progress, leave=False, dynamic_ncols=True)
     try:
         for i in range(0, len(plan), batch_size):
@@ -140,6 +148,7 @@ def perplexity(model: Callable, input_ids: Any, *, context: int = 512, stride: i
                 tgt[r, :length] = ids[b + 1:b + length + 1]
                 attn[r, :length] = 1
                 score[r, skip:length] = True
+            t0 = time.perf_counter()
             logits = _call(model, inp.to(device), attn.to(device))
             if logits.shape[:2] != (len(group), width):
                 raise ValueError(f"model returned logits of shape {list(logits.shape)} for inputs "
@@ -147,6 +156,12 @@ def perplexity(model: Callable, input_ids: Any, *, context: int = 512, stride: i
             sel = logits[score.to(logits.device)].float()
             nll = F.cross_entropy(sel, tgt[score].to(sel.device), reduction="none")
             total += float(nll.double().sum())
+            seconds += time.perf_counter() - t0
+            if reference is not None:
+                rdev = _device_of(reference)
+                rsel = _call(reference, inp.to(rdev), attn.to(rdev))[score.to(rdev)].float()
+                ref_total += float(F.cross_entropy(rsel, tgt[score].to(rdev), reduction="none").double().sum())
+                agree += int((rsel.argmax(-1).to(sel.device) == sel.argmax(-1)).sum())
             k = int(score.sum())
             count += k
             bar.update(k)
@@ -154,10 +169,14 @@ def perplexity(model: Callable, input_ids: Any, *, context: int = 512, stride: i
         bar.close()
         if was_training:
             model.train()
+        if ref_training:
+            reference.train()
     assert count == n - 1, (count, n)
     mean = total / count
     return PerplexityResult(perplexity=math.exp(mean), nll=mean, tokens=count, total_tokens=n, windows=len(plan),
-                            context=context, stride=stride, seconds=time.perf_counter() - t0)
+                            context=context, stride=stride, seconds=seconds,
+                            reference_perplexity=None if reference is None else math.exp(ref_total / count),
+                            top1_agreement=None if reference is None else agree / count)
 
 
 def _device_of(model: Any) -> torch.device:

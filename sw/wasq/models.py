@@ -47,6 +47,8 @@ class LoadedModel:
     spec: str
     kind: str  # "smollm2" | "tiny" | "checkpoint" | "local" | "gguf" | "hub"
     note: str | None = None
+    #: a checkpoint's base model as recorded at save time (``sfx_config.json["base_model"]["source"]``)
+    source: str | None = None
 
     def __iter__(self):
         return iter((self.model, self.tokenizer))
@@ -206,7 +208,7 @@ def load_model(spec: str, *, dtype: torch.dtype | None = torch.float32, device: 
         base = info.get("base_model", {})
         if tok is None and isinstance(base.get("source"), str) and base["source"].lower() in TINY_MODELS:
             tok = byte_tokenizer()  # a tiny model saved without its (built-in) tokenizer
-        return LoadedModel(_finish(model, None, device), tok, spec, "checkpoint", base.get("note"))
+        return LoadedModel(_finish(model, None, device), tok, spec, "checkpoint", base.get("note"), base.get("source"))
     if path.is_dir():
         return _load_local_dir(path, spec, dtype, device)
     if path.is_file() and path.suffix == ".gguf":
