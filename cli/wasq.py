@@ -118,10 +118,11 @@ def add_accel_args(p: argparse.ArgumentParser, *, eval_: bool) -> None:
 
     g = p.add_argument_group("accelerator-exact execution (SPEC section 8; docs/accelerator-exact.md)")
     if eval_:
-        g.add_argument("--backend", default="fake", choices=("fake", "accelerator"),
+        g.add_argument("--backend", default="fake", choices=("fake", "accelerator", "both"),
                        help="fake: fake quantization (default); accelerator: every quantized linear computes "
                             "exactly what the FPGA returns (codes streamed per token, exact integer LINEAR, "
-                            "requantization, static output exponents)")
+                            "requantization, static output exponents); both: fake then accelerator on the same "
+                            "tokens, back to back (JSON: the accelerator's figures, 'fake' and 'time_ratio')")
         g.add_argument("--calibrate-outputs", action="store_true",
                        help="(re)calibrate the static output exponents on --calib-data/--calib-tokens before "
                             "evaluating (a checkpoint without them, or another --out-bits)")
@@ -299,7 +300,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from superfloat.sw import __version__
     from superfloat.sw.wasq.accelerator import (AcceleratorError, accelerator_stats, reset_accelerator_stats,
                                                 set_backend)
-    from superfloat.sw.wasq.evaluate import perplexity
+    from superfloat.sw.wasq.evaluate import ReferencePass, perplexity
 
     for name in ("context", "max_tokens", "batch_size", "stride"):
         v = getattr(args, name)
@@ -313,7 +314,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     limit = getattr(lm.model.config, "max_position_embeddings", None) if hasattr(lm.model, "config") else None
     if isinstance(limit, int) and args.context > limit:
         raise CLIError(f"--context {args.context} exceeds the model's {limit} positions (max_position_embeddings)")
-    accel = args.backend == "accelerator"
+    accel = args.backend in ("accelerator", "both")
     if config is None and (args.out_bits is not None or args.headroom is not None) and not args.calibrate_outputs \
             and lm.kind == "checkpoint":
         raise CLIError("--out-bits/--headroom change the static output exponents of a checkpoint: add "
@@ -322,28 +323,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CLIError("--calibrate-outputs needs a quantized model: --weight-bits N or a WASQ checkpoint")
     float_model, why_no_float = _float_reference(args, lm, config, config is not None or lm.kind == "checkpoint")
     desc = prepare_model(args, lm, config)
+    if accel and not desc["quantized_layers"]:
+        raise CLIError(f"--backend {args.backend} runs quantized layers: give --weight-bits N or a WASQ checkpoint")
     calib = None
     if desc["quantized_layers"] and (args.calibrate_outputs or (accel and config is not None)):
         calib = calibrate_outputs(args, lm, desc.get("calibration"))
-    if accel:
-        if not desc["quantized_layers"]:
-            raise CLIError("--backend accelerator runs quantized layers: give --weight-bits N or a WASQ checkpoint")
-        try:
-            set_backend(lm.model, "accelerator")
-        except AcceleratorError as e:
-            raise CLIError(str(e)) from None
-        reset_accelerator_stats(lm.model)
     ids = load_ids(args, lm.tokenizer, max_tokens=args.max_tokens)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     label = desc["config"].describe() if desc["config"] else "float"
-    try:
-        r = perplexity(lm.model, ids, context=args.context, stride=args.stride, batch_size=args.batch_size,
-                       pad_token_id=pad, progress=not args.no_progress, desc=f"eval {label} [{args.backend}]",
-                       reference=float_model)
-    except (AcceleratorError, ValueError) as e:
-        raise CLIError(str(e)) from None
-    del float_model
+    reference = None if float_model is None else ReferencePass(float_model)
+
+    def evaluate(backend: str):
+        if desc["quantized_layers"]:
+            try:
+                set_backend(lm.model, backend)
+            except AcceleratorError as e:
+                raise CLIError(str(e)) from None
+            if backend == "accelerator":
+                reset_accelerator_stats(lm.model)
+        try:
+            return perplexity(lm.model, ids, context=args.context, stride=args.stride, batch_size=args.batch_size,
+                              pad_token_id=pad, progress=not args.no_progress, desc=f"eval {label} [{backend}]",
+                              reference=reference)
+        except (AcceleratorError, ValueError) as e:
+            raise CLIError(str(e)) from None
+
+    fake = evaluate("fake") if args.backend == "both" else None
+    r = evaluate("accelerator" if accel else "fake")
+    del float_model, reference
     extra: dict[str, Any] = {}
+    if fake is not None:  # measured back to back, same tokens and float pass
+        extra["fake"] = {"perplexity": fake.perplexity, "nll": fake.nll, "top1_agreement": fake.top1_agreement,
+                         "seconds": round(fake.seconds, 3)}
+        extra["time_ratio"] = round(r.seconds / fake.seconds, 3) if fake.seconds > 0 else None
     if r.reference_perplexity is not None:
         extra["float_perplexity"] = r.reference_perplexity
         extra["top1_agreement"] = r.top1_agreement
@@ -371,7 +383,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CLIError(f"perplexity is {r.perplexity} (non-finite logits): the model produces NaN/inf on this text")
     out = {
         "model": args.model, "data": args.data, "split": args.split or default_split(args.data),
-        **_config_fields(desc["config"]), "backend": args.backend,
+        **_config_fields(desc["config"]), "backend": "accelerator" if accel else "fake",
         "quantized_layers": desc["quantized_layers"],
         "context": r.context, "stride": r.stride, "max_tokens": args.max_tokens,
         "perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens, "total_tokens": r.total_tokens,
@@ -385,6 +397,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{args.model} [{out['label']}]{' accelerator-exact' if accel else ''} on {args.data} ({out['split']}): perplexity "
           f"{r.perplexity:.4f} (NLL {r.nll:.4f} nats) over {r.tokens} tokens, context {r.context}, stride "
           f"{r.stride}, {r.windows} windows, {r.seconds:.1f} s")
+    if fake is not None:
+        print(f"fake-quantized model on the same tokens: perplexity {fake.perplexity:.4f}"
+              + (f", top-1 agreement {100 * fake.top1_agreement:.2f} %" if fake.top1_agreement is not None else "")
+              + f", {fake.seconds:.1f} s (accelerator-exact takes {extra['time_ratio']}x)")
     if "float_perplexity" in extra:
         print(f"float model on the same tokens: perplexity {extra['float_perplexity']:.4f} "
               f"({100 * (r.perplexity / extra['float_perplexity'] - 1):+.2f} %), top-1 agreement "

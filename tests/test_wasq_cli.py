@@ -154,6 +154,10 @@ def test_eval_accelerator_backend(capsys, text_file):
     assert narrow["saturated"] > 0 and narrow["saturated_layers"]
     nob = _json(capsys, q + ["--backend", "accelerator", "--no-baseline"])
     assert "top1_agreement" not in nob and nob["perplexity"] == acc["perplexity"]
+    both = _json(capsys, q + ["--backend", "both"])
+    assert both["backend"] == "accelerator" and both["perplexity"] == acc["perplexity"]
+    assert both["fake"]["perplexity"] == fake["perplexity"] and both["top1_agreement"] == acc["top1_agreement"]
+    assert both["fake"]["top1_agreement"] == fake["top1_agreement"] and both["time_ratio"] > 0
 
 
 def test_accelerator_checkpoint_round_trip(capsys, tmp_path, text_file):

@@ -199,3 +199,18 @@ def test_reference_model_gives_its_perplexity_and_top1_agreement():
     assert r.top1_agreement == 0.5 and r.reference_perplexity == pytest.approx(2.0, rel=1e-6)
     plain = perplexity(NextToken(10, 0.5), ids, context=16, progress=False)
     assert plain.top1_agreement is None and plain.reference_perplexity is None
+
+
+def test_reference_pass_runs_the_reference_once_per_window():
+    from superfloat.sw.wasq.evaluate import ReferencePass
+
+    ids = torch.randint(0, 10, (101,), generator=torch.Generator().manual_seed(0))
+    ref = NextToken(10, 0.5)
+    cache = ReferencePass(ref)
+    a = perplexity(Shifted(10, 0.5), ids, context=16, progress=False, reference=cache)
+    calls = len(ref.calls)
+    b = perplexity(Shifted(10, 0.5), ids, context=16, progress=False, reference=cache)
+    assert len(ref.calls) == calls == 7  # 100 scored tokens in windows of 16
+    assert (a.top1_agreement, a.reference_perplexity) == (b.top1_agreement, b.reference_perplexity)
+    other = perplexity(Shifted(10, 0.5), (ids + 3) % 10, context=16, progress=False, reference=cache)
+    assert len(ref.calls) == 14 and other.top1_agreement != a.top1_agreement  # other tokens: not from the cache

@@ -27,7 +27,28 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PerplexityResult", "window_plan", "perplexity", "text_perplexity"]
+__all__ = ["PerplexityResult", "ReferencePass", "window_plan", "perplexity", "text_perplexity"]
+
+
+class ReferencePass:
+    """A reference model (e.g. the float model) for :func:`perplexity` whose per-window
+    results (argmax of every scored position, summed NLL) are kept, so that a second
+    evaluation of the same tokens and windows (another backend) does not run it again."""
+
+    def __init__(self, model: Callable) -> None:
+        self.model = model
+        self._windows: dict[tuple, tuple[torch.Tensor, float]] = {}
+
+    def scored(self, key: tuple, inp: torch.Tensor, attn: torch.Tensor, score: torch.Tensor,
+               tgt: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``(argmax [scored], summed NLL)`` of one batch of windows (cached by ``key``)."""
+        hit = self._windows.get(key)
+        if hit is None:
+            dev = _device_of(self.model)
+            sel = _call(self.model, inp.to(dev), attn.to(dev))[score.to(dev)].float()
+            nll = float(F.cross_entropy(sel, tgt[score].to(dev), reduction="none").double().sum())
+            hit = self._windows[key] = (sel.argmax(-1).cpu(), nll)
+        return hit
 
 
 @dataclass
@@ -107,8 +128,9 @@ def perplexity(model: Callable, input_ids: Any, *, context: int = 512, stride: i
         batch_size: windows per forward pass (right-padded; padding never scored).
         pad_token_id: id written into padding positions (irrelevant to the result).
         progress: tqdm bar on stderr.
-        reference: another model (e.g. the float model) run on the same windows in the same
-            pass: its perplexity and the top-1 agreement of ``model`` with it are returned too.
+        reference: another model (e.g. the float model), or a :class:`ReferencePass` of one,
+            run on the same windows in the same pass: its perplexity and the top-1 agreement
+            of ``model`` with it are returned too.
     """
     stride = context if stride is None else stride
     _check_window(context, stride)
@@ -125,8 +147,11 @@ def perplexity(model: Callable, input_ids: Any, *, context: int = 512, stride: i
     plan = window_plan(n, context, stride)
     device = _device_of(model)
     was_training = bool(getattr(model, "training", False))
-    ref_training = bool(getattr(reference, "training", False))
-    for m in (model, reference):
+    if reference is not None and not isinstance(reference, ReferencePass):
+        reference = ReferencePass(reference)
+    ref_model = None if reference is None else reference.model
+    ref_training = bool(getattr(ref_model, "training", False))
+    for m in (model, ref_model):
         if hasattr(m, "eval"):
             m.eval()
     from tqdm.auto import tqdm
@@ -158,10 +183,10 @@ def perplexity(model: Callable, input_ids: Any, *, context: int = 512, stride: i
             total += float(nll.double().sum())
             seconds += time.perf_counter() - t0
             if reference is not None:
-                rdev = _device_of(reference)
-                rsel = _call(reference, inp.to(rdev), attn.to(rdev))[score.to(rdev)].float()
-                ref_total += float(F.cross_entropy(rsel, tgt[score].to(rdev), reduction="none").double().sum())
-                agree += int((rsel.argmax(-1).to(sel.device) == sel.argmax(-1)).sum())
+                key = (inp.numpy().tobytes(), tgt.numpy().tobytes(), score.numpy().tobytes())
+                rarg, rnll = reference.scored(key, inp, attn, score, tgt)
+                ref_total += rnll
+                agree += int((rarg == sel.argmax(-1).cpu()).sum())
             k = int(score.sum())
             count += k
             bar.update(k)
@@ -170,7 +195,7 @@ def perplexity(model: Callable, input_ids: Any, *, context: int = 512, stride: i
         if was_training:
             model.train()
         if ref_training:
-            reference.train()
+            ref_model.train()
     assert count == n - 1, (count, n)
     mean = total / count
     return PerplexityResult(perplexity=math.exp(mean), nll=mean, tokens=count, total_tokens=n, windows=len(plan),
