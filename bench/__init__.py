@@ -24,6 +24,7 @@ BENCHES = {
     "wasq-targets": "superfloat.bench.wasq_targets:run",
     "ptq": "superfloat.bench.ptq:run",
     "cosim": "superfloat.bench.cosim:run",
+    "accel": "superfloat.bench.accel:run",
 }
 
 
