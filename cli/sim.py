@@ -1,4 +1,5 @@
-"""``sfx cosim``: stream a WASQ checkpoint's layers through the simulated accelerator (docs/cosim.md).
+"""``sfx cosim``: stream a WASQ checkpoint's layers through the simulated accelerator (docs/cosim.md);
+``sfx verify``: random operations on the RTL until N output codes are checked (docs/simulation.md).
 
 Exit status: 0 bit-exact; 1 the RTL differs from ``sfx.linear`` (or its logits from the
 reference forward's); 2 bad arguments, or a damaged / mismatched checkpoint (reported
@@ -167,3 +168,77 @@ def register(sub) -> None:
                                                        "utilization, max_abs_error, cosine, layers, forward, ...)")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=cmd_cosim)
+    register_verify(sub)
+
+
+# --------------------------------------------------------------------------- sfx verify
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    import random
+
+    from superfloat.sim.runner import SimulationFailed, SimulatorNotFound, check_simulator
+    from superfloat.sim.verify import SHIPPED_CONFIGS, parse_config, verify_config
+
+    names = list(SHIPPED_CONFIGS) if args.config == ["all"] else args.config
+    try:
+        configs = [(n, parse_config(n)) for n in names]
+    except (TypeError, ValueError) as e:
+        print(f"sfx verify: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    sims = ["verilator", "icarus"] if args.simulator == "both" else [args.simulator]
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 1 << 31)
+    try:
+        for s in sims:
+            check_simulator(s)
+    except SimulatorNotFound as e:
+        print(f"sfx verify: error: {e}", file=sys.stderr)
+        return EXIT_SIM
+    out, code = [], EXIT_OK
+    for name, p in configs:
+        for sim in sims:
+            print(f"sfx verify: {name} on {sim}: {args.codes} codes, seed {seed} ...", file=sys.stderr, flush=True)
+            try:
+                st = verify_config(p, simulator=sim, codes=args.codes, seed=seed, regressions=not args.no_regressions)
+            except SimulationFailed as e:
+                print(f"sfx verify: {name} on {sim} (seed {seed}) FAILED: {e}", file=sys.stderr)
+                out.append({"config": name, "simulator": sim, "seed": seed, "failed": str(e)})
+                code = EXIT_MISMATCH
+                continue
+            out.append(st)
+            if not args.json:
+                print(f"{name} {sim}: {st['codes']} codes of {st['operations']} operations in {st['jobs']} jobs "
+                      f"({st['jobs_with_stalls']} with stalls) equal to sfx.linear, {st['cycles']} cycles, "
+                      f"regression tests {st['tests_passed'] - 1}/{st['tests'] - 1} passed, seed {seed}, "
+                      f"{st['wall_s']:.1f} s")
+    if args.json:
+        print(json.dumps(out, indent=2, default=_json_default))
+    return code
+
+
+def register_verify(sub) -> None:
+    from .argtypes import nonneg_int, positive_int
+
+    p = sub.add_parser(
+        "verify", help="random LINEAR operations on the RTL until N output codes are checked (both simulators)",
+        description="Verification at scale of the generated accelerator: random operations (shapes with tiling in T, "
+                    "N and K, relu, roundings, mult, per-row exponents, biases at the accumulator limit, k_max) run "
+                    "in jobs of 16 with random stalls on every stream, generated inside the simulation from the "
+                    "seed; every output code is compared with sfx.linear and the RTL's saturation count with the "
+                    "reference's; the harness regression tests (back-pressure, reset mid-operation, malformed "
+                    "commands, bias out of range) run first. Exit status 0 when everything matched, 1 on a "
+                    "difference (the message names the operation, element and seed), 2 bad arguments, 3 no "
+                    "simulator. See docs/simulation.md.",
+        epilog="examples: sfx verify; sfx verify --config all --simulator both --codes 1000000 --seed 7; "
+               "sfx verify --config 4x4-a8w4o8-k64 --simulator icarus --codes 20000")
+    p.add_argument("--config", nargs="+", default=["8x8-a8w8o8"], metavar="C",
+                   help="RxC-aAwWoO[-kK] configurations, names of the shipped ones (8x8-a8w8o8, 8x8-a8w4o8, 2x2-a4w4o4, "
+                        "2x2-a8w8o8), or 'all' (the shipped ones); default 8x8-a8w8o8")
+    p.add_argument("--simulator", default="verilator", choices=("verilator", "icarus", "both"))
+    p.add_argument("--codes", type=positive_int, default=1_000_000, metavar="N",
+                   help="output codes to check per configuration and simulator (default 1000000)")
+    p.add_argument("--seed", type=nonneg_int, default=None, help="seed of the operations and stalls (default: random, "
+                                                                  "printed)")
+    p.add_argument("--no-regressions", action="store_true", help="skip the harness regression tests")
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    p.set_defaults(func=cmd_verify)

@@ -216,9 +216,18 @@ class HarnessBench:
         return r
 
 
+#: longest K of the regression tests' random operations (arrays with a larger k_max reach it in
+#: ``verify``, on one tile, where it costs k_max cycles instead of k_max per tile)
+REGRESSION_K = 256
+
+
 def _ops(rng, p, count, **kw):
     from .tb_accelerator import random_args
 
+    if p.k_max > REGRESSION_K and "k" not in kw:
+        return [(random_args(rng, p, use_mult=bool(rng.getrandbits(1)), use_xexp=bool(rng.getrandbits(1)),
+                             k=rng.choice([1, 2, REGRESSION_K, rng.randint(1, REGRESSION_K)]), **kw), f"op{i}")
+                for i in range(count)]
     return [(random_args(rng, p, use_mult=bool(rng.getrandbits(1)), use_xexp=bool(rng.getrandbits(1)), **kw),
              f"op{i}") for i in range(count)]
 
@@ -262,7 +271,7 @@ async def h_reset_mid_operation(dut):
     for phase in ("inputs", "results", "blocked"):
         big = phase == "blocked"
         args = random_args(rng, p, use_mult=True, use_xexp=True, t=(4 if big else 2) * p.rows,
-                           n=(2 if big else 1) * p.cols + 1, k=max(2, p.k_max // 2))
+                           n=(2 if big else 1) * p.cols + 1, k=max(2, min(p.k_max, REGRESSION_K) // 2))
         beats = linear_beats(args, p)
         counts = beats.counts
         if phase == "inputs":
@@ -330,26 +339,39 @@ async def h_bias_out_of_range(dut):
     assert r.stats["error"] == 0
 
 
-def verify_ops(rng: random.Random, p, count: int) -> list:
-    """Random operations for the verification at scale: random shapes with tiling in T, N and K
-    (``K`` mostly up to twice the rows, where the array drains a tile while it computes the
-    next and most cycles produce codes; 10 % up to 64, 1 % up to 1024, 0.2 % ``k_max`` on one
-    tile), random relu, rounding, mult (with extreme multipliers), per-row exponents,
-    biases at the accumulator limit and shifts over the whole legal range."""
+#: ``(probability a gap starts in a cycle, longest gap)`` per stream of a verification job
+STALL_PATTERNS = ((0.0, 1), (0.0, 1), (0.02, 4), (0.05, 2), (0.2, 1), (0.01, 64))
+
+
+#: one operation with K = k_max (on one tile) per this many checked codes, and in the first job
+KMAX_EVERY_CODES = 100_000
+
+
+def verify_ops(rng: random.Random, p, count: int, *, k_max_op: bool = False) -> list:
+    """Random operations for the verification at scale: random shapes with tiling in T, N and K,
+    random relu, rounding, mult (with extreme multipliers), per-row exponents, biases at the
+    accumulator limit and shifts over the whole legal range. ``T``, ``N``: 1, rows/cols, one more,
+    or random up to ``max(4 * rows + 1, 33)``. ``K`` is mostly 1..2*rows (the array
+    drains a tile while it computes the next, so most cycles produce codes); ``10 % * rows*cols/64``
+    of the operations reduce up to 64, ``0.5 % * rows*cols/64`` 65..1024 (the longer reductions
+    cost the same cycles for fewer codes on small arrays); ``k_max_op`` adds one operation with
+    ``K = k_max`` on one tile."""
     from .tb_accelerator import random_args
 
+    share = p.rows * p.cols / 64
+    p_long, p_mid = 0.005 * share, 0.10 * share
     out = []
-    for _ in range(count):
+    for i in range(count):
         r = rng.random()
-        t = rng.choice([1, p.rows, p.rows + 1, rng.randint(1, 4 * p.rows + 1)])
-        n = rng.choice([1, p.cols, p.cols + 1, rng.randint(1, 4 * p.cols + 1)])
-        if r < 0.002:  # the longest reduction (accumulator width), one tile
+        t = rng.choice([1, p.rows, p.rows + 1, rng.randint(1, max(4 * p.rows + 1, 33))])
+        n = rng.choice([1, p.cols, p.cols + 1, rng.randint(1, max(4 * p.cols + 1, 33))])
+        if k_max_op and i == 0:  # the longest reduction (accumulator width), one tile
             k, t, n = p.k_max, rng.randint(1, p.rows), rng.randint(1, p.cols)
-        elif r < 0.012:
+        elif r < p_long:
             k = rng.randint(65, max(65, min(p.k_max, 1024)))
-        elif r < 0.10:
+        elif r < p_long + p_mid:
             k = rng.randint(2 * p.rows + 1, max(2 * p.rows + 1, 64))
-        elif r < 0.25:
+        elif r < p_long + p_mid + 0.15:
             k = rng.choice([1, 2])
         else:
             k = rng.randint(1, 2 * p.rows)
@@ -373,8 +395,12 @@ async def verify(dut):
     features = {"relu": 0, "toward_zero": 0, "mult": 0, "mult_extreme": 0, "xexp": 0, "bias_at_limit": 0,
                 "k_max": 0, "saturated_codes": 0, "tiled_t": 0, "tiled_n": 0, "tiled_k_ge_64": 0}
     acc_lim = (1 << (p.acc_bits - 2)) - 1
+    next_kmax = 0
     while b.codes < target:
-        args = verify_ops(rng, p, 16)
+        kmax = b.codes >= next_kmax
+        if kmax:
+            next_kmax += KMAX_EVERY_CODES
+        args = verify_ops(rng, p, 16, k_max_op=kmax)
         for a in args:
             features["relu"] += a.relu
             features["toward_zero"] += a.rounding == "toward_zero"
@@ -390,9 +416,9 @@ async def verify(dut):
         if rng.random() < 0.25:
             stalls = Stalls()
         else:
-            # mostly short, rare gaps (each stream slowed by ~10 % on average), sometimes long or dense ones
-            stalls = Stalls({s: rng.choice([0.0, 0.0, 0.02, 0.05, 0.2]) for s in ("cmd", "par", "act", "wgt", "res")},
-                            {s: rng.choice([1, 2, 4, 4, 64]) for s in ("cmd", "par", "act", "wgt", "res")})
+            # per stream: none, rare short gaps, frequent single-cycle gaps, or rare long gaps (up to 64 cycles)
+            pick = {s: rng.choice(STALL_PATTERNS) for s in ("cmd", "par", "act", "wgt", "res")}
+            stalls = Stalls({s: v[0] for s, v in pick.items()}, {s: v[1] for s, v in pick.items()})
             stall_jobs += 1
         r = await b.job([(a, f"op{b.ops + i}") for i, a in enumerate(args)], stalls=stalls)
         features["saturated_codes"] += r.stats["sat_count"]
