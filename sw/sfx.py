@@ -1,4 +1,4 @@
-"""The bit-exact SFx reference model (``../shared/SPEC.md`` sections 1-5), in numpy.
+"""The bit-exact SFx reference model (``docs/spec.md`` sections 1-5), in numpy.
 
 This module is the single definition of SFx arithmetic in the project. The RTL
 scoreboards, the co-simulation harness and WASQ's fake quantization call it (or its

@@ -37,3 +37,7 @@ def test_sf4_table_in_docs_is_the_command_output():
 def test_code_table_rejects_wide_formats():
     with pytest.raises(ValueError, match=r"bits <= 8"):
         code_table(12)
+
+
+def test_accelerator_exact_examples():
+    _doctest_markdown(DOCS / "accelerator-exact.md")
