@@ -193,3 +193,20 @@ def test_accelerator_needs_calibrated_checkpoint(capsys, tmp_path, text_file):
     assert "sfx eval --calibrate-outputs" in err
     assert cli.main(argv + ["--calibrate-outputs", "--calib-data", str(text_file), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["output_calibration"]["calib_tokens"] > 0
+
+
+@pytest.mark.parametrize("method, knobs", [("awq", ["--awq-grid", "2"]), ("smoothquant", []),
+                                           ("adaround", ["--adaround-iters", "3"])])
+def test_ptq_methods_write_accelerator_checkpoints(capsys, tmp_path, text_file, method, knobs):
+    """sfx quantize --method M --act-bits 8 -o DIR: a checkpoint the accelerator runs, with its
+    calibrated output exponents; evaluating it accelerator-exact gives the numbers of the same
+    configuration quantized on the fly."""
+    ck = tmp_path / method
+    calib = ["--calib-data", str(text_file), "--calib-tokens", "300", "--search-tokens", "32"] + knobs
+    _json(capsys, ["quantize", "--model", "tiny-llama", "-w", "8", "-a", "8", "--method", method, "-o", str(ck),
+                   "--json", "--context", "64"] + calib)
+    common = ["--data", str(text_file), "--context", "64", "--max-tokens", "150", "--json", "--no-progress",
+              "--backend", "accelerator", "--no-baseline"]
+    a = _json(capsys, ["eval", "--model", str(ck)] + common)
+    b = _json(capsys, ["eval", "--model", "tiny-llama", "-w", "8", "-a", "8", "--method", method] + common + calib)
+    assert a["method"] == method and a["perplexity"] == b["perplexity"] and a["saturated"] == b["saturated"]
