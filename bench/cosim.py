@@ -1,178 +1,206 @@
-"""``sfx bench cosim``: layers of SmolLM2-135M co-simulated on the accelerator RTL (``results/cosim.md``).
+"""``sfx bench cosim``: SmolLM2-135M co-simulated on the accelerator RTL (``results/cosim.md``).
 
-For SF8 and SF4 weights (WASQ vanilla, float per-channel scales, weight-only checkpoints, so
-the activations are SF8 per-token dynamic, chosen by cosim): quantize SmolLM2-135M, save the
-checkpoint under ``build/bench-cosim/``, and co-simulate ``q_proj``, ``k_proj``, ``o_proj``
-and the MLP block (gate, up, SiLU in software, down) of the first decoder layer for 8 tokens
-on Verilator (8x8 arrays, ``a8w8o8`` and ``a8w4o8``), through :func:`superfloat.sim.cosim.cosim`;
-then, at SF8, every linear layer of the forward pass on the RTL (``--layer all``).
-Reported per layer: RTL codes against ``sfx.linear``, errors against the float layer output,
-cycles, utilization, time on the FPGA at the reported Fmax; and the harness speed.
-About 5-15 minutes on 2 cores (two Verilator builds, about 0.9 M cycles for the layers, 13 M for
-the whole forward pass); ``--quick`` co-simulates ``k_proj`` only.
+A W8A8 checkpoint (WASQ vanilla: SF8 weights with float per-channel scales folded into the
+16-bit multiplier, SF8 per-token activations) with static SF8 output exponents calibrated on
+1024 tokens of the Shakespeare train split (``calibrate_outputs_``, SPEC sections 7-8), saved
+under ``build/bench-cosim/``; then, on an 8x8 a8w8o8 array in Verilator, one simulator process
+(``--jobs 1``), through :func:`superfloat.sim.cosim.cosim`:
+
+* the whole forward pass on the RTL (every quantized linear, 30 x 7 layer calls) for 8 tokens
+  (the speed target: <= 30 s) and for 16 tokens (0 differing codes, logits identical to the
+  accelerator backend's);
+* the perplexity of the first 128 tokens of the Shakespeare test split (held out from the
+  calibration text) with every quantized linear on the RTL, beside the accelerator backend's
+  perplexity of the same tokens (equal bit for bit), the fake-quantized model's and the float
+  model's.
+
+Each run records its wall time, the RTL pass, the CPU seconds of this process and of the
+simulator processes, and the load average. About 10-20 minutes on 2 cores; ``--quick`` runs two
+decoder layers' worth of the forward (``model.layers.0``, ``model.layers.29``) and 16 tokens of text.
 """
 from __future__ import annotations
 
-import copy
+import os
+import resource
 import sys
 import time
 from pathlib import Path
 
-LAYERS = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.o_proj",
-          "model.layers.0.mlp")
-QUICK_LAYERS = ("model.layers.0.self_attn.k_proj",)
-PROMPT = "The quick brown fox jumps over the lazy dog, and the"
+CALIB_TOKENS = 1024
+PPL_TOKENS = 128
+PROMPT = None  # cosim's built-in paragraph
+
+
+def _cpu() -> tuple[float, float]:
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime, c.ru_utime + c.ru_stime
+
+
+def _checkpoint(lm, path: Path) -> dict:
+    import copy
+
+    from superfloat.sw.wasq import WASQConfig, quantize_, save_checkpoint
+    from superfloat.sw.wasq.accelerator import calibrate_outputs_
+    from superfloat.sw.wasq.data import calibration_batches, load_text, tokenize
+    from superfloat.sw.wasq.models import SMOLLM2_NOTE
+
+    model = copy.deepcopy(lm.model)
+    config = WASQConfig(weight_bits=8, act_bits=8, method="vanilla")
+    quantize_(model, config)
+    ids = tokenize(lm.tokenizer, load_text("shakespeare", "train"), CALIB_TOKENS)
+    rep = calibrate_outputs_(model, list(calibration_batches(ids, 256, CALIB_TOKENS)), out_bits=8)
+    save_checkpoint(model, path, tokenizer=lm.tokenizer, overwrite=True, source="smollm2-135m", note=SMOLLM2_NOTE)
+    return {"config": config.describe(), "calibration_tokens": int(len(ids)), "out_bits": 8,
+            "raised_channels": sum(r["raised_channels"] for r in rep.values())}
+
+
+def _run(label: str, ck: Path, layer: str, **kw) -> dict:
+    from superfloat.sim.cosim import cosim
+
+    print(f"[bench cosim] {label}", file=sys.stderr, flush=True)
+    load0 = os.getloadavg()[0]
+    c0 = _cpu()
+    t0 = time.perf_counter()
+    rep = cosim(ck, layer, simulator="verilator", rows=8, cols=8, jobs=1, progress=True, **kw)
+    wall = time.perf_counter() - t0
+    c1 = _cpu()
+    return {"label": label, "report": rep, "wall_s": wall, "host_cpu_s": c1[0] - c0[0], "sim_cpu_s": c1[1] - c0[1],
+            "load_start": load0, "load_end": os.getloadavg()[0]}
 
 
 def run(out_dir: Path, quick: bool = False) -> dict:
     from superfloat.bench import markdown_table, write_report
-    from superfloat.sw.wasq import WASQConfig, load_model, quantize_, save_checkpoint
+    from superfloat.sim.cosim import ArrayConfig, prebuild
+    from superfloat.sw.wasq import load_model
     from superfloat.sw.wasq.models import SMOLLM2_NOTE
 
-    from superfloat.sim.cosim import ArrayConfig, cosim, prebuild
-
-    t0 = time.perf_counter()
+    t_start = time.perf_counter()
     out_dir = Path(out_dir)
-    tokens = 4 if quick else 8
-    rows = cols = 8
-    widths = (8, 4)
-    layers = QUICK_LAYERS if quick else LAYERS
-    simulator = "verilator"
-    builders = [prebuild(ArrayConfig(rows=rows, cols=cols, a_bits=8, w_bits=w, out_bits=8, simulator=simulator))
-                for w in widths]
+    builder = prebuild(ArrayConfig(rows=8, cols=8, a_bits=8, w_bits=8, out_bits=8, simulator="verilator"))
     lm = load_model("smollm2-135m")
     float_model = lm.model
-    ckroot = Path("build") / "bench-cosim"
-    reports = {}
-    full = None
-    try:
-        for w in widths:
-            model = copy.deepcopy(float_model)
-            config = WASQConfig(weight_bits=w, method="vanilla")
-            quantize_(model, config)
-            ck = ckroot / f"smollm2-135m-sf{w}"
-            save_checkpoint(model, ck, tokenizer=lm.tokenizer, overwrite=True, source="smollm2-135m",
-                            note=SMOLLM2_NOTE)
-            del model
-            print(f"[bench cosim] SF{w}: {ck} saved; co-simulating {', '.join(layers)}", file=sys.stderr, flush=True)
-            reports[w] = cosim(ck, ",".join(layers), prompt=PROMPT, tokens=tokens, simulator=simulator, rows=rows,
-                               cols=cols, jobs=2, float_model=float_model, progress=True,
-                               fmax_sources=[out_dir / "fpga.json"])
-            reports[w]["quant_config_label"] = config.describe()
-        if not quick:
-            ck = ckroot / "smollm2-135m-sf8"
-            print("[bench cosim] SF8: the whole forward pass (every linear layer) on the RTL", file=sys.stderr,
-                  flush=True)
-            full = cosim(ck, "all", prompt=PROMPT, tokens=tokens, simulator=simulator, rows=rows, cols=cols, jobs=2,
-                         float_model=float_model, progress=True, fmax_sources=[out_dir / "fpga.json"])
-    finally:
-        for b in builders:
-            if b.poll() is None:
-                b.wait()
-
-    rows_md = []
-    for w, rep in reports.items():
-        for l in rep["layers"]:
-            vf = l.get("vs_float_weights", {})
-            rows_md.append([
-                f"SF{w}", l["name"].replace("model.layers.0.", ""), f"{l['T']}x{l['K']} -> {l['N']}",
-                f"{l['mismatches']} / {l['codes_compared']}", l["cycles"], f"{l['utilization']:.2f}",
-                f"{l['reference_max_abs']:.3g}", f"{l['max_abs_error']:.3g}", f"{l['mean_abs_error']:.3g}",
-                f"{l['cosine']:.5f}",
-                f"{vf.get('cosine', float('nan')):.5f}",
-                f"{l['fpga_us']:.0f}" if l["fpga_us"] is not None else "-"])
-    table = markdown_table(["weights", "layer (layers.0)", "T x K -> N", "differing codes / compared", "cycles",
-                            "utilization", "max abs y", "max abs err", "mean abs err", "cosine",
-                            "cosine vs float weights",
-                            "FPGA us"], rows_md)
-    summ = []
-    for w, rep in reports.items():
-        fw = rep["forward"]
-        sp = rep["speed"]
-        f = next(iter(rep["fpga"]["per_array"].values()))
-        summ.append([
-            f"SF{w} ({rep['arrays'][0]})", "yes" if rep["bit_exact"] else "NO",
-            f"{rep['mismatches']} / {rep['codes_compared']}", rep["saturated"], rep["cycles"],
-            f"{rep['utilization']:.2f}", f"{rep['fpga']['time_us']:.0f}" if rep["fpga"]["time_us"] is not None else "-",
-            f"{fw['rtl_vs_float']['cosine']:.5f}" if "rtl_vs_float" in fw else "-",
-            f"{sp['macs_per_wall_s'] / 1e3:.0f} k", f"{sp['macs_per_cpu_s'] / 1e6:.2f} M",
-            f"{sp['cycles_per_cpu_s'] / 1e3:.0f} k"])
-    summary = markdown_table(["weights (array)", "bit-exact", "differing codes / compared", "saturated outputs",
-                              "cycles", "utilization",
-                              "FPGA us (all)", "next-token logits cosine vs float",
-                              "simulated MACs / wall s", "MACs / CPU s (bench loop)", "cycles / CPU s"], summ)
-    fmax_lines = []
-    for w, rep in reports.items():
-        for name, f in rep["fpga"]["per_array"].items():
-            if f["fmax_mhz"]:
-                fmax_lines.append(f"* {name} on {rep['fpga']['target']}: {f['fmax_mhz']:.1f} MHz, {f['match']} match "
-                                  f"({f.get('config') or 'given'}) from `{f['source']}`"
-                                  + (f"; {f['hint']}" if f.get("hint") else ""))
-            else:
-                fmax_lines.append(f"* {name}: {f['source']}")
-    full_md = None
-    if full is not None:
-        fw = full["forward"]
-        sp = full["speed"]
-        full_md = markdown_table(
-            ["layers on the RTL", "operations' codes differing / compared", "logits identical to the sfx.linear "
-             "forward", "argmax (8 positions) identical", "next token: RTL / software / float",
-             "logits cosine vs software", "logits cosine vs float", "cycles", "FPGA ms", "RTL pass s",
-             "simulated MACs / wall s"],
-            [[full["layers_simulated"], f"{full['mismatches']} / {full['codes_compared']}",
-              "yes" if fw["logits_identical"] else "NO", "yes" if fw["argmax_identical"] else "NO",
-              f"{fw['next_token']['rtl']} / {fw['next_token']['software']} / {fw['next_token'].get('float')}",
-              f"{fw['rtl_vs_software']['cosine']:.6f}",
-              f"{fw['rtl_vs_float']['cosine']:.6f}" if "rtl_vs_float" in fw else "-", full["cycles"],
-              f"{full['fpga']['time_us'] / 1e3:.1f}" if full["fpga"]["time_us"] is not None else "-",
-              f"{sp['rtl_pass_s']:.0f}", f"{sp['macs_per_wall_s'] / 1e3:.0f} k"]])
-        full_md += ("\n\nEvery quantized linear layer of SmolLM2-135M (30 decoder layers x 7 projections; the LM head "
-                    "stays float) computed by the RTL in one forward pass over the same 8 tokens, SF8 weights, SF8 "
-                    "per-token activations, SF8 outputs with per-channel exponents; attention, norms, SiLU and the "
-                    "LM head in PyTorch. `sfx cosim --checkpoint build/bench-cosim/smollm2-135m-sf8 --layer all "
-                    f"--prompt '{PROMPT}' --tokens {tokens} --jobs 2 --float-model smollm2-135m`.")
+    ck = Path("build") / "bench-cosim" / "smollm2-135m-w8a8-o8"
+    print(f"[bench cosim] quantizing, calibrating the output exponents, saving {ck}", file=sys.stderr, flush=True)
+    quant = _checkpoint(lm, ck)
+    builder.wait()
+    layer_all = "model.layers.0,model.layers.29" if quick else "all"
+    runs = {
+        "forward8": _run("whole forward, 8 tokens", ck, layer_all, tokens=8, float_model=float_model,
+                         fmax_sources=[out_dir / "fpga.json"]),
+        "forward16": _run("whole forward, 16 tokens", ck, layer_all, tokens=16, float_model=float_model,
+                          fmax_sources=[out_dir / "fpga.json"]),
+        "ppl": _run(f"perplexity of {16 if quick else PPL_TOKENS} tokens of the Shakespeare test split", ck, layer_all,
+                    data="shakespeare", max_tokens=16 if quick else PPL_TOKENS, float_model=float_model,
+                    fmax_sources=[out_dir / "fpga.json"]),
+    }
     cmd = "sfx bench cosim" + (" --quick" if quick else "")
-    per_layer_cmd = (f"sfx cosim --checkpoint build/bench-cosim/smollm2-135m-sf8 --layer {','.join(layers)} "
-                     f"--prompt '{PROMPT}' --tokens {tokens} --jobs 2 --float-model smollm2-135m")
-    body = (
-        f"SmolLM2-135M-Instruct, {tokens} tokens of \"{PROMPT}\", first decoder layer, on an {rows}x{cols} array "
-        f"simulated by {simulator} (one operation per layer, no stalls: the host feeds a beat every cycle). "
-        f"Weights: WASQ vanilla (round to nearest) with float per-channel scales folded into the per-lane "
-        f"16-bit multiplier; the checkpoints are weight-only, so cosim quantizes the activations to SF8 with one "
-        f"exponent per token. Outputs are SF8 with per-channel output exponents.\n\n"
-        f"**SmolLM2's \"float\" weights are the GGUF's dequantized Q4_1** (4-bit, groups of 32): \"float\" below "
-        f"means that already 4-bit model.\n\n"
-        f"* differing codes: RTL output codes against `sfx.linear` on the same inputs (must be 0);\n"
-        f"* max abs y: the largest float layer output; max / mean abs err and cosine: the dequantized RTL output "
-        f"against the float layer output (the checkpoint's layer in PyTorch on the same input: quantized weights, "
-        f"float activations); cosine vs float "
-        f"weights: against the same layer with the float model's weights;\n"
-        f"* utilization: MACs / (rows x cols x cycles); FPGA us: cycles / Fmax.\n\n{table}")
+    ckp = "build/bench-cosim/smollm2-135m-w8a8-o8"
+    cmds = {"forward8": f"sfx cosim -c {ckp} --layer {layer_all} --tokens 8 --float-model smollm2-135m",
+            "forward16": f"sfx cosim -c {ckp} --layer {layer_all} --tokens 16 --float-model smollm2-135m",
+            "ppl": f"sfx cosim -c {ckp} --layer {layer_all} --data shakespeare --max-tokens "
+                   f"{16 if quick else PPL_TOKENS} --float-model smollm2-135m"}
+
+    rows = []
+    for key, r in runs.items():
+        rep = r["report"]
+        sp = rep["speed"]
+        fw = rep["forward"]
+        rows.append([r["label"], rep["layer_calls"], f"{rep['mismatches']} / {rep['codes_compared']:,}",
+                     rep["calls_differing_from_accelerator"], "yes" if fw["logits_identical"] else "NO",
+                     "yes" if rep.bit_exact else "NO", f"{rep['cycles']:,}", f"{rep['utilization']:.3f}",
+                     rep["saturated"], f"{sp['rtl_pass_s']:.1f}", f"{sp['sim_loop_s']:.1f}",
+                     f"{sp['sim_loop_cpu_s']:.1f}", f"{sp['cycles_per_wall_s'] / 1e3:,.0f} k",
+                     f"{sp['cycles_per_cpu_s'] / 1e3:,.0f} k", f"{r['wall_s']:.0f}", f"{r['host_cpu_s']:.0f}",
+                     f"{r['sim_cpu_s']:.0f}", f"{r['load_start']:.1f} / {r['load_end']:.1f}"])
+    runs_md = markdown_table(
+        ["run (every quantized linear on the RTL)", "layer calls", "differing codes / compared",
+         "calls differing from the backend", "logits identical to the backend", "bit-exact", "cycles", "utilization",
+         "saturated outputs", "RTL pass s", "simulator loop s", "simulator loop CPU s", "cycles / RTL-pass s",
+         "cycles / simulator CPU s", "wall s", "host CPU s", "simulator CPU s", "load avg start / end"], rows)
+    runs_md += "\n\nCommands (after `sfx bench cosim` saved the checkpoint):\n\n" + "\n".join(
+        f"    {cmds[k]}" for k in runs)
+
+    pp = runs["ppl"]["report"]["perplexity"]
+    f8 = runs["forward8"]["report"]
+    ppl_md = markdown_table(
+        ["model", "perplexity", "mean NLL (nats/token)", "scored tokens"],
+        [["every quantized linear on the RTL (Verilator)", f"{pp['rtl']['perplexity']:.6f}", f"{pp['rtl']['nll']!r}",
+          pp["rtl"]["tokens"]],
+         ["accelerator-exact backend (software)", f"{pp['accelerator']['perplexity']:.6f}",
+          f"{pp['accelerator']['nll']!r}", pp["accelerator"]["tokens"]],
+         ["fake-quantized W8A8 (software)", f"{pp['fake']['perplexity']:.6f}", f"{pp['fake']['nll']!r}",
+          pp["fake"]["tokens"]],
+         ["float (the GGUF's dequantized weights)", f"{pp['float']['perplexity']:.6f}" if pp.get("float") else "-",
+          f"{pp['float']['nll']!r}" if pp.get("float") else "-", pp["float"]["tokens"] if pp.get("float") else "-"]])
+    ppl_md += (f"\n\nThe RTL and the accelerator backend give **{'identical' if pp['identical'] else 'DIFFERENT'}** "
+               f"perplexities (the mean NLL is printed in full: equal bit for bit), on {pp['data']}, one window of "
+               f"{pp['context']} tokens. The gap to the fake-quantized model is the cost of the accelerator's "
+               f"arithmetic with SF8 outputs (static output exponents, output rounding and saturation, the "
+               f"multiplier's rounding of the scales); SF16 outputs and the PTQ methods narrow it (issue 12, "
+               f"`sfx bench accel`).")
+    fwd = f8["forward"]
+    sp = f8["speed"]
+    summary = (
+        f"SmolLM2-135M-Instruct, {quant['config']}, static SF8 output exponents calibrated on "
+        f"{quant['calibration_tokens']} tokens of the Shakespeare train split; an 8x8 a8w8o8 array (k_max 16384) in "
+        f"Verilator, one simulator process; attention, norms, SiLU and the LM head on the host.\n\n"
+        f"* Whole forward pass on the RTL, 8 tokens: RTL pass **{sp['rtl_pass_s']:.1f} s** "
+        f"({'meets' if sp['rtl_pass_s'] <= 30 else 'MISSES'} the 30 s target; the whole command "
+        f"{runs['forward8']['wall_s']:.0f} s with loading the checkpoint and the float model and the software "
+        f"passes), {f8['cycles']:,} cycles, {f8['mismatches']} differing codes of {f8['codes_compared']:,}, logits "
+        f"{'identical' if fwd['logits_identical'] else 'NOT identical'} to the accelerator backend's.\n"
+        f"* 16 tokens: {runs['forward16']['report']['mismatches']} differing codes of "
+        f"{runs['forward16']['report']['codes_compared']:,}, every layer call and the logits "
+        f"{'identical' if runs['forward16']['report'].bit_exact else 'NOT identical'} to the accelerator backend's "
+        f"(issue 12 target).\n"
+        f"* Perplexity of {pp['rtl']['tokens'] + 1} tokens of the Shakespeare test split with every quantized "
+        f"linear on the RTL: **{pp['rtl']['perplexity']:.4f}**, accelerator backend "
+        f"{pp['accelerator']['perplexity']:.4f} ({'identical' if pp['identical'] else 'DIFFERENT'}), fake-quantized "
+        f"{pp['fake']['perplexity']:.4f}, float {pp['float']['perplexity']:.4f}.\n\n"
+        f"**SmolLM2's \"float\" weights are the GGUF's dequantized Q4_1** (4-bit, groups of 32).")
+    layer0 = [l for l in f8["layers"] if l["name"].startswith("model.layers.0.")]
+    lrows = []
+    for l in layer0:
+        vf = l.get("vs_float_weights", {})
+        lrows.append([l["name"].replace("model.layers.0.", ""), f"{l['T']}x{l['K']} -> {l['N']}",
+                      f"{l['mismatches']} / {l['codes_compared']}", "yes" if l["equal_to_accelerator"] else "NO",
+                      l["cycles"], f"{l['utilization']:.2f}", l["saturated"], f"{l['max_abs_error']:.3g}",
+                      f"{l['cosine']:.5f}", f"{vf.get('cosine', float('nan')):.5f}",
+                      f"{l['fpga_us']:.0f}" if l["fpga_us"] is not None else "-"])
+    layers_md = markdown_table(["layer (layers.0)", "T x K -> N", "differing codes / compared",
+                                "identical to the backend", "cycles", "utilization", "saturated",
+                                "max abs err vs fake-quantized", "cosine vs fake-quantized",
+                                "cosine vs float weights", "FPGA us"], lrows)
+    layers_md += ("\n\nFrom the 8-token whole-forward run. Errors compare the accelerator-exact output (RTL codes "
+                  "decoded with the static exponents) with the same layer's fake-quantized output on the same input "
+                  "(what the output requantization costs), and with the float model's layer.")
+    fmax_lines = []
+    for name, f in f8["fpga"]["per_array"].items():
+        fmax_lines.append(f"* {name} on {f8['fpga']['target']}: " + (
+            f"{f['fmax_mhz']:.1f} MHz, {f['match']} match ({f.get('config') or 'given'}) from `{f['source']}`: "
+            f"{f8['fpga']['time_us'] / 1e3:.1f} ms for the 8-token forward's linear layers"
+            if f["fmax_mhz"] else f["source"]))
     sections = [
-        ("Layers", body),
-        ("Summary", summary + "\n\nSaturated outputs: results beyond the output exponent chosen from the float "
-                              "layer output (the RTL's `sat_count`, equal to `sfx.linear`'s count). "
-                              "The next-token cosine compares the whole model's logits (the co-simulated "
-                              "layers on the RTL, every other layer with the checkpoint's quantized weights in "
-                              "software) with the float model's: it shows the cost of SF4 weights across the whole "
-                              "model, not of the RTL. "
-                              "The selected layers run on the RTL inside one forward pass (forward hooks); "
-                              "`bit-exact` also requires the logits of that forward to equal, bit for bit, those of "
-                              "the same forward with each layer computed by `sfx.linear`. Simulated MACs per wall "
-                              "second include the simulators' start-up; the bench loop figures divide by the "
-                              "simulator process's CPU time (load-independent). Two simulator processes ran at once "
-                              "(`--jobs 2`: q/k projections and gate/up in parallel)."),
-        *([("Whole forward pass on the RTL (SF8)", full_md)] if full_md else []),
-        ("FPGA timing source", "\n".join(fmax_lines)
-         + "\n\nOnly small arrays have synthesis reports so far; where the match is `nearest`, the time assumes the "
-           "8x8 array reaches the Fmax of the nearest synthesized configuration."),
-        ("Reproduce", f"`{cmd}` (whole file), or one configuration by hand after it has saved the checkpoint:\n\n"
-                      f"    {per_layer_cmd}"),
+        ("Summary", summary),
+        ("Runs", runs_md + "\n\nRTL pass: the forward pass with the RTL (the simulator session's start-up, every "
+                           "operation's packing, simulation and `sfx.linear` check); simulator loop: the simulator's "
+                           "own time from `go` to `done` summed over the operations (its CPU seconds beside). Host "
+                           "and simulator CPU seconds cover the whole command; the machine is shared (load average "
+                           "beside)."),
+        ("Perplexity on the RTL", ppl_md),
+        ("First decoder layer", layers_md),
+        ("FPGA time", "\n".join(fmax_lines)),
+        ("Reproduce", f"`{cmd}` (whole file), or one run by hand as listed under Runs."),
     ]
-    data = {"tokens": tokens, "prompt": PROMPT, "array": {"rows": rows, "cols": cols}, "simulator": simulator,
-            "layers": list(layers), "quick": quick, "wall_s": time.perf_counter() - t0,
-            "note": SMOLLM2_NOTE, "reports": {f"SF{w}": dict(r) for w, r in reports.items()},
-            "whole_forward_sf8": None if full is None else {k: v for k, v in full.items() if k != "layers"}}
-    write_report(out_dir, "cosim", "Co-simulation of SmolLM2-135M layers on the SFx accelerator RTL", sections, data,
-                 cmd)
+    data = {"quick": quick, "checkpoint": ckp, "quantization": quant, "note": SMOLLM2_NOTE,
+            "wall_s": time.perf_counter() - t_start,
+            "runs": {k: {**{kk: vv for kk, vv in r.items() if kk != "report"},
+                         "command": cmds[k],
+                         "report": {kk: vv for kk, vv in r["report"].items() if kk not in ("layers", "token_ids")}}
+                     for k, r in runs.items()},
+            "layers0": layer0}
+    write_report(out_dir, "cosim", "Co-simulation of SmolLM2-135M on the SFx accelerator RTL", sections, data, cmd)
+    bad = [k for k, r in runs.items() if not r["report"].bit_exact]
+    if bad:
+        raise RuntimeError(f"not bit-exact: {', '.join(bad)}")
     return data

@@ -218,11 +218,11 @@ def run(out_dir: Path, quick: bool = False) -> None:
         f"({ica['cycles_per_cpu_s']:,.0f} per CPU second; {verdict(ica['cycles_per_s'] >= 2e4)} the 20 k target).\n"
         f"* Verification at scale: {'every' if all_ok else 'NOT every'} shipped configuration on both simulators "
         f"checked {codes:,} or more random output codes against `sfx.linear` with random stalls on every stream "
-        f"(seeds in the table), and passed the harness regression tests; with the same seed, Verilator and Icarus "
-        f"ran {'the same' if same_cycles else 'DIFFERENT'} operations in the same number of cycles "
-        f"({'identical' if same_cycles else 'NOT identical'} cycle counts: the stall generators are in the RTL of "
-        f"the harness, not in the simulator).\n"
-        f"* Machine load average (1 min) {load0[0]:.1f} at the start, {load1[0]:.1f} at the end, on "
+        f"(seeds in the table), and passed the harness regression tests. With the same seed, Verilator and Icarus "
+        + ("ran the same operations in identical cycle counts on every configuration (the stall generators are "
+           "part of the harness's RTL, not of the simulator).\n" if same_cycles else
+           "did NOT run in identical cycle counts on every configuration.\n")
+        + f"* Machine load average (1 min) {load0[0]:.1f} at the start, {load1[0]:.1f} at the end, on "
         f"{os.cpu_count()} cores (shared): wall-clock rates are lower on a loaded machine; CPU-second rates are "
         f"closer to what an idle core gives.\n")
     method = (
@@ -236,7 +236,7 @@ def run(out_dir: Path, quick: bool = False) -> None:
         "are what `sfx cosim` runs; `sfx bench cosim` measures the whole SmolLM2 forward.\n\n"
         "Verification: `sfx verify --config C --simulator S --codes N --seed SEED` runs one row "
         "(`superfloat.sim.verify.verify_config`: the cocotb test `verify` of `superfloat.sim.tb_harness` plus "
-        "its regression tests). Operations (`verify_ops`): T and N in {1, rows/cols, +1, random up to max(4 rows + 1, 33)}; K "
+        "its regression tests). Operations (`verify_ops`): T and N in {1, rows + 1, 2, 3 or 4 tiles, random up to max(4 rows + 1, 33)}; K "
         "mostly 1..2*rows, 10 % x rows*cols/64 up to 64, 0.5 % x rows*cols/64 up to 1024, one K = k_max operation (one tile) per 100k codes; relu, rounding, mult (with "
         "extreme multipliers), per-row exponents at random; a quarter of the biases at the accumulator limit; "
         "shifts spread over the legal range. Jobs of 16 operations back to back; each job draws a stall pattern "

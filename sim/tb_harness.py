@@ -350,8 +350,9 @@ KMAX_EVERY_CODES = 100_000
 def verify_ops(rng: random.Random, p, count: int, *, k_max_op: bool = False) -> list:
     """Random operations for the verification at scale: random shapes with tiling in T, N and K,
     random relu, rounding, mult (with extreme multipliers), per-row exponents, biases at the
-    accumulator limit and shifts over the whole legal range. ``T``, ``N``: 1, rows/cols, one more,
-    or random up to ``max(4 * rows + 1, 33)``. ``K`` is mostly 1..2*rows (the array
+    accumulator limit and shifts over the whole legal range. ``T``, ``N``: 1, rows + 1, 2, 3 or 4 full
+    tiles, or random up to ``max(4 * rows + 1, 33)`` (a tile drains all its lanes: full tiles give
+    the most codes per cycle). ``K`` is mostly 1..2*rows (the array
     drains a tile while it computes the next, so most cycles produce codes); ``10 % * rows*cols/64``
     of the operations reduce up to 64, ``0.5 % * rows*cols/64`` 65..1024 (the longer reductions
     cost the same cycles for fewer codes on small arrays); ``k_max_op`` adds one operation with
@@ -363,8 +364,8 @@ def verify_ops(rng: random.Random, p, count: int, *, k_max_op: bool = False) -> 
     out = []
     for i in range(count):
         r = rng.random()
-        t = rng.choice([1, p.rows, p.rows + 1, rng.randint(1, max(4 * p.rows + 1, 33))])
-        n = rng.choice([1, p.cols, p.cols + 1, rng.randint(1, max(4 * p.cols + 1, 33))])
+        t = rng.choice([1, p.rows + 1, 2 * p.rows, 3 * p.rows, 4 * p.rows, rng.randint(1, max(4 * p.rows + 1, 33))])
+        n = rng.choice([1, p.cols + 1, 2 * p.cols, 3 * p.cols, 4 * p.cols, rng.randint(1, max(4 * p.cols + 1, 33))])
         if k_max_op and i == 0:  # the longest reduction (accumulator width), one tile
             k, t, n = p.k_max, rng.randint(1, p.rows), rng.randint(1, p.cols)
         elif r < p_long:
