@@ -84,7 +84,9 @@ def add_quant_args(p: argparse.ArgumentParser, *, bits_required: bool = False, m
         k.add_argument("--group-size", default=None,
                        help="per-group scales along K: an int or 'dynamic' (software only; default: per channel)")
         k.add_argument("--act-scale", default="pow2", choices=("pow2", "float"),
-                       help="static SFx activation scale: power of two (default, hardware) or float (software)")
+                       help="SFx activation scale: power of two (default); float: with dynamic activations a float "
+                            "scale per token, applied by the accelerator's per-row multiplier (xmult, SPEC rev. 2; "
+                            "an RTL generation option), with static ones a float scale (software only)")
         k.add_argument("--act-clip", default=None, choices=ACT_CLIPS, help="static range strategy, searched per layer")
         k.add_argument("--smoothquant", type=float_range(0.0, 1.0), default=None, metavar="ALPHA", help="SmoothQuant alpha")
         k.add_argument("--awq-grid", type=positive_int, default=None, help="AWQ alpha grid points (default 20)")

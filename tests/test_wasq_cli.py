@@ -210,3 +210,20 @@ def test_ptq_methods_write_accelerator_checkpoints(capsys, tmp_path, text_file, 
     a = _json(capsys, ["eval", "--model", str(ck)] + common)
     b = _json(capsys, ["eval", "--model", "tiny-llama", "-w", "8", "-a", "8", "--method", method] + common + calib)
     assert a["method"] == method and a["perplexity"] == b["perplexity"] and a["saturated"] == b["saturated"]
+
+
+def test_xmult_activations_checkpoint_and_backends(capsys, tmp_path, text_file):
+    """--act-scale float with dynamic activations: a float scale per token (SPEC rev. 2 xmult),
+    through the checkpoint and both backends; the label says xmult."""
+    ck = tmp_path / "xm"
+    calib = ["--calib-data", str(text_file), "--calib-tokens", "300"]
+    q = _json(capsys, ["quantize", "--model", "tiny-llama", "-w", "4", "-a", "4", "--act-scale", "float", "-o",
+                       str(ck), "--json", "--context", "64"] + calib)
+    assert q["label"].endswith("+ A4 dynamic xmult") and q["hardware_executable"]
+    common = ["--data", str(text_file), "--context", "64", "--max-tokens", "150", "--json", "--no-progress",
+              "--backend", "both", "--no-baseline"]
+    a = _json(capsys, ["eval", "--model", str(ck)] + common)
+    b = _json(capsys, ["eval", "--model", "tiny-llama", "-w", "4", "-a", "4", "--act-scale", "float"] + common + calib)
+    p = _json(capsys, ["eval", "--model", "tiny-llama", "-w", "4", "-a", "4"] + common + calib)
+    assert a["perplexity"] == b["perplexity"] and a["fake"]["perplexity"] == b["fake"]["perplexity"]
+    assert b["fake"]["perplexity"] != p["fake"]["perplexity"]  # per-token float scales are not pow2 exponents

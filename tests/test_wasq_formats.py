@@ -202,3 +202,24 @@ def test_pack_errors():
         unpack_codes(np.zeros(1, dtype=np.uint8), 4, 3)
     with pytest.raises(ValueError, match="unpack_codes needs count or shape"):
         unpack_codes(np.zeros(1, dtype=np.uint8), 4)
+
+
+def test_row_scaled_fake_quantize_is_the_accelerators_xmult_rows():
+    import numpy as np
+    import torch
+
+    from superfloat.sw import sfx
+    from superfloat.sw.wasq.formats import ActQuantizer, row_scaled_fake_quantize
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((7, 33)) * np.exp(rng.uniform(-5, 5, (7, 1)))
+    x[3] = 0.0
+    for bits in (2, 4, 8):
+        codes, xe, xm = sfx.encode_rows_scaled(x, bits)
+        s = np.ldexp(xm.astype(np.float64), (xe - 16).astype(np.int32))
+        want = sfx.decode(codes, bits) * s[:, None]
+        got = row_scaled_fake_quantize(torch.tensor(x), bits)
+        np.testing.assert_array_equal(got.numpy(), want)
+        q = ActQuantizer("sfx", bits, "dynamic", scale_kind="float")
+        assert q.uses_xmult and "xmult" in q.describe()
+        np.testing.assert_array_equal(q(torch.tensor(x)).numpy(), want)

@@ -52,7 +52,7 @@ from torch import nn
 from .. import sfx, sfx_torch
 
 __all__ = ["BACKENDS", "DEFAULT_OUT_BITS", "DEFAULT_HEADROOM", "WEIGHT_ONLY_ACT_BITS", "AcceleratorError",
-           "LayerProgram", "set_backend", "backend_of", "calibrate_outputs_", "accelerator_stats",
+           "LayerProgram", "RowStream", "set_backend", "backend_of", "calibrate_outputs_", "accelerator_stats",
            "reset_accelerator_stats", "output_exponent_rule", "default_headroom", "bias_to_accumulator", "weight_scale_params",
            "widen_codes", "MIN_CALIB_ROWS"]
 
@@ -95,7 +95,8 @@ def weight_scale_params(exported: Any) -> tuple[np.ndarray | None, np.ndarray]:
     return np.asarray(mult, dtype=np.int64), np.asarray(shift, dtype=np.int64)
 
 
-def bias_to_accumulator(bias: Any, *, frac_bits: int, a_exponent: int, w_shift: Any, mult: Any = None) -> np.ndarray:
+def bias_to_accumulator(bias: Any, *, frac_bits: int, a_exponent: int, w_shift: Any, mult: Any = None,
+                        xmult: int | None = None) -> np.ndarray:
     """A float bias per output channel in accumulator units: ``round_nearest_even(b[n] / unit[n])``, exactly.
 
     One accumulator unit (SPEC section 3, ``acc`` represents ``acc * 2**(-F + Ea + Ew)``) is
@@ -104,7 +105,9 @@ def bias_to_accumulator(bias: Any, *, frac_bits: int, a_exponent: int, w_shift: 
     ``2**(a_exponent - frac_bits) * mult[n] * 2**(w_shift[n] - 16)`` when the weight scale
     was folded into ``mult`` / ``w_shift`` by ``sfx.fold_scale``: the bias is divided by the
     scale the hardware really applies, so that after the multiplier it is worth ``b``.
-    The division and the rounding (ties to even) are done on exact rationals.
+    With a per-row multiplier ``xmult`` (SPEC revision 2) the unit is also multiplied by
+    ``xmult * 2**-16`` (the bias is added before both multipliers). The division and the
+    rounding (ties to even) are done on exact rationals.
 
     Args:
         bias: ``[N]`` floats (any float dtype; NaN / inf are errors).
@@ -112,6 +115,7 @@ def bias_to_accumulator(bias: Any, *, frac_bits: int, a_exponent: int, w_shift: 
         a_exponent: the activation exponent ``Ea`` of the rows this bias is used with.
         w_shift: ``[N]`` (or scalar) weight exponents, or folded shifts with ``mult``.
         mult: ``[N]`` folded multipliers or None.
+        xmult: the rows' 16-bit activation multiplier, or None.
 
     Returns:
         int64 ``[N]``. Range checks against the accumulator are ``sfx.check_linear_args``'.
@@ -122,13 +126,15 @@ def bias_to_accumulator(bias: Any, *, frac_bits: int, a_exponent: int, w_shift: 
     n = b.size
     ws = np.broadcast_to(np.asarray(w_shift, dtype=np.int64), (n,))
     mu = None if mult is None else np.broadcast_to(np.asarray(mult, dtype=np.int64), (n,))
-    base = int(a_exponent) - int(frac_bits)
+    base = int(a_exponent) - int(frac_bits) - (sfx.MULT_FRAC_BITS if xmult is not None else 0)
     out = np.empty(n, dtype=np.int64)
     for i in range(n):
         e = base + int(ws[i]) - (sfx.MULT_FRAC_BITS if mu is not None else 0)
         unit = Fraction(2) ** e
         if mu is not None:
             unit *= int(mu[i])
+        if xmult is not None:
+            unit *= int(xmult)
         q = round(Fraction(float(b[i])) / unit)  # Fraction rounds half to even
         if abs(q) >= 1 << 62:
             raise ValueError(f"bias[{i}] = {b[i]!r} is {q} accumulator units: far out of any accumulator's range")
@@ -159,6 +165,10 @@ def output_exponent_rule(amax: Any, out_bits: int, headroom: float | None = None
     return np.asarray(sfx.choose_exponent(a.reshape(-1, 1), out_bits, axis=0), dtype=np.int64)
 
 
+def _uses_xmult(layer: Any) -> bool:
+    return layer.act_bits is not None and layer.act_exponent == "dynamic" and getattr(layer, "act_scale", "pow2") == "float"
+
+
 def _check_executable(layer: Any, name: str) -> None:
     if not layer.hardware_executable:
         raise AcceleratorError(f"layer {name}: {layer.weight_format().label()} with these activations is not "
@@ -166,6 +176,17 @@ def _check_executable(layer: Any, name: str) -> None:
 
 
 # --------------------------------------------------------------------------- one layer's program
+
+
+@dataclass
+class RowStream:
+    """One call's activation stream (:meth:`LayerProgram.stream`): ``codes`` ``[T, K]``,
+    ``x_exponent`` int64 ``[T]``, ``xmult`` int64 ``[T]`` or None, ``clamped`` bool ``[T]``."""
+
+    codes: torch.Tensor
+    x_exponent: torch.Tensor
+    xmult: torch.Tensor | None
+    clamped: torch.Tensor
 
 
 @dataclass
@@ -182,7 +203,7 @@ class LayerProgram:
     a_bits: int
     w_bits: int
     out_bits: int
-    act_mode: str                  # "dynamic" | "static"
+    act_mode: str                  # "dynamic" | "xmult" (dynamic, float per-row scale) | "static"
     act_exponent: int | None       # static mode
     act_source: str                # "layer" or why the activation format was chosen
     rounding: str
@@ -207,7 +228,7 @@ class LayerProgram:
             self.op = sfx_torch.LinearOp(self.w_codes, w_bits=self.w_bits, a_bits=self.a_bits,
                                          out_bits=self.out_bits, shift=shift, mult=self.mult,
                                          rounding=self.rounding, device=self.device,
-                                         row_bias=self.bias is not None)
+                                         row_bias=self.bias is not None, xmult=self.act_mode == "xmult")
         except (TypeError, ValueError) as e:
             raise AcceleratorError(f"layer {self.name}: {e}") from None
         lo, hi = self.op.x_exponent_range
@@ -251,7 +272,8 @@ class LayerProgram:
                                        f"superfloat.sw.wasq.calibrate_ first")
             a_bits, mode, src = int(layer.act_bits), "static", "layer"
         else:
-            a_bits, mode, e, src = int(layer.act_bits), "dynamic", None, "layer"
+            mode = "xmult" if getattr(layer, "act_scale", "pow2") == "float" else "dynamic"
+            a_bits, e, src = int(layer.act_bits), None, "layer"
         mult, w_shift = weight_scale_params(ex)
         eo = np.asarray(layer.out_exponent, dtype=np.int64).reshape(-1)
         if eo.shape != (ex.codes.shape[0],):
@@ -267,49 +289,83 @@ class LayerProgram:
         z = lambda: torch.zeros((), dtype=torch.int64, device=self.device)  # noqa: E731
         self.stats = {"calls": z(), "rows": z(), "saturated": z(), "clamped_rows": z()}
 
-    def stream_rows(self, x2: torch.Tensor, *, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(codes int32 [T, K], x_exponent int64 [T], clamped bool [T])``: the activation stream of
-        float rows ``x2`` ``[T, K]`` exactly as the hardware receives it (SPEC section 8 step 1);
-        ``signed``: the codes' signed integers ``(-1)**s * m`` instead (what the matmul takes)."""
+    def stream(self, x2: torch.Tensor, *, signed: bool = False) -> "RowStream":
+        """The activation stream of float rows ``x2`` ``[T, K]`` exactly as the hardware
+        receives it (SPEC section 8 step 1): codes (``signed``: their signed integers, what
+        the matmul takes), one exponent per row and, in ``xmult`` mode, one 16-bit multiplier
+        per row; rows whose exponent had to be clamped into the range the shifts allow."""
         lo, hi = self.x_exponent_range
+        xm = None
         if self.act_mode == "static":
             e = torch.full((x2.shape[0],), int(self.act_exponent), dtype=torch.int64, device=x2.device)
             ec = e.clamp(lo, hi)
+        elif self.act_mode == "xmult":
+            codes, e, xm = sfx_torch.encode_rows_scaled(x2, self.a_bits, rounding=self.rounding, signed=signed)
+            ec = e.clamp(lo, hi)
+            if not bool((ec != e).any()):
+                return RowStream(codes.to(self._x_dtype) if signed else codes, e, xm, torch.zeros_like(e, dtype=torch.bool))
+            scale = torch.ldexp(xm.to(torch.float64), ec - sfx.MULT_FRAC_BITS)  # the scale the hardware applies
+            codes, _, _ = sfx_torch.encode_rows_scaled(x2, self.a_bits, scale, rounding=self.rounding, signed=signed)
+            return RowStream(codes, ec, xm, ec != e)
         else:
             codes, e8 = sfx_torch.encode_rows(x2, self.a_bits, self.rounding, signed=signed,
                                               dtype=self._x_dtype if signed else torch.int32)
             e = e8.to(torch.int64)
             ec = e.clamp(lo, hi)
             if not bool((ec != e).any()):
-                return codes, e, torch.zeros_like(e, dtype=torch.bool)
+                return RowStream(codes, e, None, torch.zeros_like(e, dtype=torch.bool))
         codes = sfx_torch.encode(x2, self.a_bits, ec[:, None], self.rounding)
         if signed:
             codes = sfx_torch._signed(codes, self.a_bits).to(torch.int32)
-        return codes, ec, ec != e
+        return RowStream(codes, ec, xm, ec != e)
 
-    def _bias_for(self, ea: int) -> torch.Tensor:
-        b = self._bias_cache.get(ea)
+    def stream_rows(self, x2: torch.Tensor, *, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(codes int32 [T, K], x_exponent int64 [T], clamped bool [T])`` of :meth:`stream`
+        (layers without a per-row multiplier; ``xmult`` layers need :meth:`stream`)."""
+        if self.act_mode == "xmult":
+            raise AcceleratorError(f"layer {self.name}: streams a per-row multiplier (xmult); use stream()")
+        st = self.stream(x2, signed=signed)
+        return st.codes, st.x_exponent, st.clamped
+
+    def row_groups(self, x_exponent: torch.Tensor, xmult: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The LINEAR operations of one call: ``[(rows, bias in accumulator units or None)]``.
+        Without a bias, one operation for all rows; with a bias, one per distinct row scale
+        (``x_exponent``, and ``xmult`` in that mode): the accumulator's unit depends on it."""
+        if self.bias is None:
+            return [(torch.arange(x_exponent.shape[0], device=x_exponent.device), None)]
+        key = x_exponent if xmult is None else x_exponent * (1 << 20) + xmult
+        out = []
+        for kv in torch.unique(key).tolist():
+            rows = torch.nonzero(key == kv).reshape(-1)
+            r0 = int(rows[0])
+            out.append((rows, self._bias_for(int(x_exponent[r0]), None if xmult is None else int(xmult[r0]))))
+        return out
+
+    def _bias_for(self, ea: int, xm: int | None = None) -> torch.Tensor:
+        b = self._bias_cache.get((ea, xm))
         if b is None:
             try:
                 acc = bias_to_accumulator(self.bias, frac_bits=self.frac_bits, a_exponent=ea, w_shift=self.w_shift,
-                                          mult=self.mult)
+                                          mult=self.mult, xmult=xm)
                 b = self.op.check_bias(acc)
             except ValueError as e:
-                raise AcceleratorError(f"layer {self.name}: bias with activation exponent {ea}: {e}") from None
-            self._bias_cache[ea] = b
+                what = f"activation exponent {ea}" + ("" if xm is None else f" and multiplier {xm}")
+                raise AcceleratorError(f"layer {self.name}: bias with {what}: {e}") from None
+            self._bias_cache[(ea, xm)] = b
         return b
 
     def _run(self, x2: torch.Tensor, **out: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        xs, ea, clamped = self.stream_rows(x2, signed=True)
-        self.stats["clamped_rows"] += clamped.sum()
-        if self.bias is None:
-            y, nsat = self.op(xs, ea, signed=True, check=False, **out)
-        else:  # one LINEAR operation per distinct row exponent (the bias is in accumulator units)
+        st = self.stream(x2, signed=True)
+        self.stats["clamped_rows"] += st.clamped.sum()
+        groups = self.row_groups(st.x_exponent, st.xmult)
+        if len(groups) == 1 and groups[0][1] is None:
+            y, nsat = self.op(st.codes, st.x_exponent, st.xmult, signed=True, check=False, **out)
+        else:  # one LINEAR operation per distinct row scale (the bias is in accumulator units)
             parts = []
             nsat = torch.zeros((), dtype=torch.int64, device=x2.device)
-            for e in torch.unique(ea).tolist():
-                rows = torch.nonzero(ea == e).reshape(-1)
-                yr, ns = self.op(xs[rows], ea[rows], signed=True, check=False, bias=self._bias_for(int(e)), **out)
+            for rows, bias in groups:
+                yr, ns = self.op(st.codes[rows], st.x_exponent[rows], None if st.xmult is None else st.xmult[rows],
+                                 signed=True, check=False, bias=bias, **out)
                 parts.append((rows, yr))
                 nsat += ns
             y = torch.empty((x2.shape[0], self.N), dtype=parts[0][1].dtype, device=x2.device)
@@ -318,7 +374,7 @@ class LayerProgram:
         self.stats["saturated"] += nsat
         self.stats["calls"] += 1
         self.stats["rows"] += x2.shape[0]
-        return y, ea, nsat
+        return y, st.x_exponent, nsat
 
     def codes(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(output codes int32 [T, N], x_exponent [T], n_saturated)`` of float rows ``x2`` ``[T, K]``."""
@@ -448,7 +504,11 @@ def calibrate_outputs_(model: nn.Module, batches: Iterable[Any], *, out_bits: in
             amax[name] = y if name not in amax else torch.maximum(amax[name], y)
             a_bits = mod.act_bits or WEIGHT_ONLY_ACT_BITS
             if x.numel():
-                e = int(sfx_torch.choose_exponent(x.reshape(-1, x.shape[-1]), a_bits, axis=0).max())
+                x2 = x.reshape(-1, x.shape[-1])
+                if _uses_xmult(mod):
+                    e = int(sfx_torch.fold_row_scale(sfx_torch.default_row_scale(x2, a_bits))[1].max())
+                else:
+                    e = int(sfx_torch.choose_exponent(x2, a_bits, axis=0).max())
                 xmax[name] = max(xmax.get(name, -128), e)
             rows[name] = rows.get(name, 0) + x.reshape(-1, x.shape[-1]).shape[0]
         return fn
@@ -488,7 +548,8 @@ def calibrate_outputs_(model: nn.Module, batches: Iterable[Any], *, out_bits: in
         ex = layer.export()
         mult, w_shift = weight_scale_params(ex)
         a_bits = layer.act_bits or WEIGHT_ONLY_ACT_BITS
-        f_eff = (a_bits - 1) + (ex.bits - 1) + (sfx.MULT_FRAC_BITS if mult is not None else 0)
+        f_eff = (a_bits - 1) + (ex.bits - 1) + (sfx.MULT_FRAC_BITS if mult is not None else 0) \
+            + (sfx.MULT_FRAC_BITS if _uses_xmult(layer) else 0)
         ea_max = layer.static_act_exponent if layer.act_exponent == "static" and layer.act_bits else xmax.get(name, 0)
         need = w_shift + (ob - 1) - f_eff + int(ea_max)
         raised = int(np.count_nonzero(eo < need))

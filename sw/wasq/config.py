@@ -108,8 +108,11 @@ class WASQConfig:
         act_exponent: ``"dynamic"`` (one exponent per token, computed on the fly, default)
             or ``"static"`` (one calibrated range per layer input; see
             :func:`superfloat.sw.wasq.calibrate_`).
-        act_scale: static SFx activations: ``"pow2"`` exponent (default, what the
-            accelerator streams) or ``"float"`` (software only).
+        act_scale: ``"pow2"`` (default): power-of-two activation exponents, per token
+            (dynamic) or per layer (static); ``"float"``: dynamic, a float scale per token
+            that the accelerator applies with its per-row multiplier (``xmult``, SPEC
+            revision 2; a generation option of the RTL); static, a float scale (software
+            only).
         rounding: ``"nearest_even"`` (default) or ``"toward_zero"`` (SPEC section 2; SFx only).
         skip: module-name globs never quantized (default :data:`DEFAULT_SKIP`).
         layer_bits: optional ``{glob: weight_bits}`` overrides (first match wins), for
@@ -264,6 +267,13 @@ class WASQConfig:
         return notes
 
     @property
+    def uses_xmult(self) -> bool:
+        """Dynamic SFx activations with a float per-token scale: the accelerator needs its
+        per-row multiplier (``xmult``, SPEC revision 2), a generation option of the RTL."""
+        return self.codes == "sfx" and self.act_bits is not None and self.act_exponent == "dynamic" \
+            and self.act_scale == "float"
+
+    @property
     def hardware_executable(self) -> bool:
         """True when SPEC section 5's LINEAR computes every quantized layer exactly: SFx codes,
         per-output-channel (or per-tensor) scales, per-token or static power-of-two
@@ -311,7 +321,7 @@ class WASQConfig:
         if self.method != "rtn":
             w = f"{self.method} {w}"
         if self.act_bits is not None:
-            w += f" + A{self.act_bits} {self.act_exponent}"
+            w += f" + A{self.act_bits} {self.act_exponent}" + (" xmult" if self.uses_xmult else "")
         return w
 
 

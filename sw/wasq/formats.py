@@ -504,12 +504,25 @@ def quantize_weight(w: torch.Tensor, fmt: WeightFormat, clip: torch.Tensor | flo
 ACT_MODES = ("dynamic", "static")
 
 
+def row_scaled_fake_quantize(x: torch.Tensor, bits: int, rounding: str = "nearest_even") -> torch.Tensor:
+    """SFx fake quantization of rows ``x`` ``[T, K]`` with a float scale per row, as the
+    accelerator's ``xmult`` mode computes it: ``decode(encode(x[t] / s[t])) * s[t]`` with
+    ``s[t] = xmult[t] * 2**(xexp[t] - 16)`` (:func:`sfx_torch.encode_rows_scaled`, exact)."""
+    codes, xe, xm = sfx_torch.encode_rows_scaled(x, bits, rounding=rounding, signed=True, check=False)
+    s = torch.ldexp(xm.to(torch.float64), xe - sfx.MULT_FRAC_BITS)
+    return (codes.to(torch.float64) * (s * 2.0 ** -(bits - 1))[:, None]).to(x.dtype)
+
+
 class ActQuantizer:
     """Fake quantization of a linear layer's input.
 
-    * ``mode="dynamic"``: one scale per token (row). SFx: a power-of-two exponent per
-      token (``sfx_torch.choose_exponent``), which the accelerator streams with each row
-      (``xexp``, SPEC section 5); int: absmax (or min/max) float scale per token.
+    * ``mode="dynamic"``: one scale per token (row). SFx with ``scale_kind="pow2"``: a
+      power-of-two exponent per token (``sfx_torch.choose_exponent``), which the
+      accelerator streams with each row (``xexp``, SPEC section 5); SFx with
+      ``scale_kind="float"``: a float scale per token, ``max|x[t]| / (1 - 2**-M)`` rounded
+      to 16 significant bits as the accelerator applies it (``xmult[t] * 2**(xexp[t]-16)``,
+      SPEC revision 2, sections 4 step 0b and 8; :func:`sfx_torch.encode_rows_scaled`);
+      int: absmax (or min/max) float scale per token.
     * ``mode="static"``: one calibrated range per layer: ``threshold`` ``c`` (symmetric
       kinds; values beyond ``+-c`` saturate) or ``(lo, hi)`` (``int_asym``). SFx with
       ``scale_kind="pow2"`` uses ``E = sfx.choose_exponent(c)`` and saturates at
@@ -580,10 +593,15 @@ class ActQuantizer:
         """SFx codes with per-token exponents or one per-tensor power-of-two exponent."""
         return self.kind == "sfx" and not (self.mode == "static" and self.scale_kind == "float")
 
+    @property
+    def uses_xmult(self) -> bool:
+        """Dynamic SFx activations with a float per-token scale: the accelerator's ``xmult`` option."""
+        return self.kind == "sfx" and self.mode == "dynamic" and self.scale_kind == "float"
+
     def describe(self) -> str:
         k = {"sfx": "SF", "int": "int", "int_asym": "int-asym"}[self.kind]
         if self.mode == "dynamic":
-            return f"A{self.bits} {k} per-token"
+            return f"A{self.bits} {k} per-token" + (" float scale (xmult)" if self.uses_xmult else "")
         t = self.threshold
         ts = f"[{t[0]:.3g}, {t[1]:.3g}]" if isinstance(t, tuple) else (f"+-{t:.3g}" if t is not None else "uncalibrated")
         return f"A{self.bits} {k} static {ts}" + (f" ({self.strategy})" if self.strategy else "")
@@ -592,7 +610,9 @@ class ActQuantizer:
         xd = x.detach()
         if self.mode == "dynamic":
             flat = xd.reshape(-1, xd.shape[-1])
-            if self.kind == "sfx":
+            if self.uses_xmult:
+                q = row_scaled_fake_quantize(flat, self.bits, self.rounding)
+            elif self.kind == "sfx":
                 e = sfx_torch.choose_exponent(flat, self.bits, axis=0, keepdims=True)
                 q = sfx_torch.fake_quantize(flat, self.bits, e, self.rounding)
             elif self.kind == "int":

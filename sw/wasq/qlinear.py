@@ -75,7 +75,8 @@ class SFxLinear(nn.Linear):
         rounding: ``"nearest_even"`` or ``"toward_zero"``.
         codes: ``"sfx"`` (default), ``"int"`` or ``"int_asym"`` (software baselines).
         group_size: ``None`` or a positive int (per-group scales along K, software only).
-        act_scale: static SFx activations: ``"pow2"`` (default) or ``"float"``.
+        act_scale: ``"pow2"`` (default) or ``"float"``: per-token float scales of dynamic SFx
+            activations (the accelerator's ``xmult``), a float scale of static ones (software only).
         method: legacy spelling of ``codes`` (``"sfx"``/``"int"``).
         source: ``"linear"`` or ``"conv1d"`` (what was replaced; informational).
 
