@@ -30,8 +30,16 @@ def _add_array_args(p: argparse.ArgumentParser, *, rows: int, cols: int, bits: i
                    help=f"longest reduction the hardware accepts (default {sfx.DEFAULT_K_MAX})")
     p.add_argument("--dsp-budget", type=int, default=None,
                    help="use at most this many DSP blocks (default: all of the device)")
+    p.add_argument("--overlap-drain", dest="overlap_drain", action="store_true", default=None,
+                   help="shadow registers in the PEs: a tile drains while the next accumulates "
+                        "(default: the target's plan, docs/fpga.md)")
     p.add_argument("--no-overlap-drain", dest="overlap_drain", action="store_false",
-                   help="accelerator without shadow registers: smaller PEs, the array stalls while a tile drains")
+                   help="no shadow registers: smaller PEs, the array stalls while a tile drains")
+    p.add_argument("--chunk-k", type=int, default=None,
+                   help="longest run of products a PE accumulates; longer reductions add partial sums in "
+                        "block RAM (default: the target's plan)")
+    p.add_argument("--mul-stages", type=int, default=None,
+                   help="pipeline registers inside the PE multipliers (default: 1 for products of 8+ bits)")
 
 
 def _widths(args):
@@ -57,7 +65,7 @@ def cmd_synth(args) -> int:
         s = synthesize(target=args.target, rows=args.rows, cols=args.cols, a_bits=a, w_bits=w, out_bits=o,
                        k_max=args.k_max, freq_mhz=args.freq, dsp_budget=args.dsp_budget, kind=args.design,
                        out_dir=(out_dir / "flow") if out_dir else None, timeouts=timeouts, seed=args.seed,
-                       overlap_drain=args.overlap_drain)
+                       overlap_drain=args.overlap_drain, chunk_k=args.chunk_k, mul_stages=args.mul_stages)
     except (ValueError, TypeError) as e:
         _err(str(e))
         return EXIT_USAGE
@@ -69,6 +77,8 @@ def cmd_synth(args) -> int:
         print(format_result_table([s]))
         if s.get("dsp_plan"):
             print(f"DSP plan: {s['dsp_plan']['reason']}")
+        if s.get("arch_plan"):
+            print(f"array: {s['arch_plan']['reason']}")
         print(f"core = {s['kind']} inside a scan wrapper ({s['wrapper']['scan_in_bits']} scan-in bits); "
               f"LUT4/FF/DSP/BRAM count the core, 'logic used' the whole placed design")
         print(f"summary: {summary_path}")

@@ -3,20 +3,47 @@ from __future__ import annotations
 
 import math
 
-from amaranth.hdl import Cat, Module, Mux, Signal, signed
-from amaranth.lib import stream, wiring
-from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from superfloat.sw import sfx
 
 from ._checks import check_bool, check_impl, check_int, checking
 from .clamp import CLAMP_LATENCY, SHIFT_BITS, SFxClampUnit
-from .interface import (AccelParams, act_layout, cmd_layout, par_layout, res_layout,
+from .fifo import RAM_ATTRS as _RAM_ATTRS, MemFIFO
+from .interface import (AccelParams, act_layout, cmd_layout, par_lane_layout, par_layout, res_layout,
                         wgt_layout)
 from .mac_array import SFxMacArray
+from .pe import PE_KINDS
 
 __all__ = ["SFxAccelerator"]
+
+#: Pipeline stages between the array's output and the clamp unit's input (context read
+#: from the tile memories, then bias and shift added).
+DRAIN_STAGES = 2
+
+
+def _lane_store_layout(p: AccelParams) -> data.StructLayout:
+    """One channel's drain context, as stored in the par memory."""
+    return data.StructLayout({
+        "bias": p.acc_bits,
+        "shift": 8,
+        "ok": 1,        # the channel exists (n0 + j < N)
+        "use_mult": 1,
+    })
+
+
+def _lane_late_layout() -> data.StructLayout:
+    """The part of a channel's context the clamp unit takes directly from memory (read a
+    cycle later than the rest, so no register holds it on the way)."""
+    return data.StructLayout({
+        "mult": 16,     # 1 when the operation does not use mult
+        "relu": 1,
+        "rnd": 1,
+        "use_mult": 1,
+    })
 
 
 class SFxAccelerator(wiring.Component):
@@ -28,31 +55,35 @@ class SFxAccelerator(wiring.Component):
 
     Blocks (see ``docs/architecture.md``):
 
-    * feed sequencer (``IDLE -> CHECK -> PAR -> STREAM -> NEXT -> PAR ... -> IDLE``):
+    * feed sequencer (``IDLE -> CHECK -> TILE -> STREAM -> NEXT -> TILE ... -> IDLE``):
       takes ``cmd`` and checks it in the next cycle (a malformed one, ``K = 0``,
       ``K > k_max``, ``T = 0`` or ``N = 0``, is consumed, sets :attr:`error`, and leaves
-      the unit idle), then for each tile one ``par`` beat (bias, shift, mult of ``cols``
-      channels; a bias of a valid channel with ``|bias| >= 2**(A-2)`` sets :attr:`error`)
-      and ``K`` ``act``/``wgt`` beats, transferred together, and one cycle to step the
-      tile counters;
-    * :class:`SFxMacArray`: PE ``(i, j)`` accumulates ``X[t0+i, k] * W[n0+j, k]``; a
-      finished tile moves to shadow registers and drains row-major while the next tile
-      accumulates;
-    * drain stage: adds ``bias[j]``, forms ``shift[j] + xexp[i]`` and feeds one
-      accumulator per cycle to a single, time-multiplexed :class:`SFxClampUnit`
-      (channels past ``N`` are fed as zero with ``r = 0``: code 0, never saturated);
-    * result assembly: ``cols`` codes form one ``res`` beat, queued in a FIFO. A credit
-      counter admits a row into the drain only when the FIFO has room for it, so the
-      clamp pipeline never stalls and ``res`` back-pressure never loses a beat.
+      the unit idle). ``TILE`` copies the tile's context into two small memories (block
+      RAM on an FPGA), one word per cycle, reading the offered beats in place (a stream's
+      payload is stable until it is taken): the ``par`` beat's ``cols`` lanes (bias, shift,
+      mult; a bias of a valid channel with ``|bias| >= 2**(A-2)`` sets :attr:`error`), then
+      takes it; and the ``rows`` row exponents of the tile's first ``act`` beat. ``STREAM``
+      then passes the ``K`` ``act``/``wgt`` beats, together, to the array; ``NEXT`` steps
+      the tile counters. The memories hold two tiles, so a tile's copy overlaps the
+      previous tile's drain;
+    * :class:`SFxMacArray`: PE ``(i, j)`` accumulates ``X[t0+i, k] * W[n0+j, k]``; finished
+      sums are read one per cycle, row-major, through the array's XOR readout;
+    * drain stage: reads channel ``j``'s and row ``i``'s context from the memories, adds
+      ``bias[j]``, forms ``shift[j] + xexp[i]`` and feeds one accumulator per cycle to a
+      single, time-multiplexed :class:`SFxClampUnit` (channels past ``N`` are fed as zero
+      with ``r = 0``: code 0, never saturated);
+    * result assembly: ``cols`` codes form one ``res`` beat, queued in a FIFO in block RAM
+      (:class:`~superfloat.hw.fifo.MemFIFO`). The array starts draining a row only when
+      the FIFO has room for it (credits), so nothing after the array ever stalls and
+      ``res`` back-pressure never loses a beat.
 
-    Latency: the first ``res`` beat of a tile is valid ``4 + 1 + 6 + (cols - 1) + 2``
-    cycles after its last ``act``/``wgt`` beat (array, drain stage, clamp, row assembly,
-    FIFO).
-    Throughput: one ``act``/``wgt`` beat pair per cycle (``rows * cols`` MACs) in steady
-    state, plus two cycles per tile (``NEXT`` and the ``par`` beat); a tile's drain takes
-    ``min(rows, T - t0) * cols`` cycles and overlaps the next tile's accumulation: a tile
-    takes ``max(K + 2, min(rows, T - t0) * cols + 4)`` cycles. Measured: ``T = N = 64``,
-    ``K = 1024`` on 8x8 takes 65 741 cycles, 99.7 % of the ideal.
+    Latency: the first ``res`` beat of a tile is valid about ``pe_latency + 2 +
+    readout_latency + cols + 2 + 6 + 2`` cycles after its last ``act``/``wgt`` beat (array,
+    readout, row, drain stage, clamp, FIFO). Throughput: one ``act``/``wgt`` beat pair per
+    cycle (``rows * cols`` MACs) in steady state, plus per tile ``max(rows, cols) + 2``
+    cycles of context copy; with ``overlap_drain`` a tile's drain
+    (``min(rows, T - t0) * cols`` cycles) overlaps the next tile's accumulation, without it
+    the array waits for it.
 
     Status: :attr:`busy`; sticky :attr:`error` (malformed command, bias out of range, or a
     right shift ``r`` outside ``0..63`` in the clamp unit); :attr:`sat_count`, saturated
@@ -75,9 +106,24 @@ class SFxAccelerator(wiring.Component):
         Multiplier of the clamp unit (``A x 16`` bits): ``"dsp"`` (default) or ``"lut"``.
     overlap_drain : bool
         ``True`` (default): shadow registers in the PEs; a tile drains while the next one
-        accumulates. ``False``: no shadow registers (about a third less logic per PE, for
-        small FPGAs); the array stalls while a tile drains, which costs
-        ``min(rows, T - t0) * cols`` cycles plus about 6 per tile.
+        accumulates. ``False``: no shadow registers (the smallest PE, for small FPGAs); the
+        array stalls while a tile drains, which costs ``min(rows, T - t0) * cols`` cycles
+        plus about 8 per tile.
+    mul_stages : int
+        Pipeline registers inside every PE multiplier (0..4, default 0; wide logic
+        multipliers need one for a fast clock).
+    chunk_k : int or None
+        The longest run of products a PE accumulates (default: ``k_max``). With
+        ``chunk_k < k_max`` a tile's reduction is cut into chunks of ``chunk_k`` steps: the
+        PEs need only ``sum_bits(a_bits, w_bits, chunk_k)`` accumulator bits (the iCE40's
+        logic cells are mostly accumulator bits), and the drain stage adds each chunk's
+        partial sums to a partial-sum memory (block RAM, ``rows * cols`` words of ``A``
+        bits); the sum of a tile is still exact in ``A`` bits. Every chunk is drained (a
+        tile of ``K > chunk_k`` costs an extra drain per chunk without ``overlap_drain``).
+    pe_kind : str
+        ``"sm"`` (default): SFx PEs, the accelerator of SPEC section 5. ``"tc"``: two's
+        complement integer PEs of the same widths, for the synthesis comparison only (the
+        codes are then read as two's complement integers; this is not LINEAR).
 
     Members
     -------
@@ -101,7 +147,8 @@ class SFxAccelerator(wiring.Component):
 
     def __init__(self, *, rows: int, cols: int, a_bits: int, w_bits: int, out_bits: int,
                  k_max: int = sfx.DEFAULT_K_MAX, dsp_pes: int = 0, clamp_impl: str = "dsp",
-                 overlap_drain: bool = True):
+                 overlap_drain: bool = True, mul_stages: int = 0, pe_kind: str = "sm",
+                 chunk_k: int | None = None):
         with checking(self):
             for name, v in (("a_bits", a_bits), ("w_bits", w_bits), ("out_bits", out_bits)):
                 if isinstance(v, bool) or not isinstance(v, int):
@@ -112,6 +159,13 @@ class SFxAccelerator(wiring.Component):
             self._dsp_pes = check_int(dsp_pes, "dsp_pes", 0, rows * cols)
             self._clamp_impl = check_impl(clamp_impl, "clamp_impl")
             self._overlap = check_bool(overlap_drain, "overlap_drain")
+            self._mul_stages = check_int(mul_stages, "mul_stages", 0, 4)
+            if not isinstance(pe_kind, str) or pe_kind not in PE_KINDS:
+                raise ValueError(f"pe_kind must be one of {', '.join(map(repr, PE_KINDS))}, got {pe_kind!r}")
+            self._pe_kind = pe_kind
+            if chunk_k is None:
+                chunk_k = self._params.k_max
+            self._chunk_k = min(check_int(chunk_k, "chunk_k", 1, sfx.K_MAX_LIMIT), self._params.k_max)
         p = self._params
         super().__init__({
             "cmd": In(stream.Signature(cmd_layout(p))),
@@ -136,73 +190,162 @@ class SFxAccelerator(wiring.Component):
     dsp_pes = property(lambda self: self._dsp_pes, doc="PEs (row-major first) with DSP multipliers.")
     clamp_impl = property(lambda self: self._clamp_impl, doc="Clamp unit multiplier implementation.")
     overlap_drain = property(lambda self: self._overlap, doc="Whether a tile drains while the next accumulates.")
+    mul_stages = property(lambda self: self._mul_stages, doc="Pipeline registers inside the PE multipliers.")
+    pe_kind = property(lambda self: self._pe_kind, doc="'sm' (SFx) or 'tc' (two's complement baseline).")
+    chunk_k = property(lambda self: self._chunk_k, doc="Longest run of products a PE accumulates (<= k_max).")
+
+    @property
+    def chunked(self) -> bool:
+        """Whether reductions longer than :attr:`chunk_k` are split (``chunk_k < k_max``)."""
+        return self._chunk_k < self._params.k_max
+
+    def _array(self) -> SFxMacArray:
+        p = self._params
+        return SFxMacArray(rows=p.rows, cols=p.cols, a_bits=p.a_bits, w_bits=p.w_bits, k_max=self._chunk_k,
+                           dsp_pes=self._dsp_pes, overlap_drain=self._overlap, mul_stages=self._mul_stages,
+                           pe_kind=self._pe_kind)
 
     @property
     def fifo_depth(self) -> int:
-        """Depth (in ``res`` beats) of the result FIFO.
+        """Depth (in ``res`` beats) of the result FIFO's memory.
 
-        A row admitted into the drain holds a credit for ``1 + CLAMP_LATENCY + 4``
-        cycles (drain stage, clamp, FIFO write and output register, ``res`` transfer), so
-        ``ceil(11 / cols)`` credits keep the drain at one accumulator per cycle (measured:
-        fewer slow it down). At least 3: ``SyncFIFOBuffered`` of depth 2 refuses a write
-        in the cycle after a write into its empty memory, which the credits do not model.
+        A row admitted into the drain holds a credit from its start until its ``res`` beat
+        is taken: ``cols`` cycles of readout plus the readout latency, the drain stages,
+        the clamp unit and the FIFO (about ``cols + 16`` cycles). Enough credits for that
+        time keep the drain at one accumulator per cycle with a consumer that takes every
+        beat; the FIFO is in block RAM, so a few more rows cost nothing.
         """
-        return max(3, math.ceil((1 + CLAMP_LATENCY + 4) / self.cols))
+        arr = self._array()
+        arr._MustUse__silence = True
+        latency = self.cols + arr.readout_latency + DRAIN_STAGES + CLAMP_LATENCY + 4
+        return max(4, math.ceil(latency / self.cols) + 2)
 
     def elaborate(self, platform):
         m = Module()
         p = self._params
         rows, cols, A = p.rows, p.cols, p.acc_bits
         mo = p.out_bits - 1
+        chunk = self._chunk_k
 
-        m.submodules.array = array = SFxMacArray(rows=rows, cols=cols, a_bits=p.a_bits, w_bits=p.w_bits,
-                                                 k_max=p.k_max, dsp_pes=self._dsp_pes, overlap_drain=self._overlap)
+        m.submodules.array = array = self._array()
         m.submodules.clamp = clamp = SFxClampUnit(acc_bits=A, frac_bits=p.frac_bits, out_bits=p.out_bits,
-                                                  mult_impl=self._clamp_impl)
+                                                  mult_impl=self._clamp_impl, mult_premuxed=True)
         depth = self.fifo_depth
-        m.submodules.fifo = fifo = SyncFIFOBuffered(width=cols * p.out_bits, depth=depth)
+        m.submodules.fifo = fifo = MemFIFO(width=cols * p.out_bits, depth=depth, lanes=cols)
 
         err = Signal()
 
+        # Tile context memories: two tiles (slot = tile number mod 2), written in TILE,
+        # read by the drain stage. With chunks, a partial-sum memory (one word per PE).
+        cbits = max(1, (cols - 1).bit_length())
+        rbits = max(1, (rows - 1).bit_length())
+        lane_lay = _lane_store_layout(p)
+        m.submodules.par_mem = par_mem = Memory(shape=lane_lay, depth=2 << cbits, init=[],
+                                                attrs=_RAM_ATTRS)
+        m.submodules.xexp_mem = xexp_mem = Memory(shape=signed(8), depth=2 << rbits, init=[],
+                                                  attrs=_RAM_ATTRS)
+        m.submodules.late_mem = late_mem = Memory(shape=_lane_late_layout(), depth=2 << cbits, init=[],
+                                                  attrs=_RAM_ATTRS)
+        late_wr = late_mem.write_port()
+        late_rd = late_mem.read_port()
+        par_wr = par_mem.write_port()
+        par_rd = par_mem.read_port()
+        x_wr = xexp_mem.write_port()
+        x_rd = xexp_mem.read_port()
+
         # ------------------------------------------------------------------ feed sequencer
-        k_last = Signal(p.k_bits)          # K - 1
-        k_left = Signal(p.k_bits)          # beats of the tile after the next one
-        first = Signal()                   # the next beat is the tile's first (registered: timing)
+        # Counters run down and their sign bits are the end conditions (the sign is the
+        # carry out of the decrement: no comparator on the 16-bit fields).
+        kb = p.k_bits + 1
+        k_init = Signal(signed(kb))        # K - 2
+        k_cnt = Signal(signed(kb))         # K - 2 - (beats of the tile taken)
         last = Signal()                    # the next beat is the tile's last
-        n_len = Signal(16)
-        t_rem = Signal(16)                 # T - t0 of the current tile
-        n_rem = Signal(16)                 # N - n0 of the current tile
-        n_end = Signal()                   # n_rem <= cols: last tile of a row of tiles (registered)
-        t_end = Signal()                   # t_rem <= rows: last row of tiles (registered)
+        nb = 18
+        n_first = Signal(signed(nb))       # N - cols - 1
+        nd = Signal(signed(nb))            # (N - n0) - cols - 1: < 0 in the last tile of a row of tiles
+        td = Signal(signed(nb))            # (T - t0) - rows - 1: < 0 in the last row of tiles
+        n_end = nd[-1]
+        t_end = td[-1]
+        cols_ok = Signal(range(cols + 1))  # min(N - n0, cols): channels of the tile (registered)
+        rows_ok = Signal(range(rows + 1))  # min(T - t0, rows): rows of the tile (registered)
         op_relu, op_rnd, op_mult = Signal(), Signal(), Signal()
-        nx_par = Signal(par_layout(p), reset_less=True)    # this tile's par beat
-        nx_xexp = Signal(8 * rows, reset_less=True)       # this tile's row exponents
+        fd_slot = Signal()                 # memory slot of the tile being fed
+        lane = Signal(range(max(2, cols)))  # par lane being copied
+        xrow = Signal(range(max(2, rows)))  # row exponent being copied
+        par_done, x_done = Signal(), Signal()
+        # Tiles fed and not yet through the drain stage's context read: the memories hold
+        # two, so a third tile's copy waits.
+        slots_used = Signal(range(3))
+        copy_ok = slots_used != 2
 
-        bias_bad = Signal(cols)            # per lane: the last par beat's bias is out of range
-        bias_ok = Signal(cols)             # per lane: ... and the channel exists
-        with m.If((bias_bad & bias_ok).any()):
+        # Bias range check (SPEC 3: |bias| < 2**(A-2)), a cycle after the copy (timing):
+        # |b| >= 2**(A-2) <=> the two top bits differ, or b == -2**(A-2).
+        bias_bad = Signal()
+        with m.If(bias_bad):
             m.d.sync += err.eq(1)
+        m.d.sync += bias_bad.eq(0)
 
-        rows_valid = Mux(t_rem >= rows, rows, t_rem)
-        lane_ok = Cat(n_rem > j for j in range(cols))     # channel n0 + j < N
+        # Channels and rows of the current tile, registered from n_rem / t_rem (one cycle
+        # behind them: lane 0 is valid in any tile, later lanes are copied later).
+        lanes_ok = Signal(cols)           # thermometer: lane j < min(N - n0, cols)
+        m.d.sync += [cols_ok.eq(Mux(n_end, (nd + cols + 1)[:len(cols_ok)], cols)),
+                     rows_ok.eq(Mux(t_end, (td + rows + 1)[:len(rows_ok)], rows)),
+                     lanes_ok.eq(Cat(~n_end | (j < (nd + cols + 1)[:len(cols_ok)]) for j in range(cols)))]
 
+        # Chunks: the array's "last" ends a chunk of at most chunk_k steps; its tag tells
+        # the drain stage whether the chunk is the tile's first and / or final one.
+        clast = Signal()                   # the next beat ends a chunk
+        first_chunk = Signal()
+        if chunk < p.k_max:
+            kc = Signal(range(chunk))      # steps of the current chunk before the next beat
         cmd = self.cmd.payload
         cmd_bad = Signal(reset_less=True)
         m.d.comb += [
             array.inp.payload.act.eq(self.act.payload.codes),
             array.inp.payload.wgt.eq(self.wgt.payload),
-            array.inp.payload.last.eq(last),
-            array.inp.payload.rows_valid.eq(rows_valid),
+            array.inp.payload.last.eq(clast),
+            array.inp.payload.rows_valid.eq(rows_ok),
+            array.inp.payload.tag.eq(Cat(first_chunk, last)),
         ]
         beat = Signal()   # one act/wgt pair transferred into the array this cycle
         m.d.comb += beat.eq(array.inp.valid & array.inp.ready)
 
-        # Drain context of the tile whose last beat is transferred (the array accepts
-        # that beat only when the previous drain is over, so the context is free).
-        dr_par = Signal(par_layout(p), reset_less=True)
-        dr_xexp = Signal(8 * rows, reset_less=True)
-        dr_ok = Signal(cols, reset_less=True)
-        dr_relu, dr_rnd, dr_mult = (Signal(reset_less=True, name=f"dr_{n}") for n in ("relu", "rnd", "mult"))
+        # The copies are pipelined: in the cycle a lane / row is selected (one-hot, so each
+        # select drives one AND term per bit) it is registered; the next cycle writes it.
+        lane_oh = Signal(cols, init=1)
+        xrow_oh = Signal(rows, init=1)
+
+        def select(values, onehot, width):
+            acc = Const(0, width)
+            for j, v in enumerate(values):
+                acc = acc | (v.as_value() if hasattr(v, "as_value") else v) & onehot[j].replicate(width)
+            return acc
+
+        plw = len(self.par.payload[0].as_value())
+        par_q = Signal(par_lane_layout(p), reset_less=True)
+        x_q = Signal(signed(8), reset_less=True)
+        cp_par, cp_x, cp_ok = Signal(), Signal(), Signal(reset_less=True)
+        cp_laddr = Signal(cbits, reset_less=True)
+        cp_xaddr = Signal(rbits, reset_less=True)
+        m.d.sync += [cp_par.eq(0), cp_x.eq(0)]
+        m.d.comb += [
+            par_wr.addr.eq(Cat(cp_laddr, fd_slot)), par_wr.en.eq(cp_par),
+            par_wr.data.bias.eq(par_q.bias), par_wr.data.shift.eq(par_q.shift),
+            par_wr.data.ok.eq(cp_ok), par_wr.data.use_mult.eq(op_mult),
+            late_wr.addr.eq(Cat(cp_laddr, fd_slot)), late_wr.en.eq(cp_par),
+            late_wr.data.mult.eq(Mux(op_mult, par_q.mult, 1)), late_wr.data.relu.eq(op_relu),
+            late_wr.data.rnd.eq(op_rnd), late_wr.data.use_mult.eq(op_mult),
+            x_wr.addr.eq(Cat(cp_xaddr, fd_slot)), x_wr.en.eq(cp_x), x_wr.data.eq(x_q),
+        ]
+        b_top = par_q.bias[A - 2:]
+        m.d.sync += bias_bad.eq(cp_par & cp_ok & ((b_top == 0b01) | (b_top == 0b10) |
+                                                  ((b_top == 0b11) & (par_q.bias[:A - 2] == 0))))
+
+        # One adder each: N (T) - (cols + 1) when the command is checked, then - cols per tile.
+        in_check = Signal()
+        nd_step = Signal(signed(nb))
+        td_step = Signal(signed(nb))
+        m.d.comb += [nd_step.eq(nd - Mux(in_check, cols + 1, cols)), td_step.eq(td - Mux(in_check, rows + 1, rows))]
 
         with m.FSM(name="feed") as feed:
             with m.State("IDLE"):
@@ -210,29 +353,42 @@ class SFxAccelerator(wiring.Component):
                 with m.If(self.cmd.valid):
                     m.d.sync += [
                         cmd_bad.eq((cmd.k == 0) | (cmd.k > p.k_max) | (cmd.t == 0) | (cmd.n == 0)),
-                        k_last.eq(cmd.k - 1), n_len.eq(cmd.n), t_rem.eq(cmd.t), n_rem.eq(cmd.n),
+                        k_init.eq(cmd.k - 2), nd.eq(cmd.n), td.eq(cmd.t),
                         op_relu.eq(cmd.relu), op_rnd.eq(cmd.rounding), op_mult.eq(cmd.use_mult),
                     ]
                     m.next = "CHECK"
             with m.State("CHECK"):   # the command acts from registers (timing)
+                m.d.comb += in_check.eq(1)
                 with m.If(cmd_bad):
                     m.d.sync += err.eq(1)
                     m.next = "IDLE"
                 with m.Else():
-                    m.d.sync += [n_end.eq(n_rem <= cols), t_end.eq(t_rem <= rows)]
-                    m.next = "PAR"
-            with m.State("PAR"):
-                m.d.comb += self.par.ready.eq(1)
-                with m.If(self.par.valid):
-                    m.d.sync += [nx_par.eq(self.par.payload), k_left.eq(k_last), first.eq(1),
-                                 last.eq(k_last == 0)]
-                    # |bias| >= 2**(A-2) on a valid channel: flagged one cycle later (timing)
-                    lim = 1 << (A - 2)
-                    m.d.sync += [
-                        bias_bad.eq(Cat((self.par.payload[j].bias.as_signed() >= lim) |
-                                        (self.par.payload[j].bias.as_signed() <= -lim) for j in range(cols))),
-                        bias_ok.eq(lane_ok),
-                    ]
+                    m.d.sync += [lane.eq(0), xrow.eq(0), lane_oh.eq(1), xrow_oh.eq(1), par_done.eq(0),
+                                 x_done.eq(0), nd.eq(nd_step), n_first.eq(nd_step), td.eq(td_step)]
+                    m.next = "TILE"
+            with m.State("TILE"):
+                # par: one lane per cycle into the memory; the beat is taken with its last lane.
+                with m.If(~par_done & self.par.valid & copy_ok):
+                    m.d.sync += [cp_par.eq(1), par_q.eq(select(self.par.payload, lane_oh, plw)),
+                                 cp_ok.eq((lane_oh & lanes_ok).any()), cp_laddr.eq(lane[:cbits] if cols > 1 else 0)]
+                    with m.If(lane_oh[cols - 1]):
+                        m.d.comb += self.par.ready.eq(1)
+                        m.d.sync += par_done.eq(1)
+                    with m.Else():
+                        m.d.sync += [lane.eq(lane + 1), lane_oh.eq(lane_oh << 1)]
+                # The first act beat's row exponents, one per cycle (the beat stays offered).
+                with m.If(~x_done & self.act.valid & copy_ok):
+                    m.d.sync += [cp_x.eq(1), x_q.eq(select(self.act.payload.exp, xrow_oh, 8)),
+                                 cp_xaddr.eq(xrow[:rbits] if rows > 1 else 0)]
+                    with m.If(xrow_oh[rows - 1]):
+                        m.d.sync += x_done.eq(1)
+                    with m.Else():
+                        m.d.sync += [xrow.eq(xrow + 1), xrow_oh.eq(xrow_oh << 1)]
+                with m.If(par_done & x_done):
+                    m.d.sync += [k_cnt.eq(k_init), last.eq(k_init[-1]), first_chunk.eq(1),
+                                 clast.eq(k_init[-1] | (chunk == 1))]
+                    if chunk < p.k_max:
+                        m.d.sync += kc.eq(0)
                     m.next = "STREAM"
             with m.State("STREAM"):
                 m.d.comb += [
@@ -241,99 +397,137 @@ class SFxAccelerator(wiring.Component):
                     self.wgt.ready.eq(self.act.valid & array.inp.ready),
                 ]
                 with m.If(beat):
-                    m.d.sync += [k_left.eq(k_left - 1), first.eq(0), last.eq(k_left == 1)]
-                    with m.If(first):
-                        m.d.sync += nx_xexp.eq(self.act.payload.exp)
+                    k_dec = Signal(signed(kb))
+                    m.d.comb += k_dec.eq(k_cnt - 1)
+                    m.d.sync += [k_cnt.eq(k_dec), last.eq(k_dec[-1])]
+                    if chunk < p.k_max:
+                        kc_next = Mux(clast, 0, kc + 1)
+                        m.d.sync += [kc.eq(kc_next), clast.eq(k_dec[-1] | (kc_next == chunk - 1))]
+                    else:
+                        m.d.sync += clast.eq(k_dec[-1])
+                    with m.If(clast):
+                        m.d.sync += first_chunk.eq(0)
                     with m.If(last):
-                        m.d.sync += [
-                            dr_par.eq(nx_par),
-                            dr_xexp.eq(Mux(first, self.act.payload.exp, nx_xexp)),
-                            dr_ok.eq(lane_ok),
-                            dr_relu.eq(op_relu), dr_rnd.eq(op_rnd), dr_mult.eq(op_mult),
-                        ]
+                        m.d.sync += fd_slot.eq(~fd_slot)
                         m.next = "NEXT"
             with m.State("NEXT"):    # step to the next tile (a cycle of its own: timing)
+                m.d.sync += [lane.eq(0), xrow.eq(0), lane_oh.eq(1), xrow_oh.eq(1), par_done.eq(0), x_done.eq(0)]
                 with m.If(n_end):
-                    m.d.sync += [n_rem.eq(n_len), n_end.eq(n_len <= cols)]
+                    m.d.sync += nd.eq(n_first)
                     with m.If(t_end):
                         m.next = "IDLE"
                     with m.Else():
-                        m.d.sync += [t_rem.eq(t_rem - rows), t_end.eq(t_rem <= 2 * rows)]
-                        m.next = "PAR"
+                        m.d.sync += td.eq(td_step)
+                        m.next = "TILE"
                 with m.Else():
-                    m.d.sync += [n_rem.eq(n_rem - cols), n_end.eq(n_rem <= 2 * cols)]
-                    m.next = "PAR"
+                    m.d.sync += nd.eq(nd_step)
+                    m.next = "TILE"
 
         # ------------------------------------------------------------------ drain stage
-        occ = Signal(range(depth + 1))    # rows admitted into the drain and not yet taken on res
-        d_col = Signal(range(max(2, cols)))   # never zero-width (Verilog [-1:0] wires)
+        # D0: a value leaves the array; its channel's and row's context (and, with chunks,
+        # the PE's partial sum) is read.
+        dr_slot = Signal()
+        d_col = Signal(range(max(2, cols)))
         d_row = Signal(range(max(2, rows)))
-        row_start = d_col == 0
-        pre_valid = Signal()
-        m.d.comb += array.out.ready.eq((~row_start | (occ < depth)) & (~pre_valid | clamp.i.ready))
-        take = array.out.valid & array.out.ready
-
-        # Context of the accumulator being taken: channel d_col, activation row d_row.
-        lane = dr_par[d_col]
-        bias0 = lane.bias.as_signed()
-        shift0 = lane.shift.as_signed()
-        mult0 = lane.mult
-        lane_ok0 = dr_ok.bit_select(d_col, 1)
-        xexp0 = dr_xexp.word_select(d_row, 8).as_signed()
-        pre_acc = Signal(signed(A), reset_less=True)
-        pre_shift = Signal(signed(SHIFT_BITS), reset_less=True)
-        pre_mult = Signal(16, reset_less=True)
-        pre_relu, pre_rnd, pre_use = Signal(reset_less=True), Signal(reset_less=True), Signal(reset_less=True)
-        # A padding channel goes through as acc = 0 with r = 0: code 0, no saturation, no error.
-        neutral = Mux(dr_mult, p.frac_bits + sfx.MULT_FRAC_BITS - mo, p.frac_bits - mo)
-        with m.If(take):
-            m.d.sync += [
-                pre_acc.eq(Mux(lane_ok0, (array.out.payload.acc + bias0)[:A], 0)),
-                pre_shift.eq(Mux(lane_ok0, shift0 + xexp0, neutral)),
-                pre_mult.eq(mult0),
-                pre_relu.eq(dr_relu), pre_rnd.eq(dr_rnd), pre_use.eq(dr_mult),
-            ]
-            with m.If(array.out.payload.last):
+        out = array.out
+        final_out = out.payload.tag[1]
+        m.d.comb += [
+            par_rd.addr.eq(Cat(d_col[:cbits] if cols > 1 else Const(0, 1), dr_slot)),
+            x_rd.addr.eq(Cat(d_row[:rbits] if rows > 1 else Const(0, 1), dr_slot)),
+            par_rd.en.eq(out.valid), x_rd.en.eq(out.valid),
+        ]
+        d1_valid, d1_first, d1_final = Signal(), Signal(), Signal()
+        d1_acc = Signal(signed(array.acc_bits), reset_less=True)
+        m.d.sync += [d1_valid.eq(out.valid), d1_first.eq(out.payload.tag[0]), d1_final.eq(final_out)]
+        with m.If(out.valid):
+            m.d.sync += d1_acc.eq(out.payload.acc)
+            with m.If(out.payload.last):
                 m.d.sync += [d_col.eq(0), d_row.eq(0)]
+                with m.If(final_out):
+                    m.d.sync += dr_slot.eq(~dr_slot)
             with m.Elif(d_col == cols - 1):
                 m.d.sync += [d_col.eq(0), d_row.eq(d_row + 1)]
             with m.Else():
                 m.d.sync += d_col.eq(d_col + 1)
-        with m.If(take):
-            m.d.sync += pre_valid.eq(1)
-        with m.Elif(clamp.i.ready):
-            m.d.sync += pre_valid.eq(0)
+
+        # D1: the tile's sum so far: the bias (first chunk) or the partial sum, plus the
+        # array's value; a partial sum goes back to the memory, a final one to the clamp
+        # unit. A padding channel goes through as acc = 0 with r = 0: code 0, no
+        # saturation, no error.
+        ctx = par_rd.data
+        base = ctx.bias.as_signed()
+        if self.chunked:
+            m.submodules.psum_mem = psum_mem = Memory(shape=A, depth=1 << (cbits + rbits), init=[],
+                                                      attrs=_RAM_ATTRS)
+            ps_rd = psum_mem.read_port()
+            ps_wr = psum_mem.write_port()
+            d1_addr = Signal(cbits + rbits, reset_less=True)
+            d2_addr = Signal(cbits + rbits, reset_less=True)
+            pe_addr = Cat(d_col[:cbits] if cols > 1 else Const(0, 1), d_row[:rbits] if rows > 1 else Const(0, 1))
+            m.d.sync += [d1_addr.eq(pe_addr), d2_addr.eq(d1_addr)]
+            m.d.comb += [ps_rd.addr.eq(pe_addr), ps_rd.en.eq(out.valid)]
+            base = Mux(d1_first, base, ps_rd.data.as_signed())
+        total = Signal(A)
+        m.d.comb += total.eq(d1_acc + base)
+        partial_valid = Signal()   # pre_acc holds a partial sum (written back a cycle later: timing)
+        m.d.sync += partial_valid.eq(d1_valid & ~d1_final)
+        neutral = Mux(ctx.use_mult, p.frac_bits + sfx.MULT_FRAC_BITS - mo, p.frac_bits - mo)
+        pre_valid = Signal()
+        pre_acc = Signal(signed(A), reset_less=True)
+        pre_shift = Signal(signed(SHIFT_BITS), reset_less=True)
+        d1_laddr = Signal(cbits + 1, reset_less=True)
+        m.d.sync += d1_laddr.eq(par_rd.addr)
+        m.d.comb += [late_rd.addr.eq(d1_laddr), late_rd.en.eq(d1_valid)]
+        m.d.sync += [
+            pre_valid.eq(d1_valid & d1_final),
+            pre_acc.eq(Mux(ctx.ok, total, 0)),
+            pre_shift.eq(Mux(ctx.ok, ctx.shift.as_signed() + x_rd.data, neutral)),
+        ]
+        if self.chunked:   # padding channels store 0: their sums are never used
+            m.d.comb += [ps_wr.addr.eq(d2_addr), ps_wr.data.eq(pre_acc), ps_wr.en.eq(partial_valid)]
         m.d.comb += [
             clamp.i.valid.eq(pre_valid),
             clamp.i.payload.acc.eq(pre_acc),
             clamp.i.payload.shift.eq(pre_shift),
-            clamp.i.payload.mult.eq(pre_mult),
-            clamp.i.payload.use_mult.eq(pre_use),
-            clamp.i.payload.relu.eq(pre_relu),
-            clamp.i.payload.rounding.eq(pre_rnd),
+            clamp.i.payload.mult.eq(late_rd.data.mult),
+            clamp.i.payload.use_mult.eq(late_rd.data.use_mult),
+            clamp.i.payload.relu.eq(late_rd.data.relu),
+            clamp.i.payload.rounding.eq(late_rd.data.rnd),
         ]
 
+        tile_fed = beat & last
+        tile_read = out.valid & out.payload.last & final_out
+        with m.If(tile_fed & ~tile_read):
+            m.d.sync += slots_used.eq(slots_used + 1)
+        with m.Elif(~tile_fed & tile_read):
+            m.d.sync += slots_used.eq(slots_used - 1)
+
         # ------------------------------------------------------------------ result rows
+        # Each code goes straight into its lane of the FIFO's next word (masked write).
         ow = p.out_bits
-        row_buf = Signal(cols * ow, reset_less=True)
-        o_col = Signal(range(max(2, cols)))
+        o_oh = Signal(cols, init=1)
         m.d.comb += clamp.o.ready.eq(1)   # credits guarantee room in the FIFO
-        assembled = Cat(row_buf[ow:], clamp.o.payload.code) if cols > 1 else clamp.o.payload.code
         with m.If(clamp.o.valid):
-            m.d.sync += row_buf.eq(assembled)
-            with m.If(o_col == cols - 1):
-                m.d.sync += o_col.eq(0)
-            with m.Else():
-                m.d.sync += o_col.eq(o_col + 1)
+            m.d.sync += o_oh.eq(o_oh.rotate_left(1))
         m.d.comb += [
-            fifo.w_data.eq(assembled),
-            fifo.w_en.eq(clamp.o.valid & (o_col == cols - 1)),
-            self.res.payload.eq(fifo.r_data),
-            self.res.valid.eq(fifo.r_rdy),
-            fifo.r_en.eq(self.res.ready),
+            fifo.w_data.eq(clamp.o.payload.code.replicate(cols)),
+            fifo.w_en.eq(Mux(clamp.o.valid, o_oh, 0)),
+            fifo.w_commit.eq(clamp.o.valid & o_oh[cols - 1]),
+            self.res.payload.eq(fifo.r.payload),
+            self.res.valid.eq(fifo.r.valid),
+            fifo.r.ready.eq(self.res.ready),
         ]
+        # Credits: rows of final chunks admitted into the drain and not yet taken on res
+        # (rows of partial sums need no room in the FIFO).
+        occ = Signal(range(depth + 2))
         res_take = self.res.valid & self.res.ready
-        admit = take & row_start
+        final_drain = array.drain_tag[1]
+        admit = array.row_take & final_drain
+        # (registered, from the previous cycle's count: one credit of margin covers the row
+        # that may start in that cycle)
+        room = Signal()
+        m.d.sync += room.eq(occ < depth - 1)
+        m.d.comb += array.row_ok.eq(~final_drain | room)
         with m.If(admit & ~res_take):
             m.d.sync += occ.eq(occ + 1)
         with m.Elif(~admit & res_take):
@@ -343,6 +537,7 @@ class SFxAccelerator(wiring.Component):
         m.d.comb += [
             self.error.eq(err | clamp.error),
             self.sat_count.eq(clamp.sat_count),
-            self.busy.eq(~feed.ongoing("IDLE") | array.busy | pre_valid | clamp.busy | (occ != 0)),
+            self.busy.eq(~feed.ongoing("IDLE") | array.busy | d1_valid | pre_valid | partial_valid | clamp.busy
+                        | (occ != 0)),
         ]
         return m

@@ -7,7 +7,7 @@ from amaranth.lib.wiring import In, Out
 
 from superfloat.sw import sfx
 
-from ._checks import check_bits, check_impl, check_int, checking
+from ._checks import check_bits, check_bool, check_impl, check_int, checking
 from .pe import SFxMagnitudeMultiplier
 
 __all__ = ["SFxClampUnit", "clamp_in_layout", "clamp_out_layout", "SHIFT_BITS", "CLAMP_LATENCY"]
@@ -15,7 +15,7 @@ __all__ = ["SFxClampUnit", "clamp_in_layout", "clamp_out_layout", "SHIFT_BITS", 
 #: Width of the clamp unit's ``shift`` input: ``shift[n] + xexp[t]`` of two int8 values.
 SHIFT_BITS = 9
 #: Cycles from an input transfer to its result (with no stall).
-CLAMP_LATENCY = 6
+CLAMP_LATENCY = 7
 _MAX_R = 63
 
 
@@ -48,17 +48,21 @@ class SFxClampUnit(wiring.Component):
 
     1. ``neg = acc < 0``; ``mag = |acc|`` (``0`` when ``relu`` and ``neg``);
        ``r = frac_bits (+16 if use_mult) - (out_bits - 1) - shift``.
-    2. ``prod = mag * (mult if use_mult else 1)`` (:class:`SFxMagnitudeMultiplier`,
-       ``acc_bits x 16``).
-    3. Coarse right shift by ``r & 0x38`` with a guard bit and a sticky bit.
-    4. Fine right shift by ``r & 7``.
+    2. ``prod = mag * (mult if use_mult else 1)`` (:class:`SFxMagnitudeMultiplier`:
+       ``16 x 16`` on the low 16 bits of ``mag`` and ``(acc_bits - 16) x 16`` on the rest,
+       registered, then added over the high bits: each product fits one DSP block).
+    3. Coarse right shift by ``r & 0x38`` with a guard bit: only a window of
+       ``out_bits + 7`` bits (rounded up to bytes) is kept; the bits below it form a sticky
+       bit, the bits above it a saturation flag (the shifter's cost follows the output
+       width, not the ``acc_bits + 16`` bits of the product).
+    4. Fine right shift by ``r & 7`` within the window.
     5. Round (nearest-even: up if ``guard & (sticky | lsb)``; toward-zero: never).
     6. Saturate to ``2**(out_bits-1) - 1``, encode sign-magnitude (zero is code 0).
 
     ``r`` outside ``0..63`` is not supported by the hardware (SPEC section 4): it sets the
     sticky :attr:`error` and is clamped into ``0..63`` (the result is then meaningless).
 
-    Latency: :data:`CLAMP_LATENCY` (6) cycles. Throughput: one result per cycle. The
+    Latency: :data:`CLAMP_LATENCY` (7) cycles. Throughput: one result per cycle. The
     pipeline advances when :attr:`o` is empty or taken (``i.ready = ~o.valid | o.ready``,
     a combinational path from ``o.ready`` to ``i.ready``).
 
@@ -75,6 +79,10 @@ class SFxClampUnit(wiring.Component):
         ``"lut"`` (see :class:`SFxMagnitudeMultiplier`).
     count_bits : int
         Width of :attr:`sat_count` (1..64, default 32).
+    mult_premuxed : bool
+        The producer guarantees ``mult == 1`` whenever ``use_mult`` is 0 (default
+        ``False``): the unit then multiplies by ``mult`` as it comes, without a multiplexer
+        (the register before the multiplier can then sit inside a DSP block).
 
     Members
     -------
@@ -92,13 +100,14 @@ class SFxClampUnit(wiring.Component):
     """
 
     def __init__(self, *, acc_bits: int, frac_bits: int, out_bits: int, mult_impl: str = "dsp",
-                 count_bits: int = 32):
+                 count_bits: int = 32, mult_premuxed: bool = False):
         with checking(self):
             self._acc_bits = check_int(acc_bits, "acc_bits", 2, 64)
             self._frac_bits = check_int(frac_bits, "frac_bits", 0, 64)
             self._out_bits = check_bits(out_bits, "out_bits")
             self._mult_impl = check_impl(mult_impl, "mult_impl")
             self._count_bits = check_int(count_bits, "count_bits", 1, 64)
+            self._premuxed = check_bool(mult_premuxed, "mult_premuxed")
         super().__init__({
             "i": In(stream.Signature(clamp_in_layout(self._acc_bits))),
             "o": Out(stream.Signature(clamp_out_layout(self._out_bits))),
@@ -119,13 +128,13 @@ class SFxClampUnit(wiring.Component):
         P = A + sfx.MULT_FRAC_BITS   # product width
         X = P + 1                    # product with a guard bit below
 
-        v1, v2, v3, v4, v5, v6 = (Signal(name=f"v{k}") for k in range(1, 7))
+        v1, v2, v2b, v3, v4, v5, v6 = (Signal(name=f"v{k}") for k in ("1", "2", "2b", "3", "4", "5", "6"))
         adv = Signal()
         m.d.comb += [
             adv.eq(~v6 | self.o.ready),
             self.i.ready.eq(adv),
             self.o.valid.eq(v6),
-            self.busy.eq(v1 | v2 | v3 | v4 | v5 | v6),
+            self.busy.eq(v1 | v2 | v2b | v3 | v4 | v5 | v6),
         ]
 
         # Stage 1: magnitude, relu, multiplier operand, right shift amount.
@@ -145,43 +154,73 @@ class SFxClampUnit(wiring.Component):
                 mag1.eq(Mux(neg_in, Mux(ip.relu, 0, -ip.acc), ip.acc)),
                 neg1.eq(neg_in & ~ip.relu),
                 rnd1.eq(ip.rounding),
-                mul1.eq(Mux(ip.use_mult, ip.mult, 1)),
+                mul1.eq(ip.mult if self._premuxed else Mux(ip.use_mult, ip.mult, 1)),
                 r1.eq(Mux(r_full < 0, 0, Mux(r_full > _MAX_R, _MAX_R, r_full))),
             ]
         with m.If(self.i.valid & self.i.ready & r_bad):
             m.d.sync += error.eq(1)
         m.d.comb += self.error.eq(error)
 
-        # Stage 2: product.
-        m.submodules.mul = mul = SFxMagnitudeMultiplier(a_width=A, b_width=16, impl=self._mult_impl)
-        m.d.comb += [mul.a.eq(mag1), mul.b.eq(mul1)]
-        prod2 = Signal(P, reset_less=True)
+        # Stage 2: product, as two registered partial products (the low 16 bits of the
+        # magnitude and the rest, each within one 16 x 16 DSP block), added in stage 2b over
+        # the high bits only (the low 16 bits of the product are the low partial's).
+        lo_w = min(A, 16)
+        m.submodules.mul = mul = SFxMagnitudeMultiplier(a_width=lo_w, b_width=16, impl=self._mult_impl)
+        m.d.comb += [mul.a.eq(mag1[:lo_w]), mul.b.eq(mul1)]
+        part_lo = Signal(lo_w + 16, reset_less=True)
         neg2, rnd2 = Signal(reset_less=True), Signal(reset_less=True)
         r2 = Signal(6, reset_less=True)
         with m.If(adv):
-            m.d.sync += [v2.eq(v1), prod2.eq(mul.p), neg2.eq(neg1), rnd2.eq(rnd1), r2.eq(r1)]
+            m.d.sync += [v2.eq(v1), part_lo.eq(mul.p), neg2.eq(neg1), rnd2.eq(rnd1), r2.eq(r1)]
+        prod2 = Signal(P, reset_less=True)
+        neg2b, rnd2b = Signal(reset_less=True), Signal(reset_less=True)
+        r2b = Signal(6, reset_less=True)
+        if A > 16:
+            m.submodules.mul_hi = mul_hi = SFxMagnitudeMultiplier(a_width=A - 16, b_width=16, impl=self._mult_impl)
+            m.d.comb += [mul_hi.a.eq(mag1[16:]), mul_hi.b.eq(mul1)]
+            part_hi = Signal(A, reset_less=True)
+            with m.If(adv):
+                m.d.sync += part_hi.eq(mul_hi.p)
+            full = Cat(part_lo[:16], (part_lo[16:] + part_hi)[:P - 16])
+        else:
+            full = part_lo
+        with m.If(adv):
+            m.d.sync += [v2b.eq(v2), prod2.eq(full), neg2b.eq(neg2), rnd2b.eq(rnd2), r2b.eq(r2)]
 
-        # Stage 3: coarse shift by multiples of 8; the lost bits feed the sticky bit.
+        # Stage 3: coarse shift by 8c. Only a window of WB bytes of x >> 8c is kept (the
+        # fine shift and the rounding need y[0 .. mo + 7]); the bits below it feed the
+        # sticky bit, the bits above it the saturation flag. This keeps the shifter's
+        # cost proportional to the output width, not to the A + 16 bits of the product.
         x = Cat(Const(0, 1), prod2)
-        coarse = r2[3:6]
-        coarse_mask = Array(Const(((1 << (8 * c)) - 1) & ((1 << X) - 1), X) for c in range(8))[coarse]
-        y3 = Signal(X, reset_less=True)
-        st3, neg3, rnd3 = Signal(reset_less=True), Signal(reset_less=True), Signal(reset_less=True)
+        wb = (mo + 8 + 7) // 8                  # window bytes: mo + 8 bits, rounded up
+        nbytes = (X + 7) // 8
+        xb = Cat(x, Const(0, 8 * (nbytes + wb) - X))
+        byte_any = [xb[8 * k:8 * k + 8].any() for k in range(nbytes)]
+        coarse = r2b[3:6]
+        windows, below, above = [], [], []
+        for c in range(8):
+            windows.append(xb[8 * c:8 * c + 8 * wb] if c < nbytes else Const(0, 8 * wb))
+            below.append(Cat(*byte_any[:c]).any() if c > 0 else Const(0, 1))
+            above.append(Cat(*byte_any[c + wb:]).any() if c + wb < nbytes else Const(0, 1))
+        win3 = Signal(8 * wb, reset_less=True)
+        st3, hi3, neg3, rnd3 = (Signal(reset_less=True, name=n) for n in ("st3", "hi3", "neg3", "rnd3"))
         f3 = Signal(3, reset_less=True)
         with m.If(adv):
             m.d.sync += [
-                v3.eq(v2), y3.eq(x >> (coarse * 8)), st3.eq((x & coarse_mask) != 0),
-                neg3.eq(neg2), rnd3.eq(rnd2), f3.eq(r2[:3]),
+                v3.eq(v2b), win3.eq(Array(windows)[coarse]), st3.eq(Array(below)[coarse]),
+                hi3.eq(Array(above)[coarse]), neg3.eq(neg2b), rnd3.eq(rnd2b), f3.eq(r2b[:3]),
             ]
 
-        # Stage 4: fine shift.
-        fine_mask = Array(Const((1 << c) - 1, X) for c in range(8))[f3]
-        y4 = Signal(X, reset_less=True)
-        st4, neg4, rnd4 = Signal(reset_less=True), Signal(reset_less=True), Signal(reset_less=True)
+        # Stage 4: fine shift by f within the window: y4 = {q[0..mo-1], guard}, and the
+        # flags: bits below f join the sticky bit, bits of y above mo the saturation flag.
+        y = win3 >> f3
+        fine_mask = Array(Const((1 << c) - 1, 8 * wb) for c in range(8))[f3]
+        y4 = Signal(mo + 1, reset_less=True)
+        st4, hi4, neg4, rnd4 = (Signal(reset_less=True, name=n) for n in ("st4", "hi4", "neg4", "rnd4"))
         with m.If(adv):
             m.d.sync += [
-                v4.eq(v3), y4.eq(y3 >> f3), st4.eq(st3 | ((y3 & fine_mask) != 0)),
-                neg4.eq(neg3), rnd4.eq(rnd3),
+                v4.eq(v3), y4.eq(y[:mo + 1]), st4.eq(st3 | ((win3 & fine_mask) != 0)),
+                hi4.eq(hi3 | (y[mo + 1:] != 0)), neg4.eq(neg3), rnd4.eq(rnd3),
             ]
 
         # Stage 5: round. y4 = {q, guard}; r = 0 gives guard 0.
@@ -191,7 +230,7 @@ class SFxClampUnit(wiring.Component):
         q5 = Signal(mo + 1, reset_less=True)
         hi5, neg5 = Signal(reset_less=True), Signal(reset_less=True)
         with m.If(adv):
-            m.d.sync += [v5.eq(v4), q5.eq(q[:mo] + up), hi5.eq(q[mo:] != 0), neg5.eq(neg4)]
+            m.d.sync += [v5.eq(v4), q5.eq(q[:mo] + up), hi5.eq(hi4), neg5.eq(neg4)]
 
         # Stage 6: saturate, encode.
         sat = hi5 | q5[mo]

@@ -10,7 +10,7 @@ from amaranth.hdl import Module
 from amaranth.sim import Simulator
 
 from superfloat.hw.fpga import budget, report
-from superfloat.hw.fpga.baseline import PEArrayCore, TwosComplementMultiplier
+from superfloat.hw.fpga.baseline import TwosComplementMultiplier, comparison_accelerator, comparison_array
 from superfloat.hw.fpga.wrapper import ScanWrapper
 from superfloat.sw import sfx
 
@@ -126,60 +126,34 @@ def test_twos_complement_multiplier_wide_random():
     sim.run()
 
 
-@pytest.mark.parametrize("kind", ["sm", "tc"])
-def test_pe_array_core_dot_products(kind):
-    """Both comparison arrays compute exact dot products (SFx via sfx.matmul_acc; two's
-    complement as plain integers), drained row-major through ``out``."""
-    rows, cols, bits, K = 2, 3, 5, 7
-    rng = np.random.default_rng(2 if kind == "sm" else 3)
-    dut = PEArrayCore(kind=kind, rows=rows, cols=cols, a_bits=bits, w_bits=bits, k_max=64)
-    if kind == "sm":
-        x = rng.integers(0, 1 << bits, (rows, K))
-        w = rng.integers(0, 1 << bits, (cols, K))
-        want = sfx.matmul_acc(x, w, a_bits=bits, w_bits=bits, k_max=64)
-    else:
-        x = rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), (rows, K))
-        w = rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), (cols, K))
-        want = x @ w.T
-    mask = (1 << bits) - 1
-    got = []
-
-    async def tb(ctx):
-        for k in range(K):
-            ctx.set(dut.act, [int(v) & mask for v in x[:, k]])
-            ctx.set(dut.wgt, [int(v) & mask for v in w[:, k]])
-            ctx.set(dut.en, 1)
-            ctx.set(dut.first, k == 0)
-            ctx.set(dut.last, k == K - 1)
-            await ctx.tick()
-        ctx.set(dut.en, 0)
-        for _ in range(3):
-            await ctx.tick()
-        for _ in range(rows * cols):
-            got.append(ctx.get(dut.out))
-            ctx.set(dut.shift, 1)
-            await ctx.tick()
-
-    sim = Simulator(dut)
-    sim.add_clock(1e-6)
-    sim.add_testbench(tb)
-    sim.run()
-    assert got == [int(v) for v in np.asarray(want).reshape(-1)]
+def test_comparison_designs_differ_only_in_the_pe():
+    """(The arrays' function is tested in tests/test_hw_mac_array.py, both kinds.)"""
+    sm = comparison_array("sm", rows=2, cols=3, a_bits=5, w_bits=5, k_max=64, overlap_drain=False)
+    tc = comparison_array("tc", rows=2, cols=3, a_bits=5, w_bits=5, k_max=64, overlap_drain=False)
+    assert (sm.pe_kind, tc.pe_kind) == ("sm", "tc")
+    assert sm.signature == tc.signature and sm.acc_bits == tc.acc_bits == sfx.accumulator_bits(5, 5, 64)
+    assert (sm.dsp_pes, tc.dsp_pes, sm.overlap_drain) == (0, 0, False)
+    acc = comparison_accelerator("tc", rows=2, cols=2, a_bits=4, w_bits=4, out_bits=4, k_max=64)
+    assert acc.pe_kind == "tc" and acc.signature.members.keys() == {"cmd", "act", "wgt", "par", "res", "busy",
+                                                                     "error", "sat_count"}
+    for d in (sm, tc, acc):
+        d._MustUse__silence = True
 
 
-def test_pe_array_core_errors():
+def test_comparison_errors():
     with pytest.raises(ValueError, match="kind must be one of 'sm', 'tc', got 'fp'"):
-        PEArrayCore(kind="fp", rows=2, cols=2, a_bits=4, w_bits=4)
+        comparison_array("fp", rows=2, cols=2, a_bits=4, w_bits=4)
     with pytest.raises(ValueError, match="rows must be in 1..64, got 0"):
-        PEArrayCore(kind="sm", rows=0, cols=2, a_bits=4, w_bits=4)
+        comparison_array("sm", rows=0, cols=2, a_bits=4, w_bits=4)
 
 
 def test_scan_wrapper_counts_every_port_bit():
-    core = PEArrayCore(kind="sm", rows=2, cols=3, a_bits=4, w_bits=6, k_max=256)
+    core = comparison_array("sm", rows=2, cols=3, a_bits=4, w_bits=6, k_max=256)
     w = ScanWrapper(core)
     w._MustUse__silence = core._MustUse__silence = True   # counted, never elaborated
-    assert w.in_bits == 2 * 4 + 3 * 6 + 4
-    assert w.out_bits == core.acc_bits
+    # inputs: act, wgt, last, rows_valid (2 bits), valid; row_ok. Outputs: ready, out, row_take, busy.
+    assert w.in_bits == 2 * 4 + 3 * 6 + 1 + 2 + 1 + 1
+    assert w.out_bits == 1 + (1 + core.acc_bits + 1) + 1 + 1
     with pytest.raises(TypeError, match="core must be an amaranth.lib.wiring.Component"):
         ScanWrapper(object())
 

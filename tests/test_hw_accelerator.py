@@ -44,6 +44,13 @@ def _assert_ok(r, *, error=0):
     # no shadow registers: the array stalls while a tile drains
     (dict(rows=2, cols=3, a_bits=4, w_bits=4, out_bits=4, k_max=64, overlap_drain=False),
      [(3, 4, 5), (2, 7, 1), (5, 3, 8)], 0.3, 0.3),
+    # chunks: reductions longer than chunk_k go through the partial-sum memory
+    (dict(rows=2, cols=3, a_bits=4, w_bits=4, out_bits=4, k_max=64, overlap_drain=False, chunk_k=3),
+     [(3, 4, 7), (2, 7, 1), (3, 3, 3), (2, 2, 4)], 0.3, 0.3),
+    (dict(rows=3, cols=2, a_bits=6, w_bits=5, out_bits=7, k_max=40, chunk_k=4, mul_stages=1),
+     [(4, 3, 9), (2, 2, 40), (1, 3, 5)], 0.2, 0.5),
+    (dict(rows=1, cols=1, a_bits=8, w_bits=8, out_bits=8, k_max=16384, chunk_k=2, overlap_drain=False),
+     [(2, 3, 5), (1, 1, 2)], 0.3, 0.0),
 ])
 def test_accelerator_matches_linear(cfg, shapes, stall, res_stall):
     dut = SFxAccelerator(**cfg)

@@ -90,32 +90,40 @@ def test_multiplier_properties_read_only():
     Fragment.get(mul, None)
 
 
-def _pe_run(pe, tiles, shadow=True):
-    """Feed ``tiles`` (lists of (a_code, w_code)), one product per cycle and one idle
-    cycle after each tile; return the value moved to the shadow register for each tile
-    (``shadow=False``: the accumulator, read just before ``clear``)."""
+def _pe_run(pe, tiles):
+    """Feed ``tiles`` (lists of (a_code, w_code)), one product per cycle, code 0 in idle
+    cycles (one after each tile); return each tile's sum as read from ``out``.
+
+    With a shadow: ``zero`` in the cycle the tile's last product is complete moves the sum
+    to the shadow (``out`` the cycle after). Without: ``out`` is read in that cycle, then
+    ``dclr`` clears it. ``dclr`` also clears the shadow after its read."""
     sim, _ = make_sim(pe)
     got = []
-    sched = []   # per cycle: (a, w, last) or None (idle)
+    sched = []   # per cycle: (a, w, last) or None (idle: code 0)
     for t in tiles:
         sched += [(a, w, k == len(t) - 1) for k, (a, w) in enumerate(t)] + [None]
-    sched += [None, None]
+    sched += [None] * (pe.latency + 3)
+    lat = pe.latency
 
     async def tb(ctx):
+        ctx.set(pe.zero, 1)          # start from 0
+        await ctx.tick()
+        read_at = set()
+        moved = False                # the shadow took a sum in the previous cycle
         for c, step in enumerate(sched):
-            if step is not None:
-                ctx.set(pe.a, step[0])
-                ctx.set(pe.w, step[1])
-            prev = sched[c - 1] if c >= 1 else None      # its product is accumulated now
-            prev2 = sched[c - 2] if c >= 2 else None     # its sum is complete now
-            ctx.set(pe.acc_en, prev is not None)
-            clear = prev2 is not None and prev2[2]
-            ctx.set(pe.clear, clear)
-            if clear and not shadow:
-                got.append(ctx.get(pe.chain_out))
+            ctx.set(pe.a, step[0] if step else 0)
+            ctx.set(pe.w, step[1] if step else 0)
+            if step and step[2]:
+                read_at.add(c + lat)       # the sum is complete in cycle c + latency
+            done = c in read_at
+            if moved or (done and not pe.shadow):
+                got.append(ctx.get(pe.out))
+            ctx.set(pe.zero, int(done and pe.shadow))
+            ctx.set(pe.dclr, int(moved or (done and not pe.shadow)))
             await ctx.tick()
-            if clear and shadow:
-                got.append(ctx.get(pe.chain_out))
+            if moved:
+                assert ctx.get(pe.out) == 0      # the destructive read cleared the shadow
+            moved = done and pe.shadow
 
     sim.add_testbench(tb)
     sim.run()
@@ -127,7 +135,7 @@ def test_pe_every_product_sf3_sf4(impl):
     """Every (activation, weight) code pair of SF3 x SF4 as a one-step tile (negative zeros included)."""
     a_bits, w_bits = 3, 4
     A = sfx.accumulator_bits(a_bits, w_bits, 4)
-    pe = SFxPE(a_bits=a_bits, w_bits=w_bits, acc_bits=A, impl=impl)
+    pe = SFxPE(a_bits=a_bits, w_bits=w_bits, acc_bits=A, impl=impl, shadow=False)
     pairs = [(a, w) for a in range(1 << a_bits) for w in range(1 << w_bits)]
     got = _pe_run(pe, [[pair] for pair in pairs])
     x = np.array([[a] for a, _ in pairs])
@@ -137,8 +145,9 @@ def test_pe_every_product_sf3_sf4(impl):
     assert got == exp
 
 
-@pytest.mark.parametrize("impl,shadow", [("lut", True), ("dsp", True), ("lut", False)])
-def test_pe_dot_products_against_matmul_acc(impl, shadow):
+@pytest.mark.parametrize("impl,shadow,stages", [("lut", True, 0), ("dsp", True, 1), ("lut", False, 0),
+                                                 ("lut", False, 2)])
+def test_pe_dot_products_against_matmul_acc(impl, shadow, stages):
     """Random SF8 dot products, plus the largest sums of both signs (K = k_max)."""
     a_bits, w_bits, k_max = 8, 8, 32
     A = sfx.accumulator_bits(a_bits, w_bits, k_max)
@@ -149,11 +158,51 @@ def test_pe_dot_products_against_matmul_acc(impl, shadow):
     tiles.append([(127, 127)] * k_max)     # +K * 127**2
     tiles.append([(255, 127)] * k_max)     # -K * 127**2
     tiles.append([(128, 255)] * 3)         # negative zero times negative: 0
-    got = _pe_run(SFxPE(a_bits=a_bits, w_bits=w_bits, acc_bits=A, impl=impl, shadow=shadow),
-                  [[(int(a), int(w)) for a, w in t] for t in tiles], shadow=shadow)
+    pe = SFxPE(a_bits=a_bits, w_bits=w_bits, acc_bits=A, impl=impl, shadow=shadow, mul_stages=stages)
+    got = _pe_run(pe, [[(int(a), int(w)) for a, w in t] for t in tiles])
     exp = [int(sfx.matmul_acc(np.array([[a for a, _ in t]]), np.array([[w for _, w in t]]),
                               a_bits=a_bits, w_bits=w_bits, k_max=k_max)[0, 0]) for t in tiles]
     assert got == exp
+
+
+def test_pe_two_complement_kind():
+    """kind='tc' (synthesis baseline): codes are two's complement integers."""
+    pe = SFxPE(a_bits=4, w_bits=3, acc_bits=12, kind="tc", shadow=False)
+    pairs = [(a, w) for a in range(16) for w in range(8)]
+    got = _pe_run(pe, [[p] for p in pairs])
+    sx = lambda v, b: v - (1 << b) if v >> (b - 1) else v   # noqa: E731
+    assert got == [sx(a, 4) * sx(w, 3) for a, w in pairs]
+
+
+@pytest.mark.parametrize("aw,bw,stages", [(7, 7, 1), (3, 5, 2), (4, 4, 3)])
+def test_pipelined_multipliers_exhaustive(aw, bw, stages):
+    """stages > 0: the product of the operands presented `stages` cycles earlier."""
+    from superfloat.hw.pe import TwosComplementMultiplier
+    top = Module()
+    top.submodules.lut = lut = SFxMagnitudeMultiplier(a_width=aw, b_width=bw, impl="lut", stages=stages)
+    top.submodules.dsp = dsp = SFxMagnitudeMultiplier(a_width=aw, b_width=bw, impl="dsp", stages=stages)
+    top.submodules.tc = tc = TwosComplementMultiplier(a_width=aw, b_width=bw, impl="lut", stages=stages)
+    sim, _ = make_sim(top)
+    pairs = [(a, b) for a in range(1 << aw) for b in range(1 << bw)]
+    sx = lambda v, b: v - (1 << b) if v >> (b - 1) else v   # noqa: E731
+    bad = []
+
+    async def tb(ctx):
+        for c in range(len(pairs) + stages):
+            if c < len(pairs):
+                for mul in (lut, dsp, tc):
+                    ctx.set(mul.a, pairs[c][0] if mul is not tc else sx(pairs[c][0], aw))
+                    ctx.set(mul.b, pairs[c][1] if mul is not tc else sx(pairs[c][1], bw))
+            if c >= stages:
+                a, b = pairs[c - stages]
+                got = (ctx.get(lut.p), ctx.get(dsp.p), ctx.get(tc.p))
+                if got != (a * b, a * b, sx(a, aw) * sx(b, bw)):
+                    bad.append((a, b, got))
+            await ctx.tick()
+
+    sim.add_testbench(tb)
+    sim.run()
+    assert not bad, f"{len(bad)} wrong products, first: {bad[0]}"
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [
@@ -163,6 +212,8 @@ def test_pe_dot_products_against_matmul_acc(impl, shadow):
     (dict(a_bits="4", w_bits=4, acc_bits=20), TypeError, r"a_bits must be an int"),
     (dict(a_bits=4, w_bits=4, acc_bits=20, impl="asic"), ValueError, r"impl must be one of"),
     (dict(a_bits=4, w_bits=4, acc_bits=20, shadow=None), TypeError, r"shadow must be a bool"),
+    (dict(a_bits=4, w_bits=4, acc_bits=20, mul_stages=-1), ValueError, r"mul_stages must be in 0\.\.4, got -1"),
+    (dict(a_bits=4, w_bits=4, acc_bits=20, kind="fp"), ValueError, r"kind must be one of 'sm', 'tc', got 'fp'"),
 ])
 def test_pe_rejects_bad_parameters(kwargs, exc, match):
     with pytest.raises(exc, match=match):

@@ -40,7 +40,8 @@ from typing import Any
 
 from superfloat.sw import sfx
 
-__all__ = ["DSP_FAMILIES", "PE_DSP_MIN_PRODUCT_BITS", "DspPlan", "device_dsps", "dsps_per_multiplier", "plan_dsp_pes"]
+__all__ = ["DSP_FAMILIES", "PE_DSP_MIN_PRODUCT_BITS", "DspPlan", "device_dsps", "dsps_per_multiplier", "plan_dsp_pes",
+           "ARCH_DEFAULTS", "ArchPlan", "plan_architecture"]
 
 
 @dataclass(frozen=True)
@@ -165,3 +166,71 @@ def plan_dsp_pes(target: str, *, rows: int, cols: int, a_bits: int, w_bits: int,
     return DspPlan(target=target, cell=cell, device_dsps=have, budget=usable, per_pe=per_pe, pes=pes,
                    dsp_pes=n, dsps_used=n * per_pe + clamp_dsps, clamp_impl=clamp_impl, clamp_dsps=clamp_dsps,
                    reason=reason)
+
+
+# --------------------------------------------------------------------------- architecture plan
+
+#: Per target: the array organisation that ``sfx synth`` / ``sfx build-board`` use unless told
+#: otherwise (docs/fpga.md, "Architecture per target").
+#:
+#: * iCE40 UP5K: an iCE40 logic cell is one LUT4 and one flip-flop, and a PE is mostly
+#:   accumulator bits, so the PEs have no shadow registers (the array waits while a tile
+#:   drains) and accumulate at most ``chunk_k`` products (16-bit SF4 accumulators; longer
+#:   reductions add their partial sums in block RAM).
+#: * ECP5-25k: LUTs and flip-flops are separate and plentiful: shadow registers (the drain
+#:   overlaps the next tile), the same chunking (smaller PEs: a larger array fits).
+ARCH_DEFAULTS = {
+    "ice40-up5k": {"overlap_drain": False, "chunk_k": 512},
+    "ecp5-25k": {"overlap_drain": True, "chunk_k": 512},
+}
+
+#: Logic multipliers whose product has at least this many bits get one pipeline register.
+PIPELINE_PRODUCT_BITS = 8
+
+
+@dataclass(frozen=True)
+class ArchPlan:
+    """Array organisation of one accelerator (recorded in every synthesis report)."""
+
+    target: str
+    overlap_drain: bool
+    chunk_k: int       # longest run of products a PE accumulates (<= k_max)
+    mul_stages: int    # pipeline registers inside the PE multipliers
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan_architecture(target: str, *, a_bits: int, w_bits: int, k_max: int = sfx.DEFAULT_K_MAX,
+                      overlap_drain: bool | None = None, chunk_k: int | None = None,
+                      mul_stages: int | None = None) -> ArchPlan:
+    """The target's defaults (:data:`ARCH_DEFAULTS`), each overridable; ``mul_stages``
+    defaults to 1 for products of :data:`PIPELINE_PRODUCT_BITS` bits or more, else 0."""
+    _family_of(target)
+    sfx.check_bits(a_bits, "a_bits")
+    sfx.check_bits(w_bits, "w_bits")
+    d = ARCH_DEFAULTS[target]
+    why = []
+    if overlap_drain is None:
+        overlap_drain = d["overlap_drain"]
+        why.append("shadow registers (drain overlaps accumulation)" if overlap_drain else
+                   "no shadow registers (the array waits while a tile drains)")
+    elif not isinstance(overlap_drain, bool):
+        raise TypeError(f"overlap_drain must be a bool or None, got {overlap_drain!r}")
+    if chunk_k is None:
+        chunk_k = min(k_max, d["chunk_k"])
+    if isinstance(chunk_k, bool) or not isinstance(chunk_k, int) or chunk_k < 1:
+        raise ValueError(f"chunk_k must be an int >= 1, got {chunk_k!r}")
+    chunk_k = min(chunk_k, k_max)
+    if chunk_k < k_max:
+        why.append(f"PEs accumulate chunks of at most {chunk_k} products (partial sums in block RAM)")
+    product_bits = (a_bits - 1) + (w_bits - 1)
+    if mul_stages is None:
+        mul_stages = 1 if product_bits >= PIPELINE_PRODUCT_BITS else 0
+        if mul_stages:
+            why.append(f"a {product_bits}-bit logic product gets a pipeline register")
+    if isinstance(mul_stages, bool) or not isinstance(mul_stages, int) or not 0 <= mul_stages <= 4:
+        raise ValueError(f"mul_stages must be an int in 0..4, got {mul_stages!r}")
+    return ArchPlan(target=target, overlap_drain=overlap_drain, chunk_k=chunk_k, mul_stages=mul_stages,
+                    reason="; ".join(why) or "as given")

@@ -198,6 +198,16 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+#: Yosys commands run before synthesis: memories the design marks ``no_rw_check`` (it never
+#: reads a word in the cycle it writes it, :data:`superfloat.hw.fifo.RAM_ATTRS`) get a
+#: don't-care read/write collision result. Amaranth's synchronous read ports ask for the old
+#: data on a collision, which the iCE40 block RAM cannot give: Yosys then emulates it with a
+#: register per data bit and a multiplexer (about 40 logic cells per 16-bit memory). (The
+#: attribute alone, and ``synth_ice40 -no-rw-check``, do not reach these ports in Yosys 0.70.)
+#: Every such memory of the design has one read and one write port.
+MEMORY_PREP = ("proc", "memory_collect", "setparam -set RD_COLLISION_X_MASK 1'1 t:$mem_v2 a:no_rw_check %i")
+
+
 def _synth_cmd(target: Target, top: str, *, dsp: bool, json_out: str | None) -> str:
     out = f" -json {json_out}" if json_out else ""
     if target.family == "ice40":
@@ -215,7 +225,7 @@ def _yosys_script(target: Target, top: str, *, dsp: bool, stat_json: str, synth_
     trip ABC9 assertions of Yosys 0.70 on some designs."""
     # autoname: public names for Amaranth's private ($...) wires and cells; without it ABC9's
     # reintegration in Yosys 0.70 fails an assertion on some designs (connection widths).
-    lines = ["read_rtlil design.il", f"hierarchy -top {top}", "autoname", *extra]
+    lines = ["read_rtlil design.il", f"hierarchy -top {top}", "autoname", *MEMORY_PREP, *extra]
     if split_at_luts:
         # ABC9_WORKAROUND: stop before LUT mapping, drop dangling wires and name everything
         # again, then map. The flattened design's fresh private names otherwise make ABC9's

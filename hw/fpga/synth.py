@@ -22,15 +22,16 @@ from amaranth.back import rtlil
 
 from superfloat.sw import sfx
 
-from .budget import DspPlan, plan_dsp_pes
+from .budget import ArchPlan, DspPlan, plan_architecture, plan_dsp_pes
 from .flow import FlowError, build_root, get_target, run_flow
 from .report import LOGIC_RESOURCE
 from .wrapper import CORE_NAME, ScanWrapper
 
 __all__ = ["KINDS", "REFERENCE_MHZ", "config_name", "build_core", "synthesize"]
 
-#: Designs ``sfx synth`` can build: the accelerator, or the bare PE arrays for the comparison.
-KINDS = ("accel", "sm-array", "tc-array")
+#: Designs ``sfx synth`` can build: the accelerator, the same accelerator with two's
+#: complement PEs (``tc-accel``), or the bare PE arrays of both kinds.
+KINDS = ("accel", "tc-accel", "sm-array", "tc-array")
 
 #: The clock constraint used when none is given (the targets of docs/fpga.md).
 REFERENCE_MHZ = {"ice40-up5k": 40.0, "ecp5-25k": 100.0}
@@ -44,29 +45,35 @@ def config_name(rows: int, cols: int, a_bits: int, w_bits: int, out_bits: int) -
 
 
 def build_core(kind: str, *, rows: int, cols: int, a_bits: int, w_bits: int, out_bits: int,
-               k_max: int, plan: DspPlan | None, overlap_drain: bool = True):
-    """The core component: the accelerator with the plan's ``dsp_pes`` / clamp, or a PE array."""
-    if kind == "accel":
-        from superfloat.hw.accelerator import SFxAccelerator
+               k_max: int, plan: DspPlan | None, arch: ArchPlan | None = None):
+    """The core component: the accelerator (SFx or two's complement PEs) with the DSP plan's
+    ``dsp_pes`` / clamp and the architecture plan, or a bare PE array (logic multipliers)."""
+    arch_kw: dict[str, Any] = {}
+    if arch is not None:
+        arch_kw = dict(overlap_drain=arch.overlap_drain, mul_stages=arch.mul_stages)
+    if kind in ("accel", "tc-accel"):
+        from .baseline import comparison_accelerator
 
-        kw: dict[str, Any] = {"dsp_pes": plan.dsp_pes if plan else 0}
+        kw: dict[str, Any] = {"dsp_pes": plan.dsp_pes if plan else 0, **arch_kw}
         if plan is not None:
             kw["clamp_impl"] = plan.clamp_impl
-        if not overlap_drain:   # (only passed when off: older accelerators lack the option)
-            kw["overlap_drain"] = False
-        return SFxAccelerator(rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, out_bits=out_bits,
-                              k_max=k_max, **kw)
+        if arch is not None:
+            kw["chunk_k"] = arch.chunk_k
+        return comparison_accelerator("sm" if kind == "accel" else "tc", rows=rows, cols=cols, a_bits=a_bits,
+                                      w_bits=w_bits, out_bits=out_bits, k_max=k_max, **kw)
     if kind in ("sm-array", "tc-array"):
-        from .baseline import PEArrayCore
+        from .baseline import comparison_array
 
-        return PEArrayCore(kind=kind[:2], rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, k_max=k_max)
+        return comparison_array(kind[:2], rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits,
+                                k_max=arch.chunk_k if arch is not None else k_max, **arch_kw)
     raise ValueError(f"unknown design kind {kind!r}: choose one of {', '.join(KINDS)}")
 
 
 def synthesize(*, target: str, rows: int, cols: int, a_bits: int, w_bits: int, out_bits: int | None = None,
                k_max: int = sfx.DEFAULT_K_MAX, freq_mhz: float | None = None, dsp_budget: int | None = None,
                kind: str = "accel", out_dir: Path | str | None = None, timeouts: dict | None = None,
-               seed: int = 1, cache: bool = False, overlap_drain: bool = True) -> dict[str, Any]:
+               seed: int = 1, cache: bool = False, overlap_drain: bool | None = None, chunk_k: int | None = None,
+               mul_stages: int | None = None) -> dict[str, Any]:
     """Build and synthesize one design; return its summary (the ``--json`` object).
 
     The summary always has ``target``, ``kind``, ``config``, ``fits``, ``fmax_mhz``,
@@ -75,9 +82,11 @@ def synthesize(*, target: str, rows: int, cols: int, a_bits: int, w_bits: int, o
     (the numbers known so far are kept). Bad parameters raise ``ValueError`` /
     ``TypeError`` before any tool runs.
 
-    ``overlap_drain=False`` builds the accelerator without shadow registers (smaller PEs; the
-    array stalls while a tile drains). With ``cache``, a previous summary in ``out_dir`` made from the same RTLIL, target,
-    clock, seed and tool versions is returned without running the tools (``cached``).
+    ``overlap_drain``, ``chunk_k``, ``mul_stages``: the array organisation; ``None`` takes the
+    target's plan (:func:`~superfloat.hw.fpga.budget.plan_architecture`, recorded as
+    ``arch_plan``). With ``cache``, a previous summary in ``out_dir`` made from the same
+    RTLIL, target, clock, seed and tool versions is returned without running the tools
+    (``cached``).
     """
     tgt = get_target(target)
     out_bits = a_bits if out_bits is None else out_bits
@@ -93,13 +102,16 @@ def synthesize(*, target: str, rows: int, cols: int, a_bits: int, w_bits: int, o
         raise ValueError(f"--freq must be in (0, 1000] MHz, got {freq_mhz!r}")
     t0 = time.perf_counter()
     plan = None
-    if kind == "accel":
+    if kind in ("accel", "tc-accel"):
         plan = plan_dsp_pes(tgt.name, rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, k_max=k_max,
                             budget=dsp_budget)
-    if not isinstance(overlap_drain, bool):
-        raise TypeError(f"overlap_drain must be a bool, got {overlap_drain!r}")
+        if kind == "tc-accel" and plan.dsp_pes:   # same DSP use as the SFx accelerator beside it
+            plan = plan_dsp_pes(tgt.name, rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, k_max=k_max,
+                                budget=plan.clamp_dsps)
+    arch = plan_architecture(tgt.name, a_bits=a_bits, w_bits=w_bits, k_max=k_max, overlap_drain=overlap_drain,
+                             chunk_k=chunk_k, mul_stages=mul_stages)
     core = build_core(kind, rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, out_bits=out_bits,
-                      k_max=k_max, plan=plan, overlap_drain=overlap_drain)
+                      k_max=k_max, plan=plan, arch=arch)
     wrapper = ScanWrapper(core)
     text = rtlil.convert(wrapper, name="top", emit_src=False)
     cfg = config_name(rows, cols, a_bits, w_bits, out_bits)
@@ -107,8 +119,7 @@ def synthesize(*, target: str, rows: int, cols: int, a_bits: int, w_bits: int, o
         slug = f"{kind}-{rows}x{cols}-a{a_bits}w{w_bits}o{out_bits}-k{k_max}"
         if plan is not None:
             slug += f"-d{plan.dsp_pes}{plan.clamp_impl[0]}"
-        if not overlap_drain and kind == "accel":
-            slug += "-nooverlap"
+        slug += f"-{'ov' if arch.overlap_drain else 'noov'}-c{arch.chunk_k}-m{arch.mul_stages}"
         out_dir = build_root() / "fpga" / "synth" / tgt.name / slug
     summary: dict[str, Any] = {
         "target": tgt.name, "kind": kind, "config": cfg, "rows": rows, "cols": cols, "a_bits": a_bits,
@@ -116,7 +127,8 @@ def synthesize(*, target: str, rows: int, cols: int, a_bits: int, w_bits: int, o
         "freq_target_mhz": freq, "freq_explicit": explicit_freq, "fits": False, "fmax_mhz": None,
         "met_timing": False, "luts": None, "ffs": None, "dsps": None, "brams": None,
         "dsp_pes": plan.dsp_pes if plan else 0, "dsp_plan": plan.as_dict() if plan else None,
-        "overlap_drain": overlap_drain,
+        "overlap_drain": arch.overlap_drain, "chunk_k": arch.chunk_k, "mul_stages": arch.mul_stages,
+        "arch_plan": arch.as_dict(),
         "wrapper": {"scan_in_bits": wrapper.in_bits, "observed_out_bits": wrapper.out_bits},
         "out_dir": str(out_dir),
         "design_hash": _design_hash(text, tgt.name, freq, seed, kind),
@@ -174,7 +186,7 @@ def _design_hash(text: str, target: str, freq: float, seed: int, kind: str) -> s
 
 
 #: Bumped when the flow's scripts or counting change (invalidates cached summaries).
-_FLOW_VERSION = "4"
+_FLOW_VERSION = "5"
 
 
 def _store(summary: dict, path: Path) -> None:

@@ -20,7 +20,7 @@ for place and route (see :func:`superfloat.hw.fpga.flow.run_flow`).
 """
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Module, Signal, Value
+from amaranth.hdl import Cat, Const, Module, Signal, Value
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
@@ -37,6 +37,8 @@ _MISR_WIDTH = 32
 def _leaves(core: wiring.Component):
     ins, outs = [], []
     for _path, flow, value in core.signature.flatten(core):
+        if isinstance(value, Const):   # e.g. the ready of an always-ready stream
+            continue
         (ins if flow.flow == wiring.In else outs).append(value)
     return ins, outs
 

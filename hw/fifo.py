@@ -1,0 +1,107 @@
+"""A first-word-fall-through FIFO whose storage is one synchronous-read memory (block RAM)."""
+from __future__ import annotations
+
+from amaranth.hdl import Module, Signal
+from amaranth.lib import stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from ._checks import check_int, checking
+
+__all__ = ["MemFIFO", "RAM_ATTRS"]
+
+#: Attributes of the design's memories: block RAM, and no read/write collision logic. The
+#: design never reads a word in the cycle it writes it (the FIFO reads only words written
+#: in an earlier cycle; the accelerator's context and partial-sum memories are written and
+#: read in different phases), so Yosys need not add registers and multiplexers that emulate
+#: a defined result for a collision (it otherwise does, on iCE40: about 200 flip-flops).
+RAM_ATTRS = {"ram_style": "block", "no_rw_check": 1}
+_RAM_ATTRS = RAM_ATTRS
+
+
+class MemFIFO(wiring.Component):
+    """FIFO of ``depth`` words in a memory with one synchronous read port, plus the read
+    port's own output register (so ``depth + 1`` words in all).
+
+    The memory is marked ``ram_style = "block"`` (:data:`RAM_ATTRS`): on the FPGAs it goes
+    into block RAM (iCE40 ``SB_RAM40_4K``, ECP5 ``DP16KD``), not into logic cells. The output is the
+    read port's data register, which changes only when the next word is fetched, so
+    :attr:`r` is a proper stream (payload stable while ``valid & ~ready``).
+
+    Latency: a word written in cycle ``c`` is on :attr:`r` from cycle ``c + 2`` (empty
+    FIFO). Throughput: one write and one read per cycle.
+
+    A word may be written in parts (``lanes > 1``): ``w_en`` has one bit per lane of
+    ``width // lanes`` bits (a masked write into the word being filled), and ``w_commit``
+    appends the word. This spares a register that would assemble the word first.
+
+    Parameters: ``width`` (1..4096), ``depth`` (2..65536), ``lanes`` (1.., divides ``width``).
+
+    Members
+    -------
+    w_en : In(lanes)
+        Write the enabled lanes of ``w_data`` into the word being filled.
+    w_commit : In(1)
+        Append the word being filled (it may be written in the same cycle); the writer must
+        not overflow (:attr:`level` tells).
+    w_data : In(width)
+    r : Out(stream.Signature(width))
+        The oldest word.
+    level : Out(range(depth + 2))
+        Words held (memory and output register).
+    """
+
+    def __init__(self, *, width: int, depth: int, lanes: int = 1):
+        with checking(self):
+            self._width = check_int(width, "width", 1, 4096)
+            self._depth = check_int(depth, "depth", 2, 1 << 16)
+            self._lanes = check_int(lanes, "lanes", 1, self._width)
+            if self._width % self._lanes:
+                raise ValueError(f"lanes must divide width {self._width}, got {lanes}")
+        super().__init__({
+            "w_en": In(self._lanes),
+            "w_commit": In(1),
+            "w_data": In(self._width),
+            "r": Out(stream.Signature(self._width)),
+            "level": Out(range(self._depth + 2)),
+        })
+
+    width = property(lambda self: self._width)
+    depth = property(lambda self: self._depth)
+    lanes = property(lambda self: self._lanes)
+
+    def elaborate(self, platform):
+        m = Module()
+        d = self._depth
+        m.submodules.mem = mem = Memory(shape=self._width, depth=d, init=[], attrs=_RAM_ATTRS)
+        wp = mem.write_port(granularity=self._width // self._lanes) if self._lanes > 1 else mem.write_port()
+        rp = mem.read_port()
+        w_ptr = Signal(range(d))
+        r_ptr = Signal(range(d))
+        count = Signal(range(d + 1))   # words in the memory
+        valid = Signal()               # the read port's register holds a word
+
+        taken = self.r.valid & self.r.ready
+        fetch = (count != 0) & (~valid | taken)
+        m.d.comb += [
+            wp.addr.eq(w_ptr), wp.data.eq(self.w_data), wp.en.eq(self.w_en),
+            rp.addr.eq(r_ptr), rp.en.eq(fetch),
+            self.r.payload.eq(rp.data), self.r.valid.eq(valid),
+            self.level.eq(count + valid),
+        ]
+        with m.If(self.w_commit):
+            with m.If(w_ptr == d - 1):
+                m.d.sync += w_ptr.eq(0)
+            with m.Else():
+                m.d.sync += w_ptr.eq(w_ptr + 1)
+        with m.If(fetch):
+            with m.If(r_ptr == d - 1):
+                m.d.sync += r_ptr.eq(0)
+            with m.Else():
+                m.d.sync += r_ptr.eq(r_ptr + 1)
+        m.d.sync += count.eq(count + self.w_commit - fetch)
+        with m.If(fetch):
+            m.d.sync += valid.eq(1)
+        with m.Elif(taken):
+            m.d.sync += valid.eq(0)
+        return m
