@@ -217,3 +217,26 @@ def test_row_bias_linear_op_equals_the_model():
     plain = sfx_torch.LinearOp(wc, w_bits=w, a_bits=a, out_bits=o, shift=sh, mult=mult)
     with pytest.raises(ValueError, match="built with row_bias=False"):
         plain(torch.as_tensor(xc.astype(np.int64)), 0, bias=np.zeros(12, dtype=np.int64))
+
+
+@pytest.mark.parametrize("cfg", ["w8a8", "w8a8-xmult", "w6a6-static-tz"])
+def test_operations_are_what_the_layer_computes(cfg):
+    """LayerProgram.operations(): the LINEAR operations an executor (RTL, board) runs; sfx.linear
+    of each fills exactly the rows of the layer's codes."""
+    m = tiny_model("tiny-opt")  # biased layers: one operation per row scale
+    quantize_(m, CONFIGS[cfg], calibration=_batches())
+    calibrate_outputs_(m, _batches(seed=1))
+    prog = m.model.decoder.layers[0].self_attn.q_proj.accelerator_program()
+    x = torch.randn(9, prog.K) * torch.exp(torch.linspace(-3, 3, 9))[:, None]
+    ops = prog.operations(x)
+    st = prog.stream(x)
+    scales = set(zip(st.x_exponent.tolist(), st.xmult.tolist() if st.xmult is not None else [0] * 9))
+    assert len(ops) == len(scales)  # one operation per row scale (biased layers)
+    assert len(ops) >= (1 if prog.act_mode == "static" else 2) and sum(len(op["rows"]) for op in ops) == 9
+    got = np.zeros((9, prog.N), dtype=np.int64)
+    for op in ops:
+        op = dict(op)
+        rows = op.pop("rows")
+        got[rows] = sfx.linear(**op)
+    codes, _, _ = prog.codes(x)
+    np.testing.assert_array_equal(got, codes.numpy())

@@ -341,6 +341,26 @@ class LayerProgram:
             out.append((rows, self._bias_for(int(x_exponent[r0]), None if xmult is None else int(xmult[r0]))))
         return out
 
+    def operations(self, x2: torch.Tensor) -> list[dict[str, Any]]:
+        """The LINEAR operations (SPEC section 5) that compute one call of this layer on float
+        rows ``x2`` ``[T, K]``, as numpy keyword arguments of :func:`superfloat.sw.sfx.linear`
+        plus ``rows`` (which output rows they fill): what co-simulation streams into the RTL and
+        the board host driver sends over its link. ``sfx.linear(**op)`` of every operation gives
+        exactly :meth:`codes`' rows."""
+        with torch.no_grad():
+            st = self.stream(x2.detach().to(self.device))
+        xc = st.codes.cpu().numpy().astype(sfx.code_dtype(self.a_bits))
+        ops = []
+        for rows, bias in self.row_groups(st.x_exponent, st.xmult):
+            r = rows.cpu().numpy()
+            ops.append({"rows": r, "x_codes": xc[r], "w_codes": self.w_codes, "a_bits": self.a_bits,
+                        "w_bits": self.w_bits, "out_bits": self.out_bits,
+                        "bias": None if bias is None else bias.cpu().numpy(), "shift": self.shift,
+                        "mult": self.mult, "x_exponent": st.x_exponent[rows].cpu().numpy(),
+                        "xmult": None if st.xmult is None else st.xmult[rows].cpu().numpy(),
+                        "rounding": self.rounding})
+        return ops
+
     def _bias_for(self, ea: int, xm: int | None = None) -> torch.Tensor:
         b = self._bias_cache.get((ea, xm))
         if b is None:
