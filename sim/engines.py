@@ -219,7 +219,7 @@ class RTLSession:
         spec = {"rows": self.p.rows, "cols": self.p.cols, "a_bits": self.p.a_bits, "w_bits": self.p.w_bits,
                 "out_bits": self.p.out_bits, "k_max": self.p.k_max, "simulator": array.simulator,
                 "waves": self.waves, "dsp_pes": dsp_pes, "run_dir": str(self.run_dir), "socket": sock_path,
-                "engine": engine}
+                "engine": engine, "build": self.build.as_dict()}
         env = dict(os.environ)
         env["SFX_COSIM_HOST"] = json.dumps(spec)
         self._host_log = self.run_dir / "host.log"
@@ -426,18 +426,23 @@ class RTLSession:
 
 
 def _host_main() -> None:  # pragma: no cover - runs in the helper process
-    """Helper process of :class:`RTLSession`: run the cocotb ``serve`` test on the cached build."""
-    from superfloat.hw.interface import AccelParams
-
+    """Helper process of :class:`RTLSession`: run the cocotb ``serve`` test on the session's build."""
     from . import runner
-    from .harness import build_harness
-    from .linear import build_accelerator
 
     spec = json.loads(os.environ.pop("SFX_COSIM_HOST"))
-    p = AccelParams(**{k: spec[k] for k in ("rows", "cols", "a_bits", "w_bits", "out_bits", "k_max")})
     harness = spec.get("engine", "harness") == "harness"
-    build = build_harness if harness else build_accelerator
-    b = build(p, simulator=spec["simulator"], waves=spec["waves"], dsp_pes=spec["dsp_pes"])
+    if spec.get("build"):  # the session built it already: no Verilog generation or hashing here
+        d = dict(spec["build"])
+        b = runner.Build(**{**d, "dir": Path(d["dir"]), "verilog": Path(d["verilog"])})
+    else:
+        from superfloat.hw.interface import AccelParams
+
+        from .harness import build_harness
+        from .linear import build_accelerator
+
+        p = AccelParams(**{k: spec[k] for k in ("rows", "cols", "a_bits", "w_bits", "out_bits", "k_max")})
+        build = build_harness if harness else build_accelerator
+        b = build(p, simulator=spec["simulator"], waves=spec["waves"], dsp_pes=spec["dsp_pes"])
     r = runner.run(b, "superfloat.sim.tb_harness" if harness else "superfloat.sim.tb_cosim", testcase="serve", env={"SFX_COSIM_SOCKET": spec["socket"]},
                    run_dir=spec["run_dir"], waves=spec["waves"], check=False)
     if r.failed or not r.tests:

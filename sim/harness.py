@@ -43,11 +43,12 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
-from superfloat.hw.interface import AccelParams, act_layout, cmd_layout, par_layout, res_layout, wgt_layout
+if TYPE_CHECKING:  # pragma: no cover - imported lazily: the simulator's bench imports this module
+    from superfloat.hw.interface import AccelParams
 
 __all__ = ["HARNESS_TOPLEVEL", "STREAMS", "DRIVEN", "Stalls", "Beats", "HarnessJob", "HarnessResult",
            "harness_verilog", "depths_for", "pack_beats", "words_bytes", "raw_beats", "linear_beats", "batch_beats",
@@ -80,6 +81,8 @@ _RES_FILE, _CFG_FILE, _STATS_FILE = "sfx_res.hex", "sfx_cfg.hex", "sfx_stats.hex
 
 
 def _widths(p: AccelParams) -> dict[str, int]:
+    from superfloat.hw.interface import act_layout, cmd_layout, par_layout, res_layout, wgt_layout
+
     return {"cmd": cmd_layout(p).size, "par": par_layout(p).size, "act": act_layout(p).size,
             "wgt": wgt_layout(p).size, "res": res_layout(p).size}
 
@@ -350,7 +353,7 @@ def linear_beats(args, p: AccelParams) -> Beats:
     :func:`superfloat.hw.interface.tile_schedule`: the same streams as
     :func:`superfloat.sim.linear.linear_traffic` (padding rows and lanes included), each
     activation / weight block stored once and packed with numpy."""
-    from superfloat.hw.interface import TN_BITS, par_lane_layout, tile_schedule
+    from superfloat.hw.interface import TN_BITS, act_layout, par_lane_layout, tile_schedule
 
     from .linear import cmd_word
 
