@@ -240,3 +240,28 @@ def test_operations_are_what_the_layer_computes(cfg):
         got[rows] = sfx.linear(**op)
     codes, _, _ = prog.codes(x)
     np.testing.assert_array_equal(got, codes.numpy())
+
+
+def test_training_on_the_accelerator_backend_is_straight_through():
+    """With gradients on, the accelerator backend's values are the hardware's and its gradients
+    those of the fake-quantized layer (QAT on the accelerator's arithmetic); the program follows
+    the weights after an optimizer step."""
+    m = tiny_model("tiny-llama")
+    quantize_(m, CONFIGS["w8a8"])
+    calibrate_outputs_(m, _batches(seed=1))
+    layer = m.model.layers[0].mlp.down_proj
+    x = torch.randn(6, layer.in_features, requires_grad=True)
+    layer.backend = "fake"
+    yf = layer(x)
+    gf = torch.autograd.grad(yf.sum(), [x, layer.weight])
+    layer.backend = "accelerator"
+    ya = layer(x)
+    with torch.no_grad():
+        want = layer.accelerator_program().forward(x)
+    assert torch.equal(ya.detach(), want) and not torch.equal(ya.detach(), yf.detach())
+    ga = torch.autograd.grad(ya.sum(), [x, layer.weight])
+    assert all(torch.equal(a, b) for a, b in zip(ga, gf))
+    before = layer.accelerator_program()
+    with torch.no_grad():
+        layer.weight.mul_(1.5)
+    assert layer.accelerator_program() is not before

@@ -293,7 +293,16 @@ class SFxLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D401
         if self.backend == "accelerator" and not self._calibrating:
-            return self.accelerator_program().forward(x)
+            prog = self.accelerator_program()
+            if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+                # QAT on the accelerator's arithmetic: the values the hardware computes, the
+                # gradients of the fake-quantized layer (straight through the difference)
+                y = self._fake_forward(x)
+                return y + (prog.forward(x) - y).detach()
+            return prog.forward(x)
+        return self._fake_forward(x)
+
+    def _fake_forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.quantized_weight()
         if self._calibrating:
             amax = float(x.detach().abs().amax()) if x.numel() else 0.0
