@@ -18,6 +18,8 @@ from typing import Any
 __all__ = ["MethodOptions", "METHODS", "METHOD_HELP", "ACT_CLIPS", "GROUP_CHOICES", "preset_formats"]
 
 ACT_CLIPS = ("max", "raw", "sigma", "percentile", "mse")
+ROTATIONS = ("hadamard", "random")
+ROTATE_ONLINE = ("host", "none")
 GROUP_CHOICES = (32, 64, 128, 256, 512)
 MP_RANKINGS = ("own", "analyze", "auto")
 
@@ -40,6 +42,16 @@ METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "asym": ("asymmetric integer RTN (scale and zero point)", {}, {"codes": "int_asym"}),
     "sq-awq-mixed": ("combined: SmoothQuant (alpha 0.5), then AWQ scale and clip search, then mixed precision",
                      {"smoothquant": 0.5, "awq": True, "weight_clip": True, "mixed_precision": True}, {}),
+    "gptq": ("GPTQ: column-by-column rounding with inverse-Hessian error feedback on the fixed per-row grid "
+             "(act-order, damping 1 %)", {"gptq": True}, {}),
+    "gptq-clip": ("GPTQ on a grid whose per-row range is first clipped by a weight-MSE search",
+                  {"gptq": True, "gptq_mse_clip": True}, {}),
+    "rotate": ("QuaRot-style rotation: norm scales absorbed, randomized Hadamard on the residual stream, the "
+               "value/output heads and (online, on the host) before down_proj; then round to nearest",
+               {"rotate": "hadamard"}, {}),
+    "rotate-gptq": ("rotation (as 'rotate'), then GPTQ", {"rotate": "hadamard", "gptq": True}, {}),
+    "rotate-gptq-clip": ("rotation, then GPTQ on weight-MSE clipped grids",
+                         {"rotate": "hadamard", "gptq": True, "gptq_mse_clip": True}, {}),
 }
 METHOD_HELP = {k: v[0] for k, v in METHODS.items()}
 
@@ -75,6 +87,15 @@ class MethodOptions:
             ``rel_error``, ``auto`` = analyze when available) (:mod:`.mixed_precision`).
         act_clip: static activation range strategy, searched per layer (:mod:`.clipping`):
             ``max``, ``raw`` (+-1: SFx without exponents), ``sigma``, ``percentile``, ``mse``.
+        gptq: GPTQ levels on the fixed grid (:mod:`.gptq`): ``gptq_damp`` (fraction of the
+            Hessian's mean diagonal added to it), ``gptq_act_order`` (columns by decreasing
+            ``H_kk``), ``gptq_block`` (lazy block size), ``gptq_mse_clip`` (per-row clip ratio
+            from a weight-MSE search before GPTQ; ``weight_clip`` uses the output-error search).
+        rotate: ``"hadamard"`` / ``"random"`` or None: orthogonal rotations folded into the float
+            model before calibration (:mod:`.rotation`); ``rotate_online``: ``"host"`` (the
+            rotation before down_proj, a float op on the host) or ``"none"``; ``rotate_heads``:
+            per-head Hadamard of the value/output projections; ``rotate_seed``: random signs and
+            matrices.
     """
 
     smoothquant: float | None = None
@@ -90,6 +111,15 @@ class MethodOptions:
     mp_act: bool = True
     mp_ranking: str = "auto"
     act_clip: str = "max"
+    gptq: bool = False
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = True
+    gptq_block: int = 128
+    gptq_mse_clip: bool = False
+    rotate: str | None = None
+    rotate_online: str = "host"
+    rotate_heads: bool = True
+    rotate_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.smoothquant is not None:
@@ -111,6 +141,20 @@ class MethodOptions:
             raise ValueError(f"method option mp_fraction must be in (0, 1], got {self.mp_fraction!r}")
         _choice("mp_ranking", self.mp_ranking, MP_RANKINGS)
         _choice("act_clip", self.act_clip, ACT_CLIPS)
+        for name in ("gptq", "gptq_act_order", "gptq_mse_clip", "rotate_heads"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"method option {name} must be a bool, got {getattr(self, name)!r}")
+        if isinstance(self.gptq_damp, bool) or not isinstance(self.gptq_damp, (int, float)) \
+                or not 0.0 < float(self.gptq_damp) <= 1.0:
+            raise ValueError(f"method option gptq_damp must be a number in (0, 1], got {self.gptq_damp!r}")
+        _pos_int("gptq_block", self.gptq_block)
+        if self.gptq and self.adaround:
+            raise ValueError("method options gptq and adaround both choose the rounding: enable one of them")
+        if self.rotate is not None:
+            _choice("rotate", self.rotate, ROTATIONS)
+        _choice("rotate_online", self.rotate_online, ROTATE_ONLINE)
+        if isinstance(self.rotate_seed, bool) or not isinstance(self.rotate_seed, int) or self.rotate_seed < 0:
+            raise ValueError(f"method option rotate_seed must be a non-negative int, got {self.rotate_seed!r}")
 
     @classmethod
     def for_config(cls, config: Any) -> "MethodOptions":
@@ -131,6 +175,6 @@ class MethodOptions:
         return self.smoothquant is not None or self.awq
 
     def needs_calibration(self, config: Any) -> bool:
-        return bool(self.scaling or self.weight_clip or self.adaround or self.mixed_precision
+        return bool(self.scaling or self.weight_clip or self.adaround or self.gptq or self.mixed_precision
                     or config.group_size == "dynamic" or (config.act_bits is not None
                                                           and config.act_exponent == "static"))

@@ -2,13 +2,15 @@
 
 Order (each step optional, see :class:`~superfloat.sw.wasq.ptq.MethodOptions`):
 
+0. rotations folded into the float model (:mod:`.rotation`; before calibration, so that
+   the captured inputs are the rotated model's);
 1. capture the float model's layer inputs on the calibration tokens (:mod:`.calib`);
 2. SmoothQuant factors folded into norms / previous linears (:mod:`.smoothquant`);
 3. mixed precision: sensitivity ranking, bits per layer (:mod:`.mixed_precision`);
 4. AWQ scale search, folded like SmoothQuant (:mod:`.awq`);
 5. group sizes (fixed, or dynamic per layer);
-6. per layer: clip search (AWQ clip / outlier-aware), then RTN or AdaRound
-   (:mod:`.adaround`) codes;
+6. per layer: clip search (AWQ clip / outlier-aware, or GPTQ's weight-MSE clip), then RTN,
+   AdaRound (:mod:`.adaround`) or GPTQ (:mod:`.gptq`) codes;
 7. per layer: the activation quantizer; static ranges searched per layer
    (:mod:`.clipping`);
 8. every quantized ``nn.Linear`` / ``Conv1D`` is replaced by the one quantized layer,
@@ -39,8 +41,10 @@ from .awq import awq_scale_, choose_group_sizes, clip_search
 from .calib import Calibration
 from .clipping import calibrate_act
 from .config import GROUP_CHOICES
+from .gptq import gptq_levels, mse_clip
 from .graph import linear_weight, scale_groups
 from .mixed_precision import allocate_bits, analyze_ranking, layer_sensitivity
+from .rotation import attach_online_rotations, rotate_
 from .smoothquant import smooth_
 
 __all__ = ["run_method", "PTQReport"]
@@ -107,7 +111,24 @@ def run_method(model: nn.Module, config: WASQConfig, cands: dict[str, str],
     names = list(cands)
     scaling = opt.scaling
 
+    # 0. rotations (change the float weights: before anything is captured)
+    online_rotations = {}
+    if opt.rotate is not None:
+        if isinstance(calibration, Calibration):
+            raise ValueError(f"PTQ method {config.method!r} rotates the model before calibrating it: pass token "
+                             f"batches as calibration=, not a Calibration captured from the unrotated model")
+        t0 = time.perf_counter()
+        rot = rotate_(model, kind=opt.rotate, seed=opt.rotate_seed, online=opt.rotate_online, heads=opt.rotate_heads)
+        online_rotations = rot["online"]
+        report.groups["_rotation"] = {k: v for k, v in rot.items() if k != "online"} | {
+            "online_layers": len(online_rotations), "online_where": "host (float)" if online_rotations else None}
+        report.seconds["rotation"] = time.perf_counter() - t0
+        _log(progress, f"rotation: residual {rot['residual']}, heads {rot['heads']}, down_proj input {rot['down']} "
+                       f"(online on the host)")
+
     groups = scale_groups(model) if scaling else []  # unsupported architectures fail before calibration
+    # a scale folded into a layer that an online rotation feeds would not commute with the rotation
+    groups = [g for g in groups if not set(g.consumers) & set(online_rotations)]
 
     # 1. calibration
     calib = None
@@ -214,9 +235,9 @@ def run_method(model: nn.Module, config: WASQConfig, cands: dict[str, str],
         info.update({"bits": fmt.bits, "group_size": fmt.group_size, "format": fmt.label()})
         t0 = time.perf_counter()
         key = None
-        if weight_cache is not None and (opt.weight_clip or opt.adaround):
-            key = (n, fmt, opt.weight_clip, opt.adaround, opt.adaround_iters, search_tokens, _digest(w),
-                   _digest(calib.x(n)))
+        if weight_cache is not None and (opt.weight_clip or opt.adaround or opt.gptq):
+            key = (n, fmt, opt.weight_clip, opt.adaround, opt.adaround_iters, search_tokens, opt.gptq, opt.gptq_damp,
+                   opt.gptq_act_order, opt.gptq_block, opt.gptq_mse_clip, _digest(w), _digest(calib.x(n)))
         if key is not None and key in weight_cache:
             qw, cached_info = weight_cache[key]
             info.update(cached_info)
@@ -227,7 +248,16 @@ def run_method(model: nn.Module, config: WASQConfig, cands: dict[str, str],
                 clip, st = clip_search(w, calib.sample(n, search_tokens), fmt)
                 info["clip"] = {"error": st["error"], "error_noclip": st["error_noclip"],
                                 "mean_ratio": float(clip.double().mean())}
-            if opt.adaround:
+            elif opt.gptq and opt.gptq_mse_clip:
+                clip = mse_clip(w, fmt)
+                info["clip"] = {"mean_ratio": float(clip.double().mean()), "search": "weight mse"}
+            if opt.gptq:
+                grid = weight_grid(w, fmt, clip)
+                q, st = gptq_levels(w, calib.x(n), grid, damp=float(opt.gptq_damp), act_order=opt.gptq_act_order,
+                                    block=opt.gptq_block)
+                qw = quantize_levels(q, grid)
+                info["gptq"] = st
+            elif opt.adaround:
                 grid = weight_grid(w, fmt, clip)
                 q, st = adaround_levels(w, calib.x(n), grid, iters=opt.adaround_iters)
                 qw = quantize_levels(q, grid)
@@ -235,7 +265,7 @@ def run_method(model: nn.Module, config: WASQConfig, cands: dict[str, str],
             else:
                 qw = quantize_weight(w, fmt, clip)
             if key is not None:
-                weight_cache[key] = (qw, {k: info[k] for k in ("clip", "adaround") if k in info})
+                weight_cache[key] = (qw, {k: info[k] for k in ("clip", "adaround", "gptq") if k in info})
         t_w += time.perf_counter() - t0
         t0 = time.perf_counter()
         act = base_act(abits[n])
@@ -255,6 +285,7 @@ def run_method(model: nn.Module, config: WASQConfig, cands: dict[str, str],
         set_module(model, n, layer)
         if progress and (i + 1) % 20 == 0:
             _log(progress, f"layers: {i + 1}/{len(names)}")
+    attach_online_rotations(model, online_rotations)  # onto the converted layers
     report.seconds["weights"] = t_w
     report.seconds["activations"] = t_a
     report.seconds["total"] = time.perf_counter() - t_all
