@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from superfloat.cli.argtypes import int_range
+
 import numpy as np
 
 DEMO_DIR = Path("build") / "demo"
@@ -198,6 +200,6 @@ def register(sub) -> None:
     p.add_argument("--quick", action="store_true", help="software-only check of the SFx model (about a second)")
     p.add_argument("--out", default=str(DEMO_DIR), help=f"output folder (default {DEMO_DIR})")
     p.add_argument("--layer", default=DEMO_LAYER, help=f"layer to co-simulate (default {DEMO_LAYER})")
-    p.add_argument("--tokens", type=int, default=DEMO_TOKENS, help=f"tokens of the prompt (default {DEMO_TOKENS})")
+    p.add_argument("--tokens", type=int_range(1, 512), default=DEMO_TOKENS, help=f"tokens of the prompt (default {DEMO_TOKENS})")
     p.add_argument("--simulator", default="verilator", choices=("verilator", "icarus"))
     p.set_defaults(func=cmd_demo)

@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Any
 
+from superfloat.cli.argtypes import int_range, positive_int, sfx_bits
 from superfloat.cli.wasq import _load, _run, load_ids
 
 __all__ = ["register", "clip_strategies", "run_clip_analysis"]
@@ -159,15 +160,15 @@ def register(sub) -> None:
                         "tiny-gpt2, a local model directory or a hub id (default: smollm2-135m)")
     q.add_argument("--data", "-d", default="shakespeare", help="evaluation/calibration text (default: shakespeare)")
     q.add_argument("--split", default=None, help="evaluation split (default: test; all for a text file)")
-    q.add_argument("--context", type=int, default=512, help="window length (default 512)")
-    q.add_argument("--max-tokens", type=int, default=4096, help="evaluation tokens (default 4096)")
+    q.add_argument("--context", type=positive_int, default=512, help="window length (default 512)")
+    q.add_argument("--max-tokens", type=int_range(2, None), default=4096, help="evaluation tokens (default 4096)")
     q.add_argument("--calib-data", default=None, help="calibration text (default: --data, train split)")
-    q.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens (default 2048)")
-    q.add_argument("--search-tokens", type=int, default=256, help="tokens of the range searches (default 256)")
+    q.add_argument("--calib-tokens", type=positive_int, default=2048, help="calibration tokens (default 2048)")
+    q.add_argument("--search-tokens", type=positive_int, default=256, help="tokens of the range searches (default 256)")
     q.add_argument("--codes", default="both", choices=("sfx", "int", "int_asym", "both"),
                    help="codes to analyse (default: both sfx and int)")
-    q.add_argument("--act-bits", "-a", type=int, nargs="+", default=[8, 4], help="activation widths (default 8 4)")
-    q.add_argument("--weight-bits", "-w", type=int, default=16,
+    q.add_argument("--act-bits", "-a", type=sfx_bits, nargs="+", default=[8, 4], help="activation widths (default 8 4)")
+    q.add_argument("--weight-bits", "-w", type=sfx_bits, default=16,
                    help="weight bits (default 16: effectively float, so that only the activations differ)")
     q.add_argument("--strategies", nargs="+", default=None, choices=clip_strategies(),
                    help="strategies (default: all)")

@@ -77,6 +77,20 @@ FT = ["finetune", "-m", "tiny-llama", "-o", "/nonexistent/run"]
     (["table", "--bits", "9"], r"sfx table: error: argument --bits: must be an SFx width \(tables are printed up to "
                                r"8 bits\) in 2\.\.8, got 9"),
     (["table", "--exponent", "200"], r"argument --exponent: must be an int8 exponent in -128\.\.127, got 200"),
+    (["eval", "--max-tokens", "1"], r"sfx eval: error: argument --max-tokens: must be an integer >= 2, got 1"),
+    (["eval", "--batch-size", "0"], r"argument --batch-size: must be an integer >= 1, got 0"),
+    (["eval", "--stride", "-4"], r"argument --stride: must be an integer >= 1, got -4"),
+    (["eval", "-w", "4", "--mp-fraction", "2"], r"argument --mp-fraction: must be a number in \[0, 1\], got 2"),
+    (["eval", "-w", "4", "--search-tokens", "0"], r"argument --search-tokens: must be an integer >= 1, got 0"),
+    (["quantize", "-w", "4", "-o", "/x", "--calib-tokens", "-5"], r"sfx quantize: error: argument --calib-tokens: "
+                                                                  r"must be an integer >= 1, got -5"),
+    (["quantize", "-w", "4", "-o", "/x", "--out-bits", "1"], r"argument --out-bits: must be an SFx width in 2\.\.16"),
+    (["generate", "-p", "x", "--temperature", "0"], r"argument --temperature: must be a number > 0, got 0"),
+    (["generate", "-p", "x", "--top-k", "0"], r"argument --top-k: must be an integer >= 1, got 0"),
+    (["generate", "-p", "x", "-n", "0"], r"argument --max-new-tokens/-n: must be an integer >= 1, got 0"),
+    (["clip-analysis", "--context", "0"], r"sfx clip-analysis: error: argument --context: must be an integer >= 1"),
+    (["clip-analysis", "-a", "8", "33"], r"argument --act-bits/-a: must be an SFx width in 2\.\.16, got 33"),
+    (["demo", "--tokens", "0"], r"sfx demo: error: argument --tokens: must be an integer in 1\.\.512, got 0"),
 ])
 def test_cli_numeric_flags_are_range_checked(argv, msg, capsys):
     assert re.search(msg, _cli_error(argv, capsys))
