@@ -9,10 +9,10 @@ units of each row exponent (:func:`superfloat.sw.wasq.accelerator.bias_to_accumu
 the output width. The backend and the RTL therefore compute the same operations by
 construction; every operation is still checked against ``sfx.linear``.
 
-* :func:`program_ops`: one layer call (float rows ``[T, K]``) as :class:`LayerCall`: one
-  LINEAR operation, or one per distinct row exponent when the layer has a bias (its
-  accumulator units depend on the exponent); codes narrower than the array are widened
-  exactly (and the bias scaled by the same power of two);
+* :func:`program_ops`: one layer call (float rows ``[T, K]``) as :class:`LayerCall`: the
+  operations of :meth:`LayerProgram.operations` (one, or one per distinct row exponent when
+  the layer has a bias: its accumulator units depend on the exponent); codes narrower than the
+  array are widened exactly (and the bias scaled by the same power of two);
 * :func:`resolve_array`: the array a layer runs on, checked before any build;
 * :func:`select_layers`: layer names from ``--layer``.
 """
@@ -72,41 +72,42 @@ class LayerCall:
 
 def program_ops(name: str, prog: Any, x2: Any, array: ArrayConfig) -> LayerCall:
     """The LINEAR operations that compute one call of the layer whose program is ``prog`` on
-    float rows ``x2`` (torch ``[T, K]``), on ``array``. Every operation is validated by
-    ``sfx.check_linear_args``; a problem raises :class:`CosimError` naming the layer."""
+    float rows ``x2`` (torch ``[T, K]``), on ``array``: :meth:`LayerProgram.operations` (what
+    the backend computes, one operation per row exponent when the layer has a bias), with codes
+    narrower than the array widened exactly and the bias scaled by the same power of two. Every
+    operation is validated by ``sfx.check_linear_args``; a problem raises :class:`CosimError`
+    naming the layer."""
     import torch
 
-    from superfloat.sw.wasq.accelerator import bias_to_accumulator, widen_codes
+    from superfloat.sw.wasq.accelerator import widen_codes
 
-    with torch.no_grad():
-        xc_t, ea_t, clamped_t = prog.stream_rows(x2.detach().to(prog.device))
-    xc = xc_t.cpu().numpy().astype(np.int64)
-    ea = ea_t.cpu().numpy().astype(np.int64)
-    t, k = xc.shape
-    da, dw = array.a_bits - prog.a_bits, array.w_bits - prog.w_bits
+    x2 = x2.detach()
     try:
-        xw = widen_codes(xc, prog.a_bits, array.a_bits)
+        raw = prog.operations(x2)
+        with torch.no_grad():
+            st = prog.stream(x2.to(prog.device))
+    except ValueError as e:
+        raise CosimError(f"layer {name}: {e}") from None
+    t, k = int(x2.shape[0]), int(x2.shape[1])
+    da, dw = array.a_bits - prog.a_bits, array.w_bits - prog.w_bits
+    ops = []
+    try:
         wc = widen_codes(np.asarray(prog.w_codes), prog.w_bits, array.w_bits)
-        groups: list[tuple[np.ndarray, Any]] = []
-        if prog.bias is None:
-            groups.append((np.arange(t), None))
-        else:
-            for e in np.unique(ea):
-                rows = np.flatnonzero(ea == e)
-                b = bias_to_accumulator(prog.bias, frac_bits=prog.frac_bits, a_exponent=int(e), w_shift=prog.w_shift,
-                                        mult=prog.mult)
-                groups.append((rows, b * (1 << (da + dw))))  # the same units on a wider array (exact)
-        ops = []
-        for rows, bias in groups:
-            args = sfx.check_linear_args(xw[rows], wc, a_bits=array.a_bits, w_bits=array.w_bits,
-                                         out_bits=array.out_bits, bias=bias, shift=prog.shift, relu=False,
-                                         rounding=prog.rounding, k_max=array.k_max, mult=prog.mult,
-                                         x_exponent=ea[rows])
-            label = name if len(groups) == 1 else f"{name} [Ea={int(ea[rows[0]])}]"
+        for o in raw:
+            if o.get("xmult") is not None:
+                raise ValueError("a per-row activation multiplier (xmult) has no port on the accelerator RTL")
+            bias = None if o["bias"] is None else np.asarray(o["bias"], dtype=np.int64) * (1 << (da + dw))
+            args = sfx.check_linear_args(widen_codes(np.asarray(o["x_codes"]), prog.a_bits, array.a_bits), wc,
+                                         a_bits=array.a_bits, w_bits=array.w_bits, out_bits=array.out_bits,
+                                         bias=bias, shift=o["shift"], relu=False, rounding=o["rounding"],
+                                         k_max=array.k_max, mult=o["mult"], x_exponent=o["x_exponent"])
+            rows = np.asarray(o["rows"])
+            label = name if len(raw) == 1 else f"{name} [Ea={int(args.x_exponent[0])}]"
             ops.append(Op(args, array, name, rows, label))
     except (ValueError, TypeError) as e:
         raise CosimError(f"layer {name}: {e}") from None
-    return LayerCall(name, prog, array, ops, ea, int(clamped_t.sum()), (t, int(prog.N), k))
+    ea = st.x_exponent.cpu().numpy().astype(np.int64)
+    return LayerCall(name, prog, array, ops, ea, int(st.clamped.sum()), (t, int(prog.N), k))
 
 
 # --------------------------------------------------------------------------- preflight
@@ -126,6 +127,11 @@ def resolve_array(name: str, prog: Any, *, rows: int, cols: int, k_max: int, sim
         cfg.params()
     except (TypeError, ValueError) as e:
         raise CosimError(f"array: {e}") from None
+    if getattr(prog, "act_mode", "") == "xmult":
+        raise CosimError(
+            f"layer {name}: its activations carry a per-row float scale (act_scale='float': a 16-bit multiplier "
+            f"per row, SPEC revision 2 xmult), which the accelerator RTL has no port for (rows stream a "
+            f"power-of-two exponent only); quantize with act_scale='pow2' to co-simulate it")
     if prog.w_bits > w:
         raise CosimError(
             f"layer {name}: the checkpoint holds SF{prog.w_bits} weight codes but the array takes SF{w} weights "

@@ -387,3 +387,10 @@ def test_demo_quick_and_summary(ckpts, capsys):
     text = "\n".join(lines)
     assert "bit-exact    YES: 0 of 128 output codes differ from sfx.linear" in text
     assert "at 50 MHz on ecp5-25k (given Fmax from --fmax (given))" in text and "V.v" in text
+
+
+def test_per_row_float_activation_scales_have_no_rtl_port(tmp_path, no_build):
+    ck = micro_checkpoint(tmp_path / "xmult", "llama", weight_bits=8, act_bits=8, act_scale="float")
+    with pytest.raises(cs.CosimError, match=r"layer model.layers.0.self_attn.q_proj: its activations carry a per-row "
+                                            r"float scale \(act_scale='float'.*no port.*act_scale='pow2'"):
+        cs.cosim(ck, "all", rows=4, cols=4, k_max=64)
