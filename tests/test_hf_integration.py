@@ -250,3 +250,13 @@ def test_docs_example_runs():
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
     runner.run(test)
     assert runner.summarize(verbose=False).failed == 0
+
+
+def test_importing_wasq_after_transformers_registers_the_quantizer():
+    import subprocess
+    import sys
+
+    code = ("import transformers, superfloat.sw.wasq\n"
+            "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING\n"
+            "assert 'superfloat' in AUTO_QUANTIZER_MAPPING\n")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0

@@ -31,6 +31,12 @@ __all__ = [
 ]
 
 
+import sys as _sys
+
+if "transformers" in _sys.modules:  # transformers already loaded: register quant_method "superfloat" now
+    from . import hf as _hf  # noqa: F401  (docs/huggingface.md; otherwise: import superfloat.sw.wasq.hf)
+
+
 def __getattr__(name: str):  # lazy: checkpoint/models/data/evaluate/generate pull in transformers
     if name in ("save_packed", "load_packed", "memory_report"):
         from . import packing
