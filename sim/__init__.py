@@ -5,8 +5,10 @@
 * :mod:`.runner`: cached builds and cocotb runs (``cocotb_tools.runner``, no Makefiles);
 * :mod:`.streams`: stream driver / sink / per-cycle bench loop for ``lib.stream`` ports;
 * :mod:`.scoreboard`: result checking against the reference model;
-* :mod:`.tb_accelerator`: the accelerator's cocotb benches; :mod:`.bench_rtl`: speed and
-  utilisation numbers (``sfx bench rtl``).
+* :mod:`.harness` / :mod:`.tb_harness`: the in-simulation stream drivers and monitors (the
+  default path of ``run_linear`` and co-simulation); :mod:`.verify`: verification at scale
+  (``sfx verify``); :mod:`.tb_accelerator`: the accelerator's per-cycle cocotb benches;
+  :mod:`.cosim`: co-simulation of checkpoints (``sfx cosim``).
 
 The names are imported lazily, so that a cocotb bench importing ``superfloat.sim.streams``
 inside the simulator does not pay for Amaranth.

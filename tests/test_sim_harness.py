@@ -128,3 +128,26 @@ def test_run_linear_harness_with_stalls_equals_percycle(simulator):
     assert s_s.cycles > s_h.cycles and s_s.seed == 77 and "act 0.30x6" in s_s.stalls
     with pytest.raises(ValueError, match=r"engine must be one of 'harness', 'percycle', got 'x'"):
         run_linear(a.x, a.w, **kw, engine="x")
+
+
+def test_sfx_verify_rejects_a_bad_configuration(capsys):
+    from superfloat.cli import main
+
+    assert main(["verify", "--config", "4x4", "--codes", "10"]) == 2
+    assert "configuration '4x4' is not RxC-aAwWoO[-kK] (e.g. 8x8-a8w8o8" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"codes must be a positive int, got 0"):
+        from superfloat.sim.verify import parse_config, verify_config
+
+        verify_config(parse_config("4x4-a8w8o8-k64"), simulator="verilator", codes=0, seed=1)
+
+
+@pytest.mark.sim
+@group("sf8_4x4", "verilator")
+def test_sfx_verify_cli(capsys):
+    """``sfx verify`` on the sf8_4x4 array: codes, seed, regression tests in the JSON."""
+    from superfloat.cli import main
+
+    assert main(["verify", "--config", "4x4-a8w8o8-k64", "--codes", "600", "--seed", "9", "--json"]) == 0
+    (st,) = json.loads(capsys.readouterr().out)
+    assert st["codes"] >= 600 and st["seed"] == 9 and st["tests_passed"] == st["tests"] == len(HARNESS_TESTS) + 1
+    assert st["config"] == "4x4-a8w8o8-k64" and st["features"]["k_max"] >= 1
