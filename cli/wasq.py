@@ -95,6 +95,18 @@ def add_quant_args(p: argparse.ArgumentParser, *, bits_required: bool = False, m
         k.add_argument("--mp-high-bits", type=sfx_bits, default=None, help="mixed precision: the high width (default 8)")
         k.add_argument("--mp-ranking", default=None, choices=("own", "analyze", "auto"),
                        help="mixed precision ranking: own output error, sfx analyze's, or analyze when available")
+        k.add_argument("--gptq-damp", type=float_range(0.0, 1.0), default=None, metavar="F",
+                       help="GPTQ damping: fraction of the Hessian's mean diagonal added to it (default 0.01)")
+        k.add_argument("--gptq-act-order", action=argparse.BooleanOptionalAction, default=None,
+                       help="GPTQ: columns by decreasing Hessian diagonal (default on)")
+        k.add_argument("--gptq-block", type=positive_int, default=None, help="GPTQ lazy block size (default 128)")
+        k.add_argument("--gptq-mse-clip", action=argparse.BooleanOptionalAction, default=None,
+                       help="GPTQ: per-row clip ratio from a weight-MSE search first (default: preset's)")
+        k.add_argument("--rotate", default=None, choices=("hadamard", "random"),
+                       help="fold a rotation of the residual stream into the model first (docs/ptq-methods.md)")
+        k.add_argument("--rotate-online", default=None, choices=("host", "none"),
+                       help="the rotation before down_proj: a float op on the host (default) or none")
+        k.add_argument("--rotate-seed", type=nonneg_int, default=None, help="seed of the rotations' random signs")
         k.add_argument("--search-tokens", type=positive_int, default=256,
                        help="tokens used by the AWQ/clip/activation-range searches (default 256)")
         k.add_argument("--progress", action="store_true", help="progress messages of the method on stderr")
@@ -142,7 +154,8 @@ def add_accel_args(p: argparse.ArgumentParser, *, eval_: bool) -> None:
 
 
 #: CLI knob -> MethodOptions field
-_KNOBS = ("act_clip", "smoothquant", "awq_grid", "adaround_iters", "mp_fraction", "mp_high_bits", "mp_ranking")
+_KNOBS = ("act_clip", "smoothquant", "awq_grid", "adaround_iters", "mp_fraction", "mp_high_bits", "mp_ranking",
+          "gptq_damp", "gptq_act_order", "gptq_block", "gptq_mse_clip", "rotate", "rotate_online", "rotate_seed")
 
 
 def config_from_args(args: argparse.Namespace, weight_bits: int | None = None):

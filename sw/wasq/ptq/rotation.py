@@ -60,7 +60,8 @@ from torch import nn
 from .graph import LLAMA_LIKE, decoder_layers
 
 __all__ = ["Rotation", "hadamard", "hadamard_factors", "random_orthogonal", "make_rotation", "rotate_",
-           "OnlineRotation", "attach_online_rotations", "ROTATION_KINDS", "ONLINE_MODES"]
+           "OnlineRotation", "attach_online_rotations", "online_rotations", "restore_online_rotations",
+           "ROTATION_KINDS", "ONLINE_MODES"]
 
 ROTATION_KINDS = ("hadamard", "random")
 ONLINE_MODES = ("host", "none")
@@ -206,15 +207,23 @@ def make_rotation(n: int, kind: str = "hadamard", seed: int = 0) -> Rotation:
 
 
 class OnlineRotation(nn.Module):
-    """``x -> x Q`` on the host, in float (a forward pre-hook of the layer it feeds). Holds no
-    parameters; ``rotation`` is the :class:`Rotation`."""
+    """``x -> x Q`` on the host, in float (a forward pre-hook of the layer it feeds), registered
+    as the submodule ``online_rotation`` of that layer. Its buffers (``signs``, ``factor0``,
+    ``factor1``, ...: the :class:`Rotation`) are in the model's state dict, so a saved model
+    carries them (a loader that does not know them fails on them instead of silently
+    dropping the rotation); :func:`restore_online_rotations` rebuilds the hooks from them."""
 
     def __init__(self, rotation: Rotation) -> None:
         super().__init__()
         self.rotation = rotation
+        self.register_buffer("signs", rotation.signs if rotation.signs is not None
+                             else torch.ones(rotation.size, dtype=torch.float64))
+        for i, f in enumerate(rotation.factors):
+            self.register_buffer(f"factor{i}", f)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.rotation.apply(x)
+        nf = len(self.rotation.factors)
+        return Rotation([getattr(self, f"factor{i}") for i in range(nf)], self.signs).apply(x)
 
     def hook(self, module: nn.Module, args: tuple) -> tuple:
         return (self.forward(args[0]), *args[1:])
@@ -228,10 +237,35 @@ def attach_online_rotations(model: nn.Module, rotations: dict[str, Rotation]) ->
         mod = model.get_submodule(name)
         old = getattr(mod, "_superfloat_online_rotation", None)
         if old is not None:
-            old[1].remove()
+            old.remove()
         op = OnlineRotation(rot)
-        handle = mod.register_forward_pre_hook(op.hook)
-        mod._superfloat_online_rotation = (op, handle)
+        mod.online_rotation = op
+        mod._superfloat_online_rotation = mod.register_forward_pre_hook(op.hook)
+
+
+def online_rotations(model: nn.Module) -> dict[str, Rotation]:
+    """``{layer name: Rotation}`` of the online (host) rotations attached to ``model``."""
+    return {n: m.online_rotation.rotation for n, m in model.named_modules()
+            if isinstance(getattr(m, "online_rotation", None), OnlineRotation)}
+
+
+def restore_online_rotations(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Re-attach the online rotations recorded in a state dict (``<layer>.online_rotation.signs``,
+    ``.factor0``, ...; what a saved rotated model holds) to ``model``'s layers. Returns the layers."""
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in state.items():
+        if ".online_rotation." in key:
+            layer, buf = key.split(".online_rotation.", 1)
+            found.setdefault(layer, {})[buf] = t
+    rots = {}
+    for layer, bufs in found.items():
+        nf = sum(1 for b in bufs if b.startswith("factor"))
+        if "signs" not in bufs or nf == 0 or any(f"factor{i}" not in bufs for i in range(nf)):
+            raise ValueError(f"online rotation of {layer}: incomplete buffers {sorted(bufs)}")
+        rots[layer] = Rotation([bufs[f"factor{i}"].to(torch.float64) for i in range(nf)],
+                               bufs["signs"].to(torch.float64), "restored")
+    attach_online_rotations(model, rots)
+    return sorted(rots)
 
 
 def _model_type(model: nn.Module) -> str:
