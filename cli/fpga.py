@@ -40,6 +40,9 @@ def _add_array_args(p: argparse.ArgumentParser, *, rows: int, cols: int, bits: i
                         "block RAM (default: the target's plan)")
     p.add_argument("--mul-stages", type=int, default=None,
                    help="pipeline registers inside the PE multipliers (default: 1 for products of 8+ bits)")
+    p.add_argument("--pipelined", dest="pipelined", action="store_true", default=None,
+                   help="registers after the block-RAM reads of the drain stage (default: the target's plan)")
+    p.add_argument("--no-pipelined", dest="pipelined", action="store_false", help="no such registers")
 
 
 def _widths(args):
@@ -65,7 +68,8 @@ def cmd_synth(args) -> int:
         s = synthesize(target=args.target, rows=args.rows, cols=args.cols, a_bits=a, w_bits=w, out_bits=o,
                        k_max=args.k_max, freq_mhz=args.freq, dsp_budget=args.dsp_budget, kind=args.design,
                        out_dir=(out_dir / "flow") if out_dir else None, timeouts=timeouts, seed=args.seed,
-                       overlap_drain=args.overlap_drain, chunk_k=args.chunk_k, mul_stages=args.mul_stages)
+                       overlap_drain=args.overlap_drain, chunk_k=args.chunk_k, mul_stages=args.mul_stages,
+                       pipelined=args.pipelined, core_pack=args.core_pack, place=not args.pack_only)
     except (ValueError, TypeError) as e:
         _err(str(e))
         return EXIT_USAGE
@@ -79,6 +83,8 @@ def cmd_synth(args) -> int:
             print(f"DSP plan: {s['dsp_plan']['reason']}")
         if s.get("arch_plan"):
             print(f"array: {s['arch_plan']['reason']}")
+        if s.get("core_logic") is not None:
+            print(f"core alone, packed: {s['core_logic']} logic cells")
         print(f"core = {s['kind']} inside a scan wrapper ({s['wrapper']['scan_in_bits']} scan-in bits); "
               f"LUT4/FF/DSP/BRAM count the core, 'logic used' the whole placed design")
         print(f"summary: {summary_path}")
@@ -86,7 +92,7 @@ def cmd_synth(args) -> int:
     if "error" in s:
         _err(f"{s['error']}" + (f" (log: {s['log']})" if s.get("log") else ""))
         code = EXIT_FIT if s.get("step") == "fit" else EXIT_TOOL
-    elif not s["met_timing"] and args.freq is not None:
+    elif not s["met_timing"] and args.freq is not None and s.get("placed", True):
         _err(f"timing not met: Fmax {s['fmax_mhz']} MHz < --freq {args.freq:g} MHz on {args.target} "
              f"({s['config']})")
         code = EXIT_TIMING
@@ -110,9 +116,10 @@ def cmd_build_board(args) -> int:
     a, w, o = _widths(args)
     try:
         r = build_board(args.board, rows=args.rows, cols=args.cols, a_bits=a, w_bits=w, out_bits=o,
-                        k_max=args.k_max, baud=args.baud, dsp_budget=args.dsp_budget,
+                        k_max=args.k_max, baud=args.baud, clock_mhz=args.clock_mhz, dsp_budget=args.dsp_budget,
                         out_dir=Path(args.out) if args.out else None, timeout=args.timeout,
-                        overlap_drain=args.overlap_drain)
+                        overlap_drain=args.overlap_drain, chunk_k=args.chunk_k, mul_stages=args.mul_stages,
+                        pipelined=args.pipelined)
     except (ValueError, TypeError) as e:
         _err(str(e))
         return EXIT_USAGE
@@ -122,12 +129,13 @@ def cmd_build_board(args) -> int:
         _err(r["error"] + (f" (log: {r['log']})" if r.get("log") else ""))
         return EXIT_FIT if r.get("step") == "fit" else EXIT_TOOL
     if not args.json:
-        print(f"board {r['board']}: {r['config']} at {r['clock_mhz']:g} MHz (Fmax {r['fmax_mhz']} MHz), "
-              f"UART {r['baud']} baud, logic {r['device_logic']}, DSP {r['dsps']}, built in {r['seconds']:.1f} s",
-              file=sys.stderr)
+        print(f"board {r['board']}: {r['config']} at {r['clock_mhz']:g} MHz from the PLL (Fmax {r['fmax_mhz']} MHz), "
+              f"UART {r['baud']} baud ({r['bridge']}), logic {r['device_logic']}, DSP {r['dsps']}, "
+              f"built in {r['seconds']:.1f} s", file=sys.stderr)
         print(r["bitstream"])
     if not r["met_timing"]:
-        _err(f"timing not met: Fmax {r['fmax_mhz']} MHz < board clock {r['clock_mhz']:g} MHz")
+        _err(f"timing not met: Fmax {r['fmax_mhz']} MHz < PLL clock {r['clock_mhz']:g} MHz "
+             f"(try --clock-mhz below {r['fmax_mhz']})")
         return EXIT_TIMING
     return EXIT_OK
 
@@ -152,6 +160,10 @@ def register(sub) -> None:
                                                "(default: build/fpga/synth/...)")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per tool run (default 1200/1800)")
     p.add_argument("--seed", type=int, default=1, help="nextpnr placement seed (default 1)")
+    p.add_argument("--core-pack", action="store_true",
+                   help="also pack the core alone (nextpnr --pack-only): its logic cells as core_logic")
+    p.add_argument("--pack-only", action="store_true",
+                   help="pack the whole design without placing it: a quick fit check, no Fmax")
     p.add_argument("--update-baseline", action="store_true",
                    help="store the result as the CI baseline in hw/fpga/baselines/")
     p.set_defaults(func=cmd_synth)
@@ -163,7 +175,11 @@ def register(sub) -> None:
                                    "bitstream path. Offline: yowasp yosys, nextpnr, icepack/ecppack.")
     b.add_argument("--board", required=True, help=f"board: {' | '.join(BOARDS)}")
     _add_array_args(b, rows=2, cols=2, bits=8)
-    b.add_argument("--baud", type=int, default=None, help="UART baud rate (default: the board's, see docs/fpga.md)")
+    b.add_argument("--clock-mhz", type=float, default=None,
+                   help="system clock from the PLL in MHz (default: the board's, see docs/fpga.md)")
+    b.add_argument("--baud", type=int, default=None,
+                   help="UART baud rate (default: the fastest standard rate of the board's USB bridge that the "
+                        "clock can make)")
     b.add_argument("--out", default=None, help="output folder (default build/fpga/board/<board>-...)")
     b.add_argument("--timeout", type=float, default=None, help="seconds allowed per tool run")
     b.add_argument("--json", action="store_true", help="print the build report as JSON")

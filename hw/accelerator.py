@@ -120,6 +120,10 @@ class SFxAccelerator(wiring.Component):
         partial sums to a partial-sum memory (block RAM, ``rows * cols`` words of ``A``
         bits); the sum of a tile is still exact in ``A`` bits. Every chunk is drained (a
         tile of ``K > chunk_k`` costs an extra drain per chunk without ``overlap_drain``).
+    pipelined : bool
+        ``True``: a register after every block-RAM read of the drain stage and an extra
+        input register in the clamp unit (one cycle more latency; for fast clocks, e.g. the
+        ECP5 at 125 MHz, where block-RAM clock-to-output dominates). Default ``False``.
     pe_kind : str
         ``"sm"`` (default): SFx PEs, the accelerator of SPEC section 5. ``"tc"``: two's
         complement integer PEs of the same widths, for the synthesis comparison only (the
@@ -148,7 +152,7 @@ class SFxAccelerator(wiring.Component):
     def __init__(self, *, rows: int, cols: int, a_bits: int, w_bits: int, out_bits: int,
                  k_max: int = sfx.DEFAULT_K_MAX, dsp_pes: int = 0, clamp_impl: str = "dsp",
                  overlap_drain: bool = True, mul_stages: int = 0, pe_kind: str = "sm",
-                 chunk_k: int | None = None):
+                 chunk_k: int | None = None, pipelined: bool = False):
         with checking(self):
             for name, v in (("a_bits", a_bits), ("w_bits", w_bits), ("out_bits", out_bits)):
                 if isinstance(v, bool) or not isinstance(v, int):
@@ -166,6 +170,7 @@ class SFxAccelerator(wiring.Component):
             if chunk_k is None:
                 chunk_k = self._params.k_max
             self._chunk_k = min(check_int(chunk_k, "chunk_k", 1, sfx.K_MAX_LIMIT), self._params.k_max)
+            self._pipelined = check_bool(pipelined, "pipelined")
         p = self._params
         super().__init__({
             "cmd": In(stream.Signature(cmd_layout(p))),
@@ -193,6 +198,7 @@ class SFxAccelerator(wiring.Component):
     mul_stages = property(lambda self: self._mul_stages, doc="Pipeline registers inside the PE multipliers.")
     pe_kind = property(lambda self: self._pe_kind, doc="'sm' (SFx) or 'tc' (two's complement baseline).")
     chunk_k = property(lambda self: self._chunk_k, doc="Longest run of products a PE accumulates (<= k_max).")
+    pipelined = property(lambda self: self._pipelined, doc="Registers after the block-RAM reads (fast clocks).")
 
     @property
     def chunked(self) -> bool:
@@ -217,7 +223,7 @@ class SFxAccelerator(wiring.Component):
         """
         arr = self._array()
         arr._MustUse__silence = True
-        latency = self.cols + arr.readout_latency + DRAIN_STAGES + CLAMP_LATENCY + 4
+        latency = self.cols + arr.readout_latency + DRAIN_STAGES + self._pipelined + CLAMP_LATENCY + 4
         return max(4, math.ceil(latency / self.cols) + 2)
 
     def elaborate(self, platform):
@@ -453,46 +459,63 @@ class SFxAccelerator(wiring.Component):
         # D1: the tile's sum so far: the bias (first chunk) or the partial sum, plus the
         # array's value; a partial sum goes back to the memory, a final one to the clamp
         # unit. A padding channel goes through as acc = 0 with r = 0: code 0, no
-        # saturation, no error.
-        ctx = par_rd.data
+        # saturation, no error. With ``pipelined``, every memory output is registered
+        # first (D1 -> D1b): block RAM clock-to-output is long on the ECP5.
+        def stage(value, name):
+            if not self._pipelined:
+                return value
+            r = Signal.like(value, name=name, reset_less=True) if not hasattr(value, "shape") else \
+                Signal(value.shape(), name=name, reset_less=True)
+            m.d.sync += r.eq(value)
+            return r
+
+        d1_laddr = Signal(cbits + 1, reset_less=True)
+        m.d.sync += d1_laddr.eq(par_rd.addr)
+        m.d.comb += [late_rd.addr.eq(d1_laddr), late_rd.en.eq(d1_valid)]
+        ctx = stage(par_rd.data, "ctx_q")
+        xexp = stage(x_rd.data, "xexp_q")
+        e_valid = stage(d1_valid, "e_valid")
+        e_first = stage(d1_first, "e_first")
+        e_final = stage(d1_final, "e_final")
+        e_acc = stage(d1_acc, "e_acc")
         base = ctx.bias.as_signed()
         if self.chunked:
             m.submodules.psum_mem = psum_mem = Memory(shape=A, depth=1 << (cbits + rbits), init=[],
                                                       attrs=_RAM_ATTRS)
             ps_rd = psum_mem.read_port()
             ps_wr = psum_mem.write_port()
-            d1_addr = Signal(cbits + rbits, reset_less=True)
-            d2_addr = Signal(cbits + rbits, reset_less=True)
             pe_addr = Cat(d_col[:cbits] if cols > 1 else Const(0, 1), d_row[:rbits] if rows > 1 else Const(0, 1))
-            m.d.sync += [d1_addr.eq(pe_addr), d2_addr.eq(d1_addr)]
+            wr_addr = pe_addr
+            for k in range(2 + self._pipelined):
+                nxt = Signal(cbits + rbits, name=f"ps_addr{k}", reset_less=True)
+                m.d.sync += nxt.eq(wr_addr)
+                wr_addr = nxt
             m.d.comb += [ps_rd.addr.eq(pe_addr), ps_rd.en.eq(out.valid)]
-            base = Mux(d1_first, base, ps_rd.data.as_signed())
+            base = Mux(e_first, base, stage(ps_rd.data, "psum_q").as_signed())
         total = Signal(A)
-        m.d.comb += total.eq(d1_acc + base)
+        m.d.comb += total.eq(e_acc + base)
         partial_valid = Signal()   # pre_acc holds a partial sum (written back a cycle later: timing)
-        m.d.sync += partial_valid.eq(d1_valid & ~d1_final)
+        m.d.sync += partial_valid.eq(e_valid & ~e_final)
         neutral = Mux(ctx.use_mult, p.frac_bits + sfx.MULT_FRAC_BITS - mo, p.frac_bits - mo)
         pre_valid = Signal()
         pre_acc = Signal(signed(A), reset_less=True)
         pre_shift = Signal(signed(SHIFT_BITS), reset_less=True)
-        d1_laddr = Signal(cbits + 1, reset_less=True)
-        m.d.sync += d1_laddr.eq(par_rd.addr)
-        m.d.comb += [late_rd.addr.eq(d1_laddr), late_rd.en.eq(d1_valid)]
         m.d.sync += [
-            pre_valid.eq(d1_valid & d1_final),
+            pre_valid.eq(e_valid & e_final),
             pre_acc.eq(Mux(ctx.ok, total, 0)),
-            pre_shift.eq(Mux(ctx.ok, ctx.shift.as_signed() + x_rd.data, neutral)),
+            pre_shift.eq(Mux(ctx.ok, ctx.shift.as_signed() + xexp, neutral)),
         ]
         if self.chunked:   # padding channels store 0: their sums are never used
-            m.d.comb += [ps_wr.addr.eq(d2_addr), ps_wr.data.eq(pre_acc), ps_wr.en.eq(partial_valid)]
+            m.d.comb += [ps_wr.addr.eq(wr_addr), ps_wr.data.eq(pre_acc), ps_wr.en.eq(partial_valid)]
+        late = stage(late_rd.data, "late_q")
         m.d.comb += [
             clamp.i.valid.eq(pre_valid),
             clamp.i.payload.acc.eq(pre_acc),
             clamp.i.payload.shift.eq(pre_shift),
-            clamp.i.payload.mult.eq(late_rd.data.mult),
-            clamp.i.payload.use_mult.eq(late_rd.data.use_mult),
-            clamp.i.payload.relu.eq(late_rd.data.relu),
-            clamp.i.payload.rounding.eq(late_rd.data.rnd),
+            clamp.i.payload.mult.eq(late.mult),
+            clamp.i.payload.use_mult.eq(late.use_mult),
+            clamp.i.payload.relu.eq(late.relu),
+            clamp.i.payload.rounding.eq(late.rnd),
         ]
 
         tile_fed = beat & last
@@ -537,7 +560,7 @@ class SFxAccelerator(wiring.Component):
         m.d.comb += [
             self.error.eq(err | clamp.error),
             self.sat_count.eq(clamp.sat_count),
-            self.busy.eq(~feed.ongoing("IDLE") | array.busy | d1_valid | pre_valid | partial_valid | clamp.busy
+            self.busy.eq(~feed.ongoing("IDLE") | array.busy | d1_valid | e_valid | pre_valid | partial_valid | clamp.busy
                         | (occ != 0)),
         ]
         return m

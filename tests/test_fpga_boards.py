@@ -16,12 +16,34 @@ def test_committed_constraints_match_amaranth_boards(name):
         f"{path.name} differs from amaranth-boards: python -m superfloat.hw.fpga.boards --write-constraints")
 
 
-def test_constraints_name_the_uart_and_clock():
+def test_constraints_name_the_uart_and_clock_pin():
     pcf = boards.BOARDS["icebreaker"].constraints_path.read_text()
     assert "set_io uart_0__rx__io 6" in pcf and "set_io uart_0__tx__io 9" in pcf
-    assert "set_frequency clk12_0__io 12.0" in pcf
+    assert "set_io clk12_0__io 35" in pcf and "set_frequency" not in pcf   # the PLL's clock comes from --freq
     lpf = boards.BOARDS["ulx3s-25f"].constraints_path.read_text()
-    assert 'LOCATE COMP "uart_0__rx__io" SITE "M1"' in lpf and 'FREQUENCY PORT "clk25_0__io" 25000000.0 HZ' in lpf
+    assert 'LOCATE COMP "uart_0__rx__io" SITE "M1"' in lpf and 'LOCATE COMP "clk25_0__io" SITE "G2"' in lpf
+
+
+@pytest.mark.parametrize("board,clk,baud", [("icebreaker", 48e6, 12_000_000), ("icebreaker", 42e6, 6_000_000),
+                                            ("icebreaker", 12e6, 3_000_000), ("ulx3s-25f", 100e6, 3_000_000),
+                                            ("ulx3s-25f", 10e6, 2_000_000), ("orangecrab-25f", 125e6, 3_000_000)])
+def test_link_baud_is_the_fastest_standard_rate_the_bridge_and_clock_allow(board, clk, baud):
+    assert boards.link_baud(board, clk) == baud
+
+
+def test_pll_settings_from_the_calculators():
+    from superfloat.hw.fpga.pll import pll_settings
+
+    p = pll_settings("ice40", 12, 48)
+    assert p.fout_mhz == 48.0 and p.params == {"FEEDBACK_PATH": "SIMPLE", "DIVR": 0, "DIVF": 63, "DIVQ": 4,
+                                                "FILTER_RANGE": 1}
+    e = pll_settings("ecp5", 25, 100)
+    assert e.fout_mhz == 100.0 and (e.params["CLKI_DIV"], e.params["CLKFB_DIV"], e.params["CLKOP_DIV"]) == (1, 4, 6)
+    assert e.params["FEEDBK_PATH"] == "CLKOP"
+    with pytest.raises(ValueError, match="unknown FPGA family 'xc7': choose ice40 or ecp5"):
+        pll_settings("xc7", 12, 48)
+    with pytest.raises(ValueError, match=r"fout_mhz must be a number in 1..1000 MHz, got 0"):
+        pll_settings("ice40", 12, 0)
 
 
 @pytest.mark.parametrize("clk,baud,div", [(12e6, 115200, 104), (12e6, 3_000_000, 4), (25e6, 115200, 217),
@@ -48,4 +70,4 @@ def test_build_board_icebreaker_bitstream(capsys, tmp_path):
     assert path.endswith("top.bin")
     data = open(path, "rb").read()
     assert len(data) == 104090 and data[:4] == b"\xff\x00\x00\xff"   # UP5K image, iCE40 preamble
-    assert "Fmax" in out.err
+    assert "Fmax" in out.err and "from the PLL" in out.err and "12000000 baud" in out.err

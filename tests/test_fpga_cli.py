@@ -48,9 +48,12 @@ def test_build_board_unknown_board(capsys):
 
 
 def test_build_board_bad_baud(capsys):
-    code, _, err = _run(capsys, ["build-board", "--board", "icebreaker", "--baud", "6000000"])
+    code, _, err = _run(capsys, ["build-board", "--board", "icebreaker", "--baud", "20000000"])
     assert code == 2
-    assert "baud 6000000 is too fast for a 12 MHz clock" in err
+    assert "baud 20000000 is too fast for a 48 MHz clock" in err
+    code, _, err = _run(capsys, ["build-board", "--board", "icebreaker", "--clock-mhz", "5"])
+    assert code == 2
+    assert "clock_mhz must be a number in 10..400 MHz, got 5.0" in err
 
 
 # --------------------------------------------------------------------------- with the tools

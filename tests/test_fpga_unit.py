@@ -344,3 +344,22 @@ def test_bench_target_notes_explain_from_the_runs():
     assert "a 7 x 7-bit magnitude product in LUTs" in ecp
     res[("ecp5-25k", "sm-array", 8, 8, k, True)]["fmax_mhz"] = 120.0
     assert "magnitude product" not in bench._target_notes(res)[1]
+
+
+def test_link_cost_counts_every_frame():
+    from superfloat.hw.fpga.host import link_cost
+    from superfloat.hw.fpga.protocol import link_layout
+    from superfloat.hw.interface import AccelParams
+
+    r = link_cost(3, 5, 7, rows=2, cols=2, a_bits=4, baud=3_000_000)
+    lay = link_layout(AccelParams(rows=2, cols=2, a_bits=4, w_bits=4, out_bits=4))
+    tiles = 2 * 3                       # ceil(3/2) row tiles x ceil(5/2) column tiles
+    nb = lay.payload_bytes
+    up = 2 + (1 + nb["cmd"]) + tiles * ((1 + nb["par"]) + 7 * ((1 + nb["act"]) + (1 + nb["wgt"]))) + 1
+    assert r["bytes_to_board"] == up
+    assert r["frames"] == {"cmd": 1, "par": tiles, "act": tiles * 7, "wgt": tiles * 7, "res": 3 * 3,
+                           "credit": (up - 2) // lay.credit_chunk}
+    assert r["bytes_from_board"] == 14 + 9 * (1 + nb["res"]) + 2 * r["frames"]["credit"] + 6
+    assert r["line_bytes_per_s"] == 300_000 and r["seconds"] == up / 300_000
+    with pytest.raises(ValueError, match="baud must be a positive int, got 0"):
+        link_cost(1, 1, 1, rows=1, cols=1, a_bits=4, baud=0)

@@ -38,7 +38,8 @@ def _assert_ok(r, *, error=0):
     (dict(rows=3, cols=2, a_bits=8, w_bits=8, out_bits=8, k_max=16384, dsp_pes=2, clamp_impl="lut"),
      [(5, 3, 7), (2, 5, 4)], 0.2, 0.6),
     # SF16, widest accumulator (k_max = 2**20), output narrower than inputs
-    (dict(rows=2, cols=2, a_bits=16, w_bits=16, out_bits=6, k_max=1 << 20, dsp_pes=4), [(3, 3, 6)], 0.4, 0.4),
+    (dict(rows=2, cols=2, a_bits=16, w_bits=16, out_bits=6, k_max=1 << 20, dsp_pes=4, pipelined=True), [(3, 3, 6)],
+     0.4, 0.4),
     # tall array, one column; wide output
     (dict(rows=4, cols=1, a_bits=3, w_bits=6, out_bits=16, k_max=5), [(6, 2, 5), (4, 1, 2)], 0.0, 0.7),
     # no shadow registers: the array stalls while a tile drains
@@ -47,7 +48,7 @@ def _assert_ok(r, *, error=0):
     # chunks: reductions longer than chunk_k go through the partial-sum memory
     (dict(rows=2, cols=3, a_bits=4, w_bits=4, out_bits=4, k_max=64, overlap_drain=False, chunk_k=3),
      [(3, 4, 7), (2, 7, 1), (3, 3, 3), (2, 2, 4)], 0.3, 0.3),
-    (dict(rows=3, cols=2, a_bits=6, w_bits=5, out_bits=7, k_max=40, chunk_k=4, mul_stages=1),
+    (dict(rows=3, cols=2, a_bits=6, w_bits=5, out_bits=7, k_max=40, chunk_k=4, mul_stages=1, pipelined=True),
      [(4, 3, 9), (2, 2, 40), (1, 3, 5)], 0.2, 0.5),
     (dict(rows=1, cols=1, a_bits=8, w_bits=8, out_bits=8, k_max=16384, chunk_k=2, overlap_drain=False),
      [(2, 3, 5), (1, 1, 2)], 0.3, 0.0),

@@ -51,7 +51,7 @@ class UARTBridge(wiring.Component):
 
     Parameters
     ----------
-    rows, cols, a_bits, w_bits, out_bits, k_max, dsp_pes, clamp_impl, overlap_drain
+    rows, cols, a_bits, w_bits, out_bits, k_max, dsp_pes, clamp_impl, overlap_drain, chunk_k, mul_stages, pipelined
         Those of :class:`superfloat.hw.accelerator.SFxAccelerator`.
     divisor : int
         UART bit time in clock cycles (>= 4).
@@ -73,7 +73,8 @@ class UARTBridge(wiring.Component):
     def __init__(self, *, rows: int, cols: int, a_bits: int, w_bits: int, out_bits: int,
                  k_max: int = sfx.DEFAULT_K_MAX, dsp_pes: int = 0, clamp_impl: str = "dsp", divisor: int,
                  fifo_depth: int | None = None, credit_chunk: int | None = None, idle_timeout: int = 1 << 22,
-                 overlap_drain: bool = True):
+                 overlap_drain: bool = True, chunk_k: int | None = None, mul_stages: int = 0,
+                 pipelined: bool = False):
         self._params = AccelParams(rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, out_bits=out_bits,
                                    k_max=k_max)
         self._dsp_pes = check_int(dsp_pes, "dsp_pes", 0, rows * cols)
@@ -84,6 +85,9 @@ class UARTBridge(wiring.Component):
         if not isinstance(overlap_drain, bool):
             raise TypeError(f"overlap_drain must be a bool, got {overlap_drain!r}")
         self._overlap = overlap_drain
+        self._chunk_k = chunk_k
+        self._mul_stages = mul_stages
+        self._pipelined = pipelined
         super().__init__({
             "rx": In(1, init=1),
             "tx": Out(1, init=1),
@@ -111,7 +115,8 @@ class UARTBridge(wiring.Component):
         m.submodules.utx = utx = UARTTx(divisor=self._divisor)
         fifo = SyncFIFOBuffered(width=8, depth=lay.fifo_depth)
         m.submodules.fifo = ResetInserter(abort)(fifo)
-        extra = {} if self._overlap else {"overlap_drain": False}
+        extra = {"overlap_drain": self._overlap, "chunk_k": self._chunk_k, "mul_stages": self._mul_stages,
+                 "pipelined": self._pipelined}
         accel = SFxAccelerator(rows=p.rows, cols=p.cols, a_bits=p.a_bits, w_bits=p.w_bits, out_bits=p.out_bits,
                                k_max=p.k_max, dsp_pes=self._dsp_pes, clamp_impl=self._clamp_impl, **extra)
         m.submodules.accel = ResetInserter(soft_rst | abort)(accel)
@@ -248,19 +253,51 @@ class UARTBridge(wiring.Component):
 
 
 class BoardTop(wiring.Component):
-    """:class:`UARTBridge` on a board: clock from the platform, ``uart`` 0 pins, LED 0 =
-    busy, LED 1 = error or link error (where the board has them)."""
+    """:class:`UARTBridge` on a board: the system clock from the FPGA's PLL (``pll``, a
+    :class:`~superfloat.hw.fpga.pll.PllSettings`; ``None``: the board oscillator directly),
+    ``uart`` 0 pins, LED 0 = busy, LED 1 = error or link error (where the board has them).
 
-    def __init__(self, *, bridge_kwargs: dict, baud: int):
+    With a PLL the ``sync`` domain runs on its output and is held in reset until the PLL
+    reports lock (two synchronising flip-flops). iCE40: ``SB_PLL40_PAD`` on the oscillator
+    pin (the board's clock pin feeds the PLL directly); ECP5: ``EHXPLLL`` fed from the
+    oscillator's input buffer, feedback from its own output."""
+
+    def __init__(self, *, bridge_kwargs: dict, baud: int, pll=None):
         self._bridge_kwargs = dict(bridge_kwargs)
         self._baud = baud
+        self._pll = pll
         super().__init__({})
 
     def elaborate(self, platform):
+        from amaranth.hdl import ClockDomain, Instance
+
         from .uart import divisor_for
 
         m = Module()
-        clk_hz = platform.default_clk_frequency
+        if self._pll is None:
+            clk_hz = platform.default_clk_frequency
+        else:
+            pll = self._pll
+            clk_hz = pll.fout_mhz * 1e6
+            m.domains.sync = cd_sync = ClockDomain("sync")
+            lock = Signal()
+            clk_pin = platform.request(platform.default_clk, dir="-")
+            prm = {f"p_{k}": v for k, v in pll.params.items()}
+            if pll.family == "ice40":
+                m.submodules.pll = Instance("SB_PLL40_PAD", **prm, i_PACKAGEPIN=clk_pin.io, i_RESETB=Const(1),
+                                            i_BYPASS=Const(0), o_PLLOUTGLOBAL=cd_sync.clk, o_LOCK=lock)
+            else:
+                m.submodules.clk_buf = clk_buf = io.Buffer("i", clk_pin)
+                attrs = {f"a_{k}": v for k, v in pll.attrs.items()}
+                m.submodules.pll = Instance("EHXPLLL", **prm, **attrs, i_CLKI=clk_buf.i, o_CLKOP=cd_sync.clk,
+                                            i_CLKFB=cd_sync.clk, i_RST=Const(0), i_STDBY=Const(0),
+                                            i_PHASESEL0=Const(0), i_PHASESEL1=Const(0), i_PHASEDIR=Const(1),
+                                            i_PHASESTEP=Const(1), i_PHASELOADREG=Const(1), i_PLLWAKESYNC=Const(0),
+                                            i_ENCLKOP=Const(0), o_LOCK=lock)
+            lock_s = Signal(2, reset_less=True)
+            m.d.sync += lock_s.eq(Cat(lock, lock_s[0]))
+            m.d.comb += cd_sync.rst.eq(~lock_s[1])
+            platform.add_clock_constraint(cd_sync.clk, clk_hz)
         bridge = UARTBridge(**self._bridge_kwargs, divisor=divisor_for(clk_hz, self._baud))
         m.submodules.bridge = bridge
         uart = platform.request("uart", 0, dir="-")

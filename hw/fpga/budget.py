@@ -180,8 +180,8 @@ def plan_dsp_pes(target: str, *, rows: int, cols: int, a_bits: int, w_bits: int,
 #: * ECP5-25k: LUTs and flip-flops are separate and plentiful: shadow registers (the drain
 #:   overlaps the next tile), the same chunking (smaller PEs: a larger array fits).
 ARCH_DEFAULTS = {
-    "ice40-up5k": {"overlap_drain": False, "chunk_k": 512},
-    "ecp5-25k": {"overlap_drain": True, "chunk_k": 512},
+    "ice40-up5k": {"overlap_drain": False, "chunk_k": 512, "pipelined": False},
+    "ecp5-25k": {"overlap_drain": True, "chunk_k": 512, "pipelined": True},
 }
 
 #: Logic multipliers whose product has at least this many bits get one pipeline register.
@@ -196,6 +196,7 @@ class ArchPlan:
     overlap_drain: bool
     chunk_k: int       # longest run of products a PE accumulates (<= k_max)
     mul_stages: int    # pipeline registers inside the PE multipliers
+    pipelined: bool    # registers after the drain stage's block-RAM reads
     reason: str
 
     def as_dict(self) -> dict[str, Any]:
@@ -204,7 +205,7 @@ class ArchPlan:
 
 def plan_architecture(target: str, *, a_bits: int, w_bits: int, k_max: int = sfx.DEFAULT_K_MAX,
                       overlap_drain: bool | None = None, chunk_k: int | None = None,
-                      mul_stages: int | None = None) -> ArchPlan:
+                      mul_stages: int | None = None, pipelined: bool | None = None) -> ArchPlan:
     """The target's defaults (:data:`ARCH_DEFAULTS`), each overridable; ``mul_stages``
     defaults to 1 for products of :data:`PIPELINE_PRODUCT_BITS` bits or more, else 0."""
     _family_of(target)
@@ -232,5 +233,11 @@ def plan_architecture(target: str, *, a_bits: int, w_bits: int, k_max: int = sfx
             why.append(f"a {product_bits}-bit logic product gets a pipeline register")
     if isinstance(mul_stages, bool) or not isinstance(mul_stages, int) or not 0 <= mul_stages <= 4:
         raise ValueError(f"mul_stages must be an int in 0..4, got {mul_stages!r}")
+    if pipelined is None:
+        pipelined = d["pipelined"]
+        if pipelined:
+            why.append("registers after the block-RAM reads")
+    elif not isinstance(pipelined, bool):
+        raise TypeError(f"pipelined must be a bool or None, got {pipelined!r}")
     return ArchPlan(target=target, overlap_drain=overlap_drain, chunk_k=chunk_k, mul_stages=mul_stages,
-                    reason="; ".join(why) or "as given")
+                    pipelined=pipelined, reason="; ".join(why) or "as given")

@@ -105,6 +105,8 @@ class FlowResult:
     files: dict = field(default_factory=dict)
     messages: list = field(default_factory=list)
     critical_path: dict | None = None    # slowest register-to-register path (report.critical_path)
+    core_packed: int | None = None       # logic cells of the core packed alone (run_flow core_pack)
+    placed: bool = True                  # False: the design was packed, not placed (run_flow place)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -274,7 +276,7 @@ def run_flow(rtlil: str, *, target: str | Target, out_dir: Path | str, freq_mhz:
              core: str | None = None, dsp: bool = True,
              nextpnr_args: Sequence[str] | None = None, constraints: Path | str | None = None,
              pack: bool = False, seed: int = 1, timeouts: dict | None = None,
-             yosys_extra: Sequence[str] = ()) -> FlowResult:
+             yosys_extra: Sequence[str] = (), core_pack: bool = False, place: bool = True) -> FlowResult:
     """Synthesize, place and route ``rtlil`` (text of an RTLIL design with top module ``top``).
 
     Args:
@@ -289,6 +291,12 @@ def run_flow(rtlil: str, *, target: str | Target, out_dir: Path | str, freq_mhz:
         constraints: a ``.pcf`` (iCE40) or ``.lpf`` (ECP5) file; without one the IOs are
             placed freely.
         pack: also produce the bitstream (``icepack`` / ``ecppack``).
+        core_pack: also pack the core's own netlist (``nextpnr --pack-only``): its logic
+            cells after packing go to ``core_packed`` (on the iCE40 a logic cell is a LUT4
+            and a flip-flop: this is what the core costs of the device).
+        place: ``False`` stops after packing the whole design (``nextpnr --pack-only``): the
+            utilisation (``device``) without placement, routing or Fmax, in a fraction of the
+            time; ``fits`` then means "within the device's logic after packing".
         timeouts: seconds per step, keys ``yosys``, ``nextpnr``, ``pack``.
 
     Raises:
@@ -309,9 +317,17 @@ def run_flow(rtlil: str, *, target: str | Target, out_dir: Path | str, freq_mhz:
     if core and core != top:
         res.seconds["yosys_core"] = _run_yosys("yosys_core", tgt, core, out=out, script="core.ys",
                                                log="yosys_core.log", dsp=dsp, stat_json="core_stat.json",
-                                               synth_json=None, extra=yosys_extra, timeout=to["yosys"],
-                                               messages=res.messages)
+                                               synth_json="core.json" if core_pack else None, extra=yosys_extra,
+                                               timeout=to["yosys"], messages=res.messages)
         res.core = _report.parse_yosys_stat(out / "core_stat.json", tgt.family)["design"]
+        if core_pack:
+            res.seconds["pack_core"] = run_tool(
+                "nextpnr", [_tool(tgt.nextpnr), *tgt.nextpnr_args, "--json", "core.json", "--pack-only",
+                            "--report", "core_report.json",
+                            "--pcf-allow-unconstrained" if tgt.family == "ice40" else "--lpf-allow-unconstrained"],
+                log=out / "nextpnr_core.log", cwd=out, timeout=to["nextpnr"])
+            util = _report.parse_nextpnr_report(out / "core_report.json")["utilization"]
+            res.core_packed = util.get(_report.LOGIC_RESOURCE[tgt.family], {}).get("used")
     res.seconds["yosys"] = _run_yosys("yosys", tgt, top, out=out, script="synth.ys", log="yosys.log", dsp=dsp,
                                       stat_json="stat.json", synth_json="synth.json", extra=yosys_extra,
                                       timeout=to["yosys"], messages=res.messages)
@@ -332,6 +348,8 @@ def run_flow(rtlil: str, *, target: str | Target, out_dir: Path | str, freq_mhz:
     args = [_tool(tgt.nextpnr), *(nextpnr_args if nextpnr_args is not None else tgt.nextpnr_args),
             "--json", "synth.json", "--report", "report.json", "--freq", f"{freq_mhz:g}",
             "--timing-allow-fail", "--seed", str(seed)]
+    if not place:
+        args.append("--pack-only")
     if constraints:   # copied beside the netlist: YoWASP tools may not see every host path (e.g. /tmp)
         cons = Path(constraints)
         local = "constraints" + cons.suffix
@@ -354,6 +372,16 @@ def run_flow(rtlil: str, *, target: str | Target, out_dir: Path | str, freq_mhz:
     res.files["nextpnr_log"] = out / "nextpnr.log"
     rep = _report.parse_nextpnr_report(out / "report.json")
     res.device = rep["utilization"]
+    if not place:
+        res.placed = False
+        logic = res.device.get(_report.LOGIC_RESOURCE[tgt.family], {})
+        res.fits = logic.get("used", 0) <= logic.get("available", 0)
+        res.seconds["total"] = sum(v for k, v in res.seconds.items() if k != "total")
+        if not res.fits:
+            raise FlowError("fit", f"design does not fit {tgt.name}: it needs "
+                                   f"{_report.LOGIC_RESOURCE[tgt.family]} {logic.get('used')}/{logic.get('available')}",
+                            out / "nextpnr.log", res)
+        return res
     res.fits = True
     res.fmax_mhz = rep["fmax_mhz"]
     res.critical_path = rep["critical_path"]

@@ -292,3 +292,53 @@ def run_linear_uart(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, out
         if own:
             transport.close()
     return sess.result(seconds=time.perf_counter() - t0)
+
+
+def link_cost(t: int, n: int, k: int, *, rows: int, cols: int, a_bits: int, w_bits: int | None = None,
+              out_bits: int | None = None, k_max: int = sfx.DEFAULT_K_MAX, baud: int, seed: int = 0) -> dict:
+    """What one LINEAR operation of ``[t, k] x [n, k]`` costs over the UART link of a board
+    built with these parameters, counted from the protocol itself.
+
+    A :class:`LinkSession` is given the board's INFO reply (:func:`.protocol.encode_info`)
+    and builds every host frame of the operation (random codes: frame sizes do not depend on
+    the values); the board's frames are its INFO and STATUS replies, one RES frame per
+    ``res`` beat and one CREDIT frame per ``credit_chunk`` bytes consumed. The line carries
+    ``baud / 10`` bytes/s each way (8N1); both directions run at once, so the operation
+    takes at least ``max(bytes to the board, bytes from the board) / (baud / 10)`` seconds
+    (the accelerator itself is thousands of times faster than the line).
+
+    Returns ``bytes_to_board``, ``bytes_from_board``, ``frames`` (per kind), ``payload_bytes``
+    (the beats' own bytes), ``line_bytes_per_s``, ``seconds``, ``macs`` and ``macs_per_s``.
+    """
+    from .protocol import encode_info, link_layout
+
+    w_bits = a_bits if w_bits is None else w_bits
+    out_bits = a_bits if out_bits is None else out_bits
+    if isinstance(baud, bool) or not isinstance(baud, int) or baud <= 0:
+        raise ValueError(f"baud must be a positive int, got {baud!r}")
+    p = AccelParams(rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, out_bits=out_bits, k_max=k_max)
+    lay = link_layout(p)
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 1 << a_bits, (t, k))
+    w = rng.integers(0, 1 << w_bits, (n, k))
+    sess = LinkSession(x, w, a_bits=a_bits, w_bits=w_bits, out_bits=out_bits, k_max=k_max)
+    up = len(sess.connect_bytes())
+    sess.feed(bytes([BOARD["info"]]) + encode_info(lay))
+    frames = {"cmd": 0, "par": 0, "act": 0, "wgt": 0}
+    payload = 0
+    for f in sess._queue:
+        kind = next(name for name, code in HOST.items() if code == f[0])
+        frames[kind] += 1
+        payload += len(f) - 1
+        up += len(f)
+    up += 1                                   # STATUS request
+    consumed = up - 2                         # RESET and INFO are not credited
+    credits = consumed // lay.credit_chunk
+    res = sess._res_expected
+    down = (1 + INFO_LEN) + res * lay.res_frame + credits * 2 + (1 + STATUS_LEN)
+    rate = baud / 10
+    seconds = max(up, down) / rate
+    return {"t": t, "n": n, "k": k, "rows": rows, "cols": cols, "baud": baud, "line_bytes_per_s": rate,
+            "bytes_to_board": up, "bytes_from_board": down, "frames": {**frames, "res": res, "credit": credits},
+            "payload_bytes": payload, "frame_bytes": dict(lay.payload_bytes), "seconds": seconds,
+            "macs": t * n * k, "macs_per_s": t * n * k / seconds}

@@ -59,6 +59,7 @@ def build_core(kind: str, *, rows: int, cols: int, a_bits: int, w_bits: int, out
             kw["clamp_impl"] = plan.clamp_impl
         if arch is not None:
             kw["chunk_k"] = arch.chunk_k
+            kw["pipelined"] = arch.pipelined
         return comparison_accelerator("sm" if kind == "accel" else "tc", rows=rows, cols=cols, a_bits=a_bits,
                                       w_bits=w_bits, out_bits=out_bits, k_max=k_max, **kw)
     if kind in ("sm-array", "tc-array"):
@@ -73,7 +74,8 @@ def synthesize(*, target: str, rows: int, cols: int, a_bits: int, w_bits: int, o
                k_max: int = sfx.DEFAULT_K_MAX, freq_mhz: float | None = None, dsp_budget: int | None = None,
                kind: str = "accel", out_dir: Path | str | None = None, timeouts: dict | None = None,
                seed: int = 1, cache: bool = False, overlap_drain: bool | None = None, chunk_k: int | None = None,
-               mul_stages: int | None = None) -> dict[str, Any]:
+               mul_stages: int | None = None, pipelined: bool | None = None, core_pack: bool = False,
+               place: bool = True) -> dict[str, Any]:
     """Build and synthesize one design; return its summary (the ``--json`` object).
 
     The summary always has ``target``, ``kind``, ``config``, ``fits``, ``fmax_mhz``,
@@ -86,7 +88,9 @@ def synthesize(*, target: str, rows: int, cols: int, a_bits: int, w_bits: int, o
     target's plan (:func:`~superfloat.hw.fpga.budget.plan_architecture`, recorded as
     ``arch_plan``). With ``cache``, a previous summary in ``out_dir`` made from the same
     RTLIL, target, clock, seed and tool versions is returned without running the tools
-    (``cached``).
+    (``cached``). ``core_pack``: also the core's logic cells packed alone (``core_logic``);
+    ``place=False``: pack the whole design without placing it (``device_logic`` only, no
+    Fmax; a quick fit check).
     """
     tgt = get_target(target)
     out_bits = a_bits if out_bits is None else out_bits
@@ -109,7 +113,7 @@ def synthesize(*, target: str, rows: int, cols: int, a_bits: int, w_bits: int, o
             plan = plan_dsp_pes(tgt.name, rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, k_max=k_max,
                                 budget=plan.clamp_dsps)
     arch = plan_architecture(tgt.name, a_bits=a_bits, w_bits=w_bits, k_max=k_max, overlap_drain=overlap_drain,
-                             chunk_k=chunk_k, mul_stages=mul_stages)
+                             chunk_k=chunk_k, mul_stages=mul_stages, pipelined=pipelined)
     core = build_core(kind, rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, out_bits=out_bits,
                       k_max=k_max, plan=plan, arch=arch)
     wrapper = ScanWrapper(core)
@@ -119,7 +123,7 @@ def synthesize(*, target: str, rows: int, cols: int, a_bits: int, w_bits: int, o
         slug = f"{kind}-{rows}x{cols}-a{a_bits}w{w_bits}o{out_bits}-k{k_max}"
         if plan is not None:
             slug += f"-d{plan.dsp_pes}{plan.clamp_impl[0]}"
-        slug += f"-{'ov' if arch.overlap_drain else 'noov'}-c{arch.chunk_k}-m{arch.mul_stages}"
+        slug += f"-{'ov' if arch.overlap_drain else 'noov'}-c{arch.chunk_k}-m{arch.mul_stages}{'-p' if arch.pipelined else ''}"
         out_dir = build_root() / "fpga" / "synth" / tgt.name / slug
     summary: dict[str, Any] = {
         "target": tgt.name, "kind": kind, "config": cfg, "rows": rows, "cols": cols, "a_bits": a_bits,
@@ -128,10 +132,13 @@ def synthesize(*, target: str, rows: int, cols: int, a_bits: int, w_bits: int, o
         "met_timing": False, "luts": None, "ffs": None, "dsps": None, "brams": None,
         "dsp_pes": plan.dsp_pes if plan else 0, "dsp_plan": plan.as_dict() if plan else None,
         "overlap_drain": arch.overlap_drain, "chunk_k": arch.chunk_k, "mul_stages": arch.mul_stages,
+        "pipelined": arch.pipelined,
         "arch_plan": arch.as_dict(),
         "wrapper": {"scan_in_bits": wrapper.in_bits, "observed_out_bits": wrapper.out_bits},
         "out_dir": str(out_dir),
-        "design_hash": _design_hash(text, tgt.name, freq, seed, kind),
+        "design_hash": _design_hash(text, tgt.name, freq, seed, kind + ("+core" if core_pack else "")
+                                    + ("" if place else "+packonly")),
+        "placed": place, "core_logic": None,
     }
     cached = Path(out_dir) / "summary.json"
     if cache and cached.is_file():
@@ -145,7 +152,7 @@ def synthesize(*, target: str, rows: int, cols: int, a_bits: int, w_bits: int, o
             return old
     try:
         res = run_flow(text, target=tgt, out_dir=out_dir, freq_mhz=freq, core=f"top.{CORE_NAME}",
-                       timeouts=timeouts, seed=seed)
+                       timeouts=timeouts, seed=seed, core_pack=core_pack, place=place)
     except FlowError as e:
         summary["error"] = e.reason
         summary["step"] = e.step
@@ -186,7 +193,7 @@ def _design_hash(text: str, target: str, freq: float, seed: int, kind: str) -> s
 
 
 #: Bumped when the flow's scripts or counting change (invalidates cached summaries).
-_FLOW_VERSION = "5"
+_FLOW_VERSION = "6"
 
 
 def _store(summary: dict, path: Path) -> None:
@@ -207,7 +214,7 @@ def _fill(summary: dict, r: dict, family: str) -> None:
         "carry": core.get("carry"), "core_cells": core.get("cells_by_type"),
         "design": {k: v for k, v in (r.get("design") or {}).items() if k != "cells_by_type"},
         "device": r.get("device") or {}, "messages": list(r.get("messages") or []),
-        "critical_path": r.get("critical_path"),
+        "critical_path": r.get("critical_path"), "core_logic": r.get("core_packed"),
     })
     logic = summary["device"].get(LOGIC_RESOURCE[family])
     summary["device_logic"] = f"{logic['used']}/{logic['available']}" if logic else None
