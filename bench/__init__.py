@@ -25,6 +25,7 @@ BENCHES = {
     "ptq": "superfloat.bench.ptq:run",
     "cosim": "superfloat.bench.cosim:run",
     "accel": "superfloat.bench.accel:run",
+    "w4": "superfloat.bench.w4:run",
 }
 
 
