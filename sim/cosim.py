@@ -133,6 +133,15 @@ def _data_ids(tok: Any, data: str, split: str | None, max_tokens: int | None) ->
     return [int(v) for v in ids], f"{data} ({split or 'default split'}), first {len(ids)} tokens"
 
 
+def _cpu() -> tuple[float, float]:
+    """CPU seconds of this process (all threads) and of its finished child processes (the
+    simulator sessions, once closed)."""
+    import resource
+
+    me, ch = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, ch.ru_utime + ch.ru_stime
+
+
 class _torch_threads:
     def __init__(self, n: int):
         self.n = n
@@ -433,7 +442,7 @@ def cosim(checkpoint: str | os.PathLike, layer: str = "all", *, prompt: str | No
 
             bar = tqdm(total=len(plan), desc=f"cosim {simulator}", unit="layer", file=sys.stderr, dynamic_ncols=True,
                        leave=False)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu()
         try:
             with torch.no_grad(), _ProgramHooks(modules, programs, arrays, eng, plan=plan, prefetch=jobs > 1,
                                                 float_modules=float_modules, compare_fake=True,
@@ -445,6 +454,7 @@ def cosim(checkpoint: str | os.PathLike, layer: str = "all", *, prompt: str | No
                 bar.close()
             eng.close()
         rtl_s = time.perf_counter() - t0
+        rtl_cpu = [b - a for a, b in zip(c0, _cpu())]
 
         fmax = {a.name: find_fmax(a, target, fmax_mhz, extra_sources)
                 for a in {arrays[n] for n in names}}
@@ -459,7 +469,8 @@ def cosim(checkpoint: str | os.PathLike, layer: str = "all", *, prompt: str | No
             text=text if data is None else None, simulator=simulator, engine=eng, jobs=jobs, arrays=arrays,
             programs=programs, rtl_calls=hc.calls, logits=(logits_sw, logits_acc, logits_rtl, logits_fp),
             blocks=(cap_sw.value, cap_acc.value, cap_rtl.value, block_fp), fmax=fmax, target=target, notes=notes,
-            timing={"accelerator_pass_s": acc_s, "rtl_pass_s": rtl_s, "wall_s": time.perf_counter() - t_start},
+            timing={"accelerator_pass_s": acc_s, "rtl_pass_s": rtl_s, "rtl_pass_host_cpu_s": rtl_cpu[0],
+                    "rtl_pass_sim_cpu_s": rtl_cpu[1], "wall_s": time.perf_counter() - t_start},
             perplexity=ppl, calibration=calibration, accelerator_stats=acc_stats)
         say(f"done in {report['wall_s']:.1f} s: {report['mismatches']} differing code(s) of "
             f"{report['codes_compared']}")

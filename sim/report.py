@@ -138,6 +138,8 @@ def _build_report(*, checkpoint, info, layer, kind, names, ids, text, simulator,
         "forward": fwd,
         "perplexity": perplexity,
         "speed": {"rtl_pass_s": rtl_s, "accelerator_pass_s": timing["accelerator_pass_s"],
+                  "rtl_pass_host_cpu_s": timing.get("rtl_pass_host_cpu_s"),
+                  "rtl_pass_sim_cpu_s": timing.get("rtl_pass_sim_cpu_s"),
                   "session_start_s": starts, "sim_loop_s": tot["loop_s"], "sim_cycles": tot["sim_cycles"],
                   "macs_per_wall_s": tot["macs"] / rtl_s if rtl_s else 0.0,
                   "cycles_per_wall_s": tot["sim_cycles"] / rtl_s if rtl_s else 0.0,
@@ -229,7 +231,8 @@ class CosimReport(dict):
                 lines.append(f"FPGA {fp['target']}: array {name}: {f['source']}")
         sp = d["speed"]
         lines.append(f"simulation: RTL pass {sp['rtl_pass_s']:.1f} s ({sp['cycles_per_wall_s'] / 1e3:.0f} k simulated "
-                     f"cycles per wall s, simulator start-up and host work included); simulator loop "
+                     f"cycles per wall s, simulator start-up and host work included; CPU s: host "
+                     f"{sp['rtl_pass_host_cpu_s']:.1f}, simulator {sp['rtl_pass_sim_cpu_s']:.1f}); simulator loop "
                      f"{sp['cycles_per_loop_s'] / 1e3:.0f} k cycles per wall s, {sp['cycles_per_cpu_s'] / 1e3:.0f} k "
                      f"per CPU s; total {d['wall_s']:.1f} s")
         for n in d["notes"]:
