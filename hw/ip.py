@@ -524,7 +524,8 @@ def testbench_verilog(p: AccelParams, summary: Mapping[str, Any], *, name: str =
         "  integer res_i = 0;",
         "  integer res_op = 0;",
         "  integer fails = 0;",
-        "  integer checked = 0;",
+        "  integer checked = 0;   // result codes (lanes of real channels)",
+        "  integer padded = 0;    // padding lanes (channels past N: code 0)",
         "  integer extra = 0;",
         "  integer j;",
         "  reg [OB-1:0] got;",
@@ -545,7 +546,7 @@ def testbench_verilog(p: AccelParams, summary: Mapping[str, Any], *, name: str =
         "        for (j = 0; j < COLS; j = j + 1) begin",
         "          got = res_data[j*OB +: OB];",
         "          want = res_mem[res_i][j*OB +: OB];",
-        "          checked = checked + 1;",
+        "          if (j < tag[15:0]) checked = checked + 1; else padded = padded + 1;",
         "          if (got !== want) begin",
         "            fails = fails + 1;",
         "            if (fails <= MAX_REPORTS) begin",
@@ -578,7 +579,11 @@ def testbench_verilog(p: AccelParams, summary: Mapping[str, Any], *, name: str =
                "    .busy(busy),", "    .error(error),", "    .sat_count(sat_count)", "  );"]
     if not axi:
         L += native
-        L.append("  assign res_last = 1'b0;")
+        L += ["  assign res_last = 1'b0;",
+              "  initial if (AXI != 0) begin",
+              f"    $display(\"FAIL: AXI=1 but this IP has no {name}_axis: regenerate it with sfx verilog ... --ip DIR --axi\");",
+              "    $fatal(1, \"no AXI wrapper\");",
+              "  end"]
     else:
         L += ["  generate", "    if (AXI == 0) begin : native"]
         L += ["  " + line for line in native]
@@ -637,14 +642,14 @@ def testbench_verilog(p: AccelParams, summary: Mapping[str, Any], *, name: str =
         "               meta_mem[5]);",
         "    end",
         "    if (fails == 0) begin",
-        "      $write(\"PASS: %0d result codes in %0d res beats of %0d operations match superfloat.sw.sfx.linear; sat_count %0d, error 0 (%0d cycles, SEED %0d, STALL %0d/256, \",",
-        "             checked, N_RES, N_OPS, sat_count, cycle, SEED, STALL);",
+        "      $write(\"PASS: %0d result codes and %0d padding lanes in %0d res beats of %0d operations match superfloat.sw.sfx.linear; sat_count %0d, error 0 (%0d cycles, SEED %0d, STALL %0d/256, \",",
+        "             checked, padded, N_RES, N_OPS, sat_count, cycle, SEED, STALL);",
         f"      if (AXI != 0) $display(\"DUT {name}_axis)\");",
         f"      else $display(\"DUT {name})\");",
         "      $finish;",
         "    end else begin",
-        "      $display(\"FAIL: %0d mismatches (%0d result codes checked in %0d res beats of %0d operations, %0d unexpected beats)\",",
-        "               fails, checked, res_i < N_RES ? res_i : N_RES, N_OPS, extra);",
+        "      $display(\"FAIL: %0d mismatches (%0d result codes and %0d padding lanes checked in %0d res beats of %0d operations, %0d unexpected beats)\",",
+        "               fails, checked, padded, res_i < N_RES ? res_i : N_RES, N_OPS, extra);",
         "      $fatal(1, \"FAIL\");",
         "    end",
         "  end",

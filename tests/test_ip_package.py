@@ -42,6 +42,13 @@ def _cfg_argv(cfg):
     return argv
 
 
+def _codes_lanes(root: Path) -> tuple[int, int]:
+    """(result codes, padding lanes) the IP's vectors hold: sum of T * N, the rest of the lanes."""
+    d = json.loads((root / "vectors/ops.json").read_text())
+    codes = sum(o["T"] * o["N"] for o in d["ops"])
+    return codes, d["counts"]["res"] * d["params"]["cols"] - codes
+
+
 def _words(path: Path) -> list[int]:
     return [int(line, 16) for line in path.read_text().splitlines() if line and not line.startswith("//")]
 
@@ -228,8 +235,10 @@ def test_fusesoc_sim_passes(sf8_ip, tmp_path):
     root, _ = sf8_ip
     rc, out = _fusesoc(root, tmp_path / "build", "sim")
     n_res = len(_words(root / "vectors/res.hex"))
+    codes, pad = _codes_lanes(root)
     assert rc == 0, out[-3000:]
-    assert f"PASS: {2 * n_res} result codes in {n_res} res beats of 4 operations" in out, out[-3000:]
+    assert f"PASS: {codes} result codes and {pad} padding lanes in {n_res} res beats of 4 operations" in out, \
+        out[-3000:]
     assert "DUT sfx_accelerator)" in out and "MISMATCH" not in out
 
 
@@ -286,7 +295,9 @@ def test_mixed_width_ip_plain_iverilog_and_axi(tmp_path):
     assert cmd in (root / "README.md").read_text()
     proc = subprocess.run(cmd, shell=True, cwd=root, env=tool_env(), capture_output=True, text=True, timeout=300)
     n_res = len(pkg.res_beats)
+    codes, pad = _codes_lanes(root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"PASS: {2 * n_res} result codes in {n_res} res beats of 12 operations" in proc.stdout
+    assert f"PASS: {codes} result codes and {pad} padding lanes in {n_res} res beats of 12 operations" \
+        in proc.stdout
     rc, out = _fusesoc(root, tmp_path / "build", "sim_axi", "--STALL", "0")
     assert rc == 0 and "DUT sfx_accelerator_axis)" in out, out[-3000:]
