@@ -1,113 +1,197 @@
-"""``sfx bench fpga``: the FPGA sweep behind ``results/fpga.md``.
+"""``sfx bench fpga``: the FPGA measurements behind ``results/fpga.md``.
 
-For each target (iCE40 UP5K, ECP5-25k), widths SF2/SF4/SF8/SF16 and arrays 2x2/4x4/8x8:
+1. **Targets** (issue 13): the 8x8 SF4 accelerator on the iCE40 UP5K (logic used, Fmax at
+   48 MHz, logic cells per PE of the bare array, everything but the array against the
+   array), the 8x8 SF8 accelerator on the ECP5-25k (Fmax at 125 MHz), the largest SF4
+   array on the ECP5-25k (at 100 MHz). Array and accelerator are measured by the same flow;
+   "cells" are logic cells after nextpnr's packing of the core alone (``core_logic``: an
+   iCE40 logic cell is a LUT4 and a flip-flop; on the ECP5 the LUT4s, TRELLIS_COMB).
+2. **Largest configuration** per target and width (SF2, SF4, SF8): candidate shapes
+   ``rows x cols`` (``rows <= cols <= 2 rows``) in order of PEs; a linear model in the
+   PE count from two packed calibration runs predicts the largest that leaves 10 % of the
+   logic free, packed runs (``nextpnr --pack-only``, minutes instead of tens of minutes)
+   confirm it and its next larger neighbour, and the largest confirmed one is placed and
+   routed for its Fmax.
+3. **SFx against two's complement**: the flagship accelerators built with two's complement
+   PEs of the same width (``tc-accel``) and both bare arrays.
+4. **Bitstreams** (``sfx build-board``) for each board at its largest fitting SF4 and SF8
+   configuration, clocked from the PLL at a frequency that meets timing (a second build at
+   a lower PLL frequency when the first misses), with the UART at the fastest standard rate
+   of the board's bridge; the host link's bytes/s and the cost of one SmolLM2 q_proj
+   (8 tokens, K = N = 576) over it, counted from the protocol (``host.link_cost``).
 
-* the accelerator (``sfx synth``, DSP plan of the device),
-* beside it the bare PE arrays of the comparison: SFx sign-magnitude PEs (``sm-array``)
-  and two's complement integer PEs of the same width (``tc-array``), same wrapper, same
-  flow, logic multipliers only (8x8 arrays only at the targets' widths, :data:`BIG_ARRAYS`),
-
-then the bitstreams of the three boards (build times), and the two targets of the
-project (8x8 SF4 on UP5K at >= 40 MHz; 8x8 SF8 on ECP5-25k at >= 100 MHz), with the
-accelerator at ``k_max = 2048`` as well (a smaller accumulator; K = 2048 covers every
-layer of SmolLM2-135M).
-
-Runs go two at a time (2 cores). 2x2 and 4x4 run first; an 8x8 run whose LUTs,
-extrapolated linearly in the PE count from the 2x2 and 4x4 runs, exceed 1.25x the device
-is not run (reported as such). Results are cached by design hash under
-``build/fpga/bench/`` so an interrupted or repeated bench only runs what changed.
-``quick``: 2x2 SF4 and SF8 only, no boards.
+Runs go two at a time (2 cores) and are cached by design hash under ``build/fpga/bench/``,
+so an interrupted or repeated bench only runs what changed. ``quick``: 2x2 SF4 and SF8
+accelerators only, packed, no boards.
 """
 from __future__ import annotations
 
+import math
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from superfloat.hw.fpga.flow import TARGETS, build_root
 
-KINDS = ("accel", "sm-array", "tc-array")
-WIDTHS = (2, 4, 8, 16)
-SIZES = (2, 4, 8)
-SKIP_FACTOR = 1.25
-BOARD_CONFIG = dict(rows=2, cols=2, a_bits=8)
-TARGET_GOALS = [("ice40-up5k", 8, 4, 40.0), ("ecp5-25k", 8, 8, 100.0)]
-SMALL_K_MAX = 2048
-#: Accelerator variants run (2x2, 4x4, 8x8) for each target goal besides the default
-#: (k_max 16384, overlapped drain): (k_max, overlap_drain).
-GOAL_VARIANTS = {"ice40-up5k": [(16384, False), (SMALL_K_MAX, True), (SMALL_K_MAX, False)],
-                 "ecp5-25k": [(SMALL_K_MAX, True)]}
-#: 8x8 PE arrays (slow to place and route on 2 cores) only at the targets' widths; LUTs of
-#: the arrays grow linearly with the PE count (2x2 -> 4x4), so 4x4 carries the comparison.
-BIG_ARRAYS = {("ice40-up5k", 4), ("ecp5-25k", 8)}
+WIDTHS = (2, 4, 8)
+#: Clock constraint of the runs (MHz): the targets' goals.
+REF_MHZ = {"ice40-up5k": 48.0, "ecp5-25k": 100.0}
+#: Logic that must stay free in a "largest configuration".
+FREE = 0.10
+#: The issue's targets.
+ICE40_GOAL = dict(target="ice40-up5k", n=8, bits=4, mhz=48.0, logic=0.90, lc_per_pe=45.0, overhead=0.35)
+ECP5_SF8_GOAL = dict(target="ecp5-25k", n=8, bits=8, mhz=125.0)
+ECP5_SF4_GOAL = dict(target="ecp5-25k", bits=4, pes=256, mhz=100.0)
+#: SmolLM2-135M q_proj: K = N = 576, here for 8 tokens.
+QPROJ = dict(t=8, n=576, k=576)
+BOARD_NAMES = ("icebreaker", "ulx3s-25f", "orangecrab-25f")
+
+
+#: Side lengths of the candidate shapes.
+SIDES = (1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 28, 32, 36, 40, 48, 56, 64)
+
+
+def candidate_shapes(max_pes: int = 64 * 64) -> list[tuple[int, int]]:
+    """Array shapes ``(rows, cols)`` from :data:`SIDES` with ``rows <= cols <= 2 * rows`` (no
+    long thin arrays: a tile should hold several rows of tokens), in order of PEs (for equal
+    PE counts the squarer one only)."""
+    shapes = [(r, c) for r in SIDES for c in SIDES if r <= c <= 2 * r and r * c <= max_pes]
+    shapes.sort(key=lambda s: (s[0] * s[1], s[1] - s[0]))
+    out = []
+    for sh in shapes:
+        if not out or out[-1][0] * out[-1][1] != sh[0] * sh[1]:
+            out.append(sh)
+    return out
+
+
+def predict_largest(calib: list[tuple[int, int]], capacity: int, free: float = FREE) -> int:
+    """The largest PE count whose logic, on the line through the calibration points
+    ``(pes, logic)``, leaves ``free`` of ``capacity``."""
+    (p1, l1), (p2, l2) = sorted(calib)[:2]
+    per = (l2 - l1) / max(1, p2 - p1)
+    if per <= 0:
+        return p2
+    return max(1, int(p2 + ((1 - free) * capacity - l2) / per))
 
 
 def _job_dir(job: dict) -> Path:
+    tag = job.get("tag", "")
     return (build_root() / "fpga" / "bench" / job["target"] /
-            f"{job['kind']}-{job['n']}x{job['n']}-sf{job['bits']}-k{job['k_max']}"
-            f"{'' if job.get('overlap', True) else '-nooverlap'}")
+            f"{job['kind']}-{job['rows']}x{job['cols']}-sf{job['bits']}-{job.get('mhz', 0):g}"
+            f"{'-pack' if not job.get('place', True) else ''}{'-core' if job.get('core', False) else ''}{tag}")
 
 
 def _run_job(job: dict) -> dict:
     from superfloat.hw.fpga.synth import synthesize
 
     t0 = time.perf_counter()
-    s = synthesize(target=job["target"], rows=job["n"], cols=job["n"], a_bits=job["bits"], w_bits=job["bits"],
-                   out_bits=job["bits"], k_max=job["k_max"], kind=job["kind"], out_dir=_job_dir(job), cache=True,
-                   overlap_drain=job.get("overlap", True))
+    s = synthesize(target=job["target"], rows=job["rows"], cols=job["cols"], a_bits=job["bits"], w_bits=job["bits"],
+                   out_bits=job["bits"], kind=job["kind"], freq_mhz=job.get("mhz"), out_dir=_job_dir(job),
+                   cache=True, core_pack=job.get("core", False), place=job.get("place", True))
     s["wall_s"] = round(time.perf_counter() - t0, 2)
     s["job"] = job
     return s
 
 
-def _run_board(name: str) -> dict:
-    from superfloat.hw.fpga.boards import build_board
-
-    t0 = time.perf_counter()
-    r = build_board(name, **BOARD_CONFIG, out_dir=build_root() / "fpga" / "bench" / "boards" / name)
-    r["wall_s"] = round(time.perf_counter() - t0, 2)
-    return r
+def _logic_used(s: dict) -> int | None:
+    dl = s.get("device_logic")
+    if dl:
+        return int(dl.split("/")[0])
+    return None
 
 
-def _estimate(results: dict, job: dict) -> float | None:
-    """LUTs of an n x n job extrapolated from the 2x2 and 4x4 runs of the same kind/width/target."""
-    pts = []
-    for m in (2, 4):
-        r = results.get((job["target"], job["kind"], m, job["bits"], job["k_max"], job.get("overlap", True)))
-        if r and r.get("luts"):
-            pts.append((m * m, r["luts"]))
-    if len(pts) < 2:
-        return None
-    (p1, l1), (p2, l2) = pts
-    per = (l2 - l1) / (p2 - p1)
-    return l2 + per * (job["n"] ** 2 - p2)
+def _fits_free(s: dict, free: float = FREE) -> bool:
+    used = _logic_used(s)
+    cap = TARGETS[s["target"]].capacity["luts"]
+    return used is not None and used <= (1 - free) * cap and not s.get("error")
 
 
-def _jobs(quick: bool) -> tuple[list[dict], list[dict]]:
-    from superfloat.sw import sfx
+def _search(target: str, bits: int) -> dict:
+    """The largest shape of SF``bits`` on ``target`` leaving :data:`FREE` logic free."""
+    cap = TARGETS[target].capacity["luts"]
+    calib_shapes = [(2, 2), (4, 4)] if (target, bits) == ("ice40-up5k", 8) else [(4, 4), (8, 8)]
+    runs = []
+    calib = []
+    for r, c in calib_shapes:
+        s = _run_job(dict(target=target, kind="accel", rows=r, cols=c, bits=bits, mhz=REF_MHZ[target], place=False))
+        runs.append(s)
+        if _logic_used(s):
+            calib.append((r * c, _logic_used(s)))
+    shapes = candidate_shapes()
+    if len(calib) < 2:
+        return {"target": target, "bits": bits, "runs": runs, "error": "calibration runs failed"}
+    want = predict_largest(calib, cap)
+    idx = max(i for i, (r, c) in enumerate(shapes) if r * c <= want)
+    tried: dict[int, dict] = {}
 
-    first, second = [], []
-    widths = (4, 8) if quick else WIDTHS
-    sizes = (2,) if quick else SIZES
-    for target in TARGETS:
-        for bits in widths:
-            for n in sizes:
-                for kind in KINDS:
-                    if n == 8 and kind != "accel" and (target, bits) not in BIG_ARRAYS:
-                        continue
-                    job = dict(target=target, kind=kind, n=n, bits=bits, k_max=sfx.DEFAULT_K_MAX)
-                    (first if n < 8 else second).append(job)
-    if not quick:
-        for target, n, bits, _ in TARGET_GOALS:
-            for k_max, overlap in GOAL_VARIANTS[target]:
-                for m in (2, 4):
-                    first.append(dict(target=target, kind="accel", n=m, bits=bits, k_max=k_max, overlap=overlap))
-                second.append(dict(target=target, kind="accel", n=n, bits=bits, k_max=k_max, overlap=overlap))
-    return first, second
+    def check(i: int) -> bool:
+        r, c = shapes[i]
+        s = _run_job(dict(target=target, kind="accel", rows=r, cols=c, bits=bits, mhz=REF_MHZ[target], place=False))
+        runs.append(s)
+        tried[i] = s
+        return _fits_free(s)
+
+    best = None
+    if check(idx):
+        best = idx
+        for nxt in range(idx + 1, min(idx + 3, len(shapes))):   # one or two larger neighbours
+            if shapes[nxt][0] * shapes[nxt][1] == shapes[best][0] * shapes[best][1]:
+                continue
+            if check(nxt):
+                best = nxt
+            else:
+                break
+    else:
+        cur = idx
+        while cur > 0:   # step down about 8 % of the PEs at a time
+            pes = shapes[cur][0] * shapes[cur][1]
+            cur = max(i for i in range(cur) if shapes[i][0] * shapes[i][1] <= max(1, int(0.92 * pes)) or i == 0)
+            if check(cur):
+                best = cur
+                break
+    if best is None:
+        return {"target": target, "bits": bits, "runs": runs, "error": "no shape fits"}
+    r, c = shapes[best]
+    final = _run_job(dict(target=target, kind="accel", rows=r, cols=c, bits=bits, mhz=REF_MHZ[target], place=True))
+    runs.append(final)
+    return {"target": target, "bits": bits, "rows": r, "cols": c, "prediction_pes": want, "calibration": calib,
+            "final": final, "runs": runs}
 
 
-def _key(job: dict) -> tuple:
-    return (job["target"], job["kind"], job["n"], job["bits"], job["k_max"], job.get("overlap", True))
+def _search_job(args) -> dict:
+    return _search(*args)
+
+
+def _board_job(args) -> dict:
+    """Largest fitting configuration of one width on one board, at a PLL clock meeting timing."""
+    from superfloat.hw.fpga.boards import BOARDS, build_board
+
+    name, bits, start_shape, fmax_hint = args
+    b = BOARDS[name]
+    shapes = [s for s in candidate_shapes() if s[0] * s[1] <= start_shape[0] * start_shape[1]]
+    tries = []
+    clock = b.pll_mhz if b.family == "ice40" else min(125.0, math.floor(0.95 * (fmax_hint or b.pll_mhz)))
+    for shape in reversed(shapes[-4:] if len(shapes) >= 4 else shapes):
+        r, c = shape
+        out = build_root() / "fpga" / "bench" / "boards" / f"{name}-{r}x{c}-sf{bits}-{clock:g}"
+        t0 = time.perf_counter()
+        rep = build_board(name, rows=r, cols=c, a_bits=bits, clock_mhz=clock, out_dir=out)
+        rep["wall_s"] = round(time.perf_counter() - t0, 2)
+        tries.append(rep)
+        if rep.get("step") == "fit":
+            continue
+        if rep.get("error"):
+            break
+        if not rep["met_timing"] and rep.get("fmax_mhz"):
+            clock2 = math.floor(0.97 * rep["fmax_mhz"])
+            out = build_root() / "fpga" / "bench" / "boards" / f"{name}-{r}x{c}-sf{bits}-{clock2:g}"
+            t0 = time.perf_counter()
+            rep = build_board(name, rows=r, cols=c, a_bits=bits, clock_mhz=clock2, out_dir=out)
+            rep["wall_s"] = round(time.perf_counter() - t0, 2)
+            tries.append(rep)
+        break
+    final = tries[-1] if tries else {"board": name, "error": "nothing built"}
+    return {"board": name, "bits": bits, "final": final, "tries": tries}
 
 
 def _pool_map(fn, items, workers: int = 2):
@@ -117,216 +201,244 @@ def _pool_map(fn, items, workers: int = 2):
         return list(ex.map(fn, items))
 
 
+# --------------------------------------------------------------------------- run
+
+
 def run(out_dir: Path, quick: bool) -> None:
-    from superfloat.bench import markdown_table, write_report
+    from superfloat.bench import write_report
 
     t_start = time.perf_counter()
-    first, second = _jobs(quick)
-    results: dict[tuple, dict] = {}
-    for r in _pool_map(_run_job, first):
-        results[_key(r["job"])] = r
-        print(f"  {r['target']} {r['kind']} {r['config']} k{r['k_max']}: {_brief(r)}", flush=True)
-    run_second, skipped = [], []
-    for job in second:
-        est = _estimate(results, job)
-        cap = TARGETS[job["target"]].capacity["luts"]
-        if est is not None and est > SKIP_FACTOR * cap:
-            skipped.append({**job, "estimate": round(est)})
-        else:
-            run_second.append(job)
-    for r in _pool_map(_run_job, run_second):
-        results[_key(r["job"])] = r
-        print(f"  {r['target']} {r['kind']} {r['config']} k{r['k_max']}: {_brief(r)}", flush=True)
-    for job in skipped:
-        results[_key(job)] = {"job": job, "target": job["target"], "kind": job["kind"],
-                              "config": f"{job['n']}x{job['n']} SF{job['bits']}", "k_max": job["k_max"],
-                              "overlap_drain": job.get("overlap", True),
-                              "skipped": f"not run: about {job['estimate']} LUT4 extrapolated from 2x2/4x4, "
-                                         f"> {SKIP_FACTOR}x the device's {TARGETS[job['target']].capacity['luts']}"}
-    boards = [] if quick else _pool_map(_run_board, ["icebreaker", "ulx3s-25f", "orangecrab-25f"])
-    for b in boards:
-        print(f"  board {b['board']}: {b.get('wall_s')} s, Fmax {b.get('fmax_mhz')}, {b.get('error', 'ok')}", flush=True)
+    if quick:
+        jobs = [dict(target=t, kind="accel", rows=2, cols=2, bits=b, mhz=REF_MHZ[t], place=False)
+                for t in TARGETS for b in (4, 8)]
+        runs = _pool_map(_run_job, jobs)
+        sections = [("What was run", "Quick mode: 2x2 SF4 and SF8 accelerators, packed (no placement)."),
+                    ("Accelerators", _simple_table(runs))]
+        write_report(out_dir, "fpga", "FPGA synthesis: SFx accelerator (quick)", sections, {"runs": runs},
+                     command="sfx bench fpga --quick")
+        return
 
-    rows = sorted(results.values(), key=lambda r: (r["target"], r["job"]["bits"], r["job"]["n"], -r["job"]["k_max"],
-                                                  not r["job"].get("overlap", True), KINDS.index(r["kind"])))
-    sections = [("What was run", _what(quick, results, skipped, time.perf_counter() - t_start))]
-    sections.append(("Targets", _targets(results)))
-    for target in TARGETS:
-        sections.append((f"{target}: accelerator", _accel_table(rows, target, markdown_table)))
-        sections.append((f"{target}: sign-magnitude vs two's complement PE arrays",
-                         _compare_table(rows, target, markdown_table)))
-    png = _plot(rows, Path(out_dir))
-    sections.append(("LUTs per PE against bits",
-                     f"![LUT4 per PE vs bits]({png.name})\n\n"
-                     "Core LUT4s of the 4x4 PE arrays divided by 16 (Yosys, after mapping; the array's "
-                     "registers and broadcast included), sign-magnitude (`sm-array`, SFx) and two's "
-                     "complement (`tc-array`), both targets. Points where the array does not fit the "
-                     "device are still synthesized counts." if png else "(matplotlib missing: no plot)"))
-    if boards:
-        sections.append(("Bitstreams (sfx build-board)", _boards_table(boards, markdown_table)))
-    sections.append(("How to read this", _notes()))
-    data = {"results": rows, "boards": boards, "skipped": skipped, "quick": quick}
-    write_report(out_dir, "fpga", "FPGA synthesis: SFx accelerator and PE arrays", sections, data,
-                 command=f"sfx bench fpga{' --quick' if quick else ''}")
+    # Flagships and their comparisons (placed, core packed alone).
+    ice, sf8 = ICE40_GOAL, ECP5_SF8_GOAL
+    flag_jobs = [
+        dict(target=ice["target"], kind="accel", rows=8, cols=8, bits=4, mhz=ice["mhz"], core=True),
+        dict(target=ice["target"], kind="sm-array", rows=8, cols=8, bits=4, mhz=ice["mhz"], core=True),
+        dict(target=sf8["target"], kind="accel", rows=8, cols=8, bits=8, mhz=sf8["mhz"], core=True),
+        dict(target=ice["target"], kind="tc-accel", rows=8, cols=8, bits=4, mhz=ice["mhz"], core=True),
+        dict(target=ice["target"], kind="tc-array", rows=8, cols=8, bits=4, mhz=ice["mhz"], core=True),
+        dict(target=sf8["target"], kind="tc-accel", rows=8, cols=8, bits=8, mhz=sf8["mhz"], core=True),
+        dict(target=sf8["target"], kind="sm-array", rows=8, cols=8, bits=8, mhz=sf8["mhz"], core=True),
+        dict(target=sf8["target"], kind="tc-array", rows=8, cols=8, bits=8, mhz=sf8["mhz"], core=True),
+    ]
+    flags = _pool_map(_run_job, flag_jobs)
+    for s in flags:
+        print(f"  {s['target']} {s['kind']} {s['config']}: {_brief(s)}", flush=True)
+    searches = _pool_map(_search_job, [(t, b) for t in TARGETS for b in WIDTHS])
+    for se in searches:
+        print(f"  largest {se['target']} SF{se['bits']}: {se.get('rows')}x{se.get('cols')} "
+              f"{_brief(se['final']) if se.get('final') else se.get('error')}", flush=True)
+    by_tb = {(se["target"], se["bits"]): se for se in searches}
+    # SFx vs two's complement at the largest ECP5 SF4 array as well.
+    big = by_tb.get(("ecp5-25k", 4), {})
+    if big.get("rows"):
+        extra = _pool_map(_run_job, [dict(target="ecp5-25k", kind="tc-accel", rows=big["rows"], cols=big["cols"],
+                                          bits=4, mhz=REF_MHZ["ecp5-25k"])])
+        flags += extra
+    board_args = []
+    for name in BOARD_NAMES:
+        from superfloat.hw.fpga.boards import BOARDS
+
+        tgt = BOARDS[name].target
+        for bits in (4, 8):
+            se = by_tb.get((tgt, bits), {})
+            if se.get("rows"):
+                board_args.append((name, bits, (se["rows"], se["cols"]), (se.get("final") or {}).get("fmax_mhz")))
+    boards = _pool_map(_board_job, board_args)
+    for b in boards:
+        f = b["final"]
+        print(f"  board {b['board']} SF{b['bits']}: {f.get('config')} {f.get('clock_mhz')} MHz "
+              f"Fmax {f.get('fmax_mhz')} {f.get('error', 'ok')}", flush=True)
+
+    png = _plot(searches, Path(out_dir))
+    sections = [
+        ("What was run", _what(flags, searches, boards, time.perf_counter() - t_start)),
+        ("Targets", _targets(flags, by_tb)),
+        ("Largest configuration per target and width", _largest_table(searches) +
+         (f"\n\n![largest arrays]({png.name})" if png else "\n\n(matplotlib missing: no plot)")),
+        ("SFx against two's complement", _compare_table(flags)),
+        ("Bitstreams and the host link", _boards_table(boards)),
+        ("How to read this", _notes()),
+    ]
+    data = {"flagships": flags, "searches": searches, "boards": boards}
+    write_report(out_dir, "fpga", "FPGA: the SFx accelerator on the edge boards", sections, data,
+                 command="sfx bench fpga")
+
+
+# --------------------------------------------------------------------------- report
 
 
 def _brief(r: dict) -> str:
-    if "error" in r:
-        return f"{r.get('step')}: {r['error'][:100]}"
-    return f"LUT {r['luts']} FF {r['ffs']} DSP {r['dsps']} Fmax {r['fmax_mhz']} ({r.get('wall_s')} s{' cached' if r.get('cached') else ''})"
-
-
-def _fmt_fit(r: dict) -> str:
-    if r.get("skipped"):
-        return "not run"
     if r.get("error"):
-        return "no" if r.get("step") == "fit" else f"failed ({r.get('step')})"
-    return "yes"
+        return f"{r.get('step')}: {r['error'][:100]}"
+    return (f"LUT {r.get('luts')} FF {r.get('ffs')} DSP {r.get('dsps')} logic {r.get('device_logic')} "
+            f"core {r.get('core_logic')} Fmax {r.get('fmax_mhz')} ({r.get('wall_s')} s{' cached' if r.get('cached') else ''})")
 
 
-def _accel_table(rows, target, markdown_table) -> str:
-    out = []
-    for r in rows:
-        if r["target"] != target or r["kind"] != "accel":
-            continue
-        j = r["job"]
-        ov = "yes" if j.get("overlap", True) else "no"
-        if r.get("skipped"):
-            out.append([r["config"], j["k_max"], ov, "-", "-", "-", "-", "-", "-", "-", "-", r["skipped"], "-"])
-            continue
-        plan = r.get("dsp_plan") or {}
-        cp = r.get("critical_path")
-        cps = f"{cp['from']} -> {cp['to']} ({cp['delay_ns']} ns, {cp['logic_levels']} cells)" if cp else "-"
-        out.append([r["config"], j["k_max"], ov, r.get("acc_bits"), r.get("luts"), r.get("ffs"),
-                    f"{r.get('dsps')} ({plan.get('dsp_pes')} PEs{', clamp' if plan.get('clamp_impl') == 'dsp' else ''})",
-                    r.get("brams"), r.get("device_logic") or "-", r.get("fmax_mhz") or "-",
-                    r.get("peak_gmacs") or "-", _fmt_fit(r) + (f": {r['error'][:90]}" if r.get("error") else ""), cps])
-    return markdown_table(["config", "k_max", "overlap", "A", "LUT4", "FF", "DSP", "BRAM", "logic used (with wrapper)",
-                           "Fmax MHz", "peak GMAC/s", "fits", "critical path"], out)
+def _find(flags: list, target: str, kind: str, rows: int, bits: int) -> dict:
+    for s in flags:
+        if (s["target"], s["kind"], s["rows"], s["a_bits"]) == (target, kind, rows, bits):
+            return s
+    return {}
 
 
-def _compare_table(rows, target, markdown_table) -> str:
-    by = {}
-    for r in rows:
-        if r["target"] == target and r["kind"] != "accel":
-            by[(r["job"]["bits"], r["job"]["n"], r["kind"])] = r
-    out = []
-    for (bits, n, kind), sm in sorted(by.items()):
-        if kind != "sm-array":
-            continue
-        tc = by.get((bits, n, "tc-array"), {})
-
-        def cell(r, key):
-            return "-" if r.get("skipped") else (r.get(key) if r.get(key) is not None else "-")
-
-        saving = "-"
-        if sm.get("luts") and tc.get("luts"):
-            saving = f"{100 * (1 - sm['luts'] / tc['luts']):.1f} %"
-        out.append([f"{n}x{n} SF{bits}", cell(sm, "luts"), cell(tc, "luts"), saving, cell(sm, "ffs"), cell(tc, "ffs"),
-                    cell(sm, "fmax_mhz"), cell(tc, "fmax_mhz"),
-                    cell(sm, "peak_gmacs"), cell(tc, "peak_gmacs"), f"{_fmt_fit(sm)} / {_fmt_fit(tc)}"])
-    return markdown_table(["array", "LUT4 SM", "LUT4 2C", "SM saves", "FF SM", "FF 2C", "Fmax SM", "Fmax 2C",
-                           "GMAC/s SM", "GMAC/s 2C", "fits SM / 2C"], out)
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
 
 
-def _targets(results: dict) -> str:
-    from superfloat.sw import sfx
-
+def _targets(flags: list, by_tb: dict) -> str:
+    g = ICE40_GOAL
+    acc = _find(flags, g["target"], "accel", g["n"], g["bits"])
+    arr = _find(flags, g["target"], "sm-array", g["n"], g["bits"])
     lines = []
-    for target, n, bits, goal in TARGET_GOALS:
-        for k, overlap in [(sfx.DEFAULT_K_MAX, True), *GOAL_VARIANTS[target]]:
-            r = results.get((target, "accel", n, bits, k, overlap))
-            if r is None:
-                continue
-            what = (f"{n}x{n} SF{bits} on {target} (k_max {k}{', no overlapped drain' if not overlap else ''}), "
-                    f"goal >= {goal:g} MHz")
-            if r.get("skipped"):
-                lines.append(f"* {what}: {r['skipped']}.")
-            elif r.get("error"):
-                lines.append(f"* {what}: **not reached**: {r['error']} (core {r.get('luts')} LUT4, "
-                             f"{r.get('ffs')} FF).")
-            else:
-                ok = r["fmax_mhz"] >= goal
-                lines.append(f"* {what}: {'**reached**' if ok else '**missed**'}: Fmax {r['fmax_mhz']} MHz, "
-                             f"{r['device_logic']} logic, {r['dsps']} DSP, peak {r['peak_gmacs']} GMAC/s.")
-    if lines:
-        lines += ["", *_target_notes(results)]
-    return "\n".join(lines) or "(not run in quick mode)"
-
-
-def _lcs_needed(error: str | None) -> int | None:
-    """Logic cells nextpnr tried to place, from the flow's fit message (``ICESTORM_LC N/5280``) or
-    nextpnr's own ('Failed to expand region ... of N ICESTORM_LCs')."""
-    import re
-
-    m = re.search(r"of (\d+) ICESTORM_LCs|ICESTORM_LC (\d+)/", error or "")
-    return int(m.group(1) or m.group(2)) if m else None
-
-
-def _target_notes(results: dict) -> list[str]:
-    """Why each target is reached or not, from the runs themselves (array alone against the
-    accelerator, cells needed, critical paths)."""
-    from superfloat.sw import sfx
-
-    notes = []
-    for target, n, bits, goal in TARGET_GOALS:
-        k = sfx.DEFAULT_K_MAX
-        arr = results.get((target, "sm-array", n, bits, k, True))
-        accels = [r for (t, kind, m, b, _, _), r in results.items()
-                  if (t, kind, m, b) == (target, "accel", n, bits) and not r.get("skipped")]
-        if not arr or not accels:
-            continue
-        cap = TARGETS[target].capacity["luts"]
-        head = f"* {n}x{n} SF{bits} on {target}: the bare PE array (`sm-array`, logic multipliers) "
-        if arr.get("fmax_mhz"):
-            head += (f"places in {arr['device_logic']} logic cells at {arr['fmax_mhz']} MHz "
-                     f"(critical path {_path(arr)}). ")
-        else:
-            head += f"does not place ({arr.get('error')}). "
-        fitting = [r for r in accels if r.get("fmax_mhz")]
-        if not fitting:
-            needed = [x for x in (_lcs_needed(r.get("error")) for r in accels) if x]
-            head += ("The accelerator around it (command and tile control, activation/weight feeds, the "
-                     "overlapped-drain shadow registers, result FIFO, clamp unit) does not fit"
-                     + (f": {'its variants need' if len(needed) > 1 else 'it needs'} "
-                        f"{min(needed)}{'' if min(needed) == max(needed) else f'-{max(needed)}'} logic cells "
-                        f"against the device's {cap}" if needed else "") +
-                     ". A smaller array (the 4x4 accelerator fits) or moving the feeds and shadow registers "
-                     "into block RAM would be needed.")
-        else:
-            best = max(fitting, key=lambda r: r["fmax_mhz"])
-            pes = n * n
-            head += (f"The accelerator's best variant reaches {best['fmax_mhz']} MHz with {best['dsp_pes']} of "
-                     f"{pes} PEs on DSP blocks (the device has {TARGETS[target].capacity['dsps']}); critical "
-                     f"path {_path(best)}.")
-            if best["fmax_mhz"] < goal and arr.get("fmax_mhz") and arr["fmax_mhz"] < goal:
-                head += (f" The array alone misses {goal:g} MHz as well: a {bits - 1} x {bits - 1}-bit "
-                         f"magnitude product in LUTs in one cycle is one limit, so reaching the goal needs a "
-                         f"pipelined logic multiplier (one more register stage in the non-DSP PEs), and "
-                         f"registered fan-out of the control state where the critical path is in the control.")
-        notes.append(head)
-    return notes
+    cap = TARGETS[g["target"]].capacity["luts"]
+    pes = g["n"] * g["n"]
+    if acc.get("fmax_mhz") and arr.get("core_logic") and acc.get("core_logic"):
+        used = _logic_used(acc)
+        per_pe = arr["core_logic"] / pes
+        over = (acc["core_logic"] - arr["core_logic"]) / arr["core_logic"]
+        checks = [
+            (f"fits with {used}/{cap} logic cells ({_pct(used / cap)}, goal <= {_pct(g['logic'])})",
+             used <= g["logic"] * cap),
+            (f"Fmax {acc['fmax_mhz']} MHz (goal >= {g['mhz']:g})", acc["fmax_mhz"] >= g["mhz"]),
+            (f"bare array {arr['core_logic']} logic cells = {per_pe:.1f} per PE (goal <= {g['lc_per_pe']:g})",
+             per_pe <= g["lc_per_pe"]),
+            (f"everything but the array {acc['core_logic'] - arr['core_logic']} logic cells = {_pct(over)} of the "
+             f"array's (goal <= {_pct(g['overhead'])}; accelerator core {acc['core_logic']} cells)",
+             over <= g["overhead"]),
+        ]
+        lines.append(f"* **8x8 SF4 accelerator on ice40-up5k** (k_max {acc['k_max']}, {acc['arch_plan']['reason']}):")
+        lines += [f"  * {txt}: **{'met' if ok else 'missed'}**" for txt, ok in checks]
+        lines.append(f"  * critical path: {_path(acc)}; peak {acc.get('peak_gmacs')} GMAC/s")
+    else:
+        lines.append(f"* 8x8 SF4 accelerator on ice40-up5k: **not measured**: {acc.get('error') or arr.get('error')}")
+    g = ECP5_SF8_GOAL
+    acc = _find(flags, g["target"], "accel", g["n"], g["bits"])
+    if acc.get("fmax_mhz"):
+        ok = acc["fmax_mhz"] >= g["mhz"]
+        lines.append(f"* **8x8 SF8 accelerator on ecp5-25k**: Fmax {acc['fmax_mhz']} MHz (goal >= {g['mhz']:g}): "
+                     f"**{'met' if ok else 'missed'}**; {acc['device_logic']} logic, {acc['dsps']} DSP "
+                     f"({acc['dsp_plan']['dsp_pes']} PEs), peak {acc['peak_gmacs']} GMAC/s; critical path "
+                     f"{_path(acc)}")
+    else:
+        lines.append(f"* 8x8 SF8 accelerator on ecp5-25k: **not measured**: {acc.get('error')}")
+    g = ECP5_SF4_GOAL
+    se = by_tb.get((g["target"], g["bits"]), {})
+    fin = se.get("final") or {}
+    if fin.get("fmax_mhz"):
+        pes = se["rows"] * se["cols"]
+        ok = pes >= g["pes"] and fin["fmax_mhz"] >= g["mhz"]
+        lines.append(f"* **largest SF4 array on ecp5-25k**: {se['rows']}x{se['cols']} ({pes} PEs, goal >= "
+                     f"{g['pes']}) at {fin['fmax_mhz']} MHz (goal >= {g['mhz']:g}): **{'met' if ok else 'missed'}**; "
+                     f"{fin['device_logic']} logic, peak {fin['peak_gmacs']} GMAC/s")
+    else:
+        lines.append(f"* largest SF4 array on ecp5-25k: **not measured**: {se.get('error') or fin.get('error')}")
+    return "\n".join(lines)
 
 
 def _path(r: dict) -> str:
     cp = r.get("critical_path") or {}
     if not cp:
         return "n/a"
-    return f"{cp.get('from')} -> {cp.get('to')}, {cp.get('delay_ns')} ns, {cp.get('logic_levels')} levels"
+    return f"{cp.get('from')} -> {cp.get('to')} ({cp.get('delay_ns')} ns, {cp.get('logic_levels')} cells)"
 
 
-def _boards_table(boards, markdown_table) -> str:
+def _largest_table(searches: list) -> str:
+    from superfloat.bench import markdown_table
+
+    rows = []
+    for se in sorted(searches, key=lambda s: (s["target"], s["bits"])):
+        f = se.get("final") or {}
+        if not se.get("rows"):
+            rows.append([se["target"], f"SF{se['bits']}", "-", "-", "-", "-", "-", "-", "-", "-", se.get("error")])
+            continue
+        ap = f.get("arch_plan") or {}
+        rows.append([se["target"], f"SF{se['bits']}", f"{se['rows']}x{se['cols']}", se["rows"] * se["cols"],
+                     f.get("device_logic") or "-", f.get("fmax_mhz") or "-", f.get("luts"), f.get("ffs"),
+                     f.get("dsps"), f.get("brams"), f.get("peak_gmacs") or "-",
+                     f"{'overlap' if ap.get('overlap_drain') else 'no overlap'}, chunk {ap.get('chunk_k')}"
+                     + (f"; {f['error']}" if f.get("error") else "")])
+    return markdown_table(["target", "width", "rows x cols", "PEs", "logic used", "Fmax MHz", "LUT4 (core)",
+                           "FF (core)", "DSP", "BRAM", "peak GMAC/s", "array / note"], rows)
+
+
+def _compare_table(flags: list) -> str:
+    from superfloat.bench import markdown_table
+
     out = []
+    pairs = sorted({(s["target"], s["rows"], s["cols"], s["a_bits"], "array" if "array" in s["kind"] else "accel")
+                    for s in flags})
+    for target, r, c, bits, what in pairs:
+        sm = next((s for s in flags if (s["target"], s["rows"], s["cols"], s["a_bits"]) == (target, r, c, bits)
+                   and s["kind"] == ("accel" if what == "accel" else "sm-array")), {})
+        tc = next((s for s in flags if (s["target"], s["rows"], s["cols"], s["a_bits"]) == (target, r, c, bits)
+                   and s["kind"] == ("tc-accel" if what == "accel" else "tc-array")), {})
+        if not sm or not tc:
+            continue
+
+        def cell(s, k):
+            v = s.get(k)
+            return "-" if v is None else v
+
+        saves = "-"
+        key = "core_logic" if sm.get("core_logic") and tc.get("core_logic") else "luts"
+        if sm.get(key) and tc.get(key):
+            saves = _pct(1 - sm[key] / tc[key])
+        out.append([target, f"{r}x{c} SF{bits} {'accelerator' if what == 'accel' else 'array'}",
+                    cell(sm, "core_logic"), cell(tc, "core_logic"), cell(sm, "luts"), cell(tc, "luts"), saves,
+                    cell(sm, "ffs"), cell(tc, "ffs"), cell(sm, "fmax_mhz"), cell(tc, "fmax_mhz"),
+                    cell(sm, "peak_gmacs"), cell(tc, "peak_gmacs")])
+    return markdown_table(["target", "design", "cells SFx", "cells 2C", "LUT4 SFx", "LUT4 2C", "SFx saves",
+                           "FF SFx", "FF 2C", "Fmax SFx", "Fmax 2C", "GMAC/s SFx", "GMAC/s 2C"], out)
+
+
+def _boards_table(boards: list) -> str:
+    from superfloat.bench import markdown_table
+    from superfloat.hw.fpga.host import link_cost
+
+    rows, link_rows = [], []
     for b in boards:
-        ts = b.get("tool_seconds", {})
-        out.append([b["board"], b["config"], f"{b['clock_mhz']:g}", b.get("fmax_mhz") or "-", b.get("device_logic") or "-",
-                    b.get("dsps"), b.get("brams"), ts.get("yosys", "-"), ts.get("nextpnr", "-"), ts.get("pack", "-"),
-                    b.get("wall_s"), b.get("error", "ok")])
-    return markdown_table(["board", "config", "clock MHz", "Fmax MHz", "logic used", "DSP", "BRAM", "yosys s",
-                           "nextpnr s", "pack s", "total s", "status"], out)
+        f = b["final"]
+        ts = f.get("tool_seconds", {})
+        status = f.get("error") or ("timing met" if f.get("met_timing") else "timing MISSED")
+        rows.append([b["board"], f.get("config"), f.get("oscillator_mhz"), f.get("clock_mhz"), f.get("fmax_mhz"),
+                     f.get("device_logic"), f.get("dsps"), f.get("brams"), f.get("baud"), f.get("bridge"),
+                     len(b["tries"]), sum(t.get("wall_s", 0) for t in b["tries"]), status])
+        if f.get("baud") and not f.get("error"):
+            lc = link_cost(QPROJ["t"], QPROJ["n"], QPROJ["k"], rows=f["rows"], cols=f["cols"], a_bits=f["a_bits"],
+                           k_max=f["k_max"], baud=f["baud"])
+            compute_s = (QPROJ["t"] * QPROJ["n"] * QPROJ["k"]) / (f["rows"] * f["cols"] * f["clock_mhz"] * 1e6)
+            b["qproj"] = lc
+            link_rows.append([b["board"], f.get("config"), f["baud"], f"{lc['line_bytes_per_s']:.0f}",
+                              lc["bytes_to_board"], lc["bytes_from_board"], f"{lc['seconds']:.3f}",
+                              f"{compute_s * 1e3:.3f}", f"{lc['macs_per_s'] / 1e6:.2f}"])
+    t1 = markdown_table(["board", "config", "oscillator MHz", "PLL clock MHz", "Fmax MHz", "logic used", "DSP", "BRAM",
+                         "UART baud", "USB bridge", "builds", "build s", "status"], rows)
+    t2 = markdown_table(["board", "config", "baud", "line bytes/s each way", "bytes to board", "bytes from board",
+                         "q_proj over the link s", "q_proj compute ms (peak)", "effective MMAC/s"], link_rows)
+    return (t1 + "\n\nOne SmolLM2-135M q_proj (8 tokens, K = N = 576) over the UART link "
+            "(`superfloat.hw.fpga.host.link_cost`: every frame of the protocol counted, 8N1 at the baud rate, "
+            "both directions at once; compute time at the PLL clock and one MAC per PE per cycle):\n\n" + t2)
 
 
-def _plot(rows, out_dir: Path) -> Path | None:
+def _simple_table(runs: list) -> str:
+    from superfloat.bench import markdown_table
+
+    return markdown_table(["target", "config", "LUT4", "FF", "DSP", "BRAM", "logic (packed)"],
+                          [[r["target"], r["config"], r.get("luts"), r.get("ffs"), r.get("dsps"), r.get("brams"),
+                            r.get("device_logic")] for r in runs])
+
+
+def _plot(searches: list, out_dir: Path) -> Path | None:
     try:
         import matplotlib
 
@@ -334,24 +446,25 @@ def _plot(rows, out_dir: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=False)
-    sizes = {r["job"]["n"] for r in rows if r["kind"] != "accel" and r.get("luts")}
-    n = 4 if 4 in sizes else min(sizes, default=4)
-    for ax, target in zip(axes, TARGETS):
-        for kind, style, label in (("sm-array", "o-", "sign-magnitude (SFx)"), ("tc-array", "s--", "two's complement")):
-            pts = sorted((r["job"]["bits"], r["luts"] / (n * n)) for r in rows
-                         if r["target"] == target and r["kind"] == kind and r["job"]["n"] == n and r.get("luts"))
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
-        ax.set_title(f"{target}: {n}x{n} PE array")
-        ax.set_xlabel("bits per operand (x of SFx / intx)")
-        ax.set_ylabel("LUT4 per PE")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for target, marker in zip(TARGETS, ("o", "s")):
+        pts = sorted((se["bits"], se["rows"] * se["cols"], (se.get("final") or {}).get("peak_gmacs") or 0)
+                     for se in searches if se["target"] == target and se.get("rows"))
+        if not pts:
+            continue
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker + "-", label=target)
+        axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker + "-", label=target)
+    axes[0].set_ylabel("PEs of the largest array (10 % logic free)")
+    axes[1].set_ylabel("peak GMAC/s (PEs x Fmax)")
+    for ax in axes:
+        ax.set_xlabel("SFx width (activations = weights = outputs)")
         ax.set_xticks(list(WIDTHS))
+        ax.set_yscale("log", base=2)
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "fpga_luts_vs_bits.png"
+    path = out_dir / "fpga_largest.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -366,7 +479,7 @@ def _source_version() -> str:
     env = os.environ.get("SFX_SOURCE_COMMIT")
     if env:
         return env
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
                               timeout=10).stdout.strip()
@@ -377,30 +490,35 @@ def _source_version() -> str:
     return (head or "unknown") + (" with uncommitted changes in hw/" if dirty else "")
 
 
-def _what(quick, results, skipped, seconds) -> str:
-    n_run = sum(1 for r in results.values() if not r.get("skipped"))
-    n_cached = sum(1 for r in results.values() if r.get("cached"))
-    return (f"RTL of commit {_source_version()}. "
-            f"{'Quick mode: 2x2 arrays, SF4 and SF8, no boards. ' if quick else ''}"
-            f"{n_run} synthesis runs ({n_cached} reused from the cache of an identical earlier run), "
-            f"{len(skipped)} not run because they cannot fit (extrapolated), in {seconds / 60:.1f} min on "
-            f"2 parallel workers. Every run: Yosys + nextpnr place and route at the target's reference clock "
-            f"(40 MHz iCE40 UP5K, 100 MHz ECP5-25k speed 6), seed 1, the core inside the 5-pin scan wrapper "
-            f"(docs/fpga.md). A design that does not fit stops after synthesis (its LUT/FF counts are Yosys').")
+def _what(flags, searches, boards, seconds) -> str:
+    runs = list(flags) + [r for se in searches for r in se.get("runs", [])]
+    n_cached = sum(1 for r in runs if r.get("cached"))
+    n_pack = sum(1 for r in runs if r.get("placed") is False)
+    n_boards = sum(len(b["tries"]) for b in boards)
+    return (f"RTL of commit {_source_version()}. {len(runs)} synthesis runs ({n_pack} packed only, "
+            f"{n_cached} reused from the cache of an identical earlier run) and {n_boards} board builds, in "
+            f"{seconds / 60:.1f} min on 2 parallel workers. Every run: Yosys + nextpnr (seed 1) with the core "
+            f"inside the 5-pin scan wrapper (docs/fpga.md), clock constraint {REF_MHZ['ice40-up5k']:g} MHz on "
+            f"the iCE40 UP5K, {REF_MHZ['ecp5-25k']:g} MHz on the ECP5-25k (speed 6; {ECP5_SF8_GOAL['mhz']:g} "
+            f"MHz for the 8x8 SF8 flagship); k_max {16384} (SPEC's A), the array organisation of each target's "
+            f"plan (`hw/fpga/budget.py`, `plan_architecture`).")
 
 
 def _notes() -> str:
     return ("* LUT4 / FF / DSP / BRAM: the core alone (accelerator or PE array), from Yosys after mapping. "
-            "`logic used`: nextpnr's packed logic cells of the whole placed design, wrapper included "
-            "(ICESTORM_LC of 5280 / TRELLIS_COMB of 24288).\n"
-            "* Fmax: nextpnr after routing, one seed; peak GMAC/s = PEs x Fmax / 1000 (one MAC per PE per cycle).\n"
-            "* DSP column of the accelerator: blocks used (PEs with a DSP multiplier; `clamp`: the requantizer's "
-            "A x 16 multiplier is on DSPs). The PE arrays use logic multipliers only.\n"
-            "* SM saves = 1 - LUT4(sign-magnitude) / LUT4(two's complement), same array, same accumulator width "
-            "A = sfx.accumulator_bits(x, x, k_max).\n"
-            "* k_max sets the accumulator width A (SPEC section 3): 16384 (default) or 2048. overlap: the "
-            "accelerator's overlapped drain (shadow registers, the default); without it the PEs are smaller and "
-            "the array stalls while a tile drains (`--no-overlap-drain`).")
+            "`logic used`: nextpnr's packed logic of the whole design, scan wrapper included (ICESTORM_LC of "
+            "5280 / TRELLIS_COMB of 24288). `cells`: the core alone packed by nextpnr (`--pack-only`): the "
+            "cost of the core on the device without the wrapper.\n"
+            "* Fmax: nextpnr after routing, one seed; peak GMAC/s = PEs x Fmax / 1000 (one MAC per PE per "
+            "cycle). \"Largest\" shapes are checked packed (fit without placement), then placed and routed.\n"
+            "* The iCE40 array has no shadow registers (the array waits while a tile drains: about "
+            "rows x cols cycles per tile of K steps); the ECP5 array drains while it accumulates. Both "
+            "accumulate chunks of at most 512 products in the PEs (partial sums in block RAM).\n"
+            "* SFx saves = 1 - cells(SFx) / cells(two's complement), same accelerator or array, same widths, "
+            "same accumulator width, nothing else changed (`pe_kind`).\n"
+            "* Bitstreams: `sfx build-board`; the PLL clock is the frequency built for (the calculators' "
+            "nearest to the request), `Fmax` what nextpnr achieved; a first build that misses is rebuilt at "
+            "97 % of its Fmax.")
 
 
 def main() -> None:  # pragma: no cover - manual helper

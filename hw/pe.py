@@ -55,10 +55,20 @@ def _tree_sum(terms, m=None, stages=0):
 def _delay(m, value, cycles: int, name: str):
     """``value`` delayed by ``cycles`` registers (``value`` itself for 0)."""
     for k in range(cycles):
-        r = Signal(len(value), name=f"{name}_d{k}", reset_less=True)
+        r = Signal(value.shape(), name=f"{name}_d{k}", reset_less=True)
         m.d.sync += r.eq(value)
         value = r
     return value
+
+
+def _dsp_product(m, a, b, stages: int):
+    """``a * b`` for a DSP block with ``stages`` registers: the first on the operands (a DSP
+    block sits in a fixed column, far from the broadcast registers: the register next to it,
+    or inside it, takes the long route), the others after the product."""
+    if stages:
+        a = _delay(m, a, 1, "a_in")
+        b = _delay(m, b, 1, "b_in")
+    return _delay(m, a * b, max(0, stages - 1), "prod")
 
 
 class SFxMagnitudeMultiplier(wiring.Component):
@@ -75,7 +85,8 @@ class SFxMagnitudeMultiplier(wiring.Component):
     Latency: ``stages`` cycles (0: combinational). With ``impl="lut"`` the adder tree is
     cut by registers after its first ``stages`` levels (the partial sums of a wide
     product in one cycle are what limits the clock of a logic multiplier); with
-    ``impl="dsp"`` the product is registered ``stages`` times after the block.
+    ``impl="dsp"`` the first register holds the operands (next to, or inside, the DSP
+    block), the others the product.
     Throughput: one product per cycle.
 
     Parameters
@@ -130,7 +141,7 @@ class SFxMagnitudeMultiplier(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         if self._impl == "dsp":
-            m.d.comb += self.p.eq(_delay(m, self.a * self.b, self._stages, "prod"))
+            m.d.comb += self.p.eq(_dsp_product(m, self.a, self.b, self._stages))
             return m
         # Shifted-AND partial products, summed pairwise (a balanced tree of adders).
         terms = [(self.a & self.b[k].replicate(self._a_width)) << k for k in range(self._b_width)]
@@ -175,7 +186,7 @@ class TwosComplementMultiplier(wiring.Component):
         m = Module()
         n, k = self._a_width, self._b_width
         if self._impl == "dsp":
-            m.d.comb += self.p.eq(_delay(m, self.a * self.b, self._stages, "prod"))
+            m.d.comb += self.p.eq(_dsp_product(m, self.a, self.b, self._stages))
             return m
         a = self.a.as_unsigned()
         b = self.b.as_unsigned()

@@ -321,29 +321,35 @@ def test_serial_port_that_does_not_exist():
         host.run_linear_uart(x, w, a_bits=8, w_bits=8, out_bits=8, port="/dev/does-not-exist")
 
 
-def test_bench_target_notes_explain_from_the_runs():
-    """results/fpga.md's target notes are computed from the runs: cells the accelerator needed
-    (nextpnr's message) and, where Fmax is missed, whether the bare array misses it too."""
+def test_bench_candidate_shapes_and_prediction():
     from superfloat.bench import fpga as bench
 
-    k = sfx.DEFAULT_K_MAX
-    cp = {"from": "a", "to": "b", "delay_ns": 10.4, "logic_levels": 5}
-    res = {
-        ("ice40-up5k", "sm-array", 8, 4, k, True): dict(fmax_mhz=51.3, device_logic="4528/5280", critical_path=cp),
-        ("ice40-up5k", "accel", 8, 4, k, True): dict(error="design does not fit: it needs 5290 FFs"),
-        ("ice40-up5k", "accel", 8, 4, 2048, True): dict(
-            error="design does not fit ice40-up5k: it needs ICESTORM_LC 6883/5280 (130 %)"),
-        ("ice40-up5k", "accel", 8, 4, 2048, False): dict(
-            error="Failed to expand region (0, 0) |_> (25, 31) of 6647 ICESTORM_LCs 1 warning, 1 error"),
-        ("ecp5-25k", "sm-array", 8, 8, k, True): dict(fmax_mhz=95.5, device_logic="22122/24288", critical_path=cp),
-        ("ecp5-25k", "accel", 8, 8, k, True): dict(fmax_mhz=95.7, dsp_pes=26, critical_path=cp),
-    }
-    ice, ecp = bench._target_notes(res)
-    assert "51.3 MHz" in ice and "its variants need 6647-6883 logic cells against the device's 5280" in ice
-    assert "26 of 64 PEs on DSP blocks (the device has 28)" in ecp
-    assert "a 7 x 7-bit magnitude product in LUTs" in ecp
-    res[("ecp5-25k", "sm-array", 8, 8, k, True)]["fmax_mhz"] = 120.0
-    assert "magnitude product" not in bench._target_notes(res)[1]
+    shapes = bench.candidate_shapes()
+    pes = [r * c for r, c in shapes]
+    assert pes == sorted(pes) and len(set(pes)) == len(pes)          # one shape per PE count
+    assert all(r <= c <= 2 * r for r, c in shapes) and (16, 16) in shapes and (8, 8) in shapes
+    assert (12, 22) in shapes and (11, 23) not in shapes             # sides from SIDES only
+    # logic = 1000 + 40 per PE: 90 % of 5280 = 4752 -> 93 PEs
+    assert bench.predict_largest([(16, 1640), (64, 3560)], 5280) == 93
+    assert bench.predict_largest([(64, 3560), (16, 1640)], 5280) == 93
+
+
+def test_bench_targets_are_judged_from_the_runs():
+    """The Targets section computes every verdict from the runs (cells per PE of the bare
+    array, everything else against the array, logic, Fmax)."""
+    from superfloat.bench import fpga as bench
+
+    plan = {"reason": "no shadow registers"}
+    acc = {"target": "ice40-up5k", "kind": "accel", "rows": 8, "cols": 8, "a_bits": 4, "k_max": 16384,
+           "core_logic": 3800, "device_logic": "4400/5280", "fmax_mhz": 49.2, "arch_plan": plan,
+           "critical_path": {"from": "a", "to": "b", "delay_ns": 20.3, "logic_levels": 5}, "peak_gmacs": 3.1}
+    arr = {"target": "ice40-up5k", "kind": "sm-array", "rows": 8, "cols": 8, "a_bits": 4, "core_logic": 2746}
+    text = bench._targets([acc, arr], {})
+    assert "4400/5280 logic cells (83.3 %, goal <= 90.0 %): **met**" in text
+    assert "Fmax 49.2 MHz (goal >= 48): **met**" in text
+    assert "2746 logic cells = 42.9 per PE (goal <= 45): **met**" in text
+    assert "1054 logic cells = 38.4 % of the array's (goal <= 35.0 %" in text and "**missed**" in text
+    assert "8x8 SF8 accelerator on ecp5-25k: **not measured**" in text
 
 
 def test_link_cost_counts_every_frame():

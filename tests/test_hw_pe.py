@@ -182,6 +182,7 @@ def test_pipelined_multipliers_exhaustive(aw, bw, stages):
     top.submodules.lut = lut = SFxMagnitudeMultiplier(a_width=aw, b_width=bw, impl="lut", stages=stages)
     top.submodules.dsp = dsp = SFxMagnitudeMultiplier(a_width=aw, b_width=bw, impl="dsp", stages=stages)
     top.submodules.tc = tc = TwosComplementMultiplier(a_width=aw, b_width=bw, impl="lut", stages=stages)
+    top.submodules.tcd = tcd = TwosComplementMultiplier(a_width=aw, b_width=bw, impl="dsp", stages=stages)
     sim, _ = make_sim(top)
     pairs = [(a, b) for a in range(1 << aw) for b in range(1 << bw)]
     sx = lambda v, b: v - (1 << b) if v >> (b - 1) else v   # noqa: E731
@@ -190,13 +191,15 @@ def test_pipelined_multipliers_exhaustive(aw, bw, stages):
     async def tb(ctx):
         for c in range(len(pairs) + stages):
             if c < len(pairs):
-                for mul in (lut, dsp, tc):
-                    ctx.set(mul.a, pairs[c][0] if mul is not tc else sx(pairs[c][0], aw))
-                    ctx.set(mul.b, pairs[c][1] if mul is not tc else sx(pairs[c][1], bw))
+                for mul in (lut, dsp, tc, tcd):
+                    signed_in = mul in (tc, tcd)
+                    ctx.set(mul.a, sx(pairs[c][0], aw) if signed_in else pairs[c][0])
+                    ctx.set(mul.b, sx(pairs[c][1], bw) if signed_in else pairs[c][1])
             if c >= stages:
                 a, b = pairs[c - stages]
-                got = (ctx.get(lut.p), ctx.get(dsp.p), ctx.get(tc.p))
-                if got != (a * b, a * b, sx(a, aw) * sx(b, bw)):
+                got = (ctx.get(lut.p), ctx.get(dsp.p), ctx.get(tc.p), ctx.get(tcd.p))
+                want_tc = sx(a, aw) * sx(b, bw)
+                if got != (a * b, a * b, want_tc, want_tc):
                     bad.append((a, b, got))
             await ctx.tick()
 

@@ -34,7 +34,7 @@ __all__ = ["KINDS", "REFERENCE_MHZ", "config_name", "build_core", "synthesize"]
 KINDS = ("accel", "tc-accel", "sm-array", "tc-array")
 
 #: The clock constraint used when none is given (the targets of docs/fpga.md).
-REFERENCE_MHZ = {"ice40-up5k": 40.0, "ecp5-25k": 100.0}
+REFERENCE_MHZ = {"ice40-up5k": 48.0, "ecp5-25k": 100.0}
 
 
 def config_name(rows: int, cols: int, a_bits: int, w_bits: int, out_bits: int) -> str:
