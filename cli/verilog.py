@@ -9,6 +9,8 @@ from pathlib import Path
 
 from superfloat.sw import sfx
 
+from .argtypes import int_range, nonneg_int
+
 __all__ = ["register"]
 
 
@@ -45,8 +47,8 @@ def register(subparsers) -> None:
                          "self-checking Verilog testbench and test vectors from superfloat.sw.sfx.linear")
     ip.add_argument("--axi", action="store_true",
                     help="with --ip: add the AXI4-Stream-named wrapper NAME_axis and a sim_axi target")
-    ip.add_argument("--seed", type=int, default=0, help="with --ip: seed of the random test vectors (default 0)")
-    ip.add_argument("--ops", type=int, default=4,
+    ip.add_argument("--seed", type=nonneg_int, default=0, help="with --ip: seed of the random test vectors (default 0)")
+    ip.add_argument("--ops", type=int_range(1, 64), default=4,
                     help="with --ip: number of LINEAR operations in the test vectors (1..64, default 4)")
     p.set_defaults(func=_run)
 
@@ -66,12 +68,6 @@ def _run(args: argparse.Namespace) -> int:
               "in DIR/rtl/", file=sys.stderr)
         return 2
     try:
-        if args.ip is not None:   # check the vector options before the (slow) Verilog generation
-            from superfloat.hw.interface import AccelParams
-            from superfloat.hw.ip import random_ops
-
-            random_ops(AccelParams(rows=args.rows, cols=args.cols, a_bits=args.a_bits, w_bits=args.w_bits,
-                                   out_bits=args.out_bits, k_max=args.k_max), seed=args.seed, n_ops=args.ops)
         text = generate_verilog(rows=args.rows, cols=args.cols, a_bits=args.a_bits, w_bits=args.w_bits,
                                 out_bits=args.out_bits, k_max=args.k_max, dsp_pes=args.dsp_pes,
                                 clamp_impl=args.clamp_impl, overlap_drain=args.overlap_drain, name=args.name)

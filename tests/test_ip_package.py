@@ -216,7 +216,6 @@ def test_write_ip_refuses_foreign_folders(sf8_ip, tmp_path):
     ([], r"give -o FILE \(the Verilog\), --ip DIR \(an IP directory, docs/ip\.md\) or both"),
     (["-o", "x.v", "--axi"], r"--axi, --seed and --ops apply to the IP directory: add --ip DIR"),
     (["--ip", "d", "-o", "-"], r"-o - \(standard output\) cannot be combined with --ip"),
-    (["--ip", "d", "--ops", "0"], r"n_ops must be an int in 1\.\.64, got 0"),
 ])
 def test_cli_ip_errors(extra, match, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -225,6 +224,20 @@ def test_cli_ip_errors(extra, match, tmp_path, capsys, monkeypatch):
     assert err.startswith("sfx verilog: error: ")
     assert re.search(match, err), err
     assert not (tmp_path / "d").exists() and not (tmp_path / "x.v").exists()
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--ops", "0"], r"sfx verilog: error: argument --ops: must be an integer in 1\.\.64, got 0"),
+    (["--seed", "-2"], r"sfx verilog: error: argument --seed: must be an integer >= 0, got -2"),
+])
+def test_cli_ip_vector_flags_are_range_checked(extra, match, tmp_path, capsys):
+    from superfloat import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["verilog", *_cfg_argv(SF8), "--ip", str(tmp_path / "d"), *extra])
+    assert e.value.code == 2
+    assert re.search(match, capsys.readouterr().err.strip().splitlines()[-1])
+    assert not (tmp_path / "d").exists()
 
 
 # --------------------------------------------------------------------------- simulation through FuseSoC
