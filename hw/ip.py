@@ -91,10 +91,6 @@ class IpPackage:
     n_ops: int
     n_saturated: int
 
-    def code_at(self, beat: int, lane: int, out_bits: int) -> int:
-        """Expected code of ``res`` beat ``beat``, lane ``lane``."""
-        return (self.res_beats[beat].word >> (lane * out_bits)) & ((1 << out_bits) - 1)
-
 
 # --------------------------------------------------------------------------- test vectors
 
