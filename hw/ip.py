@@ -426,6 +426,7 @@ def testbench_verilog(p: AccelParams, summary: Mapping[str, Any], *, name: str =
         f"  parameter AXI = 0;                // 1: run against {name}_axis (AXI4-Stream names)"
         + ("" if axi else ": not generated for this IP"),
         "  parameter MAX_REPORTS = 20;       // mismatches printed in full",
+        "  parameter IDLE_X = 0;             // 1: payloads are X (not junk) between beats: a 4-state X check",
         f"  localparam N_OPS = {c['ops']};",
         *[f"  localparam N_{s.upper()} = {n[s]};" for s in ("cmd", "par", "act", "res")],
         *[f"  localparam W_{s.upper()} = {w[s]};" for s in ("cmd", "par", "act", "wgt", "res")],
@@ -508,7 +509,7 @@ def testbench_verilog(p: AccelParams, summary: Mapping[str, Any], *, name: str =
         L += [f"        {s}_i <= {s}_i + 1;",
               "      end else begin   // no beat: junk payload and tlast (the DUT must ignore them)",
               f"        {s}_valid <= 1'b0;",
-              f"        {s}_data <= {{{junk[s]}{{rng_{s} ^ 32'h5A5A5A5A}}}};",
+              f"        {s}_data <= IDLE_X != 0 ? {{W_{s.upper()}{{1'bx}}}} : {{{junk[s]}{{rng_{s} ^ 32'h5A5A5A5A}}}};",
               f"        {s}_last <= rng_{s}[0];",
               "      end",
               "    end",
@@ -721,7 +722,7 @@ def core_file(p: AccelParams, *, name: str, vlnv: str, axi: bool, vector_names: 
         "    flow_options:",
         "      tool: icarus",
         "    filesets: [rtl, tb, vectors]",
-        "    parameters: [SEED, STALL, MAX_CYCLES]",
+        "    parameters: [SEED, STALL, MAX_CYCLES, IDLE_X]",
         f"    toplevel: {name}_tb",
     ]
     if axi:
@@ -731,7 +732,7 @@ def core_file(p: AccelParams, *, name: str, vlnv: str, axi: bool, vector_names: 
             "    flow_options:",
             "      tool: icarus",
             "    filesets: [rtl, tb, vectors]",
-            "    parameters: [SEED, STALL, MAX_CYCLES, AXI=1]",
+            "    parameters: [SEED, STALL, MAX_CYCLES, IDLE_X, AXI=1]",
             f"    toplevel: {name}_tb",
         ]
     L += [
@@ -753,6 +754,11 @@ def core_file(p: AccelParams, *, name: str, vlnv: str, axi: bool, vector_names: 
         "    datatype: int",
         "    default: 64",
         "    description: 0..256, probability in 256ths that a source idles / the res sink is not ready in a cycle",
+        "    paramtype: vlogparam",
+        "  IDLE_X:",
+        "    datatype: int",
+        "    default: 0",
+        "    description: 1 drives X instead of junk on the input payloads between beats (4-state X-propagation check)",
         "    paramtype: vlogparam",
         "  MAX_CYCLES:",
         "    datatype: int",
