@@ -421,7 +421,7 @@ def testbench_verilog(p: AccelParams, summary: Mapping[str, Any], *, name: str =
         f"module {name}_tb;",
         "  parameter VECTORS = \"vectors\";   // folder of the .hex files, relative to where vvp runs",
         "  parameter SEED = 1;               // stall pattern",
-        "  parameter STALL = 64;             // 0..256: idle / not-ready probability per cycle, in 256ths",
+        "  parameter STALL = 64;             // 0..255: idle / not-ready probability per cycle, in 256ths",
         f"  parameter MAX_CYCLES = {max_cycles};   // fail (timeout) after this many cycles",
         f"  parameter AXI = 0;                // 1: run against {name}_axis (AXI4-Stream names)"
         + ("" if axi else ": not generated for this IP"),
@@ -753,7 +753,7 @@ def core_file(p: AccelParams, *, name: str, vlnv: str, axi: bool, vector_names: 
         "  STALL:",
         "    datatype: int",
         "    default: 64",
-        "    description: 0..256, probability in 256ths that a source idles / the res sink is not ready in a cycle",
+        "    description: 0..255, probability in 256ths that a source idles / the res sink is not ready in a cycle",
         "    paramtype: vlogparam",
         "  IDLE_X:",
         "    datatype: int",
