@@ -35,7 +35,12 @@ class MemFIFO(wiring.Component):
     ``width // lanes`` bits (a masked write into the word being filled), and ``w_commit``
     appends the word. This spares a register that would assemble the word first.
 
-    Parameters: ``width`` (1..4096), ``depth`` (2..65536), ``lanes`` (1.., divides ``width``).
+    With ``out_reg`` the memory's read register feeds one more register in the fabric, which
+    drives :attr:`r` (block-RAM clock-to-output is long on some FPGAs; one more word held,
+    one more cycle of latency).
+
+    Parameters: ``width`` (1..4096), ``depth`` (2..65536), ``lanes`` (1.., divides ``width``),
+    ``out_reg`` (bool, default ``False``).
 
     Members
     -------
@@ -51,21 +56,25 @@ class MemFIFO(wiring.Component):
         Words held (memory and output register).
     """
 
-    def __init__(self, *, width: int, depth: int, lanes: int = 1):
+    def __init__(self, *, width: int, depth: int, lanes: int = 1, out_reg: bool = False):
         with checking(self):
             self._width = check_int(width, "width", 1, 4096)
             self._depth = check_int(depth, "depth", 2, 1 << 16)
             self._lanes = check_int(lanes, "lanes", 1, self._width)
             if self._width % self._lanes:
                 raise ValueError(f"lanes must divide width {self._width}, got {lanes}")
+            if not isinstance(out_reg, bool):
+                raise TypeError(f"out_reg must be a bool, got {type(out_reg).__name__} {out_reg!r}")
+            self._out_reg = out_reg
         super().__init__({
             "w_en": In(self._lanes),
             "w_commit": In(1),
             "w_data": In(self._width),
             "r": Out(stream.Signature(self._width)),
-            "level": Out(range(self._depth + 2)),
+            "level": Out(range(self._depth + 3)),
         })
 
+    out_reg = property(lambda self: self._out_reg)
     width = property(lambda self: self._width)
     depth = property(lambda self: self._depth)
     lanes = property(lambda self: self._lanes)
@@ -81,13 +90,25 @@ class MemFIFO(wiring.Component):
         count = Signal(range(d + 1))   # words in the memory
         valid = Signal()               # the read port's register holds a word
 
-        taken = self.r.valid & self.r.ready
+        if self._out_reg:
+            q_valid = Signal()
+            q_data = Signal(self._width, reset_less=True)
+            q_taken = q_valid & self.r.ready
+            move = valid & (~q_valid | q_taken)     # read register -> output register
+            taken = move
+            with m.If(move):
+                m.d.sync += [q_data.eq(rp.data), q_valid.eq(1)]
+            with m.Elif(q_taken):
+                m.d.sync += q_valid.eq(0)
+            m.d.comb += [self.r.payload.eq(q_data), self.r.valid.eq(q_valid),
+                         self.level.eq(count + valid + q_valid)]
+        else:
+            taken = self.r.valid & self.r.ready
+            m.d.comb += [self.r.payload.eq(rp.data), self.r.valid.eq(valid), self.level.eq(count + valid)]
         fetch = (count != 0) & (~valid | taken)
         m.d.comb += [
             wp.addr.eq(w_ptr), wp.data.eq(self.w_data), wp.en.eq(self.w_en),
             rp.addr.eq(r_ptr), rp.en.eq(fetch),
-            self.r.payload.eq(rp.data), self.r.valid.eq(valid),
-            self.level.eq(count + valid),
         ]
         with m.If(self.w_commit):
             with m.If(w_ptr == d - 1):

@@ -20,12 +20,14 @@ For every SFx width (2..16 bits, magnitudes up to 15 bits) a DSP PE costs one bl
 none.
 
 Policy: a PE gets a DSP only when its magnitude product has at least
-:data:`PE_DSP_MIN_PRODUCT_BITS` (11) bits, on both families (Yosys' own iCE40 threshold).
-A narrower product is a handful of LUTs, and a DSP block sits in a fixed column away from
-the PE's logic: measured on an 8x8 SF4 accelerator on ECP5-25k, 26 DSP PEs gave 89.0 MHz
-and 5136 LUT4s, logic PEs 107.7 MHz and 5539 LUT4s (the critical path ran from the
-activation broadcast into a distant MULT18X18D). Two's complement baselines (signed ``x``-bit operands) use the same rules with
-the full width.
+:data:`PE_DSP_MIN_PRODUCT_BITS` bits: 11 on the iCE40 (Yosys' own threshold), 15 on the
+ECP5 (SF16 products only). A DSP block sits in a fixed column away from the PE's logic,
+and the broadcast activation register of a row feeds all of its PEs (Yosys merges the
+operand registers of DSP PEs of one row into one): on the ECP5 at the 125 MHz the SF8
+array is built for, the route to the far DSP blocks set the clock (4x4 SF8: 97.6 MHz
+with DSP PEs, 115.7 MHz with logic PEs, where the block-RAM FIFO output was then the
+critical path), and the ECP5-25k has the logic for 64 SF8 logic multipliers. Two's
+complement baselines (signed ``x``-bit operands) use the same rules with the full width.
 
 The accelerator has one more multiplier: the clamp unit's ``A x 16`` product
 (accumulator times the per-channel ``mult``), ``A = sfx.accumulator_bits(...)``, 2 or 3
@@ -63,7 +65,7 @@ DSP_FAMILIES = {
 }
 
 #: Smallest magnitude product (bits) worth a DSP block in a PE (see the module doc).
-PE_DSP_MIN_PRODUCT_BITS = 11
+PE_DSP_MIN_PRODUCT_BITS = {"ice40": 11, "ecp5": 15}
 
 #: DSP blocks of each synthesis target (iCE40 UP5K: 8 SB_MAC16; ECP5 LFE5U-25F: 28 MULT18X18D).
 _TARGET_DSPS = {"ice40-up5k": ("ice40", 8), "ecp5-25k": ("ecp5", 28)}
@@ -147,14 +149,15 @@ def plan_dsp_pes(target: str, *, rows: int, cols: int, a_bits: int, w_bits: int,
     clamp_dsps = clamp_need if clamp_impl == "dsp" else 0
     left = usable - clamp_dsps
     product_bits = (a_bits - 1) + (w_bits - 1)
-    per_pe = dsps_per_multiplier(target, a_bits - 1, w_bits - 1) if product_bits >= PE_DSP_MIN_PRODUCT_BITS else 0
+    min_bits = PE_DSP_MIN_PRODUCT_BITS[family]
+    per_pe = dsps_per_multiplier(target, a_bits - 1, w_bits - 1) if product_bits >= min_bits else 0
     pes = rows * cols
     clamp_txt = (f"clamp multiplier {acc}x16 on {clamp_dsps} {cell}" if clamp_impl == "dsp"
                  else f"clamp multiplier {acc}x16 in logic")
     if per_pe == 0:
         n = 0
         reason = (f"{clamp_txt}; a {a_bits - 1}x{w_bits - 1}-bit magnitude product ({product_bits} bits) is below "
-                  f"the {PE_DSP_MIN_PRODUCT_BITS}-bit threshold for a PE DSP: all PEs use logic multipliers")
+                  f"the {min_bits}-bit threshold for a PE DSP on {family}: all PEs use logic multipliers")
     else:
         n = min(pes, left // per_pe)
         limit = "the user budget" if budget < have else "the device"
