@@ -41,3 +41,8 @@ def test_code_table_rejects_wide_formats():
 
 def test_accelerator_exact_examples():
     _doctest_markdown(DOCS / "accelerator-exact.md")
+
+
+def test_wasq_examples():
+    """docs/wasq.md's worked example (tiny-llama): quantize_, export, checkpoint round trip, a method, formats."""
+    _doctest_markdown(DOCS / "wasq.md")
