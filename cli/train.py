@@ -69,12 +69,31 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
 def _config(args: argparse.Namespace, method: str = "sfx", bits: int | None = None):
     from superfloat.sw.wasq.config import DEFAULT_SKIP, WASQConfig
 
+    init = getattr(args, "init", None)
     try:
         return WASQConfig(weight_bits=args.weight_bits if bits is None else bits, act_bits=args.act_bits,
                           weight_scale=args.weight_scale, scale_kind=args.scale_kind,
                           act_exponent=args.act_exponent, rounding=args.rounding,
-                          skip=tuple(args.skip) if args.skip is not None else DEFAULT_SKIP, method=method)
+                          skip=tuple(args.skip) if args.skip is not None else DEFAULT_SKIP,
+                          method=init if init else method)
     except (TypeError, ValueError) as e:
+        raise CLIError(f"--init {init}: {e}" if init else str(e)) from None
+
+
+def _outputs(args: argparse.Namespace, config):
+    """The :class:`OutputCalibration` of a run: every finetune checkpoint of a hardware-executable
+    format gets calibrated static output exponents (None otherwise)."""
+    from superfloat.sw.wasq.methods import OutputCalibration
+
+    if not config.hardware_executable:
+        if args.backend == "accelerator":
+            raise CLIError(f"--backend accelerator: {config.describe()} is not executable by the SFx accelerator "
+                           f"(software only); use SFx codes with per-channel scales")
+        return None
+    try:
+        return OutputCalibration(tokens=args.calib_tokens, out_bits=args.out_bits, headroom=args.headroom,
+                                 recalibrate=args.recalibrate)
+    except ValueError as e:
         raise CLIError(str(e)) from None
 
 
@@ -181,6 +200,13 @@ def _finetune(args: argparse.Namespace, ps) -> int:
         raise CLIError(f"{model_dir} already exists; pass --resume to continue that run or --overwrite to replace it")
     config = _config(args)
     cfg = _train_config(args)
+    if args.recalibrate != "never" and args.backend != "accelerator":
+        raise CLIError(f"--recalibrate {args.recalibrate} applies to --backend accelerator (with --backend fake the "
+                       f"output exponents are calibrated once, after training)")
+    if args.method == "fasteropt" and args.backend == "accelerator" and args.recalibrate == "epoch":
+        raise CLIError("--recalibrate epoch does not work with fasteropt (the calibration pass cannot run while the "
+                       "frozen prefix is cached); use --method opt, or --recalibrate never/end")
+    outputs = _outputs(args, config)
     if args.overwrite and not args.resume and (out / "train_state").exists():
         import shutil
 
@@ -192,11 +218,15 @@ def _finetune(args: argparse.Namespace, ps) -> int:
     t0 = time.perf_counter()
     lm = _load(args.model)
     blocks = None
+    kwargs: dict[str, Any] = {"outputs": outputs}
     if args.method != "vanilla":
         blocks = load_blocks(lm.tokenizer, args.data, args.split, args.context, args.tokens)
-    kwargs: dict[str, Any] = {}
-    if args.method != "vanilla":
-        kwargs.update(state_dir=out / "train_state", resume=args.resume)
+        kwargs.update(state_dir=out / "train_state", resume=args.resume, backend=args.backend)
+    elif outputs is not None or config.needs_calibration:
+        from superfloat.sw.wasq.methods import calibration_batches
+
+        kwargs["calibration"] = calibration_batches(
+            load_blocks(lm.tokenizer, args.data, args.split, args.context, args.calib_tokens), args.calib_tokens)
     eval_ids = None
     if args.eval_tokens:
         eval_ids = _eval_ids(lm.tokenizer, args.data, args.eval_split, args.eval_tokens)
@@ -223,6 +253,10 @@ def _finetune(args: argparse.Namespace, ps) -> int:
         kwargs.update(rounds=args.rounds, prune=args.prune, eval_fn=ppl if eval_ids is not None else None)
     try:
         res = run_method(args.method, lm.model, blocks, config, cfg, **kwargs)
+        if args.method == "vanilla" and args.backend == "accelerator":
+            from superfloat.sw.wasq.accelerator import set_backend
+
+            set_backend(res.model, "accelerator")  # nothing trains; --eval-tokens evaluates accelerator-exact
     except ValueError as e:
         raise CLIError(str(e)) from None
     except KeyboardInterrupt:
@@ -252,8 +286,16 @@ def _report(args, res, lm, blocks, eval_ids, ppl, out: Path, model_dir: Path, co
         write_analysis(res.extra["analysis"], out / "analysis")
         summary["analysis_dir"] = str(out / "analysis")
     if eval_ids is not None:
+        from superfloat.sw.wasq.accelerator import accelerator_stats, backend_of, reset_accelerator_stats
+
+        backend = backend_of(res.model)
+        if backend == "accelerator":
+            reset_accelerator_stats(res.model)
         summary["eval"] = {"split": args.eval_split, "tokens": int(eval_ids.numel()), "context": args.context,
-                           "perplexity": ppl(res.model)}
+                           "backend": backend, "perplexity": ppl(res.model)}
+        if backend == "accelerator":
+            st = accelerator_stats(res.model)
+            summary["eval"].update(saturated=st["saturated"], outputs=st["outputs"], clamped_rows=st["clamped_rows"])
     try:
         summary["memory"] = save_checkpoint(res.model, model_dir, tokenizer=lm.tokenizer,
                                             overwrite=args.resume or args.overwrite, source=args.model, note=lm.note)
@@ -277,9 +319,16 @@ def _report(args, res, lm, blocks, eval_ids, ppl, out: Path, model_dir: Path, co
             for r in res.extra["rounds"]:
                 print(f"  round {r['round']}: sparsity {r['sparsity']:.3f}, loss {r['loss']:.4f}"
                       + (f", perplexity {r['eval']:.3f}" if r.get("eval") is not None else ""))
+        if "output_calibration" in summary:
+            ev = [e for e in summary["output_calibration"]["events"] if "tokens" in e]
+            if ev:
+                print(f"  static output exponents calibrated on {ev[-1]['tokens']} training tokens "
+                      f"({', '.join(e['when'] for e in ev)}); trained on the {summary.get('backend', 'fake')} backend")
         if "eval" in summary:
-            print(f"  perplexity on {args.data} ({args.eval_split}, {summary['eval']['tokens']} tokens): "
-                  f"{summary['eval']['perplexity']:.4f}")
+            e = summary["eval"]
+            print(f"  perplexity on {args.data} ({args.eval_split}, {e['tokens']} tokens"
+                  f"{', accelerator-exact' if e['backend'] == 'accelerator' else ''}): {e['perplexity']:.4f}"
+                  + (f" ({e['saturated']} of {e['outputs']} output codes saturated)" if "saturated" in e else ""))
         if lm.note:
             print(f"note: {lm.note}")
     return 0
@@ -384,6 +433,32 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", action="store_true", help="train with the model's dropout (default: off)")
 
 
+def _add_accelerator_options(p: argparse.ArgumentParser) -> None:
+    from superfloat.sw.wasq.ptq.config import METHODS as PTQ_METHODS
+
+    g = p.add_argument_group("QAT on the accelerator's arithmetic, static output exponents "
+                             "(docs/wasq-methods.md, docs/accelerator-exact.md)")
+    g.add_argument("--backend", default="fake", choices=("fake", "accelerator"),
+                   help="where the quantized layers compute while training: fake quantization (default), or "
+                        "accelerator: the values the FPGA returns (SPEC section 8) with the fake-quantized layer's "
+                        "gradients (straight through), static output exponents calibrated on the training text first")
+    g.add_argument("--init", default=None, choices=tuple(m for m in PTQ_METHODS if m != "rtn"), metavar="METHOD",
+                   help="initialise QAT from a post-training method (the pass 'sfx quantize --method METHOD' runs, "
+                        "on --calib-tokens of the training text): " + ", ".join(m for m in PTQ_METHODS if m != "rtn")
+                        + " (default: round to nearest)")
+    g.add_argument("--calib-tokens", type=_positive("--calib-tokens"), default=2048, metavar="N",
+                   help="training tokens that calibrate the static output exponents (and --init) (default 2048); "
+                        "every checkpoint gets them, so 'sfx eval --model DIR/model --backend accelerator' runs it")
+    g.add_argument("--out-bits", type=argtypes.sfx_bits, default=None, metavar="N",
+                   help="output width of every quantized layer on the accelerator (default 16)")
+    g.add_argument("--headroom", type=argtypes.float_range(1.0, None), default=None, metavar="H",
+                   help="static output exponents leave this factor above the calibrated maximum (default: 4 for "
+                        "outputs of 12 bits and more, else 1)")
+    g.add_argument("--recalibrate", default="never", choices=("never", "epoch", "end"),
+                   help="--backend accelerator: calibrate the output exponents once before training (never, "
+                        "default), before every epoch (epoch) or before and after training (end)")
+
+
 def register(sub) -> None:
     if "finetune" in getattr(sub, "choices", {}):
         return  # already registered (cli/__init__.py and cli/wasq.py both list this module)
@@ -410,6 +485,7 @@ def register(sub) -> None:
     g = p.add_argument_group("lth")
     g.add_argument("--rounds", type=_positive("--rounds", int, True), default=2, help="pruning rounds (default 2)")
     g.add_argument("--prune", type=argtypes.float_range(0.0, 1.0, open_low=True, open_high=True), default=0.2, help="fraction of surviving weights pruned per round (0.2)")
+    _add_accelerator_options(p)
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-tokens", type=_positive("--eval-tokens", int, True), default=0, metavar="T",
                    help="perplexity on the first T tokens of --eval-split after training (and after each lth round)")

@@ -35,9 +35,13 @@ from .quantize import quantize_, quantized_layers
 from .train import Blocks, TrainConfig, TrainStats, default_forward, freeze_all_but, train
 
 __all__ = ["MethodResult", "METHODS", "vanilla", "fpm", "opt", "fasteropt", "lth", "run_method", "PrefixCache",
-           "decoder_blocks", "sparsity"]
+           "decoder_blocks", "sparsity", "OutputCalibration", "TRAIN_BACKENDS", "RECALIBRATE", "calibration_batches"]
 
 METHODS = ("vanilla", "fpm", "opt", "fasteropt", "lth")
+#: where the quantized layers compute while a method trains (``backend=``)
+TRAIN_BACKENDS = ("fake", "accelerator")
+#: when QAT on the accelerator calibrates the static output exponents (:class:`OutputCalibration`)
+RECALIBRATE = ("never", "epoch", "end")
 
 
 @dataclass
@@ -62,6 +66,185 @@ class MethodResult:
         return d
 
 
+@dataclass(frozen=True)
+class OutputCalibration:
+    """The static output exponents (SPEC section 8) a method writes into the model, so that
+    the trained model (and its checkpoint) runs on the accelerator as it is
+    (:func:`superfloat.sw.wasq.accelerator.calibrate_outputs_` on the training text).
+
+    Attributes:
+        tokens: calibrate on the first ``tokens`` real tokens of the training blocks (whole
+            blocks, padding left out; at least one block).
+        out_bits: output width of every quantized layer (``None``: the layer's, else SF16).
+        headroom: factor above the calibrated maximum (``None``: by output width).
+        recalibrate: with ``backend="accelerator"``, when the exponents are calibrated:
+            ``"never"`` (once, before training: the model is trained and saved with the same
+            exponents), ``"epoch"`` (before every epoch, on the current weights; the last
+            ones are saved) or ``"end"`` (before training and again after it, on the trained
+            weights: the saved exponents are not the ones training saw). With
+            ``backend="fake"`` the exponents are calibrated once, after training.
+    """
+
+    tokens: int = 2048
+    out_bits: int | None = None
+    headroom: float | None = None
+    recalibrate: str = "never"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1:
+            raise ValueError(f"OutputCalibration.tokens must be a positive int, got {self.tokens!r}")
+        if self.out_bits is not None:
+            from .. import sfx
+
+            sfx.check_bits(self.out_bits, "OutputCalibration.out_bits")
+        if self.headroom is not None and (isinstance(self.headroom, bool) or not isinstance(self.headroom, (int, float))
+                                          or not (self.headroom >= 1.0) or self.headroom == float("inf")):
+            raise ValueError(f"OutputCalibration.headroom must be a finite number >= 1, got {self.headroom!r}")
+        if self.recalibrate not in RECALIBRATE:
+            raise ValueError(f"OutputCalibration.recalibrate must be one of {', '.join(map(repr, RECALIBRATE))}, "
+                             f"got {self.recalibrate!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "out_bits": self.out_bits, "headroom": self.headroom,
+                "recalibrate": self.recalibrate}
+
+
+def calibration_batches(blocks: Blocks, tokens: int) -> list[torch.Tensor]:
+    """The first blocks of ``blocks`` holding ``tokens`` real tokens (at least one block), each
+    as a ``[1, n]`` token tensor without its padding: calibration text for
+    :func:`~superfloat.sw.wasq.accelerator.calibrate_outputs_` and for the post-training
+    methods of :func:`quantize_`."""
+    out: list[torch.Tensor] = []
+    n = 0
+    for i in range(len(blocks)):
+        real = int(blocks.attention_mask[i].sum())
+        out.append(blocks.input_ids[i:i + 1, :real].clone())
+        n += real
+        if n >= tokens:
+            break
+    return out
+
+
+class _Backend:
+    """Where a method's quantized layers compute while it trains, and their output exponents.
+
+    ``backend="accelerator"``: the output exponents are calibrated on the training text before
+    training, then every quantized layer runs on the accelerator backend (the hardware's values
+    in the forward, the fake-quantized layer's gradients: straight through), re-calibrated per
+    :attr:`OutputCalibration.recalibrate`. The exponents are saved in every training checkpoint
+    (``state_dict``), so a resumed run continues with the ones it had. ``backend="fake"``:
+    fake quantization while training, exponents calibrated after it (when ``outputs`` is given).
+    """
+
+    def __init__(self, model: nn.Module, blocks: Blocks | None, backend: str, outputs: OutputCalibration | None,
+                 progress: bool, who: str) -> None:
+        if backend not in TRAIN_BACKENDS:
+            raise ValueError(f"{who}: backend must be one of {', '.join(map(repr, TRAIN_BACKENDS))}, got {backend!r}")
+        if outputs is not None and not isinstance(outputs, OutputCalibration):
+            raise TypeError(f"{who}: outputs must be an OutputCalibration or None, got {type(outputs).__name__}")
+        if backend == "accelerator" and outputs is None:
+            outputs = OutputCalibration()
+        self.model, self.blocks, self.backend, self.outputs = model, blocks, backend, outputs
+        self.progress, self.who = progress, who
+        self.events: list[dict[str, Any]] = []
+        self._batches: list[torch.Tensor] | None = None
+
+    @property
+    def accelerator(self) -> bool:
+        return self.backend == "accelerator"
+
+    def run_id(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"backend": self.backend}
+        if self.accelerator and self.outputs is not None:  # what the training sees
+            d["outputs"] = json.dumps(self.outputs.to_dict(), sort_keys=True)
+        return d
+
+    def batches(self) -> list[torch.Tensor]:
+        if self._batches is None:
+            if self.blocks is None:
+                raise ValueError(f"{self.who}: calibrating output exponents needs calibration text (blocks)")
+            self._batches = calibration_batches(self.blocks, self.outputs.tokens if self.outputs else 2048)
+        return self._batches
+
+    def calibrate(self, when: str) -> None:
+        from .accelerator import calibrate_outputs_
+
+        assert self.outputs is not None
+        t0 = time.perf_counter()
+        batches = self.batches()
+        rep = calibrate_outputs_(self.model, batches, out_bits=self.outputs.out_bits, headroom=self.outputs.headroom,
+                                 progress=self.progress)
+        self.events.append({"when": when, "tokens": int(sum(b.numel() for b in batches)),
+                            "seconds": round(time.perf_counter() - t0, 3),
+                            "raised_channels": int(sum(r["raised_channels"] for r in rep.values())),
+                            "out_bits": sorted({r["out_bits"] for r in rep.values()}),
+                            "headroom": sorted({r["headroom"] for r in rep.values()})})
+
+    def before_train(self) -> None:
+        """Calibrate and switch to the accelerator (``backend="accelerator"``); nothing for ``"fake"``."""
+        if not self.accelerator:
+            return
+        from .accelerator import set_backend
+
+        self.calibrate("before training")
+        set_backend(self.model, "accelerator")
+
+    def epoch_start(self, epoch: int) -> None:
+        if self.accelerator and self.outputs.recalibrate == "epoch" and epoch > 0:
+            self.calibrate(f"epoch {epoch}")
+
+    def after_train(self) -> None:
+        if self.outputs is None:
+            return
+        if not self.accelerator:
+            self.calibrate("after training")
+        elif self.outputs.recalibrate == "end":
+            self.calibrate("after training")
+
+    def checkpoint_objects(self) -> list[Any]:
+        return [self] if self.accelerator else []
+
+    # registered with accelerate: the exponents go into every training checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        import numpy as np
+
+        out = {}
+        for name, layer in quantized_layers(self.model).items():
+            if layer.out_exponent is not None:
+                out[name] = {"out_bits": int(layer.out_bits), "out_exponent":
+                             torch.from_numpy(np.asarray(layer.out_exponent, dtype=np.int8).copy())}
+        return {"layers": out, "events": list(self.events)}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        layers = quantized_layers(self.model)
+        for name, v in d.get("layers", {}).items():
+            if name not in layers:
+                raise ValueError(f"cannot resume: the checkpoint's output exponents name layer {name!r}, which this "
+                                 f"model does not have")
+            layers[name].out_bits = int(v["out_bits"])
+            layers[name].out_exponent = v["out_exponent"].numpy().astype("int8")
+            layers[name].invalidate_program()
+        self.events = list(d.get("events", [])) + [{"when": "resumed (exponents of the checkpoint)"}]
+
+    def summary(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"backend": self.backend}
+        if self.outputs is not None:
+            d["output_calibration"] = {**self.outputs.to_dict(), "events": list(self.events)}
+        return d
+
+
+def _prepare(model: nn.Module, config: WASQConfig, calibration: Iterable[Any] | None, blocks: Blocks | None,
+             outputs: OutputCalibration | None, progress: bool, who: str) -> None:
+    """``quantize_(model, config)``; a post-training method in ``config.method`` (the QAT
+    initialisation: ``"gptq"``, ``"adaround"``, ``"awq"``, ...) runs on ``calibration``,
+    default the first :attr:`OutputCalibration.tokens` (2048) tokens of ``blocks``."""
+    if config.needs_calibration and calibration is None:
+        if blocks is None:
+            raise ValueError(f"{who}: the post-training method {config.method!r} needs calibration text")
+        calibration = calibration_batches(blocks, outputs.tokens if outputs is not None else 2048)
+    quantize_(model, config, calibration=calibration, progress=progress)
+
+
 def _check_float_model(model: nn.Module, who: str) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{who}: model must be a torch nn.Module, got {type(model).__name__}")
@@ -79,29 +262,56 @@ def _ensure_fp32(model: nn.Module) -> None:
 # --------------------------------------------------------------------------- vanilla / fpm
 
 
-def vanilla(model: nn.Module, config: WASQConfig, *, calibration: Iterable[Any] | None = None) -> MethodResult:
-    """Post-training round-to-nearest: ``quantize_(model, config)`` (``calibration``
-    batches set static activation exponents when ``config.act_exponent == "static"``)."""
+def vanilla(model: nn.Module, config: WASQConfig, *, calibration: Iterable[Any] | None = None,
+            outputs: OutputCalibration | None = None) -> MethodResult:
+    """Post-training quantization: ``quantize_(model, config)`` (round to nearest, or the
+    post-training method ``config.method``; ``calibration`` batches feed that method and set
+    static activation exponents when ``config.act_exponent == "static"``). With ``outputs``,
+    the static output exponents are calibrated on ``calibration`` too."""
     _check_float_model(model, "vanilla")
     t0 = time.perf_counter()
     quantize_(model, config, calibration=calibration)
-    return MethodResult("vanilla", model, config, seconds=time.perf_counter() - t0)
+    extra: dict[str, Any] = {}
+    if outputs is not None:
+        if calibration is None:
+            raise ValueError("vanilla: calibrating output exponents (outputs=) needs calibration batches")
+        from .accelerator import calibrate_outputs_
+
+        batches = list(calibration)
+        calibrate_outputs_(model, batches, out_bits=outputs.out_bits, headroom=outputs.headroom)
+        extra = {"backend": "fake", "output_calibration": {**outputs.to_dict(), "events": [
+            {"when": "after quantization", "tokens": int(sum(torch.as_tensor(b).numel() for b in batches))}]}}
+    return MethodResult("vanilla", model, config, seconds=time.perf_counter() - t0, extra=extra)
 
 
 def fpm(model: nn.Module, blocks: Blocks, config: WASQConfig, train_cfg: TrainConfig | None = None, *,
         state_dir: str | Path | None = None, resume: bool = False,
-        callback: Callable[[int, float], None] | None = None, **train_kwargs: Any) -> MethodResult:
+        callback: Callable[[int, float], None] | None = None, backend: str = "fake",
+        outputs: OutputCalibration | None = None, calibration: Iterable[Any] | None = None,
+        **train_kwargs: Any) -> MethodResult:
     """Full parameter method: quantize, then QAT of *every* parameter (embeddings, norms
     and LM head included; the quantized linears through the STE) for ``train_cfg.epochs``
-    passes over ``blocks``."""
+    passes over ``blocks``.
+
+    ``config.method`` other than ``"rtn"`` initialises QAT from that post-training method
+    (``"gptq"``, ``"adaround"``, ``"awq"``, ...; run on ``calibration``, default the first
+    ``outputs.tokens`` tokens of ``blocks``). ``backend="accelerator"`` trains on the
+    accelerator's arithmetic (:class:`OutputCalibration`, docs/wasq-methods.md); ``outputs``
+    calibrates the static output exponents (always with the accelerator backend)."""
     _check_float_model(model, "fpm")
     t0 = time.perf_counter()
+    cfg = train_cfg or TrainConfig()
+    be = _Backend(model, blocks, backend, outputs, cfg.progress, "fpm")
     _ensure_fp32(model)
-    quantize_(model, config)
+    _prepare(model, config, calibration, blocks, be.outputs, cfg.progress, "fpm")
     freeze_all_but(model, None)
-    stats = train(model, blocks, train_cfg, state_dir=state_dir, resume=resume, callback=callback, desc="fpm",
-                  run_id={"method": "fpm", "quant": json.dumps(config.to_dict(), sort_keys=True)}, **train_kwargs)
-    return MethodResult("fpm", model, config, stats, list(quantized_layers(model)), time.perf_counter() - t0)
+    be.before_train()
+    stats = train(model, blocks, cfg, state_dir=state_dir, resume=resume, callback=callback, desc="fpm",
+                  run_id={"method": "fpm", "quant": json.dumps(config.to_dict(), sort_keys=True), **be.run_id()},
+                  epoch_start=be.epoch_start, checkpoint_objects=be.checkpoint_objects(), **train_kwargs)
+    be.after_train()
+    return MethodResult("fpm", model, config, stats, list(quantized_layers(model)), time.perf_counter() - t0,
+                        be.summary())
 
 
 # --------------------------------------------------------------------------- opt
@@ -117,12 +327,17 @@ def _choose(model: nn.Module, blocks: Blocks, config: WASQConfig, layers: Sequen
         return layers, analysis
     if analysis is None:
         ab = analysis_blocks if analysis_blocks is not None else blocks.subset(range(min(len(blocks), 4)))
-        analysis = analyze(model, ab, config, progress=progress)
+        # ranked by round to nearest (a post-training initialisation needs calibration text and
+        # changes the float model: the ranking stays the one of the plain format)
+        analysis = analyze(model, ab, config.replace(method="rtn") if config.method != "rtn" else config,
+                           progress=progress)
     return select_layers(analysis, fraction), analysis
 
 
-def _quantize_and_freeze(model: nn.Module, config: WASQConfig, layers: list[str], who: str) -> None:
-    quantize_(model, config)
+def _quantize_and_freeze(model: nn.Module, config: WASQConfig, layers: list[str], who: str,
+                        calibration: Iterable[Any] | None = None, blocks: Blocks | None = None,
+                        outputs: OutputCalibration | None = None, progress: bool = False) -> None:
+    _prepare(model, config, calibration, blocks, outputs, progress, who)
     q = quantized_layers(model)
     bad = [n for n in layers if n not in q]
     if bad:
@@ -134,24 +349,32 @@ def _quantize_and_freeze(model: nn.Module, config: WASQConfig, layers: list[str]
 def opt(model: nn.Module, blocks: Blocks, config: WASQConfig, train_cfg: TrainConfig | None = None, *,
         layers: Sequence[str] | None = None, analysis: Analysis | None = None, fraction: float | str = 0.25,
         analysis_blocks: Blocks | None = None, state_dir: str | Path | None = None, resume: bool = False,
-        callback: Callable[[int, float], None] | None = None, **train_kwargs: Any) -> MethodResult:
+        callback: Callable[[int, float], None] | None = None, backend: str = "fake",
+        outputs: OutputCalibration | None = None, calibration: Iterable[Any] | None = None,
+        **train_kwargs: Any) -> MethodResult:
     """QAT of the critical layers only: the layers ``analysis`` (computed with
     :func:`analyze` on ``analysis_blocks``, default the first 4 training blocks, when not
     given) ranks as most disturbed by quantization, top ``fraction`` (or the critical
     cluster with ``fraction="cluster"``), unless ``layers`` names them. Only those
-    layers' weights and biases train; every other parameter stays bit for bit."""
+    layers' weights and biases train; every other parameter stays bit for bit.
+    ``backend``, ``outputs``, ``calibration`` and a post-training ``config.method``: as
+    :func:`fpm` (the analysis ranks layers by round to nearest)."""
     _check_float_model(model, "opt")
     t0 = time.perf_counter()
+    cfg = train_cfg or TrainConfig()
+    be = _Backend(model, blocks, backend, outputs, cfg.progress, "opt")
     _ensure_fp32(model)
-    progress = (train_cfg or TrainConfig()).progress
-    chosen, analysis = _choose(model, blocks, config, layers, analysis, fraction, analysis_blocks, progress)
+    chosen, analysis = _choose(model, blocks, config, layers, analysis, fraction, analysis_blocks, cfg.progress)
     t_an = time.perf_counter() - t0
-    _quantize_and_freeze(model, config, chosen, "opt")
-    stats = train(model, blocks, train_cfg, state_dir=state_dir, resume=resume, callback=callback, desc="opt",
+    _quantize_and_freeze(model, config, chosen, "opt", calibration, blocks, be.outputs, cfg.progress)
+    be.before_train()
+    stats = train(model, blocks, cfg, state_dir=state_dir, resume=resume, callback=callback, desc="opt",
                   run_id={"method": "opt", "layers": ",".join(chosen),
-                          "quant": json.dumps(config.to_dict(), sort_keys=True)}, **train_kwargs)
+                          "quant": json.dumps(config.to_dict(), sort_keys=True), **be.run_id()},
+                  epoch_start=be.epoch_start, checkpoint_objects=be.checkpoint_objects(), **train_kwargs)
+    be.after_train()
     return MethodResult("opt", model, config, stats, chosen, time.perf_counter() - t0,
-                        {"analysis": analysis, "analysis_seconds": t_an, "fraction": fraction})
+                        {"analysis": analysis, "analysis_seconds": t_an, "fraction": fraction, **be.summary()})
 
 
 # --------------------------------------------------------------------------- fasteropt
@@ -284,20 +507,30 @@ class PrefixCache:
 def fasteropt(model: nn.Module, blocks: Blocks, config: WASQConfig, train_cfg: TrainConfig | None = None, *,
               layers: Sequence[str] | None = None, analysis: Analysis | None = None, fraction: float | str = 0.25,
               analysis_blocks: Blocks | None = None, state_dir: str | Path | None = None, resume: bool = False,
-              callback: Callable[[int, float], None] | None = None, **train_kwargs: Any) -> MethodResult:
+              callback: Callable[[int, float], None] | None = None, backend: str = "fake",
+              outputs: OutputCalibration | None = None, calibration: Iterable[Any] | None = None,
+              **train_kwargs: Any) -> MethodResult:
     """:func:`opt`, faster: everything before the first transformer block that holds a
     trained layer is frozen, so its output for each training block is computed once (no
     grad) and cached; each training step then runs (forward and backward) only from that
     block on. Saves ``(epochs - 1) / epochs`` of the prefix forward passes (all of them
     after the first pass); the result equals :func:`opt`'s (bit for bit on CPU when the
-    cache is built with the training batch size, which it is)."""
+    cache is built with the training batch size, which it is). ``backend``, ``outputs``,
+    ``calibration``: as :func:`opt`; on the accelerator the cached prefix is computed
+    accelerator-exact, and ``outputs.recalibrate="epoch"`` is refused (the calibration pass
+    cannot run while the prefix is cached; use :func:`opt`)."""
     _check_float_model(model, "fasteropt")
     t0 = time.perf_counter()
-    _ensure_fp32(model)
     cfg = train_cfg or TrainConfig()
+    be = _Backend(model, blocks, backend, outputs, cfg.progress, "fasteropt")
+    if be.accelerator and be.outputs.recalibrate == "epoch":
+        raise ValueError("fasteropt: recalibrate='epoch' is not supported (the calibration pass cannot run while "
+                         "the frozen prefix is cached); use opt, or recalibrate='never'/'end'")
+    _ensure_fp32(model)
     chosen, analysis = _choose(model, blocks, config, layers, analysis, fraction, analysis_blocks, cfg.progress)
     t_an = time.perf_counter() - t0
-    _quantize_and_freeze(model, config, chosen, "fasteropt")
+    _quantize_and_freeze(model, config, chosen, "fasteropt", calibration, blocks, be.outputs, cfg.progress)
+    be.before_train()
     list_name, blist = decoder_blocks(model)
     prefix = list_name + "."
     idx = []
@@ -310,17 +543,19 @@ def fasteropt(model: nn.Module, blocks: Blocks, config: WASQConfig, train_cfg: T
     cache = PrefixCache(model, first)
     if first > 0:
         cache.build(blocks, batch_size=cfg.batch_size)
-    extra = {"analysis": analysis, "analysis_seconds": t_an, "fraction": fraction, "first_trained_block": first,
-             "blocks": len(blist), "cache_seconds": cache.seconds}
-    run_id = {"method": "fasteropt", "layers": ",".join(chosen), "quant": json.dumps(config.to_dict(), sort_keys=True)}
+    run_id = {"method": "fasteropt", "layers": ",".join(chosen), "quant": json.dumps(config.to_dict(), sort_keys=True),
+              **be.run_id()}
+    kw = dict(state_dir=state_dir, resume=resume, callback=callback, desc="fasteropt", run_id=run_id,
+              epoch_start=be.epoch_start, checkpoint_objects=be.checkpoint_objects(), **train_kwargs)
     if first == 0:
-        stats = train(model, blocks, cfg, state_dir=state_dir, resume=resume, callback=callback, desc="fasteropt",
-                      run_id=run_id, **train_kwargs)
+        stats = train(model, blocks, cfg, **kw)
     else:
         with cache.installed():
-            stats = train(model, blocks, cfg, state_dir=state_dir, resume=resume, callback=callback,
-                          forward=cache.forward, desc="fasteropt", run_id=run_id, **train_kwargs)
+            stats = train(model, blocks, cfg, forward=cache.forward, **kw)
     cache.hidden = None
+    be.after_train()
+    extra = {"analysis": analysis, "analysis_seconds": t_an, "fraction": fraction, "first_trained_block": first,
+             "blocks": len(blist), "cache_seconds": cache.seconds, **be.summary()}
     return MethodResult("fasteropt", model, config, stats, chosen, time.perf_counter() - t0, extra)
 
 
@@ -361,7 +596,9 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 def lth(model: nn.Module, blocks: Blocks, config: WASQConfig, train_cfg: TrainConfig | None = None, *,
         rounds: int = 2, prune: float = 0.2, eval_fn: Callable[[nn.Module], float] | None = None,
         state_dir: str | Path | None = None, resume: bool = False,
-        callback: Callable[[int, float], None] | None = None, **train_kwargs: Any) -> MethodResult:
+        callback: Callable[[int, float], None] | None = None, backend: str = "fake",
+        outputs: OutputCalibration | None = None, calibration: Iterable[Any] | None = None,
+        **train_kwargs: Any) -> MethodResult:
     """Lottery-ticket QAT: iterative magnitude pruning with rewinding.
 
     Round 0 trains the dense quantized model (every parameter, like :func:`fpm`). Then
@@ -374,7 +611,9 @@ def lth(model: nn.Module, blocks: Blocks, config: WASQConfig, train_cfg: TrainCo
     ``eval_fn(model) -> float`` (e.g. perplexity) is recorded after each round's training
     in ``extra["rounds"]`` as ``{round, sparsity, eval, loss}``: sparsity against quality.
     With ``state_dir`` each round keeps its own resumable checkpoints and the masks are
-    saved, so ``resume`` continues where a run stopped.
+    saved, so ``resume`` continues where a run stopped. ``backend``, ``outputs``,
+    ``calibration``: as :func:`fpm`; on the accelerator the output exponents are calibrated
+    at the start of every round (after rewinding and masking).
     """
     _check_float_model(model, "lth")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
@@ -382,8 +621,10 @@ def lth(model: nn.Module, blocks: Blocks, config: WASQConfig, train_cfg: TrainCo
     if not isinstance(prune, (int, float)) or not 0 < prune < 1:
         raise ValueError(f"lth: prune must be a fraction in (0, 1), got {prune!r}")
     t0 = time.perf_counter()
+    cfg = train_cfg or TrainConfig()
+    be = _Backend(model, blocks, backend, outputs, cfg.progress, "lth")
     _ensure_fp32(model)
-    quantize_(model, config)
+    _prepare(model, config, calibration, blocks, be.outputs, cfg.progress, "lth")
     freeze_all_but(model, None)
     layers = quantized_layers(model)
     pretrained = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=False).items()}
@@ -415,11 +656,13 @@ def lth(model: nn.Module, blocks: Blocks, config: WASQConfig, train_cfg: TrainCo
                 for n, m in layers.items():
                     m.weight.mul_(masks[n].to(m.weight.dtype))
 
+        be.before_train()
         try:
-            stats = train(model, blocks, train_cfg, state_dir=(sd / f"round-{r}") if sd is not None else None,
+            stats = train(model, blocks, cfg, state_dir=(sd / f"round-{r}") if sd is not None else None,
                           resume=resume, callback=callback, post_step=apply_masks, desc=f"lth round {r}",
                           run_id={"method": "lth", "round": r, "prune": prune,
-                                  "quant": json.dumps(config.to_dict(), sort_keys=True)}, **train_kwargs)
+                                  "quant": json.dumps(config.to_dict(), sort_keys=True), **be.run_id()},
+                          epoch_start=be.epoch_start, checkpoint_objects=be.checkpoint_objects(), **train_kwargs)
         finally:
             for h in hooks:
                 h.remove()
@@ -439,8 +682,9 @@ def lth(model: nn.Module, blocks: Blocks, config: WASQConfig, train_cfg: TrainCo
                 os.replace(tmp, rec_path)
         print(f"[lth] round {r}: sparsity {sp:.3f}, last loss {stats.last_loss:.4f}"
               + (f", eval {rec['eval']:.4g}" if rec.get("eval") is not None else ""), file=sys.stderr)
+    be.after_train()
     extra = {"rounds": records, "prune": prune, "sparsity": sparsity(model), "train_seconds_all_rounds":
-             total_seconds_train, "masks": {n: m.clone() for n, m in masks.items()}}
+             total_seconds_train, "masks": {n: m.clone() for n, m in masks.items()}, **be.summary()}
     return MethodResult("lth", model, config, stats, list(layers), time.perf_counter() - t0, extra)
 
 
@@ -453,9 +697,8 @@ def run_method(method: str, model: nn.Module, blocks: Blocks | None, config: WAS
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if method == "vanilla":
-        return vanilla(model, config, calibration=kwargs.get("calibration"))
+        return vanilla(model, config, calibration=kwargs.get("calibration"), outputs=kwargs.get("outputs"))
     if blocks is None:
         raise ValueError(f"method {method!r} trains: it needs calibration blocks")
     fn = {"fpm": fpm, "opt": opt, "fasteropt": fasteropt, "lth": lth}[method]
-    kwargs.pop("calibration", None)
     return fn(model, blocks, config, train_cfg, **kwargs)

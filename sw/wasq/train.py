@@ -146,6 +146,7 @@ class TrainStats:
     resumed_from: int | None = None
     trainable_params: int = 0
     world: int = 1
+    backend: str = "fake"
 
     @property
     def tokens_per_s(self) -> float:
@@ -308,6 +309,14 @@ def evaluate_loss(model: nn.Module, blocks: Blocks, *, batch_size: int = 1,
 # --------------------------------------------------------------------------- checkpoints
 
 
+def _check_fingerprint(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if diff:
+        detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} != now {now.get(k)!r}" for k in diff)
+        raise ValueError(f"cannot resume: the checkpoint belongs to a different run ({detail}); "
+                         f"rerun with the same arguments or use a new output directory")
+
+
 class _TrainerState:
     """Registered with ``Accelerator.register_for_checkpointing``: step, losses, fingerprint."""
 
@@ -322,12 +331,7 @@ class _TrainerState:
                 "fingerprint": dict(self.fingerprint)}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        saved = d.get("fingerprint", {})
-        diff = [k for k in sorted(set(saved) | set(self.fingerprint)) if saved.get(k) != self.fingerprint.get(k)]
-        if diff:
-            detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} != now {self.fingerprint.get(k)!r}" for k in diff)
-            raise ValueError(f"cannot resume: the checkpoint belongs to a different run ({detail}); "
-                             f"rerun with the same arguments or use a new output directory")
+        _check_fingerprint(d.get("fingerprint", {}), self.fingerprint)
         self.step = int(d["step"])
         self.losses = list(d.get("losses", []))
         self.tokens = int(d.get("tokens", 0))
@@ -494,6 +498,17 @@ def _steps_per_epoch(n: int, cfg: TrainConfig, world: int) -> int:
     return math.ceil(micro / cfg.grad_accum)
 
 
+def _backend_of(model: nn.Module) -> str:
+    """``"fake"``, ``"accelerator"`` or ``"mixed"``: where the model's quantized layers compute
+    (``"fake"`` for a model without any)."""
+    from .layers import quantized_layers
+
+    kinds = {getattr(m, "backend", "fake") for m in quantized_layers(model).values()}
+    if not kinds:
+        return "fake"
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     seen: set[int] = set()
     out = []
@@ -508,7 +523,8 @@ def train(model: nn.Module, blocks: Blocks, cfg: TrainConfig | None = None, *, s
           resume: bool = False, forward: Callable[[nn.Module, dict], torch.Tensor] | None = None,
           callback: Callable[[int, float], None] | None = None, post_step: Callable[[], None] | None = None,
           accelerator_kwargs: dict[str, Any] | None = None, desc: str = "train",
-          run_id: dict[str, Any] | None = None) -> TrainStats:
+          run_id: dict[str, Any] | None = None, epoch_start: Callable[[int], None] | None = None,
+          checkpoint_objects: Sequence[Any] = ()) -> TrainStats:
     """Train the parameters of ``model`` that require a gradient on ``blocks`` (in place).
 
     Args:
@@ -530,6 +546,12 @@ def train(model: nn.Module, blocks: Blocks, cfg: TrainConfig | None = None, *, s
             processes on a machine without GPUs get ``cpu=True``).
         desc: progress-bar label.
         run_id: extra items for the run fingerprint that a resume must match.
+        epoch_start: called as ``epoch_start(epoch)`` before the first step of every epoch
+            that starts in this run (epoch 0 included; not for an epoch resumed in its
+            middle): QAT on the accelerator re-calibrates its output exponents there.
+        checkpoint_objects: more objects with ``state_dict()`` / ``load_state_dict(d)``
+            saved in every checkpoint and restored on resume (after the model and
+            optimizer), e.g. the calibrated output exponents of the quantized layers.
 
     Returns:
         :class:`TrainStats` (global figures over all processes).
@@ -585,7 +607,7 @@ def train(model: nn.Module, blocks: Blocks, cfg: TrainConfig | None = None, *, s
     # The scheduler is stepped once per optimizer step by this loop (not prepared, which
     # would step it once per process); it is checkpointed as a registered object.
     pmodel, poptimizer = acc.prepare(model, optimizer)
-    acc.register_for_checkpointing(scheduler, state)
+    acc.register_for_checkpointing(scheduler, state, *checkpoint_objects)
 
     resumed_from = None
     if state_dir is not None:
@@ -600,11 +622,20 @@ def train(model: nn.Module, blocks: Blocks, cfg: TrainConfig | None = None, *, s
             if existing is None:
                 acc.print(f"[{desc}] no checkpoint in {state_dir}: starting from step 0", file=sys.stderr)
             else:
+                # the run's fingerprint first (trainer_state.json, written last), before accelerate
+                # loads objects that another kind of run may not have registered
+                try:
+                    saved = json.loads((existing / STATE_FILE).read_text()).get("fingerprint")
+                except (OSError, ValueError):
+                    saved = None
+                if isinstance(saved, dict):
+                    _check_fingerprint(saved, fingerprint)
                 acc.load_state(str(existing))
                 resumed_from = state.step
                 acc.print(f"[{desc}] resumed from {existing} (step {state.step}/{total})", file=sys.stderr)
 
     pmodel.train(cfg.dropout)
+    backend = _backend_of(model)
     device = acc.device
     step = state.step
     epoch, offset = divmod(step, spe)
@@ -621,7 +652,8 @@ def train(model: nn.Module, blocks: Blocks, cfg: TrainConfig | None = None, *, s
     try:
         while step < total:
             micro_all = [_epoch_micro_batches(len(blocks), epoch, cfg, world, r) for r in range(world)]
-            micro = micro_all[rank]
+            if offset == 0 and epoch_start is not None:
+                epoch_start(epoch)
             for s in range(offset, spe):
                 if step >= total:
                     break
@@ -686,7 +718,8 @@ def train(model: nn.Module, blocks: Blocks, cfg: TrainConfig | None = None, *, s
     acc.wait_for_everyone()
     model.train(False)
     return TrainStats(steps=step, total_steps=total, tokens=tokens_this_run, seconds=seconds, losses=list(state.losses),
-                      resumed_from=resumed_from, trainable_params=sum(p.numel() for p in params), world=world)
+                      resumed_from=resumed_from, trainable_params=sum(p.numel() for p in params), world=world,
+                      backend=backend)
 
 
 def freeze_all_but(model: nn.Module, trainable: Iterable[str] | None) -> list[str]:
