@@ -52,8 +52,14 @@ def _label(w: int, a: int | None) -> str:
     return f"W{w}A{a or 16}"
 
 
+def _cli_method(method: str) -> str:
+    """The ``--method`` spelling of a method: round to nearest is ``vanilla`` on the command line
+    (with ``--codes int`` it is the integer baseline)."""
+    return "vanilla" if method == "rtn" else method
+
+
 def _eval_cmd(method: str, w: int, a: int | None, codes: str, b: dict[str, Any]) -> str:
-    return (f"sfx eval -m {b['model']} --method {method} -w {w}" + (f" -a {a}" if a else "") +
+    return (f"sfx eval -m {b['model']} --method {_cli_method(method)} -w {w}" + (f" -a {a}" if a else "") +
             f" --codes {codes} --max-tokens {b['eval_tokens']} --calib-tokens {b['calib_tokens']} "
             f"--context {b['context']} --awq-grid {b['awq_grid']} --adaround-iters {b['adaround_iters']}")
 
