@@ -233,8 +233,8 @@ def test_method_errors():
     m = tiny_model("tiny-llama")
     with pytest.raises(ValueError, match="PTQ method 'awq' needs calibration data"):
         quantize_(m, WASQConfig(method="awq"))
-    with pytest.raises(ValueError, match="WASQConfig.method must be one of .*got 'gptq'"):
-        WASQConfig(method="gptq")
+    with pytest.raises(ValueError, match="WASQConfig.method must be one of .*got 'spinquant'"):
+        WASQConfig(method="spinquant")
     with pytest.raises(ValueError, match=r"method option smoothquant \(alpha\) must be a number in \[0, 1\]"):
         WASQConfig(method="smoothquant", method_options={"smoothquant": 2.0})
     with pytest.raises(ValueError, match="method='clip' with static activation ranges needs act_bits"):
