@@ -26,6 +26,7 @@ BENCHES = {
     "cosim": "superfloat.bench.cosim:run",
     "accel": "superfloat.bench.accel:run",
     "w4": "superfloat.bench.w4:run",
+    "qat": "superfloat.bench.qat:run",
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -70,14 +71,29 @@ def _config(args: argparse.Namespace, method: str = "sfx", bits: int | None = No
     from superfloat.sw.wasq.config import DEFAULT_SKIP, WASQConfig
 
     init = getattr(args, "init", None)
+    opts = dict(getattr(args, "init_option", None) or [])
+    if opts and not init:
+        raise CLIError("--init-option sets a knob of the --init method: give --init METHOD")
     try:
         return WASQConfig(weight_bits=args.weight_bits if bits is None else bits, act_bits=args.act_bits,
                           weight_scale=args.weight_scale, scale_kind=args.scale_kind,
                           act_exponent=args.act_exponent, rounding=args.rounding,
                           skip=tuple(args.skip) if args.skip is not None else DEFAULT_SKIP,
-                          method=init if init else method)
+                          method=init if init else method, method_options=opts)
     except (TypeError, ValueError) as e:
         raise CLIError(f"--init {init}: {e}" if init else str(e)) from None
+
+
+def _key_value(s: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--init-option``: VALUE as JSON (numbers, true/false, null), else a string."""
+    key, sep, value = s.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. adaround_iters=50), got {s!r}")
+    try:
+        v = json.loads(value)
+    except ValueError:
+        v = value
+    return key.strip(), v
 
 
 def _outputs(args: argparse.Namespace, config):
@@ -216,6 +232,8 @@ def _finetune(args: argparse.Namespace, ps) -> int:
     if args.method in ("opt", "fasteropt") and args.layers and args.analysis:
         raise CLIError("give either --layers or --analysis, not both")
     t0 = time.perf_counter()
+    args._cpu0 = time.process_time()
+    args._load0 = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     lm = _load(args.model)
     blocks = None
     kwargs: dict[str, Any] = {"outputs": outputs}
@@ -303,6 +321,14 @@ def _report(args, res, lm, blocks, eval_ids, ppl, out: Path, model_dir: Path, co
         raise CLIError(str(e)) from None
     summary["checkpoint"] = str(model_dir)
     summary["total_seconds"] = time.perf_counter() - t0
+    # what a bench needs to recognise and judge this run: the settings, CPU time beside wall
+    # time (the machine may be shared), the load when it started, the torch threads
+    import torch
+
+    summary["args"] = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "func"}
+    summary["cpu_seconds"] = time.process_time() - args._cpu0
+    summary["load_avg_start"] = args._load0
+    summary["torch_threads"] = torch.get_num_threads()
     _atomic_json(out / "finetune.json", summary)
     if args.json:
         print(json.dumps(summary, default=_json_default))
@@ -446,6 +472,9 @@ def _add_accelerator_options(p: argparse.ArgumentParser) -> None:
                    help="initialise QAT from a post-training method (the pass 'sfx quantize --method METHOD' runs, "
                         "on --calib-tokens of the training text): " + ", ".join(m for m in PTQ_METHODS if m != "rtn")
                         + " (default: round to nearest)")
+    g.add_argument("--init-option", type=_key_value, action="append", metavar="KEY=VALUE",
+                   help="a knob of the --init method (MethodOptions, docs/ptq-methods.md), e.g. adaround_iters=50, "
+                        "gptq_damp=0.02; repeatable")
     g.add_argument("--calib-tokens", type=_positive("--calib-tokens"), default=2048, metavar="N",
                    help="training tokens that calibrate the static output exponents (and --init) (default 2048); "
                         "every checkpoint gets them, so 'sfx eval --model DIR/model --backend accelerator' runs it")

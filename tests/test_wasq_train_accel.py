@@ -232,8 +232,18 @@ def test_cli_fake_backend_checkpoint_also_has_exponents(tmp_path, text, capsys):
      "--recalibrate epoch does not work with fasteropt"),
     (["--backend", "accelerator", "--init", "awq-dyngroup"],
      "--backend accelerator: awq-dyngroup SF4 .* is not executable by the SFx accelerator"),
+    (["--init-option", "adaround_iters=5"], "--init-option sets a knob of the --init method: give --init METHOD"),
+    (["--init", "adaround", "--init-option", "adaround_itrs=5"], "--init adaround: unknown method option"),
 ])
 def test_cli_errors(tmp_path, text, capsys, extra, msg):
     assert cli.main(["finetune", *TINY, "--data", text, "--max-steps", "1", "-o", str(tmp_path / "e"), *extra]) == 2
     assert re.search(msg, capsys.readouterr().err)
 
+
+
+def test_cli_init_option_needs_key_value(tmp_path, text, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", *TINY, "--data", text, "--init", "adaround", "--init-option", "adaround_iters",
+                  "-o", str(tmp_path / "e")])
+    assert "argument --init-option: expected KEY=VALUE (e.g. adaround_iters=50), got 'adaround_iters'" in \
+        capsys.readouterr().err
