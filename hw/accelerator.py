@@ -122,8 +122,9 @@ class SFxAccelerator(wiring.Component):
         tile of ``K > chunk_k`` costs an extra drain per chunk without ``overlap_drain``).
     pipelined : bool
         ``True``: a register after every block-RAM read of the drain stage and after the
-        result FIFO's (one cycle more latency each; for fast clocks, e.g. the ECP5 at
-        125 MHz, where block-RAM clock-to-output dominates). Default ``False``.
+        result FIFO's, and one more in the clamp unit's multiplier (one cycle more latency
+        each; for fast clocks, e.g. the ECP5 at 125 MHz, where block-RAM clock-to-output
+        dominates). Default ``False``.
     pe_kind : str
         ``"sm"`` (default): SFx PEs, the accelerator of SPEC section 5. ``"tc"``: two's
         complement integer PEs of the same widths, for the synthesis comparison only (the
@@ -223,7 +224,7 @@ class SFxAccelerator(wiring.Component):
         """
         arr = self._array()
         arr._MustUse__silence = True
-        latency = self.cols + arr.readout_latency + DRAIN_STAGES + 2 * self._pipelined + CLAMP_LATENCY + 4
+        latency = self.cols + arr.readout_latency + DRAIN_STAGES + 3 * self._pipelined + CLAMP_LATENCY + 4
         return max(4, math.ceil(latency / self.cols) + 2)
 
     def elaborate(self, platform):
@@ -235,7 +236,8 @@ class SFxAccelerator(wiring.Component):
 
         m.submodules.array = array = self._array()
         m.submodules.clamp = clamp = SFxClampUnit(acc_bits=A, frac_bits=p.frac_bits, out_bits=p.out_bits,
-                                                  mult_impl=self._clamp_impl, mult_premuxed=True)
+                                                  mult_impl=self._clamp_impl, mult_premuxed=True,
+                                                  mult_stages=int(self._pipelined))
         depth = self.fifo_depth
         m.submodules.fifo = fifo = MemFIFO(width=cols * p.out_bits, depth=depth, lanes=cols, out_reg=self._pipelined)
 

@@ -1,7 +1,7 @@
 """The activation clamp unit: accumulators to SFx codes (SPEC section 4)."""
 from __future__ import annotations
 
-from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed
+from amaranth.hdl import Array, Cat, Const, EnableInserter, Module, Mux, Signal, signed
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -62,7 +62,7 @@ class SFxClampUnit(wiring.Component):
     ``r`` outside ``0..63`` is not supported by the hardware (SPEC section 4): it sets the
     sticky :attr:`error` and is clamped into ``0..63`` (the result is then meaningless).
 
-    Latency: :data:`CLAMP_LATENCY` (7) cycles. Throughput: one result per cycle. The
+    Latency: :data:`CLAMP_LATENCY` (7) cycles, plus ``mult_stages``. Throughput: one result per cycle. The
     pipeline advances when :attr:`o` is empty or taken (``i.ready = ~o.valid | o.ready``,
     a combinational path from ``o.ready`` to ``i.ready``).
 
@@ -79,6 +79,10 @@ class SFxClampUnit(wiring.Component):
         ``"lut"`` (see :class:`SFxMagnitudeMultiplier`).
     count_bits : int
         Width of :attr:`sat_count` (1..64, default 32).
+    mult_stages : int
+        Extra pipeline registers in the multiplier (0..2, default 0): a logic multiplier's
+        adder tree is cut by ``1 + mult_stages`` registers, a DSP product is registered
+        ``1 + mult_stages`` times. The latency is :data:`CLAMP_LATENCY` ``+ mult_stages``.
     mult_premuxed : bool
         The producer guarantees ``mult == 1`` whenever ``use_mult`` is 0 (default
         ``False``): the unit then multiplies by ``mult`` as it comes, without a multiplexer
@@ -100,7 +104,7 @@ class SFxClampUnit(wiring.Component):
     """
 
     def __init__(self, *, acc_bits: int, frac_bits: int, out_bits: int, mult_impl: str = "dsp",
-                 count_bits: int = 32, mult_premuxed: bool = False):
+                 count_bits: int = 32, mult_premuxed: bool = False, mult_stages: int = 0):
         with checking(self):
             self._acc_bits = check_int(acc_bits, "acc_bits", 2, 64)
             self._frac_bits = check_int(frac_bits, "frac_bits", 0, 64)
@@ -108,6 +112,7 @@ class SFxClampUnit(wiring.Component):
             self._mult_impl = check_impl(mult_impl, "mult_impl")
             self._count_bits = check_int(count_bits, "count_bits", 1, 64)
             self._premuxed = check_bool(mult_premuxed, "mult_premuxed")
+            self._mult_stages = check_int(mult_stages, "mult_stages", 0, 2)
         super().__init__({
             "i": In(stream.Signature(clamp_in_layout(self._acc_bits))),
             "o": Out(stream.Signature(clamp_out_layout(self._out_bits))),
@@ -121,6 +126,12 @@ class SFxClampUnit(wiring.Component):
     out_bits = property(lambda self: self._out_bits, doc="SFx width of the result.")
     mult_impl = property(lambda self: self._mult_impl, doc="Multiplier implementation.")
     count_bits = property(lambda self: self._count_bits, doc="Width of the saturation counter.")
+    mult_stages = property(lambda self: self._mult_stages, doc="Extra pipeline registers in the multiplier.")
+
+    @property
+    def latency(self) -> int:
+        """Cycles from an input transfer to its result (with no stall)."""
+        return CLAMP_LATENCY + self._mult_stages
 
     def elaborate(self, platform):
         m = Module()
@@ -128,13 +139,12 @@ class SFxClampUnit(wiring.Component):
         P = A + sfx.MULT_FRAC_BITS   # product width
         X = P + 1                    # product with a guard bit below
 
-        v1, v2, v2b, v3, v4, v5, v6 = (Signal(name=f"v{k}") for k in ("1", "2", "2b", "3", "4", "5", "6"))
+        v1, v2b, v3, v4, v5, v6 = (Signal(name=f"v{k}") for k in ("1", "2b", "3", "4", "5", "6"))
         adv = Signal()
         m.d.comb += [
             adv.eq(~v6 | self.o.ready),
             self.i.ready.eq(adv),
             self.o.valid.eq(v6),
-            self.busy.eq(v1 | v2 | v2b | v3 | v4 | v5 | v6),
         ]
 
         # Stage 1: magnitude, relu, multiplier operand, right shift amount.
@@ -161,29 +171,59 @@ class SFxClampUnit(wiring.Component):
             m.d.sync += error.eq(1)
         m.d.comb += self.error.eq(error)
 
-        # Stage 2: product, as two registered partial products (the low 16 bits of the
-        # magnitude and the rest, each within one 16 x 16 DSP block), added in stage 2b over
-        # the high bits only (the low 16 bits of the product are the low partial's).
-        lo_w = min(A, 16)
-        m.submodules.mul = mul = SFxMagnitudeMultiplier(a_width=lo_w, b_width=16, impl=self._mult_impl)
-        m.d.comb += [mul.a.eq(mag1[:lo_w]), mul.b.eq(mul1)]
-        part_lo = Signal(lo_w + 16, reset_less=True)
-        neg2, rnd2 = Signal(reset_less=True), Signal(reset_less=True)
-        r2 = Signal(6, reset_less=True)
-        with m.If(adv):
-            m.d.sync += [v2.eq(v1), part_lo.eq(mul.p), neg2.eq(neg1), rnd2.eq(rnd1), r2.eq(r1)]
+        # Stage 2: product, then 2b: registered. With the DSP the product is two registered
+        # partial products (the low 16 bits of the magnitude and the rest, each within one
+        # 16 x 16 block), added in stage 2b over the high bits only. In logic it is one
+        # multiplier whose adder tree is cut by registers (``1 + mult_stages`` of them).
+        # ``mult_stages`` adds that many registers in both cases.
+        ms = self._mult_stages
+        flags = [(v1, "v"), (neg1, "neg"), (rnd1, "rnd"), (r1, "r")]
+        vmid = []
+        for k in range(1 + ms):
+            nxt = []
+            for sig, name in flags:
+                d = Signal(sig.shape(), name=f"{name}2_{k}", reset_less=(name != "v"))
+                with m.If(adv):
+                    m.d.sync += d.eq(sig)
+                nxt.append((d, name))
+            flags = nxt
+            vmid.append(flags[0][0])
+        (v2, _), (neg2, _), (rnd2, _), (r2, _) = flags
+
+        def delayed(value, name):
+            for k in range(ms):
+                d = Signal(value.shape(), name=f"{name}_d{k}", reset_less=True)
+                with m.If(adv):
+                    m.d.sync += d.eq(value)
+                value = d
+            return value
+
+        if self._mult_impl == "lut":
+            mul = SFxMagnitudeMultiplier(a_width=A, b_width=16, impl="lut", stages=1 + ms)
+            m.submodules.mul = EnableInserter(adv)(mul)
+            m.d.comb += [mul.a.eq(mag1), mul.b.eq(mul1)]
+            full = mul.p
+        else:
+            lo_w = min(A, 16)
+            m.submodules.mul = mul = SFxMagnitudeMultiplier(a_width=lo_w, b_width=16, impl="dsp")
+            m.d.comb += [mul.a.eq(mag1[:lo_w]), mul.b.eq(mul1)]
+            part_lo = Signal(lo_w + 16, reset_less=True)
+            with m.If(adv):
+                m.d.sync += part_lo.eq(mul.p)
+            part_lo = delayed(part_lo, "part_lo")
+            if A > 16:
+                m.submodules.mul_hi = mul_hi = SFxMagnitudeMultiplier(a_width=A - 16, b_width=16, impl="dsp")
+                m.d.comb += [mul_hi.a.eq(mag1[16:]), mul_hi.b.eq(mul1)]
+                part_hi = Signal(A, reset_less=True)
+                with m.If(adv):
+                    m.d.sync += part_hi.eq(mul_hi.p)
+                part_hi = delayed(part_hi, "part_hi")
+                full = Cat(part_lo[:16], (part_lo[16:] + part_hi)[:P - 16])
+            else:
+                full = part_lo
         prod2 = Signal(P, reset_less=True)
         neg2b, rnd2b = Signal(reset_less=True), Signal(reset_less=True)
         r2b = Signal(6, reset_less=True)
-        if A > 16:
-            m.submodules.mul_hi = mul_hi = SFxMagnitudeMultiplier(a_width=A - 16, b_width=16, impl=self._mult_impl)
-            m.d.comb += [mul_hi.a.eq(mag1[16:]), mul_hi.b.eq(mul1)]
-            part_hi = Signal(A, reset_less=True)
-            with m.If(adv):
-                m.d.sync += part_hi.eq(mul_hi.p)
-            full = Cat(part_lo[:16], (part_lo[16:] + part_hi)[:P - 16])
-        else:
-            full = part_lo
         with m.If(adv):
             m.d.sync += [v2b.eq(v2), prod2.eq(full), neg2b.eq(neg2), rnd2b.eq(rnd2), r2b.eq(r2)]
 
@@ -242,8 +282,11 @@ class SFxClampUnit(wiring.Component):
             m.d.sync += [v6.eq(v5), code.eq(Cat(mag6, neg5 & (mag6 != 0))), sat6.eq(sat)]
         m.d.comb += [self.o.payload.code.eq(code), self.o.payload.sat.eq(sat6)]
 
+        m.d.comb += self.busy.eq(Cat(v1, *vmid, v2b, v3, v4, v5, v6).any())
         sat_count = Signal(self._count_bits)
-        with m.If(self.o.valid & self.o.ready & sat6 & ~sat_count.all()):
-            m.d.sync += sat_count.eq(sat_count + 1)
+        inc = Signal(self._count_bits + 1)
+        m.d.comb += inc.eq(sat_count + 1)   # its carry out says "all ones": saturate (no AND tree)
+        with m.If(self.o.valid & self.o.ready & sat6 & ~inc[-1]):
+            m.d.sync += sat_count.eq(inc[:self._count_bits])
         m.d.comb += self.sat_count.eq(sat_count)
         return m

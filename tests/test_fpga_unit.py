@@ -59,14 +59,16 @@ def test_plan_never_exceeds_device_or_budget(target, bits, shape, user):
 
 def test_plan_examples():
     p = budget.plan_dsp_pes("ecp5-25k", rows=8, cols=8, a_bits=8, w_bits=8)   # ECP5: SF8 products in logic
-    assert (p.clamp_impl, p.clamp_dsps, p.dsp_pes, p.dsps_used) == ("dsp", 2, 0, 2)
+    assert (p.clamp_impl, p.clamp_dsps, p.dsp_pes, p.dsps_used) == ("lut", 0, 0, 0)
     assert "below the 15-bit threshold for a PE DSP on ecp5" in p.reason
     p = budget.plan_dsp_pes("ecp5-25k", rows=8, cols=8, a_bits=16, w_bits=16)
+    assert (p.clamp_impl, p.clamp_dsps, p.dsp_pes, p.dsps_used) == ("lut", 0, 28, 28)
+    p = budget.plan_dsp_pes("ecp5-25k", rows=8, cols=8, a_bits=16, w_bits=16, clamp="dsp")
     assert (p.clamp_impl, p.clamp_dsps, p.dsp_pes, p.dsps_used) == ("dsp", 3, 25, 28)
     p = budget.plan_dsp_pes("ice40-up5k", rows=8, cols=8, a_bits=4, w_bits=4)
     assert p.dsp_pes == 0 and "below the 11-bit threshold" in p.reason
     p = budget.plan_dsp_pes("ecp5-25k", rows=8, cols=8, a_bits=4, w_bits=4)   # policy: narrow products in logic
-    assert (p.dsp_pes, p.clamp_impl, p.dsps_used) == (0, "dsp", 2)
+    assert (p.dsp_pes, p.clamp_impl, p.dsps_used) == (0, "lut", 0)
     p = budget.plan_dsp_pes("ice40-up5k", rows=8, cols=8, a_bits=7, w_bits=6)   # 6x5 = 11 bits: worth a DSP
     assert p.dsp_pes == 6
     p = budget.plan_dsp_pes("ice40-up5k", rows=8, cols=8, a_bits=8, w_bits=8)

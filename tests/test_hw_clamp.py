@@ -83,15 +83,17 @@ def test_clamp_exhaustive_small(out_bits):
     _check(dut, acc, _shift_for(dut, r, use), mult, use, relu, rnd)
 
 
-@pytest.mark.parametrize("acc_bits,frac_bits,out_bits,mult_impl", [
-    (22, 6, 4, "dsp"),     # SF4 x SF4, k_max 16384 (iCE40 target)
-    (30, 14, 8, "lut"),    # SF8 x SF8, k_max 16384 (ECP5 target)
-    (12, 4, 16, "dsp"),    # output wider than the accumulator's fraction
-    (46, 30, 16, "lut"),   # SF16 x SF16, k_max 16384
-    (52, 30, 5, "dsp"),    # SF16 x SF16, k_max 2**20 (widest accumulator)
+@pytest.mark.parametrize("acc_bits,frac_bits,out_bits,mult_impl,mult_stages", [
+    (22, 6, 4, "dsp", 0),     # SF4 x SF4, k_max 16384 (iCE40 target)
+    (30, 14, 8, "lut", 1),    # SF8 x SF8, k_max 16384 (ECP5 target: pipelined logic multiplier)
+    (12, 4, 16, "dsp", 2),    # output wider than the accumulator's fraction
+    (46, 30, 16, "lut", 0),   # SF16 x SF16, k_max 16384
+    (52, 30, 5, "dsp", 1),    # SF16 x SF16, k_max 2**20 (widest accumulator)
 ])
-def test_clamp_random_widths(acc_bits, frac_bits, out_bits, mult_impl):
-    dut = SFxClampUnit(acc_bits=acc_bits, frac_bits=frac_bits, out_bits=out_bits, mult_impl=mult_impl)
+def test_clamp_random_widths(acc_bits, frac_bits, out_bits, mult_impl, mult_stages):
+    dut = SFxClampUnit(acc_bits=acc_bits, frac_bits=frac_bits, out_bits=out_bits, mult_impl=mult_impl,
+                       mult_stages=mult_stages)
+    assert dut.latency == CLAMP_LATENCY + mult_stages
     rng = np.random.default_rng(acc_bits)
     n = 1200
     lim = 1 << (acc_bits - 1)

@@ -31,8 +31,9 @@ complement baselines (signed ``x``-bit operands) use the same rules with the ful
 
 The accelerator has one more multiplier: the clamp unit's ``A x 16`` product
 (accumulator times the per-channel ``mult``), ``A = sfx.accumulator_bits(...)``, 2 or 3
-blocks. It replaces a far larger logic multiplier than any PE's, so the plan gives it
-DSPs first (``clamp="auto"``) when the budget allows, and the PEs share the rest.
+blocks. On the iCE40 it replaces a far larger logic multiplier than any PE's, so the plan
+gives it DSPs first (``clamp="auto"``) when the budget allows, and the PEs share the rest;
+on the ECP5 it stays in logic by default (:data:`CLAMP_DSP_FAMILIES`).
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ from typing import Any
 from superfloat.sw import sfx
 
 __all__ = ["DSP_FAMILIES", "PE_DSP_MIN_PRODUCT_BITS", "DspPlan", "device_dsps", "dsps_per_multiplier", "plan_dsp_pes",
-           "ARCH_DEFAULTS", "ArchPlan", "plan_architecture"]
+           "ARCH_DEFAULTS", "ArchPlan", "plan_architecture", "CLAMP_DSP_FAMILIES"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,13 @@ DSP_FAMILIES = {
 
 #: Smallest magnitude product (bits) worth a DSP block in a PE (see the module doc).
 PE_DSP_MIN_PRODUCT_BITS = {"ice40": 11, "ecp5": 15}
+
+#: Families whose clamp multiplier goes to DSP blocks by default (``clamp="auto"``). On the
+#: ECP5, Yosys leaves the MULT18X18D registers unused, and the block's combinational delay
+#: plus the routes to its fixed column set the clock of a 125 MHz design (8x8 SF8: the clamp
+#: multiplier was the critical path at 112 MHz); a pipelined logic multiplier is faster, and
+#: the ECP5-25k has the logic for it.
+CLAMP_DSP_FAMILIES = ("ice40",)
 
 #: DSP blocks of each synthesis target (iCE40 UP5K: 8 SB_MAC16; ECP5 LFE5U-25F: 28 MULT18X18D).
 _TARGET_DSPS = {"ice40-up5k": ("ice40", 8), "ecp5-25k": ("ecp5", 28)}
@@ -145,7 +153,8 @@ def plan_dsp_pes(target: str, *, rows: int, cols: int, a_bits: int, w_bits: int,
     if clamp == "dsp" and clamp_need > usable:
         raise ValueError(f"the clamp unit's {acc}x16 multiplier needs {clamp_need} {cell} but the DSP budget "
                          f"is {usable}: use clamp='lut' or a larger budget")
-    clamp_impl = "dsp" if clamp == "dsp" or (clamp == "auto" and clamp_need <= usable) else "lut"
+    clamp_impl = ("dsp" if clamp == "dsp" or (clamp == "auto" and family in CLAMP_DSP_FAMILIES
+                                               and clamp_need <= usable) else "lut")
     clamp_dsps = clamp_need if clamp_impl == "dsp" else 0
     left = usable - clamp_dsps
     product_bits = (a_bits - 1) + (w_bits - 1)

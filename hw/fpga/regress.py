@@ -29,10 +29,12 @@ BASELINE_DIR = Path(__file__).resolve().parent / "baselines"
 LUT_TOLERANCE = 0.10       # LUTs may grow by 10 %
 FMAX_TOLERANCE = 0.90      # Fmax may drop to 90 %
 
-#: The configurations CI checks, one per target (small: about 30 s each).
+#: The configurations CI checks, one per target: the flagships' widths, clocks and
+#: architecture plans (hw/fpga/budget.py), on arrays small enough to run in a minute or two
+#: (the 8x8 flagships take several minutes each; ``sfx bench fpga`` measures those).
 REGRESSION_CONFIGS = {
-    "ice40-up5k": dict(rows=2, cols=2, a_bits=4, w_bits=4, out_bits=4, k_max=16384),
-    "ecp5-25k": dict(rows=2, cols=2, a_bits=8, w_bits=8, out_bits=8, k_max=16384),
+    "ice40-up5k": dict(rows=4, cols=4, a_bits=4, w_bits=4, out_bits=4, k_max=16384, freq_mhz=48.0),
+    "ecp5-25k": dict(rows=2, cols=2, a_bits=8, w_bits=8, out_bits=8, k_max=16384, freq_mhz=125.0),
 }
 
 _KEYS = ("target", "kind", "config", "rows", "cols", "a_bits", "w_bits", "out_bits", "k_max", "freq_target_mhz",
@@ -82,8 +84,9 @@ def compare(new: dict, base: dict) -> list[str]:
 def run_config(target: str, cfg: dict, **kw) -> dict:
     from .synth import synthesize
 
-    return synthesize(target=target, kind=cfg.get("kind", "accel"),
-                      **{k: v for k, v in cfg.items() if k not in ("kind",)}, **kw)
+    args = {k: v for k, v in cfg.items() if k not in ("kind",)}
+    args.update(kw)
+    return synthesize(target=target, kind=cfg.get("kind", "accel"), **args)
 
 
 def main(argv: list[str] | None = None) -> int:
