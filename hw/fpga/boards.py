@@ -161,7 +161,7 @@ def build_board(name: str, *, rows: int = 2, cols: int = 2, a_bits: int = 8, w_b
                 out_bits: int | None = None, k_max: int = sfx.DEFAULT_K_MAX, baud: int | None = None,
                 clock_mhz: float | None = None, dsp_budget: int | None = None, out_dir: Path | str | None = None,
                 timeout: float | None = None, overlap_drain: bool | None = None, chunk_k: int | None = None,
-                mul_stages: int | None = None) -> dict[str, Any]:
+                mul_stages: int | None = None, pipelined: bool | None = None) -> dict[str, Any]:
     """Build the bitstream of the board top; return a report dict with ``bitstream`` (path),
     ``fmax_mhz``, ``clock_mhz`` (the PLL's achieved output), ``pll``, ``baud``, ``divisor``,
     ``met_timing``, resources, ``dsp_plan``, ``arch_plan`` and ``seconds``, or ``error`` /
@@ -184,7 +184,7 @@ def build_board(name: str, *, rows: int = 2, cols: int = 2, a_bits: int = 8, w_b
     AccelParams(rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, out_bits=out_bits, k_max=k_max)  # checks
     plan = plan_dsp_pes(b.target, rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, k_max=k_max, budget=dsp_budget)
     arch = plan_architecture(b.target, a_bits=a_bits, w_bits=w_bits, k_max=k_max, overlap_drain=overlap_drain,
-                             chunk_k=chunk_k, mul_stages=mul_stages)
+                             chunk_k=chunk_k, mul_stages=mul_stages, pipelined=pipelined)
     t0 = time.perf_counter()
     try:
         pll = pll_settings(b.family, plat.default_clk_frequency / 1e6, float(target_mhz))
@@ -200,7 +200,8 @@ def build_board(name: str, *, rows: int = 2, cols: int = 2, a_bits: int = 8, w_b
     if out_dir is None:
         out_dir = (build_root() / "fpga" / "board" /
                    f"{name}-{rows}x{cols}-a{a_bits}w{w_bits}o{out_bits}-k{k_max}-{pll.fout_mhz:g}MHz-{baud}"
-                   f"-{'ov' if arch.overlap_drain else 'noov'}-c{arch.chunk_k}-m{arch.mul_stages}")
+                   f"-{'ov' if arch.overlap_drain else 'noov'}-c{arch.chunk_k}-m{arch.mul_stages}"
+                   f"{'-p' if arch.pipelined else ''}")
     out_dir = Path(out_dir)
     from .synth import config_name
 
