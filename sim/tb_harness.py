@@ -423,6 +423,9 @@ async def verify(dut):
             stall_jobs += 1
         r = await b.job([(a, f"op{b.ops + i}") for i, a in enumerate(args)], stalls=stalls)
         features["saturated_codes"] += r.stats["sat_count"]
+        if b.codes * 10 // target > (b.codes - sum(a.T * a.N for a in args)) * 10 // target:
+            dut._log.info("verify: %d of %d codes checked (%d operations, %d cycles, %.0f s)", b.codes, target,
+                          b.ops, b.cycles, time.perf_counter() - t0)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     Path("sfx_verify.json").write_text(json.dumps({
         "codes": b.codes, "operations": b.ops, "jobs": b.jobs, "jobs_with_stalls": stall_jobs,
