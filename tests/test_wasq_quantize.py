@@ -40,7 +40,7 @@ def _layer(bits=8, n=24, k=40, seed=0, **kw) -> SFxLinear:
     ({"scale_kind": "log"}, ValueError, r"scale_kind must be one of 'pow2', 'float'"),
     ({"act_exponent": "auto"}, ValueError, r"act_exponent must be one of 'dynamic', 'static'"),
     ({"rounding": "up"}, ValueError, r"rounding must be one of 'nearest_even', 'toward_zero'"),
-    ({"method": "gptq"}, ValueError, r"method must be one of .*'vanilla'.*got 'gptq'"),
+    ({"method": "nosuch"}, ValueError, r"method must be one of .*'vanilla'.*got 'nosuch'"),
     ({"method": "int", "rounding": "toward_zero"}, ValueError, r"'nearest_even' for codes='int'"),
     ({"skip": "lm_head"}, TypeError, r"skip must be a sequence of glob patterns, got the string 'lm_head'"),
     ({"layer_bits": {"*mlp*": 1}}, ValueError, r"layer_bits\['\*mlp\*'\] must be in 2\.\.16"),

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from .. import sfx, sfx_torch
+from .layers import quantized_layers
 
 __all__ = ["BACKENDS", "DEFAULT_OUT_BITS", "DEFAULT_HEADROOM", "WEIGHT_ONLY_ACT_BITS", "AcceleratorError",
            "LayerProgram", "RowStream", "set_backend", "backend_of", "calibrate_outputs_", "accelerator_stats",
@@ -416,12 +417,15 @@ class LayerProgram:
         return y.to(device=x.device, dtype=x.dtype).reshape(*shape[:-1], self.N)
 
 
+from . import qlinear as _qlinear  # noqa: E402
+
+_qlinear._PROGRAM_BUILDER = LayerProgram.from_layer
+
+
 # --------------------------------------------------------------------------- the model
 
 
 def _layers(model: nn.Module) -> dict[str, Any]:
-    from .layers import quantized_layers
-
     layers = quantized_layers(model)
     if not layers:
         raise AcceleratorError("the model has no quantized layers (SFxLinear); quantize it first "

@@ -64,6 +64,7 @@ import torch
 from torch import nn
 
 from .. import __version__, sfx
+from . import hooks
 from .config import WASQConfig
 from .qlinear import ExportedLinear
 from .quantize import quantize_, quantized_layers, wasq_config_of
@@ -417,7 +418,7 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, tokenizer
             tokenizer.save_pretrained(str(tmp))
             info["tokenizer_files"] = {f.name: _sha256_file(f) for f in sorted(tmp.iterdir())
                                        if f.is_file() and f.name != WEIGHTS_FILE}
-        _write_hf_files(model, tmp, info)
+        hooks.run(hooks.CHECKPOINT_FILES, model, tmp, info)  # config.json for from_pretrained (wasq.hf)
         if keep_other_files and target.is_dir():
             _carry_over(target, tmp)
         file_bytes = (tmp / WEIGHTS_FILE).stat().st_size
@@ -461,18 +462,6 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, tokenizer
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return info["memory"]
-
-
-def _write_hf_files(model: nn.Module, tmp: Path, info: dict[str, Any]) -> None:
-    """``config.json`` (from ``info``, with the ``quantization_config``) and, for a model that
-    generates, ``generation_config.json``: what ``from_pretrained`` reads besides the weights."""
-    from .hf import hf_config
-
-    hf_config(info).to_json_file(str(tmp / HF_CONFIG_FILE), use_diff=True)
-    gen = getattr(model, "generation_config", None)
-    can = getattr(model, "can_generate", None)
-    if gen is not None and callable(can) and can():
-        gen.save_pretrained(str(tmp))
 
 
 def _link_or_copy(src: str, dst: str) -> str:
@@ -1061,12 +1050,6 @@ def _quant_config(info: dict[str, Any], cfg_path: Path) -> WASQConfig:
         raise CheckpointError(f"{cfg_path}: field quant_config is invalid: {_one_line(e)}; {_REDO}") from None
 
 
-def _attach_hf(model: nn.Module) -> None:
-    from .hf import attach
-
-    attach(model)
-
-
 def _load(d: Path, device, return_info: bool):
     info = read_checkpoint_info(d)
     cfg_path = d / CONFIG_FILE
@@ -1077,7 +1060,7 @@ def _load(d: Path, device, return_info: bool):
     if device is not None:
         model = model.to(device)
     model.eval()
-    _attach_hf(model)
+    hooks.run(hooks.AFTER_QUANTIZE, model)
     tok = _load_tokenizer(d, info) if info.get("tokenizer") else None
     return (model, tok, info) if return_info else model
 

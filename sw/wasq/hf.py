@@ -52,7 +52,9 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers import auto as _auto
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .checkpoint import (CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, WEIGHTS_FILE, CheckpointError, load_into,
+from . import hooks
+from .checkpoint import (CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, GENERATION_CONFIG_FILE, HF_CONFIG_FILE,
+                         WEIGHTS_FILE, CheckpointError, load_into,
                          read_checkpoint_info, save_checkpoint)
 from .config import WASQConfig
 
@@ -398,3 +400,18 @@ def save_pretrained(self: PreTrainedModel, save_directory: str | os.PathLike, is
                                 create_pr=create_pr)
     return None
 
+
+
+def write_checkpoint_files(model: nn.Module, tmp: Path, info: dict[str, Any]) -> None:
+    """``config.json`` (from ``info``, with the ``quantization_config``) and, for a model that
+    generates, ``generation_config.json``: what ``from_pretrained`` reads besides the weights
+    (a :data:`superfloat.sw.wasq.hooks.CHECKPOINT_FILES` hook of ``save_checkpoint``)."""
+    hf_config(info).to_json_file(str(Path(tmp) / HF_CONFIG_FILE), use_diff=True)
+    gen = getattr(model, "generation_config", None)
+    can = getattr(model, "can_generate", None)
+    if gen is not None and callable(can) and can():
+        gen.save_pretrained(str(tmp))
+
+
+hooks.AFTER_QUANTIZE.append(attach)
+hooks.CHECKPOINT_FILES.append(write_checkpoint_files)

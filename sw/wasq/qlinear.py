@@ -42,6 +42,11 @@ from .formats import ActQuantizer, ExportedLinear, QuantizedWeight, WeightFormat
 __all__ = ["SFxLinear", "ExportedLinear", "float_scale"]
 
 
+#: builds a layer's accelerator program (``LayerProgram.from_layer``); registered by
+#: :mod:`superfloat.sw.wasq.accelerator` when it is imported (no import of it from here)
+_PROGRAM_BUILDER = None
+
+
 class _STE(torch.autograd.Function):
     """Forward: the quantized tensor. Backward: the gradient, unchanged (optionally
     zeroed where the float input saturated)."""
@@ -277,9 +282,10 @@ class SFxLinear(nn.Linear):
             return self._program[1]
         if not build:
             return None
-        from .accelerator import LayerProgram
-
-        prog = LayerProgram.from_layer(self)
+        if _PROGRAM_BUILDER is None:
+            raise RuntimeError("the accelerator backend is not loaded: switch layers with "
+                               "superfloat.sw.wasq.accelerator.set_backend(model, 'accelerator')")
+        prog = _PROGRAM_BUILDER(self)
         self._program = (self._program_key(), prog)
         return prog
 

@@ -1,12 +1,12 @@
 """``quantize_(model, config)``: swap linear layers for :class:`SFxLinear`, in place (torchao style)."""
 from __future__ import annotations
 
-import sys
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
+from . import hooks
 from .config import WASQConfig
 from .layers import candidate_layers, convert_rtn_, quantized_layers
 from .qlinear import SFxLinear, _module_kind
@@ -77,23 +77,14 @@ def quantize_(model: nn.Module, config: WASQConfig | None = None, *, calibration
                                 search_tokens=search_tokens, progress=progress, weight_cache=weight_cache)
         setattr(model, _ATTR, config)
         setattr(model, _REPORT, report)
-        _attach_hf(model)
+        hooks.run(hooks.AFTER_QUANTIZE, model)
         return model
     convert_rtn_(model, config, targets)
     setattr(model, _ATTR, config)
     if config.act_bits is not None and config.act_exponent == "static" and calibration is not None:
         calibrate_(model, calibration)
-    _attach_hf(model)
+    hooks.run(hooks.AFTER_QUANTIZE, model)
     return model
-
-
-def _attach_hf(model: nn.Module) -> None:
-    """A quantized transformers model gets its Hugging Face identity (``config.quantization_config``,
-    a ``save_pretrained`` that writes a WASQ checkpoint or raises): :func:`superfloat.sw.wasq.hf.attach`."""
-    if "transformers" in sys.modules:  # (a transformers model means transformers is imported)
-        from .hf import attach
-
-        attach(model)
 
 
 def quantize_report(model: nn.Module):
