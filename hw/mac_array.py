@@ -63,8 +63,8 @@ class SFxMacArray(wiring.Component):
     Dataflow: each ``inp`` beat carries one reduction step ``k`` of a tile: ``rows``
     activation codes ``X[i, k]`` and ``cols`` weight codes ``W[j, k]``. The codes are
     registered and broadcast (activation ``i`` along row ``i``, weight ``j`` down column
-    ``j``; in a cycle without a beat the activations are code 0, so every PE adds 0 and
-    no PE needs an enable); PE ``(i, j)`` accumulates ``X[i, k] * W[j, k]`` exactly in
+    ``j``; in a cycle without a beat both are code 0, so every PE adds 0 and no PE
+    needs an enable, whatever the payload holds between beats); PE ``(i, j)`` accumulates ``X[i, k] * W[j, k]`` exactly in
     ``A`` bits, from 0 (the bias is added after the array). The beat flagged ``last`` ends
     the tile.
 
@@ -205,11 +205,14 @@ class SFxMacArray(wiring.Component):
         in_xfer = inp.valid & inp.ready
         last_xfer = in_xfer & inp.payload.last
 
-        # Stage 0: the accepted beat, registered and broadcast. Without a beat the
-        # activations are code 0: every product is 0 and the accumulators keep their sums.
+        # Stage 0: the accepted beat, registered and broadcast. Without a beat the codes
+        # are 0: every product is 0 and the accumulators keep their sums. Both operands are
+        # zeroed (the flip-flops' synchronous reset, no logic): the payload offered between
+        # beats may be anything, X in a 4-state simulator, and X * 0 is X there.
         a_reg = Signal(data.ArrayLayout(self._a_bits, rows), reset_less=True)
         w_reg = Signal(data.ArrayLayout(self._w_bits, cols), reset_less=True)
-        m.d.sync += [a_reg.eq(Mux(in_xfer, inp.payload.act, 0)), w_reg.eq(inp.payload.wgt), s0_last.eq(last_xfer)]
+        m.d.sync += [a_reg.eq(Mux(in_xfer, inp.payload.act, 0)), w_reg.eq(Mux(in_xfer, inp.payload.wgt, 0)),
+                     s0_last.eq(last_xfer)]
 
         # A tile's last beat (cycle c) is in the accumulators from cycle c + 1 + pe_lat.
         lp = [s0_last]

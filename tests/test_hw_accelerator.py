@@ -253,3 +253,26 @@ def test_accelerator_rejects_bad_parameters(kwargs, exc, match):
 def test_constructors_are_keyword_only(cls):
     params = list(inspect.signature(cls.__init__).parameters.values())[1:]
     assert params and all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params)
+
+
+@pytest.mark.sim
+def test_x_on_payloads_between_beats_in_a_4state_simulator(tmp_path):
+    """Icarus (4-state): the IP testbench drives X on every payload between beats
+    (IDLE_X=1); every code must still match sfx.linear. The array zeroes both operands in a
+    cycle without a beat (a weight register that kept an X made the tile's sums X), with
+    logic and DSP (``*``) multipliers, with and without shadow registers."""
+    import subprocess
+
+    from superfloat.hw.ip import write_ip
+    from superfloat.sw.tools import find_tool, tool_env
+
+    if find_tool("iverilog") is None or find_tool("vvp") is None:
+        pytest.skip("iverilog not found (apt-get install iverilog)")
+    for overlap in (True, False):
+        root = tmp_path / f"ip-{overlap}"
+        write_ip(root, rows=2, cols=2, a_bits=4, w_bits=4, out_bits=4, k_max=64, dsp_pes=2, overlap_drain=overlap,
+                 n_ops=3, seed=5)
+        cmd = ("iverilog -g2005 -Psfx_accelerator_tb.IDLE_X=1 -o tb.vvp -s sfx_accelerator_tb rtl/*.v "
+               "tb/sfx_accelerator_tb.v && vvp -n tb.vvp")
+        proc = subprocess.run(cmd, shell=True, cwd=root, env=tool_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and "PASS:" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
