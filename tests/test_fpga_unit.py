@@ -12,7 +12,7 @@ from amaranth.sim import Simulator
 from superfloat.hw.fpga import budget, report
 from superfloat.hw.fpga.baseline import TwosComplementMultiplier, comparison_accelerator, comparison_array
 from superfloat.hw.fpga.wrapper import ScanWrapper
-from superfloat.sw import sfx
+from superfloat.hw.mac_array import TAG_BITS, sum_bits
 
 # --------------------------------------------------------------------------- DSP budget
 
@@ -138,7 +138,10 @@ def test_comparison_designs_differ_only_in_the_pe():
     sm = comparison_array("sm", rows=2, cols=3, a_bits=5, w_bits=5, k_max=64, overlap_drain=False)
     tc = comparison_array("tc", rows=2, cols=3, a_bits=5, w_bits=5, k_max=64, overlap_drain=False)
     assert (sm.pe_kind, tc.pe_kind) == ("sm", "tc")
-    assert sm.signature == tc.signature and sm.acc_bits == tc.acc_bits == sfx.accumulator_bits(5, 5, 64)
+    # Same inputs; each accumulates in the bits its own products need exactly (a two's
+    # complement product reaches 2**(a+w-2), an SFx one (2**(a-1)-1)*(2**(w-1)-1)).
+    assert sm.signature.members["inp"] == tc.signature.members["inp"]
+    assert (sm.acc_bits, tc.acc_bits) == (sum_bits(5, 5, 64, "sm"), sum_bits(5, 5, 64, "tc")) == (15, 16)
     assert (sm.dsp_pes, tc.dsp_pes, sm.overlap_drain) == (0, 0, False)
     acc = comparison_accelerator("tc", rows=2, cols=2, a_bits=4, w_bits=4, out_bits=4, k_max=64)
     assert acc.pe_kind == "tc" and acc.signature.members.keys() == {"cmd", "act", "wgt", "par", "res", "busy",
@@ -158,9 +161,10 @@ def test_scan_wrapper_counts_every_port_bit():
     core = comparison_array("sm", rows=2, cols=3, a_bits=4, w_bits=6, k_max=256)
     w = ScanWrapper(core)
     w._MustUse__silence = core._MustUse__silence = True   # counted, never elaborated
-    # inputs: act, wgt, last, rows_valid (2 bits), valid; row_ok. Outputs: ready, out, row_take, busy.
-    assert w.in_bits == 2 * 4 + 3 * 6 + 1 + 2 + 1 + 1
-    assert w.out_bits == 1 + (1 + core.acc_bits + 1) + 1 + 1
+    # inputs: act, wgt, last, rows_valid (2 bits), tag (2 bits), valid; row_ok.
+    # Outputs: ready, out (valid, acc, last, tag), row_take, drain_tag, busy.
+    assert w.in_bits == 2 * 4 + 3 * 6 + 1 + 2 + TAG_BITS + 1 + 1
+    assert w.out_bits == 1 + (1 + core.acc_bits + 1 + TAG_BITS) + 1 + TAG_BITS + 1
     with pytest.raises(TypeError, match="core must be an amaranth.lib.wiring.Component"):
         ScanWrapper(object())
 

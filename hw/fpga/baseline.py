@@ -9,10 +9,13 @@ accelerator's own array and accelerator, built twice with nothing changed but th
 * ``"tc"``: a signed ``a_bits x w_bits`` two's complement multiplier
   (:class:`superfloat.hw.pe.TwosComplementMultiplier`: modified Baugh-Wooley partial
   products summed by the same balanced adder tree as the SFx LUT multiplier, so neither
-  side gets a better adder structure), added to the same accumulator.
+  side gets a better adder structure), added to its accumulator.
 
-Both take the same code widths, accumulate in the same ``A`` bits
-(``sfx.accumulator_bits(a_bits, w_bits, k_max)``), and have the same broadcast registers,
+Both take the same code widths, accumulate exactly in the bits their own products need
+(``mac_array.sum_bits(a_bits, w_bits, k, kind)``: a two's complement product reaches
+``2**(a_bits + w_bits - 2)``, an SFx one ``(2**(a_bits-1) - 1) * (2**(w_bits-1) - 1)``, so
+the integer PE may need one bit more; the accelerators add the bias and requantize in
+SPEC's ``A`` bits either way), and have the same broadcast registers,
 drain readout and control: :func:`comparison_array` is an :class:`SFxMacArray` (the bare
 array), :func:`comparison_accelerator` an :class:`SFxAccelerator` (streams, context
 memories, clamp unit, result FIFO around it).
