@@ -284,7 +284,7 @@ class SFxAccelerator(wiring.Component):
         # Tiles fed and not yet through the drain stage's context read: the memories hold
         # two, so a third tile's copy waits.
         slots_used = Signal(range(3))
-        copy_ok = slots_used != 2
+        slots_full = Signal()              # slots_used == 2, as a register of its own (timing)
 
         # Bias range check (SPEC 3: |bias| < 2**(A-2)), a cycle after the copy (timing):
         # |b| >= 2**(A-2) <=> the two top bits differ, or b == -2**(A-2).
@@ -305,7 +305,9 @@ class SFxAccelerator(wiring.Component):
         clast = Signal()                   # the next beat ends a chunk
         first_chunk = Signal()
         if chunk < p.k_max:
-            kc = Signal(range(chunk))      # steps of the current chunk before the next beat
+            # steps left in the current chunk after the next beat, minus 1: its sign bit says
+            # "the next beat ends the chunk" (no comparator)
+            kcd = Signal(signed(max(2, chunk.bit_length() + 1)))
         cmd = self.cmd.payload
         cmd_bad = Signal(reset_less=True)
         m.d.comb += [
@@ -355,81 +357,79 @@ class SFxAccelerator(wiring.Component):
         td_step = Signal(signed(nb))
         m.d.comb += [nd_step.eq(nd - Mux(in_check, cols + 1, cols)), td_step.eq(td - Mux(in_check, rows + 1, rows))]
 
-        with m.FSM(name="feed") as feed:
-            with m.State("IDLE"):
-                m.d.comb += self.cmd.ready.eq(1)
-                with m.If(self.cmd.valid):
-                    m.d.sync += [
-                        cmd_bad.eq((cmd.k == 0) | (cmd.k > p.k_max) | (cmd.t == 0) | (cmd.n == 0)),
-                        k_init.eq(cmd.k - 2), nd.eq(cmd.n), td.eq(cmd.t),
-                        op_relu.eq(cmd.relu), op_rnd.eq(cmd.rounding), op_mult.eq(cmd.use_mult),
-                    ]
-                    m.next = "CHECK"
-            with m.State("CHECK"):   # the command acts from registers (timing)
-                m.d.comb += in_check.eq(1)
-                with m.If(cmd_bad):
-                    m.d.sync += err.eq(1)
-                    m.next = "IDLE"
+        # The sequencer's states are one-hot registers (IDLE -> CHECK -> TILE -> STREAM ->
+        # NEXT -> TILE ... -> IDLE), so that no handshake decodes a state: a beat into the
+        # array is one LUT of s_stream, the two valids and the array's ready.
+        s_idle, s_check, s_tile, s_stream, s_next = (Signal(init=int(n == "idle"), name=f"feed_{n}")
+                                                     for n in ("idle", "check", "tile", "stream", "next"))
+        m.d.comb += [in_check.eq(s_check), self.cmd.ready.eq(s_idle)]
+        with m.If(s_idle & self.cmd.valid):
+            m.d.sync += [
+                cmd_bad.eq((cmd.k == 0) | (cmd.k > p.k_max) | (cmd.t == 0) | (cmd.n == 0)),
+                k_init.eq(cmd.k - 2), nd.eq(cmd.n), td.eq(cmd.t),
+                op_relu.eq(cmd.relu), op_rnd.eq(cmd.rounding), op_mult.eq(cmd.use_mult),
+                s_idle.eq(0), s_check.eq(1),
+            ]
+        with m.If(s_check):   # the command acts from registers (timing)
+            m.d.sync += s_check.eq(0)
+            with m.If(cmd_bad):
+                m.d.sync += [err.eq(1), s_idle.eq(1)]
+            with m.Else():
+                m.d.sync += [lane.eq(0), xrow.eq(0), lane_oh.eq(1), xrow_oh.eq(1), par_done.eq(0),
+                             x_done.eq(0), nd.eq(nd_step), n_first.eq(nd_step), td.eq(td_step), s_tile.eq(1)]
+        # TILE. par: one lane per cycle into the memory; the beat is taken with its last lane.
+        with m.If(s_tile & ~par_done & self.par.valid & ~slots_full):
+            m.d.sync += [cp_par.eq(1), par_q.eq(select(self.par.payload, lane_oh, plw)),
+                         cp_ok.eq((lane_oh & lanes_ok).any()), cp_laddr.eq(lane[:cbits] if cols > 1 else 0)]
+            with m.If(lane_oh[cols - 1]):
+                m.d.comb += self.par.ready.eq(1)
+                m.d.sync += par_done.eq(1)
+            with m.Else():
+                m.d.sync += [lane.eq(lane + 1), lane_oh.eq(lane_oh << 1)]
+        # The first act beat's row exponents, one per cycle (the beat stays offered).
+        with m.If(s_tile & ~x_done & self.act.valid & ~slots_full):
+            m.d.sync += [cp_x.eq(1), x_q.eq(select(self.act.payload.exp, xrow_oh, 8)),
+                         cp_xaddr.eq(xrow[:rbits] if rows > 1 else 0)]
+            with m.If(xrow_oh[rows - 1]):
+                m.d.sync += x_done.eq(1)
+            with m.Else():
+                m.d.sync += [xrow.eq(xrow + 1), xrow_oh.eq(xrow_oh << 1)]
+        with m.If(s_tile & par_done & x_done):
+            m.d.sync += [k_cnt.eq(k_init), last.eq(k_init[-1]), first_chunk.eq(1),
+                         clast.eq(k_init[-1] | (chunk == 1)), s_tile.eq(0), s_stream.eq(1)]
+            if chunk < p.k_max:
+                m.d.sync += kcd.eq(chunk - 2)
+        # STREAM: the K act/wgt beats, together, into the array.
+        m.d.comb += [
+            array.inp.valid.eq(s_stream & self.act.valid & self.wgt.valid),
+            self.act.ready.eq(s_stream & self.wgt.valid & array.inp.ready),
+            self.wgt.ready.eq(s_stream & self.act.valid & array.inp.ready),
+        ]
+        with m.If(beat):
+            k_dec = Signal(signed(kb))
+            m.d.comb += k_dec.eq(k_cnt - 1)
+            m.d.sync += [k_cnt.eq(k_dec), last.eq(k_dec[-1])]
+            if chunk < p.k_max:
+                kcd_next = Signal.like(kcd)
+                m.d.comb += kcd_next.eq(Mux(clast, chunk - 2, kcd - 1))
+                m.d.sync += [kcd.eq(kcd_next), clast.eq(k_dec[-1] | kcd_next[-1])]
+            else:
+                m.d.sync += clast.eq(k_dec[-1])
+            with m.If(clast):
+                m.d.sync += first_chunk.eq(0)
+            with m.If(last):
+                m.d.sync += [fd_slot.eq(~fd_slot), s_stream.eq(0), s_next.eq(1)]
+        with m.If(s_next):    # step to the next tile (a cycle of its own: timing)
+            m.d.sync += [lane.eq(0), xrow.eq(0), lane_oh.eq(1), xrow_oh.eq(1), par_done.eq(0), x_done.eq(0),
+                         s_next.eq(0)]
+            with m.If(n_end):
+                m.d.sync += nd.eq(n_first)
+                with m.If(t_end):
+                    m.d.sync += s_idle.eq(1)
                 with m.Else():
-                    m.d.sync += [lane.eq(0), xrow.eq(0), lane_oh.eq(1), xrow_oh.eq(1), par_done.eq(0),
-                                 x_done.eq(0), nd.eq(nd_step), n_first.eq(nd_step), td.eq(td_step)]
-                    m.next = "TILE"
-            with m.State("TILE"):
-                # par: one lane per cycle into the memory; the beat is taken with its last lane.
-                with m.If(~par_done & self.par.valid & copy_ok):
-                    m.d.sync += [cp_par.eq(1), par_q.eq(select(self.par.payload, lane_oh, plw)),
-                                 cp_ok.eq((lane_oh & lanes_ok).any()), cp_laddr.eq(lane[:cbits] if cols > 1 else 0)]
-                    with m.If(lane_oh[cols - 1]):
-                        m.d.comb += self.par.ready.eq(1)
-                        m.d.sync += par_done.eq(1)
-                    with m.Else():
-                        m.d.sync += [lane.eq(lane + 1), lane_oh.eq(lane_oh << 1)]
-                # The first act beat's row exponents, one per cycle (the beat stays offered).
-                with m.If(~x_done & self.act.valid & copy_ok):
-                    m.d.sync += [cp_x.eq(1), x_q.eq(select(self.act.payload.exp, xrow_oh, 8)),
-                                 cp_xaddr.eq(xrow[:rbits] if rows > 1 else 0)]
-                    with m.If(xrow_oh[rows - 1]):
-                        m.d.sync += x_done.eq(1)
-                    with m.Else():
-                        m.d.sync += [xrow.eq(xrow + 1), xrow_oh.eq(xrow_oh << 1)]
-                with m.If(par_done & x_done):
-                    m.d.sync += [k_cnt.eq(k_init), last.eq(k_init[-1]), first_chunk.eq(1),
-                                 clast.eq(k_init[-1] | (chunk == 1))]
-                    if chunk < p.k_max:
-                        m.d.sync += kc.eq(0)
-                    m.next = "STREAM"
-            with m.State("STREAM"):
-                m.d.comb += [
-                    array.inp.valid.eq(self.act.valid & self.wgt.valid),
-                    self.act.ready.eq(self.wgt.valid & array.inp.ready),
-                    self.wgt.ready.eq(self.act.valid & array.inp.ready),
-                ]
-                with m.If(beat):
-                    k_dec = Signal(signed(kb))
-                    m.d.comb += k_dec.eq(k_cnt - 1)
-                    m.d.sync += [k_cnt.eq(k_dec), last.eq(k_dec[-1])]
-                    if chunk < p.k_max:
-                        kc_next = Mux(clast, 0, kc + 1)
-                        m.d.sync += [kc.eq(kc_next), clast.eq(k_dec[-1] | (kc_next == chunk - 1))]
-                    else:
-                        m.d.sync += clast.eq(k_dec[-1])
-                    with m.If(clast):
-                        m.d.sync += first_chunk.eq(0)
-                    with m.If(last):
-                        m.d.sync += fd_slot.eq(~fd_slot)
-                        m.next = "NEXT"
-            with m.State("NEXT"):    # step to the next tile (a cycle of its own: timing)
-                m.d.sync += [lane.eq(0), xrow.eq(0), lane_oh.eq(1), xrow_oh.eq(1), par_done.eq(0), x_done.eq(0)]
-                with m.If(n_end):
-                    m.d.sync += nd.eq(n_first)
-                    with m.If(t_end):
-                        m.next = "IDLE"
-                    with m.Else():
-                        m.d.sync += td.eq(td_step)
-                        m.next = "TILE"
-                with m.Else():
-                    m.d.sync += nd.eq(nd_step)
-                    m.next = "TILE"
+                    m.d.sync += [td.eq(td_step), s_tile.eq(1)]
+            with m.Else():
+                m.d.sync += [nd.eq(nd_step), s_tile.eq(1)]
 
         # ------------------------------------------------------------------ drain stage
         # D0: a value leaves the array; its channel's and row's context (and, with chunks,
@@ -523,9 +523,9 @@ class SFxAccelerator(wiring.Component):
         tile_fed = beat & last
         tile_read = out.valid & out.payload.last & final_out
         with m.If(tile_fed & ~tile_read):
-            m.d.sync += slots_used.eq(slots_used + 1)
+            m.d.sync += [slots_used.eq(slots_used + 1), slots_full.eq(slots_used == 1)]
         with m.Elif(~tile_fed & tile_read):
-            m.d.sync += slots_used.eq(slots_used - 1)
+            m.d.sync += [slots_used.eq(slots_used - 1), slots_full.eq(0)]
 
         # ------------------------------------------------------------------ result rows
         # Each code goes straight into its lane of the FIFO's next word (masked write).
@@ -562,7 +562,7 @@ class SFxAccelerator(wiring.Component):
         m.d.comb += [
             self.error.eq(err | clamp.error),
             self.sat_count.eq(clamp.sat_count),
-            self.busy.eq(~feed.ongoing("IDLE") | array.busy | d1_valid | e_valid | pre_valid | partial_valid | clamp.busy
+            self.busy.eq(~s_idle | array.busy | d1_valid | e_valid | pre_valid | partial_valid | clamp.busy
                         | (occ != 0)),
         ]
         return m

@@ -237,18 +237,19 @@ class SFxClampUnit(wiring.Component):
         xb = Cat(x, Const(0, 8 * (nbytes + wb) - X))
         byte_any = [xb[8 * k:8 * k + 8].any() for k in range(nbytes)]
         coarse = r2b[3:6]
-        windows, below, above = [], [], []
-        for c in range(8):
-            windows.append(xb[8 * c:8 * c + 8 * wb] if c < nbytes else Const(0, 8 * wb))
-            below.append(Cat(*byte_any[:c]).any() if c > 0 else Const(0, 1))
-            above.append(Cat(*byte_any[c + wb:]).any() if c + wb < nbytes else Const(0, 1))
+        windows = [xb[8 * c:8 * c + 8 * wb] if c < nbytes else Const(0, 8 * wb) for c in range(8)]
+        # Byte k is below the window when k < c, above it when k >= c + wb: each byte's "any"
+        # is gated by a comparison of the 3-bit coarse shift with a constant, then OR-ed (a
+        # shallower tree than selecting one of 8 precomputed ORs).
+        below = Cat(byte_any[k] & (coarse > k) for k in range(min(nbytes, 7))).any()
+        above = Cat(byte_any[k] & (coarse <= k - wb) for k in range(wb, nbytes)).any() if nbytes > wb else Const(0, 1)
         win3 = Signal(8 * wb, reset_less=True)
         st3, hi3, neg3, rnd3 = (Signal(reset_less=True, name=n) for n in ("st3", "hi3", "neg3", "rnd3"))
         f3 = Signal(3, reset_less=True)
         with m.If(adv):
             m.d.sync += [
-                v3.eq(v2b), win3.eq(Array(windows)[coarse]), st3.eq(Array(below)[coarse]),
-                hi3.eq(Array(above)[coarse]), neg3.eq(neg2b), rnd3.eq(rnd2b), f3.eq(r2b[:3]),
+                v3.eq(v2b), win3.eq(Array(windows)[coarse]), st3.eq(below),
+                hi3.eq(above), neg3.eq(neg2b), rnd3.eq(rnd2b), f3.eq(r2b[:3]),
             ]
 
         # Stage 4: fine shift by f within the window: y4 = {q[0..mo-1], guard}, and the

@@ -52,6 +52,8 @@ def _assert_ok(r, *, error=0):
      [(4, 3, 9), (2, 2, 40), (1, 3, 5)], 0.2, 0.5),
     (dict(rows=1, cols=1, a_bits=8, w_bits=8, out_bits=8, k_max=16384, chunk_k=2, overlap_drain=False),
      [(2, 3, 5), (1, 1, 2)], 0.3, 0.0),
+    # one product per chunk, with shadow registers
+    (dict(rows=2, cols=2, a_bits=4, w_bits=4, out_bits=4, k_max=8, chunk_k=1), [(3, 3, 4), (2, 1, 1)], 0.2, 0.2),
 ])
 def test_accelerator_matches_linear(cfg, shapes, stall, res_stall):
     dut = SFxAccelerator(**cfg)
