@@ -35,6 +35,7 @@ __all__ = ["run", "ROWS", "TARGETS"]
 MODEL = "smollm2-135m"
 TARGETS = {16: 15.0, 8: 20.0, 4: 100.0}  # activation bits -> largest perplexity increase over float (%)
 _XM = ["--act-scale", "float"]
+_BEST = ["--method", "rotate-gptq-clip", "--gptq-damp", "0.05", "--calib-tokens", "4096"]
 #: (activation bits, method label, extra ``sfx eval`` arguments); weights SF4 with float per-channel scales
 ROWS: list[tuple[int, str, list[str]]] = [
     (16, "rtn", []),
@@ -56,6 +57,10 @@ ROWS: list[tuple[int, str, list[str]]] = [
     (4, "rotate-gptq", ["--method", "rotate-gptq"]),
     (4, "rotate, xmult", ["--method", "rotate", *_XM]),
     (4, "rotate-gptq, xmult", ["--method", "rotate-gptq", *_XM]),
+    # the best recipe of the 1024-token prototype: weight-MSE clip, damping 0.05, 4096 calibration tokens
+    (16, "rotate-gptq-clip, damp 0.05, 4096 calib", _BEST),
+    (8, "rotate-gptq-clip, damp 0.05, 4096 calib", _BEST),
+    (4, "rotate-gptq-clip, damp 0.05, 4096 calib, xmult", [*_BEST, *_XM]),
 ]
 QUICK_ROWS = [ROWS[0], ROWS[3], ROWS[16], ROWS[18]]
 
