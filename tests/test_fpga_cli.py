@@ -75,6 +75,19 @@ def test_synth_json_and_missed_freq(capsys, tmp_path):
 
 
 @pytest.mark.fpga
+def test_synth_pack_only_on_ecp5(capsys, tmp_path):
+    # --pack-only: utilisation without placement (nextpnr-ecp5 aborted when also asked for
+    # the bitstream text of the unplaced cells)
+    code, out, err = _run(capsys, ["synth", "--target", "ecp5-25k", *TINY, "--pack-only", "--json",
+                                   "--out", str(tmp_path)])
+    assert code == 0, err
+    s = json.loads(out)
+    assert s["placed"] is False and s["fits"] is True and s["fmax_mhz"] is None
+    used, avail = map(int, s["device_logic"].split("/"))
+    assert 0 < used < avail == 24288
+
+
+@pytest.mark.fpga
 def test_synth_does_not_fit(capsys, tmp_path, monkeypatch):
     # A real run on a device shrunk to 10 LUTs: the same check and message as a full-size
     # design on the real device (which takes minutes to synthesize).

@@ -354,11 +354,12 @@ def run_flow(rtlil: str, *, target: str | Target, out_dir: Path | str, freq_mhz:
         cons = Path(constraints)
         local = "constraints" + cons.suffix
         shutil.copyfile(cons, out / local)
+    # (no bitstream text after --pack-only: nextpnr-ecp5 aborts writing unplaced cells)
     if tgt.family == "ice40":
-        args += ["--asc", "top.asc"]
+        args += ["--asc", "top.asc"] if place else []
         args += ["--pcf", local] if constraints else ["--pcf-allow-unconstrained"]
     else:
-        args += ["--textcfg", "top.config"]
+        args += ["--textcfg", "top.config"] if place else []
         args += ["--lpf", local] if constraints else ["--lpf-allow-unconstrained"]
     try:
         res.seconds["nextpnr"] = run_tool("nextpnr", args, log=out / "nextpnr.log", cwd=out, timeout=to["nextpnr"])
