@@ -30,6 +30,31 @@ BENCHES = {
 }
 
 
+def sfx_json(command: str, args: list[str]) -> dict[str, Any]:
+    """``sfx COMMAND ARGS --json --no-progress`` in this process; its (last) JSON object."""
+    import contextlib
+    import io
+
+    from superfloat.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main([command, *args, "--json", "--no-progress"])
+    if code:
+        raise RuntimeError(f"sfx {command} {' '.join(args)} exited with {code}")
+    return json.loads(out.getvalue().strip().splitlines()[-1])
+
+
+def logger(name: str):
+    """``log(msg)``: a line ``[bench NAME] msg`` on stderr, flushed."""
+    import sys
+
+    def log(msg: str) -> None:
+        print(f"[bench {name}] {msg}", file=sys.stderr, flush=True)
+
+    return log
+
+
 def machine_info() -> dict[str, Any]:
     from superfloat.cli.info import tool_versions
 

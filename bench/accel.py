@@ -10,13 +10,11 @@ same run (``time_ratio``).
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from superfloat.bench import logger, sfx_json
 
 __all__ = ["run", "ROWS", "TARGETS"]
 
@@ -43,20 +41,12 @@ TARGETS = {
 TIME_TARGET = 2.0  # accelerator-exact evaluation at most this many times the fake-quantized one
 
 
-def _log(msg: str) -> None:
-    print(f"[bench accel] {msg}", file=sys.stderr, flush=True)
+_log = logger("accel")
 
 
 def _eval(args: list[str]) -> dict[str, Any]:
     """One ``sfx eval ... --json`` in this process; its JSON object."""
-    from superfloat.cli import main
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(["eval", *args, "--json", "--no-progress"])
-    if code:
-        raise RuntimeError(f"sfx eval {' '.join(args)} exited with {code}")
-    return json.loads(out.getvalue().strip().splitlines()[-1])
+    return sfx_json("eval", args)
 
 
 def _pct(ppl: float, ref: float) -> float:

@@ -10,13 +10,11 @@ context 512), each row one ``sfx eval`` call whose command line is printed besid
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from superfloat.bench import logger, sfx_json
 
 __all__ = ["run", "ROWS"]
 
@@ -34,20 +32,12 @@ ROWS: list[tuple[str, list[str], str | None]] = [
 TARGETS = {"w8": ("SF8 weight-only within 0.5 % of float", 0.5), "w8a8": ("W8A8 within 3 % of float", 3.0)}
 
 
-def _log(msg: str) -> None:
-    print(f"[bench wasq-targets] {msg}", file=sys.stderr, flush=True)
+_log = logger("wasq-targets")
 
 
 def _eval(args: list[str]) -> dict[str, Any]:
     """One ``sfx eval ... --json`` in this process; its JSON object."""
-    from superfloat.cli import main
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(["eval", *args, "--json", "--no-progress"])
-    if code:
-        raise RuntimeError(f"sfx eval {' '.join(args)} exited with {code}")
-    return json.loads(out.getvalue().strip().splitlines()[-1])
+    return sfx_json("eval", args)
 
 
 def run(out_dir: Path | str, quick: bool = False, *, model: str | None = None) -> dict[str, Any]:

@@ -51,6 +51,7 @@ from torch import nn
 
 from .. import sfx, sfx_torch
 from .layers import quantized_layers
+from .quantize import _run_batch
 
 __all__ = ["BACKENDS", "DEFAULT_OUT_BITS", "DEFAULT_HEADROOM", "WEIGHT_ONLY_ACT_BITS", "AcceleratorError",
            "LayerProgram", "RowStream", "set_backend", "backend_of", "calibrate_outputs_", "accelerator_stats",
@@ -480,15 +481,6 @@ def accelerator_stats(model: nn.Module) -> dict[str, Any]:
             per[name] = {"saturated": s["saturated"], "clamped_rows": s["clamped_rows"], "rows": s["rows"]}
     tot["layers"] = per
     return tot
-
-
-def _run_batch(model: nn.Module, batch: Any) -> None:
-    if isinstance(batch, dict):
-        model(**batch)
-    elif isinstance(batch, torch.Tensor):
-        model(batch if batch.dim() == 2 else batch.reshape(1, -1))
-    else:
-        model(torch.as_tensor(batch).reshape(1, -1))
 
 
 @torch.no_grad()
