@@ -5,6 +5,8 @@
 * :mod:`.runner`: cached builds and cocotb runs (``cocotb_tools.runner``, no Makefiles);
 * :mod:`.streams`: stream driver / sink / per-cycle bench loop for ``lib.stream`` ports;
 * :mod:`.scoreboard`: result checking against the reference model;
+* :mod:`.packing`: the ``cmd`` word and the per-cycle beat lists of an operation (shared by
+  every path that drives the RTL);
 * :mod:`.harness` / :mod:`.tb_harness`: the in-simulation stream drivers and monitors (the
   default path of ``run_linear`` and co-simulation); :mod:`.verify`: verification at scale
   (``sfx verify``); :mod:`.tb_accelerator`: the accelerator's per-cycle cocotb benches;

