@@ -67,13 +67,13 @@ def cmd_synth(args) -> int:
     try:
         s = synthesize(target=args.target, rows=args.rows, cols=args.cols, a_bits=a, w_bits=w, out_bits=o,
                        k_max=args.k_max, freq_mhz=args.freq, dsp_budget=args.dsp_budget, kind=args.design,
-                       out_dir=(out_dir / "flow") if out_dir else None, timeouts=timeouts, seed=args.seed,
+                       out_dir=out_dir, timeouts=timeouts, seed=args.seed,
                        overlap_drain=args.overlap_drain, chunk_k=args.chunk_k, mul_stages=args.mul_stages,
                        pipelined=args.pipelined, core_pack=args.core_pack, place=not args.pack_only)
     except (ValueError, TypeError) as e:
         _err(str(e))
         return EXIT_USAGE
-    summary_path = write_summary(s, (out_dir or Path(s["out_dir"])) / "summary.json")
+    summary_path = write_summary(s, Path(s["out_dir"]) / "summary.json")
     s["summary_json"] = str(summary_path)
     if args.json:
         print(json.dumps(s, indent=2))
@@ -142,7 +142,7 @@ def cmd_build_board(args) -> int:
 
 def register(sub) -> None:
     from superfloat.hw.fpga.flow import TARGETS
-    from superfloat.hw.fpga.synth import KINDS
+    from superfloat.hw.fpga.synth import KINDS, REFERENCE_MHZ
 
     p = sub.add_parser("synth", help="synthesize the accelerator for an FPGA (yowasp yosys + nextpnr)",
                        description="Synthesize, place and route an SFx accelerator (or a comparison PE array) "
@@ -151,13 +151,15 @@ def register(sub) -> None:
     p.add_argument("--target", required=True, help=f"FPGA target: {' | '.join(TARGETS)}")
     _add_array_args(p, rows=4, cols=4, bits=8)
     p.add_argument("--freq", type=float, default=None,
-                   help="clock target in MHz; missing it is an error (exit 3). Default: 40 (iCE40) / 100 (ECP5), "
-                        "reported but not enforced")
+                   help="clock target in MHz; missing it is an error (exit 3). Default: the target's reference "
+                        "clock (" + ", ".join(f"{t} {m:g}" for t, m in REFERENCE_MHZ.items()) + "), reported but "
+                        "not enforced")
     p.add_argument("--design", default="accel", choices=KINDS,
                    help="accel (default), or the bare PE arrays of the comparison: sm-array, tc-array")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--out", default=None, help="folder for the summary JSON and the flow files "
-                                               "(default: build/fpga/synth/...)")
+    p.add_argument("--out", default=None, help="folder for summary.json, with the tool files in <out>/flow/ "
+                                               "(default: build/fpga/synth/<target>/<design>/ of the current "
+                                               "directory, or of $SFX_BUILD_DIR)")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per tool run (default 1200/1800)")
     p.add_argument("--seed", type=int, default=1, help="nextpnr placement seed (default 1)")
     p.add_argument("--core-pack", action="store_true",
@@ -180,7 +182,8 @@ def register(sub) -> None:
     b.add_argument("--baud", type=int, default=None,
                    help="UART baud rate (default: the fastest standard rate of the board's USB bridge that the "
                         "clock can make)")
-    b.add_argument("--out", default=None, help="output folder (default build/fpga/board/<board>-...)")
+    b.add_argument("--out", default=None, help="output folder (default build/fpga/board/<board>-.../ of the current "
+                                               "directory, or of $SFX_BUILD_DIR)")
     b.add_argument("--timeout", type=float, default=None, help="seconds allowed per tool run")
     b.add_argument("--json", action="store_true", help="print the build report as JSON")
     b.set_defaults(func=cmd_build_board)

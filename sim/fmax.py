@@ -33,13 +33,16 @@ def _fmax_entries(obj: Any, source: str, out: list) -> None:
 def fmax_sources() -> list[Path]:
     """Files searched for synthesis results, in order of preference: the checked-in FPGA
     baselines (``hw/fpga/baselines/*.json``), the FPGA bench (``results/fpga.json``), then
-    ``sfx synth`` summaries under ``build/fpga/``."""
+    ``sfx synth`` summaries under ``build/fpga/`` (:func:`superfloat.hw.fpga.flow.build_root`:
+    ``$SFX_BUILD_DIR`` or ``./build``)."""
     import superfloat.hw.fpga as fpga
 
     paths = sorted((Path(fpga.__file__).resolve().parent / "baselines").glob("*.json"))
     root = _repo_root()
     paths += [root / "results" / "fpga.json"]
-    paths += sorted((root / "build" / "fpga").glob("**/summary.json"))
+    from superfloat.hw.fpga.flow import build_root
+
+    paths += sorted((build_root() / "fpga").glob("**/summary.json"))
     return [p for p in paths if p.is_file()]
 
 

@@ -157,14 +157,13 @@ def _run_quiet(cmd: list[str]) -> str | None:
 
 
 def build_root() -> Path:
-    """``$SFX_SIM_BUILD_DIR``, else ``<repo>/build/sim`` (source checkout), else ``./build/sim``."""
+    """Simulator builds and runs: ``$SFX_SIM_BUILD_DIR``, else ``$SFX_BUILD_DIR/sim``, else
+    ``build/sim`` of the current directory (never the source checkout's, when run from elsewhere)."""
     env = os.environ.get("SFX_SIM_BUILD_DIR")
     if env:
         return Path(env).resolve()
-    repo = Path(__file__).resolve().parent.parent
-    if (repo / "pyproject.toml").exists():
-        return repo / "build" / "sim"
-    return Path.cwd().resolve() / "build" / "sim"
+    env = os.environ.get("SFX_BUILD_DIR")
+    return (Path(env) if env else Path.cwd() / "build").resolve() / "sim"
 
 
 def _digest(*parts: bytes | str) -> str:

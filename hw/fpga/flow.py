@@ -2,7 +2,8 @@
 
 All tools come from PyPI (YoWASP: WebAssembly builds of Yosys, nextpnr and the
 bitstream packers). The first call of each tool compiles it (35-70 s); the compiled
-code is cached in ``YOWASP_CACHE_DIR``, which defaults to ``build/yowasp`` here.
+code is cached in ``YOWASP_CACHE_DIR``, which defaults to YoWASP's own cache folder
+(``~/.cache/YoWASP`` on Linux), shared by every working directory.
 
 :func:`run_flow` synthesizes one design for one target and returns a
 :class:`FlowResult`: cells of the core and of the whole design (Yosys),
@@ -115,21 +116,30 @@ class FlowResult:
 
 
 def build_root() -> Path:
-    """``$SFX_BUILD_DIR``, else ``build/`` of the source checkout, else ``./build``."""
+    """Where build outputs go: ``$SFX_BUILD_DIR``, else ``build/`` of the current directory
+    (never the source checkout's, when run from elsewhere; docs/python-api.md, "Where outputs go")."""
     env = os.environ.get("SFX_BUILD_DIR")
+    return Path(env).resolve() if env else Path.cwd().resolve() / "build"
+
+
+def yowasp_cache_dir() -> Path:
+    """``$YOWASP_CACHE_DIR``, else YoWASP's default (``platformdirs.user_cache_dir("YoWASP")``,
+    ``~/.cache/YoWASP`` on Linux): compiled tools are shared by every working directory."""
+    env = os.environ.get("YOWASP_CACHE_DIR")
     if env:
         return Path(env)
-    repo = Path(__file__).resolve().parents[2]
-    if (repo / "pyproject.toml").exists() and (repo / "hw" / "fpga").is_dir():
-        return repo / "build"
-    return Path.cwd() / "build"
+    try:
+        import platformdirs  # a dependency of the YoWASP runtime
+    except ImportError:
+        return Path.home() / ".cache" / "YoWASP"
+    return Path(platformdirs.user_cache_dir("YoWASP", appauthor=False))
 
 
 def yowasp_env() -> dict[str, str]:
-    """:func:`~superfloat.sw.tools.tool_env` with ``YOWASP_CACHE_DIR`` under ``build/`` unless set."""
+    """:func:`~superfloat.sw.tools.tool_env` with ``YOWASP_CACHE_DIR`` set (:func:`yowasp_cache_dir`)."""
     env = tool_env()
     if not env.get("YOWASP_CACHE_DIR"):
-        env["YOWASP_CACHE_DIR"] = str(build_root() / "yowasp")
+        env["YOWASP_CACHE_DIR"] = str(yowasp_cache_dir())
     return env
 
 

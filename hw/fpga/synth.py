@@ -70,13 +70,23 @@ def build_core(kind: str, *, rows: int, cols: int, a_bits: int, w_bits: int, out
     raise ValueError(f"unknown design kind {kind!r}: choose one of {', '.join(KINDS)}")
 
 
-def synthesize(*, target: str, rows: int, cols: int, a_bits: int, w_bits: int, out_bits: int | None = None,
+def synthesize(*, target: str, rows: int = 4, cols: int = 4, a_bits: int = 8, w_bits: int | None = None,
+               out_bits: int | None = None,
                k_max: int = sfx.DEFAULT_K_MAX, freq_mhz: float | None = None, dsp_budget: int | None = None,
                kind: str = "accel", out_dir: Path | str | None = None, timeouts: dict | None = None,
                seed: int = 1, cache: bool = False, overlap_drain: bool | None = None, chunk_k: int | None = None,
                mul_stages: int | None = None, pipelined: bool | None = None, core_pack: bool = False,
                place: bool = True) -> dict[str, Any]:
-    """Build and synthesize one design; return its summary (the ``--json`` object).
+    """Build and synthesize one design; return its summary (the ``--json`` object of ``sfx synth``).
+
+    The defaults are ``sfx synth``'s: a 4x4 array of SF8 (``w_bits`` and ``out_bits``
+    default to ``a_bits``), ``k_max`` ``sfx.DEFAULT_K_MAX``, the target's reference clock.
+
+    Files (the same layout as ``sfx synth --out DIR``): ``out_dir/summary.json`` and the
+    tool files (RTLIL, scripts, netlists, logs, nextpnr report) in ``out_dir/flow/``
+    (``flow_dir`` in the summary). Default ``out_dir``:
+    ``build/fpga/synth/<target>/<design>/`` under :func:`~superfloat.hw.fpga.flow.build_root`
+    (``$SFX_BUILD_DIR``, else ``./build`` of the current directory).
 
     The summary always has ``target``, ``kind``, ``config``, ``fits``, ``fmax_mhz``,
     ``freq_target_mhz``, ``met_timing``, ``luts``, ``ffs``, ``dsps``, ``brams``,
@@ -93,6 +103,7 @@ def synthesize(*, target: str, rows: int, cols: int, a_bits: int, w_bits: int, o
     Fmax; a quick fit check).
     """
     tgt = get_target(target)
+    w_bits = a_bits if w_bits is None else w_bits
     out_bits = a_bits if out_bits is None else out_bits
     for name, v in (("a_bits", a_bits), ("w_bits", w_bits), ("out_bits", out_bits)):
         if isinstance(v, bool) or not isinstance(v, int):
@@ -135,7 +146,7 @@ def synthesize(*, target: str, rows: int, cols: int, a_bits: int, w_bits: int, o
         "pipelined": arch.pipelined,
         "arch_plan": arch.as_dict(),
         "wrapper": {"scan_in_bits": wrapper.in_bits, "observed_out_bits": wrapper.out_bits},
-        "out_dir": str(out_dir),
+        "out_dir": str(out_dir), "flow_dir": str(Path(out_dir) / "flow"),
         "design_hash": _design_hash(text, tgt.name, freq, seed, kind + ("+core" if core_pack else "")
                                     + ("" if place else "+packonly")),
         "placed": place, "core_logic": None,
@@ -151,7 +162,7 @@ def synthesize(*, target: str, rows: int, cols: int, a_bits: int, w_bits: int, o
             old["cached"] = True
             return old
     try:
-        res = run_flow(text, target=tgt, out_dir=out_dir, freq_mhz=freq, core=f"top.{CORE_NAME}",
+        res = run_flow(text, target=tgt, out_dir=Path(out_dir) / "flow", freq_mhz=freq, core=f"top.{CORE_NAME}",
                        timeouts=timeouts, seed=seed, core_pack=core_pack, place=place)
     except FlowError as e:
         summary["error"] = e.reason
