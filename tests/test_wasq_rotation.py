@@ -157,3 +157,46 @@ def test_rotation_errors():
         quantize_(m, WASQConfig(weight_bits=4, method="rotate-gptq"), calibration=calib)
     with pytest.raises(ValueError, match="method option rotate must be one of 'hadamard', 'random'"):
         WASQConfig(weight_bits=4, method="gptq", method_options={"rotate": "givens"}).options
+
+
+def test_rotated_checkpoint_with_host_rotation_round_trips_on_both_backends(tmp_path):
+    """``--method rotate-gptq`` with the default host rotation: the checkpoint stores the rotation's
+    factors (aliases: every down_proj shares them) and the loader re-attaches them."""
+    import json
+
+    from superfloat.sw.wasq.accelerator import calibrate_outputs_, set_backend
+    from superfloat.sw.wasq.checkpoint import CheckpointError, load_checkpoint, reseal_checkpoint, save_checkpoint
+
+    m = _model()
+    quantize_(m, WASQConfig(weight_bits=4, method="rotate-gptq"), calibration=_batches(2))
+    calibrate_outputs_(m, _batches(2, 48, seed=9))
+    save_checkpoint(m, tmp_path / "ck")
+    back = load_checkpoint(tmp_path / "ck")
+    assert sorted(online_rotations(back)) == sorted(online_rotations(m)) and len(online_rotations(back)) == 4
+    ids = torch.cat(_batches(2, 40, seed=5))
+    for backend in ("fake", "accelerator"):
+        set_backend(m, backend)
+        set_backend(back, backend)
+        with torch.no_grad():
+            assert torch.equal(back(ids).logits, m(ids).logits), backend
+    from transformers import AutoModelForCausalLM  # the Hugging Face path loads the same way
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ck"))
+    set_backend(m, "fake")
+    set_backend(back, "fake")
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, m(ids).logits)
+    # without the rotation the loaded model would compute another function
+    down = back.model.layers[1].mlp.down_proj
+    down._superfloat_online_rotation.remove()
+    with torch.no_grad():
+        assert not torch.equal(back(ids).logits, m(ids).logits)
+    # a damaged rotation (one of its buffers gone) is named
+    cfg = tmp_path / "ck" / "sfx_config.json"
+    info = json.loads(cfg.read_text())
+    del info["aliases"]["model.layers.1.mlp.down_proj.online_rotation.signs"]
+    cfg.write_text(json.dumps(info))
+    reseal_checkpoint(tmp_path / "ck")
+    with pytest.raises(CheckpointError, match=r"online rotation tensors .* do not fit the base model: online rotation "
+                                              r"of model.layers.1.mlp.down_proj: incomplete buffers"):
+        load_checkpoint(tmp_path / "ck")

@@ -1080,13 +1080,25 @@ def _populate(model: nn.Module, d: Path, info: dict[str, Any], store: "_Tensors"
     if missing:
         raise CheckpointError(f"{cfg_path}: field layers names {missing[0]!r}, which the base model does not "
                               f"quantize; {_REDO}")
+    aliases: dict[str, str] = info.get("aliases", {})
+    # host rotations of rotated models (``<layer>.online_rotation.signs/factorI``): re-attached from
+    # the stored factors, then expected and loaded like every other float tensor
+    rot = {k: store.get(aliases.get(k, k)) for k in sorted({*store.keys(), *aliases})
+           if ".online_rotation." in k and aliases.get(k, k) in store}
+    if rot:
+        from .ptq.rotation import restore_online_rotations
+
+        try:
+            restore_online_rotations(model, rot)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"checkpoint {d}: its online rotation tensors ({next(iter(rot))!r}, ...) do not "
+                                  f"fit the base model: {_one_line(e)}; {_REDO}") from None
 
     # Unquantized tensors: every state-dict entry that is not a quantized layer's weight/bias.
     q_keys = set()
     for name in layers:
         q_keys.update({f"{name}.weight", f"{name}.bias"})
     expected = {k: v for k, v in model.state_dict().items() if k not in q_keys}
-    aliases: dict[str, str] = info.get("aliases", {})
     for key in aliases:
         if key not in expected:
             raise CheckpointError(f"{cfg_path}: field aliases names {key!r}, which is no unquantized tensor of the "

@@ -164,11 +164,11 @@ class SuperfloatHfQuantizer(HfQuantizer):
         info = read_checkpoint_info(d)
         _check_config(model.config, info, d)
         self.checkpoint_dir, self.info = d, info
-        # Silence transformers' report: the stored tensors of quantized layers are not parameters,
-        # and their float weights are not stored (load_into builds them from the codes).
+        # Silence transformers' report: the stored tensors of quantized layers and host rotations are
+        # not parameters, their float weights are not stored (load_into builds them from the codes).
         names = "|".join(re.escape(n) for n in info["layers"])
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
-            rf"^({names})\.(codes|exponent|scale|out_exponent)$"}
+            rf"^({names})\.(codes|exponent|scale|out_exponent)$", r"\.online_rotation\.(signs|factor\d+)$"}
         model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | {
             rf"^({names})\.weight$"}
         return model
