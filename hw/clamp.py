@@ -161,7 +161,9 @@ class SFxClampUnit(wiring.Component):
         with m.If(adv):
             m.d.sync += [
                 v1.eq(self.i.valid),
-                mag1.eq(Mux(neg_in, Mux(ip.relu, 0, -ip.acc), ip.acc)),
+                # |acc| as (acc XOR sign) + sign: one carry chain (a negate ``-acc`` became a ripple
+                # of LUTs on the iCE40, the 8x8 SF4 critical path into the DSP's input register)
+                mag1.eq(Mux(neg_in & ip.relu, 0, (ip.acc.as_unsigned() ^ neg_in.replicate(A)) + neg_in)),
                 neg1.eq(neg_in & ~ip.relu),
                 rnd1.eq(ip.rounding),
                 mul1.eq(ip.mult if self._premuxed else Mux(ip.use_mult, ip.mult, 1)),
