@@ -81,16 +81,70 @@ def _job_dir(job: dict) -> Path:
             f"{'-pack' if not job.get('place', True) else ''}{'-core' if job.get('core', False) else ''}{tag}")
 
 
+#: Seconds a run needs at least to be started under a time budget (a cached run is always reused).
+MIN_START_S = 120.0
+
+
+def _budget_timeouts(deadline: float | None) -> dict | None:
+    """Per-tool timeouts that end by ``deadline`` (``time.time()``), or None without a deadline."""
+    if deadline is None:
+        return None
+    left = max(1.0, deadline - time.time())
+    return {"yosys": left, "nextpnr": left, "pack": left}
+
+
+def _skipped(job: dict, why: str) -> dict:
+    from superfloat.hw.fpga.synth import config_name
+
+    b = job["bits"]
+    return {"target": job["target"], "kind": job["kind"], "config": config_name(job["rows"], job["cols"], b, b, b),
+            "rows": job["rows"], "cols": job["cols"], "a_bits": b, "w_bits": b, "out_bits": b,
+            "error": why, "step": "budget", "fits": False, "fmax_mhz": None, "placed": job.get("place", True),
+            "job": {k: v for k, v in job.items() if k != "deadline"}, "not_run": True}
+
+
+def _cpu_children() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def _run_job(job: dict) -> dict:
+    """One ``synthesize`` run, cached under :func:`_job_dir`. With ``job["deadline"]`` (a
+    ``time.time()``), a run that has no cached summary is not started when less than
+    :data:`MIN_START_S` are left, and its tools are killed at the deadline."""
     from superfloat.hw.fpga.synth import synthesize
 
-    t0 = time.perf_counter()
+    deadline = job.get("deadline")
+    cached = (_job_dir(job) / "summary.json").is_file()
+    if deadline is not None and not cached and deadline - time.time() < MIN_START_S:
+        return _skipped(job, "not run: the bench's time budget (--budget-min) was spent")
+    t0, c0 = time.perf_counter(), _cpu_children()
     s = synthesize(target=job["target"], rows=job["rows"], cols=job["cols"], a_bits=job["bits"], w_bits=job["bits"],
                    out_bits=job["bits"], kind=job["kind"], freq_mhz=job.get("mhz"), out_dir=_job_dir(job),
-                   cache=True, core_pack=job.get("core", False), place=job.get("place", True))
+                   cache=True, core_pack=job.get("core", False), place=job.get("place", True),
+                   timeouts=_budget_timeouts(deadline))
     s["wall_s"] = round(time.perf_counter() - t0, 2)
-    s["job"] = job
+    if not s.get("cached"):
+        # CPU seconds of the tools (Yosys, nextpnr) this run started, kept with the cached summary
+        s["cpu_s"] = round(_cpu_children() - c0, 1)
+        s["run_wall_s"] = s["wall_s"]
+        s["load_avg_1m"] = round(__import__("os").getloadavg()[0], 2)
+        _update_summary(_job_dir(job) / "summary.json", {k: s[k] for k in ("cpu_s", "run_wall_s", "load_avg_1m")})
+    s["job"] = {k: v for k, v in job.items() if k != "deadline"}
     return s
+
+
+def _update_summary(path: Path, extra: dict) -> None:
+    import json
+
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    d.update(extra)
+    path.write_text(json.dumps(d, indent=2) + "\n")
 
 
 def _logic_used(s: dict) -> int | None:
@@ -106,18 +160,20 @@ def _fits_free(s: dict, free: float = FREE) -> bool:
     return used is not None and used <= (1 - free) * cap and not s.get("error")
 
 
-def _search(target: str, bits: int) -> dict:
-    """The largest shape of SF``bits`` on ``target`` leaving :data:`FREE` logic free."""
+def _search(target: str, bits: int, deadline: float | None = None, max_pes: int | None = None) -> dict:
+    """The largest shape of SF``bits`` on ``target`` leaving :data:`FREE` logic free (at most
+    ``max_pes`` PEs when given: the search is then bounded, and says so)."""
     cap = TARGETS[target].capacity["luts"]
     calib_shapes = [(2, 2), (4, 4)] if (target, bits) == ("ice40-up5k", 8) else [(4, 4), (8, 8)]
     runs = []
     calib = []
     for r, c in calib_shapes:
-        s = _run_job(dict(target=target, kind="accel", rows=r, cols=c, bits=bits, mhz=REF_MHZ[target], place=False))
+        s = _run_job(dict(target=target, kind="accel", rows=r, cols=c, bits=bits, mhz=REF_MHZ[target], place=False,
+                          deadline=deadline))
         runs.append(s)
         if _logic_used(s):
             calib.append((r * c, _logic_used(s)))
-    shapes = candidate_shapes()
+    shapes = candidate_shapes(max_pes if max_pes else 64 * 64)
     if len(calib) < 2:
         return {"target": target, "bits": bits, "runs": runs, "error": "calibration runs failed"}
     want = predict_largest(calib, cap)
@@ -126,7 +182,8 @@ def _search(target: str, bits: int) -> dict:
 
     def check(i: int) -> bool:
         r, c = shapes[i]
-        s = _run_job(dict(target=target, kind="accel", rows=r, cols=c, bits=bits, mhz=REF_MHZ[target], place=False))
+        s = _run_job(dict(target=target, kind="accel", rows=r, cols=c, bits=bits, mhz=REF_MHZ[target], place=False,
+                          deadline=deadline))
         runs.append(s)
         tried[i] = s
         return _fits_free(s)
@@ -150,23 +207,32 @@ def _search(target: str, bits: int) -> dict:
                 best = cur
                 break
     if best is None:
+        if any(x.get("not_run") for x in runs):
+            return {"target": target, "bits": bits, "runs": runs, "not_run": True,
+                    "error": "not finished: the bench's time budget (--budget-min) was spent"}
         return {"target": target, "bits": bits, "runs": runs, "error": "no shape fits"}
     r, c = shapes[best]
-    final = _run_job(dict(target=target, kind="accel", rows=r, cols=c, bits=bits, mhz=REF_MHZ[target], place=True))
+    final = _run_job(dict(target=target, kind="accel", rows=r, cols=c, bits=bits, mhz=REF_MHZ[target], place=True,
+                          deadline=deadline))
     runs.append(final)
+    bounded = bool(max_pes) and best == len(shapes) - 1
     return {"target": target, "bits": bits, "rows": r, "cols": c, "prediction_pes": want, "calibration": calib,
-            "final": final, "runs": runs}
+            "final": final, "runs": runs, "max_pes": max_pes, "bounded": bounded}
 
 
 def _search_job(args) -> dict:
     return _search(*args)
 
 
+def _not_run_search(target: str, bits: int, why: str) -> dict:
+    return {"target": target, "bits": bits, "runs": [], "error": why, "not_run": True}
+
+
 def _board_job(args) -> dict:
     """Largest fitting configuration of one width on one board, at a PLL clock meeting timing."""
     from superfloat.hw.fpga.boards import BOARDS, build_board
 
-    name, bits, start_shape, fmax_hint = args
+    name, bits, start_shape, fmax_hint, deadline = args
     b = BOARDS[name]
     shapes = [s for s in candidate_shapes() if s[0] * s[1] <= start_shape[0] * start_shape[1]]
     tries = []
@@ -174,6 +240,9 @@ def _board_job(args) -> dict:
     for shape in reversed(shapes[-4:] if len(shapes) >= 4 else shapes):
         r, c = shape
         out = build_root() / "fpga" / "bench" / "boards" / f"{name}-{r}x{c}-sf{bits}-{clock:g}"
+        if deadline is not None and deadline - time.time() < MIN_START_S:
+            tries.append({"board": name, "error": "not run: the bench's time budget (--budget-min) was spent"})
+            break
         t0 = time.perf_counter()
         rep = build_board(name, rows=r, cols=c, a_bits=bits, clock_mhz=clock, out_dir=out)
         rep["wall_s"] = round(time.perf_counter() - t0, 2)
@@ -197,6 +266,8 @@ def _board_job(args) -> dict:
 def _pool_map(fn, items, workers: int = 2):
     if not items:
         return []
+    if workers == 1:   # in this process, one run at a time
+        return [fn(x) for x in items]
     with ProcessPoolExecutor(max_workers=workers) as ex:
         return list(ex.map(fn, items))
 
@@ -204,74 +275,113 @@ def _pool_map(fn, items, workers: int = 2):
 # --------------------------------------------------------------------------- run
 
 
-def run(out_dir: Path, quick: bool) -> None:
+#: The parts of the full bench, in the order they run (``--parts``).
+PARTS = ("targets", "compare", "largest", "boards")
+
+
+def run(out_dir: Path, quick: bool, *, parts: tuple[str, ...] = PARTS, workers: int = 2,
+        budget_min: float | None = None, searches: tuple[tuple[str, int], ...] | None = None,
+        max_pes: int | None = None, command: str = "sfx bench fpga") -> None:
+    """Run the bench and write ``<out_dir>/fpga.md`` / ``.json`` (and the plot).
+
+    ``parts`` (a subset of :data:`PARTS`): ``targets`` = the issue's three targets (the 8x8 SF4
+    iCE40 accelerator and its bare array, the 8x8 SF8 ECP5 accelerator, the largest SF4 ECP5
+    array); ``compare`` = the two's complement designs beside them; ``largest`` = the largest
+    configuration of every target and width (or only ``searches``, pairs ``(target, bits)``);
+    ``boards`` = the bitstreams. ``workers``: runs at a time. ``budget_min``: no run starts
+    (and every tool is stopped) after that many minutes; what did not run is listed in the
+    report. ``max_pes``: the largest-configuration searches try no larger array (the report
+    says when a search stopped at that bound). Every run is cached, so a second call resumes.
+    """
     from superfloat.bench import write_report
 
+    bad = [x for x in parts if x not in PARTS]
+    if bad:
+        raise ValueError(f"unknown bench parts {bad}: choose from {', '.join(PARTS)}")
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive int, got {workers!r}")
     t_start = time.perf_counter()
+    deadline = None if budget_min is None else time.time() + 60.0 * budget_min
     if quick:
-        jobs = [dict(target=t, kind="accel", rows=2, cols=2, bits=b, mhz=REF_MHZ[t], place=False)
+        jobs = [dict(target=t, kind="accel", rows=2, cols=2, bits=b, mhz=REF_MHZ[t], place=False, deadline=deadline)
                 for t in TARGETS for b in (4, 8)]
-        runs = _pool_map(_run_job, jobs)
+        runs = _pool_map(_run_job, jobs, workers)
         sections = [("What was run", "Quick mode: 2x2 SF4 and SF8 accelerators, packed (no placement)."),
                     ("Accelerators", _simple_table(runs))]
         write_report(out_dir, "fpga", "FPGA synthesis: SFx accelerator (quick)", sections, {"runs": runs},
-                     command="sfx bench fpga --quick")
+                     command=command if command != "sfx bench fpga" else "sfx bench fpga --quick")
         return
 
     # Flagships and their comparisons (placed, core packed alone).
     ice, sf8 = ICE40_GOAL, ECP5_SF8_GOAL
-    flag_jobs = [
+    target_jobs = [
         dict(target=ice["target"], kind="accel", rows=8, cols=8, bits=4, mhz=ice["mhz"], core=True),
         dict(target=ice["target"], kind="sm-array", rows=8, cols=8, bits=4, mhz=ice["mhz"], core=True),
         dict(target=sf8["target"], kind="accel", rows=8, cols=8, bits=8, mhz=sf8["mhz"], core=True),
+    ]
+    compare_jobs = [
         dict(target=ice["target"], kind="tc-accel", rows=8, cols=8, bits=4, mhz=ice["mhz"], core=True),
         dict(target=ice["target"], kind="tc-array", rows=8, cols=8, bits=4, mhz=ice["mhz"], core=True),
         dict(target=sf8["target"], kind="tc-accel", rows=8, cols=8, bits=8, mhz=sf8["mhz"], core=True),
         dict(target=sf8["target"], kind="sm-array", rows=8, cols=8, bits=8, mhz=sf8["mhz"], core=True),
         dict(target=sf8["target"], kind="tc-array", rows=8, cols=8, bits=8, mhz=sf8["mhz"], core=True),
     ]
-    flags = _pool_map(_run_job, flag_jobs)
+    jobs = (target_jobs if "targets" in parts else []) + (compare_jobs if "compare" in parts else [])
+    flags = _pool_map(_run_job, [dict(j, deadline=deadline) for j in jobs], workers)
     for s in flags:
         print(f"  {s['target']} {s['kind']} {s['config']}: {_brief(s)}", flush=True)
-    searches = _pool_map(_search_job, [(t, b) for t in TARGETS for b in WIDTHS])
-    for se in searches:
+    if "largest" in parts:
+        pairs = list(searches) if searches else [(t, b) for t in TARGETS for b in WIDTHS]
+    elif "targets" in parts:
+        pairs = [(ECP5_SF4_GOAL["target"], ECP5_SF4_GOAL["bits"])]
+    else:
+        pairs = []
+    found = _pool_map(_search_job, [(t, b, deadline, max_pes) for t, b in pairs], workers)
+    for se in found:
         print(f"  largest {se['target']} SF{se['bits']}: {se.get('rows')}x{se.get('cols')} "
               f"{_brief(se['final']) if se.get('final') else se.get('error')}", flush=True)
-    by_tb = {(se["target"], se["bits"]): se for se in searches}
+    skipped_searches = [] if "largest" in parts and not searches else \
+        [(t, b) for t in TARGETS for b in WIDTHS if (t, b) not in pairs]
+    by_tb = {(se["target"], se["bits"]): se for se in found}
     # SFx vs two's complement at the largest ECP5 SF4 array as well.
     big = by_tb.get(("ecp5-25k", 4), {})
-    if big.get("rows"):
+    if big.get("rows") and "compare" in parts:
         extra = _pool_map(_run_job, [dict(target="ecp5-25k", kind="tc-accel", rows=big["rows"], cols=big["cols"],
-                                          bits=4, mhz=REF_MHZ["ecp5-25k"])])
+                                          bits=4, mhz=REF_MHZ["ecp5-25k"], deadline=deadline)], workers)
         flags += extra
     board_args = []
-    for name in BOARD_NAMES:
+    if "boards" in parts:
         from superfloat.hw.fpga.boards import BOARDS
 
-        tgt = BOARDS[name].target
-        for bits in (4, 8):
-            se = by_tb.get((tgt, bits), {})
-            if se.get("rows"):
-                board_args.append((name, bits, (se["rows"], se["cols"]), (se.get("final") or {}).get("fmax_mhz")))
-    boards = _pool_map(_board_job, board_args)
+        for name in BOARD_NAMES:
+            tgt = BOARDS[name].target
+            for bits in (4, 8):
+                se = by_tb.get((tgt, bits), {})
+                if se.get("rows"):
+                    board_args.append((name, bits, (se["rows"], se["cols"]),
+                                       (se.get("final") or {}).get("fmax_mhz"), deadline))
+    boards = _pool_map(_board_job, board_args, workers)
     for b in boards:
         f = b["final"]
         print(f"  board {b['board']} SF{b['bits']}: {f.get('config')} {f.get('clock_mhz')} MHz "
               f"Fmax {f.get('fmax_mhz')} {f.get('error', 'ok')}", flush=True)
 
-    png = _plot(searches, Path(out_dir))
+    png = _plot(found, Path(out_dir))
+    scope = dict(parts=list(parts), workers=workers, budget_min=budget_min, max_pes=max_pes,
+                 searches=[list(p) for p in pairs], searches_not_run=[list(p) for p in skipped_searches])
     sections = [
-        ("What was run", _what(flags, searches, boards, time.perf_counter() - t_start)),
+        ("What was run", _what(flags, found, boards, time.perf_counter() - t_start, scope)),
         ("Targets", _targets(flags, by_tb)),
-        ("Largest configuration per target and width", _largest_table(searches) +
-         (f"\n\n![largest arrays]({png.name})" if png else "\n\n(matplotlib missing: no plot)")),
-        ("SFx against two's complement", _compare_table(flags)),
-        ("Bitstreams and the host link", _boards_table(boards)),
+        ("Largest configuration per target and width", _largest_table(found, skipped_searches) +
+         (f"\n\n![largest arrays]({png.name})" if png else "\n\n(no plot: matplotlib missing or no search ran)")),
+        ("SFx against two's complement", _compare_table(flags) if "compare" in parts else
+         f"Not run in this report (`--parts {','.join(parts)}`)."),
+        ("Bitstreams and the host link", _boards_table(boards) if "boards" in parts else
+         f"Not run in this report (`--parts {','.join(parts)}`); `sfx build-board` builds them one at a time."),
         ("How to read this", _notes()),
     ]
-    data = {"flagships": flags, "searches": searches, "boards": boards}
-    write_report(out_dir, "fpga", "FPGA: the SFx accelerator on the edge boards", sections, data,
-                 command="sfx bench fpga")
+    data = {"flagships": flags, "searches": found, "boards": boards, "scope": scope}
+    write_report(out_dir, "fpga", "FPGA: the SFx accelerator on the edge boards", sections, data, command=command)
 
 
 # --------------------------------------------------------------------------- report
@@ -352,23 +462,36 @@ def _path(r: dict) -> str:
     return f"{cp.get('from')} -> {cp.get('to')} ({cp.get('delay_ns')} ns, {cp.get('logic_levels')} cells)"
 
 
-def _largest_table(searches: list) -> str:
+def _largest_table(searches: list, not_run: list | tuple = ()) -> str:
     from superfloat.bench import markdown_table
 
     rows = []
     for se in sorted(searches, key=lambda s: (s["target"], s["bits"])):
         f = se.get("final") or {}
         if not se.get("rows"):
-            rows.append([se["target"], f"SF{se['bits']}", "-", "-", "-", "-", "-", "-", "-", "-", se.get("error")])
+            rows.append([se["target"], f"SF{se['bits']}", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-",
+                         se.get("error")])
             continue
         ap = f.get("arch_plan") or {}
+        note = f"{'overlap' if ap.get('overlap_drain') else 'no overlap'}, chunk {ap.get('chunk_k')}"
+        if se.get("bounded"):
+            note += f"; search bounded at {se['max_pes']} PEs (larger not tried)"
+        if f.get("error"):
+            note += f"; {f['error']}"
         rows.append([se["target"], f"SF{se['bits']}", f"{se['rows']}x{se['cols']}", se["rows"] * se["cols"],
                      f.get("device_logic") or "-", f.get("fmax_mhz") or "-", f.get("luts"), f.get("ffs"),
-                     f.get("dsps"), f.get("brams"), f.get("peak_gmacs") or "-",
-                     f"{'overlap' if ap.get('overlap_drain') else 'no overlap'}, chunk {ap.get('chunk_k')}"
-                     + (f"; {f['error']}" if f.get("error") else "")])
+                     f.get("dsps"), f.get("brams"), f.get("peak_gmacs") or "-", _cpu(f), note])
+    for t, b in not_run:
+        rows.append([t, f"SF{b}", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "not run in this report"])
     return markdown_table(["target", "width", "rows x cols", "PEs", "logic used", "Fmax MHz", "LUT4 (core)",
-                           "FF (core)", "DSP", "BRAM", "peak GMAC/s", "array / note"], rows)
+                           "FF (core)", "DSP", "BRAM", "peak GMAC/s", "P&R CPU s / wall s", "array / note"], rows)
+
+
+def _cpu(r: dict) -> str:
+    """CPU and wall seconds of the run that produced ``r`` (also when reused from the cache)."""
+    if r.get("cpu_s") is None:
+        return "-"
+    return f"{r['cpu_s']:.0f} / {r.get('run_wall_s', r.get('wall_s', 0)):.0f}"
 
 
 def _compare_table(flags: list) -> str:
@@ -490,18 +613,34 @@ def _source_version() -> str:
     return (head or "unknown") + (" with uncommitted changes in hw/" if dirty else "")
 
 
-def _what(flags, searches, boards, seconds) -> str:
+def _what(flags, searches, boards, seconds, scope: dict | None = None) -> str:
     runs = list(flags) + [r for se in searches for r in se.get("runs", [])]
     n_cached = sum(1 for r in runs if r.get("cached"))
     n_pack = sum(1 for r in runs if r.get("placed") is False)
+    n_skip = sum(1 for r in runs if r.get("not_run"))
     n_boards = sum(len(b["tries"]) for b in boards)
-    return (f"RTL of commit {_source_version()}. {len(runs)} synthesis runs ({n_pack} packed only, "
-            f"{n_cached} reused from the cache of an identical earlier run) and {n_boards} board builds, in "
-            f"{seconds / 60:.1f} min on 2 parallel workers. Every run: Yosys + nextpnr (seed 1) with the core "
-            f"inside the 5-pin scan wrapper (docs/fpga.md), clock constraint {REF_MHZ['ice40-up5k']:g} MHz on "
-            f"the iCE40 UP5K, {REF_MHZ['ecp5-25k']:g} MHz on the ECP5-25k (speed 6; {ECP5_SF8_GOAL['mhz']:g} "
-            f"MHz for the 8x8 SF8 flagship); k_max {16384} (SPEC's A), the array organisation of each target's "
-            f"plan (`hw/fpga/budget.py`, `plan_architecture`).")
+    cpu = sum(r.get("cpu_s") or 0 for r in runs)
+    text = (f"RTL of commit {_source_version()}. {len(runs)} synthesis runs ({n_pack} packed only, "
+            f"{n_cached} reused from the cache of an identical earlier run, {n_skip} not started for the time "
+            f"budget) and {n_boards} board builds, in {seconds / 60:.1f} min of this call; the runs' tools took "
+            f"{cpu / 60:.1f} CPU-minutes when they ran (cached ones included). Every run: Yosys + nextpnr (seed "
+            f"1) with the core inside the 5-pin scan wrapper (docs/fpga.md), clock constraint "
+            f"{REF_MHZ['ice40-up5k']:g} MHz on the iCE40 UP5K, {REF_MHZ['ecp5-25k']:g} MHz on the ECP5-25k "
+            f"(speed 6; {ECP5_SF8_GOAL['mhz']:g} MHz for the 8x8 SF8 flagship); k_max {16384} (SPEC's A), the "
+            f"array organisation of each target's plan (`hw/fpga/budget.py`, `plan_architecture`).")
+    if scope and (list(scope.get("parts", PARTS)) != list(PARTS) or scope.get("budget_min") or scope.get("max_pes")
+                  or scope.get("searches_not_run")):
+        missing = [x for x in PARTS if x not in scope.get("parts", PARTS)]
+        text += ("\n\n**Partial run.** Parts run: " + ", ".join(scope.get("parts", PARTS)) +
+                 (f"; not run: {', '.join(missing)}" if missing else "") +
+                 (f"; largest-configuration searches run: "
+                  f"{', '.join(f'{t} SF{b}' for t, b in scope.get('searches', []))}" if scope.get("searches") else "") +
+                 (f"; searches not run: {', '.join(f'{t} SF{b}' for t, b in scope['searches_not_run'])}"
+                  if scope.get("searches_not_run") else "") +
+                 (f"; searches bounded at {scope['max_pes']} PEs" if scope.get("max_pes") else "") +
+                 (f"; time budget {scope['budget_min']:g} min" if scope.get("budget_min") else "") +
+                 f"; {scope.get('workers')} run(s) at a time.")
+    return text
 
 
 def _notes() -> str:
@@ -521,11 +660,39 @@ def _notes() -> str:
             "97 % of its Fmax.")
 
 
-def main() -> None:  # pragma: no cover - manual helper
+def main(argv: list[str] | None = None) -> None:
+    """``python -m superfloat.bench.fpga [OUT] [--parts ...] [--workers N] [--budget-min M] ...``: the bench
+    with its scope limited (``sfx bench fpga`` runs all of it, two runs at a time)."""
+    import argparse
+    import shlex
     import sys
 
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("results")
-    run(out, quick="--quick" in sys.argv)
+    ap = argparse.ArgumentParser(prog="python -m superfloat.bench.fpga", description=main.__doc__)
+    ap.add_argument("out", nargs="?", default="results", help="output folder (default: results)")
+    ap.add_argument("--quick", action="store_true", help="2x2 accelerators, packed only")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    ap.add_argument("--workers", type=int, default=2, help="runs at a time (default 2)")
+    ap.add_argument("--budget-min", type=float, default=None,
+                    help="start no run after this many minutes; stop the tools then (cached runs are reused)")
+    ap.add_argument("--searches", default=None,
+                    help="largest-configuration searches to run, e.g. ecp5-25k:4,ice40-up5k:4 (default: all)")
+    ap.add_argument("--max-pes", type=int, default=None, help="largest-configuration searches try no larger array")
+    raw = sys.argv[1:] if argv is None else argv
+    args = ap.parse_args(raw)
+    parts = tuple(x for x in args.parts.split(",") if x)
+    searches = None
+    if args.searches:
+        searches = []
+        for item in args.searches.split(","):
+            t, _, b = item.partition(":")
+            if t not in TARGETS or not b.isdigit() or int(b) not in WIDTHS:
+                ap.error(f"--searches: {item!r} is not TARGET:BITS with TARGET in {', '.join(TARGETS)} "
+                         f"and BITS in {', '.join(map(str, WIDTHS))}")
+            searches.append((t, int(b)))
+        searches = tuple(searches)
+    command = "python -m superfloat.bench.fpga " + " ".join(shlex.quote(a) for a in raw) if raw else "sfx bench fpga"
+    run(Path(args.out), quick=args.quick, parts=parts, workers=args.workers, budget_min=args.budget_min,
+        searches=searches, max_pes=args.max_pes, command=command.strip())
 
 
 if __name__ == "__main__":  # pragma: no cover

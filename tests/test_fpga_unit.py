@@ -380,3 +380,36 @@ def test_link_cost_counts_every_frame():
     assert r["line_bytes_per_s"] == 300_000 and r["seconds"] == up / 300_000
     with pytest.raises(ValueError, match="baud must be a positive int, got 0"):
         link_cost(1, 1, 1, rows=1, cols=1, a_bits=4, baud=0)
+
+
+def test_bench_scope_options(tmp_path, monkeypatch):
+    """The bench's scope options: parts are checked, a run past the time budget is not started
+    (and says why), a bounded search ends at the bound, the report says what was not run."""
+    import time
+
+    from superfloat.bench import fpga as bench
+
+    with pytest.raises(ValueError, match=r"unknown bench parts \['board'\]: choose from targets, compare"):
+        bench.run(tmp_path, quick=False, parts=("targets", "board"))
+    with pytest.raises(ValueError, match="workers must be a positive int, got 0"):
+        bench.run(tmp_path, quick=False, parts=("targets",), workers=0)
+    with pytest.raises(SystemExit):
+        bench.main([str(tmp_path), "--searches", "ecp5-25k:5"])
+    monkeypatch.setenv("SFX_BUILD_DIR", str(tmp_path / "build"))
+    job = dict(target="ecp5-25k", kind="accel", rows=16, cols=16, bits=4, mhz=100.0, deadline=time.time() + 5)
+    s = bench._run_job(job)
+    assert s["not_run"] and s["step"] == "budget" and "time budget (--budget-min) was spent" in s["error"]
+    assert s["config"] == "16x16 SF4" and "deadline" not in s["job"]
+    assert not (tmp_path / "build").exists()              # nothing was built
+    assert bench.candidate_shapes(256)[-1] == (16, 16)
+    text = bench._what([s], [], [], 60.0, dict(parts=["targets"], workers=1, budget_min=80.0, max_pes=256,
+                                               searches=[["ecp5-25k", 4]], searches_not_run=[["ice40-up5k", 2]]))
+    assert "1 not started for the time budget" in text and "**Partial run.** Parts run: targets; not run: compare, " \
+        "largest, boards" in text
+    assert "searches not run: ice40-up5k SF2" in text and "bounded at 256 PEs" in text and "1 run(s) at a time" in text
+    table = bench._largest_table([{"target": "ecp5-25k", "bits": 4, "rows": 16, "cols": 16, "bounded": True,
+                                   "max_pes": 256, "final": {"device_logic": "16000/24288", "fmax_mhz": 101.0,
+                                                             "cpu_s": 900.0, "run_wall_s": 1500.0}}],
+                                 [("ice40-up5k", 2)])
+    assert "search bounded at 256 PEs (larger not tried)" in table and "| 900 / 1500 |" in table
+    assert "| ice40-up5k | SF2 | - |" in table and "not run in this report" in table
