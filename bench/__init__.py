@@ -55,6 +55,29 @@ def logger(name: str):
     return log
 
 
+class Partial:
+    """The finished rows of a long bench, kept in a JSON file ``{"base": ..., "rows": {key: row}}``
+    as they finish, so that a rerun with the same ``base`` settings resumes from them (a file
+    with other settings is ignored; ``path=None``: kept in memory only)."""
+
+    def __init__(self, path: Path | str | None, base: Any, log=None) -> None:
+        self.path = None if path is None else Path(path)
+        self.base = base
+        self.rows: dict[str, Any] = {}
+        if self.path is not None and self.path.is_file():
+            saved = json.loads(self.path.read_text())
+            if saved.get("base") == base:
+                self.rows = saved["rows"]
+                if log is not None:
+                    log(f"resuming: {len(self.rows)} rows from {self.path}")
+
+    def keep(self, key: str, row: dict[str, Any]) -> None:
+        self.rows[key] = row
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(self.path, json.dumps({"base": self.base, "rows": self.rows}))
+
+
 def machine_info() -> dict[str, Any]:
     from superfloat.cli.info import tool_versions
 

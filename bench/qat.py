@@ -31,15 +31,14 @@ Target (issue 15): SF4 weights after QAT within +10 % of float, accelerator-exac
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shlex
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from superfloat.bench import Partial, logger, sfx_json
 
 __all__ = ["run", "ROWS", "QUICK_ROWS", "TARGET", "RECIPE", "Row"]
 
@@ -91,20 +90,7 @@ QUICK_ROWS: list[Row] = [
 _NEUTRAL = {"output", "json", "no_progress", "overwrite", "resume", "command"}
 
 
-def _log(msg: str) -> None:
-    print(f"[bench qat] {msg}", file=sys.stderr, flush=True)
-
-
-def _cli(args: list[str]) -> dict[str, Any]:
-    """One ``sfx ...`` command in this process (``--json``); its last JSON line."""
-    from superfloat.cli import main
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main([*args, "--json", "--no-progress"])
-    if code:
-        raise RuntimeError(f"sfx {' '.join(args)} exited with {code}")
-    return json.loads(out.getvalue().strip().splitlines()[-1])
+_log = logger("qat")
 
 
 def _settings(args: list[str]) -> dict[str, Any]:
@@ -129,12 +115,12 @@ def _finetune(args: list[str], run_dir: Path) -> tuple[dict[str, Any], bool]:
             return prev, True
     flag = "--resume" if (run_dir / "train_state").is_dir() and not fj.is_file() else "--overwrite"
     try:
-        return _cli(["finetune", *args, "-o", str(run_dir), flag]), False
+        return sfx_json("finetune", [*args, "-o", str(run_dir), flag]), False
     except RuntimeError:
         if flag != "--resume":
             raise
         _log(f"  cannot resume {run_dir}: starting afresh")
-        return _cli(["finetune", *args, "-o", str(run_dir), "--overwrite"]), False
+        return sfx_json("finetune", [*args, "-o", str(run_dir), "--overwrite"]), False
 
 
 def _pct(p: float, ref: float) -> float:
@@ -186,31 +172,20 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str | None = None, r
     model = model or ("tiny-llama" if quick else MODEL)
     rows_def = rows if rows is not None else (QUICK_ROWS if quick else ROWS)
     runs = Path(runs_dir) if runs_dir is not None else (out_dir / "qat-runs" if quick else Path("build") / "qat")
-    partial = Path(partial) if partial is not None else (None if quick else Path("build") / "qat_partial.json")
+    partial = partial if partial is not None else (None if quick else Path("build") / "qat_partial.json")
     ctx = ["--context", "64"] if quick else ["--context", "512"]
     base = ["--data", "shakespeare", "--split", "test", *ctx, "--max-tokens", "128" if quick else "8192"]
     train_base = ["--model", model, "--data", "shakespeare", "--split", "train", *ctx]
     if quick:
         train_base += ["--calib-tokens", "128"]
-    done: dict[str, Any] = {}
-    if partial is not None and partial.is_file():
-        saved = json.loads(partial.read_text())
-        if saved.get("base") == base:
-            done = saved["rows"]
-            _log(f"resuming: {len(done)} evaluations from {partial}")
-
-    def keep(key: str, r: dict[str, Any]) -> None:
-        done[key] = r
-        if partial is not None:
-            partial.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_text(json.dumps({"base": base, "rows": done}))
-
+    part = Partial(partial, base, _log)  # finished evaluations, kept as they finish
+    done, keep = part.rows, part.keep
     t_start, c_start = time.perf_counter(), time.process_time()
     fargs = ["eval", "--model", model, *base]
     if " ".join(fargs) not in done:
         _log("float model ...")
         t0, c0 = time.perf_counter(), time.process_time()
-        r = _cli(fargs)
+        r = sfx_json(fargs[0], fargs[1:])
         r.update(args=fargs, wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0)
         keep(" ".join(fargs), r)
     fpv = done[" ".join(fargs)]["perplexity"]
@@ -236,7 +211,7 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str | None = None, r
         if key not in done or (ft is not None and not reused):
             _log(f"{row.label}: eval ...")
             t0, c0 = time.perf_counter(), time.process_time()
-            r = _cli(eargs)
+            r = sfx_json(eargs[0], eargs[1:])
             r.update(wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0)
             keep(key, r)
         r = dict(done[key], key=row.key, label=row.label, act_bits=row.act_bits, qat=row.qat, eval_args=eargs,

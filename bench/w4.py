@@ -11,8 +11,8 @@ exponents) on the same tokens. The float perplexity of these tokens comes from o
 ``sfx eval`` of the float model (the first row), so the rows skip their own float pass
 (``--no-baseline``: same tokens, same float model, a third of each row's time saved).
 
-The method's run time (the PTQ passes: rotation, calibration capture, searches, GPTQ) is
-``quantize_report(model).seconds["total"]`` of the row's own run, and the row's wall and CPU
+The method's run time (the PTQ passes: rotation, calibration capture, searches, GPTQ) is the
+``method_seconds["total"]`` that the row's ``sfx eval --json`` reports, and the row's wall and CPU
 seconds are beside it (the machine is shared: wall above CPU means others were running).
 
 Rows are appended to ``build/w4_partial.json`` as they finish; a rerun with the same
@@ -22,13 +22,12 @@ Targets (issue 15): W4A16 <= +15 % of float, W4A8 <= +20 %, W4A4 <= +100 %.
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from superfloat.bench import Partial, logger, sfx_json
 
 __all__ = ["run", "ROWS", "TARGETS"]
 
@@ -65,34 +64,7 @@ ROWS: list[tuple[int, str, list[str]]] = [
 QUICK_ROWS = [ROWS[0], ROWS[3], ROWS[16], ROWS[18]]
 
 
-def _log(msg: str) -> None:
-    print(f"[bench w4] {msg}", file=sys.stderr, flush=True)
-
-
-def _eval(args: list[str]) -> tuple[dict[str, Any], dict[str, float] | None]:
-    """One ``sfx eval ... --json`` in this process: its JSON object and the method's
-    ``quantize_report(...).seconds`` (None for round to nearest and the float model)."""
-    import superfloat.sw.wasq.quantize as wq
-    from superfloat.cli import main
-
-    seen: list = []
-    orig = wq.quantize_report
-
-    def spy(model):
-        r = orig(model)
-        seen.append(None if r is None else dict(r.seconds))
-        return r
-
-    out = io.StringIO()
-    wq.quantize_report = spy
-    try:
-        with contextlib.redirect_stdout(out):
-            code = main(["eval", *args, "--json", "--no-progress"])
-    finally:
-        wq.quantize_report = orig
-    if code:
-        raise RuntimeError(f"sfx eval {' '.join(args)} exited with {code}")
-    return json.loads(out.getvalue().strip().splitlines()[-1]), (seen[-1] if seen else None)
+_log = logger("w4")
 
 
 def _pct(ppl: float, ref: float) -> float:
@@ -140,25 +112,15 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str | None = None,
     base += (["--context", "64", "--max-tokens", "256", "--calib-tokens", "256", "--search-tokens", "64",
               "--adaround-iters", "5", "--awq-grid", "4"] if quick else ["--context", "512", "--max-tokens", "8192"])
     rows_def = QUICK_ROWS if quick else ROWS
-    partial = Path(partial) if partial is not None else (None if quick else Path("build") / "w4_partial.json")
-    done: dict[str, Any] = {}
-    if partial is not None and partial.is_file():
-        saved = json.loads(partial.read_text())
-        if saved.get("base") == base:
-            done = saved["rows"]
-            _log(f"resuming: {len(done)} rows from {partial}")
+    part = Partial(partial if partial is not None else (None if quick else Path("build") / "w4_partial.json"), base,
+                   _log)  # finished rows, kept as they finish
+    done, keep = part.rows, part.keep
     t_start = time.perf_counter()
-
-    def keep(key: str, r: dict[str, Any]) -> None:
-        done[key] = r
-        if partial is not None:
-            partial.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_text(json.dumps({"base": base, "rows": done}))
 
     if "float" not in done:
         _log("float model ...")
         t0, c0 = time.perf_counter(), time.process_time()
-        r, _ = _eval(base)
+        r = sfx_json("eval", base)
         r.update(args=list(base), wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0)
         keep("float", r)
     fpv = done["float"]["perplexity"]
@@ -170,8 +132,8 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str | None = None,
         if key not in done:
             _log(f"W4A{a} {label} ...")
             t0, c0 = time.perf_counter(), time.process_time()
-            r, secs = _eval(args)
-            r.update(args=args, method_seconds=secs, wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0)
+            r = sfx_json("eval", args)  # its method_seconds: the PTQ passes' time (None for round to nearest)
+            r.update(args=args, wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0)
             keep(key, r)
             resumed -= 1
             _log(f"  fake {r['fake']['perplexity']:.3f}, accelerator {r['perplexity']:.3f} (float {fpv:.3f}), "

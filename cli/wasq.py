@@ -230,6 +230,13 @@ def prepare_model(args: argparse.Namespace, lm, config) -> dict[str, Any]:
             "report": quantize_report(lm.model), "calibration": batches}
 
 
+def method_seconds(desc: dict[str, Any]) -> dict[str, float] | None:
+    """The post-training method's own time per pass (``quantize_report(model).seconds``: rotation,
+    calibration capture, searches, GPTQ, ..., ``total``), or None (round to nearest, no method run)."""
+    rep = desc.get("report")
+    return None if rep is None else {k: round(v, 3) for k, v in rep.seconds.items()}
+
+
 def calibration_text(args: argparse.Namespace, lm) -> list:
     """Calibration batches: ``--calib-tokens`` of ``--calib-data`` (default ``--data``), train split."""
     from superfloat.sw.wasq.data import calibration_batches
@@ -404,7 +411,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens, "total_tokens": r.total_tokens,
         "windows": r.windows, "seconds": round(r.seconds, 3),
         "tokens_per_second": round(r.tokens / r.seconds, 1) if r.seconds > 0 else None,
-        **extra, "note": lm.note, "superfloat_version": __version__,
+        "method_seconds": method_seconds(desc), **extra, "note": lm.note, "superfloat_version": __version__,
     }
     if args.json:
         print(json.dumps(out))
@@ -471,7 +478,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise CLIError(str(e)) from None
     out = {"model": args.model, "output": str(args.output), **_config_fields(config),
            "quantized_layers": desc["quantized_layers"], "memory": mem, "output_calibration": calib,
-           "seconds": round(time.perf_counter() - t0, 2), "note": lm.note}
+           "seconds": round(time.perf_counter() - t0, 2), "method_seconds": method_seconds(desc), "note": lm.note}
     if args.json:
         print(json.dumps(out, default=str))
     elif args.output is None:

@@ -134,20 +134,27 @@ def test_wasq_eval_and_quantize_take_the_ptq_methods(tmp_path, capsys):
     out = _json(capsys)
     assert out["method"] == "smoothquant" and out["label"] == "smoothquant SF4 float/channel + A8 dynamic"
     assert out["hardware_executable"]
+    # the method's own time, per pass (quantize_report(model).seconds)
+    ms = out["method_seconds"]
+    assert {"smoothquant", "calibration", "total"} <= set(ms) and ms["total"] >= ms["smoothquant"] > 0
     assert cli.main(["eval", *common, "-w", "4", "--method", "awq", "--codes", "int", "--json", "--no-progress"]) == 0
     assert _json(capsys)["codes"] == "int"
     ck = tmp_path / "ck"
     assert cli.main(["quantize", "-m", "tiny-llama", "--calib-tokens", "128", "--context", "64", "-w", "4", "-a", "8",
                      "--method", "smoothquant", "-o", str(ck), "--json"]) == 0
-    assert _json(capsys)["memory"]["codes_packed_bytes"] > 0
+    q = _json(capsys)
+    assert q["memory"]["codes_packed_bytes"] > 0 and q["method_seconds"]["total"] > 0
     assert cli.main(["eval", "-m", str(ck), "--max-tokens", "200", "--context", "64", "--json", "--no-progress"]) == 0
-    assert _json(capsys)["perplexity"] == pytest.approx(out["perplexity"], rel=0, abs=0)
+    back = _json(capsys)
+    assert back["perplexity"] == pytest.approx(out["perplexity"], rel=0, abs=0)
+    assert back["method_seconds"] is None  # a checkpoint: no method ran in this command
     # software-only configurations are refused before any work
     assert cli.main(["quantize", "-m", "tiny-llama", "-w", "4", "--method", "awq-dyngroup", "-o",
                      str(tmp_path / "x")]) == 2
     assert "is not executable by the SFx accelerator (per-group scales along K" in capsys.readouterr().err
     # vanilla keeps its meaning; commands that do not take PTQ methods reject them
     assert cli.main(["eval", *common, "-w", "8", "--json", "--no-progress"]) == 0
-    assert _json(capsys)["method"] == "vanilla"
+    out = _json(capsys)
+    assert out["method"] == "vanilla" and out["method_seconds"] is None
     with pytest.raises(SystemExit):
         cli.main(["analyze", "-m", "tiny-llama", "-w", "4", "--method", "awq", "-o", str(tmp_path / "a")])
