@@ -326,16 +326,20 @@ def run(out_dir: Path, quick: bool, *, parts: tuple[str, ...] = PARTS, workers: 
         dict(target=sf8["target"], kind="sm-array", rows=8, cols=8, bits=8, mhz=sf8["mhz"], core=True),
         dict(target=sf8["target"], kind="tc-array", rows=8, cols=8, bits=8, mhz=sf8["mhz"], core=True),
     ]
-    jobs = (target_jobs if "targets" in parts else []) + (compare_jobs if "compare" in parts else [])
+    # Cheapest first: under a time budget the iCE40 comparisons (minutes) run before the
+    # searches, the ECP5 ones (tens of minutes each) after them.
+    cheap = [j for j in compare_jobs if j["target"] == "ice40-up5k"]
+    dear = [j for j in compare_jobs if j["target"] != "ice40-up5k"]
+    jobs = (target_jobs if "targets" in parts else []) + (cheap if "compare" in parts else [])
     flags = _pool_map(_run_job, [dict(j, deadline=deadline) for j in jobs], workers)
     for s in flags:
         print(f"  {s['target']} {s['kind']} {s['config']}: {_brief(s)}", flush=True)
+    pairs = []
     if "largest" in parts:
         pairs = list(searches) if searches else [(t, b) for t in TARGETS for b in WIDTHS]
-    elif "targets" in parts:
-        pairs = [(ECP5_SF4_GOAL["target"], ECP5_SF4_GOAL["bits"])]
-    else:
-        pairs = []
+    goal = (ECP5_SF4_GOAL["target"], ECP5_SF4_GOAL["bits"])
+    if "targets" in parts and goal not in pairs:
+        pairs.append(goal)
     found = _pool_map(_search_job, [(t, b, deadline, max_pes) for t, b in pairs], workers)
     for se in found:
         print(f"  largest {se['target']} SF{se['bits']}: {se.get('rows')}x{se.get('cols')} "
@@ -345,9 +349,14 @@ def run(out_dir: Path, quick: bool, *, parts: tuple[str, ...] = PARTS, workers: 
     by_tb = {(se["target"], se["bits"]): se for se in found}
     # SFx vs two's complement at the largest ECP5 SF4 array as well.
     big = by_tb.get(("ecp5-25k", 4), {})
-    if big.get("rows") and "compare" in parts:
-        extra = _pool_map(_run_job, [dict(target="ecp5-25k", kind="tc-accel", rows=big["rows"], cols=big["cols"],
-                                          bits=4, mhz=REF_MHZ["ecp5-25k"], deadline=deadline)], workers)
+    if "compare" in parts:
+        later = list(dear)
+        if big.get("rows"):
+            later.append(dict(target="ecp5-25k", kind="tc-accel", rows=big["rows"], cols=big["cols"], bits=4,
+                              mhz=REF_MHZ["ecp5-25k"]))
+        extra = _pool_map(_run_job, [dict(j, deadline=deadline) for j in later], workers)
+        for s in extra:
+            print(f"  {s['target']} {s['kind']} {s['config']}: {_brief(s)}", flush=True)
         flags += extra
     board_args = []
     if "boards" in parts:
@@ -516,6 +525,10 @@ def _compare_table(flags: list) -> str:
         key = "core_logic" if sm.get("core_logic") and tc.get("core_logic") else "luts"
         if sm.get(key) and tc.get(key):
             saves = _pct(1 - sm[key] / tc[key])
+        elif sm.get("not_run") or tc.get("not_run"):
+            saves = "not run (time budget)"
+        elif sm.get("error") or tc.get("error"):
+            saves = f"failed: {(sm.get('error') or tc.get('error'))[:80]}"
         out.append([target, f"{r}x{c} SF{bits} {'accelerator' if what == 'accel' else 'array'}",
                     cell(sm, "core_logic"), cell(tc, "core_logic"), cell(sm, "luts"), cell(tc, "luts"), saves,
                     cell(sm, "ffs"), cell(tc, "ffs"), cell(sm, "fmax_mhz"), cell(tc, "fmax_mhz"),
@@ -568,6 +581,8 @@ def _plot(searches: list, out_dir: Path) -> Path | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    if not any(se.get("rows") for se in searches):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for target, marker in zip(TARGETS, ("o", "s")):

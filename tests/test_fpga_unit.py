@@ -413,3 +413,35 @@ def test_bench_scope_options(tmp_path, monkeypatch):
                                  [("ice40-up5k", 2)])
     assert "search bounded at 256 PEs (larger not tried)" in table and "| 900 / 1500 |" in table
     assert "| ice40-up5k | SF2 | - |" in table and "not run in this report" in table
+
+
+def test_bench_runs_cheap_comparisons_first_and_reports_what_did_not_run(tmp_path, monkeypatch):
+    """With --parts targets,compare the iCE40 comparisons run before the searches and the ECP5
+    ones after them (a time budget cuts the dearest); the report lists what was not run."""
+    from superfloat.bench import fpga as bench
+
+    order = []
+
+    def fake_job(job):
+        order.append((job["target"], job["kind"], job["rows"], job["a_bits"] if "a_bits" in job else job["bits"]))
+        s = bench._skipped(job, "not run: the bench's time budget (--budget-min) was spent")
+        return s
+
+    def fake_search(args):
+        t, b, deadline, max_pes = args
+        order.append((t, "search", b, max_pes))
+        return bench._not_run_search(t, b, "not finished: the bench's time budget (--budget-min) was spent")
+
+    monkeypatch.setattr(bench, "_run_job", fake_job)
+    monkeypatch.setattr(bench, "_search_job", fake_search)
+    bench.run(tmp_path, quick=False, parts=("targets", "compare"), workers=1, budget_min=1.0, max_pes=256,
+              command="python -m superfloat.bench.fpga x --parts targets,compare")
+    kinds = [o[:2] for o in order]
+    assert kinds.index(("ice40-up5k", "tc-array")) < kinds.index(("ecp5-25k", "search")) \
+        < kinds.index(("ecp5-25k", "tc-accel"))
+    assert ("ecp5-25k", "search", 4, 256) in order and len([k for k in kinds if k[1] == "search"]) == 1
+    md = (tmp_path / "fpga.md").read_text()
+    assert "Produced by `python -m superfloat.bench.fpga x --parts targets,compare`" in md
+    assert "**Partial run.** Parts run: targets, compare; not run: largest, boards" in md
+    assert "searches not run: ice40-up5k SF2, ice40-up5k SF4, ice40-up5k SF8, ecp5-25k SF2, ecp5-25k SF8" in md
+    assert "not run (time budget)" in md and "8x8 SF8 accelerator on ecp5-25k: **not measured**" in md
