@@ -11,6 +11,7 @@ import datetime as _dt
 import json
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,33 @@ def logger(name: str):
         print(f"[bench {name}] {msg}", file=sys.stderr, flush=True)
 
     return log
+
+
+@dataclass(frozen=True)
+class QATBudgets:
+    """The training budgets the QAT benches share (``wasq``, ``fasteropt``): the first
+    ``calib_tokens`` training tokens in blocks of ``context``, ``epochs`` epochs of AdamW at
+    ``lr`` with ``warmup`` warm-up steps and cosine decay (the ``sfx finetune`` loop), and
+    ``analysis_tokens`` tokens for the layer ranking that ``opt``/``fasteropt`` use."""
+
+    calib_tokens: int = 8192
+    context: int = 512
+    epochs: int = 3
+    lr: float = 1e-4
+    warmup: int = 4
+    analysis_tokens: int = 2048
+
+    def train_config(self):
+        """The :class:`~superfloat.sw.wasq.train.TrainConfig` of these budgets (no progress bar)."""
+        from superfloat.sw.wasq.train import TrainConfig
+
+        return TrainConfig(epochs=self.epochs, lr=self.lr, warmup_steps=self.warmup, scheduler="cosine",
+                           progress=False)
+
+    def finetune_command(self, model: str, data: str) -> str:
+        """The ``sfx finetune`` command (SF4 weights, no ``--method``/``-o``) that trains with these budgets."""
+        return (f"sfx finetune --model {model} --data {data} --split train --weight-bits 4 --context {self.context} "
+                f"--tokens {self.calib_tokens} --epochs {self.epochs} --lr {self.lr:g} --warmup {self.warmup}")
 
 
 class Partial:

@@ -25,13 +25,14 @@ import copy
 import gc
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from superfloat.bench import QATBudgets, logger
 
 __all__ = ["run", "Budgets", "selections", "predicted_speedup", "state_dict_diff"]
 
@@ -41,15 +42,11 @@ DATA = "shakespeare"
 
 
 @dataclass(frozen=True)
-class Budgets:
+class Budgets(QATBudgets):
     calib_tokens: int = 4096  # 8 blocks of 512 x 3 epochs = 24 steps: about 1.5 min per opt run on an idle core
-    context: int = 512
-    epochs: int = 3
-    lr: float = 1e-4
     warmup: int = 1
-    analysis_tokens: int = 2048
-    top_k: int = 4
-    repeats: int = 2
+    top_k: int = 4  # layers of the ranking in the "top" selection
+    repeats: int = 2  # runs per method, alternating
     threads: int = 1
 
     @classmethod
@@ -57,8 +54,7 @@ class Budgets:
         return cls(calib_tokens=512, context=64, epochs=2, analysis_tokens=256, top_k=2, repeats=2)
 
 
-def _log(msg: str) -> None:
-    print(f"[bench fasteropt] {msg}", file=sys.stderr, flush=True)
+_log = logger("fasteropt")
 
 
 def predicted_speedup(p: float, epochs: int) -> float:
@@ -119,7 +115,7 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str | None = None,
     from superfloat.sw.wasq.data import load_text, tokenize
     from superfloat.sw.wasq.methods import decoder_blocks, fasteropt, opt
     from superfloat.sw.wasq.models import load_model
-    from superfloat.sw.wasq.train import TrainConfig, make_blocks
+    from superfloat.sw.wasq.train import make_blocks
 
     out_dir = Path(out_dir)
     b = budgets or (Budgets.quick() if quick else Budgets())
@@ -140,7 +136,7 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str | None = None,
         _, blist = decoder_blocks(float_model)
         n_blocks = len(blist)
         cfg = WASQConfig(weight_bits=4)
-        tcfg = TrainConfig(epochs=b.epochs, lr=b.lr, warmup_steps=b.warmup, scheduler="cosine", progress=False)
+        tcfg = b.train_config()
         _log(f"{model}: {n_blocks} blocks; calibration {blocks.n_tokens} tokens ({len(blocks)} blocks of "
              f"{b.context}) x {b.epochs} epochs; torch threads {threads}")
 
@@ -226,8 +222,7 @@ def _render(out_dir: Path, d: dict[str, Any], b: Budgets) -> None:
     from superfloat.bench import markdown_table, write_report
 
     quick = bool(d.get("quick"))
-    ft = (f"sfx finetune --model {d['model']} --data {DATA} --split train --weight-bits 4 --context {b.context} "
-          f"--tokens {b.calib_tokens} --epochs {b.epochs} --lr {b.lr:g} --warmup {b.warmup}")
+    ft = b.finetune_command(d["model"], DATA)
     la = d["load_average_at_start"]
     setup = "\n".join([
         f"* Model: `{d['model']}` ({d['n_blocks']} transformer blocks), SF4 weight-only (per channel, float scales).",

@@ -20,11 +20,12 @@ from __future__ import annotations
 import copy
 import json
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from superfloat.bench import logger
 
 __all__ = ["run", "CONFIGS", "METHOD_ORDER", "BUDGET"]
 
@@ -164,8 +165,7 @@ def run(out_dir: Path | str, quick: bool = False) -> None:
                  "sfx bench ptq" + (" --quick" if quick else ""))
 
 
-def _say(msg: str) -> None:
-    print(f"[bench ptq] {msg}", file=sys.stderr, flush=True)
+_say = logger("ptq")
 
 
 def _fmt_ppl(p: float) -> str:
@@ -185,17 +185,16 @@ def _sections(rows, clip_rows, fp, clip_fp, f_bytes, b, note, t_calib, t_clip, s
         k = (r["method"], r["codes"])
         if k not in keys:
             keys.append(k)
+
+    def pivot(cell, tail) -> list[list[str]]:
+        """A row per (method, codes): ``cell(row or None)`` per configuration, then ``tail(W4A4 row or None)``."""
+        return [[meth, codes, *(cell(by.get((meth, codes, c))) for c in cfgs), *tail(by.get((meth, codes, "W4A4")))]
+                for meth, codes in keys]
+
     # perplexity pivot
     head = ["method", "codes", *cfgs, "W4A4 on the SFx accelerator"]
-    body = []
-    for meth, codes in keys:
-        cells = []
-        for c in cfgs:
-            r = by.get((meth, codes, c))
-            cells.append("(= rtn)" if r is None else f"{_fmt_ppl(r['perplexity'])} ({r['delta_pct']:+.0f} %)")
-        r4 = by.get((meth, codes, "W4A4"))
-        hw = r4["hardware"] if r4 else ""
-        body.append([meth, codes, *cells, hw])
+    body = pivot(lambda r: "(= rtn)" if r is None else f"{_fmt_ppl(r['perplexity'])} ({r['delta_pct']:+.0f} %)",
+                 lambda r4: [r4["hardware"] if r4 else ""])
     main = (f"Float (as loaded): perplexity **{fp:.2f}** over {b['eval_tokens'] - 1} scored tokens, "
             f"{f_bytes / 1e6:.1f} MB (fp32).\n\n" + markdown_table(head, body) +
             "\n\nEach cell: `" + _eval_cmd("METHOD", 4, 4, "CODES", b).replace(" -w 4 -a 4", " -w W [-a A]") + "`."
@@ -203,15 +202,8 @@ def _sections(rows, clip_rows, fp, clip_fp, f_bytes, b, note, t_calib, t_clip, s
             "(already at the high width).")
     # size pivot
     head2 = ["method", "codes", *[f"{c} MB" for c in cfgs], "W4A4 quantized layers MB", "W4A4 bits/weight"]
-    body2 = []
-    for meth, codes in keys:
-        cells = []
-        for c in cfgs:
-            r = by.get((meth, codes, c))
-            cells.append("" if r is None else f"{r['packed_file_bytes'] / 1e6:.1f}")
-        r4 = by.get((meth, codes, "W4A4"))
-        body2.append([meth, codes, *cells, f"{r4['quantized_bytes'] / 1e6:.1f}" if r4 else "",
-                      f"{r4['bits_per_weight']:.2f}" if r4 else ""])
+    body2 = pivot(lambda r: "" if r is None else f"{r['packed_file_bytes'] / 1e6:.1f}",
+                  lambda r4: [f"{r4['quantized_bytes'] / 1e6:.1f}", f"{r4['bits_per_weight']:.2f}"] if r4 else ["", ""])
     size = ("Real bytes of the packed file (`save_packed`: codes bit-packed at their width, scales/zero points/"
             "exponents as stored, biases, and every unquantized tensor -- embeddings, norms -- in fp32), in MB "
             f"(10^6 bytes); the float model is {f_bytes / 1e6:.1f} MB. Everything that is not a quantized layer "

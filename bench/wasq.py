@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from superfloat.bench import QATBudgets, logger
 
 __all__ = ["run", "Budgets"]
 
@@ -45,14 +46,9 @@ CONTEXT = 512
 
 
 @dataclass(frozen=True)
-class Budgets:
+class Budgets(QATBudgets):
     eval_tokens: int = 8192
-    calib_tokens: int = 8192
-    epochs: int = 3
-    lr: float = 1e-4
-    warmup: int = 4
-    fraction: float = 0.25
-    analysis_tokens: int = 2048
+    fraction: float = 0.25  # of the ranking that opt/fasteropt train
     lth_bits: int = 8
     lth_rounds: int = 2
     lth_prune: float = 0.3
@@ -76,8 +72,7 @@ class Budgets:
                    sweep_tokens=512, sweep_eval_tokens=512)
 
 
-def _log(msg: str) -> None:
-    print(f"[bench wasq] {msg}", file=sys.stderr, flush=True)
+_log = logger("wasq")
 
 
 def _pct(p: float, ref: float) -> float:
@@ -118,7 +113,7 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str = MODEL, budgets
     eval_ids = tokenize(tok, load_text(DATA, "test"), b.eval_tokens)
     train_text = load_text(DATA, "train")
     calib_ids = tokenize(tok, train_text, b.calib_tokens)
-    blocks = make_blocks(calib_ids, CONTEXT, pad)
+    blocks = make_blocks(calib_ids, b.context, pad)
     _log(f"{model}: {sum(p.numel() for p in float_model.parameters()) / 1e6:.1f} M params; eval {eval_ids.numel()} "
          f"tokens, calibration {blocks.n_tokens} tokens ({len(blocks)} blocks), torch threads {torch.get_num_threads()}")
 
@@ -164,7 +159,7 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str = MODEL, budgets
 
     # ------------------------------------------------------------------ 2. QAT at SF4
     cfg4 = WASQConfig(weight_bits=4)
-    tcfg = TrainConfig(epochs=b.epochs, lr=b.lr, warmup_steps=b.warmup, scheduler="cosine", progress=False)
+    tcfg = b.train_config()
     qat: dict[str, Any] = {}
     work = Path(tempfile.mkdtemp(prefix="bench-wasq-"))
     try:
@@ -177,7 +172,7 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str = MODEL, budgets
         del m
 
         # the analysis that opt / fasteropt consume
-        ablocks = make_blocks(tokenize(tok, train_text, b.analysis_tokens), CONTEXT, pad)
+        ablocks = make_blocks(tokenize(tok, train_text, b.analysis_tokens), b.context, pad)
         t0 = time.perf_counter()
         an = analyze(float_model, ablocks, cfg4, progress=False)
         t_an = time.perf_counter() - t0
@@ -265,8 +260,7 @@ def _render(out_dir: Path, data: dict[str, Any], b: Budgets, machine: dict[str, 
     _plots(fig_dir, data)
     eval_cmd = (f"sfx eval --model {data['model']} --data {DATA} --split test --context {CONTEXT} "
                 f"--max-tokens {b.eval_tokens}")
-    ft_cmd = (f"sfx finetune --model {data['model']} --data {DATA} --split train --weight-bits 4 --context {CONTEXT} "
-              f"--tokens {b.calib_tokens} --epochs {b.epochs} --lr {b.lr:g} --warmup {b.warmup}")
+    ft_cmd = b.finetune_command(data["model"], DATA)
     sections = _sections(data, b, eval_cmd, ft_cmd, markdown_table)
     quick = bool(data.get("quick"))
     cmd = "sfx bench wasq" + (" --quick" if quick else "")

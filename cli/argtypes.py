@@ -37,46 +37,40 @@ def _float(s: str) -> float:
     return v
 
 
+def _checked(convert: Callable[[str], float], bad: Callable[[float], bool], message: str,
+             name: str) -> Callable[[str], float]:
+    """``type=``: ``convert(s)``, refused with ``"MESSAGE, got S"`` where ``bad(value)``."""
+    def parse(s: str):
+        v = convert(s)
+        if bad(v):
+            raise argparse.ArgumentTypeError(f"{message}, got {s}")
+        return v
+
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
+
+
 def int_range(lo: int | None = None, hi: int | None = None, what: str = "an integer") -> Callable[[str], int]:
     """``type=`` for an integer in ``lo..hi`` (either bound may be ``None``: unbounded)."""
     if lo is not None and hi is not None and lo > hi:
         raise ValueError(f"int_range: lo {lo} > hi {hi}")
-
-    def parse(s: str) -> int:
-        v = _int(s)
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            if lo is not None and hi is not None:
-                want = f"in {lo}..{hi}"
-            elif lo is not None:
-                want = f">= {lo}"
-            else:
-                want = f"<= {hi}"
-            raise argparse.ArgumentTypeError(f"must be {what} {want}, got {s}")
-        return v
-
-    parse.__name__ = f"int_range({lo}, {hi})"  # argparse names the type in some messages
-    return parse
+    want = f"in {lo}..{hi}" if lo is not None and hi is not None else f">= {lo}" if lo is not None else f"<= {hi}"
+    return _checked(_int, lambda v: (lo is not None and v < lo) or (hi is not None and v > hi),
+                    f"must be {what} {want}", f"int_range({lo}, {hi})")
 
 
 def float_range(lo: float | None = None, hi: float | None = None, *, open_low: bool = False,
                 open_high: bool = False) -> Callable[[str], float]:
     """``type=`` for a finite float in ``[lo, hi]`` (``open_low``/``open_high``: exclude the bound)."""
-    def parse(s: str) -> float:
-        v = _float(s)
-        bad = ((lo is not None and (v <= lo if open_low else v < lo))
-               or (hi is not None and (v >= hi if open_high else v > hi)))
-        if bad:
-            if lo is not None and hi is not None:
-                want = f"in {'(' if open_low else '['}{lo:g}, {hi:g}{')' if open_high else ']'}"
-            elif lo is not None:
-                want = f"{'>' if open_low else '>='} {lo:g}"
-            else:
-                want = f"{'<' if open_high else '<='} {hi:g}"
-            raise argparse.ArgumentTypeError(f"must be a number {want}, got {s}")
-        return v
-
-    parse.__name__ = f"float_range({lo}, {hi})"
-    return parse
+    if lo is not None and hi is not None:
+        want = f"in {'(' if open_low else '['}{lo:g}, {hi:g}{')' if open_high else ']'}"
+    elif lo is not None:
+        want = f"{'>' if open_low else '>='} {lo:g}"
+    else:
+        want = "" if hi is None else f"{'<' if open_high else '<='} {hi:g}"
+    return _checked(_float, lambda v: ((lo is not None and (v <= lo if open_low else v < lo))
+                                       or (hi is not None and (v >= hi if open_high else v > hi))),
+                    f"must be a number {want}", f"float_range({lo}, {hi})")
 
 
 def probability(*, open_low: bool = False, open_high: bool = False) -> Callable[[str], float]:
