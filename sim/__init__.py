@@ -2,6 +2,9 @@
 
 * :func:`run_linear`: LINEAR computed by the generated RTL in Verilator or Icarus, the
   co-simulation twin of :func:`superfloat.sw.sfx.linear`;
+* in-memory models (``docs/python-api.md``): :func:`layer_call` (a quantized layer and its
+  input -> LINEAR operations), :func:`run_layer` (one layer on the RTL), :func:`on_rtl` (a
+  whole model's linears on the RTL), :func:`capture_inputs`;
 * :mod:`.runner`: cached builds and cocotb runs (``cocotb_tools.runner``, no Makefiles);
 * :mod:`.streams`: stream driver / sink / per-cycle bench loop for ``lib.stream`` ports;
 * :mod:`.scoreboard`: result checking against the reference model;
@@ -19,13 +22,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-__all__ = ["run_linear", "LinearSimStats", "SimulationFailed", "SimulatorNotFound"]
+__all__ = ["run_linear", "LinearSimStats", "SimulationFailed", "SimulatorNotFound", "layer_call", "run_layer",
+           "LayerCall", "LayerRun", "CosimError", "on_rtl", "RTLModel", "capture_inputs"]
 
 _LAZY = {"run_linear": "linear", "LinearSimStats": "linear", "SimulationFailed": "runner",
-         "SimulatorNotFound": "runner"}
+         "SimulatorNotFound": "runner", "layer_call": "mapping", "run_layer": "mapping", "LayerCall": "mapping",
+         "LayerRun": "mapping", "CosimError": "mapping", "on_rtl": "model", "RTLModel": "model",
+         "capture_inputs": "model"}
 
 if TYPE_CHECKING:  # pragma: no cover
     from .linear import LinearSimStats, run_linear
+    from .mapping import CosimError, LayerCall, LayerRun, layer_call, run_layer
+    from .model import RTLModel, capture_inputs, on_rtl
     from .runner import SimulationFailed, SimulatorNotFound
 
 
