@@ -261,3 +261,18 @@ def test_build_outputs_go_under_the_current_directory(tmp_path, monkeypatch):
     assert runner.build_root() == tmp_path.resolve() / "simcache"
     monkeypatch.setenv("YOWASP_CACHE_DIR", str(tmp_path / "yw"))
     assert flow.yowasp_env()["YOWASP_CACHE_DIR"] == str(tmp_path / "yw")
+
+
+def test_docs_example_runs():
+    """docs/python-api.md's example (tiny-gpt2, the reference engine: no simulator)."""
+    import doctest
+    import re
+
+    path = REPO / "docs" / "python-api.md"
+    blocks = re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+    assert blocks
+    test = doctest.DocTestParser().get_doctest("\n".join(blocks), {}, path.name, str(path), 0)
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+    runner.run(test)
+    res = runner.summarize(verbose=False)
+    assert res.attempted > 10 and res.failed == 0
