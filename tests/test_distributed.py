@@ -20,14 +20,6 @@ ARGS = ["--method", "fpm", "--model", "tiny-gpt2", "--weight-bits", "4", "--cont
         "--max-steps", "3", "--no-progress", "--json"]
 
 
-@pytest.fixture()
-def text(tmp_path):
-    lines = [f"Line {i}: to be, or not to be, that is the question {i % 7}." for i in range(240)]
-    p = tmp_path / "corpus.txt"
-    p.write_text("\n".join(lines) + "\n")
-    return str(p)
-
-
 def _accelerate() -> str:
     exe = Path(sys.executable).with_name("accelerate")
     if not exe.is_file():

@@ -123,14 +123,10 @@ def test_every_layer_call_equals_sfx_linear(arch, cfg):
 
 def test_smollm2_layer_calls_equal_sfx_linear():
     """Real SmolLM2-135M layers (first two decoder blocks), W8A8 and SF4 weight-only."""
-    from superfloat.sw.wasq.models import load_model
+    from wasq_helpers import smollm2_first_blocks
 
-    lm = load_model("smollm2-135m", progress=False)
+    lm, ids = smollm2_first_blocks(2)
     m = lm.model
-    m.model.layers = m.model.layers[:2]
-    m.config.num_hidden_layers = 2
-    ids = lm.tokenizer("To be, or not to be, that is the question: whether 'tis nobler in the mind",
-                       return_tensors="pt").input_ids[:, :16]
     calib = [lm.tokenizer("Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to "
                           "praise him. The evil that men do lives after them.", return_tensors="pt").input_ids]
     import copy

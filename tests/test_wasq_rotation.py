@@ -80,14 +80,10 @@ def test_rotated_tiny_llama_computes_the_same_function(kind, online, heads):
 
 
 def test_rotated_smollm2_first_blocks_compute_the_same_function():
-    from superfloat.sw.wasq.models import load_model
+    from wasq_helpers import smollm2_first_blocks
 
-    lm = load_model("smollm2-135m", progress=False)
+    lm, ids = smollm2_first_blocks(2)
     m = lm.model
-    m.model.layers = m.model.layers[:2]
-    m.config.num_hidden_layers = 2
-    ids = lm.tokenizer("To be, or not to be, that is the question: whether 'tis nobler in the mind",
-                       return_tensors="pt").input_ids[:, :16]
     with torch.no_grad():
         ref = m(ids).logits
     rep = rotate_(m)

@@ -186,14 +186,6 @@ def test_fasteropt_refuses_per_epoch_recalibration():
 # --------------------------------------------------------------------------- CLI
 
 
-@pytest.fixture()
-def text(tmp_path):
-    lines = [f"Line {i}: to be, or not to be, that is the question {i % 7}." for i in range(240)]
-    p = tmp_path / "corpus.txt"
-    p.write_text("\n".join(lines) + "\n")
-    return str(p)
-
-
 TINY = ["--model", "tiny-llama", "--context", "32", "--tokens", "256", "--no-progress", "--weight-bits", "4"]
 
 

@@ -10,16 +10,6 @@ import pytest
 from superfloat import cli
 from superfloat.sw.wasq.models import load_model
 
-
-
-@pytest.fixture()
-def text(tmp_path):
-    lines = [f"Line {i}: to be, or not to be, that is the question {i % 7}." for i in range(240)]
-    p = tmp_path / "corpus.txt"
-    p.write_text("\n".join(lines) + "\n")
-    return str(p)
-
-
 TINY = ["--model", "tiny-llama", "--context", "32", "--tokens", "256", "--no-progress"]
 
 
