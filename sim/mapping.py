@@ -34,6 +34,9 @@ from superfloat.sw import sfx
 
 from .engines import ArrayConfig, Op, OpResult
 
+__all__ = ["CosimError", "LayerCall", "LayerRun", "layer_program", "layer_call", "run_layer", "program_ops",
+           "resolve_array", "select_layers"]
+
 
 class CosimError(ValueError):
     """A checkpoint, a layer name or an option that cannot be co-simulated (raised before
