@@ -277,16 +277,23 @@ def _rtn_levels(w: torch.Tensor, grid: WeightGrid) -> torch.Tensor:
     n, k = w.shape
     wg = group_view(w.detach().to(torch.float64), fmt.group_size)
     if fmt.kind == "sfx":
-        if grid.exponent is not None:
-            codes = sfx_torch.encode(wg, fmt.bits, grid.exponent.unsqueeze(-1), fmt.rounding)
-        else:
-            codes = sfx_torch.encode(wg / (grid.unit * 2.0 ** (fmt.bits - 1)), fmt.bits, 0, fmt.rounding)
-        return ungroup(_sfx_signed(codes, fmt.bits), k)
+        return ungroup(_sfx_signed(_on_sfx_grid(sfx_torch.encode, wg, grid)[0], fmt.bits), k)
     w32 = wg.to(torch.float32)
     inv = 1.0 / grid.unit.to(torch.float32)
     z = grid.zero.to(torch.float32) if grid.zero is not None else 0.0
     q = torch.clamp(torch.round(w32 * inv) + z, grid.qlo, grid.qhi)  # ATen's fake_quantize formula
     return ungroup(q, k).to(torch.int64)
+
+
+def _on_sfx_grid(fn, wg: torch.Tensor, grid: WeightGrid) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``fn(values, bits, exponent, rounding)`` (``sfx_torch.encode`` / ``fake_quantize``) on the
+    groups ``wg`` of an SFx grid: at its power-of-two exponents, or at exponent 0 on ``wg / s``
+    (float scale ``s``, returned beside the result; None for exponents)."""
+    fmt = grid.fmt
+    if grid.exponent is not None:
+        return fn(wg, fmt.bits, grid.exponent.unsqueeze(-1), fmt.rounding), None
+    s = grid.unit * 2.0 ** (fmt.bits - 1)
+    return fn(wg / s, fmt.bits, 0, fmt.rounding), s
 
 
 def _sfx_signed(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -302,12 +309,8 @@ def fake_quant_weight(w: torch.Tensor, fmt: WeightFormat, clip: torch.Tensor | f
     n, k = w.shape
     wg = group_view(w.detach().to(torch.float64), fmt.group_size)
     if fmt.kind == "sfx":
-        if grid.exponent is not None:
-            v = sfx_torch.fake_quantize(wg, fmt.bits, grid.exponent.unsqueeze(-1), fmt.rounding)
-        else:
-            s = grid.unit * 2.0 ** (fmt.bits - 1)
-            v = sfx_torch.fake_quantize(wg / s, fmt.bits, 0, fmt.rounding) * s
-        return ungroup(v, k).to(torch.float32)
+        v, s = _on_sfx_grid(sfx_torch.fake_quantize, wg, grid)
+        return ungroup(v if s is None else v * s, k).to(torch.float32)
     groups = wg.shape[1]
     flat = wg.to(torch.float32).reshape(n * groups, -1)
     scale = grid.unit.to(torch.float32).reshape(-1)

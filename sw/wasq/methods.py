@@ -252,6 +252,15 @@ def _check_float_model(model: nn.Module, who: str) -> None:
         raise ValueError(f"{who}: the model is already quantized; pass the float model (the method quantizes it)")
 
 
+def _start(model: nn.Module, who: str, blocks: Blocks | None, train_cfg: TrainConfig | None, backend: str,
+           outputs: OutputCalibration | None) -> tuple[float, TrainConfig, _Backend]:
+    """The start of every QAT method: ``model`` must be float; ``(start time, TrainConfig, backend)``."""
+    _check_float_model(model, who)
+    t0 = time.perf_counter()
+    cfg = train_cfg or TrainConfig()
+    return t0, cfg, _Backend(model, blocks, backend, outputs, cfg.progress, who)
+
+
 def _ensure_fp32(model: nn.Module) -> None:
     """fp32 master weights: a bf16/fp16 model is upcast (never the other way round)."""
     if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
@@ -298,13 +307,9 @@ def fpm(model: nn.Module, blocks: Blocks, config: WASQConfig, train_cfg: TrainCo
     ``outputs.tokens`` tokens of ``blocks``). ``backend="accelerator"`` trains on the
     accelerator's arithmetic (:class:`OutputCalibration`, docs/wasq-methods.md); ``outputs``
     calibrates the static output exponents (always with the accelerator backend)."""
-    _check_float_model(model, "fpm")
-    t0 = time.perf_counter()
-    cfg = train_cfg or TrainConfig()
-    be = _Backend(model, blocks, backend, outputs, cfg.progress, "fpm")
+    t0, cfg, be = _start(model, "fpm", blocks, train_cfg, backend, outputs)
     _ensure_fp32(model)
-    _prepare(model, config, calibration, blocks, be.outputs, cfg.progress, "fpm")
-    freeze_all_but(model, None)
+    _quantize_and_freeze(model, config, None, "fpm", calibration, blocks, be.outputs, cfg.progress)
     be.before_train()
     stats = train(model, blocks, cfg, state_dir=state_dir, resume=resume, callback=callback, desc="fpm",
                   run_id={"method": "fpm", "quant": json.dumps(config.to_dict(), sort_keys=True), **be.run_id()},
@@ -334,12 +339,13 @@ def _choose(model: nn.Module, blocks: Blocks, config: WASQConfig, layers: Sequen
     return select_layers(analysis, fraction), analysis
 
 
-def _quantize_and_freeze(model: nn.Module, config: WASQConfig, layers: list[str], who: str,
+def _quantize_and_freeze(model: nn.Module, config: WASQConfig, layers: list[str] | None, who: str,
                         calibration: Iterable[Any] | None = None, blocks: Blocks | None = None,
                         outputs: OutputCalibration | None = None, progress: bool = False) -> None:
+    """:func:`_prepare`, then train only ``layers`` (None: every parameter)."""
     _prepare(model, config, calibration, blocks, outputs, progress, who)
     q = quantized_layers(model)
-    bad = [n for n in layers if n not in q]
+    bad = [n for n in layers or () if n not in q]
     if bad:
         raise ValueError(f"{who}: {bad[0]!r} is not a quantized layer of this model "
                          f"({len(q)} are, e.g. {next(iter(q), '?')!r})")
@@ -359,10 +365,7 @@ def opt(model: nn.Module, blocks: Blocks, config: WASQConfig, train_cfg: TrainCo
     layers' weights and biases train; every other parameter stays bit for bit.
     ``backend``, ``outputs``, ``calibration`` and a post-training ``config.method``: as
     :func:`fpm` (the analysis ranks layers by round to nearest)."""
-    _check_float_model(model, "opt")
-    t0 = time.perf_counter()
-    cfg = train_cfg or TrainConfig()
-    be = _Backend(model, blocks, backend, outputs, cfg.progress, "opt")
+    t0, cfg, be = _start(model, "opt", blocks, train_cfg, backend, outputs)
     _ensure_fp32(model)
     chosen, analysis = _choose(model, blocks, config, layers, analysis, fraction, analysis_blocks, cfg.progress)
     t_an = time.perf_counter() - t0
@@ -519,10 +522,7 @@ def fasteropt(model: nn.Module, blocks: Blocks, config: WASQConfig, train_cfg: T
     ``calibration``: as :func:`opt`; on the accelerator the cached prefix is computed
     accelerator-exact, and ``outputs.recalibrate="epoch"`` is refused (the calibration pass
     cannot run while the prefix is cached; use :func:`opt`)."""
-    _check_float_model(model, "fasteropt")
-    t0 = time.perf_counter()
-    cfg = train_cfg or TrainConfig()
-    be = _Backend(model, blocks, backend, outputs, cfg.progress, "fasteropt")
+    t0, cfg, be = _start(model, "fasteropt", blocks, train_cfg, backend, outputs)
     if be.accelerator and be.outputs.recalibrate == "epoch":
         raise ValueError("fasteropt: recalibrate='epoch' is not supported (the calibration pass cannot run while "
                          "the frozen prefix is cached); use opt, or recalibrate='never'/'end'")
@@ -615,17 +615,13 @@ def lth(model: nn.Module, blocks: Blocks, config: WASQConfig, train_cfg: TrainCo
     ``calibration``: as :func:`fpm`; on the accelerator the output exponents are calibrated
     at the start of every round (after rewinding and masking).
     """
-    _check_float_model(model, "lth")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
         raise ValueError(f"lth: rounds must be an int >= 0, got {rounds!r}")
     if not isinstance(prune, (int, float)) or not 0 < prune < 1:
         raise ValueError(f"lth: prune must be a fraction in (0, 1), got {prune!r}")
-    t0 = time.perf_counter()
-    cfg = train_cfg or TrainConfig()
-    be = _Backend(model, blocks, backend, outputs, cfg.progress, "lth")
+    t0, cfg, be = _start(model, "lth", blocks, train_cfg, backend, outputs)
     _ensure_fp32(model)
-    _prepare(model, config, calibration, blocks, be.outputs, cfg.progress, "lth")
-    freeze_all_but(model, None)
+    _quantize_and_freeze(model, config, None, "lth", calibration, blocks, be.outputs, cfg.progress)
     layers = quantized_layers(model)
     pretrained = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=False).items()}
     masks = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in layers.items()}
