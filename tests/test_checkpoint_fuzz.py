@@ -151,6 +151,26 @@ class _Copy:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def _fuzz(expect: str | None = None):
+    """A property test: ``damage(d, src, data)`` damages ``d``, a throwaway copy of the checkpoint
+    ``src`` (each kind), drawing from ``data``, and returns the names the load error may name
+    (None: nothing to check in this example); then :func:`_check` (which must give ``expect``)."""
+    def wrap(damage):
+        @FUZZ
+        @given(kind=kinds, data=st.data())
+        def test(ckpts, kind, data):
+            src, *ref = ckpts[kind]
+            with _Copy(src) as d:
+                named = damage(d, src, data)
+                if named is not None:
+                    got = _check(d, ref, named)
+                    assert expect is None or got == expect, got
+
+        test.__name__, test.__doc__ = damage.__name__, damage.__doc__
+        return test
+    return wrap
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70) | st.integers(-3, 300)
     | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8)
@@ -162,126 +182,114 @@ kinds = st.sampled_from(["gpt2", "llama"])
 # --------------------------------------------------------------------------- properties
 
 
-@FUZZ
-@given(kind=kinds, data=st.data())
-def test_fuzz_safetensors_header(ckpts, kind, data):
-    src, *ref = ckpts[kind]
-    with _Copy(src) as d:
-        path = d / "model.safetensors"
-        header, body = _header(path)
-        names = sorted(header)
-        what = data.draw(st.sampled_from(["entry", "field", "drop-field", "rename", "whole", "add"]))
-        named = {"model.safetensors"}
-        if what == "whole":
-            header = data.draw(json_values)
-        elif what == "add":
-            key = data.draw(st.text(min_size=1, max_size=8))
-            header[key] = data.draw(json_values)
-            named.add(key)
-        else:
-            name = data.draw(st.sampled_from(names))
-            named.add(name)
-            if what == "entry":
-                header[name] = data.draw(json_values)
-            elif what == "rename":
-                new = data.draw(st.text(min_size=1, max_size=12))
-                header[new] = header.pop(name)
-                named.add(new)
-            elif isinstance(header[name], dict) and header[name]:
-                field = data.draw(st.sampled_from(sorted(header[name])))
-                if what == "drop-field":
-                    del header[name][field]
-                else:
-                    header[name][field] = data.draw(json_values)
-        _write_header(path, header, body)
-        _check(d, ref, named)
+@_fuzz()
+def test_fuzz_safetensors_header(d, src, data):
+    path = d / "model.safetensors"
+    header, body = _header(path)
+    names = sorted(header)
+    what = data.draw(st.sampled_from(["entry", "field", "drop-field", "rename", "whole", "add"]))
+    named = {"model.safetensors"}
+    if what == "whole":
+        header = data.draw(json_values)
+    elif what == "add":
+        key = data.draw(st.text(min_size=1, max_size=8))
+        header[key] = data.draw(json_values)
+        named.add(key)
+    else:
+        name = data.draw(st.sampled_from(names))
+        named.add(name)
+        if what == "entry":
+            header[name] = data.draw(json_values)
+        elif what == "rename":
+            new = data.draw(st.text(min_size=1, max_size=12))
+            header[new] = header.pop(name)
+            named.add(new)
+        elif isinstance(header[name], dict) and header[name]:
+            field = data.draw(st.sampled_from(sorted(header[name])))
+            if what == "drop-field":
+                del header[name][field]
+            else:
+                header[name][field] = data.draw(json_values)
+    _write_header(path, header, body)
+    return named
 
 
-@FUZZ
-@given(kind=kinds, data=st.data())
-def test_fuzz_sfx_config_fields(ckpts, kind, data):
-    src, *ref = ckpts[kind]
-    with _Copy(src) as d:
-        path = d / "sfx_config.json"
-        info = json.loads(path.read_text())
-        paths = [p for p in _paths(info) if p]
-        p = data.draw(st.sampled_from(paths))
-        parent = info
-        for k in p[:-1]:
-            parent = parent[k]
-        if data.draw(st.booleans()):
-            del parent[p[-1]]
-        else:
-            parent[p[-1]] = data.draw(json_values)
-        path.write_text(json.dumps(info))
-        named = {str(k) for k in p if not isinstance(k, int)}
-        if p[0] in ("dtype", "rounding", "activations"):
-            named.add("settings")  # their digest part in config_sha256
-        _check(d, ref, named)
+@_fuzz()
+def test_fuzz_sfx_config_fields(d, src, data):
+    path = d / "sfx_config.json"
+    info = json.loads(path.read_text())
+    paths = [p for p in _paths(info) if p]
+    p = data.draw(st.sampled_from(paths))
+    parent = info
+    for k in p[:-1]:
+        parent = parent[k]
+    if data.draw(st.booleans()):
+        del parent[p[-1]]
+    else:
+        parent[p[-1]] = data.draw(json_values)
+    path.write_text(json.dumps(info))
+    named = {str(k) for k in p if not isinstance(k, int)}
+    if p[0] in ("dtype", "rounding", "activations"):
+        named.add("settings")  # their digest part in config_sha256
+    return named
 
 
-@FUZZ
-@given(kind=kinds, data=st.data())
-def test_fuzz_files(ckpts, kind, data):
-    src, *ref = ckpts[kind]
-    with _Copy(src) as d:
-        f = data.draw(st.sampled_from(sorted(p.name for p in d.iterdir())))
-        path = d / f
-        raw = path.read_bytes()
-        what = data.draw(st.sampled_from(["delete", "truncate", "flip", "append"]))
-        if what == "delete":
-            path.unlink()
-        elif what == "truncate":
-            path.write_bytes(raw[:data.draw(st.integers(0, len(raw) - 1))])
-        elif what == "flip":
-            i = data.draw(st.integers(0, len(raw) - 1))
-            bit = data.draw(st.integers(0, 7))
-            b = bytearray(raw)
-            b[i] ^= 1 << bit
-            path.write_bytes(bytes(b))
-        else:
-            path.write_bytes(raw + data.draw(st.binary(min_size=1, max_size=64)))
-        named = {f}
-        if f == "model.safetensors":
-            named |= set(_header(src / f)[0])  # or the tensor it damaged
-        _check(d, ref, named)
+@_fuzz()
+def test_fuzz_files(d, src, data):
+    f = data.draw(st.sampled_from(sorted(p.name for p in d.iterdir())))
+    path = d / f
+    raw = path.read_bytes()
+    what = data.draw(st.sampled_from(["delete", "truncate", "flip", "append"]))
+    if what == "delete":
+        path.unlink()
+    elif what == "truncate":
+        path.write_bytes(raw[:data.draw(st.integers(0, len(raw) - 1))])
+    elif what == "flip":
+        i = data.draw(st.integers(0, len(raw) - 1))
+        bit = data.draw(st.integers(0, 7))
+        b = bytearray(raw)
+        b[i] ^= 1 << bit
+        path.write_bytes(bytes(b))
+    else:
+        path.write_bytes(raw + data.draw(st.binary(min_size=1, max_size=64)))
+    named = {f}
+    if f == "model.safetensors":
+        named |= set(_header(src / f)[0])  # or the tensor it damaged
+    return named
 
 
-@FUZZ
-@given(kind=kinds, data=st.data())
-def test_fuzz_impossible_tensor_values(ckpts, kind, data):
+@_fuzz(expect="error")
+def test_fuzz_impossible_tensor_values(d, src, data):
     """Values no checkpoint may hold, written as a deliberate edit (digests recomputed)."""
     from safetensors.torch import load_file, save_file
 
-    src, *ref = ckpts[kind]
-    with _Copy(src) as d:
-        info = json.loads((d / "sfx_config.json").read_text())
-        tensors = load_file(d / "model.safetensors")
-        what = data.draw(st.sampled_from(["nonfinite", "code", "float-exponent", "scale"]))
-        layers = info["layers"]
-        if what == "nonfinite":
-            name = data.draw(st.sampled_from(sorted(k for k, t in tensors.items() if t.dtype.is_floating_point)))
-            value = data.draw(st.sampled_from([float("nan"), float("inf"), float("-inf")]))
-        elif what == "code":
-            layer = data.draw(st.sampled_from(sorted(layers)))
-            name, bits = f"{layer}.codes", layers[layer]["bits"]
-            value = data.draw(st.integers(1 << bits, 255 if bits <= 8 else 65535))
+    info = json.loads((d / "sfx_config.json").read_text())
+    tensors = load_file(d / "model.safetensors")
+    what = data.draw(st.sampled_from(["nonfinite", "code", "float-exponent", "scale"]))
+    layers = info["layers"]
+    if what == "nonfinite":
+        name = data.draw(st.sampled_from(sorted(k for k, t in tensors.items() if t.dtype.is_floating_point)))
+        value = data.draw(st.sampled_from([float("nan"), float("inf"), float("-inf")]))
+    elif what == "code":
+        layer = data.draw(st.sampled_from(sorted(layers)))
+        name, bits = f"{layer}.codes", layers[layer]["bits"]
+        value = data.draw(st.integers(1 << bits, 255 if bits <= 8 else 65535))
+    else:
+        fl = sorted(n for n, s in layers.items() if s["scale_kind"] == "float")
+        if not fl:
+            return None  # (pow2 layers: every int8 exponent and positive scale is a legal edit)
+        layer = data.draw(st.sampled_from(fl))
+        if what == "float-exponent":
+            name, value = f"{layer}.exponent", data.draw(st.integers(-128, 127).filter(bool))
         else:
-            fl = sorted(n for n, s in layers.items() if s["scale_kind"] == "float")
-            if not fl:
-                return  # (pow2 layers: every int8 exponent and positive scale is a legal edit)
-            layer = data.draw(st.sampled_from(fl))
-            if what == "float-exponent":
-                name, value = f"{layer}.exponent", data.draw(st.integers(-128, 127).filter(bool))
-            else:
-                name = f"{layer}.scale"
-                value = data.draw(st.sampled_from([0.0, -1.0, float("nan"), float("inf"), -1e-300]))
-        t = tensors[name]
-        idx = tuple(data.draw(st.integers(0, s - 1)) for s in t.shape)
-        t[idx] = value
-        save_file(tensors, d / "model.safetensors")
-        reseal_checkpoint(d)
-        assert _check(d, ref, {name}) == "error"
+            name = f"{layer}.scale"
+            value = data.draw(st.sampled_from([0.0, -1.0, float("nan"), float("inf"), -1e-300]))
+    t = tensors[name]
+    idx = tuple(data.draw(st.integers(0, s - 1)) for s in t.shape)
+    t[idx] = value
+    save_file(tensors, d / "model.safetensors")
+    reseal_checkpoint(d)
+    return {name}
 
 
 def test_fuzz_reference_checkpoints_load_identically(ckpts):
