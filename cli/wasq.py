@@ -1,8 +1,8 @@
 """``sfx quantize``, ``sfx eval`` and ``sfx generate``.
 
-Extension point: modules listed in :data:`EXTENSION_MODULES` (``cli_train``: ``finetune``,
-``analyze``, ``sweep``) are imported if present and their ``register(subparsers)`` is
-called after ours. They should reuse the argument helpers below
+Extension point: modules listed in :data:`EXTENSION_MODULES` (:mod:`superfloat.cli.train`:
+``finetune``, ``analyze``, ``sweep``) are imported if present and their ``register(subparsers)``
+is called after ours. They should reuse the argument helpers below
 (:func:`add_model_args`, :func:`add_quant_args`, :func:`add_data_args`,
 :func:`add_window_args`, :func:`config_from_args`, :func:`prepare_model`,
 :func:`load_ids`) so that every WASQ command spells its options the same way.

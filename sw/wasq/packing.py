@@ -10,7 +10,7 @@ packs any ``bits``-wide unsigned codes (2..16 bits) densely, **LSB first**:
 So at 4 bits, byte 0 holds code 0 in its low nibble and code 1 in its high nibble; at
 8 bits the stream is the codes themselves; at 3 bits eight codes fill three bytes.
 The last byte is zero-padded. :func:`unpack_codes` inverts :func:`pack_codes` exactly
-(``tests/test_ptq_formats.py`` checks every width and ragged lengths).
+(``tests/test_wasq_formats.py`` checks every width and ragged lengths).
 
 :func:`save_packed` / :func:`load_packed` write and read a *packed* PTQ checkpoint
 (one ``safetensors`` file): per quantized layer its packed codes, scales, zero points
