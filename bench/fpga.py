@@ -160,34 +160,13 @@ def _fits_free(s: dict, free: float = FREE) -> bool:
     return used is not None and used <= (1 - free) * cap and not s.get("error")
 
 
-def _search(target: str, bits: int, deadline: float | None = None, max_pes: int | None = None) -> dict:
-    """The largest shape of SF``bits`` on ``target`` leaving :data:`FREE` logic free (at most
-    ``max_pes`` PEs when given: the search is then bounded, and says so)."""
-    cap = TARGETS[target].capacity["luts"]
-    calib_shapes = [(2, 2), (4, 4)] if (target, bits) == ("ice40-up5k", 8) else [(4, 4), (8, 8)]
-    runs = []
-    calib = []
-    for r, c in calib_shapes:
-        s = _run_job(dict(target=target, kind="accel", rows=r, cols=c, bits=bits, mhz=REF_MHZ[target], place=False,
-                          deadline=deadline))
-        runs.append(s)
-        if _logic_used(s):
-            calib.append((r * c, _logic_used(s)))
-    shapes = candidate_shapes(max_pes if max_pes else 64 * 64)
-    if len(calib) < 2:
-        return {"target": target, "bits": bits, "runs": runs, "error": "calibration runs failed"}
-    want = predict_largest(calib, cap)
-    idx = max(i for i, (r, c) in enumerate(shapes) if r * c <= want)
-    tried: dict[int, dict] = {}
+class _BudgetSpent(Exception):
+    """A search's check was not started for the time budget."""
 
-    def check(i: int) -> bool:
-        r, c = shapes[i]
-        s = _run_job(dict(target=target, kind="accel", rows=r, cols=c, bits=bits, mhz=REF_MHZ[target], place=False,
-                          deadline=deadline))
-        runs.append(s)
-        tried[i] = s
-        return _fits_free(s)
 
+def _walk(shapes: list, idx: int, check) -> int | None:
+    """The index of the largest shape that ``check`` accepts, starting at the predicted ``idx``:
+    if it fits, one or two larger neighbours; else steps down about 8 % of the PEs at a time."""
     best = None
     if check(idx):
         best = idx
@@ -206,10 +185,51 @@ def _search(target: str, bits: int, deadline: float | None = None, max_pes: int 
             if check(cur):
                 best = cur
                 break
+    return best
+
+
+def _search(target: str, bits: int, deadline: float | None = None, max_pes: int | None = None) -> dict:
+    """The largest shape of SF``bits`` on ``target`` leaving :data:`FREE` logic free (at most
+    ``max_pes`` PEs when given: the search is then bounded, and says so)."""
+    cap = TARGETS[target].capacity["luts"]
+    calib_shapes = [(2, 2), (4, 4)] if (target, bits) == ("ice40-up5k", 8) else [(4, 4), (8, 8)]
+    runs = []
+    calib = []
+    for r, c in calib_shapes:
+        s = _run_job(dict(target=target, kind="accel", rows=r, cols=c, bits=bits, mhz=REF_MHZ[target], place=False,
+                          deadline=deadline))
+        runs.append(s)
+        if _logic_used(s):
+            calib.append((r * c, _logic_used(s)))
+    shapes = candidate_shapes(max_pes if max_pes else 64 * 64)
+    if any(x.get("not_run") for x in runs):
+        return {"target": target, "bits": bits, "runs": runs, "not_run": True,
+                "error": "not finished: the bench's time budget (--budget-min) was spent before the calibration runs"}
+    if len(calib) < 2:
+        return {"target": target, "bits": bits, "runs": runs, "error": "calibration runs failed"}
+    want = predict_largest(calib, cap)
+    idx = max(i for i, (r, c) in enumerate(shapes) if r * c <= want)
+    tried: dict[int, dict] = {}
+
+    def check(i: int) -> bool:
+        r, c = shapes[i]
+        s = _run_job(dict(target=target, kind="accel", rows=r, cols=c, bits=bits, mhz=REF_MHZ[target], place=False,
+                          deadline=deadline))
+        runs.append(s)
+        tried[i] = s
+        if s.get("not_run"):   # an unconfirmed shape ends the search: no smaller one stands in for it
+            raise _BudgetSpent
+        return _fits_free(s)
+
+    best = None
+    try:
+        best = _walk(shapes, idx, check)
+    except _BudgetSpent:
+        return {"target": target, "bits": bits, "runs": runs, "not_run": True, "prediction_pes": want,
+                "calibration": calib,
+                "error": "not finished: the bench's time budget (--budget-min) was spent before the largest shape "
+                         "was confirmed"}
     if best is None:
-        if any(x.get("not_run") for x in runs):
-            return {"target": target, "bits": bits, "runs": runs, "not_run": True,
-                    "error": "not finished: the bench's time budget (--budget-min) was spent"}
         return {"target": target, "bits": bits, "runs": runs, "error": "no shape fits"}
     r, c = shapes[best]
     final = _run_job(dict(target=target, kind="accel", rows=r, cols=c, bits=bits, mhz=REF_MHZ[target], place=True,
@@ -488,8 +508,9 @@ def _largest_table(searches: list, not_run: list | tuple = ()) -> str:
         if f.get("error"):
             note += f"; {f['error']}"
         rows.append([se["target"], f"SF{se['bits']}", f"{se['rows']}x{se['cols']}", se["rows"] * se["cols"],
-                     f.get("device_logic") or "-", f.get("fmax_mhz") or "-", f.get("luts"), f.get("ffs"),
-                     f.get("dsps"), f.get("brams"), f.get("peak_gmacs") or "-", _cpu(f), note])
+                     *["-" if f.get(k) is None else f[k] for k in ("device_logic", "fmax_mhz", "luts", "ffs",
+                                                                      "dsps", "brams", "peak_gmacs")],
+                     _cpu(f), note])
     for t, b in not_run:
         rows.append([t, f"SF{b}", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "not run in this report"])
     return markdown_table(["target", "width", "rows x cols", "PEs", "logic used", "Fmax MHz", "LUT4 (core)",

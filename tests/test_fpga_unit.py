@@ -445,3 +445,25 @@ def test_bench_runs_cheap_comparisons_first_and_reports_what_did_not_run(tmp_pat
     assert "**Partial run.** Parts run: targets, compare; not run: largest, boards" in md
     assert "searches not run: ice40-up5k SF2, ice40-up5k SF4, ice40-up5k SF8, ecp5-25k SF2, ecp5-25k SF8" in md
     assert "not run (time budget)" in md and "8x8 SF8 accelerator on ecp5-25k: **not measured**" in md
+
+
+def test_bench_search_stops_when_a_check_is_not_run():
+    """A largest-shape check that the time budget did not start ends the search as not finished
+    (a smaller cached shape must not stand in for it)."""
+    from superfloat.bench import fpga as bench
+
+    shapes = bench.candidate_shapes(256)
+    seen = []
+
+    def check(i):
+        seen.append(shapes[i])
+        if shapes[i] == (16, 16):
+            raise bench._BudgetSpent
+        return True
+
+    with pytest.raises(bench._BudgetSpent):
+        bench._walk(shapes, len(shapes) - 1, check)
+    assert seen == [(16, 16)]
+    fits = {(12, 12), (10, 16)}      # 144 and 160 PEs fit, (12, 14) = 168 does not
+    assert shapes[bench._walk(shapes, shapes.index((12, 12)), lambda i: shapes[i] in fits)] == (10, 16)
+    assert bench._walk(shapes, 3, lambda i: False) is None
