@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 from amaranth.hdl import ClockDomain, Const, Module, ValueCastable
 from amaranth.sim import Simulator
 
-__all__ = ["pack", "raw", "make_sim", "put", "get", "Source", "Sink", "run_streams", "StreamProtocolError"]
+__all__ = ["pack", "raw", "make_sim", "check_multiplier_both_impls", "put", "get", "Source", "Sink", "run_streams", "StreamProtocolError"]
 
 
 class StreamProtocolError(AssertionError):
@@ -48,6 +48,32 @@ def make_sim(dut, period: float = 1e-6):
     sim = Simulator(top)
     sim.add_clock(period, domain="sync")
     return sim, cd.rst
+
+
+def check_multiplier_both_impls(cls, a_values: Iterable[int], b_values: Iterable[int], **kwargs) -> None:
+    """Every ``(a, b)`` of ``a_values`` x ``b_values`` on the ``impl="lut"`` and ``impl="dsp"``
+    instances of the combinational multiplier ``cls(**kwargs)`` (ports ``a``, ``b``, ``p``):
+    both must give ``a * b``."""
+    top = Module()
+    top.submodules.lut = lut = cls(impl="lut", **kwargs)
+    top.submodules.dsp = dsp = cls(impl="dsp", **kwargs)
+    a_values, b_values = list(a_values), list(b_values)
+    bad = []
+
+    async def tb(ctx):
+        for a in a_values:
+            for b in b_values:
+                for mul in (lut, dsp):
+                    ctx.set(mul.a, a)
+                    ctx.set(mul.b, b)
+                pl, pd = ctx.get(lut.p), ctx.get(dsp.p)
+                if pl != a * b or pd != a * b:
+                    bad.append((a, b, pl, pd))
+
+    sim = Simulator(top)
+    sim.add_testbench(tb)
+    sim.run()
+    assert not bad, f"{len(bad)} wrong products, first (a, b, lut, dsp): {bad[0]}"
 
 
 async def put(ctx, stream, payload: int, *, rng: random.Random | None = None, stall: float = 0.0):

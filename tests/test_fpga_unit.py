@@ -14,6 +14,8 @@ from superfloat.hw.fpga.baseline import TwosComplementMultiplier, comparison_acc
 from superfloat.hw.fpga.wrapper import ScanWrapper
 from superfloat.hw.mac_array import TAG_BITS, sum_bits
 
+from hw_stream_helpers import check_multiplier_both_impls
+
 # --------------------------------------------------------------------------- DSP budget
 
 
@@ -95,24 +97,8 @@ def test_plan_errors():
 
 @pytest.mark.parametrize("aw,bw", [(2, 2), (2, 3), (3, 2), (4, 4), (3, 5)])
 def test_twos_complement_multiplier_exhaustive(aw, bw):
-    top = Module()
-    top.submodules.lut = lut = TwosComplementMultiplier(a_width=aw, b_width=bw, impl="lut")
-    top.submodules.dsp = dsp = TwosComplementMultiplier(a_width=aw, b_width=bw, impl="dsp")
-    bad = []
-
-    async def tb(ctx):
-        for a in range(-(1 << (aw - 1)), 1 << (aw - 1)):
-            for b in range(-(1 << (bw - 1)), 1 << (bw - 1)):
-                for mul in (lut, dsp):
-                    ctx.set(mul.a, a)
-                    ctx.set(mul.b, b)
-                if ctx.get(lut.p) != a * b or ctx.get(dsp.p) != a * b:
-                    bad.append((a, b, ctx.get(lut.p), ctx.get(dsp.p)))
-
-    sim = Simulator(top)
-    sim.add_testbench(tb)
-    sim.run()
-    assert not bad, f"{len(bad)} wrong products, first (a, b, lut, dsp): {bad[0]}"
+    check_multiplier_both_impls(TwosComplementMultiplier, range(-(1 << (aw - 1)), 1 << (aw - 1)),
+                                range(-(1 << (bw - 1)), 1 << (bw - 1)), a_width=aw, b_width=bw)
 
 
 def test_twos_complement_multiplier_wide_random():
@@ -391,6 +377,8 @@ def test_bench_scope_options(tmp_path, monkeypatch):
 
     with pytest.raises(ValueError, match=r"unknown bench parts \['board'\]: choose from targets, compare"):
         bench.run(tmp_path, quick=False, parts=("targets", "board"))
+    with pytest.raises(ValueError, match=r"unknown boards \['icebraker'\]: choose from icebreaker, ulx3s-25f"):
+        bench.run(tmp_path, quick=False, parts=("boards",), boards_only=("icebraker",))
     with pytest.raises(ValueError, match="workers must be a positive int, got 0"):
         bench.run(tmp_path, quick=False, parts=("targets",), workers=0)
     with pytest.raises(SystemExit):

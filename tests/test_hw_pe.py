@@ -10,7 +10,7 @@ from amaranth.sim import Simulator
 from superfloat.hw.pe import SFxMagnitudeMultiplier, SFxPE
 from superfloat.sw import sfx
 
-from hw_stream_helpers import make_sim
+from hw_stream_helpers import check_multiplier_both_impls, make_sim
 
 
 def _run_comb(dut, tb):
@@ -21,23 +21,8 @@ def _run_comb(dut, tb):
 
 @pytest.mark.parametrize("a_width,b_width", [(aw, bw) for aw in range(1, 5) for bw in range(1, 5)] + [(7, 7), (3, 7)])
 def test_multiplier_exhaustive_both_impls(a_width, b_width):
-    top = Module()
-    top.submodules.lut = lut = SFxMagnitudeMultiplier(a_width=a_width, b_width=b_width, impl="lut")
-    top.submodules.dsp = dsp = SFxMagnitudeMultiplier(a_width=a_width, b_width=b_width, impl="dsp")
-    bad = []
-
-    async def tb(ctx):
-        for a in range(1 << a_width):
-            for b in range(1 << b_width):
-                for mul in (lut, dsp):
-                    ctx.set(mul.a, a)
-                    ctx.set(mul.b, b)
-                pl, pd = ctx.get(lut.p), ctx.get(dsp.p)
-                if pl != a * b or pd != a * b:
-                    bad.append((a, b, pl, pd))
-
-    _run_comb(top, tb)
-    assert not bad, f"{len(bad)} wrong products, first (a, b, lut, dsp): {bad[0]}"
+    check_multiplier_both_impls(SFxMagnitudeMultiplier, range(1 << a_width), range(1 << b_width), a_width=a_width,
+                                b_width=b_width)
 
 
 def test_multiplier_wide_random():
