@@ -15,7 +15,7 @@ from superfloat.sw import sfx
 
 __all__ = ["register"]
 
-EXIT_OK, EXIT_MISMATCH, EXIT_USAGE, EXIT_SIM = 0, 1, 2, 3
+EXIT_OK, EXIT_MISMATCH, EXIT_USAGE, EXIT_SIM, EXIT_NAN = 0, 1, 2, 3, 4
 
 
 def _err(msg: str) -> None:
@@ -23,7 +23,7 @@ def _err(msg: str) -> None:
 
 
 def cmd_cosim(args: argparse.Namespace) -> int:
-    from superfloat.sim.cosim import CosimError, cosim
+    from superfloat.sim.cosim import CosimError, CosimNaN, cosim
     from superfloat.sim.runner import SimulationFailed, SimulatorNotFound
 
     if args.list_layers:
@@ -40,6 +40,9 @@ def cmd_cosim(args: argparse.Namespace) -> int:
                        calib_tokens=args.calib_tokens, headroom=args.headroom, jobs=args.jobs, engine=args.engine,
                        waves=args.waves, target=args.target, fmax_mhz=args.fmax, float_model=args.float_model,
                        progress=not args.no_progress)
+    except CosimNaN as e:
+        print(f"sfx cosim: NaN: {e}", file=sys.stderr)
+        return EXIT_NAN
     except CosimError as e:
         _err(str(e))
         return EXIT_USAGE
@@ -53,6 +56,8 @@ def cmd_cosim(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2, default=_json_default))
     else:
         print(report.format())
+    if report.get("nan"):
+        return EXIT_NAN
     return EXIT_OK if report.bit_exact else EXIT_MISMATCH
 
 
@@ -104,7 +109,9 @@ def register(sub) -> None:
                     "the FPGA at its reported Fmax. With --layer all every quantized linear runs on the RTL and the "
                     "logits must equal the accelerator backend's bit for bit; with --data the perplexity of the text "
                     "is computed with every selected layer on the RTL, beside the backend's (must be identical). "
-                    "See docs/cosim.md.",
+                    "A NaN or an infinity is reported as such, with the module that first produced it, never as a "
+                    "mismatch. Exit status: 0 bit-exact, 1 mismatch, 2 bad checkpoint or option, 3 simulator "
+                    "problem, 4 NaN/infinity. See docs/cosim.md.",
         epilog="examples: sfx cosim --checkpoint CK --layer model.layers.0.self_attn.q_proj --tokens 8; "
                "sfx cosim --checkpoint CK --layer all --tokens 16; sfx cosim --checkpoint CK --layer all --data "
                "shakespeare --max-tokens 128; sfx cosim --checkpoint CK --layer all --calibrate-outputs --out-bits 8 "

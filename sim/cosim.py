@@ -48,10 +48,12 @@ from .engines import (ArrayConfig, Op, OpResult, OpStats, ReferenceEngine, RTLSe
 from .fmax import find_fmax, fmax_sources
 from .hooks import _OutputCapture, _ProgramHooks, _Recorder
 from .mapping import CosimError, LayerCall, program_ops, resolve_array, select_layers
+from .nonfinite import CosimNaN, count_nonfinite, describe_source, locate_nonfinite, same_float
 from .report import CosimReport, _build_report
 
 __all__ = [
     "CosimError",
+    "CosimNaN",
     "ArrayConfig",
     "LayerCall",
     "Op",
@@ -257,6 +259,32 @@ def _software_passes(model: Any, fm: Any, forward, modules: dict, block_module: 
             acc_stats, rec.record)
 
 
+def _nonfinite(model: Any, fm: Any, forward, set_backend, logits: dict, ppls: dict) -> dict | None:
+    """``None`` when every logit and perplexity of the passes is finite; else where NaN or
+    infinity appeared (``in``), their counts and the module that first produced them (the
+    accelerator-exact pass run again under :func:`locate_nonfinite`; the float model's when
+    only its logits are non-finite)."""
+    import numpy as np
+
+    where, counts = [], {}
+    for name, lg in logits.items():
+        if lg is not None and not np.isfinite(lg).all():
+            where.append(name)
+            counts[name] = count_nonfinite(lg)
+    for name, p in ppls.items():
+        if p is not None and not np.isfinite(p.perplexity):
+            where.append(f"{name} perplexity")
+    if not where:
+        return None
+    if all(w.startswith("float") for w in where):
+        src = locate_nonfinite(fm, lambda: forward(fm))
+        src = None if src is None else {**src, "module": f"float model: {src['module']}"}
+    else:
+        set_backend(model, "accelerator")
+        src = locate_nonfinite(model, lambda: forward(model))
+    return {"in": where, "counts": counts, "source": src, "description": describe_source(src)}
+
+
 def cosim(checkpoint: str | os.PathLike, layer: str = "all", *, prompt: str | None = None, tokens: int | None = None,
           data: str | None = None, split: str | None = None, max_tokens: int | None = None,
           context: int | None = None, simulator: str = "verilator", rows: int = 8, cols: int = 8,
@@ -298,10 +326,17 @@ def cosim(checkpoint: str | os.PathLike, layer: str = "all", *, prompt: str | No
             against as well (logits, perplexity; per layer: the layer with float weights).
         progress: step lines and a progress bar on stderr.
 
+    A NaN or an infinity in the logits or perplexities is reported as such (the report's
+    ``nan``: where, and the module that first produced it; ``bit_exact`` is then ``None``),
+    never as an RTL mismatch.
+
     Raises:
         CosimError: a damaged or mismatched checkpoint, uncalibrated output exponents, an
             unknown layer, a layer that does not fit the array, a bad option; always before
             any simulator build starts.
+        CosimNaN: (a :class:`CosimError`) the forward pass stopped on a NaN or an infinity
+            (a quantized layer refuses a non-finite input) before anything was compared; the
+            message names the module that first produced it.
         superfloat.sim.SimulatorNotFound, superfloat.sim.SimulationFailed: simulator problems.
     """
     import torch
@@ -427,8 +462,17 @@ def cosim(checkpoint: str | os.PathLike, layer: str = "all", *, prompt: str | No
         try:
             logits, ppls, caps, acc_s, acc_stats, plan = _software_passes(
                 model, fm, forward, modules, block_module, layer if kind == "block" else None)
-        except AcceleratorError as e:
-            raise CosimError(f"the accelerator backend cannot run this checkpoint: {e}") from None
+        except ValueError as e:  # AcceleratorError too: first, was it a NaN?
+            backend = "fake"
+            set_backend(model, backend)
+            src = locate_nonfinite(model, lambda: forward(model))
+            if src is not None:
+                raise CosimNaN(f"NaN/infinity in the model's forward pass, not an RTL mismatch (nothing was "
+                               f"compared): {describe_source(src)}; the pass then stopped: {src['error'] or e}",
+                               src) from None
+            if isinstance(e, AcceleratorError):
+                raise CosimError(f"the accelerator backend cannot run this checkpoint: {e}") from None
+            raise
         logits_sw, logits_acc, logits_fp = logits
         ppl_sw, ppl_acc, ppl_fp = ppls
         cap_sw, cap_acc, block_fp = caps
@@ -455,6 +499,12 @@ def cosim(checkpoint: str | os.PathLike, layer: str = "all", *, prompt: str | No
             eng.close()
         rtl_s = time.perf_counter() - t0
         rtl_cpu = [b - a for a, b in zip(c0, _cpu())]
+        nonfinite = _nonfinite(model, fm, forward, set_backend,
+                               {"accelerator backend logits": logits_acc, "RTL forward logits": logits_rtl,
+                                "fake-quantized logits": logits_sw, "float model logits": logits_fp},
+                               {"RTL": ppl_rtl, "accelerator": ppl_acc, "fake": ppl_sw, "float": ppl_fp})
+        if nonfinite is not None:
+            say(f"NaN/infinity in {', '.join(nonfinite['in'])}: {nonfinite['description']}")
 
         fmax = {a.name: find_fmax(a, target, fmax_mhz, extra_sources)
                 for a in {arrays[n] for n in names}}
@@ -462,7 +512,8 @@ def cosim(checkpoint: str | os.PathLike, layer: str = "all", *, prompt: str | No
         if data is not None:
             ppl = {"rtl": ppl_rtl.to_dict(), "accelerator": ppl_acc.to_dict(), "fake": ppl_sw.to_dict(),
                    "float": ppl_fp.to_dict() if ppl_fp is not None else None,
-                   "identical": bool(ppl_rtl.nll == ppl_acc.nll and ppl_rtl.perplexity == ppl_acc.perplexity),
+                   "identical": same_float(ppl_rtl.nll, ppl_acc.nll) and same_float(ppl_rtl.perplexity,
+                                                                                      ppl_acc.perplexity),
                    "data": text, "context": ctx}
         report = _build_report(
             checkpoint=str(checkpoint), info=info, layer=layer, kind=kind, names=names, ids=ids,
@@ -471,7 +522,7 @@ def cosim(checkpoint: str | os.PathLike, layer: str = "all", *, prompt: str | No
             blocks=(cap_sw.value, cap_acc.value, cap_rtl.value, block_fp), fmax=fmax, target=target, notes=notes,
             timing={"accelerator_pass_s": acc_s, "rtl_pass_s": rtl_s, "rtl_pass_host_cpu_s": rtl_cpu[0],
                     "rtl_pass_sim_cpu_s": rtl_cpu[1], "wall_s": time.perf_counter() - t_start},
-            perplexity=ppl, calibration=calibration, accelerator_stats=acc_stats)
+            perplexity=ppl, calibration=calibration, accelerator_stats=acc_stats, nonfinite=nonfinite)
         say(f"done in {report['wall_s']:.1f} s: {report['mismatches']} differing code(s) of "
             f"{report['codes_compared']}")
         return report

@@ -4,6 +4,12 @@ from __future__ import annotations
 import numpy as np
 
 
+def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest |a - b| over the positions where both are finite (NaN/inf are reported apart)."""
+    ok = np.isfinite(a) & np.isfinite(b)
+    return float(np.abs(a[ok] - b[ok]).max()) if ok.any() else 0.0
+
+
 def _err_stats(got: np.ndarray, ref: np.ndarray) -> dict:
     g = np.asarray(got, dtype=np.float64).reshape(-1)
     r = np.asarray(ref, dtype=np.float64).reshape(-1)
@@ -25,7 +31,7 @@ def _logit_compare(a, b) -> dict:
 
 def _build_report(*, checkpoint, info, layer, kind, names, ids, text, simulator, engine, jobs, arrays, programs,
                   rtl_calls, logits, blocks, fmax, target, notes, timing, perplexity, calibration,
-                  accelerator_stats) -> "CosimReport":
+                  accelerator_stats, nonfinite=None) -> "CosimReport":
     logits_sw, logits_acc, logits_rtl, logits_fp = logits
     block_sw, block_acc, block_rtl, block_fp = blocks
     layers = []
@@ -93,8 +99,9 @@ def _build_report(*, checkpoint, info, layer, kind, names, ids, text, simulator,
 
     last = (0, -1)
     fwd = {
-        "logits_identical": bool(np.array_equal(logits_rtl, logits_acc)),
-        "max_logit_diff": float(np.abs(logits_rtl - logits_acc).max()),
+        # bit for bit, NaN at the same positions counting as equal (a NaN is reported apart, never as a difference)
+        "logits_identical": bool(np.array_equal(logits_rtl, logits_acc, equal_nan=True)),
+        "max_logit_diff": _max_abs_diff(logits_rtl, logits_acc),
         "argmax_identical": bool(np.array_equal(logits_rtl.argmax(-1), logits_acc.argmax(-1))),
         "next_token": {"rtl": int(logits_rtl[last].argmax()), "accelerator": int(logits_acc[last].argmax()),
                        "software": int(logits_sw[last].argmax())},
@@ -116,6 +123,8 @@ def _build_report(*, checkpoint, info, layer, kind, names, ids, text, simulator,
     rtl_s = timing["rtl_pass_s"]
     bit_exact = (tot["mismatches"] == 0 and tot["differ_from_backend"] == 0 and fwd["logits_identical"]
                  and not errors and (perplexity is None or perplexity["identical"]))
+    if nonfinite is not None:  # a NaN makes the comparison say nothing about the RTL: neither YES nor NO
+        bit_exact = None
     data = {
         "checkpoint": checkpoint, "model": (info.get("base_model") or {}).get("architecture"),
         "quant_config": info.get("quant_config"), "selection": layer, "kind": kind, "layers_simulated": len(names),
@@ -125,7 +134,9 @@ def _build_report(*, checkpoint, info, layer, kind, names, ids, text, simulator,
         "calibration": calibration,
         "mismatches": tot["mismatches"], "codes_compared": tot["codes"],
         "calls_differing_from_accelerator": tot["differ_from_backend"],
+        "logits_equal_accelerator": fwd["logits_identical"],
         "bit_exact": bit_exact,
+        "nan": nonfinite,
         "rtl_error_flags": errors,
         "cycles": tot["cycles"], "macs": tot["macs"],
         "utilization": tot["macs"] / tot["pe_cycles"] if tot["pe_cycles"] else 0.0,
@@ -158,9 +169,12 @@ class CosimReport(dict):
 
     Top-level keys: ``mismatches`` and ``codes_compared`` (RTL against ``sfx.linear``, all
     operations), ``calls_differing_from_accelerator`` (layer calls whose decoded RTL output
-    is not identical to the accelerator backend's), ``bit_exact`` (no mismatch, every call
-    identical, RTL forward logits, and perplexity in data mode, identical to the accelerator
-    backend's, no RTL error flag), ``cycles``, ``macs``, ``utilization``, ``saturated``,
+    is not identical to the accelerator backend's), ``logits_equal_accelerator`` (the RTL
+    forward's logits equal, bit for bit, those of ``--backend accelerator`` on the same
+    tokens), ``bit_exact`` (no mismatch, every call identical, RTL forward logits, and
+    perplexity in data mode, identical to the accelerator backend's, no RTL error flag;
+    ``None`` when ``nan`` is set), ``nan`` (``None``, or where a NaN/infinity appeared and
+    the module that first produced it: then nothing is called a mismatch), ``cycles``, ``macs``, ``utilization``, ``saturated``,
     ``max_abs_error`` (worst layer), ``mean_abs_error``, ``cosine`` (worst layer; errors of
     the decoded RTL output against the layer's fake-quantized output), ``fpga`` (Fmax source
     and time), ``forward`` (logits), ``perplexity`` (data mode: ``rtl``, ``accelerator``,
@@ -188,12 +202,21 @@ class CosimReport(dict):
                          f"{r['cycles']:>9} {r['utilization']:>5.2f} {r['max_abs_error']:>9.4g} {r['cosine']:>8.5f} "
                          f"{us:>8}")
         fw = d["forward"]
-        lines.append(f"bit-exact: {'YES' if d['bit_exact'] else 'NO'}: {d['mismatches']} differing code(s) of "
+        nan = d.get("nan")
+        if nan:
+            lines.append(f"NaN: NaN/infinity in {', '.join(nan['in'])}, {nan['description']}; not an RTL mismatch "
+                         f"(the same in every pass): the comparison below cannot say YES or NO")
+        verdict = "NaN" if nan else ("YES" if d["bit_exact"] else "NO")
+        lines.append(f"bit-exact: {verdict}: {d['mismatches']} differing code(s) of "
                      f"{d['codes_compared']} (RTL vs sfx.linear on the same operations); "
                      f"{d['calls_differing_from_accelerator']} layer call(s) differ from the accelerator backend; "
                      f"logits of the RTL forward {'identical to' if fw['logits_identical'] else 'DIFFER from'} the "
                      f"accelerator backend's (max diff {fw['max_logit_diff']:.3g})"
                      + (f"; RTL error flag in {', '.join(d['rtl_error_flags'])}" if d["rtl_error_flags"] else ""))
+        lines.append(f"logits vs --backend accelerator on the same {d['tokens']} token(s): "
+                     + ("bit for bit EQUAL" if fw["logits_identical"] else "DIFFERENT")
+                     + (" (NaN at the same positions)" if nan and fw["logits_identical"] else "")
+                     + f" (max |diff| {fw['max_logit_diff']:.3g})")
         pp = d.get("perplexity")
         if pp:
             ln = (f"perplexity of {pp['data']} ({pp['rtl']['tokens']} scored): RTL {pp['rtl']['perplexity']:.6f}, "
@@ -241,4 +264,6 @@ class CosimReport(dict):
 
     @property
     def bit_exact(self) -> bool:
+        """No mismatch and every comparison identical (``False`` as well when a NaN made the
+        comparison meaningless: see ``self["nan"]``)."""
         return bool(self["bit_exact"])

@@ -392,3 +392,80 @@ def test_per_row_float_activation_scales_have_no_rtl_port(tmp_path, no_build):
     with pytest.raises(cs.CosimError, match=r"layer model.layers.0.self_attn.q_proj: its activations carry a per-row "
                                             r"float scale \(act_scale='float'.*no port.*act_scale='pow2'"):
         cs.cosim(ck, "all", rows=4, cols=4, k_max=64)
+
+
+# --------------------------------------------------------------------------- NaN: reported as NaN, never as a mismatch
+
+
+@pytest.fixture
+def inject_nan(monkeypatch):
+    """``inject_nan(fn)``: every model that ``load_checkpoint`` returns gets ``fn(model)`` applied
+    in memory (a checkpoint with a NaN in a float tensor cannot be loaded: the loader rejects it)."""
+    import superfloat.sw.wasq.checkpoint as ckmod
+
+    def use(fn):
+        orig = ckmod.load_checkpoint
+
+        def patched(*a, **kw):
+            out = orig(*a, **kw)
+            fn(out[0] if isinstance(out, tuple) else out)
+            return out
+
+        monkeypatch.setattr(ckmod, "load_checkpoint", patched)
+
+    return use
+
+
+def test_nan_in_the_embedding_is_reported_as_nan_with_its_source(ckpts, inject_nan, no_build, capsys):
+    import torch
+
+    from superfloat.cli import main
+
+    def embed(model):
+        with torch.no_grad():
+            model.model.embed_tokens.weight[ord("q")] = float("nan")  # 'q' of "quick", the 5th token
+
+    inject_nan(embed)
+    with pytest.raises(cs.CosimNaN, match=r"NaN/infinity in the model's forward pass, not an RTL mismatch \(nothing "
+                                          r"was compared\): first produced by model\.embed_tokens \(output of shape "
+                                          r"\[1, 8, 32\]: 32 NaN of 256 values, the first at index \[0, 4, 0\]\); "
+                                          r"the pass then stopped: ValueError: layer model\.layers\.0\.self_attn\."
+                                          r"q_proj: input: values contains 32 NaN"):
+        cs.cosim(ckpts["llama8"], "all", engine="reference", rows=4, cols=4, k_max=64)
+    assert main(["cosim", "-c", str(ckpts["llama8"]), "--layer", "all", "--engine", "reference", "--rows", "4",
+                 "--cols", "4", "--k-max", "64", "--no-progress"]) == 4
+    err = capsys.readouterr().err
+    assert err.startswith("sfx cosim: NaN: NaN/infinity in the model's forward pass, not an RTL mismatch") \
+        and "first produced by model.embed_tokens" in err and "bit-exact: NO" not in err
+
+
+def test_nan_in_the_activations_after_the_last_layer_is_reported_as_nan(ckpts, inject_nan, no_build, capsys):
+    import torch
+
+    from superfloat.cli import main
+
+    def norm(model):  # NaN in the activations of the final norm (no quantized layer after it to refuse them)
+        def hook(module, args, out):
+            out = out.clone()
+            out[0, 3, 5] = float("nan")
+            return out
+
+        model.model.norm.register_forward_hook(hook)
+
+    inject_nan(norm)
+    rep = cs.cosim(ckpts["llama8"], "all", engine="reference", rows=4, cols=4, k_max=64, tokens=6)
+    assert rep["nan"]["in"] == ["accelerator backend logits", "RTL forward logits", "fake-quantized logits"]
+    assert rep["nan"]["source"]["module"] == "model.norm" and rep["nan"]["source"]["first_index"] == [0, 3, 5]
+    assert rep["mismatches"] == 0 and rep["codes_compared"] > 0 and rep["bit_exact"] is None
+    assert rep["logits_equal_accelerator"] is True  # NaN at the same positions: equal, not a difference
+    text = rep.format()
+    assert "NaN: NaN/infinity in accelerator backend logits, RTL forward logits, fake-quantized logits, first " \
+           "produced by model.norm (output of shape [1, 6, 32]: 1 NaN of 192 values, the first at index [0, 3, 5])" \
+           in text
+    assert "bit-exact: NaN: 0 differing code(s)" in text and "bit-exact: NO" not in text and "DIFFER" not in text
+    assert "logits vs --backend accelerator on the same 6 token(s): bit for bit EQUAL (NaN at the same positions)" \
+        in text
+    assert main(["cosim", "-c", str(ckpts["llama8"]), "--layer", "all", "--engine", "reference", "--rows", "4",
+                 "--cols", "4", "--k-max", "64", "--tokens", "6", "--no-progress", "--json"]) == 4
+    out = json.loads(capsys.readouterr().out)
+    assert out["bit_exact"] is None and out["nan"]["source"]["module"] == "model.norm"
