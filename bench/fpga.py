@@ -264,7 +264,8 @@ def _board_job(args) -> dict:
             tries.append({"board": name, "error": "not run: the bench's time budget (--budget-min) was spent"})
             break
         t0 = time.perf_counter()
-        rep = build_board(name, rows=r, cols=c, a_bits=bits, clock_mhz=clock, out_dir=out)
+        rep = build_board(name, rows=r, cols=c, a_bits=bits, clock_mhz=clock, out_dir=out,
+                          timeout=None if deadline is None else max(1.0, deadline - time.time()))
         rep["wall_s"] = round(time.perf_counter() - t0, 2)
         tries.append(rep)
         if rep.get("step") == "fit":
@@ -275,7 +276,11 @@ def _board_job(args) -> dict:
             clock2 = math.floor(0.97 * rep["fmax_mhz"])
             out = build_root() / "fpga" / "bench" / "boards" / f"{name}-{r}x{c}-sf{bits}-{clock2:g}"
             t0 = time.perf_counter()
-            rep = build_board(name, rows=r, cols=c, a_bits=bits, clock_mhz=clock2, out_dir=out)
+            if deadline is not None and deadline - time.time() < MIN_START_S:
+                tries.append({"board": name, "error": "not run: the bench's time budget (--budget-min) was spent"})
+                break
+            rep = build_board(name, rows=r, cols=c, a_bits=bits, clock_mhz=clock2, out_dir=out,
+                              timeout=None if deadline is None else max(1.0, deadline - time.time()))
             rep["wall_s"] = round(time.perf_counter() - t0, 2)
             tries.append(rep)
         break
@@ -301,7 +306,8 @@ PARTS = ("targets", "compare", "largest", "boards")
 
 def run(out_dir: Path, quick: bool, *, parts: tuple[str, ...] = PARTS, workers: int = 2,
         budget_min: float | None = None, searches: tuple[tuple[str, int], ...] | None = None,
-        max_pes: int | None = None, command: str = "sfx bench fpga") -> None:
+        max_pes: int | None = None, boards_only: tuple[str, ...] | None = None,
+        command: str = "sfx bench fpga") -> None:
     """Run the bench and write ``<out_dir>/fpga.md`` / ``.json`` (and the plot).
 
     ``parts`` (a subset of :data:`PARTS`): ``targets`` = the issue's three targets (the 8x8 SF4
@@ -311,13 +317,17 @@ def run(out_dir: Path, quick: bool, *, parts: tuple[str, ...] = PARTS, workers: 
     ``boards`` = the bitstreams. ``workers``: runs at a time. ``budget_min``: no run starts
     (and every tool is stopped) after that many minutes; what did not run is listed in the
     report. ``max_pes``: the largest-configuration searches try no larger array (the report
-    says when a search stopped at that bound). Every run is cached, so a second call resumes.
+    says when a search stopped at that bound). ``boards_only``: these boards of
+    :data:`BOARD_NAMES` only. Every run is cached, so a second call resumes.
     """
     from superfloat.bench import write_report
 
     bad = [x for x in parts if x not in PARTS]
     if bad:
         raise ValueError(f"unknown bench parts {bad}: choose from {', '.join(PARTS)}")
+    bad = [b for b in boards_only or () if b not in BOARD_NAMES]
+    if bad:
+        raise ValueError(f"unknown boards {bad}: choose from {', '.join(BOARD_NAMES)}")
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive int, got {workers!r}")
     t_start = time.perf_counter()
@@ -382,7 +392,7 @@ def run(out_dir: Path, quick: bool, *, parts: tuple[str, ...] = PARTS, workers: 
     if "boards" in parts:
         from superfloat.hw.fpga.boards import BOARDS
 
-        for name in BOARD_NAMES:
+        for name in boards_only or BOARD_NAMES:
             tgt = BOARDS[name].target
             for bits in (4, 8):
                 se = by_tb.get((tgt, bits), {})
@@ -397,6 +407,7 @@ def run(out_dir: Path, quick: bool, *, parts: tuple[str, ...] = PARTS, workers: 
 
     png = _plot(found, Path(out_dir))
     scope = dict(parts=list(parts), workers=workers, budget_min=budget_min, max_pes=max_pes,
+                 boards=list(boards_only or BOARD_NAMES),
                  searches=[list(p) for p in pairs], searches_not_run=[list(p) for p in skipped_searches])
     sections = [
         ("What was run", _what(flags, found, boards, time.perf_counter() - t_start, scope)),
@@ -665,7 +676,9 @@ def _what(flags, searches, boards, seconds, scope: dict | None = None) -> str:
             f"(speed 6; {ECP5_SF8_GOAL['mhz']:g} MHz for the 8x8 SF8 flagship); k_max {16384} (SPEC's A), the "
             f"array organisation of each target's plan (`hw/fpga/budget.py`, `plan_architecture`).")
     if scope and (list(scope.get("parts", PARTS)) != list(PARTS) or scope.get("budget_min") or scope.get("max_pes")
-                  or scope.get("searches_not_run")):
+                  or scope.get("searches_not_run")
+                  or ("boards" in scope.get("parts", PARTS)
+                      and list(scope.get("boards", BOARD_NAMES)) != list(BOARD_NAMES))):
         missing = [x for x in PARTS if x not in scope.get("parts", PARTS)]
         text += ("\n\n**Partial run.** Parts run: " + ", ".join(scope.get("parts", PARTS)) +
                  (f"; not run: {', '.join(missing)}" if missing else "") +
@@ -674,6 +687,8 @@ def _what(flags, searches, boards, seconds, scope: dict | None = None) -> str:
                  (f"; searches not run: {', '.join(f'{t} SF{b}' for t, b in scope['searches_not_run'])}"
                   if scope.get("searches_not_run") else "") +
                  (f"; searches bounded at {scope['max_pes']} PEs" if scope.get("max_pes") else "") +
+                 (f"; boards: {', '.join(scope['boards'])}" if "boards" in scope.get("parts", PARTS)
+                  and scope.get("boards") and list(scope["boards"]) != list(BOARD_NAMES) else "") +
                  (f"; time budget {scope['budget_min']:g} min" if scope.get("budget_min") else "") +
                  f"; {scope.get('workers')} run(s) at a time.")
     return text
@@ -713,6 +728,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--searches", default=None,
                     help="largest-configuration searches to run, e.g. ecp5-25k:4,ice40-up5k:4 (default: all)")
     ap.add_argument("--max-pes", type=int, default=None, help="largest-configuration searches try no larger array")
+    ap.add_argument("--boards", default=None, help=f"comma-separated subset of {','.join(BOARD_NAMES)} (default: all)")
     raw = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(raw)
     parts = tuple(x for x in args.parts.split(",") if x)
@@ -728,7 +744,8 @@ def main(argv: list[str] | None = None) -> None:
         searches = tuple(searches)
     command = "python -m superfloat.bench.fpga " + " ".join(shlex.quote(a) for a in raw) if raw else "sfx bench fpga"
     run(Path(args.out), quick=args.quick, parts=parts, workers=args.workers, budget_min=args.budget_min,
-        searches=searches, max_pes=args.max_pes, command=command.strip())
+        searches=searches, max_pes=args.max_pes,
+        boards_only=tuple(args.boards.split(",")) if args.boards else None, command=command.strip())
 
 
 if __name__ == "__main__":  # pragma: no cover
