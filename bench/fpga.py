@@ -377,17 +377,6 @@ def run(out_dir: Path, quick: bool, *, parts: tuple[str, ...] = PARTS, workers: 
     skipped_searches = [] if "largest" in parts and not searches else \
         [(t, b) for t in TARGETS for b in WIDTHS if (t, b) not in pairs]
     by_tb = {(se["target"], se["bits"]): se for se in found}
-    # SFx vs two's complement at the largest ECP5 SF4 array as well.
-    big = by_tb.get(("ecp5-25k", 4), {})
-    if "compare" in parts:
-        later = list(dear)
-        if big.get("rows"):
-            later.append(dict(target="ecp5-25k", kind="tc-accel", rows=big["rows"], cols=big["cols"], bits=4,
-                              mhz=REF_MHZ["ecp5-25k"]))
-        extra = _pool_map(_run_job, [dict(j, deadline=deadline) for j in later], workers)
-        for s in extra:
-            print(f"  {s['target']} {s['kind']} {s['config']}: {_brief(s)}", flush=True)
-        flags += extra
     board_args = []
     if "boards" in parts:
         from superfloat.hw.fpga.boards import BOARDS
@@ -404,6 +393,17 @@ def run(out_dir: Path, quick: bool, *, parts: tuple[str, ...] = PARTS, workers: 
         f = b["final"]
         print(f"  board {b['board']} SF{b['bits']}: {f.get('config')} {f.get('clock_mhz')} MHz "
               f"Fmax {f.get('fmax_mhz')} {f.get('error', 'ok')}", flush=True)
+    # Last (dearest): the ECP5 comparisons; SFx vs two's complement at the largest ECP5 SF4 array as well.
+    big = by_tb.get(("ecp5-25k", 4), {})
+    if "compare" in parts:
+        later = list(dear)
+        if big.get("rows"):
+            later.append(dict(target="ecp5-25k", kind="tc-accel", rows=big["rows"], cols=big["cols"], bits=4,
+                              mhz=REF_MHZ["ecp5-25k"]))
+        extra = _pool_map(_run_job, [dict(j, deadline=deadline) for j in later], workers)
+        for s in extra:
+            print(f"  {s['target']} {s['kind']} {s['config']}: {_brief(s)}", flush=True)
+        flags += extra
 
     png = _plot(found, Path(out_dir))
     scope = dict(parts=list(parts), workers=workers, budget_min=budget_min, max_pes=max_pes,
