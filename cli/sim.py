@@ -23,6 +23,17 @@ def _err(msg: str) -> None:
 
 
 def cmd_cosim(args: argparse.Namespace) -> int:
+    """Run the model with its accelerator-exact backend (SPEC section 8) on a prompt or a text, and compute
+    each selected layer on the simulated RTL instead, from the same layer program (activation codes and
+    row exponents, weight codes, multiplier, shift from the checkpoint's calibrated static output
+    exponents, bias in accumulator units); report: RTL codes against sfx.linear (must be 0 differing
+    codes), the decoded RTL output against the backend's (must be identical), the error against the
+    fake-quantized layer, cycles, utilization and the time on the FPGA at its reported Fmax. With
+    --layer all every quantized linear runs on the RTL and the logits must equal the accelerator
+    backend's bit for bit; with --data the perplexity of the text is computed with every selected layer
+    on the RTL, beside the backend's (must be identical). A NaN or an infinity is reported as such, with
+    the module that first produced it, never as a mismatch. Exit status: 0 bit-exact, 1 mismatch, 2 bad
+    checkpoint or option, 3 simulator problem, 4 NaN/infinity. See docs/cosim.md."""
     from superfloat.sim.cosim import CosimError, CosimNaN, cosim
     from superfloat.sim.runner import SimulationFailed, SimulatorNotFound
 
@@ -100,18 +111,7 @@ def register(sub) -> None:
 
     p = sub.add_parser(
         "cosim", help="co-simulate a WASQ checkpoint's layers on the generated accelerator (Verilator / Icarus)",
-        description="Run the model with its accelerator-exact backend (SPEC section 8) on a prompt or a text, and "
-                    "compute each selected layer on the simulated RTL instead, from the same layer program "
-                    "(activation codes and row exponents, weight codes, multiplier, shift from the checkpoint's "
-                    "calibrated static output exponents, bias in accumulator units); report: RTL codes against "
-                    "sfx.linear (must be 0 differing codes), the decoded RTL output against the backend's (must "
-                    "be identical), the error against the fake-quantized layer, cycles, utilization and the time on "
-                    "the FPGA at its reported Fmax. With --layer all every quantized linear runs on the RTL and the "
-                    "logits must equal the accelerator backend's bit for bit; with --data the perplexity of the text "
-                    "is computed with every selected layer on the RTL, beside the backend's (must be identical). "
-                    "A NaN or an infinity is reported as such, with the module that first produced it, never as a "
-                    "mismatch. Exit status: 0 bit-exact, 1 mismatch, 2 bad checkpoint or option, 3 simulator "
-                    "problem, 4 NaN/infinity. See docs/cosim.md.",
+        description=cmd_cosim.__doc__,  # (one text for --help and the function)
         epilog="examples: sfx cosim --checkpoint CK --layer model.layers.0.self_attn.q_proj --tokens 8; "
                "sfx cosim --checkpoint CK --layer all --tokens 16; sfx cosim --checkpoint CK --layer all --data "
                "shakespeare --max-tokens 128; sfx cosim --checkpoint CK --layer all --calibrate-outputs --out-bits 8 "
@@ -182,6 +182,13 @@ def register(sub) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """Verification at scale of the generated accelerator: random operations (shapes with tiling in T, N
+    and K, relu, roundings, mult, per-row exponents, biases at the accumulator limit, k_max) run in jobs
+    of 16 with random stalls on every stream, generated inside the simulation from the seed; every
+    output code is compared with sfx.linear and the RTL's saturation count with the reference's; the
+    harness regression tests (back-pressure, reset mid-operation, malformed commands, bias out of range)
+    run first. Exit status 0 when everything matched, 1 on a difference (the message names the
+    operation, element and seed), 2 bad arguments, 3 no simulator. See docs/simulation.md."""
     import random
 
     from superfloat.sim.runner import SimulationFailed, SimulatorNotFound, check_simulator
@@ -228,14 +235,7 @@ def register_verify(sub) -> None:
 
     p = sub.add_parser(
         "verify", help="random LINEAR operations on the RTL until N output codes are checked (both simulators)",
-        description="Verification at scale of the generated accelerator: random operations (shapes with tiling in T, "
-                    "N and K, relu, roundings, mult, per-row exponents, biases at the accumulator limit, k_max) run "
-                    "in jobs of 16 with random stalls on every stream, generated inside the simulation from the "
-                    "seed; every output code is compared with sfx.linear and the RTL's saturation count with the "
-                    "reference's; the harness regression tests (back-pressure, reset mid-operation, malformed "
-                    "commands, bias out of range) run first. Exit status 0 when everything matched, 1 on a "
-                    "difference (the message names the operation, element and seed), 2 bad arguments, 3 no "
-                    "simulator. See docs/simulation.md.",
+        description=cmd_verify.__doc__,
         epilog="examples: sfx verify; sfx verify --config all --simulator both --codes 1000000 --seed 7; "
                "sfx verify --config 4x4-a8w4o8-k64 --simulator icarus --codes 20000")
     p.add_argument("--config", nargs="+", default=["8x8-a8w8o8"], metavar="C",
