@@ -486,6 +486,7 @@ def _targets(flags: list, by_tb: dict) -> str:
         lines.append(f"* **8x8 SF4 accelerator on ice40-up5k** (k_max {acc['k_max']}, {acc['arch_plan']['reason']}):")
         lines += [f"  * {txt}: **{'met' if ok else 'missed'}**" for txt, ok in checks]
         lines.append(f"  * critical path: {_path(acc)}; peak {acc.get('peak_gmacs')} GMAC/s")
+        lines.append(f"  * CPU s / wall s of the runs: accelerator {_cpu(acc)}, array {_cpu(arr)}")
     else:
         lines.append(f"* 8x8 SF4 accelerator on ice40-up5k: **not measured**: {acc.get('error') or arr.get('error')}")
     g = ECP5_SF8_GOAL
@@ -495,7 +496,7 @@ def _targets(flags: list, by_tb: dict) -> str:
         lines.append(f"* **8x8 SF8 accelerator on ecp5-25k**: Fmax {acc['fmax_mhz']} MHz (goal >= {g['mhz']:g}): "
                      f"**{'met' if ok else 'missed'}**; {acc['device_logic']} logic, {acc['dsps']} DSP "
                      f"({acc['dsp_plan']['dsp_pes']} PEs), peak {acc['peak_gmacs']} GMAC/s; critical path "
-                     f"{_path(acc)}")
+                     f"{_path(acc)}; CPU s / wall s {_cpu(acc)}")
     else:
         lines.append(f"* 8x8 SF8 accelerator on ecp5-25k: **not measured**: {acc.get('error')}")
     g = ECP5_SF4_GOAL
@@ -506,7 +507,10 @@ def _targets(flags: list, by_tb: dict) -> str:
         ok = pes >= g["pes"] and fin["fmax_mhz"] >= g["mhz"]
         lines.append(f"* **largest SF4 array on ecp5-25k**: {se['rows']}x{se['cols']} ({pes} PEs, goal >= "
                      f"{g['pes']}) at {fin['fmax_mhz']} MHz (goal >= {g['mhz']:g}): **{'met' if ok else 'missed'}**; "
-                     f"{fin['device_logic']} logic, peak {fin['peak_gmacs']} GMAC/s")
+                     f"{fin['device_logic']} logic, peak {fin['peak_gmacs']} GMAC/s; critical path {_path(fin)}; "
+                     f"CPU s / wall s {_cpu(fin)}"
+                     + (f" (search bounded at {se['max_pes']} PEs: larger arrays were not tried, so the largest "
+                        f"that fits may be larger)" if se.get("bounded") else ""))
     else:
         lines.append(f"* largest SF4 array on ecp5-25k: **not measured**: {se.get('error') or fin.get('error')}")
     return "\n".join(lines)
