@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 from amaranth.hdl import ClockDomain, Const, Module, ValueCastable
 from amaranth.sim import Simulator
 
-__all__ = ["pack", "raw", "make_sim", "check_multiplier_both_impls", "put", "get", "Source", "Sink", "run_streams", "StreamProtocolError"]
+__all__ = ["pack", "raw", "make_sim", "check_multiplier_both_impls", "check_rejects", "ARRAY_PARAM_ERRORS", "put", "get", "Source", "Sink", "run_streams", "StreamProtocolError"]
 
 
 class StreamProtocolError(AssertionError):
@@ -48,6 +48,29 @@ def make_sim(dut, period: float = 1e-6):
     sim = Simulator(top)
     sim.add_clock(period, domain="sync")
     return sim, cd.rst
+
+
+#: constructor errors of the array-shaped components (SFxMacArray, SFxAccelerator: the same
+#: checks of the shape, widths, depth and DSP budget), for ``rows=2, cols=2`` otherwise valid
+ARRAY_PARAM_ERRORS = [
+    (dict(rows=0), ValueError, r"rows must be in 1\.\.64, got 0"),
+    (dict(cols=65), ValueError, r"cols must be in 1\.\.64, got 65"),
+    (dict(rows=2.5), TypeError, r"rows must be an int, got float"),
+    (dict(a_bits=17), ValueError, r"a_bits must be in 2\.\.16"),
+    (dict(w_bits=1), ValueError, r"w_bits must be in 2\.\.16"),
+    (dict(k_max=0), ValueError, r"k_max must be in 1\.\.1048576, got 0"),
+    (dict(dsp_pes=5), ValueError, r"dsp_pes must be in 0\.\.4, got 5"),
+    (dict(dsp_pes=-1), ValueError, r"dsp_pes must be in 0\.\.4, got -1"),
+]
+
+
+def check_rejects(cls, base: dict, kwargs: dict, exc: type[Exception], match: str) -> None:
+    """The keyword-only constructor ``cls(**base)`` with ``kwargs`` changed raises ``exc`` whose
+    message matches ``match``."""
+    import pytest
+
+    with pytest.raises(exc, match=match):
+        cls(**{**base, **kwargs})
 
 
 def check_multiplier_both_impls(cls, a_values: Iterable[int], b_values: Iterable[int], **kwargs) -> None:

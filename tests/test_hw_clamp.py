@@ -9,7 +9,7 @@ from superfloat.hw.clamp import CLAMP_LATENCY, SFxClampUnit, clamp_in_layout
 from superfloat.hw.interface import ROUNDING_CODES
 from superfloat.sw import sfx
 
-from hw_stream_helpers import Sink, Source, make_sim, pack, run_streams
+from hw_stream_helpers import Sink, Source, check_rejects, make_sim, pack, run_streams
 
 ROUNDINGS = ("nearest_even", "toward_zero")
 
@@ -178,10 +178,7 @@ def test_clamp_properties():
     (dict(count_bits=0), ValueError, r"count_bits must be in 1\.\.64, got 0"),
 ])
 def test_clamp_rejects_bad_parameters(kwargs, exc, match):
-    args = dict(acc_bits=30, frac_bits=14, out_bits=8)
-    args.update(kwargs)
-    with pytest.raises(exc, match=match):
-        SFxClampUnit(**args)
+    check_rejects(SFxClampUnit, dict(acc_bits=30, frac_bits=14, out_bits=8), kwargs, exc, match)
 
 
 def test_rounding_codes_match_interface():

@@ -12,7 +12,7 @@ from superfloat.hw.interface import pack_lanes
 from superfloat.hw.mac_array import TAG_BITS, SFxMacArray, mac_array_in_layout, sum_bits, xor_tree_levels
 from superfloat.sw import sfx
 
-from hw_stream_helpers import Source, make_sim, pack, raw
+from hw_stream_helpers import ARRAY_PARAM_ERRORS, Source, check_rejects, make_sim, pack, raw
 
 
 def _tile_beats(arr: SFxMacArray, x: np.ndarray, w: np.ndarray) -> list[int]:
@@ -214,22 +214,11 @@ def test_mac_array_per_pe_multiplier_choice():
     Fragment.get(arr, None)
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(rows=0), ValueError, r"rows must be in 1\.\.64, got 0"),
-    (dict(cols=65), ValueError, r"cols must be in 1\.\.64, got 65"),
-    (dict(rows=2.0), TypeError, r"rows must be an int, got float"),
-    (dict(a_bits=17), ValueError, r"a_bits must be in 2\.\.16"),
-    (dict(w_bits=1), ValueError, r"w_bits must be in 2\.\.16"),
-    (dict(k_max=0), ValueError, r"k_max must be in 1\.\.1048576, got 0"),
-    (dict(dsp_pes=5), ValueError, r"dsp_pes must be in 0\.\.4, got 5"),
-    (dict(dsp_pes=-1), ValueError, r"dsp_pes must be in 0\.\.4, got -1"),
+@pytest.mark.parametrize("kwargs,exc,match", ARRAY_PARAM_ERRORS + [
     (dict(dsp_pes=True), TypeError, r"dsp_pes must be an int, got bool"),
     (dict(overlap_drain=1), TypeError, r"overlap_drain must be a bool, got int"),
     (dict(mul_stages=5), ValueError, r"mul_stages must be in 0\.\.4, got 5"),
     (dict(pe_kind="int"), ValueError, r"pe_kind must be one of 'sm', 'tc', got 'int'"),
 ])
 def test_mac_array_rejects_bad_parameters(kwargs, exc, match):
-    args = dict(rows=2, cols=2, a_bits=4, w_bits=4, k_max=16, dsp_pes=0)
-    args.update(kwargs)
-    with pytest.raises(exc, match=match):
-        SFxMacArray(**args)
+    check_rejects(SFxMacArray, dict(rows=2, cols=2, a_bits=4, w_bits=4, k_max=16, dsp_pes=0), kwargs, exc, match)
