@@ -234,7 +234,7 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str = MODEL, budgets
     del m, res
 
     # ------------------------------------------------------------------ 4. scaling-law sweep (tiny models)
-    from superfloat.sw.wasq.sweep import SweepSpec, markdown as sweep_markdown, run_sweep, write_sweep
+    from superfloat.bench.sweep import SweepSpec, markdown as sweep_markdown, run_sweep, write_sweep
 
     spec = SweepSpec(models=b.sweep_models, bits=b.sweep_bits, contexts=b.sweep_contexts, shots=b.sweep_shots,
                      data=DATA, calib_tokens=b.sweep_tokens, eval_tokens=b.sweep_eval_tokens, lr=b.sweep_lr,

@@ -406,7 +406,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from superfloat.sw.wasq.sweep import SweepSpec, run_sweep, write_sweep
+    from superfloat.bench.sweep import SweepSpec, run_sweep, write_sweep
 
     try:
         spec = SweepSpec(models=tuple(args.model), bits=tuple(args.bits), contexts=tuple(args.context),

@@ -1,4 +1,5 @@
-"""``sfx sweep``: upstream's "scaling law" ``P = f(n, c, shots, x)``, measured.
+"""``sfx sweep`` (and part 4 of ``sfx bench wasq``): upstream's "scaling law" ``P = f(n, c, shots, x)``,
+measured. An experiment on top of the library, so it lives with the benches.
 
 Upstream states that the perplexity ``P`` after quantization is a function of the model
 size ``n``, the maximum context length ``c`` of the calibration text, the number of
@@ -55,7 +56,7 @@ class SweepSpec:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        from .. import sfx
+        from superfloat.sw import sfx
 
         if not self.models:
             raise ValueError("sweep: give at least one model")
@@ -86,13 +87,12 @@ def _log(spec: SweepSpec, msg: str) -> None:
 def run_sweep(spec: SweepSpec) -> list[dict[str, Any]]:
     """Measure every point of ``spec``; returns one row (dict with :data:`COLUMNS`) per point,
     float rows included (``method="float"``, ``bits=None``)."""
-    from .data import pad_id
-    from .config import WASQConfig
-    from .data import load_text, tokenize
-    from .evaluate import perplexity
-    from .methods import fpm, vanilla
-    from .models import load_model
-    from .train import TrainConfig, make_blocks, train
+    from superfloat.sw.wasq.config import WASQConfig
+    from superfloat.sw.wasq.data import load_text, pad_id, tokenize
+    from superfloat.sw.wasq.evaluate import perplexity
+    from superfloat.sw.wasq.methods import fpm, vanilla
+    from superfloat.sw.wasq.models import load_model
+    from superfloat.sw.wasq.train import TrainConfig, make_blocks, train
 
     rows: list[dict[str, Any]] = []
     for spec_name in spec.models:
