@@ -418,47 +418,40 @@ def _targets(d: dict[str, Any], b: Budgets) -> str:
     w8a8 = _pct(by["W8A8 SF8 (per-token SF8 activations)"]["perplexity"], fp)
     int4 = by["int4 RTN"]["perplexity"]
     ratio = q["fpm"]["train"]["tokens_per_s"] / q["plain"]["train"]["tokens_per_s"]
-
-    def mark(ok: bool) -> str:
-        return "met" if ok else "**missed**"
-
-    lines = [
-        "| target | measured | |", "|---|---|---|",
-        f"| SF8 weight-only within 0.5 % of float | {sf8:+.2f} % | {mark(abs(sf8) <= 0.5)} |",
-        f"| W8A8 (SF8 weights, SF8 per-token activations) within 3 % | {w8a8:+.2f} % | {mark(abs(w8a8) <= 3.0)} |",
-        *[f"| SF4 after {m} closer to float than int4 RTN | {q[m]['perplexity']:.3f} vs int4 {int4:.3f} (float "
-           f"{fp:.3f}; recovers {_recovered(q[m]['perplexity'], int4, fp):.0f} % of int4's loss; fine-tuned float "
-           f"control {q['plain']['perplexity']:.3f}) | {mark(q[m]['perplexity'] < int4)} |" for m in ("fpm", "opt")],
-        f"| QAT throughput >= 0.7x plain fine-tuning | {ratio:.2f}x | {mark(ratio >= 0.7)} |",
+    i8 = _pct(by["int8 RTN"]["perplexity"], fp)
+    iw = _pct(by["W8A8 int8 (per-token int8 activations)"]["perplexity"], fp)
+    targets = [  # (target, measured, met, what would fix a miss)
+        ("SF8 weight-only within 0.5 % of float", f"{sf8:+.2f} %", abs(sf8) <= 0.5,
+         f"SF8 weight-only is {sf8:+.2f} % (int8 RTN {i8:+.2f} %: with float per-channel scales the SF8 "
+         f"grid is the int8 RTN grid, so this is not an SFx-specific loss). This model's weights sit on "
+         f"the GGUF's Q4_1 grid (a scale and offset per group of 32), which one scale per output channel "
+         f"cannot follow exactly. Closing the gap needs finer scales (per group of 32-128 weights; not in "
+         f"WASQConfig yet), error-compensating rounding (GPTQ / AdaRound on the SFx grid, "
+         f"`sfx bench ptq`), or a short QAT at SF8 (the lth table's round 0 is one)."),
+        ("W8A8 (SF8 weights, SF8 per-token activations) within 3 %", f"{w8a8:+.2f} %", abs(w8a8) <= 3.0,
+         f"W8A8 is {w8a8:+.2f} % (int8 weights and activations: {iw:+.2f} %). SPEC gives each token a "
+         f"power-of-two exponent (streamed as xexp, no multiplier per row), so a token's largest value "
+         f"lands anywhere in the upper half of the SF8 range: up to one bit is lost against int8's float "
+         f"per-token scale, and tokens with outlier channels lose their small channels. Fixes: SF9/SF10 "
+         f"activations (or only for the layers with the largest inputs, the MLP down projections), "
+         f"SmoothQuant-style migration of activation outliers into the weights (`sfx bench ptq`), or finer "
+         f"activation exponents (per token and group of channels)."),
+        *[(f"SF4 after {m} closer to float than int4 RTN",
+           f"{q[m]['perplexity']:.3f} vs int4 {int4:.3f} (float {fp:.3f}; recovers "
+           f"{_recovered(q[m]['perplexity'], int4, fp):.0f} % of int4's loss; fine-tuned float control "
+           f"{q['plain']['perplexity']:.3f})", q[m]["perplexity"] < int4,
+           f"SF4 {m} ({q[m]['perplexity']:.3f}) is not below int4 RTN ({int4:.3f}) with {d['calib_tokens']} "
+           f"calibration tokens x {b.epochs} shot(s) at lr {b.lr:g}: more tokens or steps (the bench budget is "
+           f"set by the 2-core CPU), or a higher learning rate.") for m in ("fpm", "opt")],
+        ("QAT throughput >= 0.7x plain fine-tuning", f"{ratio:.2f}x", ratio >= 0.7,
+         f"QAT runs at {ratio:.2f}x plain fine-tuning: re-quantizing every weight each step (float64 "
+         f"scale arithmetic in SFxLinear) dominates. Gradient accumulation amortizes it (in eval mode "
+         f"each layer is quantized once per optimizer step, not per micro-batch), as would a float32 "
+         f"fast path for the fake quantization."),
     ]
-    fixes = []
-    if abs(sf8) > 0.5:
-        i8 = _pct(by["int8 RTN"]["perplexity"], fp)
-        fixes.append(f"SF8 weight-only is {sf8:+.2f} % (int8 RTN {i8:+.2f} %: with float per-channel scales the SF8 "
-                     f"grid is the int8 RTN grid, so this is not an SFx-specific loss). This model's weights sit on "
-                     f"the GGUF's Q4_1 grid (a scale and offset per group of 32), which one scale per output channel "
-                     f"cannot follow exactly. Closing the gap needs finer scales (per group of 32-128 weights; not in "
-                     f"WASQConfig yet), error-compensating rounding (GPTQ / AdaRound on the SFx grid, "
-                     f"`sfx bench ptq`), or a short QAT at SF8 (the lth table's round 0 is one).")
-    if abs(w8a8) > 3.0:
-        iw = _pct(by["W8A8 int8 (per-token int8 activations)"]["perplexity"], fp)
-        fixes.append(f"W8A8 is {w8a8:+.2f} % (int8 weights and activations: {iw:+.2f} %). SPEC gives each token a "
-                     f"power-of-two exponent (streamed as xexp, no multiplier per row), so a token's largest value "
-                     f"lands anywhere in the upper half of the SF8 range: up to one bit is lost against int8's float "
-                     f"per-token scale, and tokens with outlier channels lose their small channels. Fixes: SF9/SF10 "
-                     f"activations (or only for the layers with the largest inputs, the MLP down projections), "
-                     f"SmoothQuant-style migration of activation outliers into the weights (`sfx bench ptq`), or finer "
-                     f"activation exponents (per token and group of channels).")
-    for m in ("fpm", "opt"):
-        if not q[m]["perplexity"] < int4:
-            fixes.append(f"SF4 {m} ({q[m]['perplexity']:.3f}) is not below int4 RTN ({int4:.3f}) with "
-                         f"{d['calib_tokens']} calibration tokens x {b.epochs} shot(s) at lr {b.lr:g}: more tokens or "
-                         f"steps (the bench budget is set by the 2-core CPU), or a higher learning rate.")
-    if ratio < 0.7:
-        fixes.append(f"QAT runs at {ratio:.2f}x plain fine-tuning: re-quantizing every weight each step (float64 "
-                     f"scale arithmetic in SFxLinear) dominates. Gradient accumulation amortizes it (in eval mode "
-                     f"each layer is quantized once per optimizer step, not per micro-batch), as would a float32 "
-                     f"fast path for the fake quantization.")
+    lines = ["| target | measured | |", "|---|---|---|"]
+    lines += [f"| {t} | {v} | {'met' if ok else '**missed**'} |" for t, v, ok, _ in targets]
+    fixes = [fix for _, _, ok, fix in targets if not ok]
     if fixes:
         lines += ["", "Missed targets, and what would fix them:", ""] + [f"* {f}" for f in fixes]
     return "\n".join(lines)
