@@ -78,7 +78,8 @@ def _job_dir(job: dict) -> Path:
     tag = job.get("tag", "")
     return (build_root() / "fpga" / "bench" / job["target"] /
             f"{job['kind']}-{job['rows']}x{job['cols']}-sf{job['bits']}-{job.get('mhz', 0):g}"
-            f"{'-pack' if not job.get('place', True) else ''}{'-core' if job.get('core', False) else ''}{tag}")
+            f"{'-pack' if not job.get('place', True) else ''}{'-core' if job.get('core', False) else ''}{tag}"
+            f"{'' if job.get('seed', 1) == 1 else '-s%d' % job['seed']}")
 
 
 #: Seconds a run needs at least to be started under a time budget (a cached run is always reused).
@@ -124,7 +125,8 @@ def _run_job(job: dict) -> dict:
     s = synthesize(target=job["target"], rows=job["rows"], cols=job["cols"], a_bits=job["bits"], w_bits=job["bits"],
                    out_bits=job["bits"], kind=job["kind"], freq_mhz=job.get("mhz"), out_dir=_job_dir(job),
                    cache=True, core_pack=job.get("core", False), place=job.get("place", True),
-                   timeouts=_budget_timeouts(deadline))
+                   timeouts=_budget_timeouts(deadline), seed=job.get("seed", 1))
+    s["seed"] = job.get("seed", 1)
     s["wall_s"] = round(time.perf_counter() - t0, 2)
     if not s.get("cached"):
         # CPU seconds of the tools (Yosys, nextpnr) this run started, kept with the cached summary
@@ -188,9 +190,12 @@ def _walk(shapes: list, idx: int, check) -> int | None:
     return best
 
 
-def _search(target: str, bits: int, deadline: float | None = None, max_pes: int | None = None) -> dict:
+def _search(target: str, bits: int, deadline: float | None = None, max_pes: int | None = None,
+            seeds: tuple[int, ...] = (1,)) -> dict:
     """The largest shape of SF``bits`` on ``target`` leaving :data:`FREE` logic free (at most
-    ``max_pes`` PEs when given: the search is then bounded, and says so)."""
+    ``max_pes`` PEs when given: the search is then bounded, and says so). The placed run of
+    that shape tries the next of ``seeds`` when place and route fails (nextpnr's analytical
+    placer can stall on an ECP5 design for one seed and not for another, YosysHQ/nextpnr#1062)."""
     cap = TARGETS[target].capacity["luts"]
     calib_shapes = [(2, 2), (4, 4)] if (target, bits) == ("ice40-up5k", 8) else [(4, 4), (8, 8)]
     runs = []
@@ -232,9 +237,12 @@ def _search(target: str, bits: int, deadline: float | None = None, max_pes: int 
     if best is None:
         return {"target": target, "bits": bits, "runs": runs, "error": "no shape fits"}
     r, c = shapes[best]
-    final = _run_job(dict(target=target, kind="accel", rows=r, cols=c, bits=bits, mhz=REF_MHZ[target], place=True,
-                          deadline=deadline))
-    runs.append(final)
+    for seed in seeds:
+        final = _run_job(dict(target=target, kind="accel", rows=r, cols=c, bits=bits, mhz=REF_MHZ[target],
+                              place=True, deadline=deadline, seed=seed))
+        runs.append(final)
+        if not final.get("error") or final.get("step") in ("fit", "budget"):
+            break   # placed (or cannot fit / no time): another seed would not help
     bounded = bool(max_pes) and best == len(shapes) - 1
     return {"target": target, "bits": bits, "rows": r, "cols": c, "prediction_pes": want, "calibration": calib,
             "final": final, "runs": runs, "max_pes": max_pes, "bounded": bounded}
@@ -324,6 +332,7 @@ PARTS = ("targets", "compare", "largest", "boards")
 def run(out_dir: Path, quick: bool, *, parts: tuple[str, ...] = PARTS, workers: int = 2,
         budget_min: float | None = None, searches: tuple[tuple[str, int], ...] | None = None,
         max_pes: int | None = None, boards_only: tuple[str, ...] | None = None,
+        seeds: tuple[int, ...] = (1,),
         command: str = "sfx bench fpga") -> None:
     """Run the bench and write ``<out_dir>/fpga.md`` / ``.json`` (and the plot).
 
@@ -334,7 +343,8 @@ def run(out_dir: Path, quick: bool, *, parts: tuple[str, ...] = PARTS, workers: 
     ``boards`` = the bitstreams. ``workers``: runs at a time. ``budget_min``: no run starts
     (and every tool is stopped) after that many minutes; what did not run is listed in the
     report. ``max_pes``: the largest-configuration searches try no larger array (the report
-    says when a search stopped at that bound). ``boards_only``: these boards of
+    says when a search stopped at that bound). ``seeds``: placement seeds a search's placed run
+    tries in turn when place and route fails. ``boards_only``: these boards of
     :data:`BOARD_NAMES` only. Every run is cached, so a second call resumes.
     """
     from superfloat.bench import write_report
@@ -387,7 +397,7 @@ def run(out_dir: Path, quick: bool, *, parts: tuple[str, ...] = PARTS, workers: 
     goal = (ECP5_SF4_GOAL["target"], ECP5_SF4_GOAL["bits"])
     if "targets" in parts and goal not in pairs:
         pairs.append(goal)
-    found = _pool_map(_search_job, [(t, b, deadline, max_pes) for t, b in pairs], workers)
+    found = _pool_map(_search_job, [(t, b, deadline, max_pes, tuple(seeds)) for t, b in pairs], workers)
     for se in found:
         print(f"  largest {se['target']} SF{se['bits']}: {se.get('rows')}x{se.get('cols')} "
               f"{_brief(se['final']) if se.get('final') else se.get('error')}", flush=True)
@@ -424,7 +434,7 @@ def run(out_dir: Path, quick: bool, *, parts: tuple[str, ...] = PARTS, workers: 
 
     png = _plot(found, Path(out_dir))
     scope = dict(parts=list(parts), workers=workers, budget_min=budget_min, max_pes=max_pes,
-                 boards=list(boards_only or BOARD_NAMES),
+                 boards=list(boards_only or BOARD_NAMES), seeds=list(seeds),
                  searches=[list(p) for p in pairs], searches_not_run=[list(p) for p in skipped_searches])
     sections = [
         ("What was run", _what(flags, found, boards, time.perf_counter() - t_start, scope)),
@@ -537,6 +547,10 @@ def _largest_table(searches: list, not_run: list | tuple = ()) -> str:
         note = f"{'overlap' if ap.get('overlap_drain') else 'no overlap'}, chunk {ap.get('chunk_k')}"
         if se.get("bounded"):
             note += f"; search bounded at {se['max_pes']} PEs (larger not tried)"
+        failed = [x for x in se.get("runs", []) if x.get("placed") and x.get("step") == "nextpnr"]
+        if f.get("seed", 1) != 1 or failed:
+            note += (f"; placed with seed {f.get('seed', 1)}" +
+                     "".join(f" (seed {x.get('seed', 1)}: {x['error'][:60]})" for x in failed if x is not f))
         if f.get("error"):
             note += f"; {f['error']}"
         rows.append([se["target"], f"SF{se['bits']}", f"{se['rows']}x{se['cols']}", se["rows"] * se["cols"],
@@ -692,7 +706,8 @@ def _what(flags, searches, boards, seconds, scope: dict | None = None) -> str:
             f"{n_cached} reused from the cache of an identical earlier run, {n_skip} not started for the time "
             f"budget) and {n_boards} board builds, in {seconds / 60:.1f} min of this call; the runs' tools took "
             f"{cpu / 60:.1f} CPU-minutes when they ran (cached ones included). Every run: Yosys + nextpnr (seed "
-            f"1) with the core inside the 5-pin scan wrapper (docs/fpga.md), clock constraint "
+            f"1; a largest-array run placed with another seed says so in its table row) with the core inside "
+            f"the 5-pin scan wrapper (docs/fpga.md), clock constraint "
             f"{REF_MHZ['ice40-up5k']:g} MHz on the iCE40 UP5K, {REF_MHZ['ecp5-25k']:g} MHz on the ECP5-25k "
             f"(speed 6; {ECP5_SF8_GOAL['mhz']:g} MHz for the 8x8 SF8 flagship); k_max {16384} (SPEC's A), the "
             f"array organisation of each target's plan (`hw/fpga/budget.py`, `plan_architecture`).")
@@ -749,6 +764,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--searches", default=None,
                     help="largest-configuration searches to run, e.g. ecp5-25k:4,ice40-up5k:4 (default: all)")
     ap.add_argument("--max-pes", type=int, default=None, help="largest-configuration searches try no larger array")
+    ap.add_argument("--seeds", default="1",
+                    help="placement seeds a search's placed run tries in turn when place and route fails (default 1)")
     ap.add_argument("--boards", default=None, help=f"comma-separated subset of {','.join(BOARD_NAMES)} (default: all)")
     raw = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(raw)
@@ -766,7 +783,8 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m superfloat.bench.fpga " + " ".join(shlex.quote(a) for a in raw) if raw else "sfx bench fpga"
     run(Path(args.out), quick=args.quick, parts=parts, workers=args.workers, budget_min=args.budget_min,
         searches=searches, max_pes=args.max_pes,
-        boards_only=tuple(args.boards.split(",")) if args.boards else None, command=command.strip())
+        boards_only=tuple(args.boards.split(",")) if args.boards else None,
+        seeds=tuple(int(x) for x in args.seeds.split(",")), command=command.strip())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -416,7 +416,8 @@ def test_bench_runs_cheap_comparisons_first_and_reports_what_did_not_run(tmp_pat
         return s
 
     def fake_search(args):
-        t, b, deadline, max_pes = args
+        t, b, deadline, max_pes, seeds = args
+        assert seeds == (1,)
         order.append((t, "search", b, max_pes))
         return bench._not_run_search(t, b, "not finished: the bench's time budget (--budget-min) was spent")
 
@@ -455,3 +456,26 @@ def test_bench_search_stops_when_a_check_is_not_run():
     fits = {(12, 12), (10, 16)}      # 144 and 160 PEs fit, (12, 14) = 168 does not
     assert shapes[bench._walk(shapes, shapes.index((12, 12)), lambda i: shapes[i] in fits)] == (10, 16)
     assert bench._walk(shapes, 3, lambda i: False) is None
+
+
+def test_bench_search_tries_the_next_seed_when_place_and_route_fails(monkeypatch):
+    """The largest shape's placed run tries the next seed after a nextpnr failure (a stalled
+    analytical placer), not after a fit failure; the table names the seed."""
+    from superfloat.bench import fpga as bench
+
+    calls = []
+
+    def fake_job(job):
+        calls.append((job["rows"], job["cols"], job.get("place", True), job.get("seed", 1)))
+        if not job.get("place", True):
+            return {"device_logic": f"{60 * job['rows'] * job['cols'] + 1000}/24288", "target": job["target"]}
+        if job.get("seed", 1) == 1:
+            return {"error": "nextpnr: exited with status -15", "step": "nextpnr", "placed": True, "seed": 1}
+        return {"fmax_mhz": 101.0, "device_logic": "16553/24288", "placed": True, "seed": job["seed"]}
+
+    monkeypatch.setattr(bench, "_run_job", fake_job)
+    se = bench._search("ecp5-25k", 4, None, 256, (1, 2, 3))
+    assert (se["rows"], se["cols"], se["bounded"]) == (16, 16, True)
+    assert [c for c in calls if c[2]] == [(16, 16, True, 1), (16, 16, True, 2)]
+    table = bench._largest_table([se])
+    assert "placed with seed 2 (seed 1: nextpnr: exited with status -15)" in table
