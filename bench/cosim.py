@@ -1,9 +1,10 @@
 """``sfx bench cosim``: SmolLM2-135M co-simulated on the accelerator RTL (``results/cosim.md``).
 
 A W8A8 checkpoint (WASQ vanilla: SF8 weights with float per-channel scales folded into the
-16-bit multiplier, SF8 per-token activations) with static SF8 output exponents calibrated on
-1024 tokens of the Shakespeare train split (``calibrate_outputs_``, SPEC sections 7-8), saved
-under ``build/bench-cosim/``; then, on an 8x8 a8w8o8 array in Verilator, one simulator process
+16-bit multiplier, SF8 per-token activations) with static SF16 output exponents (the
+accelerator's default output width, docs/accelerator-exact.md) calibrated on 1024 tokens of the
+Shakespeare train split (``calibrate_outputs_``, SPEC sections 7-8), saved under
+``build/bench-cosim/``; then, on an 8x8 a8w8o16 array in Verilator, one simulator process
 (``--jobs 1``), through :func:`superfloat.sim.cosim.cosim`:
 
 * the whole forward pass on the RTL (every quantized linear, 30 x 7 layer calls) for 8 tokens
@@ -27,6 +28,8 @@ import time
 from pathlib import Path
 
 CALIB_TOKENS = 1024
+#: output width of the array and of the calibrated exponents (accelerator.DEFAULT_OUT_BITS, the recipe)
+OUT_BITS = 16
 PPL_TOKENS = 128
 PROMPT = None  # cosim's built-in paragraph
 
@@ -48,9 +51,9 @@ def _checkpoint(lm, path: Path) -> dict:
     config = WASQConfig(weight_bits=8, act_bits=8, method="vanilla")
     quantize_(model, config)
     ids = tokenize(lm.tokenizer, load_text("shakespeare", "train"), CALIB_TOKENS)
-    rep = calibrate_outputs_(model, list(calibration_batches(ids, 256, CALIB_TOKENS)), out_bits=8)
+    rep = calibrate_outputs_(model, list(calibration_batches(ids, 256, CALIB_TOKENS)), out_bits=OUT_BITS)
     save_checkpoint(model, path, tokenizer=lm.tokenizer, overwrite=True, source="smollm2-135m", note=SMOLLM2_NOTE)
-    return {"config": config.describe(), "calibration_tokens": int(len(ids)), "out_bits": 8,
+    return {"config": config.describe(), "calibration_tokens": int(len(ids)), "out_bits": OUT_BITS,
             "raised_channels": sum(r["raised_channels"] for r in rep.values())}
 
 
@@ -76,10 +79,10 @@ def run(out_dir: Path, quick: bool = False) -> dict:
 
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
-    builder = prebuild(ArrayConfig(rows=8, cols=8, a_bits=8, w_bits=8, out_bits=8, simulator="verilator"))
+    builder = prebuild(ArrayConfig(rows=8, cols=8, a_bits=8, w_bits=8, out_bits=OUT_BITS, simulator="verilator"))
     lm = load_model("smollm2-135m")
     float_model = lm.model
-    ck = Path("build") / "bench-cosim" / "smollm2-135m-w8a8-o8"
+    ck = Path("build") / "bench-cosim" / f"smollm2-135m-w8a8-o{OUT_BITS}"
     print(f"[bench cosim] quantizing, calibrating the output exponents, saving {ck}", file=sys.stderr, flush=True)
     quant = _checkpoint(lm, ck)
     builder.wait()
@@ -94,7 +97,7 @@ def run(out_dir: Path, quick: bool = False) -> dict:
                     fmax_sources=[out_dir / "fpga.json"]),
     }
     cmd = "sfx bench cosim" + (" --quick" if quick else "")
-    ckp = "build/bench-cosim/smollm2-135m-w8a8-o8"
+    ckp = str(ck)
     cmds = {"forward8": f"sfx cosim -c {ckp} --layer {layer_all} --tokens 8 --float-model smollm2-135m",
             "forward16": f"sfx cosim -c {ckp} --layer {layer_all} --tokens 16 --float-model smollm2-135m",
             "ppl": f"sfx cosim -c {ckp} --layer {layer_all} --data shakespeare --max-tokens "
@@ -135,15 +138,15 @@ def run(out_dir: Path, quick: bool = False) -> dict:
           f"{pp['float']['nll']!r}" if pp.get("float") else "-", pp["float"]["tokens"] if pp.get("float") else "-"]])
     ppl_md += (f"\n\nThe RTL and the accelerator backend give **{'identical' if pp['identical'] else 'DIFFERENT'}** "
                f"perplexities (the mean NLL is printed in full: equal bit for bit), on {pp['data']}, one window of "
-               f"{pp['context']} tokens. The gap to the fake-quantized model is the cost of the accelerator's "
-               f"arithmetic with SF8 outputs (static output exponents, output rounding and saturation, the "
-               f"multiplier's rounding of the scales); SF16 outputs and the PTQ methods narrow it (issue 12, "
-               f"`sfx bench accel`).")
+               f"{pp['context']} tokens. The difference from the fake-quantized model is the accelerator's "
+               f"arithmetic with SF{OUT_BITS} outputs (static output exponents, output rounding and saturation, the "
+               f"multiplier's rounding of the scales); round to nearest on a short text: the accurate W8A8 recipe "
+               f"(AWQ) and its figures on 8192 tokens are in `results/accelerator.md` (`sfx bench accel`).")
     fwd = f8["forward"]
     sp = f8["speed"]
     summary = (
-        f"SmolLM2-135M-Instruct, {quant['config']}, static SF8 output exponents calibrated on "
-        f"{quant['calibration_tokens']} tokens of the Shakespeare train split; an 8x8 a8w8o8 array (k_max 16384) in "
+        f"SmolLM2-135M-Instruct, {quant['config']}, static SF{OUT_BITS} output exponents calibrated on "
+        f"{quant['calibration_tokens']} tokens of the Shakespeare train split; an 8x8 a8w8o{OUT_BITS} array (k_max 16384) in "
         f"Verilator, one simulator process; attention, norms, SiLU and the LM head on the host.\n\n"
         f"* Whole forward pass on the RTL, 8 tokens: RTL pass **{sp['rtl_pass_s']:.1f} s** wall "
         f"({'meets' if sp['rtl_pass_s'] <= 30 else 'MISSES'} the 30 s target at a load average of "
