@@ -86,12 +86,13 @@ def _job_dir(job: dict) -> Path:
 MIN_START_S = 120.0
 
 
-def _budget_timeouts(deadline: float | None) -> dict | None:
-    """Per-tool timeouts that end by ``deadline`` (``time.time()``), or None without a deadline."""
-    if deadline is None:
+def _budget_timeouts(deadline: float | None, place_limit: float | None = None) -> dict | None:
+    """Per-tool timeouts that end by ``deadline`` (``time.time()``), the place-and-route run at
+    most ``place_limit`` seconds; None without either."""
+    if deadline is None and place_limit is None:
         return None
-    left = max(1.0, deadline - time.time())
-    return {"yosys": left, "nextpnr": left, "pack": left}
+    left = 1e9 if deadline is None else max(1.0, deadline - time.time())
+    return {"yosys": left, "nextpnr": min(left, place_limit or left), "pack": left}
 
 
 def _skipped(job: dict, why: str) -> dict:
@@ -125,7 +126,7 @@ def _run_job(job: dict) -> dict:
     s = synthesize(target=job["target"], rows=job["rows"], cols=job["cols"], a_bits=job["bits"], w_bits=job["bits"],
                    out_bits=job["bits"], kind=job["kind"], freq_mhz=job.get("mhz"), out_dir=_job_dir(job),
                    cache=True, core_pack=job.get("core", False), place=job.get("place", True),
-                   timeouts=_budget_timeouts(deadline), seed=job.get("seed", 1))
+                   timeouts=_budget_timeouts(deadline, job.get("place_limit")), seed=job.get("seed", 1))
     s["seed"] = job.get("seed", 1)
     s["wall_s"] = round(time.perf_counter() - t0, 2)
     if not s.get("cached"):
@@ -134,6 +135,9 @@ def _run_job(job: dict) -> dict:
         s["run_wall_s"] = s["wall_s"]
         s["load_avg_1m"] = round(__import__("os").getloadavg()[0], 2)
         _update_summary(_job_dir(job) / "summary.json", {k: s[k] for k in ("cpu_s", "run_wall_s", "load_avg_1m")})
+    if s.get("step") == "nextpnr" and job.get("place_limit") and "timed out" in str(s.get("error")):
+        s["error"] = (f"stopped by the bench's --place-timeout-min ({job['place_limit'] / 60:g} min): "
+                      + str(s["error"]))
     s["job"] = {k: v for k, v in job.items() if k != "deadline"}
     return s
 
@@ -191,7 +195,7 @@ def _walk(shapes: list, idx: int, check) -> int | None:
 
 
 def _search(target: str, bits: int, deadline: float | None = None, max_pes: int | None = None,
-            seeds: tuple[int, ...] = (1,)) -> dict:
+            seeds: tuple[int, ...] = (1,), place_limit: float | None = None) -> dict:
     """The largest shape of SF``bits`` on ``target`` leaving :data:`FREE` logic free (at most
     ``max_pes`` PEs when given: the search is then bounded, and says so). The placed run of
     that shape tries the next of ``seeds`` when place and route fails (nextpnr's analytical
@@ -239,7 +243,7 @@ def _search(target: str, bits: int, deadline: float | None = None, max_pes: int 
     r, c = shapes[best]
     for seed in seeds:
         final = _run_job(dict(target=target, kind="accel", rows=r, cols=c, bits=bits, mhz=REF_MHZ[target],
-                              place=True, deadline=deadline, seed=seed))
+                              place=True, deadline=deadline, seed=seed, place_limit=place_limit))
         runs.append(final)
         if not final.get("error") or final.get("step") in ("fit", "budget"):
             break   # placed (or cannot fit / no time): another seed would not help
@@ -332,7 +336,7 @@ PARTS = ("targets", "compare", "largest", "boards")
 def run(out_dir: Path, quick: bool, *, parts: tuple[str, ...] = PARTS, workers: int = 2,
         budget_min: float | None = None, searches: tuple[tuple[str, int], ...] | None = None,
         max_pes: int | None = None, boards_only: tuple[str, ...] | None = None,
-        seeds: tuple[int, ...] = (1,),
+        seeds: tuple[int, ...] = (1,), place_timeout_min: float | None = None,
         command: str = "sfx bench fpga") -> None:
     """Run the bench and write ``<out_dir>/fpga.md`` / ``.json`` (and the plot).
 
@@ -344,7 +348,8 @@ def run(out_dir: Path, quick: bool, *, parts: tuple[str, ...] = PARTS, workers: 
     (and every tool is stopped) after that many minutes; what did not run is listed in the
     report. ``max_pes``: the largest-configuration searches try no larger array (the report
     says when a search stopped at that bound). ``seeds``: placement seeds a search's placed run
-    tries in turn when place and route fails. ``boards_only``: these boards of
+    tries in turn when place and route fails. ``place_timeout_min``: a placed run's nextpnr is
+    stopped after that many minutes (recorded as such). ``boards_only``: these boards of
     :data:`BOARD_NAMES` only. Every run is cached, so a second call resumes.
     """
     from superfloat.bench import write_report
@@ -359,6 +364,7 @@ def run(out_dir: Path, quick: bool, *, parts: tuple[str, ...] = PARTS, workers: 
         raise ValueError(f"workers must be a positive int, got {workers!r}")
     t_start = time.perf_counter()
     deadline = None if budget_min is None else time.time() + 60.0 * budget_min
+    place_limit = None if place_timeout_min is None else 60.0 * place_timeout_min
     if quick:
         jobs = [dict(target=t, kind="accel", rows=2, cols=2, bits=b, mhz=REF_MHZ[t], place=False, deadline=deadline)
                 for t in TARGETS for b in (4, 8)]
@@ -388,7 +394,7 @@ def run(out_dir: Path, quick: bool, *, parts: tuple[str, ...] = PARTS, workers: 
     cheap = [j for j in compare_jobs if j["target"] == "ice40-up5k"]
     dear = [j for j in compare_jobs if j["target"] != "ice40-up5k"]
     jobs = (target_jobs if "targets" in parts else []) + (cheap if "compare" in parts else [])
-    flags = _pool_map(_run_job, [dict(j, deadline=deadline) for j in jobs], workers)
+    flags = _pool_map(_run_job, [dict(j, deadline=deadline, place_limit=place_limit) for j in jobs], workers)
     for s in flags:
         print(f"  {s['target']} {s['kind']} {s['config']}: {_brief(s)}", flush=True)
     pairs = []
@@ -397,7 +403,8 @@ def run(out_dir: Path, quick: bool, *, parts: tuple[str, ...] = PARTS, workers: 
     goal = (ECP5_SF4_GOAL["target"], ECP5_SF4_GOAL["bits"])
     if "targets" in parts and goal not in pairs:
         pairs.append(goal)
-    found = _pool_map(_search_job, [(t, b, deadline, max_pes, tuple(seeds)) for t, b in pairs], workers)
+    found = _pool_map(_search_job, [(t, b, deadline, max_pes, tuple(seeds), place_limit) for t, b in pairs],
+                      workers)
     for se in found:
         print(f"  largest {se['target']} SF{se['bits']}: {se.get('rows')}x{se.get('cols')} "
               f"{_brief(se['final']) if se.get('final') else se.get('error')}", flush=True)
@@ -427,7 +434,7 @@ def run(out_dir: Path, quick: bool, *, parts: tuple[str, ...] = PARTS, workers: 
         if big.get("rows"):
             later.append(dict(target="ecp5-25k", kind="tc-accel", rows=big["rows"], cols=big["cols"], bits=4,
                               mhz=REF_MHZ["ecp5-25k"]))
-        extra = _pool_map(_run_job, [dict(j, deadline=deadline) for j in later], workers)
+        extra = _pool_map(_run_job, [dict(j, deadline=deadline, place_limit=place_limit) for j in later], workers)
         for s in extra:
             print(f"  {s['target']} {s['kind']} {s['config']}: {_brief(s)}", flush=True)
         flags += extra
@@ -435,6 +442,7 @@ def run(out_dir: Path, quick: bool, *, parts: tuple[str, ...] = PARTS, workers: 
     png = _plot(found, Path(out_dir))
     scope = dict(parts=list(parts), workers=workers, budget_min=budget_min, max_pes=max_pes,
                  boards=list(boards_only or BOARD_NAMES), seeds=list(seeds),
+                 place_timeout_min=place_timeout_min,
                  searches=[list(p) for p in pairs], searches_not_run=[list(p) for p in skipped_searches])
     sections = [
         ("What was run", _what(flags, found, boards, time.perf_counter() - t_start, scope)),
@@ -712,7 +720,8 @@ def _what(flags, searches, boards, seconds, scope: dict | None = None) -> str:
             f"(speed 6; {ECP5_SF8_GOAL['mhz']:g} MHz for the 8x8 SF8 flagship); k_max {16384} (SPEC's A), the "
             f"array organisation of each target's plan (`hw/fpga/budget.py`, `plan_architecture`).")
     if scope and (list(scope.get("parts", PARTS)) != list(PARTS) or scope.get("budget_min") or scope.get("max_pes")
-                  or scope.get("searches_not_run")
+                  or scope.get("searches_not_run") or scope.get("place_timeout_min")
+                  or list(scope.get("seeds", [1])) != [1]
                   or ("boards" in scope.get("parts", PARTS)
                       and list(scope.get("boards", BOARD_NAMES)) != list(BOARD_NAMES))):
         missing = [x for x in PARTS if x not in scope.get("parts", PARTS)]
@@ -726,6 +735,10 @@ def _what(flags, searches, boards, seconds, scope: dict | None = None) -> str:
                  (f"; boards: {', '.join(scope['boards'])}" if "boards" in scope.get("parts", PARTS)
                   and scope.get("boards") and list(scope["boards"]) != list(BOARD_NAMES) else "") +
                  (f"; time budget {scope['budget_min']:g} min" if scope.get("budget_min") else "") +
+                 (f"; placed runs stopped after {scope['place_timeout_min']:g} min"
+                  if scope.get("place_timeout_min") else "") +
+                 (f"; placement seeds of the searches: {', '.join(map(str, scope['seeds']))}"
+                  if list(scope.get("seeds", [1])) != [1] else "") +
                  f"; {scope.get('workers')} run(s) at a time.")
     return text
 
@@ -766,6 +779,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-pes", type=int, default=None, help="largest-configuration searches try no larger array")
     ap.add_argument("--seeds", default="1",
                     help="placement seeds a search's placed run tries in turn when place and route fails (default 1)")
+    ap.add_argument("--place-timeout-min", type=float, default=None,
+                    help="stop a placed run's nextpnr after this many minutes (recorded as such in the report)")
     ap.add_argument("--boards", default=None, help=f"comma-separated subset of {','.join(BOARD_NAMES)} (default: all)")
     raw = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(raw)
@@ -784,7 +799,8 @@ def main(argv: list[str] | None = None) -> None:
     run(Path(args.out), quick=args.quick, parts=parts, workers=args.workers, budget_min=args.budget_min,
         searches=searches, max_pes=args.max_pes,
         boards_only=tuple(args.boards.split(",")) if args.boards else None,
-        seeds=tuple(int(x) for x in args.seeds.split(",")), command=command.strip())
+        seeds=tuple(int(x) for x in args.seeds.split(",")), place_timeout_min=args.place_timeout_min,
+        command=command.strip())
 
 
 if __name__ == "__main__":  # pragma: no cover

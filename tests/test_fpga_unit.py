@@ -416,8 +416,8 @@ def test_bench_runs_cheap_comparisons_first_and_reports_what_did_not_run(tmp_pat
         return s
 
     def fake_search(args):
-        t, b, deadline, max_pes, seeds = args
-        assert seeds == (1,)
+        t, b, deadline, max_pes, seeds, place_limit = args
+        assert seeds == (1,) and place_limit is None
         order.append((t, "search", b, max_pes))
         return bench._not_run_search(t, b, "not finished: the bench's time budget (--budget-min) was spent")
 
