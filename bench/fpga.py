@@ -79,7 +79,8 @@ def _job_dir(job: dict) -> Path:
     return (build_root() / "fpga" / "bench" / job["target"] /
             f"{job['kind']}-{job['rows']}x{job['cols']}-sf{job['bits']}-{job.get('mhz', 0):g}"
             f"{'-pack' if not job.get('place', True) else ''}{'-core' if job.get('core', False) else ''}{tag}"
-            f"{'' if job.get('seed', 1) == 1 else '-s%d' % job['seed']}")
+            f"{'' if job.get('seed', 1) == 1 else '-s%d' % job['seed']}"
+            f"{'-noov' if job.get('overlap_drain') is False else ''}")
 
 
 #: Seconds a run needs at least to be started under a time budget (a cached run is always reused).
@@ -126,7 +127,8 @@ def _run_job(job: dict) -> dict:
     s = synthesize(target=job["target"], rows=job["rows"], cols=job["cols"], a_bits=job["bits"], w_bits=job["bits"],
                    out_bits=job["bits"], kind=job["kind"], freq_mhz=job.get("mhz"), out_dir=_job_dir(job),
                    cache=True, core_pack=job.get("core", False), place=job.get("place", True),
-                   timeouts=_budget_timeouts(deadline, job.get("place_limit")), seed=job.get("seed", 1))
+                   timeouts=_budget_timeouts(deadline, job.get("place_limit")), seed=job.get("seed", 1),
+                   overlap_drain=job.get("overlap_drain"))
     s["seed"] = job.get("seed", 1)
     s["wall_s"] = round(time.perf_counter() - t0, 2)
     if not s.get("cached"):
@@ -247,9 +249,18 @@ def _search(target: str, bits: int, deadline: float | None = None, max_pes: int 
         runs.append(final)
         if not final.get("error") or final.get("step") in ("fit", "budget"):
             break   # placed (or cannot fit / no time): another seed would not help
+    fallback = None
+    if final.get("step") == "nextpnr" and final.get("overlap_drain"):
+        # nextpnr-ecp5's legaliser could not place the 16x16 SF4 array's shadow-register flip-flops
+        # ("Unable to find legal placement for cell ...shadow..."): the same shape without them
+        fallback = "no shadow registers"
+        final = _run_job(dict(target=target, kind="accel", rows=r, cols=c, bits=bits, mhz=REF_MHZ[target],
+                              place=True, deadline=deadline, seed=seeds[0], place_limit=place_limit,
+                              overlap_drain=False))
+        runs.append(final)
     bounded = bool(max_pes) and best == len(shapes) - 1
     return {"target": target, "bits": bits, "rows": r, "cols": c, "prediction_pes": want, "calibration": calib,
-            "final": final, "runs": runs, "max_pes": max_pes, "bounded": bounded}
+            "final": final, "runs": runs, "max_pes": max_pes, "bounded": bounded, "fallback": fallback}
 
 
 def _search_job(args) -> dict:
@@ -528,10 +539,19 @@ def _targets(flags: list, by_tb: dict) -> str:
                      f"{fin['device_logic']} logic, peak {fin['peak_gmacs']} GMAC/s; critical path {_path(fin)}; "
                      f"CPU s / wall s {_cpu(fin)}"
                      + (f" (search bounded at {se['max_pes']} PEs: larger arrays were not tried, so the largest "
-                        f"that fits may be larger)" if se.get("bounded") else ""))
+                        f"that fits may be larger)" if se.get("bounded") else "")
+                     + (f"; placed with {se['fallback']}: with the plan's shadow registers place and route failed "
+                        f"({_first_failure(se)})" if se.get("fallback") else ""))
     else:
         lines.append(f"* largest SF4 array on ecp5-25k: **not measured**: {se.get('error') or fin.get('error')}")
     return "\n".join(lines)
+
+
+def _first_failure(se: dict) -> str:
+    for x in se.get("runs", []):
+        if x.get("placed") and x.get("step") == "nextpnr":
+            return f"seed {x.get('seed', 1)}: {str(x.get('error'))[:120]}"
+    return "-"
 
 
 def _path(r: dict) -> str:
@@ -555,6 +575,9 @@ def _largest_table(searches: list, not_run: list | tuple = ()) -> str:
         note = f"{'overlap' if ap.get('overlap_drain') else 'no overlap'}, chunk {ap.get('chunk_k')}"
         if se.get("bounded"):
             note += f"; search bounded at {se['max_pes']} PEs (larger not tried)"
+        if se.get("fallback"):
+            note += (f"; placed with {se['fallback']} (the packed fit check used the plan's organisation; "
+                     f"placement with it failed, see the runs)")
         failed = [x for x in se.get("runs", []) if x.get("placed") and x.get("step") == "nextpnr"]
         if f.get("seed", 1) != 1 or failed:
             note += (f"; placed with seed {f.get('seed', 1)}" +

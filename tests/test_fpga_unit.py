@@ -479,3 +479,26 @@ def test_bench_search_tries_the_next_seed_when_place_and_route_fails(monkeypatch
     assert [c for c in calls if c[2]] == [(16, 16, True, 1), (16, 16, True, 2)]
     table = bench._largest_table([se])
     assert "placed with seed 2 (seed 1: nextpnr: exited with status -15)" in table
+
+
+def test_bench_search_places_without_shadow_registers_when_placement_fails(monkeypatch):
+    from superfloat.bench import fpga as bench
+
+    calls = []
+
+    def fake_job(job):
+        calls.append((job.get("place", True), job.get("seed", 1), job.get("overlap_drain")))
+        if not job.get("place", True):
+            return {"device_logic": f"{60 * job['rows'] * job['cols'] + 1000}/24288", "target": job["target"]}
+        if job.get("overlap_drain") is False:
+            return {"fmax_mhz": 104.0, "device_logic": "15000/24288", "placed": True, "overlap_drain": False}
+        return {"error": "nextpnr: timed out after 240 s", "step": "nextpnr", "placed": True,
+                "seed": job.get("seed", 1), "overlap_drain": True}
+
+    monkeypatch.setattr(bench, "_run_job", fake_job)
+    se = bench._search("ecp5-25k", 4, None, 256, (1,), 240.0)
+    assert [c for c in calls if c[0]] == [(True, 1, None), (True, 1, False)]
+    assert se["fallback"] == "no shadow registers" and se["final"]["fmax_mhz"] == 104.0
+    text = bench._targets([], {("ecp5-25k", 4): dict(se, final=dict(se["final"], peak_gmacs=26.6))})
+    assert "placed with no shadow registers: with the plan's shadow registers place and route failed " \
+        "(seed 1: nextpnr: timed out after 240 s)" in text and "**met**" in text
