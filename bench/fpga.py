@@ -348,6 +348,7 @@ def run(out_dir: Path, quick: bool, *, parts: tuple[str, ...] = PARTS, workers: 
         budget_min: float | None = None, searches: tuple[tuple[str, int], ...] | None = None,
         max_pes: int | None = None, boards_only: tuple[str, ...] | None = None,
         seeds: tuple[int, ...] = (1,), place_timeout_min: float | None = None,
+        compare_targets: tuple[str, ...] | None = None,
         command: str = "sfx bench fpga") -> None:
     """Run the bench and write ``<out_dir>/fpga.md`` / ``.json`` (and the plot).
 
@@ -360,7 +361,8 @@ def run(out_dir: Path, quick: bool, *, parts: tuple[str, ...] = PARTS, workers: 
     report. ``max_pes``: the largest-configuration searches try no larger array (the report
     says when a search stopped at that bound). ``seeds``: placement seeds a search's placed run
     tries in turn when place and route fails. ``place_timeout_min``: a placed run's nextpnr is
-    stopped after that many minutes (recorded as such). ``boards_only``: these boards of
+    stopped after that many minutes (recorded as such). ``compare_targets``: the comparisons
+    of these targets only. ``boards_only``: these boards of
     :data:`BOARD_NAMES` only. Every run is cached, so a second call resumes.
     """
     from superfloat.bench import write_report
@@ -368,6 +370,9 @@ def run(out_dir: Path, quick: bool, *, parts: tuple[str, ...] = PARTS, workers: 
     bad = [x for x in parts if x not in PARTS]
     if bad:
         raise ValueError(f"unknown bench parts {bad}: choose from {', '.join(PARTS)}")
+    bad = [t for t in compare_targets or () if t not in TARGETS]
+    if bad:
+        raise ValueError(f"unknown compare targets {bad}: choose from {', '.join(TARGETS)}")
     bad = [b for b in boards_only or () if b not in BOARD_NAMES]
     if bad:
         raise ValueError(f"unknown boards {bad}: choose from {', '.join(BOARD_NAMES)}")
@@ -402,6 +407,7 @@ def run(out_dir: Path, quick: bool, *, parts: tuple[str, ...] = PARTS, workers: 
     ]
     # Cheapest first: under a time budget the iCE40 comparisons (minutes) run before the
     # searches, the ECP5 ones (tens of minutes each) after them.
+    compare_jobs = [j for j in compare_jobs if j["target"] in (compare_targets or TARGETS)]
     cheap = [j for j in compare_jobs if j["target"] == "ice40-up5k"]
     dear = [j for j in compare_jobs if j["target"] != "ice40-up5k"]
     jobs = (target_jobs if "targets" in parts else []) + (cheap if "compare" in parts else [])
@@ -442,7 +448,7 @@ def run(out_dir: Path, quick: bool, *, parts: tuple[str, ...] = PARTS, workers: 
     big = by_tb.get(("ecp5-25k", 4), {})
     if "compare" in parts:
         later = list(dear)
-        if big.get("rows"):
+        if big.get("rows") and "ecp5-25k" in (compare_targets or TARGETS):
             later.append(dict(target="ecp5-25k", kind="tc-accel", rows=big["rows"], cols=big["cols"], bits=4,
                               mhz=REF_MHZ["ecp5-25k"]))
         extra = _pool_map(_run_job, [dict(j, deadline=deadline, place_limit=place_limit) for j in later], workers)
@@ -453,7 +459,7 @@ def run(out_dir: Path, quick: bool, *, parts: tuple[str, ...] = PARTS, workers: 
     png = _plot(found, Path(out_dir))
     scope = dict(parts=list(parts), workers=workers, budget_min=budget_min, max_pes=max_pes,
                  boards=list(boards_only or BOARD_NAMES), seeds=list(seeds),
-                 place_timeout_min=place_timeout_min,
+                 place_timeout_min=place_timeout_min, compare_targets=list(compare_targets or TARGETS),
                  searches=[list(p) for p in pairs], searches_not_run=[list(p) for p in skipped_searches])
     sections = [
         ("What was run", _what(flags, found, boards, time.perf_counter() - t_start, scope)),
@@ -744,6 +750,7 @@ def _what(flags, searches, boards, seconds, scope: dict | None = None) -> str:
             f"array organisation of each target's plan (`hw/fpga/budget.py`, `plan_architecture`).")
     if scope and (list(scope.get("parts", PARTS)) != list(PARTS) or scope.get("budget_min") or scope.get("max_pes")
                   or scope.get("searches_not_run") or scope.get("place_timeout_min")
+                  or list(scope.get("compare_targets", TARGETS)) != list(TARGETS)
                   or list(scope.get("seeds", [1])) != [1]
                   or ("boards" in scope.get("parts", PARTS)
                       and list(scope.get("boards", BOARD_NAMES)) != list(BOARD_NAMES))):
@@ -758,6 +765,9 @@ def _what(flags, searches, boards, seconds, scope: dict | None = None) -> str:
                  (f"; boards: {', '.join(scope['boards'])}" if "boards" in scope.get("parts", PARTS)
                   and scope.get("boards") and list(scope["boards"]) != list(BOARD_NAMES) else "") +
                  (f"; time budget {scope['budget_min']:g} min" if scope.get("budget_min") else "") +
+                 (f"; comparisons on {', '.join(scope['compare_targets'])} only"
+                  if "compare" in scope.get("parts", PARTS)
+                  and list(scope.get("compare_targets", TARGETS)) != list(TARGETS) else "") +
                  (f"; placed runs stopped after {scope['place_timeout_min']:g} min"
                   if scope.get("place_timeout_min") else "") +
                  (f"; placement seeds of the searches: {', '.join(map(str, scope['seeds']))}"
@@ -804,6 +814,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="placement seeds a search's placed run tries in turn when place and route fails (default 1)")
     ap.add_argument("--place-timeout-min", type=float, default=None,
                     help="stop a placed run's nextpnr after this many minutes (recorded as such in the report)")
+    ap.add_argument("--compare-targets", default=None,
+                    help=f"comparisons of these targets only ({','.join(TARGETS)}; default: both)")
     ap.add_argument("--boards", default=None, help=f"comma-separated subset of {','.join(BOARD_NAMES)} (default: all)")
     raw = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(raw)
@@ -823,6 +835,7 @@ def main(argv: list[str] | None = None) -> None:
         searches=searches, max_pes=args.max_pes,
         boards_only=tuple(args.boards.split(",")) if args.boards else None,
         seeds=tuple(int(x) for x in args.seeds.split(",")), place_timeout_min=args.place_timeout_min,
+        compare_targets=tuple(args.compare_targets.split(",")) if args.compare_targets else None,
         command=command.strip())
 
 

@@ -379,6 +379,8 @@ def test_bench_scope_options(tmp_path, monkeypatch):
         bench.run(tmp_path, quick=False, parts=("targets", "board"))
     with pytest.raises(ValueError, match=r"unknown boards \['icebraker'\]: choose from icebreaker, ulx3s-25f"):
         bench.run(tmp_path, quick=False, parts=("boards",), boards_only=("icebraker",))
+    with pytest.raises(ValueError, match=r"unknown compare targets \['ecp5'\]: choose from ice40-up5k"):
+        bench.run(tmp_path, quick=False, parts=("compare",), compare_targets=("ecp5",))
     with pytest.raises(ValueError, match="workers must be a positive int, got 0"):
         bench.run(tmp_path, quick=False, parts=("targets",), workers=0)
     with pytest.raises(SystemExit):
