@@ -212,7 +212,8 @@ def summary_lines(d: dict) -> list[str]:
         f"  Verilog      {d['verilog']} ({r['arrays'][0]})",
         f"  co-sim       {lay['name']}: {lay['T']} tokens x K={lay['K']} -> N={lay['N']}, {r['simulator']}, "
         f"activations {lay['activations']}",
-        f"  bit-exact    {'YES' if r['bit_exact'] else 'NO'}: {r['mismatches']} of {r['codes_compared']} output codes "
+        f"  bit-exact    {'NaN' if r.get('nan') else 'YES' if r['bit_exact'] else 'NO'}: {r['mismatches']} of "
+        f"{r['codes_compared']} output codes "
         f"differ from sfx.linear; model logits with the RTL layer identical to the accelerator backend's: "
         f"{'yes' if r['forward']['logits_identical'] else 'NO'}",
     ]
