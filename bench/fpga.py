@@ -585,9 +585,11 @@ def _largest_table(searches: list, not_run: list | tuple = ()) -> str:
             note += (f"; placed with {se['fallback']} (the packed fit check used the plan's organisation; "
                      f"placement with it failed, see the runs)")
         failed = [x for x in se.get("runs", []) if x.get("placed") and x.get("step") == "nextpnr"]
-        if f.get("seed", 1) != 1 or failed:
-            note += (f"; placed with seed {f.get('seed', 1)}" +
-                     "".join(f" (seed {x.get('seed', 1)}: {x['error'][:60]})" for x in failed if x is not f))
+        if f.get("seed", 1) != 1:
+            note += f"; placed with seed {f.get('seed', 1)}"
+        note += "".join(f"; failed placement (seed {x.get('seed', 1)}, "
+                        f"{'shadow registers' if x.get('overlap_drain') else 'no shadow registers'}): "
+                        f"{str(x.get('error'))[:120]}" for x in failed if x is not f)
         if f.get("error"):
             note += f"; {f['error']}"
         rows.append([se["target"], f"SF{se['bits']}", f"{se['rows']}x{se['cols']}", se["rows"] * se["cols"],
@@ -784,7 +786,8 @@ def _notes() -> str:
             "* Fmax: nextpnr after routing, one seed; peak GMAC/s = PEs x Fmax / 1000 (one MAC per PE per "
             "cycle). \"Largest\" shapes are checked packed (fit without placement), then placed and routed.\n"
             "* The iCE40 array has no shadow registers (the array waits while a tile drains: about "
-            "rows x cols cycles per tile of K steps); the ECP5 array drains while it accumulates. Both "
+            "rows x cols cycles per tile of K steps); the ECP5 plan's array drains while it accumulates (a row "
+            "marked 'no overlap' does not). Both "
             "accumulate chunks of at most 512 products in the PEs (partial sums in block RAM).\n"
             "* SFx saves = 1 - cells(SFx) / cells(two's complement), same accelerator or array, same widths, "
             "same accumulator width, nothing else changed (`pe_kind`).\n"

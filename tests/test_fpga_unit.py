@@ -480,7 +480,8 @@ def test_bench_search_tries_the_next_seed_when_place_and_route_fails(monkeypatch
     assert (se["rows"], se["cols"], se["bounded"]) == (16, 16, True)
     assert [c for c in calls if c[2]] == [(16, 16, True, 1), (16, 16, True, 2)]
     table = bench._largest_table([se])
-    assert "placed with seed 2 (seed 1: nextpnr: exited with status -15)" in table
+    assert "placed with seed 2; failed placement (seed 1, no shadow registers): nextpnr: exited with status -15" \
+        in table
 
 
 def test_bench_search_places_without_shadow_registers_when_placement_fails(monkeypatch):
