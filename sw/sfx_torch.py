@@ -570,8 +570,8 @@ class LinearOp:
       131071 (``|sum| < 2**31``), combined in int64; ``"float32"``/``"float64"``: BLAS on
       K-chunks whose partial sums stay below ``2**24`` / ``2**53`` (every float operation is
       then exact whatever the summation order), chunks summed in integers. ``auto`` is int8
-      on CPU for up to 4 digit products, else float32 when a chunk holds at least 256 terms
-      (and TF32 is off on CUDA), else float64.
+      on CUDA for up to 4 digit products, else float32 when a chunk holds at least 256 terms
+      (and TF32 is off on CUDA) and needs at most 1.5x the passes of float64, else float64.
     * requantization: ``"float64"`` when ``|(acc + bias) * mult * xmult| < 2**53`` for these
       weights (bound from the actual weight codes): the scaling by ``mult * 2**-r`` and the
       row's ``xmult * 2**xexp`` are exact float64 products, ``torch.round`` rounds half to even;
@@ -655,10 +655,12 @@ class LinearOp:
         da, dw = _n_digits(a_bits), _n_digits(w_bits)
         if matmul == "auto":
             matmul = "int8" if dev.type == "cuda" and hasattr(torch, "_int_mm") and da * dw <= 4 else None
-            if matmul is None:  # float64 BLAS costs about 4x float32 per product (measured on CPU)
+            if matmul is None:  # float64 BLAS costs about 2x float32 per product on CPU, and
+                # splitting into digits adds passes: one float64 matmul beats two float32 ones
+                # (SF16 x SF8, 512x576x1536, one thread: 40 against 54 ms a call)
                 c32 = _float_plan(a_bits, w_bits, maxw, k, torch.float32)[4]
                 c64 = _float_plan(a_bits, w_bits, maxw, k, torch.float64)[4]
-                matmul = "float32" if _float32_exact(max(a_bits, w_bits), dev) and c32 <= 4 * c64 else "float64"
+                matmul = "float32" if _float32_exact(max(a_bits, w_bits), dev) and c32 <= 1.5 * c64 else "float64"
         self.matmul = matmul
         ws = torch.as_tensor(ws_np, device=dev)
         if matmul == "int8":
