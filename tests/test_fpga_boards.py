@@ -71,3 +71,19 @@ def test_build_board_icebreaker_bitstream(capsys, tmp_path):
     data = open(path, "rb").read()
     assert len(data) == 104090 and data[:4] == b"\xff\x00\x00\xff"   # UP5K image, iCE40 preamble
     assert "Fmax" in out.err and "from the PLL" in out.err and "12000000 baud" in out.err
+
+
+def test_build_board_without_the_source_constraints_uses_the_generated_pins(tmp_path, monkeypatch):
+    """An installed wheel has no constraints/: the build writes amaranth-boards' pins and says so."""
+    seen = {}
+
+    def fake_flow(il, *, constraints, **kw):
+        seen["text"] = constraints.read_text()
+        raise boards.FlowError("nextpnr", "stopped by the test")
+
+    monkeypatch.setattr(boards, "CONSTRAINTS_DIR", tmp_path / "absent")
+    monkeypatch.setattr(boards, "run_flow", fake_flow)
+    rep = boards.build_board("icebreaker", rows=1, cols=1, a_bits=4, clock_mhz=24, out_dir=tmp_path / "b")
+    assert seen["text"] == boards.generated_constraints("icebreaker")
+    assert rep["constraints"] == str(tmp_path / "b" / "icebreaker.pcf") and rep["error"] == "stopped by the test"
+    assert any("using the pins amaranth-boards generates" in m for m in rep["messages"])

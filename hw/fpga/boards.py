@@ -46,7 +46,8 @@ from .report import LOGIC_RESOURCE
 __all__ = ["Board", "BOARDS", "CONSTRAINTS_DIR", "build_board", "generated_constraints", "make_platform",
            "link_baud"]
 
-#: ``constraints/`` of the source checkout.
+#: ``constraints/`` of the source checkout (an installed wheel has none: :func:`build_board` then
+#: writes the pins amaranth-boards generates, which tests hold equal to these files, into its build).
 CONSTRAINTS_DIR = Path(__file__).resolve().parents[2] / "constraints"
 
 #: Standard rates of FTDI-style USB-serial bridges, fastest first.
@@ -215,8 +216,14 @@ def build_board(name: str, *, rows: int = 2, cols: int = 2, a_bits: int = 8, w_b
                            "out_dir": str(out_dir), "constraints": str(b.constraints_path), "met_timing": False,
                            "fmax_mhz": None}
     cons = b.constraints_path
-    if not cons.is_file():
-        raise ValueError(f"missing constraints file {cons}: run python -m superfloat.hw.fpga.boards --write-constraints")
+    if not cons.is_file():  # installed without the source checkout (a wheel): the same pins, generated
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cons = out_dir / b.constraints
+        cons.write_text(generated_constraints(name))
+        rep["constraints"] = str(cons)
+        rep.setdefault("messages", []).append(
+            f"no {b.constraints} in {CONSTRAINTS_DIR} (an installed package): using the pins amaranth-boards "
+            f"generates, written to {cons}")
     ext = ".pcf" if b.family == "ice40" else ".lpf"
     if _pins_only(_strip(cons.read_text())) != _pins_only(_strip(files[f"top{ext}"])):
         rep.setdefault("messages", []).append(
