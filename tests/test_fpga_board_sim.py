@@ -68,26 +68,34 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("simulator,cfg", CONFIGS)
-def test_linear_over_uart_equals_sfx(simulator, cfg, tmp_path):
+K_MAX = 64
+
+
+def _board_results(simulator, cfg, cases, tmp_path):
+    """Build (cached by parameters) the board's UART bridge for ``cfg`` and run the host
+    driver's sessions of ``cases`` through it; the bench's per-case results."""
     try:
         runner.check_simulator(simulator)
     except runner.SimulatorNotFound as e:
         pytest.skip(str(e))
-    k_max = 64
     bridge = UARTBridge(rows=cfg["rows"], cols=cfg["cols"], a_bits=cfg["bits"], w_bits=cfg["bits"],
-                        out_bits=cfg["bits"], k_max=k_max, divisor=DIVISOR, fifo_depth=64, credit_chunk=16,
+                        out_bits=cfg["bits"], k_max=K_MAX, divisor=DIVISOR, fifo_depth=64, credit_chunk=16,
                         idle_timeout=IDLE_TIMEOUT)
     b = runner.build(bridge, name="sfx_board", simulator=simulator, bench_sources=BENCH_SOURCES,
-                     params={"design": "UARTBridge", **cfg, "k_max": k_max, "divisor": DIVISOR, "fifo_depth": 64,
+                     params={"design": "UARTBridge", **cfg, "k_max": K_MAX, "divisor": DIVISOR, "fifo_depth": 64,
                              "credit_chunk": 16, "idle_timeout": IDLE_TIMEOUT})
-    rng = np.random.default_rng(cfg["rows"] * 100 + cfg["bits"])
-    cases = _cases(rng, cfg["bits"], k_max)
     out = tmp_path / "out.json"
     job = tmp_path / "job.json"
     job.write_text(json.dumps({"divisor": DIVISOR, "idle_timeout": IDLE_TIMEOUT, "cases": cases, "out": str(out)}))
     runner.run(b, "superfloat.sim.tb_board", env={"SFX_BOARD_JOB": str(job)})
-    res = json.loads(out.read_text())["cases"]
+    return json.loads(out.read_text())["cases"]
+
+
+@pytest.mark.parametrize("simulator,cfg", CONFIGS)
+def test_linear_over_uart_equals_sfx(simulator, cfg, tmp_path):
+    rng = np.random.default_rng(cfg["rows"] * 100 + cfg["bits"])
+    cases = _cases(rng, cfg["bits"], K_MAX)
+    res = _board_results(simulator, cfg, cases, tmp_path)
     assert len(res) == len(cases)
     for case, r in zip(cases, res):
         want, st = sfx.linear_with_stats(np.array(case["x"]), np.array(case["w"]), **case["kw"])
@@ -97,3 +105,35 @@ def test_linear_over_uart_equals_sfx(simulator, cfg, tmp_path):
     # the saturation case really saturates, and the small FIFO forced credit frames
     assert res[-1]["stats"]["n_saturated"] > 0
     assert sum(r["stats"]["credit_frames"] for r in res) > 0
+
+
+def _json(v):
+    return v.tolist() if isinstance(v, np.ndarray) else v
+
+
+def test_model_layer_over_uart_uses_the_static_output_exponents(tmp_path):
+    """The host driver runs a quantized layer with the same LINEAR operations as the
+    accelerator-exact backend and co-simulation (``layer_call``: the layer's calibrated static
+    output exponents, streamed row exponents, bias in accumulator units): the board's codes
+    equal the backend's, code for code."""
+    import torch
+
+    from superfloat.sim import layer_call
+    from superfloat.sw.wasq import WASQConfig, quantize_, quantized_layers
+    from superfloat.sw.wasq.accelerator import calibrate_outputs_
+    from test_cosim import CALIB_TEXT, micro_model
+
+    model = micro_model("opt")  # biases: one operation per row exponent
+    quantize_(model, WASQConfig(weight_bits=4, act_bits=4, scale_kind="pow2"))
+    calibrate_outputs_(model, [torch.tensor([list(CALIB_TEXT.encode()[:60])])], out_bits=4)
+    layer = quantized_layers(model)["model.decoder.layers.0.self_attn.q_proj"]
+    u = np.random.default_rng(5).standard_normal((3, layer.in_features))
+    x = torch.tensor(u * np.array([[0.5], [4.0], [0.5]]), dtype=torch.float32)  # two row exponents
+    call = layer_call(layer, x, rows=2, cols=2, k_max=K_MAX, simulator="verilator")
+    assert len(call.ops) >= 2  # several row exponents, several operations
+    cases = [{"x": _json(kw.pop("x_codes")), "w": _json(kw.pop("w_codes")),
+              "kw": {k: _json(v) for k, v in kw.items()}, "approx_bytes": 40 * (len(op.rows_index) * 32 * 32 + 10)}
+             for kw, op in zip(call.linear_kwargs(), call.ops)]
+    res = _board_results("verilator", dict(rows=2, cols=2, bits=4), cases, tmp_path)
+    got = call.assemble([np.array(r["codes"]) for r in res])
+    assert np.array_equal(got, call.backend_codes())
