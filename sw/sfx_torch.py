@@ -657,7 +657,7 @@ class LinearOp:
             matmul = "int8" if dev.type == "cuda" and hasattr(torch, "_int_mm") and da * dw <= 4 else None
             if matmul is None:  # float64 BLAS costs about 2x float32 per product on CPU, and
                 # splitting into digits adds passes: one float64 matmul beats two float32 ones
-                # (SF16 x SF8, 512x576x1536, one thread: 40 against 54 ms a call)
+                # (SF16 x SF8 on one CPU thread; the eval times are in results/accelerator.md)
                 c32 = _float_plan(a_bits, w_bits, maxw, k, torch.float32)[4]
                 c64 = _float_plan(a_bits, w_bits, maxw, k, torch.float64)[4]
                 matmul = "float32" if _float32_exact(max(a_bits, w_bits), dev) and c32 <= 1.5 * c64 else "float64"
