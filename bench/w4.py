@@ -19,6 +19,9 @@ Rows are appended to ``build/w4_partial.json`` as they finish; a rerun with the 
 settings resumes from there (``--fresh``-like behaviour: delete the file).
 
 Targets (issue 15): W4A16 <= +15 % of float, W4A8 <= +20 %, W4A4 <= +100 %.
+
+``SFX_BENCH_W4_ROWS="20-22"`` runs some rows only (1-based, as in :data:`ROWS`); the report
+names the rows left out and the command carries the setting.
 """
 from __future__ import annotations
 
@@ -62,6 +65,27 @@ ROWS: list[tuple[int, str, list[str]]] = [
     (4, "rotate-gptq-clip, damp 0.05, 4096 calib, xmult", [*_BEST, *_XM]),
 ]
 QUICK_ROWS = [ROWS[0], ROWS[3], ROWS[16], ROWS[18]]
+#: a subset of :data:`ROWS`: ``SFX_BENCH_W4_ROWS="20-22"`` (1-based numbers and ranges, comma-separated)
+ROWS_ENV = "SFX_BENCH_W4_ROWS"
+
+
+def select_rows(spec: str | None) -> list[int]:
+    """0-based indices of :data:`ROWS` chosen by ``spec`` (:data:`ROWS_ENV`'s syntax; None or
+    empty: every row), in table order."""
+    if not spec or not spec.strip():
+        return list(range(len(ROWS)))
+    chosen = set()
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            a, b = int(lo), int(hi or lo)
+        except ValueError:
+            raise ValueError(f"{ROWS_ENV}={spec!r}: {part.strip()!r} is not a row number or a range "
+                             f"such as 20-22 (rows 1..{len(ROWS)})") from None
+        if not 1 <= a <= b <= len(ROWS):
+            raise ValueError(f"{ROWS_ENV}={spec!r}: rows are 1..{len(ROWS)}, got {part.strip()!r}")
+        chosen.update(range(a - 1, b))
+    return sorted(chosen)
 
 
 _log = logger("w4")
@@ -111,7 +135,11 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str | None = None,
     base = ["--model", model, "--data", "shakespeare", "--split", "test"]
     base += (["--context", "64", "--max-tokens", "256", "--calib-tokens", "256", "--search-tokens", "64",
               "--adaround-iters", "5", "--awq-grid", "4"] if quick else ["--context", "512", "--max-tokens", "8192"])
-    rows_def = QUICK_ROWS if quick else ROWS
+    import os
+
+    spec = None if quick else os.environ.get(ROWS_ENV)
+    picked = select_rows(spec)
+    rows_def = QUICK_ROWS if quick else [ROWS[i] for i in picked]
     part = Partial(partial if partial is not None else (None if quick else Path("build") / "w4_partial.json"), base,
                    _log)  # finished rows, kept as they finish
     done, keep = part.rows, part.keep
@@ -180,6 +208,10 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str | None = None,
              f"searches, GPTQ); 'row wall / CPU': the whole `sfx eval` (model load, method, output "
              f"calibration, both passes) in wall and CPU seconds of this process; torch threads "
              f"{_threads()}." + (" **Quick smoke run: numbers mean nothing.**" if quick else ""))
+    if len(rows_def) < len(ROWS) and not quick:
+        left = [f"W4A{a} {label}" for i, (a, label, _) in enumerate(ROWS) if i not in picked]
+        summary.append(f"* Rows run: {len(rows_def)} of {len(ROWS)} ({ROWS_ENV}={spec}); not run: "
+                       + "; ".join(left) + ".")
     sections = [("Setup", setup), ("Targets (accelerator-exact)", "\n".join(summary)),
                 ("Perplexity: fake quantization and what the accelerator computes",
                  markdown_table(["config", "method", "fake", "accelerator-exact", "saturated", "method", "row wall / CPU",
@@ -188,7 +220,8 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str | None = None,
                              f"({len(rows)} rows, {resumed} of them resumed from an earlier run of the same settings).")]
     data = {"model": model, "quick": quick, "float_perplexity": fpv, "float": fl, "rows": rows, "targets": TARGETS}
     write_report(out_dir, "w4", "4-bit weights on the accelerator: GPTQ, rotations, per-token scales", sections, data,
-                 command="sfx bench w4" + (" --quick" if quick else ""))
+                 command=(f"{ROWS_ENV}={spec} " if spec and not quick else "") + "sfx bench w4"
+                 + (" --quick" if quick else ""))
     return data
 
 

@@ -33,3 +33,36 @@ def test_quick_bench_writes_every_row_with_its_command_and_resumes(tmp_path):
 
 def test_registered_as_a_bench():
     assert bench_registry.BENCHES["w4"] == "superfloat.bench.w4:run"
+
+
+@pytest.mark.parametrize("spec,rows", [(None, list(range(len(w4.ROWS)))), ("", list(range(len(w4.ROWS)))),
+                                       ("20-22", [19, 20, 21]), ("3, 1,2-3", [0, 1, 2]), ("22", [21])])
+def test_row_selection(spec, rows):
+    assert w4.select_rows(spec) == rows
+
+
+@pytest.mark.parametrize("spec,msg", [("0", r"rows are 1\.\.22, got '0'"), ("21-23", r"rows are 1\.\.22, got '21-23'"),
+                                      ("3-2", r"got '3-2'"), ("best", r"'best' is not a row number or a range")])
+def test_row_selection_errors_say_the_syntax(spec, msg):
+    with pytest.raises(ValueError, match=r"SFX_BENCH_W4_ROWS=.*" + msg):
+        w4.select_rows(spec)
+
+
+def test_a_row_subset_is_reported_with_the_rows_left_out(tmp_path, monkeypatch):
+    """Only the chosen rows run; the report names the others and the command carries the setting
+    (``sfx eval`` replaced by a stand-in: this checks the bench's bookkeeping, not perplexities)."""
+    calls = []
+
+    def fake_eval(cmd, args):
+        calls.append(args)
+        ppl = 40.0 if "--backend" not in args else 44.0
+        return {"perplexity": ppl, "tokens": 8191, "fake": {"perplexity": ppl + 1}, "saturated": 0,
+                "outputs": 10, "method_seconds": {"total": 1.0}}
+
+    monkeypatch.setattr(w4, "sfx_json", fake_eval)
+    monkeypatch.setenv(w4.ROWS_ENV, "21-22")
+    data = w4.run(tmp_path, partial=tmp_path / "p.json")
+    assert len(calls) == 3 and [r["method"] for r in data["rows"]] == [w4.ROWS[20][1], w4.ROWS[21][1]]
+    md = (tmp_path / "w4.md").read_text()
+    assert "Rows run: 2 of 22 (SFX_BENCH_W4_ROWS=21-22); not run: W4A16 rtn; W4A16 awq;" in md
+    assert json.loads((tmp_path / "w4.json").read_text())["command"] == "SFX_BENCH_W4_ROWS=21-22 sfx bench w4"
