@@ -84,7 +84,8 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str = MODEL, budgets
 
     ``model`` and ``budgets`` exist for the bench's own smoke test (a tiny model, tiny
     budgets); ``make bench`` uses the defaults."""
-    from superfloat.sw.wasq.analyze import analyze, write_analysis
+    from superfloat.cli.analysis import write_analysis
+    from superfloat.sw.wasq.analyze import analyze
     from superfloat.sw.wasq.checkpoint import save_checkpoint
     from superfloat.sw.wasq.data import pad_id
     from superfloat.sw.wasq.config import WASQConfig

@@ -254,7 +254,7 @@ def _finetune(args: argparse.Namespace, ps) -> int:
                           pad_token_id=pad_id(lm.tokenizer)).perplexity
 
     if args.method in ("opt", "fasteropt"):
-        from superfloat.sw.wasq.analyze import read_analysis
+        from superfloat.cli.analysis import read_analysis
 
         kwargs.update(fraction=args.fraction)
         if args.layers:
@@ -299,7 +299,7 @@ def _report(args, res, lm, blocks, eval_ids, ppl, out: Path, model_dir: Path, co
                                "calibration_blocks": len(blocks) if blocks is not None else 0,
                                "note": lm.note, "world": world, **res.summary()}
     if res.extra.get("analysis") is not None:
-        from superfloat.sw.wasq.analyze import write_analysis
+        from superfloat.cli.analysis import write_analysis
 
         write_analysis(res.extra["analysis"], out / "analysis")
         summary["analysis_dir"] = str(out / "analysis")
@@ -364,7 +364,8 @@ def _report(args, res, lm, blocks, eval_ids, ppl, out: Path, model_dir: Path, co
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from superfloat.sw.wasq.analyze import analyze, write_analysis
+    from superfloat.cli.analysis import write_analysis
+    from superfloat.sw.wasq.analyze import analyze
     from superfloat.sw.wasq.config import DEFAULT_SKIP, WASQConfig
 
     if args.weight_bits is None:

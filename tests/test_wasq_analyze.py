@@ -1,4 +1,5 @@
-"""``sfx analyze`` (sw/wasq/analyze.py): per-layer activation deviation, ranking, clusters, CSV + PNG."""
+"""``sfx analyze`` (sw/wasq/analyze.py: per-layer activation deviation, ranking, clusters; cli/analysis.py:
+CSV + PNG)."""
 from __future__ import annotations
 
 import copy
@@ -7,8 +8,8 @@ import csv
 import pytest
 import torch
 
-from superfloat.sw.wasq.analyze import (CSV_COLUMNS, analyze, block_index, kmeans_1d, read_analysis, select_layers,
-                                        write_analysis)
+from superfloat.cli.analysis import CSV_COLUMNS, read_analysis, write_analysis
+from superfloat.sw.wasq.analyze import analyze, block_index, kmeans_1d, select_layers
 from superfloat.sw.wasq.config import WASQConfig
 from superfloat.sw.wasq.models import tiny_model
 from superfloat.sw.wasq.quantize import candidate_layers, quantize_
