@@ -373,11 +373,7 @@ def choose_exponent(values: Any, bits: int, axis: int | None = None, keepdims: b
     if axis is None:
         amax = np.asarray(a.max() if a.size else 0.0)
     else:
-        if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
-            raise TypeError(f"axis must be an int or None, got {axis!r}")
-        if not -arr.ndim <= axis < arr.ndim:
-            raise ValueError(f"axis {axis} is out of range for values with {arr.ndim} dimension(s)")
-        axis = int(axis) % arr.ndim
+        axis = _check_axis(axis, arr.ndim)
         red = tuple(i for i in range(arr.ndim) if i != axis)
         amax = a.max(axis=red, keepdims=keepdims) if a.size else np.zeros(
             [arr.shape[i] if (i == axis or not keepdims) else 1 for i in range(arr.ndim) if keepdims or i == axis])
@@ -385,6 +381,15 @@ def choose_exponent(values: Any, bits: int, axis: int | None = None, keepdims: b
     if axis is None:
         return int(e)
     return e
+
+
+def _check_axis(axis: Any, ndim: int) -> int:
+    """``axis`` (an int in ``-ndim..ndim-1``) as a non-negative index."""
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+        raise TypeError(f"axis must be an int or None, got {axis!r}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for values with {ndim} dimension(s)")
+    return int(axis) % ndim
 
 
 def _exponent_of_amax(amax: np.ndarray, m: int) -> np.ndarray:
@@ -401,13 +406,14 @@ def _exponent_of_amax(amax: np.ndarray, m: int) -> np.ndarray:
 # --------------------------------------------------------------------------- integer datapath
 
 
-def _broadcast_channel(x: Any, n: int, name: str, lo: int, hi: int) -> np.ndarray:
-    """Scalar or ``[N]`` per-channel integer parameter, as int64 ``[N]``."""
+def _broadcast_channel(x: Any, n: int, name: str, lo: int | None, hi: int | None,
+                       per: str = "output channel") -> np.ndarray:
+    """Scalar or ``[N]`` integer parameter, one per ``per`` (output channel, activation row), as int64 ``[N]``."""
     arr = _int_array(x, name, lo, hi)
     if arr.ndim == 0:
         return np.full(n, int(arr), dtype=np.int64)
     if arr.shape != (n,):
-        raise ValueError(f"{name} must be a scalar or have shape [{n}] (one per output channel), got {list(arr.shape)}")
+        raise ValueError(f"{name} must be a scalar or have shape [{n}] (one per {per}), got {list(arr.shape)}")
     return arr
 
 
@@ -472,6 +478,12 @@ def matmul_acc(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, bias: An
     ``bias`` (scalar or ``[N]``) is in accumulator units and must satisfy
     ``|bias| < 2**(A-2)``; ``K`` must not exceed ``k_max``.
     """
+    x, w, a_bits, w_bits, b = _check_acc_args(x_codes, w_codes, a_bits, w_bits, bias, k_max)
+    return _exact_code_matmul(x, a_bits, w, w_bits) + b[None, :]
+
+
+def _check_acc_args(x_codes: Any, w_codes: Any, a_bits: Any, w_bits: Any, bias: Any, k_max: Any) -> tuple:
+    """The checked arguments of :func:`matmul_acc`: ``(x, w, a_bits, w_bits, bias int64 [N])``."""
     a_bits = check_bits(a_bits, "a_bits")
     w_bits = check_bits(w_bits, "w_bits")
     k_max = _check_k_max(k_max)
@@ -480,7 +492,7 @@ def matmul_acc(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, bias: An
     a = accumulator_bits(a_bits, w_bits, k_max)
     blim = (1 << (a - 2)) - 1
     b = np.zeros(n, dtype=np.int64) if bias is None else _broadcast_channel(bias, n, "bias", -blim, blim)
-    return _exact_code_matmul(x, a_bits, w, w_bits) + b[None, :]
+    return x, w, a_bits, w_bits, b
 
 
 _LIMB = 32
@@ -664,15 +676,10 @@ def check_linear_args(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, o
     b = np.zeros(n, dtype=np.int64) if bias is None else _broadcast_channel(bias, n, "bias", -blim, blim)
     sh = _broadcast_channel(shift, n, "shift", INT8_MIN, INT8_MAX)
     mu = None if mult is None else _broadcast_channel(mult, n, "mult", 1, (1 << MULT_FRAC_BITS) - 1)
-    if x_exponent is None:
-        xe = np.zeros(t, dtype=np.int64)
-    else:
-        xe = _int_array(x_exponent, "x_exponent", INT8_MIN, INT8_MAX)
-        if xe.ndim == 0:
-            xe = np.full(t, int(xe), dtype=np.int64)
-        elif xe.shape != (t,):
-            raise ValueError(f"x_exponent must be a scalar or have shape [{t}] (one per activation row), got {list(xe.shape)}")
-    xm = None if xmult is None else _per_row(xmult, t, "xmult", 1, (1 << MULT_FRAC_BITS) - 1)
+    xe = _broadcast_channel(0 if x_exponent is None else x_exponent, t, "x_exponent", INT8_MIN, INT8_MAX,
+                            "activation row")
+    xm = None if xmult is None else _broadcast_channel(xmult, t, "xmult", 1, (1 << MULT_FRAC_BITS) - 1,
+                                                       "activation row")
     f = a_bits - 1 + w_bits - 1 + MULT_FRAC_BITS * ((mu is not None) + (xm is not None))
     r = f - (out_bits - 1) - (sh[None, :] + xe[:, None])
     if r.size and (r.min() < 0 or r.max() > MAX_RIGHT_SHIFT):
@@ -682,16 +689,6 @@ def check_linear_args(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, o
             f"n={bad[1]} is outside 0..{MAX_RIGHT_SHIFT} (F={f}): choose shift / output exponent in range"
         )
     return LinearArgs(x, w, a_bits, w_bits, out_bits, b, sh, mu, xe, bool(relu), rounding, k_max, xm)
-
-
-def _per_row(x: Any, t: int, name: str, lo: int, hi: int) -> np.ndarray:
-    """Scalar or ``[T]`` per-activation-row integer parameter, as int64 ``[T]``."""
-    arr = _int_array(x, name, lo, hi)
-    if arr.ndim == 0:
-        return np.full(t, int(arr), dtype=np.int64)
-    if arr.shape != (t,):
-        raise ValueError(f"{name} must be a scalar or have shape [{t}] (one per activation row), got {list(arr.shape)}")
-    return arr
 
 
 @dataclass(frozen=True)

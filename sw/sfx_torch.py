@@ -86,20 +86,24 @@ def _round(t: torch.Tensor, bits: int, rounding: str) -> torch.Tensor:
     return torch.round(t) if rounding == "nearest_even" else torch.trunc(t)
 
 
-def _signed_q(values: Any, bits: int, exponent: Any, rounding: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _checked(values: Any, bits: int, exponent: Any, rounding: str) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """The checked arguments of :func:`encode` / :func:`fake_quantize`: ``(bits, values, exponent int32)``."""
     bits = sfx.check_bits(bits)
     sfx.check_rounding(rounding)
     v = _check_float(values, "values")
     _check_no_nan(v, "values")
-    e = _exponent_tensor(exponent, v.device)
-    se = (bits - 1) - e
-    return _round(_scaled(v, se), bits, rounding), e
+    return bits, v, _exponent_tensor(exponent, v.device)
+
+
+def _signed_q(v: torch.Tensor, bits: int, e: torch.Tensor, rounding: str) -> torch.Tensor:
+    """Signed integers ``q`` of checked ``v`` at exponents ``e`` (floats, saturated)."""
+    return _round(_scaled(v, (bits - 1) - e), bits, rounding)
 
 
 def encode(values: Any, bits: int, exponent: Any = 0, rounding: str = "nearest_even") -> torch.Tensor:
     """Codes (int32 tensor, on ``values``' device) identical to :func:`superfloat.sw.sfx.encode`."""
-    q, _ = _signed_q(values, bits, exponent, rounding)
-    qi = q.to(torch.int32)
+    bits, v, e = _checked(values, bits, exponent, rounding)
+    qi = _signed_q(v, bits, e, rounding).to(torch.int32)
     m = bits - 1
     return torch.where(qi < 0, (1 << m) | -qi, qi)
 
@@ -128,11 +132,7 @@ def fake_quantize(values: Any, bits: int, exponent: Any = 0, rounding: str = "ne
     Fused (no integer codes materialised); differentiable inputs are not tracked
     (wrap with a straight-through estimator for training).
     """
-    bits = sfx.check_bits(bits)
-    sfx.check_rounding(rounding)
-    v = _check_float(values, "values")
-    _check_no_nan(v, "values")
-    e = _exponent_tensor(exponent, v.device)
+    bits, v, e = _checked(values, bits, exponent, rounding)
     m = bits - 1
     lo, hi = (int(e.min()), int(e.max())) if e.numel() else (0, 0)
     # float32 fast path: 2**(M-E) and its inverse are normal float32 numbers, and every
@@ -146,7 +146,7 @@ def fake_quantize(values: Any, bits: int, exponent: Any = 0, rounding: str = "ne
         y.round_() if rounding == "nearest_even" else y.trunc_()
         y.mul_(scale.reciprocal_())  # exact: 2**(E-M) is a normal float32
         return y.to(v.dtype)
-    q, e = _signed_q(v, bits, e, rounding)
+    q = _signed_q(v, bits, e, rounding)
     back = (m - e).to(torch.float64)
     return (q.to(torch.float64) * torch.exp2(-back)).to(v.dtype)
 
@@ -160,11 +160,7 @@ def choose_exponent(values: Any, bits: int, axis: int | None = None, keepdims: b
     if axis is None:
         amax = a.max() if a.numel() else torch.zeros((), dtype=torch.float64, device=v.device)
     else:
-        if not isinstance(axis, int) or isinstance(axis, bool):
-            raise TypeError(f"axis must be an int or None, got {axis!r}")
-        if not -v.dim() <= axis < v.dim():
-            raise ValueError(f"axis {axis} is out of range for values with {v.dim()} dimension(s)")
-        axis = axis % v.dim()
+        axis = sfx._check_axis(axis, v.dim())
         red = [i for i in range(v.dim()) if i != axis]
         amax = torch.amax(a, dim=red, keepdim=keepdims) if red else a
     e = _exponent_of_amax(amax, bits - 1)
@@ -206,7 +202,7 @@ def matmul_acc(x_codes: torch.Tensor, w_codes: torch.Tensor, *, a_bits: int, w_b
     """Exact int64 accumulators ``[T, N]``; arguments checked by the numpy model's rules."""
     dev = x_codes.device if isinstance(x_codes, torch.Tensor) else torch.device("cpu")
     # Validation (shapes, code ranges, K, bias range) uses the numpy model's checks and messages.
-    _validate_acc(x_codes, w_codes, a_bits, w_bits, bias, k_max)
+    sfx._check_acc_args(_np(x_codes), _np(w_codes), a_bits, w_bits, _np(bias), k_max)
     xs = _signed(_as_long(x_codes, dev), a_bits).to(torch.float64)
     ws = _signed(_as_long(w_codes, dev), w_bits).to(torch.float64)
     maxp = sfx.max_magnitude(a_bits) * sfx.max_magnitude(w_bits)
@@ -223,21 +219,6 @@ def matmul_acc(x_codes: torch.Tensor, w_codes: torch.Tensor, *, a_bits: int, w_b
 
 def _np(x):
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
-
-
-def _validate_acc(x_codes, w_codes, a_bits, w_bits, bias, k_max):
-    x = sfx._check_matrix(_np(x_codes), sfx.check_bits(a_bits, "a_bits"), "x_codes")
-    w = sfx._check_matrix(_np(w_codes), sfx.check_bits(w_bits, "w_bits"), "w_codes")
-    k_max = sfx._check_k_max(k_max)
-    if x.shape[1] != w.shape[1]:
-        raise ValueError(f"x_codes is [T={x.shape[0]}, K={x.shape[1]}] but w_codes is [N={w.shape[0]}, "
-                         f"K={w.shape[1]}]: the K dimensions differ")
-    if x.shape[1] > k_max:
-        raise ValueError(f"K={x.shape[1]} exceeds k_max={k_max}: split the reduction or raise k_max")
-    if bias is not None:
-        a = sfx.accumulator_bits(a_bits, w_bits, k_max)
-        blim = (1 << (a - 2)) - 1
-        sfx._broadcast_channel(_np(bias), w.shape[0], "bias", -blim, blim)
 
 
 class _TorchOps:
