@@ -506,9 +506,23 @@ def batch_job(ops: Sequence, p: AccelParams, **kw) -> HarnessJob:
     return HarnessJob(batch_beats([op if isinstance(op, Beats) else linear_beats(op, p) for op in ops]), **kw)
 
 
+def _write_new(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new file at ``path`` (the old one unlinked first): truncating a file
+    that still has unwritten data makes ext4 (``auto_da_alloc``) flush it on close, measured
+    20-24 ms per job of 8 files on this machine's disk against 1 ms for unlink and write."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def write_job(run_dir: str | Path, job: HarnessJob, depths: Mapping[str, int]) -> None:
     """Write the job's files into the simulator's working folder ``run_dir``. Raises
-    ValueError (saying what to split) when the job does not fit the harness's memories."""
+    ValueError (saying what to split) when the job does not fit the harness's memories.
+    The results of the previous job (``res`` beats, statistics) are removed, so that the
+    simulator's ``$writememh`` creates new files instead of truncating old ones."""
     run_dir = Path(run_dir)
     b = job.beats
     for s in DRIVEN:
@@ -522,17 +536,19 @@ def write_job(run_dir: str | Path, job: HarnessJob, depths: Mapping[str, int]) -
         if int(b.segs[s][:, 1].sum()) != int(b.counts[s]):
             raise ValueError(f"{s}: the segments hold {int(b.segs[s][:, 1].sum())} beats, the counts say "
                              f"{b.counts[s]}")
-        (run_dir / _DATA[s]).write_bytes(np.ascontiguousarray(b.data[s]).tobytes())
+        _write_new(run_dir / _DATA[s], np.ascontiguousarray(b.data[s]).tobytes())
         sg = b.segs[s] if b.segs[s].shape[0] else np.zeros((1, 2), dtype=np.int64)
-        (run_dir / _SEGS[s]).write_bytes(((sg[:, 0].astype(np.uint64) << np.uint64(32))
-                                          | sg[:, 1].astype(np.uint64)).astype(">u8").tobytes())
+        _write_new(run_dir / _SEGS[s], ((sg[:, 0].astype(np.uint64) << np.uint64(32))
+                                        | sg[:, 1].astype(np.uint64)).astype(">u8").tobytes())
     if int(b.counts.get("res", 0)) > 1 << depths["res"]:
         raise ValueError(f"{b.counts['res']} res beats do not fit the harness's {1 << depths['res']}-beat memory: "
                          f"split the operation")
-    res = run_dir / _RES_FILE
-    if res.exists():
-        res.unlink()
-    (run_dir / _CFG_FILE).write_bytes("".join(f"{w:08x}\n" for w in job.cfg_words()).encode())
+    for name in (_RES_FILE, _STATS_FILE):
+        try:
+            os.unlink(run_dir / name)
+        except FileNotFoundError:
+            pass
+    _write_new(run_dir / _CFG_FILE, "".join(f"{w:08x}\n" for w in job.cfg_words()).encode())
 
 
 def parse_hex_words(path: str | Path) -> list[int]:
