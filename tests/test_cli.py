@@ -47,3 +47,11 @@ def test_bench_sw_quick_writes_report(tmp_path):
     assert js["command"] == "sfx bench sw --quick"
     assert js["results"]["encode"]["ratio"] == data["encode"]["ratio"] > 0
     assert "versions" in js["machine"]
+
+
+def test_devtools_usage(capsys):
+    """The Makefile's setup step (``python -m superfloat.cli.devtools link-verilator``) names itself."""
+    from superfloat.cli import devtools
+
+    assert devtools.main([]) == 2
+    assert "usage: python -m superfloat.cli.devtools link-verilator" in capsys.readouterr().err
