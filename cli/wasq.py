@@ -13,9 +13,11 @@ import argparse
 import copy
 import json
 import math
+import shutil
 import sys
+import textwrap
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from superfloat.cli.argtypes import float_range, int_range, nonneg_int, positive_float, positive_int, probability, sfx_bits
 
@@ -531,7 +533,7 @@ def generation_entries(args: argparse.Namespace) -> list[tuple[str, Any, Any]]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from superfloat.sw.wasq.generate import format_blocks, format_side_by_side, generate_many
+    from superfloat.sw.wasq.generate import generate_many
 
     entries = generation_entries(args)
     try:
@@ -543,10 +545,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"prompt": args.prompt, "outputs": [{"model": l, "text": t} for l, t in results]}))
     elif args.layout == "blocks" or len(results) == 1:
-        print(format_blocks(args.prompt, results))
+        print(_format_blocks(args.prompt, results))
     else:
-        print(format_side_by_side(args.prompt, results))
+        print(_format_side_by_side(args.prompt, results))
     return 0
+
+
+def _format_blocks(prompt: str, results: Sequence[tuple[str, str]]) -> str:
+    lines = [f"prompt: {prompt}", ""]
+    for label, text in results:
+        lines += [f"=== {label} ===", text.strip("\n"), ""]
+    return "\n".join(lines)
+
+
+def _format_side_by_side(prompt: str, results: Sequence[tuple[str, str]], width: int | None = None) -> str:
+    """Columns, one per model, wrapped to the terminal width (falls back to blocks when too narrow)."""
+    width = width or shutil.get_terminal_size((160, 40)).columns
+    n = len(results)
+    col = (width - 3 * (n - 1)) // max(n, 1)
+    if n == 1 or col < 24:
+        return _format_blocks(prompt, results)
+    cols = []
+    for label, text in results:
+        body = []
+        for para in text.strip("\n").split("\n"):
+            body += textwrap.wrap(para, col) or [""]
+        cols.append([label[:col], "-" * min(col, max(len(label), 3))] + body)
+    h = max(len(c) for c in cols)
+    out = [f"prompt: {prompt}", ""]
+    for i in range(h):
+        out.append(" | ".join((c[i] if i < len(c) else "").ljust(col) for c in cols).rstrip())
+    return "\n".join(out) + "\n"
 
 
 # --------------------------------------------------------------------------- registration

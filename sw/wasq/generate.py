@@ -1,13 +1,12 @@
-"""Text generation from one or several (quantized) models, for side-by-side comparison."""
+"""Text generation from one or several (quantized) models, for side-by-side comparison (``sfx generate``
+lays them out)."""
 from __future__ import annotations
 
-import shutil
-import textwrap
 from typing import Any, Sequence
 
 import torch
 
-__all__ = ["generate", "generate_many", "format_side_by_side", "format_blocks"]
+__all__ = ["generate", "generate_many"]
 
 
 def _prompt_ids(tokenizer: Any, prompt: str, chat: bool) -> torch.Tensor:
@@ -55,30 +54,3 @@ def generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 4
 def generate_many(entries: Sequence[tuple[str, Any, Any]], prompt: str, **kw: Any) -> list[tuple[str, str]]:
     """``[(label, continuation)]`` for ``entries = [(label, model, tokenizer), ...]``."""
     return [(label, generate(model, tok, prompt, **kw)) for label, model, tok in entries]
-
-
-def format_blocks(prompt: str, results: Sequence[tuple[str, str]]) -> str:
-    lines = [f"prompt: {prompt}", ""]
-    for label, text in results:
-        lines += [f"=== {label} ===", text.strip("\n"), ""]
-    return "\n".join(lines)
-
-
-def format_side_by_side(prompt: str, results: Sequence[tuple[str, str]], width: int | None = None) -> str:
-    """Columns, one per model, wrapped to the terminal width (falls back to blocks when too narrow)."""
-    width = width or shutil.get_terminal_size((160, 40)).columns
-    n = len(results)
-    col = (width - 3 * (n - 1)) // max(n, 1)
-    if n == 1 or col < 24:
-        return format_blocks(prompt, results)
-    cols = []
-    for label, text in results:
-        body = []
-        for para in text.strip("\n").split("\n"):
-            body += textwrap.wrap(para, col) or [""]
-        cols.append([label[:col], "-" * min(col, max(len(label), 3))] + body)
-    h = max(len(c) for c in cols)
-    out = [f"prompt: {prompt}", ""]
-    for i in range(h):
-        out.append(" | ".join((c[i] if i < len(c) else "").ljust(col) for c in cols).rstrip())
-    return "\n".join(out) + "\n"
