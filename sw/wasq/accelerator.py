@@ -53,7 +53,7 @@ from .. import sfx, sfx_torch
 from .layers import quantized_layers
 from .quantize import _run_batch
 
-__all__ = ["BACKENDS", "DEFAULT_OUT_BITS", "DEFAULT_HEADROOM", "WEIGHT_ONLY_ACT_BITS", "AcceleratorError",
+__all__ = ["BACKENDS", "DEFAULT_OUT_BITS", "WEIGHT_ONLY_ACT_BITS", "AcceleratorError",
            "LayerProgram", "RowStream", "set_backend", "backend_of", "calibrate_outputs_", "accelerator_stats",
            "reset_accelerator_stats", "output_exponent_rule", "default_headroom", "bias_to_accumulator", "weight_scale_params",
            "widen_codes", "MIN_CALIB_ROWS"]
@@ -65,7 +65,6 @@ DEFAULT_OUT_BITS = 16
 #: pays depends on the output width (:func:`default_headroom`): a wide output has bits to
 #: spare and saturating an outlier token costs far more than a lost low bit
 HEADROOM_WIDE, HEADROOM_NARROW, WIDE_OUT_BITS = 4.0, 1.0, 12
-DEFAULT_HEADROOM = HEADROOM_WIDE  # of the default output width (DEFAULT_OUT_BITS)
 
 
 def default_headroom(out_bits: int) -> float:

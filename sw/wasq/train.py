@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TrainConfig", "TrainStats", "Blocks", "make_blocks", "encode_text", "causal_lm_loss", "default_forward",
+__all__ = ["TrainConfig", "TrainStats", "Blocks", "make_blocks", "causal_lm_loss", "default_forward",
            "train", "latest_checkpoint", "evaluate_loss", "SCHEDULERS", "process_state", "DistributedLaunchError"]
 
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -212,15 +212,6 @@ class Blocks:
         for t in (self.input_ids, self.attention_mask, self.labels):
             h.update(t.contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
-
-
-def encode_text(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of ``text`` without special tokens (no length warning for long texts)."""
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {type(text).__name__}")
-    if hasattr(tokenizer, "backend_tokenizer"):  # fast tokenizer: no model_max_length warning
-        return list(tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids)
-    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def make_blocks(ids: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor, context: int, pad_id: int, *,
