@@ -125,9 +125,10 @@ def _sha256_file(path: Path) -> str:
         return _sha256_file_range(f, 0, path.stat().st_size)
 
 
-def _tensor_digests(path: Path) -> dict[str, str]:
-    """``{tensor: SHA-256 of its bytes}`` as they lie in the safetensors file ``path``."""
-    header, start = _safetensors_header(path, with_start=True)
+def _tensor_digests(path: Path, header: tuple[dict[str, Any], int] | None = None) -> dict[str, str]:
+    """``{tensor: SHA-256 of its bytes}`` as they lie in the safetensors file ``path`` (``header``:
+    its checked header and data start, when already read)."""
+    header, start = header or _safetensors_header(path, with_start=True)
     out = {}
     with open(path, "rb") as f:
         for name, meta in header.items():
@@ -136,6 +137,7 @@ def _tensor_digests(path: Path) -> dict[str, str]:
             lo, hi = meta["data_offsets"]
             out[name] = _sha256_file_range(f, start + lo, start + hi)
     return out
+
 def _canonical_sha(v: Any) -> str:
     return hashlib.sha256(json.dumps(v, sort_keys=True, separators=(",", ":"), allow_nan=True,
                                      default=_json_default).encode()).hexdigest()
@@ -179,6 +181,11 @@ def _fsync_file(path: Path) -> None:
 def _storage_key(t: torch.Tensor) -> tuple:
     return (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
             t.dtype)
+
+
+def _quantized_keys(layers) -> set[str]:
+    """The state-dict keys of the quantized layers' weights and biases (stored as codes, not as floats)."""
+    return {f"{name}.{p}" for name in layers for p in ("weight", "bias")}
 
 
 def _base_model_info(model: nn.Module, source: str | None, note: str | None) -> dict[str, Any]:
@@ -357,9 +364,7 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, tokenizer
             "out_bits": out_bits, "out_exponent": out_exp is not None,
         }
 
-    skip_keys = set()
-    for name in layers:
-        skip_keys.update({f"{name}.weight", f"{name}.bias"})
+    skip_keys = _quantized_keys(layers)
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
     for key, t in model.state_dict(keep_vars=True).items():
@@ -435,10 +440,7 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, tokenizer
             "total_params": int(sum(p.numel() for p in model.parameters())),
         }
         info["config_sha256"] = _config_digests(info)
-        cfg_tmp = tmp / (CONFIG_FILE + ".part")
-        cfg_tmp.write_text(json.dumps(info, indent=2, default=_json_default) + "\n")
-        _fsync_file(cfg_tmp)
-        os.replace(cfg_tmp, tmp / CONFIG_FILE)
+        _write_config(tmp, info)
         info["memory"]["directory_bytes"] = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
         umask = os.umask(0)
         os.umask(umask)
@@ -511,9 +513,15 @@ def reseal_checkpoint(directory: str | os.PathLike) -> None:
         info["tokenizer_files"] = {n: _sha256_file(d / n) for n in names if (d / n).is_file()}
     info["format_version"] = FORMAT_VERSION
     info["config_sha256"] = _config_digests(info)
-    part = path.with_name(CONFIG_FILE + ".part")
+    _write_config(d, info)
+
+
+def _write_config(d: Path, info: dict[str, Any]) -> None:
+    """Write ``d/sfx_config.json`` atomically (through ``sfx_config.json.part``, synced)."""
+    part = d / (CONFIG_FILE + ".part")
     part.write_text(json.dumps(info, indent=2, default=_json_default) + "\n")
-    os.replace(part, path)
+    _fsync_file(part)
+    os.replace(part, d / CONFIG_FILE)
 
 
 def _json_default(o: Any) -> Any:
@@ -875,19 +883,16 @@ class _Tensors:
             raise CheckpointError(f"checkpoint {self.dir}: {self.where} is missing tensor {absent[0]!r} (field sha256 of "
                                   f"{CONFIG_FILE} lists it)" + (f" and {len(absent) - 1} more" if len(absent) > 1
                                                                  else "") + f"; {_REDO}")
-        for path, (header, start) in zip(self.paths, headers):
+        for path, header in zip(self.paths, headers):
             try:
-                with open(path, "rb") as f:
-                    for name, meta in header.items():
-                        if name == "__metadata__":
-                            continue
-                        lo, hi = meta["data_offsets"]
-                        if _sha256_file_range(f, start + lo, start + hi) != digests[name]:
-                            raise CheckpointError(
-                                f"{path}: tensor {name!r} fails its SHA-256 check (its bytes, or its digest in field "
-                                f"sha256 of {CONFIG_FILE}, changed since the save: a corrupt or edited file); {_REDO}")
+                got = _tensor_digests(path, header)
             except OSError as e:
                 raise CheckpointError(f"{path} cannot be read: {e.strerror or e}") from None
+            bad = [n for n in got if got[n] != digests[n]]
+            if bad:
+                raise CheckpointError(f"{path}: tensor {bad[0]!r} fails its SHA-256 check (its bytes, or its digest in "
+                                      f"field sha256 of {CONFIG_FILE}, changed since the save: a corrupt or edited "
+                                      f"file); {_REDO}")
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -1010,11 +1015,16 @@ def load_checkpoint(directory: str | os.PathLike, *, device: str | torch.device 
             the file, field or tensor.
     """
     d = Path(directory).expanduser()
+    return _guarded(d, lambda: _load(d, device, return_info))
+
+
+def _guarded(d: Path, load):
+    """``load()``, any error other than :class:`CheckpointError` turned into one (one line, never a traceback)."""
     try:
-        return _load(d, device, return_info)
+        return load()
     except CheckpointError:
         raise
-    except Exception as e:  # noqa: BLE001 - the last resort: one line, never a traceback
+    except Exception as e:  # noqa: BLE001 - the last resort
         raise CheckpointError(f"checkpoint {d} could not be loaded: {type(e).__name__}: {_one_line(e)} (if the "
                               f"checkpoint is intact, this is a bug in superfloat: please report it)") from e
 
@@ -1031,16 +1041,7 @@ def load_into(model: nn.Module, directory: str | os.PathLike) -> dict[str, Any]:
         CheckpointError: as :func:`load_checkpoint`.
     """
     d = Path(directory).expanduser()
-    try:
-        info = read_checkpoint_info(d)
-        store = _Tensors(d, info)
-        _populate(model, d, info, store, _quant_config(info, d / CONFIG_FILE))
-        return info
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the last resort: one line, never a traceback
-        raise CheckpointError(f"checkpoint {d} could not be loaded: {type(e).__name__}: {_one_line(e)} (if the "
-                              f"checkpoint is intact, this is a bug in superfloat: please report it)") from e
+    return _guarded(d, lambda: _read_into(model, d))[1]
 
 
 def _quant_config(info: dict[str, Any], cfg_path: Path) -> WASQConfig:
@@ -1050,13 +1051,19 @@ def _quant_config(info: dict[str, Any], cfg_path: Path) -> WASQConfig:
         raise CheckpointError(f"{cfg_path}: field quant_config is invalid: {_one_line(e)}; {_REDO}") from None
 
 
-def _load(d: Path, device, return_info: bool):
+def _read_into(model: nn.Module | None, d: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Check ``d`` and fill ``model`` (``None``: built from ``base_model``) with it: ``(model, info)``."""
     info = read_checkpoint_info(d)
-    cfg_path = d / CONFIG_FILE
     store = _Tensors(d, info)
-    config = _quant_config(info, cfg_path)
-    model = _build_model(info, cfg_path)
+    config = _quant_config(info, d / CONFIG_FILE)
+    if model is None:
+        model = _build_model(info, d / CONFIG_FILE)
     _populate(model, d, info, store, config)
+    return model, info
+
+
+def _load(d: Path, device, return_info: bool):
+    model, info = _read_into(None, d)
     if device is not None:
         model = model.to(device)
     model.eval()
@@ -1095,9 +1102,7 @@ def _populate(model: nn.Module, d: Path, info: dict[str, Any], store: "_Tensors"
                                   f"fit the base model: {_one_line(e)}; {_REDO}") from None
 
     # Unquantized tensors: every state-dict entry that is not a quantized layer's weight/bias.
-    q_keys = set()
-    for name in layers:
-        q_keys.update({f"{name}.weight", f"{name}.bias"})
+    q_keys = _quantized_keys(layers)
     expected = {k: v for k, v in model.state_dict().items() if k not in q_keys}
     for key in aliases:
         if key not in expected:
