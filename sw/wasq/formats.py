@@ -206,6 +206,12 @@ class WeightGrid:
         """Round-to-nearest levels (int64 ``[N, K]``), through the official quantizers."""
         return _rtn_levels(w, self)
 
+    def per_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-group ``[N, G, 1]`` tensor (``unit``, ``zero``) repeated over its group: ``[N, K]``."""
+        gs = self.fmt.group_size
+        g = self.k if gs is None or gs >= self.k else gs
+        return ungroup(t.expand(t.shape[0], t.shape[1], g), self.k)
+
     def dequantize_levels(self, q: torch.Tensor) -> torch.Tensor:
         """float32 ``[N, K]`` real values of integer levels ``q``."""
         qg = group_view(q.to(torch.float64), self.fmt.group_size)

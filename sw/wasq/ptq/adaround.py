@@ -39,13 +39,6 @@ __all__ = ["adaround_levels", "output_error_rows"]
 ZETA, GAMMA = 1.1, -0.1
 
 
-def _full(t: torch.Tensor, grid: WeightGrid, n: int) -> torch.Tensor:
-    """``[N, G, 1]`` per-group tensor -> ``[N, K]``."""
-    gs = grid.fmt.group_size
-    g = grid.k if gs is None or gs >= grid.k else gs
-    return ungroup(t.expand(n, t.shape[1], g), grid.k)
-
-
 def output_error_rows(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Per-row ``d H d^T`` (float64)."""
     d = d.to(torch.float64)
@@ -69,8 +62,8 @@ def adaround_levels(w: torch.Tensor, x: torch.Tensor, grid: WeightGrid, *, iters
     w64 = w.detach().to(torch.float64)
     x64 = x.detach().to(torch.float64)
     hmat = (x64.t() @ x64) / max(1, x.shape[0])
-    unit = _full(grid.unit, grid, n)
-    zero = _full(grid.zero, grid, n) if grid.zero is not None else torch.zeros_like(unit)
+    unit = grid.per_weight(grid.unit)
+    zero = grid.per_weight(grid.zero) if grid.zero is not None else torch.zeros_like(unit)
     t = ungroup(group_view(w64, grid.fmt.group_size) / grid.unit, k) + zero
     fl = torch.floor(t)
     rest = (t - fl).clamp(1e-4, 1 - 1e-4)

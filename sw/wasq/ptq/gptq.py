@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 
 from ... import sfx_torch
-from ..formats import WeightFormat, WeightGrid, fake_quant_weight, group_view, ungroup
+from ..formats import WeightFormat, WeightGrid, fake_quant_weight, group_view
 from .adaround import output_error_rows
 
 __all__ = ["gptq_levels", "hessian", "mse_clip", "DEFAULT_DAMP", "DEFAULT_BLOCK"]
@@ -60,13 +60,6 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"GPTQ: calibration inputs must be a non-empty [T, K] matrix, got shape {list(x.shape)}")
     x64 = x.detach().to(torch.float64)
     return 2.0 * (x64.t() @ x64) / x.shape[0]
-
-
-def _full(t: torch.Tensor, grid: WeightGrid, n: int) -> torch.Tensor:
-    """``[N, G, 1]`` per-group tensor -> ``[N, K]``."""
-    gs = grid.fmt.group_size
-    g = grid.k if gs is None or gs >= grid.k else gs
-    return ungroup(t.expand(n, t.shape[1], g), grid.k)
 
 
 def _round_column(w: torch.Tensor, unit: torch.Tensor, zero: torch.Tensor | None, grid: WeightGrid) -> torch.Tensor:
@@ -144,8 +137,8 @@ def _gptq(w, h, grid, damp, act_order, block, rtn_levels):
     n, k = w.shape
     h_err = h.to(torch.float64)  # the undamped Hessian measures the output error
     w64 = w.detach().to(torch.float64)
-    unit = _full(grid.unit, grid, n)
-    zero = _full(grid.zero, grid, n) if grid.zero is not None else None
+    unit = grid.per_weight(grid.unit)
+    zero = grid.per_weight(grid.zero) if grid.zero is not None else None
     if rtn_levels is None:
         rtn_levels = grid.levels_rtn(w)
     z0 = zero if zero is not None else 0.0
