@@ -37,29 +37,16 @@ if "transformers" in _sys.modules:  # transformers already loaded: register quan
     from . import hf as _hf  # noqa: F401  (docs/huggingface.md; otherwise: import superfloat.sw.wasq.hf)
 
 
-def __getattr__(name: str):  # lazy: checkpoint/models/data/evaluate/generate pull in transformers
-    if name in ("save_packed", "load_packed", "memory_report"):
-        from . import packing
+#: lazily imported names -> their submodule (checkpoint/models/data/evaluate/generate pull in transformers)
+_LAZY = {**dict.fromkeys(("save_packed", "load_packed", "memory_report"), "packing"),
+         **dict.fromkeys(("save_checkpoint", "load_checkpoint", "CheckpointError"), "checkpoint"),
+         **dict.fromkeys(("load_model", "LoadedModel"), "models"), "load_text": "data",
+         **dict.fromkeys(("perplexity", "PerplexityResult"), "evaluate"), "generate": "generate"}
 
-        return getattr(packing, name)
-    if name in ("save_checkpoint", "load_checkpoint", "CheckpointError"):
-        from . import checkpoint
 
-        return getattr(checkpoint, name)
-    if name in ("load_model", "LoadedModel"):
-        from . import models
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
 
-        return getattr(models, name)
-    if name == "load_text":
-        from .data import load_text
-
-        return load_text
-    if name in ("perplexity", "PerplexityResult"):
-        from . import evaluate
-
-        return getattr(evaluate, name)
-    if name == "generate":
-        from .generate import generate
-
-        return generate
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 __all__ = ["ScaleGroup", "scale_groups", "apply_scale", "decoder_layers", "SUPPORTED_MODEL_TYPES",
-           "consumer_weight", "linear_weight"]
+           "linear_weight"]
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_MODEL_TYPES = (*LLAMA_LIKE, "opt", "gpt2")
@@ -150,8 +150,6 @@ def linear_weight(m: nn.Module) -> torch.Tensor:
     w = m.weight.detach()
     return w.t() if _is_conv1d(m) else w
 
-
-consumer_weight = linear_weight
 
 
 @torch.no_grad()
