@@ -66,6 +66,7 @@ from torch import nn
 from .. import __version__, sfx
 from . import hooks
 from .config import WASQConfig
+from .layers import distinct_tensors
 from .qlinear import ExportedLinear
 from .quantize import quantize_, quantized_layers, wasq_config_of
 
@@ -176,11 +177,6 @@ def _fsync_dir(path: Path) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
-
-
-def _storage_key(t: torch.Tensor) -> tuple:
-    return (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
-            t.dtype)
 
 
 def _quantized_keys(layers) -> set[str]:
@@ -364,21 +360,10 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, tokenizer
             "out_bits": out_bits, "out_exponent": out_exp is not None,
         }
 
-    skip_keys = _quantized_keys(layers)
-    aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for key, t in model.state_dict(keep_vars=True).items():
-        if key in skip_keys:
-            continue
-        t = t.detach()
-        sk = _storage_key(t)
-        if sk in seen:
-            aliases[key] = seen[sk]
-            continue
-        seen[sk] = key
-        # (a float tensor tied to a quantized layer's shadow weight, e.g. the embedding
-        # of a quantized lm_head, is stored as float under its own name)
-        tensors[key] = t.cpu().contiguous().clone()
+    # (a float tensor tied to a quantized layer's shadow weight, e.g. the embedding of a
+    # quantized lm_head, is stored as float under its own name)
+    floats, aliases = distinct_tensors(model, _quantized_keys(layers).__contains__)
+    tensors.update({key: t.cpu().contiguous().clone() for key, t in floats.items()})
     for key, t in tensors.items():
         if t.dtype.is_floating_point and t.numel() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())

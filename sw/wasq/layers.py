@@ -1,12 +1,13 @@
 """Finding and replacing the linear layers of a model (shared by ``quantize_`` and the methods)."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .config import WASQConfig
 from .qlinear import SFxLinear, _module_kind
 
-__all__ = ["candidate_layers", "quantized_layers", "set_module", "convert_rtn_"]
+__all__ = ["candidate_layers", "quantized_layers", "set_module", "convert_rtn_", "distinct_tensors"]
 
 
 def candidate_layers(model: nn.Module, config: WASQConfig) -> dict[str, str]:
@@ -36,3 +37,23 @@ def convert_rtn_(model: nn.Module, config: WASQConfig, names) -> nn.Module:
     for name in names:
         set_module(model, name, SFxLinear.from_float(model.get_submodule(name), config, name))
     return model
+
+
+def distinct_tensors(model: nn.Module, skip=lambda key: False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state-dict tensors of ``model`` whose key is not ``skip(key)``, detached, tensors that
+    share storage (tied embeddings) once under their first name: ``({key: tensor}, {alias: key})``."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        if skip(key):
+            continue
+        t = t.detach()
+        sk = (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+              t.dtype)
+        if sk in seen:
+            aliases[key] = seen[sk]
+        else:
+            seen[sk] = key
+            tensors[key] = t
+    return tensors, aliases

@@ -148,7 +148,7 @@ def save_packed(model, path: str | os.PathLike, *, metadata: dict[str, Any] | No
     import torch
     from safetensors.torch import save_file
 
-    from .layers import quantized_layers
+    from .layers import distinct_tensors, quantized_layers
 
     layers = quantized_layers(model)
     if not layers:
@@ -170,23 +170,9 @@ def save_packed(model, path: str | os.PathLike, *, metadata: dict[str, Any] | No
             tensors[f"{name}.bias"] = b
             quant_bytes += b.numel() * b.element_size()
         meta_layers[name] = qw.describe_storage()
-    skip = set()
-    for name in layers:
-        skip.update({f"{name}.weight", f"{name}.bias"})
-    seen: dict[tuple, str] = {}
-    aliases: dict[str, str] = {}
-    other = 0
-    for key, t in model.state_dict(keep_vars=True).items():
-        if key in skip or any(key.startswith(n + ".") for n in layers):
-            continue
-        t = t.detach()
-        sk = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if sk in seen:
-            aliases[key] = seen[sk]
-            continue
-        seen[sk] = key
-        tensors[key] = t.cpu().contiguous().clone()
-        other += t.numel() * t.element_size()
+    others, aliases = distinct_tensors(model, lambda key: any(key.startswith(n + ".") for n in layers))
+    tensors.update({key: t.cpu().contiguous().clone() for key, t in others.items()})
+    other = sum(t.numel() * t.element_size() for t in others.values())
     meta = {"format": PACKED_FORMAT, "format_version": str(PACKED_VERSION),
             "layers": json.dumps(meta_layers), "aliases": json.dumps(aliases),
             "extra": json.dumps(metadata or {}, default=str)}
@@ -257,17 +243,10 @@ def load_packed(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]
 
 
 def _unique_tensors(model: nn.Module, skip_prefixes: set[str]) -> int:
-    seen = set()
-    total = 0
-    for key, t in model.state_dict(keep_vars=True).items():
-        if any(key.startswith(p + ".") for p in skip_prefixes):
-            continue
-        sk = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if sk in seen:
-            continue
-        seen.add(sk)
-        total += t.numel() * t.element_size()
-    return total
+    from .layers import distinct_tensors
+
+    tensors, _ = distinct_tensors(model, lambda key: any(key.startswith(p + ".") for p in skip_prefixes))
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def float_bytes(model: nn.Module) -> int:
