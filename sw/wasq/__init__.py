@@ -15,14 +15,14 @@ imports torch.
 """
 from __future__ import annotations
 
-from .config import CODES, DEFAULT_SKIP, WASQConfig, normalize_method
+from .config import CODES, DEFAULT_SKIP, WASQConfig
 from .formats import ActQuantizer, ExportedLinear, QuantizedWeight, WeightFormat, float_scale
 from .qlinear import SFxLinear
 from .quantize import (calibrate_, candidate_layers, invalidate_caches, quantize_, quantize_report, quantized_layers,
                        wasq_config_of)
 
 __all__ = [
-    "WASQConfig", "DEFAULT_SKIP", "CODES", "normalize_method",
+    "WASQConfig", "DEFAULT_SKIP", "CODES",
     "SFxLinear", "ExportedLinear", "QuantizedWeight", "WeightFormat", "ActQuantizer", "float_scale",
     "quantize_", "quantize_report", "calibrate_", "quantized_layers", "invalidate_caches", "wasq_config_of",
     "candidate_layers", "save_packed", "load_packed", "memory_report",

@@ -33,7 +33,7 @@ from typing import Any, Mapping
 
 from .. import sfx
 
-__all__ = ["WASQConfig", "DEFAULT_SKIP", "CODES", "METHODS", "METHOD_ALIASES", "normalize_method"]
+__all__ = ["WASQConfig", "DEFAULT_SKIP", "CODES", "METHOD_ALIASES"]
 
 #: Module-name patterns that are never quantized by default (``fnmatch`` globs; a
 #: pattern matches a module when it matches its full dotted name or its last component).
@@ -52,18 +52,10 @@ CODES = ("sfx", "int", "int_asym")
 #: Legacy spellings of ``method`` that name a code family (checkpoints of format 1 and the
 #: CLI): ``vanilla``/``sfx`` is SFx round-to-nearest, ``rtn-int``/``int`` the integer baseline.
 METHOD_ALIASES = {"sfx": "sfx", "vanilla": "sfx", "int": "int", "rtn-int": "int", "rtn_int": "int"}
-METHODS = ("sfx", "int")  # the legacy code-family names of ``method``
 WEIGHT_SCALES = ("channel", "tensor")
 SCALE_KINDS = ("pow2", "float")
 ACT_EXPONENTS = ("dynamic", "static")
 INT_MIN_BITS, INT_MAX_BITS = 2, 16
-
-
-def normalize_method(method: str) -> str:
-    """``"vanilla"``/``"sfx"`` -> ``"sfx"``, ``"rtn-int"``/``"int"`` -> ``"int"`` (the code family)."""
-    if not isinstance(method, str) or method.lower() not in METHOD_ALIASES:
-        raise ValueError(f"method must be one of {', '.join(map(repr, METHOD_ALIASES))}, got {method!r}")
-    return METHOD_ALIASES[method.lower()]
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -26,7 +26,7 @@ Every method works with ``codes="sfx"`` and with the integer baselines ``codes="
 from __future__ import annotations
 
 from .calib import Calibration
-from .config import METHOD_HELP, METHODS, MethodOptions
+from .config import METHODS, MethodOptions
 from .pipeline import PTQReport, run_method
 
-__all__ = ["METHODS", "METHOD_HELP", "MethodOptions", "PTQReport", "run_method", "Calibration"]
+__all__ = ["METHODS", "MethodOptions", "PTQReport", "run_method", "Calibration"]

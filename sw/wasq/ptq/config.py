@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MethodOptions", "METHODS", "METHOD_HELP", "ACT_CLIPS", "GROUP_CHOICES", "preset_formats"]
+__all__ = ["MethodOptions", "METHODS", "ACT_CLIPS", "GROUP_CHOICES", "preset_formats"]
 
 ACT_CLIPS = ("max", "raw", "sigma", "percentile", "mse")
 ROTATIONS = ("hadamard", "random")
@@ -53,7 +53,6 @@ METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "rotate-gptq-clip": ("rotation, then GPTQ on weight-MSE clipped grids",
                          {"rotate": "hadamard", "gptq": True, "gptq_mse_clip": True}, {}),
 }
-METHOD_HELP = {k: v[0] for k, v in METHODS.items()}
 
 
 def preset_formats(method: str) -> dict[str, Any]:
