@@ -103,9 +103,7 @@ def _signed_q(v: torch.Tensor, bits: int, e: torch.Tensor, rounding: str) -> tor
 def encode(values: Any, bits: int, exponent: Any = 0, rounding: str = "nearest_even") -> torch.Tensor:
     """Codes (int32 tensor, on ``values``' device) identical to :func:`superfloat.sw.sfx.encode`."""
     bits, v, e = _checked(values, bits, exponent, rounding)
-    qi = _signed_q(v, bits, e, rounding).to(torch.int32)
-    m = bits - 1
-    return torch.where(qi < 0, (1 << m) | -qi, qi)
+    return _signed_to_codes(_signed_q(v, bits, e, rounding).to(torch.int32), bits - 1)
 
 
 def decode(codes: Any, bits: int, exponent: Any = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -119,11 +117,8 @@ def decode(codes: Any, bits: int, exponent: Any = 0, dtype: torch.dtype = torch.
     if c.numel() and (int(c.min()) < 0 or int(c.max()) > (1 << bits) - 1):
         bad = (c < 0) | (c > (1 << bits) - 1)
         raise ValueError(f"codes must be in [0, {1 << bits}) for SF{bits}: {int(bad.sum())} value(s) are not")
-    m = bits - 1
-    mag = c & ((1 << m) - 1)
-    signed = torch.where(((c >> m) & 1) == 1, -mag, mag)
     e = _exponent_tensor(exponent, c.device)
-    return (signed.to(torch.float64) * torch.exp2((e - m).to(torch.float64))).to(dtype)
+    return (_signed(c, bits).to(torch.float64) * torch.exp2((e - (bits - 1)).to(torch.float64))).to(dtype)
 
 
 def fake_quantize(values: Any, bits: int, exponent: Any = 0, rounding: str = "nearest_even") -> torch.Tensor:
@@ -258,10 +253,6 @@ def _requantize_exact(a: torch.Tensor, r: torch.Tensor, mo: int, relu: bool, rou
     return sfx._round_limbs(hi, lo, r, rounding, mo, relu, _TorchOps)
 
 
-def _codes(q: torch.Tensor, mo: int) -> torch.Tensor:
-    return torch.where(q < 0, (1 << mo) - q, q).to(torch.int32)
-
-
 def requantize(acc: torch.Tensor, *, frac_bits: int, shift: Any = 0, out_bits: int, relu: bool = False,
                rounding: str = "nearest_even", mult: Any = None, xmult: Any = None) -> tuple[torch.Tensor, int]:
     """Same as :func:`superfloat.sw.sfx.requantize` (exact for every int64 ``acc``, ``xmult``
@@ -296,7 +287,7 @@ def requantize(acc: torch.Tensor, *, frac_bits: int, shift: Any = 0, out_bits: i
         raise ValueError(f"right shift r = frac_bits{extra} - (out_bits - 1) - shift is outside "
                          f"0..{sfx.MAX_RIGHT_SHIFT}")
     q, sat = _requantize_exact(a, r, mo, relu, rounding, mults)
-    return _codes(q, mo), int(sat.sum())
+    return _signed_to_codes(q, mo).to(torch.int32), int(sat.sum())
 
 
 def linear(x_codes: torch.Tensor, w_codes: torch.Tensor, *, a_bits: int, w_bits: int, out_bits: int,
@@ -772,7 +763,7 @@ class LinearOp:
             xs = torch.where((xs >> m) != 0, -mag, mag)
         q, nsat = self._requantize(self._matmul(xs), xe, xm, bias)
         if out == "codes":
-            return _codes(q, self._mo), nsat
+            return _signed_to_codes(q, self._mo).to(torch.int32), nsat
         if out == "signed":
             return q.to(torch.int32), nsat
         y = q.to(out_scale.dtype).mul_(out_scale[None, :])
