@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint import _one_line
+
 __all__ = ["LoadedModel", "load_model", "tiny_model", "byte_tokenizer", "smollm2_dir", "cache_dir",
            "TINY_MODELS", "SMOLLM2_NAMES", "SMOLLM2_NOTE", "model_names"]
 
@@ -196,7 +198,7 @@ def load_model(spec: str, *, dtype: torch.dtype | None = torch.float32, device: 
             tok = AutoTokenizer.from_pretrained(str(d))
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"the cached fp32 copy of smollm2-135m in {d} does not load ({type(e).__name__}: "
-                             f"{_first_line(e)}); delete that folder and run again to convert it anew") from None
+                             f"{_one_line(e)}); delete that folder and run again to convert it anew") from None
         return LoadedModel(_finish(model, dtype, device), tok, spec, "smollm2", SMOLLM2_NOTE)
     if low in TINY_MODELS:
         return LoadedModel(_finish(tiny_model(low, seed=seed), dtype, device), byte_tokenizer(), spec, "tiny")
@@ -216,7 +218,7 @@ def load_model(spec: str, *, dtype: torch.dtype | None = torch.float32, device: 
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
             tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         except Exception as e:  # noqa: BLE001 - gguf/transformers raise many kinds
-            raise ValueError(f"could not load the GGUF file {path}: {type(e).__name__}: {_first_line(e)}") from None
+            raise ValueError(f"could not load the GGUF file {path}: {type(e).__name__}: {_one_line(e)}") from None
         return LoadedModel(_finish(model, dtype, device), tok, spec, "gguf",
                            "weights dequantized from a GGUF file (quantized weights, not the original float model)")
     if path.exists():
@@ -230,17 +232,10 @@ def load_model(spec: str, *, dtype: torch.dtype | None = torch.float32, device: 
         tok = AutoTokenizer.from_pretrained(spec)
     except Exception as e:  # noqa: BLE001 - hub errors come in many types (OSError, ValueError, HTTP errors...)
         raise ValueError(
-            f"could not load model {spec!r} from the Hugging Face hub ({type(e).__name__}: {_first_line(e)}){_did_you_mean(low)}. "
+            f"could not load model {spec!r} from the Hugging Face hub ({type(e).__name__}: {_one_line(e)}){_did_you_mean(low)}. "
             f"Without a network use one of: {', '.join(model_names())}, a local model directory, a .gguf file "
             f"or a WASQ checkpoint directory") from None
     return LoadedModel(_finish(model, None, device), tok, spec, "hub")
-
-
-def _first_line(e: BaseException) -> str:
-    for line in str(e).splitlines():
-        if line.strip():
-            return line.strip()
-    return ""
 
 
 def _did_you_mean(low: str) -> str:
@@ -284,11 +279,11 @@ def _load_local_dir(path: Path, spec: str, dtype, device) -> LoadedModel:
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto")
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"could not load the model in {path}: {type(e).__name__}: {_first_line(e)}") from None
+        raise ValueError(f"could not load the model in {path}: {type(e).__name__}: {_one_line(e)}") from None
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"could not load the tokenizer in {path}: {type(e).__name__}: {_first_line(e)}; copy the "
+        raise ValueError(f"could not load the tokenizer in {path}: {type(e).__name__}: {_one_line(e)}; copy the "
                          f"model's tokenizer files into it") from None
     note = (path / "SUPERFLOAT_NOTE.txt").read_text().strip() if (path / "SUPERFLOAT_NOTE.txt").is_file() else None
     return LoadedModel(_finish(model, None, device), tok, spec, "local", note)
