@@ -104,7 +104,8 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str | None = None) -
         r["fake_delta_pct"] = _pct(r["fake"]["perplexity"], r["float_perplexity"])
         rows.append(r)
         _log(f"  fake {r['fake']['perplexity']:.4f}, accelerator {r['perplexity']:.4f} (float "
-             f"{r['float_perplexity']:.4f}), top-1 {100 * r['top1_agreement']:.1f} %, {r['time_ratio']}x time")
+             f"{r['float_perplexity']:.4f}), top-1 {100 * r['top1_agreement']:.1f} %, {r['time_ratio']}x time, "
+             f"{r['cpu_time_ratio']}x CPU time")
     fp = {r["float_perplexity"] for r in rows}
     assert len(fp) == 1, f"the float pass differs between rows: {fp}"  # same tokens, same float model
     fpv = fp.pop()
@@ -112,6 +113,7 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str | None = None) -
               f"{100 * r['fake']['top1_agreement']:.1f} %",
               f"**{r['perplexity']:.3f}** ({r['delta_pct']:+.2f} %)", f"{100 * r['top1_agreement']:.1f} %",
               f"{r['saturated']} / {r['outputs']}", f"{r['output_calibration']['out_bits'][0]}",
+              f"{r['fake']['cpu_seconds']:.0f} / {r['cpu_seconds']:.0f} s (**{r['cpu_time_ratio']:.2f}x**)",
               f"{r['fake']['seconds']:.0f} / {r['seconds']:.0f} s ({r['time_ratio']:.2f}x)", _met(r),
               "`sfx eval " + " ".join(r["args"]) + "`"] for r in rows]
     summary = []
@@ -122,13 +124,14 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str | None = None) -
         best = min(cands, key=lambda r: r["perplexity"])
         summary.append(f"* {what}: best **{best['label']}**, {best['delta_pct']:+.2f} %, top-1 "
                        f"{100 * best['top1_agreement']:.1f} % ({'met' if _met(best) == 'yes' else '**missed**'}).")
-    worst = max(rows, key=lambda r: r["time_ratio"])
+    worst = max(rows, key=lambda r: r["cpu_time_ratio"])
     w8a8 = [r for r in rows if r["target"] == "w8a8"]
-    ratios = ", ".join(f"{r['label']} {r['time_ratio']:.2f}x" for r in rows)
-    summary.append(f"* Accelerator-exact evaluation at most {TIME_TARGET:g}x the fake-quantized one: W8A8 rows "
-                   f"{min(r['time_ratio'] for r in w8a8):.2f}-{max(r['time_ratio'] for r in w8a8):.2f}x; largest "
-                   f"{worst['time_ratio']:.2f}x ({worst['label']}) "
-                   f"({'met' if worst['time_ratio'] <= TIME_TARGET else 'missed for the rows above ' + f'{TIME_TARGET:g}x'})"
+    ratios = ", ".join(f"{r['label']} {r['cpu_time_ratio']:.2f}x" for r in rows)
+    summary.append(f"* Accelerator-exact evaluation at most {TIME_TARGET:g}x the fake-quantized one (CPU time of the "
+                   f"two passes; wall-clock ratios are in the table): W8A8 rows "
+                   f"{min(r['cpu_time_ratio'] for r in w8a8):.2f}-{max(r['cpu_time_ratio'] for r in w8a8):.2f}x; "
+                   f"largest {worst['cpu_time_ratio']:.2f}x ({worst['label']}) "
+                   f"({'met' if worst['cpu_time_ratio'] <= TIME_TARGET else 'missed for the rows above ' + f'{TIME_TARGET:g}x'})"
                    f". Each ratio: {ratios}.")
     sweep = []
     for ob, hr in (SWEEP[:2] if quick else SWEEP):
@@ -151,14 +154,17 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str | None = None) -
              f"headroom rule unless the row says otherwise (docs/accelerator-exact.md). Top-1 agreement: share of "
              f"scored positions whose argmax equals the float model's. Saturated: output codes that saturated in "
              f"the accelerator-exact pass, of all output codes. Times: the fake-quantized and the "
-             f"accelerator-exact pass of the same run (the float pass excluded), "
+             f"accelerator-exact pass of the same run (the float pass excluded), back to back, in CPU seconds "
+             f"of the process (what the target is judged on: other jobs on a shared machine stretch the wall "
+             f"clock of one pass and not the other) and in wall seconds, "
              f"{'torch threads: ' + str(_threads())}. "
              + ("**Quick smoke run: numbers mean nothing.**" if quick else
                 "smollm2-135m's 'float' weights are the GGUF's dequantized Q4_1."))
     sections = [("Setup", setup), ("Targets", "\n".join(summary)),
                 ("Perplexity: fake quantization against what the accelerator computes",
                  markdown_table(["configuration", "fake", "fake top-1", "accelerator-exact", "accelerator top-1",
-                                 "saturated", "out bits", "time fake / accel", "target met", "command"], table)
+                                 "saturated", "out bits", "CPU time fake / accel", "wall time fake / accel",
+                                 "target met", "command"], table)
                  + "\n\n![fake vs accelerator-exact](accelerator.png)"),
                 ("Static output exponents: output width and headroom (W8A8, vanilla)",
                  "Each layer's output exponent per channel is the smallest power of two that holds headroom x "

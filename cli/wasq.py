@@ -378,8 +378,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     extra: dict[str, Any] = {}
     if fake is not None:  # measured back to back, same tokens and float pass
         extra["fake"] = {"perplexity": fake.perplexity, "nll": fake.nll, "top1_agreement": fake.top1_agreement,
-                         "seconds": round(fake.seconds, 3)}
+                         "seconds": round(fake.seconds, 3), "cpu_seconds": round(fake.cpu_seconds, 3)}
         extra["time_ratio"] = round(r.seconds / fake.seconds, 3) if fake.seconds > 0 else None
+        extra["cpu_time_ratio"] = round(r.cpu_seconds / fake.cpu_seconds, 3) if fake.cpu_seconds > 0 else None
     if r.reference_perplexity is not None:
         extra["float_perplexity"] = r.reference_perplexity
         extra["top1_agreement"] = r.top1_agreement
@@ -411,7 +412,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "quantized_layers": desc["quantized_layers"],
         "context": r.context, "stride": r.stride, "max_tokens": args.max_tokens,
         "perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens, "total_tokens": r.total_tokens,
-        "windows": r.windows, "seconds": round(r.seconds, 3),
+        "windows": r.windows, "seconds": round(r.seconds, 3), "cpu_seconds": round(r.cpu_seconds, 3),
         "tokens_per_second": round(r.tokens / r.seconds, 1) if r.seconds > 0 else None,
         "method_seconds": method_seconds(desc), **extra, "note": lm.note, "superfloat_version": __version__,
     }
@@ -424,7 +425,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if fake is not None:
         print(f"fake-quantized model on the same tokens: perplexity {fake.perplexity:.4f}"
               + (f", top-1 agreement {100 * fake.top1_agreement:.2f} %" if fake.top1_agreement is not None else "")
-              + f", {fake.seconds:.1f} s (accelerator-exact takes {extra['time_ratio']}x)")
+              + f", {fake.seconds:.1f} s (accelerator-exact takes {extra['time_ratio']}x the time, "
+              f"{extra['cpu_time_ratio']}x the CPU time)")
     if "float_perplexity" in extra:
         print(f"float model on the same tokens: perplexity {extra['float_perplexity']:.4f} "
               f"({100 * (r.perplexity / extra['float_perplexity'] - 1):+.2f} %), top-1 agreement "

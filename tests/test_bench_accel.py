@@ -20,6 +20,8 @@ def test_quick_bench_writes_every_row_with_its_command(tmp_path):
         assert f"**{r['perplexity']:.3f}**" in md and r["backend"] == "accelerator"
         assert r["float_perplexity"] == data["float_perplexity"] and 0 <= r["top1_agreement"] <= 1
         assert r["time_ratio"] > 0 and r["fake"]["seconds"] > 0
+        assert r["cpu_time_ratio"] > 0 and abs(r["cpu_time_ratio"] * r["fake"]["cpu_seconds"] / r["cpu_seconds"] - 1) < 0.03  # ms-rounded
+        assert f"(**{r['cpu_time_ratio']:.2f}x**)" in md
     assert data["rows"][-1]["output_calibration"]["out_bits"] == [8]
     assert [(r["out_bits"], r["headroom"]) for r in data["output_rule"]] == [(16, 1), (16, 2)]
     assert "Static output exponents: output width and headroom" in md

@@ -158,6 +158,8 @@ def test_eval_accelerator_backend(capsys, text_file):
     assert both["backend"] == "accelerator" and both["perplexity"] == acc["perplexity"]
     assert both["fake"]["perplexity"] == fake["perplexity"] and both["top1_agreement"] == acc["top1_agreement"]
     assert both["fake"]["top1_agreement"] == fake["top1_agreement"] and both["time_ratio"] > 0
+    assert both["cpu_seconds"] > 0 and both["fake"]["cpu_seconds"] > 0
+    assert both["cpu_time_ratio"] > 0 and abs(both["cpu_time_ratio"] * both["fake"]["cpu_seconds"] / both["cpu_seconds"] - 1) < 0.03  # ms-rounded
 
 
 def test_accelerator_checkpoint_round_trip(capsys, tmp_path, text_file):

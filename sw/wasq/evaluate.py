@@ -65,6 +65,9 @@ class PerplexityResult:
     #: where the model's argmax equals the reference's (``top1_agreement``)
     reference_perplexity: float | None = None
     top1_agreement: float | None = None
+    #: CPU seconds of this process in the same spans as ``seconds`` (all its threads): the work,
+    #: whatever else runs on the machine
+    cpu_seconds: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -156,7 +159,7 @@ def perplexity(model: Callable, input_ids: Any, *, context: int = 512, stride: i
             m.eval()
     from tqdm.auto import tqdm
 
-    seconds = 0.0
+    seconds = cpu_seconds = 0.0
     total = ref_total = 0.0
     count = agree = 0
     bar = tqdm(total=n - 1, desc=desc, unit="tok", disable=not progress, leave=False, dynamic_ncols=True)
@@ -173,7 +176,7 @@ def perplexity(model: Callable, input_ids: Any, *, context: int = 512, stride: i
                 tgt[r, :length] = ids[b + 1:b + length + 1]
                 attn[r, :length] = 1
                 score[r, skip:length] = True
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             logits = _call(model, inp.to(device), attn.to(device))
             if logits.shape[:2] != (len(group), width):
                 raise ValueError(f"model returned logits of shape {list(logits.shape)} for inputs "
@@ -182,6 +185,7 @@ def perplexity(model: Callable, input_ids: Any, *, context: int = 512, stride: i
             nll = F.cross_entropy(sel, tgt[score].to(sel.device), reduction="none")
             total += float(nll.double().sum())
             seconds += time.perf_counter() - t0
+            cpu_seconds += time.process_time() - c0
             if reference is not None:
                 key = (inp.numpy().tobytes(), tgt.numpy().tobytes(), score.numpy().tobytes())
                 rarg, rnll = reference.scored(key, inp, attn, score, tgt)
@@ -199,7 +203,7 @@ def perplexity(model: Callable, input_ids: Any, *, context: int = 512, stride: i
     assert count == n - 1, (count, n)
     mean = total / count
     return PerplexityResult(perplexity=math.exp(mean), nll=mean, tokens=count, total_tokens=n, windows=len(plan),
-                            context=context, stride=stride, seconds=seconds,
+                            context=context, stride=stride, seconds=seconds, cpu_seconds=cpu_seconds,
                             reference_perplexity=None if reference is None else math.exp(ref_total / count),
                             top1_agreement=None if reference is None else agree / count)
 
