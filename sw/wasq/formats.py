@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -327,6 +327,21 @@ def fake_quant_weight(w: torch.Tensor, fmt: WeightFormat, clip: torch.Tensor | f
 
 
 # --------------------------------------------------------------------------- stored weights
+
+
+def best_clip(ratios, error_of: Callable[[float], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row (and group) the clip ratio of ``ratios`` with the least ``error_of(ratio)`` (``[N, G]``;
+    the earlier ratio on ties): ``(ratios [N, G], their errors, the errors of the first ratio)``."""
+    best_err = best = first = None
+    for r in ratios:
+        err = error_of(float(r))
+        if best_err is None:
+            best_err, best, first = err, torch.full_like(err, float(r)), err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, float(r)), best)
+    return best, best_err, first
 
 
 @dataclass

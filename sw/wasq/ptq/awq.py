@@ -33,7 +33,7 @@ from torch import nn
 
 from .calib import Calibration
 from .graph import ScaleGroup, apply_scale, linear_weight, scale_groups
-from ..formats import ActQuantizer, WeightFormat, fake_quant_weight, group_view
+from ..formats import ActQuantizer, WeightFormat, best_clip, fake_quant_weight, group_view
 
 __all__ = ["awq_scale_", "clip_search", "choose_group_sizes", "group_error", "CLIP_RATIOS"]
 
@@ -125,19 +125,12 @@ def clip_search(w: torch.Tensor, x: torch.Tensor, fmt: WeightFormat, ratios=CLIP
     xa = act(x) if act is not None else x
     xg = group_view(xa.to(torch.float32), fmt.group_size).permute(1, 2, 0)  # [G, g, T]
     n = w.shape[0]
-    best_err = None
-    best = None
-    err1 = None
-    for r in ratios:
-        wq = fake_quant_weight(w, fmt, clip=float(r))
-        d = group_view(wq - w, fmt.group_size).permute(1, 0, 2)  # [G, N, g]
-        err = torch.bmm(d, xg).pow(2).sum(dim=2).t()  # [N, G]
-        if best_err is None:
-            best_err, best, err1 = err, torch.full_like(err, float(r)), err.clone()
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, torch.full_like(best, float(r)), best)
+
+    def error(r: float) -> torch.Tensor:
+        d = group_view(fake_quant_weight(w, fmt, clip=r) - w, fmt.group_size).permute(1, 0, 2)  # [G, N, g]
+        return torch.bmm(d, xg).pow(2).sum(dim=2).t()  # [N, G]
+
+    best, best_err, err1 = best_clip(ratios, error)
     energy = float((xa @ w.t()).double().pow(2).sum()) or 1.0
     clip = best.reshape(n) if best.shape[1] == 1 else best
     return clip, {"error": float(best_err.double().sum()) / energy, "error_noclip": float(err1.double().sum()) / energy}

@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 
 from ... import sfx_torch
-from ..formats import WeightFormat, WeightGrid, fake_quant_weight, group_view
+from ..formats import WeightFormat, WeightGrid, best_clip, fake_quant_weight, group_view
 from .adaround import output_error_rows
 
 __all__ = ["gptq_levels", "hessian", "mse_clip", "DEFAULT_DAMP", "DEFAULT_BLOCK"]
@@ -202,14 +202,6 @@ def mse_clip(w: torch.Tensor, fmt: WeightFormat, ratios=MSE_RATIOS, norm: float 
 
 def _mse_clip(w, fmt, ratios, norm):
     w = w.detach().to(torch.float32)
-    best_err = best = None
-    for r in ratios:
-        d = group_view(fake_quant_weight(w, fmt, clip=float(r)) - w, fmt.group_size)
-        err = d.abs().double().pow(norm).sum(dim=2)  # [N, G]
-        if best_err is None:
-            best_err, best = err, torch.full_like(err, float(r))
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, torch.full_like(best, float(r)), best)
+    best, _, _ = best_clip(ratios, lambda r: group_view(fake_quant_weight(w, fmt, clip=r) - w, fmt.group_size)
+                           .abs().double().pow(norm).sum(dim=2))  # [N, G]
     return best.reshape(-1) if best.shape[1] == 1 else best
