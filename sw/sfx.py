@@ -478,12 +478,6 @@ def matmul_acc(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, bias: An
     ``bias`` (scalar or ``[N]``) is in accumulator units and must satisfy
     ``|bias| < 2**(A-2)``; ``K`` must not exceed ``k_max``.
     """
-    x, w, a_bits, w_bits, b = _check_acc_args(x_codes, w_codes, a_bits, w_bits, bias, k_max)
-    return _exact_code_matmul(x, a_bits, w, w_bits) + b[None, :]
-
-
-def _check_acc_args(x_codes: Any, w_codes: Any, a_bits: Any, w_bits: Any, bias: Any, k_max: Any) -> tuple:
-    """The checked arguments of :func:`matmul_acc`: ``(x, w, a_bits, w_bits, bias int64 [N])``."""
     a_bits = check_bits(a_bits, "a_bits")
     w_bits = check_bits(w_bits, "w_bits")
     k_max = _check_k_max(k_max)
@@ -492,7 +486,7 @@ def _check_acc_args(x_codes: Any, w_codes: Any, a_bits: Any, w_bits: Any, bias: 
     a = accumulator_bits(a_bits, w_bits, k_max)
     blim = (1 << (a - 2)) - 1
     b = np.zeros(n, dtype=np.int64) if bias is None else _broadcast_channel(bias, n, "bias", -blim, blim)
-    return x, w, a_bits, w_bits, b
+    return _exact_code_matmul(x, a_bits, w, w_bits) + b[None, :]
 
 
 _LIMB = 32

@@ -12,7 +12,7 @@ Functions:
 * :func:`fake_quantize` -> ``decode(encode(v))`` in ``v``'s dtype, fused: the SFx
   grid value of every element times ``2**exponent``.
 * :func:`choose_exponent` -> int8 tensor (or int for a per-tensor exponent).
-* :func:`matmul_acc`, :func:`requantize`, :func:`linear`: the integer datapath.
+* :class:`LinearOp`: the integer datapath (LINEAR of SPEC section 5) of one layer, exact.
 """
 from __future__ import annotations
 
@@ -23,8 +23,7 @@ import torch
 
 from . import sfx
 
-__all__ = ["encode", "decode", "fake_quantize", "choose_exponent", "matmul_acc", "requantize", "linear",
-           "encode_rows", "encode_rows_scaled", "default_row_scale", "fold_row_scale", "LinearOp", "MATMULS"]
+__all__ = ["encode", "decode", "fake_quantize", "choose_exponent", "encode_rows", "encode_rows_scaled", "default_row_scale", "fold_row_scale", "LinearOp", "MATMULS"]
 
 # Power-of-two scale factors 2**s are normal float32 numbers for s in this range.
 _F32_EXP_RANGE = (-126, 127)
@@ -186,32 +185,6 @@ def _signed(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(((c >> m) & 1) == 1, -mag, mag)
 
 
-def _as_long(x: Any, device) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x.to(device=device, dtype=torch.int64)
-    return torch.as_tensor(x, dtype=torch.int64, device=device)
-
-
-def matmul_acc(x_codes: torch.Tensor, w_codes: torch.Tensor, *, a_bits: int, w_bits: int, bias: Any = None,
-               k_max: int = sfx.DEFAULT_K_MAX) -> torch.Tensor:
-    """Exact int64 accumulators ``[T, N]``; arguments checked by the numpy model's rules."""
-    dev = x_codes.device if isinstance(x_codes, torch.Tensor) else torch.device("cpu")
-    # Validation (shapes, code ranges, K, bias range) uses the numpy model's checks and messages.
-    sfx._check_acc_args(_np(x_codes), _np(w_codes), a_bits, w_bits, _np(bias), k_max)
-    xs = _signed(_as_long(x_codes, dev), a_bits).to(torch.float64)
-    ws = _signed(_as_long(w_codes, dev), w_bits).to(torch.float64)
-    maxp = sfx.max_magnitude(a_bits) * sfx.max_magnitude(w_bits)
-    k = xs.shape[1]
-    chunk = max(1, (1 << 53) // max(maxp, 1) - 1)
-    acc = torch.zeros((xs.shape[0], ws.shape[0]), dtype=torch.int64, device=dev)
-    for s in range(0, k, chunk):
-        acc += (xs[:, s:s + chunk] @ ws[:, s:s + chunk].T).to(torch.int64)
-    if bias is not None:
-        b = _as_long(bias, dev)
-        acc = acc + (b.reshape(1, -1) if b.dim() else b)
-    return acc
-
-
 def _np(x):
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
 
@@ -228,20 +201,6 @@ class _TorchOps:
         return torch.clamp(x, lo, hi)
 
 
-def _check_long_range(t: torch.Tensor, name: str, lo: int, hi: int) -> None:
-    if t.numel() and (int(t.min()) < lo or int(t.max()) > hi):
-        bad = (t < lo) | (t > hi)
-        raise ValueError(f"{name} must be in {lo}..{hi}: {int(bad.sum())} value(s) are not")
-
-
-def _broadcastable(t: torch.Tensor, shape, name: str) -> None:
-    try:
-        torch.broadcast_shapes(t.shape, shape)
-    except RuntimeError:
-        raise ValueError(f"{name} of shape {list(t.shape)} does not broadcast against acc of shape "
-                         f"{list(shape)}") from None
-
-
 def _requantize_exact(a: torch.Tensor, r: torch.Tensor, mo: int, relu: bool, rounding: str, mults) -> tuple:
     """Validated int64 ``a``, right shifts ``r`` (0..63) and multipliers: signed saturated ``q``
     and the saturation mask, by the numpy model's limb arithmetic (``sfx._round_limbs``)."""
@@ -251,65 +210,6 @@ def _requantize_exact(a: torch.Tensor, r: torch.Tensor, mo: int, relu: bool, rou
             hi, lo = sfx._limbs_mul(hi, lo, m)
     hi, lo, r = torch.broadcast_tensors(hi, lo, r)
     return sfx._round_limbs(hi, lo, r, rounding, mo, relu, _TorchOps)
-
-
-def requantize(acc: torch.Tensor, *, frac_bits: int, shift: Any = 0, out_bits: int, relu: bool = False,
-               rounding: str = "nearest_even", mult: Any = None, xmult: Any = None) -> tuple[torch.Tensor, int]:
-    """Same as :func:`superfloat.sw.sfx.requantize` (exact for every int64 ``acc``, ``xmult``
-    included); codes as an int32 tensor and the saturation count as an int."""
-    out_bits = sfx.check_bits(out_bits, "out_bits")
-    sfx.check_rounding(rounding)
-    if isinstance(frac_bits, bool) or not isinstance(frac_bits, int):
-        raise TypeError(f"frac_bits must be an int, got {frac_bits!r}")
-    if not 0 <= frac_bits <= 127:
-        raise ValueError(f"frac_bits must be in 0..127, got {frac_bits}")
-    if not isinstance(relu, bool):
-        raise TypeError(f"relu must be a bool, got {relu!r}")
-    dev = acc.device
-    a = acc.to(torch.int64)
-    sh = _as_long(shift, dev)
-    _broadcastable(sh, a.shape, "shift")
-    f = int(frac_bits)
-    mults = []
-    for name, m in (("mult", mult), ("xmult", xmult)):
-        if m is None:
-            mults.append(None)
-            continue
-        mu = _as_long(m, dev)
-        _check_long_range(mu, name, 1, (1 << sfx.MULT_FRAC_BITS) - 1)
-        _broadcastable(mu, a.shape, name)
-        mults.append(mu)
-        f += sfx.MULT_FRAC_BITS
-    mo = out_bits - 1
-    r = f - mo - sh
-    if r.numel() and (int(r.min()) < 0 or int(r.max()) > sfx.MAX_RIGHT_SHIFT):
-        extra = "".join(" + 16" for m in mults if m is not None)
-        raise ValueError(f"right shift r = frac_bits{extra} - (out_bits - 1) - shift is outside "
-                         f"0..{sfx.MAX_RIGHT_SHIFT}")
-    q, sat = _requantize_exact(a, r, mo, relu, rounding, mults)
-    return _signed_to_codes(q, mo).to(torch.int32), int(sat.sum())
-
-
-def linear(x_codes: torch.Tensor, w_codes: torch.Tensor, *, a_bits: int, w_bits: int, out_bits: int,
-           bias: Any = None, shift: Any = 0, relu: bool = False, rounding: str = "nearest_even",
-           k_max: int = sfx.DEFAULT_K_MAX, mult: Any = None, x_exponent: Any = None,
-           xmult: Any = None) -> torch.Tensor:
-    """Same as :func:`superfloat.sw.sfx.linear` (validated by the same checks); int32 codes.
-
-    A readable composition of :func:`matmul_acc` and :func:`requantize` for one call; for
-    repeated calls on a fixed layer use :class:`LinearOp` (validated once, faster)."""
-    args = sfx.check_linear_args(_np(x_codes), _np(w_codes), a_bits=a_bits, w_bits=w_bits, out_bits=out_bits,
-                                 bias=_np(bias), shift=_np(shift), relu=relu, rounding=rounding, k_max=k_max,
-                                 mult=_np(mult), x_exponent=_np(x_exponent), xmult=_np(xmult))
-    dev = x_codes.device if isinstance(x_codes, torch.Tensor) else torch.device("cpu")
-    acc = matmul_acc(_as_long(x_codes, dev), _as_long(w_codes, dev), a_bits=a_bits, w_bits=w_bits,
-                     bias=torch.as_tensor(args.bias, device=dev), k_max=k_max)
-    sh = torch.as_tensor(args.shift, device=dev)[None, :] + torch.as_tensor(args.x_exponent, device=dev)[:, None]
-    mu = None if args.mult is None else torch.as_tensor(args.mult, device=dev)[None, :]
-    xm = None if args.xmult is None else torch.as_tensor(args.xmult, device=dev)[:, None]
-    codes, _ = requantize(acc, frac_bits=args.frac_bits, shift=sh, out_bits=out_bits, relu=relu,
-                          rounding=rounding, mult=mu, xmult=xm)
-    return codes
 
 
 # --------------------------------------------------------------------------- per-token activations
