@@ -16,7 +16,7 @@ def test_help_lists_commands(capsys):
 
 
 def test_console_script_runs_as_module():
-    out = subprocess.run([sys.executable, "-m", "superfloat.sw", "--version"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "superfloat.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("superfloat ")
 
 

@@ -34,7 +34,7 @@ def test_two_ranks_train_like_one_process_with_twice_the_batch(tmp_path, text, c
     out2 = tmp_path / "two"
     # the documented command for N CPU processes on one machine (no GPU here: the ranks use gloo)
     proc = subprocess.run([_accelerate(), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
-                           "-m", "superfloat.sw", "finetune", *ARGS, "--data", text, "-o", str(out2)],
+                           "-m", "superfloat.cli", "finetune", *ARGS, "--data", text, "-o", str(out2)],
                           capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
@@ -68,7 +68,7 @@ def test_launch_that_accelerate_sees_as_one_process_is_an_error(tmp_path, text, 
     err = capsys.readouterr().err
     assert ("accelerate launch --cpu was asked for several processes (--num_processes > 1 or --num_machines > 1) "
             "but started only this one: accelerate starts several CPU processes only through MPI") in err
-    assert "accelerate launch --multi_gpu --num_processes N -m superfloat.sw finetune" in err
+    assert "accelerate launch --multi_gpu --num_processes N -m superfloat.cli finetune" in err
     assert not (tmp_path / "a").exists()
     monkeypatch.delenv("ACCELERATE_USE_CPU")
     monkeypatch.delenv("MASTER_ADDR")

@@ -379,8 +379,8 @@ def _save(accelerator, state_dir: Path, state: _TrainerState, total_steps: int, 
 _WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "ACCELERATE_NUM_PROCESSES")
 _RANK_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 LAUNCH_HELP = ("on one machine start N processes with: accelerate launch --multi_gpu --num_processes N -m "
-               "superfloat.sw finetune ... (on a machine without GPUs they train on CPU, gloo) or torchrun "
-               "--nproc_per_node N -m superfloat.sw finetune ...; see docs/distributed.md")
+               "superfloat.cli finetune ... (on a machine without GPUs they train on CPU, gloo) or torchrun "
+               "--nproc_per_node N -m superfloat.cli finetune ...; see docs/distributed.md")
 
 
 class DistributedLaunchError(RuntimeError):

@@ -1,6 +1,0 @@
-"""``python -m superfloat.sw``: the ``sfx`` command line (:mod:`superfloat.cli`)."""
-import sys
-
-from superfloat.cli import main
-
-sys.exit(main())
