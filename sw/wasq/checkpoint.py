@@ -579,6 +579,15 @@ class _Fields:
             raise self.error(key, f"must be in {sfx.MIN_BITS}..{sfx.MAX_BITS} (SFx widths), got {v}")
         return v
 
+    def digests(self, key: str, *, required: bool, files: bool = False) -> None:
+        """Check ``{name: SHA-256 hex digest}`` (``files``: every name a plain file name)."""
+        for k, v in (self.get(key, (dict,), required=required) or {}).items():
+            if files and (not k or "/" in k or "\\" in k or k in (".", "..")):
+                raise self.error(f"{key}[{k!r}]", "must be a plain file name")
+            if not (isinstance(v, str) and _SHA_RE.match(v)):
+                raise self.error(f"{key}[{k!r}]", f"must be a SHA-256 hex digest (64 lower-case hex digits), got "
+                                                  f"{_short(v)}")
+
 
 def _short(v: Any) -> str:
     try:
@@ -667,11 +676,7 @@ def _check_info(path: Path, info: Any) -> dict[str, Any]:
                                 f"is {_short(e)} but layers[{n!r}].act_exponent_value is "
                                 f"{_short(spec.get('act_exponent_value'))}: the two fields contradict each other")
     if ver >= 2:
-        digests = top.get("sha256", (dict,), required=True)
-        for k, v in digests.items():
-            if not (isinstance(v, str) and _SHA_RE.match(v)):
-                raise top.error(f"sha256[{k!r}]", f"must be a SHA-256 hex digest (64 lower-case hex digits), got "
-                                                  f"{_short(v)}")
+        top.digests("sha256", required=True)
         cd = top.get("config_sha256", (dict,))  # absent: the user accepted hand edits by deleting it
         if cd is not None:
             want = _config_digests(info)
@@ -686,12 +691,7 @@ def _check_info(path: Path, info: Any) -> dict[str, Any]:
                     raise CheckpointError(f"{path}: field {part} was changed since the save (it fails its SHA-256 "
                                           f"in field config_sha256); {_REDO}, or delete field config_sha256 to "
                                           f"accept a deliberate edit")
-        tf = top.get("tokenizer_files", (dict,), required=tok)
-        for k, v in (tf or {}).items():
-            if not k or "/" in k or "\\" in k or k in (".", ".."):
-                raise top.error(f"tokenizer_files[{k!r}]", "must be a plain file name")
-            if not (isinstance(v, str) and _SHA_RE.match(v)):
-                raise top.error(f"tokenizer_files[{k!r}]", f"must be a SHA-256 hex digest, got {_short(v)}")
+        top.digests("tokenizer_files", required=tok, files=True)
     return info
 
 
