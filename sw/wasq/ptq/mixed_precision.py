@@ -7,7 +7,7 @@
      width, on calibration inputs: ``||A(X) Q(W)^T - X W^T||^2 / ||X W^T||^2``;
    * ``analyze``: the ranking of ``sfx analyze`` (:mod:`superfloat.sw.wasq.analyze`,
      metric ``rel_error``: the error of each layer's output in a fully quantized model,
-     errors of earlier layers included), when that module is installed.
+     errors of earlier layers included).
 
 2. **Allocation** (:func:`allocate_bits`): the top ``fraction`` of layers by
    sensitivity (at least one) get ``high_bits``, or, with a memory budget, layers are
@@ -80,12 +80,8 @@ def allocate_bits(sensitivity: Mapping[str, float], sizes: Mapping[str, int], lo
 
 
 def analyze_ranking(model: torch.nn.Module, batches: list[torch.Tensor], wasq_config: Any) -> dict[str, float]:
-    """``{layer: rel_error}`` from ``sfx analyze`` (:func:`superfloat.sw.wasq.analyze.analyze`).
-
-    Raises:
-        ImportError: the analyze module (or its ``train.Blocks``) is not installed.
-    """
-    from ..analyze import analyze  # noqa: WPS433 - optional, the colleague's module
+    """``{layer: rel_error}`` from ``sfx analyze`` (:func:`superfloat.sw.wasq.analyze.analyze`)."""
+    from ..analyze import analyze
     from ..train import Blocks
 
     width = max(int(b.shape[-1]) for b in batches)

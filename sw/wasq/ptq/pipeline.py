@@ -300,24 +300,21 @@ def _digest(t: torch.Tensor) -> str:
 
 def _sensitivity(model, calib, names, config, calibration, search_act, search_tokens):
     how = config.options.mp_ranking
-    if how in ("analyze", "auto"):
-        try:
-            if config.codes == "int_asym":
-                raise ImportError("sfx analyze has no asymmetric integer quantizer")
+    if how in ("analyze", "auto"):  # "auto": analyze where it can rank the layers, else own
+        src = calib.batches if calib is not None else None
+        batches = [b if isinstance(b, torch.Tensor) else torch.as_tensor(b["input_ids"]) for b in src or []]
+        why = ("sfx analyze has no asymmetric integer quantizer" if config.codes == "int_asym"
+               else None if batches else "analyze needs the calibration token batches")
+        if why is None:
             wc = WASQConfig(weight_bits=config.weight_bits, act_bits=config.act_bits, scale_kind=config.scale_kind,
                             codes=config.codes, skip=config.skip, rounding=config.rounding)
-            src = calib.batches if calib is not None else None
-            batches = [b if isinstance(b, torch.Tensor) else torch.as_tensor(b["input_ids"]) for b in src or []]
-            if not batches:
-                raise ImportError("analyze needs the calibration token batches")
             sens = analyze_ranking(copy.deepcopy(model), batches, wc)
             missing = [n for n in names if n not in sens]
-            if missing:
-                raise ImportError(f"analyze did not rank {missing[0]}")
-            return sens, "analyze"
-        except ImportError as e:
-            if how == "analyze":
-                raise ValueError(f"mp_ranking='analyze' needs superfloat.sw.wasq.analyze (sfx analyze): {e}") from None
+            if not missing:
+                return sens, "analyze"
+            why = f"analyze did not rank {missing[0]}"
+        if how == "analyze":
+            raise ValueError(f"mp_ranking='analyze' needs superfloat.sw.wasq.analyze (sfx analyze): {why}")
     sens = {}
     for n in names:
         w = linear_weight(model.get_submodule(n))
