@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from .. import sfx, sfx_torch
-from .layers import quantized_layers
+from .layers import evaluating, quantized_layers
 from .quantize import _run_batch
 
 __all__ = ["BACKENDS", "DEFAULT_OUT_BITS", "WEIGHT_ONLY_ACT_BITS", "AcceleratorError",
@@ -532,21 +532,17 @@ def calibrate_outputs_(model: nn.Module, batches: Iterable[Any], *, out_bits: in
     for name, layer in layers.items():
         layer.backend = "fake"
         hooks.append(layer.register_forward_hook(hook(name)))
-    was_training = model.training
-    model.eval()
     n_batches = 0
     try:
         from tqdm.auto import tqdm
 
-        for batch in tqdm(list(batches), desc="calibrate outputs", disable=not progress, leave=False):
-            _run_batch(model, batch)
-            n_batches += 1
+        with evaluating(model, hooks=hooks):
+            for batch in tqdm(list(batches), desc="calibrate outputs", disable=not progress, leave=False):
+                _run_batch(model, batch)
+                n_batches += 1
     finally:
-        for h in hooks:
-            h.remove()
         for n, m in layers.items():
             m.backend = saved[n]
-        model.train(was_training)
     if n_batches == 0:
         raise AcceleratorError("calibrate_outputs_: no calibration batches were given")
     report = {}

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .config import WASQConfig
-from .layers import candidate_layers, convert_rtn_, quantized_layers
+from .layers import candidate_layers, convert_rtn_, evaluating, quantized_layers
 from .train import Blocks, default_forward
 
 __all__ = ["LayerStats", "Analysis", "analyze", "kmeans_1d", "select_layers", "METRICS", "block_index"]
@@ -220,29 +220,23 @@ def analyze(float_model: nn.Module, blocks: Blocks, config: WASQConfig, *, quant
         feats[name] = (int(qlayers[name].in_features), int(qlayers[name].out_features))
         handles.append(fm.register_forward_hook(float_hook(i, name)))
         handles.append(qlayers[name].register_forward_hook(quant_hook(i, name)))
-    modes = (float_model.training, quant_model.training)
-    float_model.eval()
-    quant_model.eval()
     fdev = next(float_model.parameters()).device
     qdev = next(quant_model.parameters()).device
     try:
         from tqdm.auto import tqdm
 
-        starts = range(0, len(blocks), batch_size)
-        for s in tqdm(starts, desc="analyze", unit="batch", disable=not progress, file=sys.stderr):
-            idx = range(s, min(s + batch_size, len(blocks)))
-            b = blocks.batch(idx, fdev)
-            ctx["mask"] = b["attention_mask"].bool()
-            ctx["float"] = {}
-            default_forward(float_model, b)
-            bq = blocks.batch(idx, qdev)
-            ctx["mask"] = bq["attention_mask"].bool()
-            default_forward(quant_model, bq)
+        with evaluating(float_model, quant_model, hooks=handles):
+            starts = range(0, len(blocks), batch_size)
+            for s in tqdm(starts, desc="analyze", unit="batch", disable=not progress, file=sys.stderr):
+                idx = range(s, min(s + batch_size, len(blocks)))
+                b = blocks.batch(idx, fdev)
+                ctx["mask"] = b["attention_mask"].bool()
+                ctx["float"] = {}
+                default_forward(float_model, b)
+                bq = blocks.batch(idx, qdev)
+                ctx["mask"] = bq["attention_mask"].bool()
+                default_forward(quant_model, bq)
     finally:
-        for h in handles:
-            h.remove()
-        float_model.train(modes[0])
-        quant_model.train(modes[1])
         ctx["float"] = {}
     stats = []
     for i, name in enumerate(names):

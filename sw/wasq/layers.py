@@ -1,13 +1,16 @@
 """Finding and replacing the linear layers of a model (shared by ``quantize_`` and the methods)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterable
+
 import torch
 from torch import nn
 
 from .config import WASQConfig
 from .qlinear import SFxLinear, _module_kind
 
-__all__ = ["candidate_layers", "quantized_layers", "set_module", "convert_rtn_", "distinct_tensors"]
+__all__ = ["candidate_layers", "quantized_layers", "set_module", "convert_rtn_", "distinct_tensors", "evaluating"]
 
 
 def candidate_layers(model: nn.Module, config: WASQConfig) -> dict[str, str]:
@@ -57,3 +60,19 @@ def distinct_tensors(model: nn.Module, skip=lambda key: False) -> tuple[dict[str
             seen[sk] = key
             tensors[key] = t
     return tensors, aliases
+
+
+@contextmanager
+def evaluating(*models: nn.Module, hooks: Iterable = ()):
+    """Run the block with ``models`` in eval mode, then (also on an error) remove the hook
+    handles ``hooks`` and give every model back its training mode."""
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mode in zip(models, modes):
+            m.train(mode)

@@ -31,6 +31,7 @@ from torch import nn
 
 from .analyze import Analysis, analyze, select_layers
 from .config import WASQConfig
+from .layers import evaluating
 from .quantize import quantize_, quantized_layers
 from .train import Blocks, TrainConfig, TrainStats, default_forward, freeze_all_but, train
 
@@ -453,21 +454,14 @@ class PrefixCache:
 
         h1 = target.register_forward_pre_hook(grab, with_kwargs=True)
         h2 = self.blocks[0].register_forward_hook(out_kind) if self.first > 0 else None
-        was = self.model.training
-        self.model.eval()
         dev = next(self.model.parameters()).device
-        try:
+        with evaluating(self.model, hooks=[h for h in (h1, h2) if h is not None]):
             for s in range(0, len(blocks), batch_size):
                 b = blocks.batch(range(s, min(s + batch_size, len(blocks))), dev)
                 try:
                     default_forward(self.model, b)
                 except _StopForward:
                     pass
-        finally:
-            h1.remove()
-            if h2 is not None:
-                h2.remove()
-            self.model.train(was)
         self.hidden = torch.cat(store, 0)
         self.seconds = time.perf_counter() - t0
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from . import hooks
 from .config import WASQConfig
-from .layers import candidate_layers, convert_rtn_, quantized_layers
+from .layers import candidate_layers, convert_rtn_, evaluating, quantized_layers
 from .qlinear import SFxLinear, _module_kind
 
 __all__ = ["quantize_", "calibrate_", "quantized_layers", "invalidate_caches", "wasq_config_of", "candidate_layers",
@@ -123,20 +123,18 @@ def calibrate_(model: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
     layers = quantized_layers(model)
     if not layers:
         raise ValueError("calibrate_: the model has no SFxLinear layers; call quantize_ first")
-    was_training = model.training
-    model.eval()
     for m in layers.values():
         m.act_amax = None
         m._calibrating = True
     n = 0
     try:
-        for batch in batches:
-            _run_batch(model, batch)
-            n += 1
+        with evaluating(model):
+            for batch in batches:
+                _run_batch(model, batch)
+                n += 1
     finally:
         for m in layers.values():
             m._calibrating = False
-        model.train(was_training)
     if n == 0:
         raise ValueError("calibrate_: no calibration batches were given")
     return {name: float(m.act_amax or 0.0) for name, m in layers.items()}

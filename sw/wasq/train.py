@@ -281,19 +281,17 @@ def evaluate_loss(model: nn.Module, blocks: Blocks, *, batch_size: int = 1,
     """Mean next-token loss of ``model`` over ``blocks`` (token-weighted, padding excluded)
     and the number of predicted tokens. Quick block-wise measure for training curves; the
     reported perplexities come from :mod:`superfloat.sw.wasq.evaluate`."""
+    from .layers import evaluating
+
     forward = forward or default_forward
-    was = model.training
-    model.eval()
     dev = next(model.parameters()).device
     total, count = 0.0, 0
-    try:
+    with evaluating(model):
         for s in range(0, len(blocks), batch_size):
             b = blocks.batch(range(s, min(s + batch_size, len(blocks))), dev)
             loss, n = causal_lm_loss(forward(model, b), b["labels"])
             total += float(loss)
             count += n
-    finally:
-        model.train(was)
     return (total / count if count else float("nan")), count
 
 

@@ -18,6 +18,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from ..layers import evaluating
+
 __all__ = ["Calibration"]
 
 
@@ -93,33 +95,29 @@ class Calibration:
 
         for name in names:
             handles.append(model.get_submodule(name).register_forward_pre_hook(hook(name), with_kwargs=True))
-        was = model.training
-        model.eval()
         tokens = 0
         n_batches = 0
         used: list = []
         try:
-            for batch in batches:
-                used.append(batch)
-                seen.clear()
-                if isinstance(batch, dict):
-                    n = int(batch["input_ids"].numel())
-                    model(**batch)
-                else:
-                    ids = torch.as_tensor(batch)
-                    ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
-                    n = int(ids.numel())
-                    model(input_ids=ids)
-                tokens += n
-                n_batches += 1
-                if progress:
-                    print(f"\rcalibration: {tokens} tokens", end="", file=sys.stderr, flush=True)
-                if max_tokens is not None and tokens >= max_tokens:
-                    break
+            with evaluating(model, hooks=handles):
+                for batch in batches:
+                    used.append(batch)
+                    seen.clear()
+                    if isinstance(batch, dict):
+                        n = int(batch["input_ids"].numel())
+                        model(**batch)
+                    else:
+                        ids = torch.as_tensor(batch)
+                        ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
+                        n = int(ids.numel())
+                        model(input_ids=ids)
+                    tokens += n
+                    n_batches += 1
+                    if progress:
+                        print(f"\rcalibration: {tokens} tokens", end="", file=sys.stderr, flush=True)
+                    if max_tokens is not None and tokens >= max_tokens:
+                        break
         finally:
-            for h in handles:
-                h.remove()
-            model.train(was)
             if progress:
                 print(file=sys.stderr)
         if n_batches == 0:
