@@ -367,11 +367,11 @@ class RTLSession:
         self._file.write(b"go\n")
         # sfx.linear on the host while the simulator runs the operation (numpy releases the GIL),
         # on one BLAS thread: spinning BLAS workers would take the simulator's core
-        old_threads = _BlasThreads.limit(1)
+        _BlasThreads.limit(1)
         try:
             ref, ref_stats = sfx.linear_with_stats(args.x, args.w, **linear_kwargs(args))
         finally:
-            _BlasThreads.restore(old_threads)
+            _BlasThreads.restore()
         line = self._readline(None, f"operation {self.ops}")
         parts = line.split()
         if len(parts) != 3 or parts[0] != "ok":
@@ -496,21 +496,29 @@ class _BlasThreads:
             cls._funcs = funcs
         return cls._funcs
 
-    @classmethod
-    def limit(cls, n: int) -> list[int]:
-        """Set every OpenBLAS to ``n`` threads; return the previous counts (for :meth:`restore`)."""
-        with cls._lock:
-            old = []
-            for g, s in cls._find():
-                old.append(g())
-                s(n)
-            return old
+    _users = 0
+    _saved: list[int] = []
 
     @classmethod
-    def restore(cls, old: list[int]) -> None:
+    def limit(cls, n: int) -> None:
+        """Set every OpenBLAS to ``n`` threads until the matching :meth:`restore` (calls may
+        overlap from several threads, e.g. :class:`SessionEngine`'s sessions: the first saves
+        the counts, the last restores them)."""
         with cls._lock:
-            for (_, s), n in zip(cls._find(), old):
+            funcs = cls._find()
+            if cls._users == 0:
+                cls._saved = [g() for g, _ in funcs]
+            cls._users += 1
+            for _, s in funcs:
                 s(n)
+
+    @classmethod
+    def restore(cls) -> None:
+        with cls._lock:
+            cls._users -= 1
+            if cls._users == 0:
+                for (_, s), n in zip(cls._find(), cls._saved):
+                    s(n)
 
 
 def _uid() -> int:

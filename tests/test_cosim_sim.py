@@ -121,3 +121,37 @@ def test_session_matches_run_linear():
     assert np.array_equal(got, want) and np.array_equal(again, want)
     assert st2.mismatches == st.mismatches == 0
     assert st2.cycles == st3.cycles == st.cycles and st2.saturated == st3.saturated == st.saturated
+
+
+def test_blas_thread_limit_nests_and_restores():
+    """RTLSession computes its reference on one OpenBLAS thread; overlapping limits (several
+    sessions in threads) restore the original count once the last one is done."""
+    import threading
+
+    from superfloat.sim.engines import _BlasThreads
+
+    np.ones((64, 64)) @ np.ones((64, 64))  # OpenBLAS loaded
+    funcs = _BlasThreads._find()
+    if not funcs:
+        pytest.skip("numpy does not use OpenBLAS here")
+    get = funcs[0][0]
+    start = get()
+    _BlasThreads.limit(1)
+    _BlasThreads.limit(1)
+    assert get() == 1
+    _BlasThreads.restore()
+    assert get() == 1
+    _BlasThreads.restore()
+    assert get() == start
+
+    def worker():
+        for _ in range(500):
+            _BlasThreads.limit(1)
+            _BlasThreads.restore()
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert get() == start and _BlasThreads._users == 0
