@@ -93,6 +93,9 @@ _FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 _ST_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
               "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+#: a tokenizer directory has at least one of these (its vocabulary)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt",
+                   "sentencepiece.bpe.model")
 
 
 class CheckpointError(ValueError):
@@ -967,10 +970,9 @@ def _load_tokenizer(d: Path, info: dict[str, Any]):
                 raise CheckpointError(f"checkpoint {d}: tokenizer file {name} fails its SHA-256 check (changed since "
                                       f"the save); {_REDO}")
     else:
-        vocab = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt", "sentencepiece.bpe.model")
-        if not any((d / v).is_file() for v in vocab):
+        if not any((d / v).is_file() for v in TOKENIZER_FILES):
             raise CheckpointError(f"checkpoint {d}: its tokenizer files are missing ({CONFIG_FILE} says a tokenizer "
-                                  f"was saved, but there is no {' / '.join(vocab[:2])}); copy the base model's "
+                                  f"was saved, but there is no tokenizer.json / vocab.json); copy the base model's "
                                   f"tokenizer files into {d} or {_REDO}")
     try:
         return AutoTokenizer.from_pretrained(str(d))

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import _one_line
+from .checkpoint import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, _is_wasq_weights, _one_line, load_checkpoint
 
 __all__ = ["LoadedModel", "load_model", "tiny_model", "byte_tokenizer", "smollm2_dir", "cache_dir",
            "TINY_MODELS", "SMOLLM2_NAMES", "SMOLLM2_NOTE", "model_names"]
@@ -204,8 +204,6 @@ def load_model(spec: str, *, dtype: torch.dtype | None = torch.float32, device: 
         return LoadedModel(_finish(tiny_model(low, seed=seed), dtype, device), byte_tokenizer(), spec, "tiny")
     path = Path(spec).expanduser()
     if path.is_dir() and _is_checkpoint_dir(path):
-        from .checkpoint import load_checkpoint
-
         model, tok, info = load_checkpoint(path, return_info=True)
         base = info.get("base_model", {})
         if tok is None and isinstance(base.get("source"), str) and base["source"].lower() in TINY_MODELS:
@@ -248,16 +246,10 @@ def _did_you_mean(low: str) -> str:
 
 def _is_checkpoint_dir(path: Path) -> bool:
     """A WASQ checkpoint directory: it has ``sfx_config.json``, or (damaged) WASQ tensors without it."""
-    if (path / "sfx_config.json").is_file():
+    if (path / CONFIG_FILE).is_file():
         return True
-    from .checkpoint import WEIGHTS_FILE, _is_wasq_weights
-
     # (before config.json: a WASQ checkpoint has one too, for from_pretrained)
     return (path / WEIGHTS_FILE).is_file() and _is_wasq_weights(path / WEIGHTS_FILE)
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt",
-                    "sentencepiece.bpe.model")
 
 
 def _load_local_dir(path: Path, spec: str, dtype, device) -> LoadedModel:
@@ -273,8 +265,8 @@ def _load_local_dir(path: Path, spec: str, dtype, device) -> LoadedModel:
     if not weights:
         raise ValueError(f"{path} has a config.json but no weights (model.safetensors or pytorch_model.bin); copy "
                          f"them into it or use another model")
-    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
-        raise ValueError(f"{path} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, ...); copy the "
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); copy the "
                          f"tokenizer of the model into it (tokenizer.save_pretrained)")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto")
