@@ -144,6 +144,8 @@ def register(sub) -> None:
     from superfloat.hw.fpga.flow import TARGETS
     from superfloat.hw.fpga.synth import KINDS, REFERENCE_MHZ
 
+    from .argtypes import nonneg_int
+
     p = sub.add_parser("synth", help="synthesize the accelerator for an FPGA (yowasp yosys + nextpnr)",
                        description="Synthesize, place and route an SFx accelerator (or a comparison PE array) "
                                    "inside a pin-light scan wrapper; report LUTs, FFs, DSPs, BRAMs and Fmax. "
@@ -161,7 +163,7 @@ def register(sub) -> None:
                                                "(default: build/fpga/synth/<target>/<design>/ of the current "
                                                "directory, or of $SFX_BUILD_DIR)")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per tool run (default 1200/1800)")
-    p.add_argument("--seed", type=int, default=1, help="nextpnr placement seed (default 1)")
+    p.add_argument("--seed", type=nonneg_int, default=1, help="nextpnr placement seed (default 1)")
     p.add_argument("--core-pack", action="store_true",
                    help="also pack the core alone (nextpnr --pack-only): its logic cells as core_logic")
     p.add_argument("--pack-only", action="store_true",

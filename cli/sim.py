@@ -107,7 +107,7 @@ def _list_layers(checkpoint: str) -> int:
 def register(sub) -> None:
     from superfloat.sim.cosim import DEFAULT_CALIB_DATA, DEFAULT_CALIB_TOKENS
 
-    from .argtypes import float_range, int_range, positive_int
+    from .argtypes import float_range, int_range, positive_float, positive_int
 
     p = sub.add_parser(
         "cosim", help="co-simulate a WASQ checkpoint's layers on the generated accelerator (Verilator / Icarus)",
@@ -168,7 +168,7 @@ def register(sub) -> None:
     p.add_argument("--waves", action="store_true", help="record waveforms (their paths are in the --json report)")
     p.add_argument("--target", default="ecp5-25k", help="FPGA target whose Fmax converts cycles to time "
                                                         "(default ecp5-25k; from hw/fpga/baselines or sfx synth)")
-    p.add_argument("--fmax", type=float, default=None, metavar="MHZ", help="use this Fmax instead of a report")
+    p.add_argument("--fmax", type=positive_float, default=None, metavar="MHZ", help="use this Fmax instead of a report")
     p.add_argument("--float-model", default=None, metavar="M",
                    help="also compare against this float model (a load_model spec, e.g. smollm2-135m)")
     p.add_argument("--json", action="store_true", help="print one JSON object (mismatches, codes_compared, cycles, "
@@ -195,11 +195,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from superfloat.sim.verify import SHIPPED_CONFIGS, parse_config, verify_config
 
     names = list(SHIPPED_CONFIGS) if args.config == ["all"] else args.config
-    try:
-        configs = [(n, parse_config(n)) for n in names]
-    except (TypeError, ValueError) as e:
-        print(f"sfx verify: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    configs = []
+    for n in names:
+        try:
+            configs.append((n, parse_config(n)))
+        except (TypeError, ValueError) as e:
+            msg = str(e) if n in str(e) else f"--config {n}: {e}"
+            print(f"sfx verify: error: {msg}", file=sys.stderr)
+            return EXIT_USAGE
     sims = ["verilator", "icarus"] if args.simulator == "both" else [args.simulator]
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 1 << 31)
     try:

@@ -35,6 +35,7 @@ The code is split by concern: :mod:`.engines` (engines and simulator sessions),
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -356,6 +357,14 @@ def cosim(checkpoint: str | os.PathLike, layer: str = "all", *, prompt: str | No
         raise CosimError(f"engine must be 'session', 'session-percycle', 'run_linear' or 'reference', got {engine!r}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise CosimError(f"jobs must be a positive int, got {jobs!r}")
+    if fmax_mhz is not None and not (isinstance(fmax_mhz, (int, float)) and math.isfinite(fmax_mhz) and fmax_mhz > 0):
+        raise CosimError(f"--fmax must be a positive number of MHz, got {fmax_mhz!r}")
+    if fmax_mhz is None:
+        from superfloat.hw.fpga.flow import TARGETS
+
+        if target not in TARGETS:
+            raise CosimError(f"unknown FPGA target {target!r} for --target: choose one of {', '.join(TARGETS)}, or "
+                             f"give --fmax MHZ for another device")
     for nm, v in (("a_bits", a_bits), ("w_bits", w_bits), ("out_bits", out_bits)):
         if v is not None:
             try:
@@ -412,14 +421,25 @@ def cosim(checkpoint: str | os.PathLike, layer: str = "all", *, prompt: str | No
     if base_note:
         notes.append(str(base_note))
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    limit = limit if isinstance(limit, int) and not isinstance(limit, bool) else None
     if data is not None:
         ids, text = _data_ids(tok, data, split, max_tokens)
         ctx = context or len(ids)
+        if limit is not None and context is not None and context > limit:
+            raise CosimError(f"--context {context} exceeds the model's {limit} positions (max_position_embeddings): "
+                             f"give --context {limit} or less")
+        if limit is not None and context is None and len(ids) - 1 > limit:
+            raise CosimError(f"--max-tokens {len(ids)} is one window longer than the model's {limit} positions "
+                             f"(max_position_embeddings): add --context {limit} or less")
         _check_t(min(ctx, len(ids) - 1))
     else:
         ids, text, tok_notes = _token_ids(tok, prompt, tokens, vocab)
         notes += tok_notes
         ctx = None
+        if limit is not None and len(ids) > limit:
+            raise CosimError(f"{len(ids)} tokens exceed the model's {limit} positions (max_position_embeddings): give "
+                             f"--tokens {limit} or fewer")
     if engine != "reference":
         runner.check_simulator(simulator)  # SimulatorNotFound (with install hints) before any work
     input_ids = torch.tensor([ids], dtype=torch.long)
@@ -432,7 +452,10 @@ def cosim(checkpoint: str | os.PathLike, layer: str = "all", *, prompt: str | No
             from superfloat.sw.wasq import load_model
 
             say(f"loading float model {float_model}")
-            fm = load_model(float_model, progress=progress).model
+            try:
+                fm = load_model(float_model, progress=progress).model
+            except (ValueError, OSError) as e:
+                raise CosimError(f"--float-model {float_model}: {e}") from None
         else:
             fm = float_model
         fm.eval()

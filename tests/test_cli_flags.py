@@ -91,9 +91,22 @@ FT = ["finetune", "-m", "tiny-llama", "-o", "/nonexistent/run"]
     (["clip-analysis", "--context", "0"], r"sfx clip-analysis: error: argument --context: must be an integer >= 1"),
     (["clip-analysis", "-a", "8", "33"], r"argument --act-bits/-a: must be an SFx width in 2\.\.16, got 33"),
     (["demo", "--tokens", "0"], r"sfx demo: error: argument --tokens: must be an integer in 1\.\.512, got 0"),
+    (["cosim", "-c", "/x", "--layer", "all", "--fmax", "-5"], r"sfx cosim: error: argument --fmax: must be a number > "
+                                                              r"0, got -5"),
+    (["cosim", "-c", "/x", "--layer", "all", "--fmax", "nan"], r"argument --fmax: must be a finite number, got 'nan'"),
+    (["synth", "--target", "ice40-up5k", "--seed", "-1"], r"sfx synth: error: argument --seed: must be an integer >= 0"),
 ])
 def test_cli_numeric_flags_are_range_checked(argv, msg, capsys):
     assert re.search(msg, _cli_error(argv, capsys))
+
+
+@pytest.mark.parametrize("config, msg", [
+    ("0x0-a8w8o8", "--config 0x0-a8w8o8: rows must be in 1..64, got 0"),
+    ("2x2-a1w8o8", "--config 2x2-a1w8o8: a_bits must be in 2..16 (SFx widths), got 1"),
+])
+def test_verify_config_errors_name_the_config(config, msg, capsys):
+    assert cli.main(["verify", "--config", config, "--codes", "10"]) == 2
+    assert f"sfx verify: error: {msg}" in capsys.readouterr().err
 
 
 def test_table_accepts_the_range_ends(capsys):

@@ -357,6 +357,27 @@ def test_cli_errors_and_list_layers(ckpts, no_build, capsys):
     assert "--layer is required" in capsys.readouterr().err
 
 
+def test_bad_fmax_target_float_model_and_positions_are_errors(ckpts, no_build):
+    """Issue 17: each a CosimError naming the option, before any simulator build (llama8: 64 positions)."""
+    ck, kw = ckpts["llama8"], dict(engine="reference", rows=4, cols=4, k_max=64)
+    for bad in (-5, 0, float("nan"), float("inf")):
+        with pytest.raises(cs.CosimError, match=r"^--fmax must be a positive number of MHz, got "):
+            cs.cosim(ck, "all", fmax_mhz=bad, **kw)
+    with pytest.raises(cs.CosimError, match=r"unknown FPGA target 'nosuch' for --target: choose one of .*--fmax MHZ"):
+        cs.cosim(ck, "all", target="nosuch", **kw)
+    assert cs.cosim(ck, "all", target="nosuch", fmax_mhz=50.0, tokens=4, **kw).bit_exact  # a label with --fmax
+    with pytest.raises(cs.CosimError, match=r"^--float-model tiny-nosuch: unknown model 'tiny-nosuch'"):
+        cs.cosim(ck, "all", float_model="tiny-nosuch", tokens=4, **kw)
+    with pytest.raises(cs.CosimError, match=r"^70 tokens exceed the model's 64 positions \(max_position_embeddings\): "
+                                            r"give --tokens 64 or fewer"):
+        cs.cosim(ck, "all", prompt="x" * 80, tokens=70, **kw)
+    with pytest.raises(cs.CosimError, match=r"^--context 100 exceeds the model's 64 positions"):
+        cs.cosim(ck, "all", data="shakespeare", max_tokens=16, context=100, **kw)
+    with pytest.raises(cs.CosimError, match=r"^--max-tokens 100 is one window longer than the model's 64 positions "
+                                            r"\(max_position_embeddings\): add --context 64 or less"):
+        cs.cosim(ck, "all", data="shakespeare", max_tokens=100, **kw)
+
+
 def test_docs_examples():
     """The Python examples of docs/cosim.md run as doctests."""
     import doctest
