@@ -205,7 +205,10 @@ def load_ids(args: argparse.Namespace, tokenizer: Any, *, data: str | None = Non
         text = load_text(data or args.data, split if split is not None else getattr(args, "split", None))
     except ValueError as e:
         raise CLIError(str(e)) from None
-    ids = tokenize(tokenizer, text, max_tokens)
+    try:
+        ids = tokenize(tokenizer, text, max_tokens)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     if ids.numel() < 2:
         raise CLIError(f"data {data or args.data!r} has fewer than 2 tokens")
     return ids
@@ -243,8 +246,9 @@ def calibration_text(args: argparse.Namespace, lm) -> list:
     """Calibration batches: ``--calib-tokens`` of ``--calib-data`` (default ``--data``), train split."""
     from superfloat.sw.wasq.data import calibration_batches
 
-    if args.calib_tokens < 1:
-        raise CLIError(f"--calib-tokens must be >= 1, got {args.calib_tokens}")
+    if args.calib_tokens < 2:
+        raise CLIError(f"--calib-tokens must be >= 2 (one token is scored per preceding token), got "
+                       f"{args.calib_tokens}")
     ids = load_ids(args, lm.tokenizer, data=args.calib_data or args.data, split="train", max_tokens=args.calib_tokens)
     return list(calibration_batches(ids, getattr(args, "context", 512), args.calib_tokens))
 
@@ -480,6 +484,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                                                            "source": args.model})
     except (FileExistsError, ValueError) as e:
         raise CLIError(str(e)) from None
+    except OSError as e:  # an unwritable or missing parent folder, a full disk
+        where = e.filename or (args.output if args.output is not None else args.packed)
+        raise CLIError(f"cannot write {where}: {e.strerror or e}; choose another --output/--packed path") from None
     out = {"model": args.model, "output": str(args.output), **_config_fields(config),
            "quantized_layers": desc["quantized_layers"], "memory": mem, "output_calibration": calib,
            "seconds": round(time.perf_counter() - t0, 2), "method_seconds": method_seconds(desc), "note": lm.note}

@@ -78,6 +78,12 @@ def test_quantize_then_eval_checkpoint(capsys, tmp_path, text_file):
     (["quantize", "--model", "tiny-llama", "--weight-bits", "4", "--method", "rtn-int", "-o", "x"],
      "--method rtn-int with these options is not executable by the SFx accelerator (integer codes"),
     (["eval", "--model", "/no/such/model/dir"], "no such model directory or file: '/no/such/model/dir'"),
+    (["generate", "--model", "tiny-llama", "--prompt", "x", "-n", "100000"],
+     "plus --max-new-tokens 100000 exceed the model's"),
+    (["quantize", "--model", "tiny-llama", "-w", "4", "-a", "8", "--act-exponent", "static", "--calib-tokens", "1",
+      "-o", "/no/such/ck"], "--calib-tokens must be >= 2 (one token is scored per preceding token), got 1"),
+    (["quantize", "--model", "tiny-llama", "-w", "4", "--packed", "/proc/no/such/x.safetensors"],
+     "cannot write /proc/no"),
     (["eval", "--model", "no-such-org/no-such-model"], "could not load model 'no-such-org/no-such-model' from the "
                                                        "Hugging Face hub"),
 ])

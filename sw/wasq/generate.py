@@ -31,6 +31,12 @@ def generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 4
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     ids = _prompt_ids(tokenizer, prompt, chat)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and ids.shape[1] + max_new_tokens > limit:
+        room = limit - ids.shape[1]
+        raise ValueError(f"the prompt's {ids.shape[1]} tokens plus --max-new-tokens {max_new_tokens} exceed the "
+                         f"model's {limit} positions (max_position_embeddings): "
+                         + (f"give --max-new-tokens {room} or fewer" if room >= 1 else "shorten the prompt"))
     dev = next(model.parameters()).device
     ids = ids.to(dev)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
