@@ -557,6 +557,10 @@ def test_a_save_killed_by_sigkill_leaves_nothing_after_the_next_save(tmp_path, w
         with pytest.raises(CheckpointError, match=r"a save to it was interrupted between its two renames; the previous "
                                                   r"checkpoint is .*\.ck\.old-.*: rename it to"):
             load_checkpoint(target)
+        from superfloat.sw.wasq import load_model
+
+        with pytest.raises(CheckpointError, match=r"interrupted between its two renames; the previous checkpoint"):
+            load_model(str(target))  # what sfx eval / generate call: the same message, not 'no such model'
     else:
         assert not target.exists()
     model = _quantized(weight_bits=4)

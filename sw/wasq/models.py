@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, _is_wasq_weights, _one_line, load_checkpoint
+from .checkpoint import (CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, _is_wasq_weights, _one_line, load_checkpoint,
+                         read_checkpoint_info, stale_save_dirs)
 
 __all__ = ["LoadedModel", "load_model", "tiny_model", "byte_tokenizer", "smollm2_dir", "cache_dir",
            "TINY_MODELS", "SMOLLM2_NAMES", "SMOLLM2_NOTE", "model_names"]
@@ -221,6 +222,8 @@ def load_model(spec: str, *, dtype: torch.dtype | None = torch.float32, device: 
                            "weights dequantized from a GGUF file (quantized weights, not the original float model)")
     if path.exists():
         raise ValueError(f"{spec!r} exists but is neither a model directory, a WASQ checkpoint nor a .gguf file")
+    if any(".old-" in p.name for p in stale_save_dirs(path)):
+        read_checkpoint_info(path)  # raises: a save was killed between its renames; names the previous checkpoint
     if "/" not in spec and low.startswith(("tiny-", "smollm")):
         raise ValueError(f"unknown model {spec!r}{_did_you_mean(low)}; offline choices: {', '.join(model_names())}")
     if spec.startswith(("/", "./", "../", "~")) or spec.endswith(".gguf") or os.sep + os.sep in spec:
