@@ -144,7 +144,7 @@ def register(sub) -> None:
     from superfloat.hw.fpga.flow import TARGETS
     from superfloat.hw.fpga.synth import KINDS, REFERENCE_MHZ
 
-    from .argtypes import nonneg_int
+    from .argtypes import nonneg_int, positive_float
 
     p = sub.add_parser("synth", help="synthesize the accelerator for an FPGA (yowasp yosys + nextpnr)",
                        description="Synthesize, place and route an SFx accelerator (or a comparison PE array) "
@@ -162,7 +162,8 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help="folder for summary.json, with the tool files in <out>/flow/ "
                                                "(default: build/fpga/synth/<target>/<design>/ of the current "
                                                "directory, or of $SFX_BUILD_DIR)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds allowed per tool run (default 1200/1800)")
+    p.add_argument("--timeout", type=positive_float, default=None,
+                   help="seconds allowed per tool run (default 1200/1800)")
     p.add_argument("--seed", type=nonneg_int, default=1, help="nextpnr placement seed (default 1)")
     p.add_argument("--core-pack", action="store_true",
                    help="also pack the core alone (nextpnr --pack-only): its logic cells as core_logic")
@@ -186,6 +187,6 @@ def register(sub) -> None:
                         "clock can make)")
     b.add_argument("--out", default=None, help="output folder (default build/fpga/board/<board>-.../ of the current "
                                                "directory, or of $SFX_BUILD_DIR)")
-    b.add_argument("--timeout", type=float, default=None, help="seconds allowed per tool run")
+    b.add_argument("--timeout", type=positive_float, default=None, help="seconds allowed per tool run")
     b.add_argument("--json", action="store_true", help="print the build report as JSON")
     b.set_defaults(func=cmd_build_board)

@@ -341,7 +341,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     lm = _load(args.model)
     limit = getattr(lm.model.config, "max_position_embeddings", None) if hasattr(lm.model, "config") else None
     if isinstance(limit, int) and args.context > limit:
-        raise CLIError(f"--context {args.context} exceeds the model's {limit} positions (max_position_embeddings)")
+        raise CLIError(f"--context {args.context} exceeds the model's {limit} positions (max_position_embeddings): "
+                       f"give --context {limit} or less")
     accel = args.backend in ("accelerator", "both")
     if config is None and (args.out_bits is not None or args.headroom is not None) and not args.calibrate_outputs \
             and lm.kind == "checkpoint":

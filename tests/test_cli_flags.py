@@ -95,6 +95,9 @@ FT = ["finetune", "-m", "tiny-llama", "-o", "/nonexistent/run"]
                                                               r"0, got -5"),
     (["cosim", "-c", "/x", "--layer", "all", "--fmax", "nan"], r"argument --fmax: must be a finite number, got 'nan'"),
     (["synth", "--target", "ice40-up5k", "--seed", "-1"], r"sfx synth: error: argument --seed: must be an integer >= 0"),
+    (["synth", "--target", "ice40-up5k", "--timeout", "0"], r"argument --timeout: must be a number > 0, got 0"),
+    (["build-board", "--board", "icebreaker", "--timeout", "-1"], r"sfx build-board: error: argument --timeout: must "
+                                                                  r"be a number > 0, got -1"),
 ])
 def test_cli_numeric_flags_are_range_checked(argv, msg, capsys):
     assert re.search(msg, _cli_error(argv, capsys))

@@ -61,6 +61,7 @@ def test_quantize_then_eval_checkpoint(capsys, tmp_path, text_file):
                                                               "2..16, got 1"),
     (["eval", "--model", "tiny-llama", "--context", "0"], "argument --context: must be an integer >= 1, got 0"),
     (["eval", "--model", "tiny-llama", "--context", "9999"], "--context 9999 exceeds the model's"),
+    (["eval", "--model", "tiny-llama", "--context", "9999"], "positions (max_position_embeddings): give --context "),
     (["eval", "--model", "tiny-llama", "--headroom", "0.5"], "argument --headroom: must be a number >= 1, got 0.5"),
     (["eval", "--model", "tiny-llama", "--out-bits", "17"], "argument --out-bits: must be an SFx width in 2..16"),
     (["eval", "--model", "tiny-llama", "--backend", "accelerator"],
