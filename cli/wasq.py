@@ -375,7 +375,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                               pad_token_id=pad, progress=not args.no_progress, desc=f"eval {label} [{backend}]",
                               reference=reference)
         except (AcceleratorError, ValueError) as e:
-            raise CLIError(str(e)) from None
+            msg = str(e)
+            if " NaN value(s)" in msg:
+                msg = nan_message(msg, lm.model, ids[:args.context])
+            raise CLIError(msg) from None
 
     fake = evaluate("fake") if args.backend == "both" else None
     r = evaluate("accelerator" if accel else "fake")
@@ -410,7 +413,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from superfloat.sw.wasq.data import default_split
 
     if not math.isfinite(r.perplexity):
-        raise CLIError(f"perplexity is {r.perplexity} (non-finite logits): the model produces NaN/inf on this text")
+        raise CLIError(nan_message(f"perplexity is {r.perplexity} (non-finite logits): the model produces NaN/inf "
+                                   f"on this text", lm.model, ids[:args.context]))
     out = {
         "model": args.model, "data": args.data, "split": args.split or default_split(args.data),
         **_config_fields(desc["config"]), "backend": "accelerator" if accel else "fake",
@@ -542,8 +546,23 @@ def generation_entries(args: argparse.Namespace) -> list[tuple[str, Any, Any]]:
     return entries
 
 
+def nan_message(msg: str, model: Any, ids: Any, whose: str = "the model's") -> str:
+    """``msg`` (a quantized layer refusing a NaN input, or a NaN perplexity) rewritten to name the
+    float module that first produced the NaN/infinity on ``ids`` (SFx has no NaN: the quantized
+    layer after it is not the cause); ``msg`` unchanged when no module is found."""
+    import torch
+
+    from superfloat.sim.nonfinite import describe_source, locate_nonfinite
+
+    src = locate_nonfinite(model, lambda: model(torch.as_tensor(ids).reshape(1, -1)))
+    if src is None:
+        return msg
+    return (f"NaN/infinity in {whose} forward pass, {describe_source(src)}: check the weights and inputs of "
+            f"{src['module']} (then: {msg.split('. SFx has no NaN')[0]})")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    from superfloat.sw.wasq.generate import generate_many
+    from superfloat.sw.wasq.generate import _prompt_ids, generate_many
 
     entries = generation_entries(args)
     try:
@@ -551,7 +570,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                 chat=args.chat)
     except ValueError as e:
-        raise CLIError(str(e)) from None
+        msg = str(e)
+        if " NaN value(s)" in msg:
+            for label, model, tok in entries:
+                new = nan_message(msg, model, _prompt_ids(tok, args.prompt, args.chat), f"{label}'s")
+                if new != msg:
+                    msg = new
+                    break
+        raise CLIError(msg) from None
     if args.json:
         print(json.dumps({"prompt": args.prompt, "outputs": [{"model": l, "text": t} for l, t in results]}))
     elif args.layout == "blocks" or len(results) == 1:

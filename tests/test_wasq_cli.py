@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -236,3 +237,27 @@ def test_xmult_activations_checkpoint_and_backends(capsys, tmp_path, text_file):
     p = _json(capsys, ["eval", "--model", "tiny-llama", "-w", "4", "-a", "4"] + common + calib)
     assert a["perplexity"] == b["perplexity"] and a["fake"]["perplexity"] == b["fake"]["perplexity"]
     assert b["fake"]["perplexity"] != p["fake"]["perplexity"]  # per-token float scales are not pow2 exponents
+
+
+def test_a_nan_is_named_at_its_source_in_eval_and_generate(capsys, tmp_path):
+    """Issue 17: a NaN produced inside the model (a huge, finite embedding that overflows in ln_1)
+    names that module, not the quantized layer that then refuses its input (SFx has no NaN)."""
+    import torch
+
+    from superfloat.sw.wasq import WASQConfig, load_model, quantize_, save_checkpoint
+
+    lm = load_model("tiny-gpt2")
+    quantize_(lm.model, WASQConfig(weight_bits=4, act_bits=8))
+    with torch.no_grad():
+        lm.model.transformer.wte.weight[:, 0] = 3.0e38
+    ck = str(tmp_path / "ck")
+    save_checkpoint(lm.model, ck, tokenizer=lm.tokenizer)
+    source = (r"forward pass, first produced by transformer\.h\.0\.ln_1 \(output of shape \[1, \d+, 128\]: .*NaN.*: "
+              r"check the weights and inputs of transformer\.h\.0\.ln_1 \(then: layer transformer\.h\.0\.attn\.c_attn: "
+              r"input")
+    assert cli.main(["eval", "-m", ck, "--max-tokens", "16", "--no-progress", "--no-baseline"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"sfx eval: error: NaN/infinity in the model's " + source, err), err
+    assert cli.main(["generate", "-c", ck, "-p", "Hello", "-n", "2"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"sfx generate: error: NaN/infinity in .*ck's " + source, err), err
