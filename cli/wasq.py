@@ -376,7 +376,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                               reference=reference)
         except (AcceleratorError, ValueError) as e:
             msg = str(e)
-            if " NaN value(s)" in msg:
+            if _NAN_INPUT in msg:
                 msg = nan_message(msg, lm.model, ids[:args.context])
             raise CLIError(msg) from None
 
@@ -546,6 +546,10 @@ def generation_entries(args: argparse.Namespace) -> list[tuple[str, Any, Any]]:
     return entries
 
 
+#: what a quantized layer's refusal of a NaN input says (``sfx._check_no_nan`` and its torch twin)
+_NAN_INPUT = " NaN value(s)"
+
+
 def nan_message(msg: str, model: Any, ids: Any, whose: str = "the model's") -> str:
     """``msg`` (a quantized layer refusing a NaN input, or a NaN perplexity) rewritten to name the
     float module that first produced the NaN/infinity on ``ids`` (SFx has no NaN: the quantized
@@ -571,7 +575,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                 chat=args.chat)
     except ValueError as e:
         msg = str(e)
-        if " NaN value(s)" in msg:
+        if _NAN_INPUT in msg:
             for label, model, tok in entries:
                 new = nan_message(msg, model, _prompt_ids(tok, args.prompt, args.chat), f"{label}'s")
                 if new != msg:
