@@ -25,6 +25,7 @@ names the rows left out and the command carries the setting.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -135,8 +136,6 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str | None = None,
     base = ["--model", model, "--data", "shakespeare", "--split", "test"]
     base += (["--context", "64", "--max-tokens", "256", "--calib-tokens", "256", "--search-tokens", "64",
               "--adaround-iters", "5", "--awq-grid", "4"] if quick else ["--context", "512", "--max-tokens", "8192"])
-    import os
-
     spec = None if quick else os.environ.get(ROWS_ENV)
     picked = select_rows(spec)
     rows_def = QUICK_ROWS if quick else [ROWS[i] for i in picked]
