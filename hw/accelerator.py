@@ -27,23 +27,29 @@ DRAIN_STAGES = 2
 
 def _lane_store_layout(p: AccelParams) -> data.StructLayout:
     """One channel's drain context, as stored in the par memory."""
-    return data.StructLayout({
+    fields = {
         "bias": p.acc_bits,
         "shift": 8,
         "ok": 1,        # the channel exists (n0 + j < N)
         "use_mult": 1,
-    })
+    }
+    if p.xmult:
+        fields["use_xmult"] = 1
+    return data.StructLayout(fields)
 
 
-def _lane_late_layout() -> data.StructLayout:
+def _lane_late_layout(p: AccelParams) -> data.StructLayout:
     """The part of a channel's context the clamp unit takes directly from memory (read a
     cycle later than the rest, so no register holds it on the way)."""
-    return data.StructLayout({
+    fields = {
         "mult": 16,     # 1 when the operation does not use mult
         "relu": 1,
         "rnd": 1,
         "use_mult": 1,
-    })
+    }
+    if p.xmult:
+        fields["use_xmult"] = 1
+    return data.StructLayout(fields)
 
 
 class SFxAccelerator(wiring.Component):
@@ -62,14 +68,15 @@ class SFxAccelerator(wiring.Component):
       RAM on an FPGA), one word per cycle, reading the offered beats in place (a stream's
       payload is stable until it is taken): the ``par`` beat's ``cols`` lanes (bias, shift,
       mult; a bias of a valid channel with ``|bias| >= 2**(A-2)`` sets :attr:`error`), then
-      takes it; and the ``rows`` row exponents of the tile's first ``act`` beat. ``STREAM``
+      takes it; and the ``rows`` row exponents (with ``xmult``, and row multipliers) of
+      the tile's first ``act`` beat. ``STREAM``
       then passes the ``K`` ``act``/``wgt`` beats, together, to the array; ``NEXT`` steps
       the tile counters. The memories hold two tiles, so a tile's copy overlaps the
       previous tile's drain;
     * :class:`SFxMacArray`: PE ``(i, j)`` accumulates ``X[t0+i, k] * W[n0+j, k]``; finished
       sums are read one per cycle, row-major, through the array's XOR readout;
     * drain stage: reads channel ``j``'s and row ``i``'s context from the memories, adds
-      ``bias[j]``, forms ``shift[j] + xexp[i]`` and feeds one accumulator per cycle to a
+      ``bias[j]``, forms ``shift[j] + xexp[i]`` (with ``xmult``, passes ``xmult[i]``) and feeds one accumulator per cycle to a
       single, time-multiplexed :class:`SFxClampUnit` (channels past ``N`` are fed as zero
       with ``r = 0``: code 0, never saturated);
     * result assembly: ``cols`` codes form one ``res`` beat, queued in a FIFO in block RAM
@@ -129,13 +136,22 @@ class SFxAccelerator(wiring.Component):
         ``"sm"`` (default): SFx PEs, the accelerator of SPEC section 5. ``"tc"``: two's
         complement integer PEs of the same widths, for the synthesis comparison only (the
         codes are then read as two's complement integers; this is not LINEAR).
+    xmult : bool
+        Generate the per-row activation multiplier of SPEC revision 2 (section 4 step 0b;
+        default ``False``): ``cmd`` gains ``use_xmult``, ``act`` a 16-bit ``xmult`` per row
+        (read with the row exponents), and the clamp unit a second 16-bit multiplier (one
+        cycle more latency; the product ``|acc| * mult * xmult`` has up to ``A + 32``
+        bits). An accelerator without it cannot carry ``xmult``: the host packing
+        (:mod:`superfloat.sim.packing`) refuses such an operation.
 
     Members
     -------
     cmd : In(stream.Signature(interface.cmd_layout(p)))
-        ``{k, t, n, relu, rounding, use_mult}``, one beat per operation.
+        ``{k, t, n, relu, rounding, use_mult}`` (and ``use_xmult`` with ``xmult``), one
+        beat per operation.
     act : In(stream.Signature(interface.act_layout(p)))
-        ``{codes[rows], exp[rows]}``: one reduction step of a tile's activations.
+        ``{codes[rows], exp[rows]}`` (and ``xmult[rows]`` with ``xmult``): one reduction
+        step of a tile's activations.
     wgt : In(stream.Signature(interface.wgt_layout(p)))
         ``codes[cols]``: one reduction step of a tile's weights.
     par : In(stream.Signature(interface.par_layout(p)))
@@ -153,14 +169,14 @@ class SFxAccelerator(wiring.Component):
     def __init__(self, *, rows: int, cols: int, a_bits: int, w_bits: int, out_bits: int,
                  k_max: int = sfx.DEFAULT_K_MAX, dsp_pes: int = 0, clamp_impl: str = "dsp",
                  overlap_drain: bool = True, mul_stages: int = 0, pe_kind: str = "sm",
-                 chunk_k: int | None = None, pipelined: bool = False):
+                 chunk_k: int | None = None, pipelined: bool = False, xmult: bool = False):
         with checking(self):
             for name, v in (("a_bits", a_bits), ("w_bits", w_bits), ("out_bits", out_bits)):
                 if isinstance(v, bool) or not isinstance(v, int):
                     raise TypeError(f"{name} must be an int in {sfx.MIN_BITS}..{sfx.MAX_BITS}, "
                                     f"got {type(v).__name__} {v!r}")
             self._params = AccelParams(rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits,
-                                       out_bits=out_bits, k_max=k_max)
+                                       out_bits=out_bits, k_max=k_max, xmult=check_bool(xmult, "xmult"))
             self._dsp_pes = check_int(dsp_pes, "dsp_pes", 0, rows * cols)
             self._clamp_impl = check_impl(clamp_impl, "clamp_impl")
             self._overlap = check_bool(overlap_drain, "overlap_drain")
@@ -200,6 +216,7 @@ class SFxAccelerator(wiring.Component):
     pe_kind = property(lambda self: self._pe_kind, doc="'sm' (SFx) or 'tc' (two's complement baseline).")
     chunk_k = property(lambda self: self._chunk_k, doc="Longest run of products a PE accumulates (<= k_max).")
     pipelined = property(lambda self: self._pipelined, doc="Registers after the block-RAM reads (fast clocks).")
+    xmult = property(lambda self: self._params.xmult, doc="Whether the per-row activation multiplier is generated.")
 
     @property
     def chunked(self) -> bool:
@@ -224,7 +241,8 @@ class SFxAccelerator(wiring.Component):
         """
         arr = self._array()
         arr._MustUse__silence = True
-        latency = self.cols + arr.readout_latency + DRAIN_STAGES + 3 * self._pipelined + CLAMP_LATENCY + 4
+        latency = (self.cols + arr.readout_latency + DRAIN_STAGES + 3 * self._pipelined + CLAMP_LATENCY
+                   + self._params.xmult + 4)
         return max(4, math.ceil(latency / self.cols) + 2)
 
     def elaborate(self, platform):
@@ -237,7 +255,7 @@ class SFxAccelerator(wiring.Component):
         m.submodules.array = array = self._array()
         m.submodules.clamp = clamp = SFxClampUnit(acc_bits=A, frac_bits=p.frac_bits, out_bits=p.out_bits,
                                                   mult_impl=self._clamp_impl, mult_premuxed=True,
-                                                  mult_stages=int(self._pipelined))
+                                                  mult_stages=int(self._pipelined), xmult=p.xmult)
         depth = self.fifo_depth
         m.submodules.fifo = fifo = MemFIFO(width=cols * p.out_bits, depth=depth, lanes=cols, out_reg=self._pipelined)
 
@@ -252,8 +270,11 @@ class SFxAccelerator(wiring.Component):
                                                 attrs=_RAM_ATTRS)
         m.submodules.xexp_mem = xexp_mem = Memory(shape=signed(8), depth=2 << rbits, init=[],
                                                   attrs=_RAM_ATTRS)
-        m.submodules.late_mem = late_mem = Memory(shape=_lane_late_layout(), depth=2 << cbits, init=[],
+        m.submodules.late_mem = late_mem = Memory(shape=_lane_late_layout(p), depth=2 << cbits, init=[],
                                                   attrs=_RAM_ATTRS)
+        if p.xmult:   # the row multipliers, beside the row exponents (same addresses)
+            m.submodules.xm_mem = xm_mem = Memory(shape=16, depth=2 << rbits, init=[], attrs=_RAM_ATTRS)
+            xm_wr, xm_rd = xm_mem.write_port(), xm_mem.read_port()
         late_wr = late_mem.write_port()
         late_rd = late_mem.read_port()
         par_wr = par_mem.write_port()
@@ -276,7 +297,7 @@ class SFxAccelerator(wiring.Component):
         t_end = td[-1]
         cols_ok = Signal(range(cols + 1))  # min(N - n0, cols): channels of the tile (registered)
         rows_ok = Signal(range(rows + 1))  # min(T - t0, rows): rows of the tile (registered)
-        op_relu, op_rnd, op_mult = Signal(), Signal(), Signal()
+        op_relu, op_rnd, op_mult, op_xmult = Signal(), Signal(), Signal(), Signal()
         fd_slot = Signal()                 # memory slot of the tile being fed
         lane = Signal(range(max(2, cols)))  # par lane being copied
         xrow = Signal(range(max(2, rows)))  # row exponent being copied
@@ -334,6 +355,7 @@ class SFxAccelerator(wiring.Component):
         plw = len(self.par.payload[0].as_value())
         par_q = Signal(par_lane_layout(p), reset_less=True)
         x_q = Signal(signed(8), reset_less=True)
+        xm_q = Signal(16, reset_less=True)
         cp_par, cp_x, cp_ok = Signal(), Signal(), Signal(reset_less=True)
         cp_laddr = Signal(cbits, reset_less=True)
         cp_xaddr = Signal(rbits, reset_less=True)
@@ -347,6 +369,11 @@ class SFxAccelerator(wiring.Component):
             late_wr.data.rnd.eq(op_rnd), late_wr.data.use_mult.eq(op_mult),
             x_wr.addr.eq(Cat(cp_xaddr, fd_slot)), x_wr.en.eq(cp_x), x_wr.data.eq(x_q),
         ]
+        if p.xmult:
+            m.d.comb += [
+                par_wr.data.use_xmult.eq(op_xmult), late_wr.data.use_xmult.eq(op_xmult),
+                xm_wr.addr.eq(x_wr.addr), xm_wr.en.eq(cp_x), xm_wr.data.eq(Mux(op_xmult, xm_q, 1)),
+            ]
         b_top = par_q.bias[A - 2:]
         m.d.sync += bias_bad.eq(cp_par & cp_ok & ((b_top == 0b01) | (b_top == 0b10) |
                                                   ((b_top == 0b11) & (par_q.bias[:A - 2] == 0))))
@@ -370,6 +397,8 @@ class SFxAccelerator(wiring.Component):
                 op_relu.eq(cmd.relu), op_rnd.eq(cmd.rounding), op_mult.eq(cmd.use_mult),
                 s_idle.eq(0), s_check.eq(1),
             ]
+            if p.xmult:
+                m.d.sync += op_xmult.eq(cmd.use_xmult)
         with m.If(s_check):   # the command acts from registers (timing)
             m.d.sync += s_check.eq(0)
             with m.If(cmd_bad):
@@ -390,6 +419,8 @@ class SFxAccelerator(wiring.Component):
         with m.If(s_tile & ~x_done & self.act.valid & ~slots_full):
             m.d.sync += [cp_x.eq(1), x_q.eq(select(self.act.payload.exp, xrow_oh, 8)),
                          cp_xaddr.eq(xrow[:rbits] if rows > 1 else 0)]
+            if p.xmult:
+                m.d.sync += xm_q.eq(select(self.act.payload.xmult, xrow_oh, 16))
             with m.If(xrow_oh[rows - 1]):
                 m.d.sync += x_done.eq(1)
             with m.Else():
@@ -444,6 +475,8 @@ class SFxAccelerator(wiring.Component):
             x_rd.addr.eq(Cat(d_row[:rbits] if rows > 1 else Const(0, 1), dr_slot)),
             par_rd.en.eq(out.valid), x_rd.en.eq(out.valid),
         ]
+        if p.xmult:
+            m.d.comb += [xm_rd.addr.eq(x_rd.addr), xm_rd.en.eq(out.valid)]
         d1_valid, d1_first, d1_final = Signal(), Signal(), Signal()
         d1_acc = Signal(signed(array.acc_bits), reset_less=True)
         m.d.sync += [d1_valid.eq(out.valid), d1_first.eq(out.payload.tag[0]), d1_final.eq(final_out)]
@@ -499,6 +532,8 @@ class SFxAccelerator(wiring.Component):
         partial_valid = Signal()   # pre_acc holds a partial sum (written back a cycle later: timing)
         m.d.sync += partial_valid.eq(e_valid & ~e_final)
         neutral = Mux(ctx.use_mult, p.frac_bits + sfx.MULT_FRAC_BITS - mo, p.frac_bits - mo)
+        if p.xmult:
+            neutral = neutral + Mux(ctx.use_xmult, sfx.MULT_FRAC_BITS, 0)
         pre_valid = Signal()
         pre_acc = Signal(signed(A), reset_less=True)
         pre_shift = Signal(signed(SHIFT_BITS), reset_less=True)
@@ -510,6 +545,10 @@ class SFxAccelerator(wiring.Component):
         if self.chunked:   # padding channels store 0: their sums are never used
             m.d.comb += [ps_wr.addr.eq(wr_addr), ps_wr.data.eq(pre_acc), ps_wr.en.eq(partial_valid)]
         late = stage(late_rd.data, "late_q")
+        if p.xmult:   # the row multiplier, read with the row exponent, waits a cycle beside pre_shift
+            pre_xm = Signal(16, reset_less=True)
+            m.d.sync += pre_xm.eq(stage(xm_rd.data, "xm_rd_q"))
+            m.d.comb += [clamp.i.payload.xmult.eq(pre_xm), clamp.i.payload.use_xmult.eq(late.use_xmult)]
         m.d.comb += [
             clamp.i.valid.eq(pre_valid),
             clamp.i.payload.acc.eq(pre_acc),

@@ -19,16 +19,20 @@ CLAMP_LATENCY = 7
 _MAX_R = 63
 
 
-def clamp_in_layout(acc_bits: int) -> data.StructLayout:
-    """Payload of :attr:`SFxClampUnit.i`."""
-    return data.StructLayout({
+def clamp_in_layout(acc_bits: int, xmult: bool = False) -> data.StructLayout:
+    """Payload of :attr:`SFxClampUnit.i` (``xmult``: with the per-row multiplier fields)."""
+    fields = {
         "acc": signed(acc_bits),       # accumulator, bias included
         "shift": signed(SHIFT_BITS),   # shift[n] + xexp[t]
         "mult": 16,                    # per-channel multiplier (mult * 2**-16), used with use_mult
         "use_mult": 1,
         "relu": 1,
         "rounding": 1,                 # interface.ROUNDING_CODES: 0 nearest_even, 1 toward_zero
-    })
+    }
+    if xmult:
+        fields["xmult"] = 16           # per-row multiplier (xmult * 2**-16), used with use_xmult
+        fields["use_xmult"] = 1
+    return data.StructLayout(fields)
 
 
 def clamp_out_layout(out_bits: int) -> data.StructLayout:
@@ -41,14 +45,18 @@ class SFxClampUnit(wiring.Component):
 
     For each input ``{acc, shift, mult, use_mult, relu, rounding}`` it returns the
     SF``out_bits`` code of ``requantize(acc, frac_bits=frac_bits, shift=shift,
-    out_bits=out_bits, relu, rounding, mult=mult if use_mult else None)``, bit for bit,
-    and whether it saturated. The datapath works in sign-magnitude, which is exact
+    out_bits=out_bits, relu, rounding, mult=mult if use_mult else None, xmult=xmult if
+    use_xmult else None)``, bit for bit, and whether it saturated (``xmult``: the per-row
+    activation multiplier of SPEC revision 2, a generation option). The datapath works in sign-magnitude, which is exact
     because both roundings of SPEC section 4 are symmetric around zero
     (``round(-x) == -round(x)``):
 
     1. ``neg = acc < 0``; ``mag = |acc|`` (``0`` when ``relu`` and ``neg``);
-       ``r = frac_bits (+16 if use_mult) - (out_bits - 1) - shift``.
-    2. ``prod = mag * (mult if use_mult else 1)`` (:class:`SFxMagnitudeMultiplier`:
+       ``r = frac_bits (+16 if use_mult) (+16 if use_xmult) - (out_bits - 1) - shift``.
+    1b. With ``xmult`` only: ``m = (mult if use_mult else 1) * (xmult if use_xmult else 1)``,
+       a 32-bit product, registered (one cycle more latency).
+    2. ``prod = mag * (mult if use_mult else 1)`` (with ``xmult``: ``mag * m``, up to
+       ``acc_bits + 32`` bits, which is more than 64 for wide accumulators) (:class:`SFxMagnitudeMultiplier`:
        ``16 x 16`` on the low 16 bits of ``mag`` and ``(acc_bits - 16) x 16`` on the rest,
        registered, then added over the high bits: each product fits one DSP block).
     3. Coarse right shift by ``r & 0x38`` with a guard bit: only a window of
@@ -62,7 +70,7 @@ class SFxClampUnit(wiring.Component):
     ``r`` outside ``0..63`` is not supported by the hardware (SPEC section 4): it sets the
     sticky :attr:`error` and is clamped into ``0..63`` (the result is then meaningless).
 
-    Latency: :data:`CLAMP_LATENCY` (7) cycles, plus ``mult_stages``. Throughput: one result per cycle. The
+    Latency: :data:`CLAMP_LATENCY` (7) cycles, plus ``mult_stages``, plus 1 with ``xmult``. Throughput: one result per cycle. The
     pipeline advances when :attr:`o` is empty or taken (``i.ready = ~o.valid | o.ready``,
     a combinational path from ``o.ready`` to ``i.ready``).
 
@@ -84,13 +92,17 @@ class SFxClampUnit(wiring.Component):
         adder tree is cut by ``1 + mult_stages`` registers, a DSP product is registered
         ``1 + mult_stages`` times. The latency is :data:`CLAMP_LATENCY` ``+ mult_stages``.
     mult_premuxed : bool
-        The producer guarantees ``mult == 1`` whenever ``use_mult`` is 0 (default
-        ``False``): the unit then multiplies by ``mult`` as it comes, without a multiplexer
-        (the register before the multiplier can then sit inside a DSP block).
+        The producer guarantees ``mult == 1`` whenever ``use_mult`` is 0 (and ``xmult == 1``
+        whenever ``use_xmult`` is 0; default ``False``): the unit then multiplies by ``mult``
+        as it comes, without a multiplexer (the register before the multiplier can then
+        sit inside a DSP block).
+    xmult : bool
+        Generate the per-row multiplier (SPEC revision 2, section 4 step 0b): the input
+        gains ``xmult`` and ``use_xmult`` (default ``False``).
 
     Members
     -------
-    i : In(stream.Signature(clamp_in_layout(acc_bits)))
+    i : In(stream.Signature(clamp_in_layout(acc_bits, xmult)))
         One accumulator and its requantization parameters.
     o : Out(stream.Signature(clamp_out_layout(out_bits)))
         The code and whether it saturated.
@@ -104,7 +116,8 @@ class SFxClampUnit(wiring.Component):
     """
 
     def __init__(self, *, acc_bits: int, frac_bits: int, out_bits: int, mult_impl: str = "dsp",
-                 count_bits: int = 32, mult_premuxed: bool = False, mult_stages: int = 0):
+                 count_bits: int = 32, mult_premuxed: bool = False, mult_stages: int = 0,
+                 xmult: bool = False):
         with checking(self):
             self._acc_bits = check_int(acc_bits, "acc_bits", 2, 64)
             self._frac_bits = check_int(frac_bits, "frac_bits", 0, 64)
@@ -113,8 +126,9 @@ class SFxClampUnit(wiring.Component):
             self._count_bits = check_int(count_bits, "count_bits", 1, 64)
             self._premuxed = check_bool(mult_premuxed, "mult_premuxed")
             self._mult_stages = check_int(mult_stages, "mult_stages", 0, 2)
+            self._xmult = check_bool(xmult, "xmult")
         super().__init__({
-            "i": In(stream.Signature(clamp_in_layout(self._acc_bits))),
+            "i": In(stream.Signature(clamp_in_layout(self._acc_bits, self._xmult))),
             "o": Out(stream.Signature(clamp_out_layout(self._out_bits))),
             "sat_count": Out(self._count_bits),
             "error": Out(1),
@@ -127,16 +141,18 @@ class SFxClampUnit(wiring.Component):
     mult_impl = property(lambda self: self._mult_impl, doc="Multiplier implementation.")
     count_bits = property(lambda self: self._count_bits, doc="Width of the saturation counter.")
     mult_stages = property(lambda self: self._mult_stages, doc="Extra pipeline registers in the multiplier.")
+    xmult = property(lambda self: self._xmult, doc="Whether the per-row multiplier is generated.")
 
     @property
     def latency(self) -> int:
         """Cycles from an input transfer to its result (with no stall)."""
-        return CLAMP_LATENCY + self._mult_stages
+        return CLAMP_LATENCY + self._mult_stages + self._xmult
 
     def elaborate(self, platform):
         m = Module()
         A, F, mo = self._acc_bits, self._frac_bits, self._out_bits - 1
-        P = A + sfx.MULT_FRAC_BITS   # product width
+        BW = sfx.MULT_FRAC_BITS * (1 + self._xmult)   # multiplier operand width
+        P = A + BW                   # product width
         X = P + 1                    # product with a guard bit below
 
         v1, v2b, v3, v4, v5, v6 = (Signal(name=f"v{k}") for k in ("1", "2b", "3", "4", "5", "6"))
@@ -151,13 +167,15 @@ class SFxClampUnit(wiring.Component):
         ip = self.i.payload
         neg_in = ip.acc < 0
         r_full = Signal(signed(12))
-        m.d.comb += r_full.eq(Const(F - mo, signed(10)) + Mux(ip.use_mult, sfx.MULT_FRAC_BITS, 0) - ip.shift)
+        r_x = Mux(ip.use_xmult, sfx.MULT_FRAC_BITS, 0) if self._xmult else 0
+        m.d.comb += r_full.eq(Const(F - mo, signed(10)) + Mux(ip.use_mult, sfx.MULT_FRAC_BITS, 0) + r_x - ip.shift)
         r_bad = (r_full < 0) | (r_full > _MAX_R)
         mag1 = Signal(A, reset_less=True)
         neg1, rnd1 = Signal(reset_less=True), Signal(reset_less=True)
         mul1 = Signal(16, reset_less=True)
         r1 = Signal(6, reset_less=True)
         error = Signal()
+        v_first = [v1]
         with m.If(adv):
             m.d.sync += [
                 v1.eq(self.i.valid),
@@ -172,6 +190,27 @@ class SFxClampUnit(wiring.Component):
         with m.If(self.i.valid & self.i.ready & r_bad):
             m.d.sync += error.eq(1)
         m.d.comb += self.error.eq(error)
+
+        # Stage 1b (xmult only): the two 16-bit multipliers' product, registered; the other
+        # stage-1 values wait a cycle beside it.
+        vx = []
+        if self._xmult:
+            xmul1 = Signal(16, reset_less=True)
+            with m.If(adv):
+                m.d.sync += xmul1.eq(ip.xmult if self._premuxed else Mux(ip.use_xmult, ip.xmult, 1))
+            m.submodules.mul_x = mul_x = SFxMagnitudeMultiplier(a_width=16, b_width=16, impl=self._mult_impl)
+            m.d.comb += [mul_x.a.eq(mul1), mul_x.b.eq(xmul1)]
+            mul1 = Signal(32, reset_less=True, name="mul1b")
+            staged = []
+            for sig, name in ((v1, "v1b"), (mag1, "mag1b"), (neg1, "neg1b"), (rnd1, "rnd1b"), (r1, "r1b")):
+                d = Signal(sig.shape(), name=name, reset_less=(name != "v1b"))
+                with m.If(adv):
+                    m.d.sync += d.eq(sig)
+                staged.append(d)
+            with m.If(adv):
+                m.d.sync += mul1.eq(mul_x.p)
+            v1, mag1, neg1, rnd1, r1 = staged
+            vx.append(v1)
 
         # Stage 2: product, then 2b: registered. With the DSP the product is two registered
         # partial products (the low 16 bits of the magnitude and the rest, each within one
@@ -201,22 +240,22 @@ class SFxClampUnit(wiring.Component):
             return value
 
         if self._mult_impl == "lut":
-            mul = SFxMagnitudeMultiplier(a_width=A, b_width=16, impl="lut", stages=1 + ms)
+            mul = SFxMagnitudeMultiplier(a_width=A, b_width=BW, impl="lut", stages=1 + ms)
             m.submodules.mul = EnableInserter(adv)(mul)
             m.d.comb += [mul.a.eq(mag1), mul.b.eq(mul1)]
             full = mul.p
         else:
             lo_w = min(A, 16)
-            m.submodules.mul = mul = SFxMagnitudeMultiplier(a_width=lo_w, b_width=16, impl="dsp")
+            m.submodules.mul = mul = SFxMagnitudeMultiplier(a_width=lo_w, b_width=BW, impl="dsp")
             m.d.comb += [mul.a.eq(mag1[:lo_w]), mul.b.eq(mul1)]
-            part_lo = Signal(lo_w + 16, reset_less=True)
+            part_lo = Signal(lo_w + BW, reset_less=True)
             with m.If(adv):
                 m.d.sync += part_lo.eq(mul.p)
             part_lo = delayed(part_lo, "part_lo")
             if A > 16:
-                m.submodules.mul_hi = mul_hi = SFxMagnitudeMultiplier(a_width=A - 16, b_width=16, impl="dsp")
+                m.submodules.mul_hi = mul_hi = SFxMagnitudeMultiplier(a_width=A - 16, b_width=BW, impl="dsp")
                 m.d.comb += [mul_hi.a.eq(mag1[16:]), mul_hi.b.eq(mul1)]
-                part_hi = Signal(A, reset_less=True)
+                part_hi = Signal(A - 16 + BW, reset_less=True)
                 with m.If(adv):
                     m.d.sync += part_hi.eq(mul_hi.p)
                 part_hi = delayed(part_hi, "part_hi")
@@ -285,7 +324,7 @@ class SFxClampUnit(wiring.Component):
             m.d.sync += [v6.eq(v5), code.eq(Cat(mag6, neg5 & (mag6 != 0))), sat6.eq(sat)]
         m.d.comb += [self.o.payload.code.eq(code), self.o.payload.sat.eq(sat6)]
 
-        m.d.comb += self.busy.eq(Cat(v1, *vmid, v2b, v3, v4, v5, v6).any())
+        m.d.comb += self.busy.eq(Cat(*v_first, *vx, *vmid, v2b, v3, v4, v5, v6).any())
         sat_count = Signal(self._count_bits)
         inc = Signal(self._count_bits + 1)
         m.d.comb += inc.eq(sat_count + 1)   # its carry out says "all ones": saturate (no AND tree)

@@ -8,15 +8,17 @@ the integers that a simulator drives. Neither side re-derives any of it.
 An operation (SPEC section 5, LINEAR) with ``T`` activation rows, ``N`` output
 channels and reduction length ``K`` on an array of ``rows x cols`` PEs:
 
-* ``cmd``: one beat ``{k, t, n, relu, rounding, use_mult}`` starts it.
+* ``cmd``: one beat ``{k, t, n, relu, rounding, use_mult}`` starts it (``use_xmult`` too
+  when the accelerator is generated with ``xmult``, SPEC revision 2).
 * It is cut into tiles of ``rows`` activation rows by ``cols`` output channels, in
   row-major tile order: ``for tt in range(ceil(T/rows)): for tn in range(ceil(N/cols))``.
 * For every tile, in that order:
   * ``par``: one beat of ``cols`` lanes ``{bias, shift, mult}`` (channels
     ``tn*cols + j``; lanes past ``N`` carry bias 0, shift 0, mult 1 ... any legal value);
   * ``act``: ``K`` beats, beat ``k`` holding ``X[tt*rows + i, k]`` in lane ``i`` and the
-    row exponents ``xexp[tt*rows + i]`` (read on the tile's first beat; rows past
-    ``T`` carry code 0 and exponent 0);
+    row exponents ``xexp[tt*rows + i]`` (and, with ``xmult``, the row multipliers
+    ``xmult[tt*rows + i]``; read on the tile's first beat; rows past ``T`` carry code 0
+    and exponent 0);
   * ``wgt``: ``K`` beats, beat ``k`` holding ``W[tn*cols + j, k]`` in lane ``j`` (lanes
     past ``N`` carry code 0).
   * ``res``: ``min(rows, T - tt*rows)`` beats, beat ``i`` holding ``Y[tt*rows + i,
@@ -67,6 +69,10 @@ class AccelParams:
     w_bits: int
     out_bits: int
     k_max: int = sfx.DEFAULT_K_MAX
+    #: the per-row activation multiplier of SPEC revision 2 (section 4 step 0b): a
+    #: ``use_xmult`` command bit and a 16-bit ``xmult`` per row in ``act``; without it the
+    #: host refuses operations that carry ``xmult``
+    xmult: bool = False
 
     def __post_init__(self):
         for name in ("rows", "cols"):
@@ -82,6 +88,9 @@ class AccelParams:
             raise TypeError(f"k_max must be an int, got {type(self.k_max).__name__} {self.k_max!r}")
         if not 1 <= self.k_max <= sfx.K_MAX_LIMIT:
             raise ValueError(f"k_max must be in 1..{sfx.K_MAX_LIMIT}, got {self.k_max}")
+        if not isinstance(self.xmult, bool):
+            raise TypeError(f"xmult must be a bool (generate the per-row activation multiplier), "
+                            f"got {type(self.xmult).__name__} {self.xmult!r}")
 
     @property
     def frac_bits(self) -> int:
@@ -100,21 +109,27 @@ class AccelParams:
 
 
 def cmd_layout(p: AccelParams) -> data.StructLayout:
-    return data.StructLayout({
+    fields = {
         "k": p.k_bits,
         "t": TN_BITS,
         "n": TN_BITS,
         "relu": 1,
         "rounding": 1,
         "use_mult": 1,
-    })
+    }
+    if p.xmult:
+        fields["use_xmult"] = 1
+    return data.StructLayout(fields)
 
 
 def act_layout(p: AccelParams) -> data.StructLayout:
-    return data.StructLayout({
+    fields = {
         "codes": data.ArrayLayout(p.a_bits, p.rows),
         "exp": data.ArrayLayout(8, p.rows),  # two's complement int8, read on a tile's first beat
-    })
+    }
+    if p.xmult:
+        fields["xmult"] = data.ArrayLayout(16, p.rows)  # unsigned, read with exp; used with use_xmult
+    return data.StructLayout(fields)
 
 
 def wgt_layout(p: AccelParams) -> data.ArrayLayout:

@@ -28,17 +28,19 @@ class Op:
     relu: bool = False
     rounding: str = "nearest_even"
     check: bool = True   # compare the results (False for an op that is expected to set error)
+    xmult: np.ndarray | None = None   # per-row multipliers (SPEC revision 2), accelerators with xmult
 
     def expected(self, p: AccelParams):
         return sfx.linear_with_stats(self.x, self.w, a_bits=p.a_bits, w_bits=p.w_bits, out_bits=p.out_bits,
                                      bias=self.bias, shift=self.shift, relu=self.relu, rounding=self.rounding,
-                                     k_max=p.k_max, mult=self.mult, x_exponent=self.xexp)
+                                     k_max=p.k_max, mult=self.mult, x_exponent=self.xexp, xmult=self.xmult)
 
 
 def random_op(p: AccelParams, rng: np.random.Generator, t: int, n: int, k: int, *, use_mult: bool | None = None,
               use_xexp: bool = True, relu: bool | None = None, rounding: str | None = None,
-              big_acc: bool = False) -> Op:
-    """A random legal operation whose outputs exercise rounding and saturation."""
+              big_acc: bool = False, use_xmult: bool | None = None) -> Op:
+    """A random legal operation whose outputs exercise rounding and saturation (``use_xmult``:
+    per-row multipliers, random on an accelerator generated with ``xmult``, else never)."""
     x = rng.integers(0, 1 << p.a_bits, (t, k))
     w = rng.integers(0, 1 << p.w_bits, (n, k))
     if big_acc:   # all-maximal magnitudes: the largest accumulators the array can see
@@ -49,10 +51,12 @@ def random_op(p: AccelParams, rng: np.random.Generator, t: int, n: int, k: int, 
     if big_acc:
         bias = np.where(rng.random(n) < 0.5, blim, -blim)
     use_mult = bool(rng.integers(0, 2)) if use_mult is None else use_mult
-    if big_acc and p.acc_bits > 48:
-        use_mult = False   # the software model requires |acc| < 2**47 with mult (int64 product)
     mult = rng.integers(1 << 15, 1 << 16, n) if use_mult else None
-    f = p.frac_bits + (sfx.MULT_FRAC_BITS if use_mult else 0)
+    use_xmult = (p.xmult and bool(rng.integers(0, 2))) if use_xmult is None else use_xmult
+    xmult = rng.integers(1 << 15, 1 << 16, t) if use_xmult else None
+    if xmult is not None:
+        xmult[::3] = (1 << 16) - 1
+    f = p.frac_bits + sfx.MULT_FRAC_BITS * (use_mult + use_xmult)
     mo = p.out_bits - 1
     xexp = rng.integers(-2, 3, t) if use_xexp else None
     # Output magnitude ~ 2**(F - 2 + log2(K)/2 - r): aim at the top of the SF range
@@ -61,11 +65,12 @@ def random_op(p: AccelParams, rng: np.random.Generator, t: int, n: int, k: int, 
     shift = np.clip(shift, f - mo - 61, f - mo - 2)
     relu = bool(rng.integers(0, 2)) if relu is None else relu
     rounding = rounding or ("nearest_even", "toward_zero")[int(rng.integers(0, 2))]
-    return Op(x, w, bias, shift, mult, xexp, relu, rounding)
+    return Op(x, w, bias, shift, mult, xexp, relu, rounding, xmult=xmult)
 
 
 def bad_cmd_beat(p: AccelParams, *, k: int, t: int, n: int) -> int:
-    return pack(cmd_layout(p), {"k": k, "t": t, "n": n, "relu": 0, "rounding": 0, "use_mult": 0})
+    return pack(cmd_layout(p), {"k": k, "t": t, "n": n, "relu": 0, "rounding": 0, "use_mult": 0,
+                                **({"use_xmult": 0} if p.xmult else {})})
 
 
 @dataclass
@@ -99,8 +104,13 @@ def op_beats(p: AccelParams, op: Op, rng: np.random.Generator | None = None) -> 
     N = op.w.shape[0]
     A = p.acc_bits
     b = Beats()
-    b.cmd.append(pack(cmd_layout(p), {"k": K, "t": T, "n": N, "relu": int(op.relu),
-                                      "rounding": ROUNDING_CODES[op.rounding], "use_mult": int(op.mult is not None)}))
+    fields = {"k": K, "t": T, "n": N, "relu": int(op.relu), "rounding": ROUNDING_CODES[op.rounding],
+              "use_mult": int(op.mult is not None)}
+    if p.xmult:
+        fields["use_xmult"] = int(op.xmult is not None)
+    elif op.xmult is not None:
+        raise ValueError("op.xmult needs an accelerator generated with xmult")
+    b.cmd.append(pack(cmd_layout(p), fields))
     if op.check:
         y, stats = op.expected(p)
         b.n_saturated = stats.n_saturated
@@ -111,6 +121,8 @@ def op_beats(p: AccelParams, op: Op, rng: np.random.Generator | None = None) -> 
     lane_w = par_lane_layout(p).size
     xexp = np.zeros(T, dtype=np.int64) if op.xexp is None else np.broadcast_to(op.xexp, (T,))
     mult = np.ones(N, dtype=np.int64) if op.mult is None else op.mult
+    # an op without xmult on an xmult accelerator sends a pattern that must be ignored
+    xmult = np.full(T, 0xA5A5, dtype=np.int64) if op.xmult is None else np.broadcast_to(op.xmult, (T,))
     codes_w = p.rows * p.a_bits
     for t0, tv, n0, nv in tile_schedule(T, N, p.rows, p.cols):
         word = 0
@@ -130,10 +142,15 @@ def op_beats(p: AccelParams, op: Op, rng: np.random.Generator | None = None) -> 
         et = np.zeros((1, p.rows), dtype=np.int64)
         et[0, :tv] = xexp[t0:t0 + tv]
         exp_word = pack_lanes(et, 8)[0]
+        if p.xmult:   # the row multipliers above the exponents (act_layout's field order)
+            xm = np.full((1, p.rows), 0x5A5A, dtype=np.int64)
+            xm[0, :tv] = xmult[t0:t0 + tv]
+            exp_word |= pack_lanes(xm, 16)[0] << (8 * p.rows)
+        ext_w = (8 + 16 * p.xmult) * p.rows
         for k, cw in enumerate(pack_lanes(xt, p.a_bits)):
             ew = exp_word
             if k > 0 and rng is not None:
-                ew = int(rng.integers(0, 1 << 62)) & ((1 << (8 * p.rows)) - 1)
+                ew = int.from_bytes(rng.bytes((ext_w + 7) // 8), "little") & ((1 << ext_w) - 1)
             b.act.append(cw | (ew << codes_w))
         wt = np.zeros((K, p.cols), dtype=np.int64)
         wt[:, :nv] = op.w[n0:n0 + nv, :].T

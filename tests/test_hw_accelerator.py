@@ -54,6 +54,15 @@ def _assert_ok(r, *, error=0):
      [(2, 3, 5), (1, 1, 2)], 0.3, 0.0),
     # one product per chunk, with shadow registers
     (dict(rows=2, cols=2, a_bits=4, w_bits=4, out_bits=4, k_max=8, chunk_k=1), [(3, 3, 4), (2, 1, 1)], 0.2, 0.2),
+    # per-row activation multiplier (SPEC revision 2): W4A8, partial tiles
+    (dict(rows=2, cols=3, a_bits=8, w_bits=4, out_bits=8, k_max=64, xmult=True),
+     [(3, 4, 5), (5, 2, 3), (2, 7, 1), (4, 4, 6)], 0.3, 0.3),
+    # xmult at the widest accumulator: |acc| * mult * xmult needs A + 32 = 84 bits
+    (dict(rows=2, cols=2, a_bits=16, w_bits=16, out_bits=16, k_max=1 << 20, dsp_pes=4, pipelined=True,
+          clamp_impl="lut", xmult=True), [(3, 3, 6), (2, 3, 2)], 0.4, 0.4),
+    # xmult with chunks and no shadow registers
+    (dict(rows=3, cols=2, a_bits=4, w_bits=4, out_bits=4, k_max=16, chunk_k=3, overlap_drain=False, xmult=True),
+     [(4, 3, 7), (2, 2, 2), (3, 1, 5)], 0.3, 0.3),
 ])
 def test_accelerator_matches_linear(cfg, shapes, stall, res_stall):
     dut = SFxAccelerator(**cfg)
@@ -72,6 +81,18 @@ def test_accelerator_flag_combinations_back_to_back():
            for relu in (False, True) for rounding in ("nearest_even", "toward_zero")
            for use_mult in (False, True) for xe in (False, True)]
     _assert_ok(run_ops(dut, ops, stall=0.25, seed=3))
+
+
+def test_accelerator_xmult_flag_combinations_back_to_back():
+    """use_xmult x use_mult x relu x rounding on an accelerator generated with xmult, in one
+    stream of ops (an op without xmult sends a pattern in the field, which must be ignored)."""
+    dut = SFxAccelerator(rows=2, cols=2, a_bits=6, w_bits=4, out_bits=6, k_max=32, xmult=True)
+    assert dut.xmult and dut.params.xmult
+    rng = np.random.default_rng(17)
+    ops = [random_op(dut.params, rng, 3, 3, 4, relu=relu, rounding=rounding, use_mult=use_mult, use_xmult=xm)
+           for relu in (False, True) for rounding in ("nearest_even", "toward_zero")
+           for use_mult in (False, True) for xm in (False, True)]
+    _assert_ok(run_ops(dut, ops, stall=0.25, seed=5))
 
 
 def test_accelerator_k_equal_k_max():
@@ -235,6 +256,7 @@ def test_accelerator_properties():
     (dict(dsp_pes=None), TypeError, r"dsp_pes must be an int, got NoneType"),
     (dict(clamp_impl="bram"), ValueError, r"clamp_impl must be one of 'lut', 'dsp', got 'bram'"),
     (dict(overlap_drain="no"), TypeError, r"overlap_drain must be a bool, got str"),
+    (dict(xmult=1), TypeError, r"xmult must be a bool, got int 1"),
 ])
 def test_accelerator_rejects_bad_parameters(kwargs, exc, match):
     check_rejects(SFxAccelerator, dict(rows=2, cols=2, a_bits=4, w_bits=4, out_bits=4, k_max=16), kwargs, exc, match)

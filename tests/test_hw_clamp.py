@@ -16,7 +16,7 @@ ROUNDINGS = ("nearest_even", "toward_zero")
 
 def _run(dut: SFxClampUnit, items, *, stall=0.0, out_stall=0.0, seed=0):
     """items: dicts of clamp_in_layout fields. Returns (codes, sat flags, sat_count, error, cycles)."""
-    lay = clamp_in_layout(dut.acc_bits)
+    lay = clamp_in_layout(dut.acc_bits, dut.xmult)
     beats = [pack(lay, it) for it in items]
     src = Source(dut.i, beats, stall=stall, seed=seed, name="i")
     snk = Sink(dut.o, stall=out_stall, seed=seed + 1, name="o")
@@ -35,28 +35,33 @@ def _run(dut: SFxClampUnit, items, *, stall=0.0, out_stall=0.0, seed=0):
     return out & ((1 << dut.out_bits) - 1), out >> dut.out_bits, info
 
 
-def _check(dut, acc, shift, mult, use, relu, rnd, *, stall=0.0, out_stall=0.0, seed=0):
+def _check(dut, acc, shift, mult, use, relu, rnd, *, stall=0.0, out_stall=0.0, seed=0, xmult=None, xuse=None):
     """Run the inputs through the unit; compare every code and the saturation counts with
-    sfx.requantize, one call per (use_mult, relu, rounding) group."""
+    sfx.requantize, one call per (use_mult, use_xmult, relu, rounding) group (``xmult`` /
+    ``xuse``: the per-row multiplier and its enable, for a unit generated with ``xmult``)."""
+    if xuse is None:
+        xmult, xuse = np.ones_like(acc), np.zeros_like(acc)
     items = [dict(acc=int(a), shift=int(s), mult=int(m), use_mult=int(u), relu=int(r), rounding=int(d))
              for a, s, m, u, r, d in zip(acc, shift, mult, use, relu, rnd)]
+    if dut.xmult:
+        for it, xm, xu in zip(items, xmult, xuse):
+            it.update(xmult=int(xm), use_xmult=int(xu))
     codes, sat, info = _run(dut, items, stall=stall, out_stall=out_stall, seed=seed)
     total_sat = 0
-    for u in (0, 1):
-        for r in (0, 1):
-            for d in (0, 1):
-                sel = (use == u) & (relu == r) & (rnd == d)
-                if not sel.any():
-                    continue
-                exp, nsat = sfx.requantize(acc[sel], frac_bits=dut.frac_bits, shift=shift[sel], out_bits=dut.out_bits,
-                                           relu=bool(r), rounding=ROUNDINGS[d], mult=mult[sel] if u else None)
-                diff = np.flatnonzero(codes[sel] != exp)
-                assert diff.size == 0, (
-                    f"{diff.size} codes differ (use_mult={u}, relu={r}, rounding={ROUNDINGS[d]}); first: "
-                    f"acc={acc[sel][diff[0]]} shift={shift[sel][diff[0]]} mult={mult[sel][diff[0]]} "
-                    f"got {codes[sel][diff[0]]} expected {exp[diff[0]]}")
-                assert int(sat[sel].sum()) == nsat
-                total_sat += nsat
+    for u, xu, r, d in np.ndindex(2, 2, 2, 2):
+        sel = (use == u) & (xuse == xu) & (relu == r) & (rnd == d)
+        if not sel.any():
+            continue
+        exp, nsat = sfx.requantize(acc[sel], frac_bits=dut.frac_bits, shift=shift[sel], out_bits=dut.out_bits,
+                                   relu=bool(r), rounding=ROUNDINGS[d], mult=mult[sel] if u else None,
+                                   xmult=xmult[sel] if xu else None)
+        diff = np.flatnonzero(codes[sel] != exp)
+        assert diff.size == 0, (
+            f"{diff.size} codes differ (use_mult={u}, use_xmult={xu}, relu={r}, rounding={ROUNDINGS[d]}); first: "
+            f"acc={acc[sel][diff[0]]} shift={shift[sel][diff[0]]} mult={mult[sel][diff[0]]} "
+            f"xmult={xmult[sel][diff[0]]} got {codes[sel][diff[0]]} expected {exp[diff[0]]}")
+        assert int(sat[sel].sum()) == nsat
+        total_sat += nsat
     assert info["sat"] == total_sat
     assert info["err"] == 0
     assert info["busy"] == 0
@@ -119,6 +124,41 @@ def test_clamp_random_widths(acc_bits, frac_bits, out_bits, mult_impl, mult_stag
            seed=acc_bits)
 
 
+@pytest.mark.parametrize("acc_bits,frac_bits,out_bits,mult_impl,mult_stages", [
+    (30, 14, 8, "dsp", 0),    # SF8 x SF8, k_max 16384: the product mag * mult * xmult has 62 bits
+    (22, 6, 4, "lut", 1),     # SF4 x SF4 (iCE40), logic multipliers
+    (46, 30, 16, "lut", 0),   # SF16 x SF16: the product has 78 bits (more than int64)
+    (52, 30, 16, "dsp", 2),   # SF16 x SF16, k_max 2**20: 84 bits
+])
+def test_clamp_xmult_random_widths(acc_bits, frac_bits, out_bits, mult_impl, mult_stages):
+    """The per-row multiplier (SPEC revision 2, section 4 step 0b), alone and with mult, random
+    and extreme multipliers, accumulators of every magnitude, right shifts over 0..63."""
+    dut = SFxClampUnit(acc_bits=acc_bits, frac_bits=frac_bits, out_bits=out_bits, mult_impl=mult_impl,
+                       mult_stages=mult_stages, xmult=True)
+    assert dut.xmult and dut.latency == CLAMP_LATENCY + mult_stages + 1
+    rng = np.random.default_rng(1000 + acc_bits)
+    n = 1200
+    lim = 1 << (acc_bits - 1)
+    mag = np.floor(2.0 ** rng.uniform(0, acc_bits - 1, n)).astype(np.int64)
+    mag[:4] = [lim - 1, lim - 1, 0, 1]
+    acc = np.where(rng.random(n) < 0.5, -mag, mag)
+    use, xuse = rng.integers(0, 2, n), rng.integers(0, 2, n)
+    use[:2], xuse[:2] = 1, 1      # the widest product: |acc| = 2**(A-1) - 1 times two 16-bit factors
+    mult, xmult = rng.integers(1, 1 << 16, n), rng.integers(1, 1 << 16, n)
+    mult[:2], xmult[:2] = (1 << 16) - 1, (1 << 16) - 1
+    xmult[4:8] = [1, (1 << 16) - 1, 1 << 15, 3]
+    f = frac_bits + sfx.MULT_FRAC_BITS * (use + xuse)
+    r = np.clip(np.round(np.log2(np.maximum(mag, 1.0) * np.where(use, mult, 1.0) * np.where(xuse, xmult, 1.0)))
+                - (out_bits - 1) + rng.integers(-3, 4, n), 0, 63).astype(np.int64)
+    r[8:12] = [0, 63, 1, 62]
+    shift = f - (out_bits - 1) - r
+    keep = (shift >= -256) & (shift <= 255)
+    relu, rnd = rng.integers(0, 2, n), rng.integers(0, 2, n)
+    assert {(0, 0), (0, 1), (1, 0), (1, 1)} <= set(zip(use[keep].tolist(), xuse[keep].tolist()))
+    _check(dut, acc[keep], shift[keep], mult[keep], use[keep], relu[keep], rnd[keep], stall=0.3, out_stall=0.3,
+           seed=acc_bits, xmult=xmult[keep], xuse=xuse[keep])
+
+
 def test_clamp_rounding_ties_and_saturation_edges():
     """Exact ties (odd and even quotients, both signs) and values at the saturation limit."""
     dut = SFxClampUnit(acc_bits=16, frac_bits=6, out_bits=4, mult_impl="dsp")   # Mo = 3, lim = 7
@@ -176,6 +216,7 @@ def test_clamp_properties():
     (dict(out_bits=8.0), TypeError, r"out_bits must be an int"),
     (dict(mult_impl="fast"), ValueError, r"mult_impl must be one of 'lut', 'dsp', got 'fast'"),
     (dict(count_bits=0), ValueError, r"count_bits must be in 1\.\.64, got 0"),
+    (dict(xmult=1), TypeError, r"xmult must be a bool, got int 1"),
 ])
 def test_clamp_rejects_bad_parameters(kwargs, exc, match):
     check_rejects(SFxClampUnit, dict(acc_bits=30, frac_bits=14, out_bits=8), kwargs, exc, match)
