@@ -369,7 +369,7 @@ def linear_beats(args, p: AccelParams) -> Beats:
     activation / weight block stored once and packed with numpy."""
     from superfloat.hw.interface import TN_BITS, act_layout, par_lane_layout, tile_schedule
 
-    from .packing import cmd_word
+    from .packing import cmd_word, xmult_lanes
 
     t_total, n_total, k = args.T, args.N, args.K
     rows, cols = p.rows, p.cols
@@ -377,7 +377,8 @@ def linear_beats(args, p: AccelParams) -> Beats:
         raise ValueError(f"T={t_total} and N={n_total} must be < {1 << TN_BITS} (16-bit command fields)")
     use_mult = args.mult is not None
     w = _widths(p)
-    cmd = cmd_word(p, k=k, t=t_total, n=n_total, relu=args.relu, rounding=args.rounding, use_mult=use_mult)
+    cmd = cmd_word(p, k=k, t=t_total, n=n_total, relu=args.relu, rounding=args.rounding, use_mult=use_mult,
+                   use_xmult=args.xmult is not None)
     act_off = _offsets(act_layout(p))
     lane = par_lane_layout(p)
     lane_off = _offsets(lane)
@@ -389,7 +390,11 @@ def linear_beats(args, p: AccelParams) -> Beats:
     e = np.zeros(n_tt * rows, dtype=np.int64)
     e[:t_total] = np.asarray(args.x_exponent, dtype=np.int64)
     ea = np.repeat(e.reshape(n_tt, 1, rows), k, axis=1).reshape(n_tt * k, rows) & 0xFF
-    act = pack_beats([(xa, p.a_bits, act_off["codes"]), (ea, 8, act_off["exp"])], w["act"], n_tt * k)
+    fields = [(xa, p.a_bits, act_off["codes"]), (ea, 8, act_off["exp"])]
+    if p.xmult:
+        xm = xmult_lanes(args, n_tt * rows)
+        fields.append((np.repeat(xm.reshape(n_tt, 1, rows), k, axis=1).reshape(n_tt * k, rows), 16, act_off["xmult"]))
+    act = pack_beats(fields, w["act"], n_tt * k)
     # weights: one block of K beats per column tile
     wp = np.zeros((n_tn * cols, k), dtype=np.asarray(args.w).dtype)
     wp[:n_total] = args.w

@@ -37,7 +37,7 @@ from superfloat.sw import sfx
 from . import runner
 from .harness import (CLOCK, HARNESS_TOPLEVEL, HarnessJob, Stalls, depths_for, harness_verilog, linear_beats,
                       read_res_text, read_result, res_codes, write_job)
-from .packing import LinearTraffic, cmd_word, linear_traffic, res_to_codes
+from .packing import LinearTraffic, check_xmult_support, cmd_word, linear_traffic, res_to_codes
 from .scoreboard import first_mismatch, linear_kwargs
 
 __all__ = [
@@ -68,8 +68,11 @@ BENCH_SOURCES = tuple(_HERE / f for f in ("tb_accelerator.py", "streams.py", "sc
 
 
 def _accel_params_dict(p: AccelParams, dsp_pes: int) -> dict:
-    return {"design": "SFxAccelerator", "rows": p.rows, "cols": p.cols, "a_bits": p.a_bits, "w_bits": p.w_bits,
-            "out_bits": p.out_bits, "k_max": p.k_max, "dsp_pes": int(dsp_pes)}
+    d = {"design": "SFxAccelerator", "rows": p.rows, "cols": p.cols, "a_bits": p.a_bits, "w_bits": p.w_bits,
+         "out_bits": p.out_bits, "k_max": p.k_max, "dsp_pes": int(dsp_pes)}
+    if p.xmult:
+        d["xmult"] = True
+    return d
 
 
 _VERILOG_MEMO: dict[str, str] = {}
@@ -105,7 +108,7 @@ def accelerator_verilog(p: AccelParams, *, dsp_pes: int = 0) -> str:
         from superfloat.hw.accelerator import SFxAccelerator
 
         dut = SFxAccelerator(rows=p.rows, cols=p.cols, a_bits=p.a_bits, w_bits=p.w_bits, out_bits=p.out_bits,
-                             k_max=p.k_max, dsp_pes=dsp_pes)
+                             k_max=p.k_max, dsp_pes=dsp_pes, xmult=p.xmult)
         text = verilog.convert(dut, name=ACCEL_TOPLEVEL, emit_src=False)
         vdir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{id(text)}")
@@ -141,8 +144,11 @@ def build_harness(p: AccelParams, *, simulator: str = "verilator", waves: bool =
 
 def params_env(p: AccelParams) -> str:
     """AccelParams as the JSON that the cocotb benches read from ``SFX_SIM_PARAMS``."""
-    return json.dumps({"rows": p.rows, "cols": p.cols, "a_bits": p.a_bits, "w_bits": p.w_bits,
-                       "out_bits": p.out_bits, "k_max": p.k_max})
+    d = {"rows": p.rows, "cols": p.cols, "a_bits": p.a_bits, "w_bits": p.w_bits, "out_bits": p.out_bits,
+         "k_max": p.k_max}
+    if p.xmult:
+        d["xmult"] = True
+    return json.dumps(d)
 
 
 # --------------------------------------------------------------------------- run_linear
@@ -200,12 +206,14 @@ def run_linear(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, out_bits
                shift: Any = 0, relu: bool = False, rounding: str = "nearest_even", mult: Any = None,
                x_exponent: Any = None, rows: int = 8, cols: int = 8, k_max: int = sfx.DEFAULT_K_MAX,
                simulator: str = "verilator", waves: bool = False, engine: str = "harness", seed: int = 1,
-               stalls: Any = None) -> tuple[np.ndarray, LinearSimStats]:
+               stalls: Any = None, xmult: Any = None, xmult_hw: bool | None = None) -> tuple[np.ndarray, LinearSimStats]:
     """LINEAR computed by the RTL in an HDL simulator: the co-simulation twin of :func:`sfx.linear`.
 
     Arguments are those of :func:`superfloat.sw.sfx.linear` (checked by
     ``sfx.check_linear_args``, same messages), plus the array shape ``rows x cols`` and
-    ``k_max`` of the generated accelerator, the ``simulator`` (``"verilator"`` or
+    ``k_max`` of the generated accelerator (``xmult``: the per-row multipliers of SPEC
+    revision 2; ``xmult_hw``: generate the accelerator with the ``xmult`` option, default:
+    when the call carries ``xmult``), the ``simulator`` (``"verilator"`` or
     ``"icarus"``) and ``waves`` (record a trace; its path is printed and returned in the
     stats).
 
@@ -231,7 +239,11 @@ def run_linear(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, out_bits
     t_start = time.perf_counter()
     args = sfx.check_linear_args(x_codes, w_codes, a_bits=a_bits, w_bits=w_bits, out_bits=out_bits, bias=bias,
                                  shift=shift, relu=relu, rounding=rounding, k_max=k_max, mult=mult,
-                                 x_exponent=x_exponent)
+                                 x_exponent=x_exponent, xmult=xmult)
+    if xmult_hw is None:
+        xmult_hw = args.xmult is not None
+    if not isinstance(xmult_hw, bool):
+        raise TypeError(f"xmult_hw must be a bool or None, got {xmult_hw!r}")
     if simulator not in runner.SIMULATORS:
         raise ValueError(f"simulator must be one of {', '.join(map(repr, runner.SIMULATORS))}, got {simulator!r}")
     if engine not in ENGINES:
@@ -239,7 +251,8 @@ def run_linear(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, out_bits
     if engine == "percycle" and stalls:
         raise ValueError("stalls need engine='harness' (the per-cycle path streams at full rate)")
     p = AccelParams(rows=rows, cols=cols, a_bits=args.a_bits, w_bits=args.w_bits, out_bits=args.out_bits,
-                    k_max=args.k_max)
+                    k_max=args.k_max, xmult=xmult_hw)
+    check_xmult_support(p, args.xmult is not None)
     if engine == "harness":
         codes, padding, meas, r, b, stall_text = _run_harness(args, p, simulator, waves, seed, stalls)
     else:

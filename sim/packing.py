@@ -24,7 +24,7 @@ from superfloat.hw.interface import (ROUNDING_CODES, TN_BITS, AccelParams, act_l
                                      par_lane_layout, tile_schedule, unpack_lanes)
 from superfloat.sw import sfx
 
-__all__ = ["cmd_word", "LinearTraffic", "linear_traffic", "res_to_codes"]
+__all__ = ["cmd_word", "check_xmult_support", "xmult_lanes", "LinearTraffic", "linear_traffic", "res_to_codes"]
 
 
 
@@ -32,13 +32,24 @@ def _fields(layout) -> dict[str, tuple[int, int]]:
     return {name: (f.offset, f.width) for name, f in layout}
 
 
+def check_xmult_support(p: AccelParams, use_xmult: bool) -> None:
+    """``ValueError`` when an operation carries ``xmult`` (SPEC revision 2) and ``p`` was
+    generated without it (SPEC section 4: such hardware rejects the operation)."""
+    if use_xmult and not p.xmult:
+        raise ValueError("this operation carries xmult (per-row activation multipliers, SPEC revision 2) but the "
+                         "accelerator was generated without it: generate it with xmult=True (sfx verilog --xmult)")
+
+
 def cmd_word(p: AccelParams, *, k: int, t: int, n: int, relu: bool = False, rounding: str = "nearest_even",
-             use_mult: bool = False) -> int:
+             use_mult: bool = False, use_xmult: bool = False) -> int:
     """The ``cmd`` beat. ``k`` may be 0 or exceed ``k_max`` (a malformed command, for tests)
-    as long as it fits the field."""
+    as long as it fits the field. ``use_xmult`` needs an accelerator generated with ``xmult``."""
+    check_xmult_support(p, use_xmult)
     f = _fields(cmd_layout(p))
     vals = {"k": k, "t": t, "n": n, "relu": int(bool(relu)), "rounding": ROUNDING_CODES[rounding],
             "use_mult": int(bool(use_mult))}
+    if p.xmult:
+        vals["use_xmult"] = int(bool(use_xmult))
     word = 0
     for name, v in vals.items():
         off, width = f[name]
@@ -46,6 +57,19 @@ def cmd_word(p: AccelParams, *, k: int, t: int, n: int, relu: bool = False, roun
             raise ValueError(f"cmd.{name} = {v} does not fit its {width}-bit field")
         word |= int(v) << off
     return word
+
+
+#: what the ``xmult`` field of ``act`` carries when the operation does not use it, and in rows
+#: past ``T``: a pattern (not 1), so that a datapath that wrongly applies it is caught
+XMULT_UNUSED = 0xA5A5
+
+
+def xmult_lanes(args: sfx.LinearArgs, rows_total: int) -> np.ndarray:
+    """The ``xmult`` field of every activation row (``rows_total >= T``, padding rows included)."""
+    xm = np.full(rows_total, XMULT_UNUSED, dtype=np.int64)
+    if args.xmult is not None:
+        xm[:args.T] = np.asarray(args.xmult, dtype=np.int64)
+    return xm
 
 
 @dataclass
@@ -71,18 +95,22 @@ def linear_traffic(args: sfx.LinearArgs, p: AccelParams) -> LinearTraffic:
 
     Rows past ``T`` carry code 0 and exponent 0; lanes past ``N`` carry code 0, bias 0 and
     the shift / mult of the last valid channel (legal values, so that ``r`` stays in
-    range); the ``mult`` field holds ``0xA5A5`` when the command does not use it, so that
-    a datapath that wrongly applies it is caught.
+    range); the ``mult`` field holds ``0xA5A5`` when the command does not use it, and so
+    does ``xmult`` (accelerators generated with it), so that a datapath that wrongly
+    applies it is caught. An operation with ``xmult`` on an accelerator without it raises
+    ``ValueError``.
     """
     t_total, n_total, k = args.T, args.N, args.K
     rows, cols = p.rows, p.cols
     if t_total > (1 << TN_BITS) - 1 or n_total > (1 << TN_BITS) - 1:
         raise ValueError(f"T={t_total} and N={n_total} must be < {1 << TN_BITS} (16-bit command fields)")
     use_mult = args.mult is not None
-    cmd = cmd_word(p, k=k, t=t_total, n=n_total, relu=args.relu, rounding=args.rounding, use_mult=use_mult)
+    cmd = cmd_word(p, k=k, t=t_total, n=n_total, relu=args.relu, rounding=args.rounding, use_mult=use_mult,
+                   use_xmult=args.xmult is not None)
 
     act_f = _fields(act_layout(p))
     exp_off = act_f["exp"][0]
+    xm_all = xmult_lanes(args, -(-t_total // rows) * rows)
     lane = par_lane_layout(p)
     lane_f = _fields(lane)
     lane_w = lane.size
@@ -97,6 +125,8 @@ def linear_traffic(args: sfx.LinearArgs, p: AccelParams) -> LinearTraffic:
         e = np.zeros((1, rows), dtype=np.int64)
         e[0, :tv] = args.x_exponent[t0:t0 + tv]
         ew = pack_lanes(e, 8)[0] << exp_off
+        if p.xmult:
+            ew |= pack_lanes(xm_all[None, t0:t0 + rows], 16)[0] << act_f["xmult"][0]
         act_by_tt[tt] = [c | ew for c in pack_lanes(xp.T, p.a_bits)]
 
     wgt_by_tn, par_by_tn = {}, {}

@@ -144,7 +144,7 @@ def linear_kwargs(args: sfx.LinearArgs) -> dict:
     """Keyword arguments of ``sfx.linear`` that reproduce validated :class:`sfx.LinearArgs`."""
     return dict(a_bits=args.a_bits, w_bits=args.w_bits, out_bits=args.out_bits, bias=args.bias,
                 shift=args.shift, relu=args.relu, rounding=args.rounding, k_max=args.k_max,
-                mult=args.mult, x_exponent=args.x_exponent)
+                mult=args.mult, x_exponent=args.x_exponent, xmult=args.xmult)
 
 
 def first_mismatch(got: np.ndarray, expected: np.ndarray) -> tuple[int, dict | None]:

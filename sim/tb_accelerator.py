@@ -41,6 +41,8 @@ CONFIGS = {
     "sf4w_2x3": dict(rows=2, cols=3, a_bits=8, w_bits=4, out_bits=8, k_max=64),
     "sf2w_3x2": dict(rows=3, cols=2, a_bits=8, w_bits=2, out_bits=6, k_max=32),
     "sf16_2x2": dict(rows=2, cols=2, a_bits=16, w_bits=16, out_bits=16, k_max=64),
+    # the per-row activation multiplier (SPEC revision 2): |acc| * mult * xmult has A + 32 = 70 bits
+    "sf16_2x2_xmult": dict(rows=2, cols=2, a_bits=16, w_bits=16, out_bits=16, k_max=64, xmult=True),
 }
 
 #: The regression tests (run_job is the run_linear entry point, not a regression test).
@@ -138,7 +140,7 @@ class AccelBench:
 
 def describe(args: sfx.LinearArgs) -> dict:
     return {"T": args.T, "N": args.N, "K": args.K, "relu": args.relu, "rounding": args.rounding,
-            "mult": args.mult is not None, "xexp": bool(np.any(args.x_exponent))}
+            "mult": args.mult is not None, "xexp": bool(np.any(args.x_exponent)), "xmult": args.xmult is not None}
 
 
 # --------------------------------------------------------------------------- random operations
@@ -146,8 +148,12 @@ def describe(args: sfx.LinearArgs) -> dict:
 
 def random_args(rng: random.Random, p: AccelParams, *, use_mult: bool, use_xexp: bool, t: int | None = None,
                 n: int | None = None, k: int | None = None, relu: bool | None = None,
-                rounding: str | None = None) -> sfx.LinearArgs:
-    """A random legal LINEAR operation for the array ``p`` (tiling in T, N and K exercised)."""
+                rounding: str | None = None, use_xmult: bool | None = None) -> sfx.LinearArgs:
+    """A random legal LINEAR operation for the array ``p`` (tiling in T, N and K exercised).
+    ``use_xmult``: per-row multipliers (SPEC revision 2); default: at random on an
+    accelerator generated with ``xmult`` (drawn from ``rng`` only then), else never."""
+    if use_xmult is None:
+        use_xmult = p.xmult and bool(rng.getrandbits(1))
     nprng = np.random.default_rng(rng.getrandbits(32))
     t = t or rng.choice([1, p.rows, p.rows + 1, rng.randint(1, 2 * p.rows + 1)])
     n = n or rng.choice([1, p.cols, p.cols + 1, rng.randint(1, 2 * p.cols + 1)])
@@ -157,9 +163,9 @@ def random_args(rng: random.Random, p: AccelParams, *, use_mult: bool, use_xexp:
     w = nprng.integers(0, 1 << p.w_bits, size=(n, k))
     f = p.frac_bits
     mo = p.out_bits - 1
-    base = f + (sfx.MULT_FRAC_BITS if use_mult else 0) - mo  # r = base - shift - xexp
-    # Results near the output range: |acc| ~ 2**(F + log2(K)/2 - 1) (times ~2**15.5 with mult).
-    center = f + 0.5 * math.log2(k) - 1 + (15.5 if use_mult else 0) - mo
+    base = f + sfx.MULT_FRAC_BITS * (use_mult + use_xmult) - mo  # r = base - shift - xexp
+    # Results near the output range: |acc| ~ 2**(F + log2(K)/2 - 1) (times ~2**15.5 with mult, xmult).
+    center = f + 0.5 * math.log2(k) - 1 + 15.5 * (use_mult + use_xmult) - mo
     xe = nprng.integers(-2, 3, size=t) if use_xexp else np.zeros(t, dtype=np.int64)
     lo, hi = int(max(0, xe.max())), int(63 + min(0, xe.min()))  # r_n - xexp[t] in 0..63
     r_n = np.clip(np.round(center) + nprng.integers(-3, 4, size=n), lo, hi)
@@ -176,11 +182,16 @@ def random_args(rng: random.Random, p: AccelParams, *, use_mult: bool, use_xexp:
         mult = nprng.integers(1 << 15, 1 << 16, size=n)
         if rng.random() < 0.5:
             mult[nprng.integers(0, n)] = rng.choice([1, (1 << 16) - 1, rng.randint(1, (1 << 15) - 1)])
+    xmult = None
+    if use_xmult:
+        xmult = nprng.integers(1 << 15, 1 << 16, size=t)
+        if rng.random() < 0.5:
+            xmult[nprng.integers(0, t)] = rng.choice([1, (1 << 16) - 1, rng.randint(1, (1 << 15) - 1)])
     return sfx.check_linear_args(
         x, w, a_bits=p.a_bits, w_bits=p.w_bits, out_bits=p.out_bits, bias=bias, shift=shift,
         relu=rng.random() < 0.5 if relu is None else relu,
         rounding=rng.choice(sfx.ROUNDINGS) if rounding is None else rounding,
-        k_max=p.k_max, mult=mult, x_exponent=xe if use_xexp else None)
+        k_max=p.k_max, mult=mult, x_exponent=xe if use_xexp else None, xmult=xmult)
 
 
 def edge_args(p: AccelParams, which: str) -> sfx.LinearArgs:

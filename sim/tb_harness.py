@@ -393,7 +393,7 @@ async def verify(dut):
     rng = random.Random(seed)
     t0, c0 = time.perf_counter(), time.process_time()
     stall_jobs = 0
-    features = {"relu": 0, "toward_zero": 0, "mult": 0, "mult_extreme": 0, "xexp": 0, "bias_at_limit": 0,
+    features = {"relu": 0, "toward_zero": 0, "mult": 0, "mult_extreme": 0, "xexp": 0, "xmult": 0, "bias_at_limit": 0,
                 "k_max": 0, "saturated_codes": 0, "tiled_t": 0, "tiled_n": 0, "tiled_k_ge_64": 0}
     acc_lim = (1 << (p.acc_bits - 2)) - 1
     next_kmax = 0
@@ -409,6 +409,7 @@ async def verify(dut):
             features["mult_extreme"] += a.mult is not None and bool(((a.mult == 1) | (a.mult == 65535)
                                                                      | (a.mult < 32768)).any())
             features["xexp"] += bool(np.asarray(a.x_exponent).any())
+            features["xmult"] += a.xmult is not None
             features["bias_at_limit"] += bool((np.abs(a.bias) == acc_lim).any())
             features["k_max"] += a.K == p.k_max
             features["tiled_t"] += a.T > p.rows

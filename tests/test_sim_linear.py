@@ -72,9 +72,13 @@ def test_packing_matches_the_amaranth_layouts(config):
     t, n, k = p.rows + 1, 2 * p.cols + 1, 3
     x, w, kw = random_case(3, t, n, k, p.a_bits, p.w_bits)
     kw["shift"] = kw["shift"] - 14 + p.frac_bits - (p.out_bits - 1) - 2  # keep r in range for any widths
+    cmd = {"k": k, "t": t, "n": n, "relu": 0, "rounding": 0, "use_mult": 1}
+    if p.xmult:
+        kw["xmult"] = np.arange(t) * 1000 + (1 << 15)
+        cmd["use_xmult"] = 1
     args = sfx.check_linear_args(x, w, a_bits=p.a_bits, w_bits=p.w_bits, out_bits=p.out_bits, k_max=p.k_max, **kw)
     tr = linear_traffic(args, p)
-    assert tr.cmd == cmd_layout(p).const({"k": k, "t": t, "n": n, "relu": 0, "rounding": 0, "use_mult": 1}).as_bits()
+    assert tr.cmd == cmd_layout(p).const(cmd).as_bits()
     tiles = tile_schedule(t, n, p.rows, p.cols)
     assert len(tr.par) == len(tiles) and len(tr.act) == len(tr.wgt) == len(tiles) * k
     for ti, (t0, tv, n0, nv) in enumerate(tiles):
@@ -87,7 +91,10 @@ def test_packing_matches_the_amaranth_layouts(config):
         for kk in range(k):
             codes = [int(x[t0 + i, kk]) if i < tv else 0 for i in range(p.rows)]
             exps = [int(args.x_exponent[t0 + i]) if i < tv else 0 for i in range(p.rows)]
-            assert tr.act[ti * k + kk] == act_layout(p).const({"codes": codes, "exp": exps}).as_bits()
+            fields = {"codes": codes, "exp": exps}
+            if p.xmult:   # rows past T carry the unused-field pattern
+                fields["xmult"] = [int(args.xmult[t0 + i]) if i < tv else 0xA5A5 for i in range(p.rows)]
+            assert tr.act[ti * k + kk] == act_layout(p).const(fields).as_bits()
             wc = [int(w[n0 + j, kk]) if j < nv else 0 for j in range(p.cols)]
             assert tr.wgt[ti * k + kk] == sum(c << (j * p.w_bits) for j, c in enumerate(wc))
     # res beats round-trip
@@ -98,6 +105,22 @@ def test_packing_matches_the_amaranth_layouts(config):
     assert padding == 0 and codes.dtype == ref.dtype and np.array_equal(codes, ref)
     with pytest.raises(ValueError, match="does not fit"):
         cmd_word(p, k=1 << p.k_bits, t=1, n=1)
+
+
+def test_xmult_needs_an_accelerator_generated_with_it():
+    """SPEC section 4: hardware generated without xmult rejects an operation that carries it;
+    the host packing refuses it before anything is sent."""
+    p = AccelParams(rows=2, cols=2, a_bits=8, w_bits=8, out_bits=8, k_max=16)
+    args = sfx.check_linear_args(np.ones((2, 3), np.uint8), np.ones((2, 3), np.uint8), a_bits=8, w_bits=8,
+                                 out_bits=8, k_max=16, shift=-10, xmult=[40000, 50000])
+    msg = r"carries xmult .* generated without it: generate it with xmult=True \(sfx verilog --xmult\)"
+    with pytest.raises(ValueError, match=msg):
+        linear_traffic(args, p)
+    with pytest.raises(ValueError, match=msg):
+        run_linear(args.x, args.w, a_bits=8, w_bits=8, out_bits=8, k_max=16, shift=-10, xmult=[40000, 50000],
+                   rows=2, cols=2, xmult_hw=False)
+    with pytest.raises(TypeError, match=r"xmult must be a bool \(generate the per-row activation multiplier\), got int 1"):
+        AccelParams(rows=2, cols=2, a_bits=8, w_bits=8, out_bits=8, xmult=1)
 
 
 def test_scoreboard_reports_first_mismatch():
@@ -164,3 +187,27 @@ def test_run_linear_sf16_uint16():
     assert codes.dtype == np.uint16
     np.testing.assert_array_equal(codes, ref)
     assert stats.mismatches == 0
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("simulator", [pytest.param(s, marks=pytest.mark.xdist_group(f"sim-harness-sf16_2x2_xmult-{s}"))
+                                       for s in ("verilator", "icarus")])
+def test_run_linear_xmult_wide_products(simulator):
+    """run_linear with per-row multipliers (SPEC revision 2) on the accelerator generated with
+    xmult, SF16 x SF16: |acc| * mult * xmult up to 70 bits; the row scales come from
+    sfx.encode_rows_scaled, as the accelerator-exact backend streams them."""
+    p = CONFIGS["sf16_2x2_xmult"]
+    rng = np.random.default_rng(21)
+    t, n, k = 5, 3, p["k_max"]
+    xf = rng.standard_normal((t, k)) * np.array([[0.5], [1.0], [3.0], [0.2], [1.5]])
+    x, xexp, xmult = sfx.encode_rows_scaled(xf, 16, np.abs(xf).max(axis=1))
+    w = rng.integers(0, 1 << 16, (n, k)).astype(np.uint16)
+    w[0] |= 0x7FFF   # all-maximal weights in one channel: the largest accumulators
+    kw = dict(bias=rng.integers(-5000, 5000, n), mult=np.array([1, 65535, 40000]), x_exponent=xexp, xmult=xmult,
+              shift=np.array([10, -6, -5]), rounding="toward_zero")   # right shifts 33..53
+    codes, stats = run_linear(x, w, a_bits=16, w_bits=16, out_bits=16, rows=p["rows"], cols=p["cols"], k_max=k,
+                              simulator=simulator, stalls=0.3, seed=5, **kw)
+    ref, ref_stats = sfx.linear_with_stats(x, w, a_bits=16, w_bits=16, out_bits=16, k_max=k, **kw)
+    np.testing.assert_array_equal(codes, ref)
+    assert stats.mismatches == 0 and not stats.error and stats.saturated == ref_stats.n_saturated
+    assert np.count_nonzero(ref) == t * n and ref_stats.n_saturated < t * n // 2   # not trivially zero or saturated
