@@ -119,7 +119,7 @@ def cmd_build_board(args) -> int:
                         k_max=args.k_max, baud=args.baud, clock_mhz=args.clock_mhz, dsp_budget=args.dsp_budget,
                         out_dir=Path(args.out) if args.out else None, timeout=args.timeout,
                         overlap_drain=args.overlap_drain, chunk_k=args.chunk_k, mul_stages=args.mul_stages,
-                        pipelined=args.pipelined)
+                        pipelined=args.pipelined, xmult=args.xmult)
     except (ValueError, TypeError) as e:
         _err(str(e))
         return EXIT_USAGE
@@ -188,5 +188,8 @@ def register(sub) -> None:
     b.add_argument("--out", default=None, help="output folder (default build/fpga/board/<board>-.../ of the current "
                                                "directory, or of $SFX_BUILD_DIR)")
     b.add_argument("--timeout", type=positive_float, default=None, help="seconds allowed per tool run")
+    b.add_argument("--xmult", action="store_true",
+                   help="generate the per-row activation multiplier (SPEC revision 2) for act_scale='float' "
+                        "checkpoints; the board's INFO reply reports it")
     b.add_argument("--json", action="store_true", help="print the build report as JSON")
     b.set_defaults(func=cmd_build_board)

@@ -39,6 +39,9 @@ def register(subparsers) -> None:
                    help="multiplier of the clamp unit (default dsp)")
     p.add_argument("--no-overlap-drain", dest="overlap_drain", action="store_false",
                    help="no shadow registers in the PEs (smaller; the array stalls while a tile drains)")
+    p.add_argument("--xmult", action="store_true",
+                   help="generate the per-row activation multiplier (SPEC revision 2: a 16-bit xmult per "
+                        "activation row beside its exponent, for act_scale='float' checkpoints)")
     p.add_argument("--name", default="sfx_accelerator", help="top module name (default sfx_accelerator)")
     p.add_argument("-o", "--output", help="output file ('-' for standard output)")
     ip = p.add_argument_group("IP directory (docs/ip.md)")
@@ -63,6 +66,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.ip is None and (args.axi or args.seed != 0 or args.ops != 4):
         print("sfx verilog: error: --axi, --seed and --ops apply to the IP directory: add --ip DIR", file=sys.stderr)
         return 2
+    if args.ip is not None and args.xmult:
+        print("sfx verilog: error: --ip does not support --xmult yet (its test vectors and testbench carry no "
+              "per-row multipliers): write the Verilog with -o FILE", file=sys.stderr)
+        return 2
     if args.ip is not None and args.output == "-":
         print("sfx verilog: error: -o - (standard output) cannot be combined with --ip: the IP holds the Verilog "
               "in DIR/rtl/", file=sys.stderr)
@@ -70,7 +77,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         text = generate_verilog(rows=args.rows, cols=args.cols, a_bits=args.a_bits, w_bits=args.w_bits,
                                 out_bits=args.out_bits, k_max=args.k_max, dsp_pes=args.dsp_pes,
-                                clamp_impl=args.clamp_impl, overlap_drain=args.overlap_drain, name=args.name)
+                                clamp_impl=args.clamp_impl, overlap_drain=args.overlap_drain, name=args.name,
+                                xmult=args.xmult)
     except (TypeError, ValueError) as e:
         print(f"sfx verilog: error: {e}", file=sys.stderr)
         return 2

@@ -167,8 +167,10 @@ class SFxClampUnit(wiring.Component):
         ip = self.i.payload
         neg_in = ip.acc < 0
         r_full = Signal(signed(12))
-        r_x = Mux(ip.use_xmult, sfx.MULT_FRAC_BITS, 0) if self._xmult else 0
-        m.d.comb += r_full.eq(Const(F - mo, signed(10)) + Mux(ip.use_mult, sfx.MULT_FRAC_BITS, 0) + r_x - ip.shift)
+        r_base = Const(F - mo, signed(10)) + Mux(ip.use_mult, sfx.MULT_FRAC_BITS, 0)
+        if self._xmult:
+            r_base = r_base + Mux(ip.use_xmult, sfx.MULT_FRAC_BITS, 0)
+        m.d.comb += r_full.eq(r_base - ip.shift)
         r_bad = (r_full < 0) | (r_full > _MAX_R)
         mag1 = Signal(A, reset_less=True)
         neg1, rnd1 = Signal(reset_less=True), Signal(reset_less=True)
@@ -283,7 +285,9 @@ class SFxClampUnit(wiring.Component):
         # is gated by a comparison of the 3-bit coarse shift with a constant, then OR-ed (a
         # shallower tree than selecting one of 8 precomputed ORs).
         below = Cat(byte_any[k] & (coarse > k) for k in range(min(nbytes, 7))).any()
-        above = Cat(byte_any[k] & (coarse <= k - wb) for k in range(wb, nbytes)).any() if nbytes > wb else Const(0, 1)
+        # (a byte k >= wb + 7 is above the window for every coarse shift: no comparison)
+        above = Cat(byte_any[k] & ((coarse <= k - wb) if k - wb < 7 else 1)
+                    for k in range(wb, nbytes)).any() if nbytes > wb else Const(0, 1)
         win3 = Signal(8 * wb, reset_less=True)
         st3, hi3, neg3, rnd3 = (Signal(reset_less=True, name=n) for n in ("st3", "hi3", "neg3", "rnd3"))
         f3 = Signal(3, reset_less=True)

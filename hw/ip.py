@@ -165,7 +165,8 @@ def vector_files(p: AccelParams, ops: Sequence[Mapping[str, Any]], *, name: str 
     for i, op in enumerate(ops):
         op = dict(op)
         if op.get("xmult") is not None:
-            raise ValueError(f"operation {i}: xmult (a per-row multiplier) is not supported by the accelerator")
+            raise ValueError(f"operation {i}: xmult (a per-row multiplier) is not supported by the IP package "
+                             f"(it is generated without the xmult option)")
         for key in ("a_bits", "w_bits", "out_bits", "k_max"):
             if key in op:
                 raise ValueError(f"operation {i}: {key} comes from the IP's parameters, do not pass it")

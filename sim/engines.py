@@ -46,16 +46,26 @@ class ArrayConfig:
     out_bits: int = 8
     k_max: int = sfx.DEFAULT_K_MAX
     simulator: str = "verilator"
+    xmult: bool = False   # generated with the per-row activation multiplier (SPEC revision 2)
 
     def params(self):
         from superfloat.hw.interface import AccelParams
 
         return AccelParams(rows=self.rows, cols=self.cols, a_bits=self.a_bits, w_bits=self.w_bits,
-                           out_bits=self.out_bits, k_max=self.k_max)
+                           out_bits=self.out_bits, k_max=self.k_max, xmult=self.xmult)
 
     @property
     def name(self) -> str:
-        return f"{self.rows}x{self.cols} a{self.a_bits}w{self.w_bits}o{self.out_bits} k_max={self.k_max}"
+        return (f"{self.rows}x{self.cols} a{self.a_bits}w{self.w_bits}o{self.out_bits} k_max={self.k_max}"
+                + (" xmult" if self.xmult else ""))
+
+
+def _spec_params(spec: dict):
+    """The :class:`~superfloat.hw.interface.AccelParams` of a helper process's JSON spec."""
+    from superfloat.hw.interface import AccelParams
+
+    return AccelParams(**{k: spec[k] for k in ("rows", "cols", "a_bits", "w_bits", "out_bits", "k_max")},
+                       xmult=bool(spec.get("xmult", False)))
 
 
 @dataclass
@@ -217,7 +227,7 @@ class RTLSession:
         self._listener.bind(sock_path)
         self._listener.listen(1)
         spec = {"rows": self.p.rows, "cols": self.p.cols, "a_bits": self.p.a_bits, "w_bits": self.p.w_bits,
-                "out_bits": self.p.out_bits, "k_max": self.p.k_max, "simulator": array.simulator,
+                "out_bits": self.p.out_bits, "k_max": self.p.k_max, "xmult": self.p.xmult, "simulator": array.simulator,
                 "waves": self.waves, "dsp_pes": dsp_pes, "run_dir": str(self.run_dir), "socket": sock_path,
                 "engine": engine, "build": self.build.as_dict()}
         env = dict(os.environ)
@@ -441,11 +451,9 @@ def _host_main() -> None:  # pragma: no cover - runs in the helper process
         d = dict(spec["build"])
         b = runner.Build(**{**d, "dir": Path(d["dir"]), "verilog": Path(d["verilog"])})
     else:
-        from superfloat.hw.interface import AccelParams
-
         from .linear import build_accelerator, build_harness
 
-        p = AccelParams(**{k: spec[k] for k in ("rows", "cols", "a_bits", "w_bits", "out_bits", "k_max")})
+        p = _spec_params(spec)
         build = build_harness if harness else build_accelerator
         b = build(p, simulator=spec["simulator"], waves=spec["waves"], dsp_pes=spec["dsp_pes"])
     r = runner.run(b, "superfloat.sim.tb_harness" if harness else "superfloat.sim.tb_cosim", testcase="serve", env={"SFX_COSIM_SOCKET": spec["socket"]},
@@ -616,7 +624,7 @@ def _run_linear_job(op_args: sfx.LinearArgs, array: ArrayConfig, waves: bool):  
     from .scoreboard import linear_kwargs
 
     return run_linear(op_args.x, op_args.w, **linear_kwargs(op_args), rows=array.rows, cols=array.cols,
-                      simulator=array.simulator, waves=waves)
+                      simulator=array.simulator, waves=waves, xmult_hw=array.xmult)
 
 
 class RunLinearEngine:
@@ -666,7 +674,8 @@ def prebuild(array: ArrayConfig, *, waves: bool = False) -> subprocess.Popen:
     from .runner import build_root
 
     spec = {"rows": array.rows, "cols": array.cols, "a_bits": array.a_bits, "w_bits": array.w_bits,
-            "out_bits": array.out_bits, "k_max": array.k_max, "simulator": array.simulator, "waves": bool(waves)}
+            "out_bits": array.out_bits, "k_max": array.k_max, "xmult": array.xmult, "simulator": array.simulator,
+            "waves": bool(waves)}
     env = dict(os.environ)
     env["SFX_COSIM_PREBUILD"] = json.dumps(spec)
     log = build_root() / f"prebuild-{array.simulator}-{os.getpid()}-{_uid()}.log"
@@ -677,12 +686,10 @@ def prebuild(array: ArrayConfig, *, waves: bool = False) -> subprocess.Popen:
 
 
 def _prebuild_main() -> None:  # pragma: no cover - runs in the helper process
-    from superfloat.hw.interface import AccelParams
-
     from .linear import build_harness
 
     spec = json.loads(os.environ.pop("SFX_COSIM_PREBUILD"))
-    p = AccelParams(**{k: spec[k] for k in ("rows", "cols", "a_bits", "w_bits", "out_bits", "k_max")})
+    p = _spec_params(spec)
     b = build_harness(p, simulator=spec["simulator"], waves=spec["waves"])
     print(f"{'cached' if b.cached else 'built'}: {b.dir} ({b.build_s:.1f} s)", flush=True)
 

@@ -154,13 +154,12 @@ def program_ops(name: str, prog: Any, x2: Any, array: ArrayConfig) -> LayerCall:
     try:
         wc = widen_codes(np.asarray(prog.w_codes), prog.w_bits, array.w_bits)
         for o in raw:
-            if o.get("xmult") is not None:
-                raise ValueError("a per-row activation multiplier (xmult) has no port on the accelerator RTL")
             bias = None if o["bias"] is None else np.asarray(o["bias"], dtype=np.int64) * (1 << (da + dw))
             args = sfx.check_linear_args(widen_codes(np.asarray(o["x_codes"]), prog.a_bits, array.a_bits), wc,
                                          a_bits=array.a_bits, w_bits=array.w_bits, out_bits=array.out_bits,
                                          bias=bias, shift=o["shift"], relu=False, rounding=o["rounding"],
-                                         k_max=array.k_max, mult=o["mult"], x_exponent=o["x_exponent"])
+                                         k_max=array.k_max, mult=o["mult"], x_exponent=o["x_exponent"],
+                                         xmult=o.get("xmult"))
             rows = np.asarray(o["rows"])
             label = name if len(raw) == 1 else f"{name} [Ea={int(args.x_exponent[0])}]"
             ops.append(Op(args, array, name, rows, label))
@@ -178,20 +177,17 @@ def resolve_array(name: str, prog: Any, *, rows: int, cols: int, k_max: int, sim
     """The array that runs the layer ``name`` (program ``prog``): the given widths, or the
     program's own. Raises :class:`CosimError` when the layer does not fit: codes wider than
     the array's, an output width other than the calibrated one, ``K > k_max``, ``N`` too
-    large."""
+    large. A layer whose activations carry a per-row float scale (``act_scale="float"``) runs
+    on an array generated with the per-row multiplier (``xmult``, SPEC revision 2)."""
     a = prog.a_bits if a_bits is None else a_bits
     w = prog.w_bits if w_bits is None else w_bits
     o = prog.out_bits if out_bits is None else out_bits
     try:
-        cfg = ArrayConfig(rows=rows, cols=cols, a_bits=a, w_bits=w, out_bits=o, k_max=k_max, simulator=simulator)
+        cfg = ArrayConfig(rows=rows, cols=cols, a_bits=a, w_bits=w, out_bits=o, k_max=k_max, simulator=simulator,
+                          xmult=getattr(prog, "act_mode", "") == "xmult")
         cfg.params()
     except (TypeError, ValueError) as e:
         raise CosimError(f"array: {e}") from None
-    if getattr(prog, "act_mode", "") == "xmult":
-        raise CosimError(
-            f"layer {name}: its activations carry a per-row float scale (act_scale='float': a 16-bit multiplier "
-            f"per row, SPEC revision 2 xmult), which the accelerator RTL has no port for (rows stream a "
-            f"power-of-two exponent only); quantize with act_scale='pow2' to co-simulate it")
     if prog.w_bits > w:
         raise CosimError(
             f"layer {name}: the checkpoint holds SF{prog.w_bits} weight codes but the array takes SF{w} weights "
@@ -307,8 +303,8 @@ def layer_call(layer: Any, x: Any, *, rows: int = 8, cols: int = 8, k_max: int =
 
     Raises:
         CosimError: uncalibrated output exponents, a layer that does not fit the array,
-            an input of the wrong width, a per-row multiplier (``act_scale="float"``) the RTL
-            has no port for.
+            an input of the wrong width. A layer with a per-row float activation scale
+            (``act_scale="float"``) gets an array generated with ``xmult`` (SPEC revision 2).
         TypeError: ``layer`` is not a quantized layer.
     """
     import torch

@@ -408,11 +408,18 @@ def test_demo_quick_and_summary(ckpts, capsys):
     assert "at 50 MHz on ecp5-25k (given Fmax from --fmax (given))" in text and "V.v" in text
 
 
-def test_per_row_float_activation_scales_have_no_rtl_port(tmp_path, no_build):
+def test_per_row_float_activation_scales_map_to_an_xmult_array(tmp_path, no_build):
+    """act_scale='float' layers stream a 16-bit multiplier per row (SPEC revision 2): their
+    operations carry xmult and run on an array generated with it (dry run: no build)."""
     ck = micro_checkpoint(tmp_path / "xmult", "llama", weight_bits=8, act_bits=8, act_scale="float")
-    with pytest.raises(cs.CosimError, match=r"layer model.layers.0.self_attn.q_proj: its activations carry a per-row "
-                                            r"float scale \(act_scale='float'.*no port.*act_scale='pow2'"):
-        cs.cosim(ck, "all", rows=4, cols=4, k_max=64)
+    rep = cs.cosim(ck, "all", rows=4, cols=4, k_max=64, engine="reference", tokens=4)
+    assert rep["arrays"] == ["4x4 a8w8o8 k_max=64 xmult"] and rep["bit_exact"]
+    prog, x = _program_and_input(ck, "model.layers.0.self_attn.q_proj")
+    from superfloat.sim import layer_call
+
+    call = layer_call(prog, x, rows=4, cols=4, k_max=64)
+    assert call.array.xmult and all(op.args.xmult is not None for op in call.ops)
+    assert all(kw["xmult"] is not None for kw in call.linear_kwargs())
 
 
 # --------------------------------------------------------------------------- NaN: reported as NaN, never as a mismatch

@@ -64,6 +64,17 @@ def test_whole_forward_pass_on_the_rtl(ckpts, simulator):
 
 
 @group("verilator")
+@pytest.mark.parametrize("simulator", [pytest.param(s, marks=pytest.mark.xdist_group(f"sim-xmult-4x4-{s}"))
+                                       for s in ("verilator", "icarus")])
+def test_whole_forward_with_per_row_float_scales_on_an_xmult_array(tmp_path, simulator):
+    """W8A8 with act_scale='float' (a 16-bit multiplier per token, SPEC revision 2): every
+    linear layer on the RTL generated with xmult, bit-exact against sfx.linear and the backend."""
+    ck = micro_checkpoint(tmp_path / "xmult", "llama", weight_bits=8, act_bits=8, act_scale="float")
+    rep = cs.cosim(ck, "all", simulator=simulator, tokens=4, **ARRAY)
+    _check_bit_exact(rep, 14)
+    assert rep["arrays"] == ["4x4 a8w8o8 k_max=64 xmult"]
+
+
 def test_cli_json_block_with_biases_and_widened_sf4_weights(ckpts, capsys):
     """OPT (SF4 pow2 weights widened onto the 8-bit array, SF8 dynamic activations, biases): one
     decoder block (attention + MLP) through ``sfx cosim --json``."""

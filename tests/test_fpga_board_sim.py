@@ -80,7 +80,7 @@ def _board_results(simulator, cfg, cases, tmp_path):
         pytest.skip(str(e))
     bridge = UARTBridge(rows=cfg["rows"], cols=cfg["cols"], a_bits=cfg["bits"], w_bits=cfg["bits"],
                         out_bits=cfg["bits"], k_max=K_MAX, divisor=DIVISOR, fifo_depth=64, credit_chunk=16,
-                        idle_timeout=IDLE_TIMEOUT)
+                        idle_timeout=IDLE_TIMEOUT, xmult=cfg.get("xmult", False))
     b = runner.build(bridge, name="sfx_board", simulator=simulator, bench_sources=BENCH_SOURCES,
                      params={"design": "UARTBridge", **cfg, "k_max": K_MAX, "divisor": DIVISOR, "fifo_depth": 64,
                              "credit_chunk": 16, "idle_timeout": IDLE_TIMEOUT})
@@ -137,3 +137,39 @@ def test_model_layer_over_uart_uses_the_static_output_exponents(tmp_path):
     res = _board_results("verilator", dict(rows=2, cols=2, bits=4), cases, tmp_path)
     got = call.assemble([np.array(r["codes"]) for r in res])
     assert np.array_equal(got, call.backend_codes())
+
+
+def test_model_layer_with_per_row_float_scales_over_uart(tmp_path):
+    """act_scale='float' (SPEC revision 2): the host driver streams each row's 16-bit
+    multiplier to a board built with xmult; the board's INFO reports it, and its codes equal
+    the accelerator-exact backend's. A board without xmult is refused before any beat."""
+    import torch
+
+    from superfloat.hw.fpga.host import LinkSession
+    from superfloat.hw.fpga.protocol import BOARD, encode_info, link_layout
+    from superfloat.hw.interface import AccelParams
+    from superfloat.sim import layer_call
+    from superfloat.sw.wasq import WASQConfig, quantize_, quantized_layers
+    from superfloat.sw.wasq.accelerator import calibrate_outputs_
+    from test_cosim import CALIB_TEXT, micro_model
+
+    model = micro_model("llama")
+    quantize_(model, WASQConfig(weight_bits=4, act_bits=8, act_scale="float"))
+    calibrate_outputs_(model, [torch.tensor([list(CALIB_TEXT.encode()[:60])])], out_bits=8)
+    layer = quantized_layers(model)["model.layers.0.mlp.down_proj"]
+    u = np.random.default_rng(6).standard_normal((3, layer.in_features))
+    x = torch.tensor(u * np.array([[0.3], [5.0], [1.1]]), dtype=torch.float32)
+    call = layer_call(layer, x, rows=2, cols=2, k_max=K_MAX, a_bits=8, w_bits=8, simulator="verilator")
+    assert call.array.xmult and len(call.ops) == 1 and call.ops[0].args.xmult is not None
+    kw = call.linear_kwargs()[0]
+    cases = [{"x": _json(kw.pop("x_codes")), "w": _json(kw.pop("w_codes")),
+              "kw": {k: _json(v) for k, v in kw.items()}, "approx_bytes": 40 * (3 * 64 * 64 + 10)}]
+    res = _board_results("verilator", dict(rows=2, cols=2, bits=8, xmult=True), cases, tmp_path)
+    assert res[0]["stats"]["board"]["xmult"] is True
+    assert np.array_equal(call.assemble([np.array(res[0]["codes"])]), call.backend_codes())
+    # a board built without xmult: the session refuses the operation when it reads INFO
+    sess = LinkSession(np.array(cases[0]["x"]), np.array(cases[0]["w"]), **cases[0]["kw"])
+    sess.connect_bytes()
+    plain = link_layout(AccelParams(rows=2, cols=2, a_bits=8, w_bits=8, out_bits=8, k_max=K_MAX))
+    with pytest.raises(ValueError, match=r"carries xmult .* built without it: rebuild it with sfx build-board --xmult"):
+        sess.feed(bytes([BOARD["info"]]) + encode_info(plain))

@@ -13,6 +13,7 @@ from superfloat.hw.fpga import budget, report
 from superfloat.hw.fpga.baseline import TwosComplementMultiplier, comparison_accelerator, comparison_array
 from superfloat.hw.fpga.wrapper import ScanWrapper
 from superfloat.hw.mac_array import TAG_BITS, sum_bits
+from superfloat.hw.interface import AccelParams
 
 from hw_stream_helpers import check_multiplier_both_impls
 
@@ -258,7 +259,9 @@ def test_info_and_status_roundtrip():
     lay = _lay(fifo_depth=1024, credit_chunk=16)
     info = protocol.decode_info(protocol.encode_info(lay))
     assert info == {"version": protocol.PROTOCOL_VERSION, "rows": 2, "cols": 2, "a_bits": 8, "w_bits": 8,
-                    "out_bits": 8, "k_max": 64, "fifo_depth": 1024, "credit_chunk": 16}
+                    "out_bits": 8, "k_max": 64, "fifo_depth": 1024, "credit_chunk": 16, "xmult": False}
+    xm = protocol.link_layout(AccelParams(rows=2, cols=2, a_bits=8, w_bits=8, out_bits=8, k_max=64, xmult=True))
+    assert protocol.encode_info(xm)[-1] == 1 and protocol.decode_info(protocol.encode_info(xm))["xmult"] is True
     st = protocol.decode_status(bytes([0b100010]) + (7).to_bytes(4, "little"))
     assert st["error"] and st["aborted"] and not st["busy"] and st["sat_count"] == 7
     with pytest.raises(ValueError, match="STATUS payload must be 5 bytes, got 4"):

@@ -117,6 +117,24 @@ def test_cli_no_overlap_drain(tmp_path):
     assert "overlap_drain=False" in text and "--no-overlap-drain" in text
 
 
+def test_cli_xmult(tmp_path, capsys):
+    """--xmult: the per-row activation multiplier (SPEC revision 2) in the ports and the header."""
+    out = tmp_path / "x.v"
+    assert _cli(["verilog", "--rows", "2", "--cols", "2", "--a-bits", "8", "--w-bits", "4", "--out-bits", "8",
+                 "--xmult", "-o", str(out)]) == 0
+    text = out.read_text()
+    assert text == generate_verilog(rows=2, cols=2, a_bits=8, w_bits=4, out_bits=8, xmult=True)
+    assert "xmult=True" in text and "--xmult" in text and "cmd use_xmult: apply act xmult" in text
+    assert "use_xmult" in text and "xmult[1]" in text
+    plain = generate_verilog(rows=2, cols=2, a_bits=8, w_bits=4, out_bits=8)
+    assert "xmult" not in plain
+    capsys.readouterr()
+    assert _cli(["verilog", "--rows", "2", "--cols", "2", "--a-bits", "8", "--w-bits", "4", "--out-bits", "8",
+                 "--xmult", "--ip", str(tmp_path / "ip")]) == 2
+    assert ("sfx verilog: error: --ip does not support --xmult yet (its test vectors and testbench carry no "
+            "per-row multipliers): write the Verilog with -o FILE") in capsys.readouterr().err
+
+
 def test_cli_rejects_bad_parameters(tmp_path, capsys):
     out = tmp_path / "x.v"
     rc = _cli(["verilog", "--rows", "2", "--cols", "2", "--a-bits", "4", "--w-bits", "4", "--out-bits", "20",
@@ -139,10 +157,12 @@ LINT_CONFIGS = [
     dict(rows=1, cols=1, a_bits=2, w_bits=2, out_bits=2, k_max=1),
     dict(rows=8, cols=8, a_bits=4, w_bits=4, out_bits=4, k_max=16384, overlap_drain=False),   # iCE40 target
     dict(rows=8, cols=8, a_bits=8, w_bits=8, out_bits=8, k_max=16384, dsp_pes=8, clamp_impl="lut"),   # ECP5
+    dict(rows=2, cols=3, a_bits=16, w_bits=16, out_bits=16, k_max=1 << 20, xmult=True),   # 84-bit clamp product
 ]
 
 
-@pytest.mark.parametrize("cfg", LINT_CONFIGS, ids=lambda c: f"{c['rows']}x{c['cols']}-sf{c['a_bits']}")
+@pytest.mark.parametrize("cfg", LINT_CONFIGS,
+                         ids=lambda c: f"{c['rows']}x{c['cols']}-sf{c['a_bits']}" + ("-xmult" if c.get("xmult") else ""))
 def test_verilator_lint_wall_clean(cfg, tmp_path):
     verilator = find_tool("verilator")
     if verilator is None:

@@ -51,8 +51,9 @@ class UARTBridge(wiring.Component):
 
     Parameters
     ----------
-    rows, cols, a_bits, w_bits, out_bits, k_max, dsp_pes, clamp_impl, overlap_drain, chunk_k, mul_stages, pipelined
-        Those of :class:`superfloat.hw.accelerator.SFxAccelerator`.
+    rows, cols, a_bits, w_bits, out_bits, k_max, dsp_pes, clamp_impl, overlap_drain, chunk_k, mul_stages, pipelined, xmult
+        Those of :class:`superfloat.hw.accelerator.SFxAccelerator` (``xmult``: the per-row
+        activation multiplier; INFO reports it).
     divisor : int
         UART bit time in clock cycles (>= 4).
     fifo_depth, credit_chunk : int or None
@@ -74,9 +75,9 @@ class UARTBridge(wiring.Component):
                  k_max: int = sfx.DEFAULT_K_MAX, dsp_pes: int = 0, clamp_impl: str = "dsp", divisor: int,
                  fifo_depth: int | None = None, credit_chunk: int | None = None, idle_timeout: int = 1 << 22,
                  overlap_drain: bool = True, chunk_k: int | None = None, mul_stages: int = 0,
-                 pipelined: bool = False):
+                 pipelined: bool = False, xmult: bool = False):
         self._params = AccelParams(rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, out_bits=out_bits,
-                                   k_max=k_max)
+                                   k_max=k_max, xmult=xmult)
         self._dsp_pes = check_int(dsp_pes, "dsp_pes", 0, rows * cols)
         self._clamp_impl = check_impl(clamp_impl, "clamp_impl")
         self._divisor = check_int(divisor, "divisor", MIN_DIVISOR, 1 << 24)
@@ -118,7 +119,8 @@ class UARTBridge(wiring.Component):
         extra = {"overlap_drain": self._overlap, "chunk_k": self._chunk_k, "mul_stages": self._mul_stages,
                  "pipelined": self._pipelined}
         accel = SFxAccelerator(rows=p.rows, cols=p.cols, a_bits=p.a_bits, w_bits=p.w_bits, out_bits=p.out_bits,
-                               k_max=p.k_max, dsp_pes=self._dsp_pes, clamp_impl=self._clamp_impl, **extra)
+                               k_max=p.k_max, dsp_pes=self._dsp_pes, clamp_impl=self._clamp_impl, xmult=p.xmult,
+                               **extra)
         m.submodules.accel = ResetInserter(soft_rst | abort)(accel)
 
         flags = {name: Signal(name=f"flag_{name}") for name in ("overflow", "framing", "bad_type", "aborted")}

@@ -162,14 +162,15 @@ def build_board(name: str, *, rows: int = 2, cols: int = 2, a_bits: int = 8, w_b
                 out_bits: int | None = None, k_max: int = sfx.DEFAULT_K_MAX, baud: int | None = None,
                 clock_mhz: float | None = None, dsp_budget: int | None = None, out_dir: Path | str | None = None,
                 timeout: float | None = None, overlap_drain: bool | None = None, chunk_k: int | None = None,
-                mul_stages: int | None = None, pipelined: bool | None = None) -> dict[str, Any]:
+                mul_stages: int | None = None, pipelined: bool | None = None, xmult: bool = False) -> dict[str, Any]:
     """Build the bitstream of the board top; return a report dict with ``bitstream`` (path),
     ``fmax_mhz``, ``clock_mhz`` (the PLL's achieved output), ``pll``, ``baud``, ``divisor``,
     ``met_timing``, resources, ``dsp_plan``, ``arch_plan`` and ``seconds``, or ``error`` /
     ``step`` on failure. Bad parameters raise ``ValueError``.
 
     ``clock_mhz``: the PLL target (default: the board's); ``baud``: default the fastest
-    standard rate of the board's bridge that the clock makes (:func:`link_baud`)."""
+    standard rate of the board's bridge that the clock makes (:func:`link_baud`). ``xmult``: the
+    per-row activation multiplier (SPEC revision 2)."""
     from .board_top import BoardTop
     from .pll import pll_settings
     from .uart import divisor_for
@@ -182,7 +183,8 @@ def build_board(name: str, *, rows: int = 2, cols: int = 2, a_bits: int = 8, w_b
     if isinstance(target_mhz, bool) or not isinstance(target_mhz, (int, float)) or not 10 <= target_mhz <= 400:
         raise ValueError(f"clock_mhz must be a number in 10..400 MHz, got {clock_mhz!r}")
     from superfloat.hw.interface import AccelParams
-    AccelParams(rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, out_bits=out_bits, k_max=k_max)  # checks
+    AccelParams(rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, out_bits=out_bits, k_max=k_max,
+                xmult=xmult)  # checks
     plan = plan_dsp_pes(b.target, rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, k_max=k_max, budget=dsp_budget)
     arch = plan_architecture(b.target, a_bits=a_bits, w_bits=w_bits, k_max=k_max, overlap_drain=overlap_drain,
                              chunk_k=chunk_k, mul_stages=mul_stages, pipelined=pipelined)
@@ -196,7 +198,7 @@ def build_board(name: str, *, rows: int = 2, cols: int = 2, a_bits: int = 8, w_b
     divisor = divisor_for(clk_hz, baud)   # validates the baud rate early
     kw = dict(rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, out_bits=out_bits, k_max=k_max,
               dsp_pes=plan.dsp_pes, clamp_impl=plan.clamp_impl, overlap_drain=arch.overlap_drain,
-              chunk_k=arch.chunk_k, mul_stages=arch.mul_stages, pipelined=arch.pipelined)
+              chunk_k=arch.chunk_k, mul_stages=arch.mul_stages, pipelined=arch.pipelined, xmult=xmult)
     files = _prepare(name, BoardTop(bridge_kwargs=kw, baud=baud, pll=pll))
     if out_dir is None:
         out_dir = (build_root() / "fpga" / "board" /

@@ -83,9 +83,9 @@ class LinkSession:
 
     def __init__(self, x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, out_bits: int, bias: Any = None,
                  shift: Any = 0, relu: bool = False, rounding: str = "nearest_even",
-                 k_max: int = sfx.DEFAULT_K_MAX, mult: Any = None, x_exponent: Any = None):
+                 k_max: int = sfx.DEFAULT_K_MAX, mult: Any = None, x_exponent: Any = None, xmult: Any = None):
         self.kw = dict(a_bits=a_bits, w_bits=w_bits, out_bits=out_bits, bias=bias, shift=shift, relu=relu,
-                       rounding=rounding, k_max=k_max, mult=mult, x_exponent=x_exponent)
+                       rounding=rounding, k_max=k_max, mult=mult, x_exponent=x_exponent, xmult=xmult)
         self.args = sfx.check_linear_args(x_codes, w_codes, **self.kw)
         self.x_codes, self.w_codes = x_codes, w_codes
         self.phase = "connect"
@@ -195,7 +195,10 @@ class LinkSession:
                 raise ValueError(f"{name}={self.kw[name]} but the board was built with {name}={info[name]} "
                                  f"(rows={info['rows']}, cols={info['cols']}); rebuild it with sfx build-board")
         p = AccelParams(rows=info["rows"], cols=info["cols"], a_bits=info["a_bits"], w_bits=info["w_bits"],
-                        out_bits=info["out_bits"], k_max=info["k_max"])
+                        out_bits=info["out_bits"], k_max=info["k_max"], xmult=info.get("xmult", False))
+        if self.args.xmult is not None and not p.xmult:
+            raise ValueError("this operation carries xmult (per-row activation multipliers, SPEC revision 2) but the "
+                             "board's accelerator was built without it: rebuild it with sfx build-board --xmult")
         if info["k_max"] != self.args.k_max:   # the board's limits apply too (K, bias range)
             sfx.check_linear_args(self.x_codes, self.w_codes, **{**self.kw, "k_max": info["k_max"]})
         lay = link_layout(p, fifo_depth=info["fifo_depth"], credit_chunk=info["credit_chunk"])
@@ -245,12 +248,13 @@ class LinkSession:
 def run_linear_uart(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, out_bits: int, bias: Any = None,
                     shift: Any = 0, relu: bool = False, rounding: str = "nearest_even",
                     k_max: int = sfx.DEFAULT_K_MAX, mult: Any = None, x_exponent: Any = None,
-                    port: str = DEFAULT_PORT, baud: int = DEFAULT_BAUD, timeout: float = 10.0,
+                    xmult: Any = None, port: str = DEFAULT_PORT, baud: int = DEFAULT_BAUD, timeout: float = 10.0,
                     transport: Transport | None = None) -> tuple[np.ndarray, UartStats]:
     """:func:`superfloat.sw.sfx.linear` computed by a board running ``sfx build-board``.
 
-    The keywords up to ``x_exponent`` are those of :func:`~superfloat.sw.sfx.linear` (same
-    checks, same messages); the widths must be the board's. ``port`` / ``baud``: the
+    The keywords up to ``xmult`` are those of :func:`~superfloat.sw.sfx.linear` (same
+    checks, same messages); the widths must be the board's (``xmult`` needs a board built
+    with ``sfx build-board --xmult``). ``port`` / ``baud``: the
     serial port of the board's USB bridge (``baud`` as built). ``timeout``: seconds
     without a byte from the board before :class:`LinkError`. ``transport``: an open
     object with ``write(bytes)`` and ``read(n) -> bytes`` (``read`` returning ``b""``
@@ -259,7 +263,7 @@ def run_linear_uart(x_codes: Any, w_codes: Any, *, a_bits: int, w_bits: int, out
     Returns ``(codes, stats)``: ``[T, N]`` SF``out_bits`` codes and :class:`UartStats`.
     """
     sess = LinkSession(x_codes, w_codes, a_bits=a_bits, w_bits=w_bits, out_bits=out_bits, bias=bias, shift=shift,
-                       relu=relu, rounding=rounding, k_max=k_max, mult=mult, x_exponent=x_exponent)
+                       relu=relu, rounding=rounding, k_max=k_max, mult=mult, x_exponent=x_exponent, xmult=xmult)
     own = transport is None
     if own:
         try:

@@ -114,10 +114,12 @@ def encode_frame(lay: LinkLayout, kind: str, word: int = 0) -> bytes:
 
 def encode_info(lay: LinkLayout) -> bytes:
     """The INFO payload: version, rows, cols, a_bits, w_bits, out_bits, k_max (3 bytes),
-    fifo_depth (2 bytes), credit_chunk, reserved (0)."""
+    fifo_depth (2 bytes), credit_chunk, features (bit 0: the accelerator has ``xmult``, SPEC
+    revision 2; the other bits 0; boards built before it send 0 there)."""
     p = lay.params
     return bytes([PROTOCOL_VERSION, p.rows, p.cols, p.a_bits, p.w_bits, p.out_bits]) \
-        + p.k_max.to_bytes(3, "little") + lay.fifo_depth.to_bytes(2, "little") + bytes([lay.credit_chunk, 0])
+        + p.k_max.to_bytes(3, "little") + lay.fifo_depth.to_bytes(2, "little") \
+        + bytes([lay.credit_chunk, int(p.xmult)])
 
 
 def decode_info(payload: bytes) -> dict:
@@ -125,7 +127,8 @@ def decode_info(payload: bytes) -> dict:
         raise ValueError(f"INFO payload must be {INFO_LEN} bytes, got {len(payload)}")
     return {"version": payload[0], "rows": payload[1], "cols": payload[2], "a_bits": payload[3],
             "w_bits": payload[4], "out_bits": payload[5], "k_max": int.from_bytes(payload[6:9], "little"),
-            "fifo_depth": int.from_bytes(payload[9:11], "little"), "credit_chunk": payload[11]}
+            "fifo_depth": int.from_bytes(payload[9:11], "little"), "credit_chunk": payload[11],
+            "xmult": bool(payload[12] & 1)}
 
 
 def decode_status(payload: bytes) -> dict:
