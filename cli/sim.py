@@ -183,7 +183,7 @@ def register(sub) -> None:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Verification at scale of the generated accelerator: random operations (shapes with tiling in T, N
-    and K, relu, roundings, mult, per-row exponents, biases at the accumulator limit, k_max) run in jobs
+    and K, relu, roundings, mult, per-row exponents, xmult on -x arrays, biases at the accumulator limit, k_max) run in jobs
     of 16 with random stalls on every stream, generated inside the simulation from the seed; every
     output code is compared with sfx.linear and the RTL's saturation count with the reference's; the
     harness regression tests (back-pressure, reset mid-operation, malformed commands, bias out of range)
@@ -242,8 +242,9 @@ def register_verify(sub) -> None:
         epilog="examples: sfx verify; sfx verify --config all --simulator both --codes 1000000 --seed 7; "
                "sfx verify --config 4x4-a8w4o8-k64 --simulator icarus --codes 20000")
     p.add_argument("--config", nargs="+", default=["8x8-a8w8o8"], metavar="C",
-                   help="RxC-aAwWoO[-kK] configurations, names of the shipped ones (8x8-a8w8o8, 8x8-a8w4o8, 2x2-a4w4o4, "
-                        "2x2-a8w8o8), or 'all' (the shipped ones); default 8x8-a8w8o8")
+                   help="RxC-aAwWoO[-kK][-x] configurations (-x: generated with the per-row activation multiplier "
+                        "xmult), names of the shipped ones (8x8-a8w8o8, 8x8-a8w4o8, 2x2-a4w4o4, 2x2-a8w8o8, "
+                        "8x8-a8w4o8-x, 2x2-a16w16o16-x), or 'all' (the shipped ones); default 8x8-a8w8o8")
     p.add_argument("--simulator", default="verilator", choices=("verilator", "icarus", "both"))
     p.add_argument("--codes", type=positive_int, default=1_000_000, metavar="N",
                    help="output codes to check per configuration and simulator (default 1000000)")

@@ -13,7 +13,9 @@ commands, bias out of range) with the same seed. ``sfx verify`` and ``sfx bench 
 :data:`SHIPPED_CONFIGS`: the configurations the project ships: the 8x8 SF8 array of
 ``sfx verilog`` / ``sfx cosim`` / ``sfx bench rtl``, its SF4-weight variant (SF4 checkpoints),
 and the two FPGA baseline arrays (``hw/fpga/regress.py``: iCE40 UP5K 2x2 SF4, ECP5-25k 2x2 SF8,
-also the board builds' default).
+also the board builds' default), and two arrays generated with the per-row activation multiplier
+(``xmult``, SPEC revision 2; name suffix ``-x``): the 8x8 SF4-weight array of ``act_scale="float"``
+checkpoints and a 2x2 SF16 array whose clamp products ``|acc| * mult * xmult`` exceed 64 bits.
 """
 from __future__ import annotations
 
@@ -32,31 +34,34 @@ SHIPPED_CONFIGS = {
     "8x8-a8w4o8": dict(rows=8, cols=8, a_bits=8, w_bits=4, out_bits=8, k_max=16384),
     "2x2-a4w4o4": dict(rows=2, cols=2, a_bits=4, w_bits=4, out_bits=4, k_max=16384),
     "2x2-a8w8o8": dict(rows=2, cols=2, a_bits=8, w_bits=8, out_bits=8, k_max=16384),
+    "8x8-a8w4o8-x": dict(rows=8, cols=8, a_bits=8, w_bits=4, out_bits=8, k_max=16384, xmult=True),
+    "2x2-a16w16o16-x": dict(rows=2, cols=2, a_bits=16, w_bits=16, out_bits=16, k_max=16384, xmult=True),
 }
 
 
 def config_name(p: AccelParams | dict) -> str:
     d = p if isinstance(p, dict) else dict(rows=p.rows, cols=p.cols, a_bits=p.a_bits, w_bits=p.w_bits,
-                                           out_bits=p.out_bits, k_max=p.k_max)
+                                           out_bits=p.out_bits, k_max=p.k_max, xmult=p.xmult)
     return f"{d['rows']}x{d['cols']}-a{d['a_bits']}w{d['w_bits']}o{d['out_bits']}" + (
-        "" if d["k_max"] == 16384 else f"-k{d['k_max']}")
+        "" if d["k_max"] == 16384 else f"-k{d['k_max']}") + ("-x" if d.get("xmult") else "")
 
 
 def parse_config(text: str) -> AccelParams:
-    """``RxC-aAwWoO[-kK]`` (e.g. ``8x8-a8w8o8``, ``4x4-a8w4o8-k64``) or a name of :data:`SHIPPED_CONFIGS`."""
+    """``RxC-aAwWoO[-kK][-x]`` (e.g. ``8x8-a8w8o8``, ``4x4-a8w4o8-k64``; ``-x``: generated with the
+    per-row activation multiplier) or a name of :data:`SHIPPED_CONFIGS`."""
     import re
 
     from superfloat.sw import sfx
 
     if text in SHIPPED_CONFIGS:
         return AccelParams(**SHIPPED_CONFIGS[text])
-    m = re.fullmatch(r"(\d+)x(\d+)-a(\d+)w(\d+)o(\d+)(?:-k(\d+))?", text)
+    m = re.fullmatch(r"(\d+)x(\d+)-a(\d+)w(\d+)o(\d+)(?:-k(\d+))?(-x)?", text)
     if not m:
-        raise ValueError(f"configuration {text!r} is not RxC-aAwWoO[-kK] (e.g. 8x8-a8w8o8, 4x4-a8w4o8-k64) or one of "
-                         f"{', '.join(SHIPPED_CONFIGS)}")
-    r, c, a, w, o, k = m.groups()
+        raise ValueError(f"configuration {text!r} is not RxC-aAwWoO[-kK][-x] (e.g. 8x8-a8w8o8, 4x4-a8w4o8-k64, "
+                         f"8x8-a8w4o8-x) or one of {', '.join(SHIPPED_CONFIGS)}")
+    r, c, a, w, o, k, x = m.groups()
     return AccelParams(rows=int(r), cols=int(c), a_bits=int(a), w_bits=int(w), out_bits=int(o),
-                       k_max=int(k) if k else sfx.DEFAULT_K_MAX)
+                       k_max=int(k) if k else sfx.DEFAULT_K_MAX, xmult=bool(x))
 
 
 def verify_config(p: AccelParams, *, simulator: str, codes: int, seed: int, regressions: bool = True,

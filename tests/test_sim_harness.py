@@ -135,11 +135,16 @@ def test_sfx_verify_rejects_a_bad_configuration(capsys):
     from superfloat.cli import main
 
     assert main(["verify", "--config", "4x4", "--codes", "10"]) == 2
-    assert "configuration '4x4' is not RxC-aAwWoO[-kK] (e.g. 8x8-a8w8o8" in capsys.readouterr().err
+    assert "configuration '4x4' is not RxC-aAwWoO[-kK][-x] (e.g. 8x8-a8w8o8" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"codes must be a positive int, got 0"):
         from superfloat.sim.verify import parse_config, verify_config
 
         verify_config(parse_config("4x4-a8w8o8-k64"), simulator="verilator", codes=0, seed=1)
+    from superfloat.sim.verify import SHIPPED_CONFIGS, config_name
+
+    p = parse_config("2x3-a8w4o8-k64-x")
+    assert p.xmult and (p.rows, p.cols, p.w_bits, p.k_max) == (2, 3, 4, 64) and config_name(p) == "2x3-a8w4o8-k64-x"
+    assert all(config_name(parse_config(n)) == n for n in SHIPPED_CONFIGS)
 
 
 @pytest.mark.sim
