@@ -18,7 +18,12 @@ Rows:
   epochs, lr 1e-4, fake quantization while training);
 * the recipe found for issue 15 (:data:`RECIPE`), trained with fake quantization and on the
   accelerator's arithmetic (``--backend accelerator``: the hardware's values in the forward,
-  the fake-quantized layer's gradients), and with SF8 activations (W4A8).
+  the fake-quantized layer's gradients), and with SF8 activations (W4A8);
+* QAT on the accelerator's arithmetic from the best post-training recipe of ``sfx bench w4``
+  (:data:`ROT_RECIPE`: rotations, GPTQ with MSE clipping, then fpm at a small learning rate).
+
+``SFX_BENCH_QAT_ROWS="ptq-rtn,rot-accel"`` runs some rows only (their keys, :data:`ROWS`); the
+report lists the others as not run.
 
 Each QAT row is one ``sfx finetune ... -o build/qat/<row>`` (command printed beside it; its
 wall and CPU seconds and the load average at its start are in ``finetune.json``), then the
@@ -32,6 +37,7 @@ Target (issue 15): SF4 weights after QAT within +10 % of float, accelerator-exac
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import time
 from dataclasses import dataclass
@@ -49,6 +55,12 @@ TARGET = 10.0  # largest perplexity increase over float (%), accelerator-exact, 
 RECIPE = ["--method", "fpm", "--init", "adaround", "--tokens", "16384", "--epochs", "2", "--lr", "2e-4",
           "--warmup", "4", "--scheduler", "cosine"]
 OLD = ["--method", "fpm", "--tokens", "8192", "--epochs", "3", "--lr", "1e-4", "--warmup", "4"]
+#: QAT from the best W4 post-training recipe (results/w4.md): rotations + GPTQ + clipping, then fpm
+ROT_RECIPE = ["--method", "fpm", "--init", "rotate-gptq-clip", "--init-option", "gptq_damp=0.05",
+              "--calib-tokens", "4096", "--tokens", "16384", "--epochs", "1", "--lr", "1e-4", "--warmup", "4",
+              "--scheduler", "cosine"]
+#: a subset of :data:`ROWS` by key, comma-separated
+ROWS_ENV = "SFX_BENCH_QAT_ROWS"
 
 
 @dataclass(frozen=True)
@@ -74,7 +86,22 @@ ROWS: list[Row] = [
         finetune=("-w", "4", *RECIPE, "--backend", "fake")),
     Row("recipe-accel", "QAT, recipe, on the accelerator's arithmetic", None,
         finetune=("-w", "4", *RECIPE, "--backend", "accelerator")),
+    Row("rot-accel", "QAT from rotate-gptq-clip (damp 0.05, 4096 calib), on the accelerator's arithmetic", None,
+        finetune=("-w", "4", *ROT_RECIPE, "--backend", "accelerator")),
 ]
+
+
+def pick_rows(spec: str | None) -> list[Row]:
+    """The rows of :data:`ROWS` named in ``spec`` (:data:`ROWS_ENV`'s syntax; None or empty: all)."""
+    if not spec or not spec.strip():
+        return list(ROWS)
+    keys = [k.strip() for k in spec.split(",") if k.strip()]
+    known = {r.key for r in ROWS}
+    bad = [k for k in keys if k not in known]
+    if bad:
+        raise ValueError(f"{ROWS_ENV}={spec!r}: unknown row key(s) {', '.join(bad)}; the rows are "
+                         f"{', '.join(r.key for r in ROWS)}")
+    return [r for r in ROWS if r.key in keys]
 QUICK_RECIPE = ("--method", "fpm", "--init", "adaround", "--init-option", "adaround_iters=5", "--tokens", "128",
                 "--epochs", "1", "--lr", "3e-3", "--warmup", "1")
 QUICK_ROWS: list[Row] = [
@@ -170,7 +197,8 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str | None = None, r
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model or ("tiny-llama" if quick else MODEL)
-    rows_def = rows if rows is not None else (QUICK_ROWS if quick else ROWS)
+    spec = None if quick or rows is not None else os.environ.get(ROWS_ENV)
+    rows_def = rows if rows is not None else (QUICK_ROWS if quick else pick_rows(spec))
     runs = Path(runs_dir) if runs_dir is not None else (out_dir / "qat-runs" if quick else Path("build") / "qat")
     partial = partial if partial is not None else (None if quick else Path("build") / "qat_partial.json")
     ctx = ["--context", "64"] if quick else ["--context", "512"]
@@ -280,6 +308,9 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str | None = None, r
              f"{time.process_time() - c_start:.0f} s CPU (reused runs and evaluations not counted).")
     header = ["row", "format", "accelerator-exact", "fake-quantized", "top-1 vs float", "saturated / outputs",
               "training (wall / CPU)", "eval (wall / CPU)", f"<= +{TARGET:g} %"]
+    if spec and len(rows_def) < len(ROWS):
+        left = ", ".join(r.key for r in ROWS if r not in rows_def)
+        setup += f"\n* Rows run: {len(rows_def)} of {len(ROWS)} ({ROWS_ENV}={spec}); not run: {left}."
     sections = [("Setup", setup),
                 ("Result", f"Target (issue 15): SF4 weights after QAT within +{TARGET:g} % of float, "
                            f"accelerator-exact: {target}.{cmp}"),
@@ -291,5 +322,5 @@ def run(out_dir: Path | str, quick: bool = False, *, model: str | None = None, r
                                                "delta_pct": best["delta_pct"], "met": best["met"]}}
     _plot(out_rows, fpv, out_dir / "qat.png")
     write_report(out_dir, "qat", f"QAT of SF4 weights on {model}, accelerator-exact", sections, data,
-                 "sfx bench qat" + (" --quick" if quick else ""))
+                 (f"{ROWS_ENV}={spec} " if spec else "") + "sfx bench qat" + (" --quick" if quick else ""))
     return data

@@ -35,3 +35,14 @@ def test_quick_bench_rows_commands_target_and_reuse(tmp_path):
 
 def test_registered_as_a_bench():
     assert bench_registry.BENCHES["qat"] == "superfloat.bench.qat:run"
+
+
+def test_row_selection_by_key():
+    assert [r.key for r in qat.pick_rows("ptq-rtn, rot-accel")] == ["ptq-rtn", "rot-accel"]
+    assert qat.pick_rows(None) == qat.ROWS and qat.pick_rows(" ") == qat.ROWS
+    import pytest
+
+    with pytest.raises(ValueError, match=r"SFX_BENCH_QAT_ROWS='rtn': unknown row key\(s\) rtn; the rows are ptq-rtn, "):
+        qat.pick_rows("rtn")
+    rot = qat.pick_rows("rot-accel")[0]
+    assert rot.finetune[-2:] == ("--backend", "accelerator") and "rotate-gptq-clip" in rot.finetune
