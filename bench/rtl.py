@@ -268,10 +268,11 @@ def run(out_dir: Path, quick: bool = False) -> None:
         "(`superfloat.sim.verify.verify_config`: the cocotb test `verify` of `superfloat.sim.tb_harness` plus "
         "its regression tests). Operations (`verify_ops`): T and N in {1, rows + 1, 2, 3 or 4 tiles, random up to max(4 rows + 1, 33)}; K "
         "mostly 1..2*rows, 10 % x rows*cols/64 up to 64, 0.5 % x rows*cols/64 up to 1024, one K = k_max operation (one tile) per 100k codes; relu, rounding, mult (with "
-        "extreme multipliers), per-row exponents at random; a quarter of the biases at the accumulator limit; "
+        "extreme multipliers), per-row exponents at random, and on the `-x` arrays per-row multipliers `xmult` "
+        "(SPEC revision 2) at random; a quarter of the biases at the accumulator limit; "
         "shifts spread over the legal range. Jobs of 16 operations back to back; each job draws a stall pattern "
         "per stream (`STALL_PATTERNS`; a quarter of the jobs at full rate). Features: operations with relu / "
-        "toward_zero / mult / per-row exponents / a bias at the limit / K = k_max.")
+        "toward_zero / mult / per-row exponents / xmult / a bias at the limit / K = k_max.")
     sections = [
         ("Summary", summary),
         ("Utilisation (Verilator)", markdown_table(["T x N x K", "cycles", "MACs", "utilisation", "mismatches"],
