@@ -64,6 +64,8 @@ ROWS: list[tuple[int, str, list[str]]] = [
     (16, "rotate-gptq-clip, damp 0.05, 4096 calib", _BEST),
     (8, "rotate-gptq-clip, damp 0.05, 4096 calib", _BEST),
     (4, "rotate-gptq-clip, damp 0.05, 4096 calib, xmult", [*_BEST, *_XM]),
+    # activation clipping: each token's scale 0.8 of its max (2048-token screening: 0.65-1.0 -> 0.8)
+    (4, "rotate-gptq-clip, damp 0.05, 4096 calib, xmult, act clip 0.8", [*_BEST, *_XM, "--act-clip-ratio", "0.8"]),
 ]
 QUICK_ROWS = [ROWS[0], ROWS[3], ROWS[16], ROWS[18]]
 #: a subset of :data:`ROWS`: ``SFX_BENCH_W4_ROWS="20-22"`` (1-based numbers and ranges, comma-separated)

@@ -89,6 +89,9 @@ def add_quant_args(p: argparse.ArgumentParser, *, bits_required: bool = False, m
                        help="SFx activation scale: power of two (default); float: with dynamic activations a float "
                             "scale per token, applied by the accelerator's per-row multiplier (xmult, SPEC rev. 2; "
                             "an RTL generation option), with static ones a float scale (software only)")
+        k.add_argument("--act-clip-ratio", type=float_range(0.0, 1.0, open_low=True), default=1.0, metavar="R",
+                       help="with --act-scale float: each token's scale is R times its max / (1 - 2**-M), values "
+                            "above saturate (activation clipping; default 1: none; 0.8 helps at 4 bits)")
         k.add_argument("--act-clip", default=None, choices=ACT_CLIPS, help="static range strategy, searched per layer")
         k.add_argument("--smoothquant", type=float_range(0.0, 1.0), default=None, metavar="ALPHA", help="SmoothQuant alpha")
         k.add_argument("--awq-grid", type=positive_int, default=None, help="AWQ alpha grid points (default 20)")
@@ -192,6 +195,7 @@ def config_from_args(args: argparse.Namespace, weight_bits: int | None = None):
                           scale_kind=args.scale_kind, act_exponent=args.act_exponent, rounding=args.rounding,
                           skip=tuple(args.skip) if args.skip is not None else DEFAULT_SKIP, method=method,
                           codes=codes, act_scale=getattr(args, "act_scale", "pow2"), method_options=options,
+                          act_clip_ratio=getattr(args, "act_clip_ratio", 1.0),
                           out_bits=getattr(args, "out_bits", None), **kw)
     except (TypeError, ValueError) as e:
         raise CLIError(str(e)) from None

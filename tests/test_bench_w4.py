@@ -41,7 +41,7 @@ def test_row_selection(spec, rows):
     assert w4.select_rows(spec) == rows
 
 
-@pytest.mark.parametrize("spec,msg", [("0", r"rows are 1\.\.22, got '0'"), ("21-23", r"rows are 1\.\.22, got '21-23'"),
+@pytest.mark.parametrize("spec,msg", [("0", r"rows are 1\.\.23, got '0'"), ("21-24", r"rows are 1\.\.23, got '21-24'"),
                                       ("3-2", r"got '3-2'"), ("best", r"'best' is not a row number or a range")])
 def test_row_selection_errors_say_the_syntax(spec, msg):
     with pytest.raises(ValueError, match=r"SFX_BENCH_W4_ROWS=.*" + msg):
@@ -64,5 +64,5 @@ def test_a_row_subset_is_reported_with_the_rows_left_out(tmp_path, monkeypatch):
     data = w4.run(tmp_path, partial=tmp_path / "p.json")
     assert len(calls) == 3 and [r["method"] for r in data["rows"]] == [w4.ROWS[20][1], w4.ROWS[21][1]]
     md = (tmp_path / "w4.md").read_text()
-    assert "Rows run: 2 of 22 (SFX_BENCH_W4_ROWS=21-22); not run: W4A16 rtn; W4A16 awq;" in md
+    assert "Rows run: 2 of 23 (SFX_BENCH_W4_ROWS=21-22); not run: W4A16 rtn; W4A16 awq;" in md
     assert json.loads((tmp_path / "w4.json").read_text())["command"] == "SFX_BENCH_W4_ROWS=21-22 sfx bench w4"

@@ -82,6 +82,8 @@ FT = ["finetune", "-m", "tiny-llama", "-o", "/nonexistent/run"]
     (["eval", "--stride", "-4"], r"argument --stride: must be an integer >= 1, got -4"),
     (["eval", "-w", "4", "--mp-fraction", "2"], r"argument --mp-fraction: must be a number in \[0, 1\], got 2"),
     (["eval", "-w", "4", "--search-tokens", "0"], r"argument --search-tokens: must be an integer >= 1, got 0"),
+    (["eval", "-w", "4", "-a", "4", "--act-scale", "float", "--act-clip-ratio", "0"],
+     r"argument --act-clip-ratio: must be a number in \(0, 1\], got 0"),
     (["quantize", "-w", "4", "-o", "/x", "--calib-tokens", "-5"], r"sfx quantize: error: argument --calib-tokens: "
                                                                   r"must be an integer >= 1, got -5"),
     (["quantize", "-w", "4", "-o", "/x", "--out-bits", "1"], r"argument --out-bits: must be an SFx width in 2\.\.16"),
@@ -132,3 +134,9 @@ def test_text_files_that_give_no_text_are_named(tmp_path):
         load_text(str(empty))
     with pytest.raises(ValueError, match=r"cannot decode .*short\.txt as nosuchcodec"):
         load_text(str(short), encoding="nosuchcodec")
+
+
+def test_act_clip_ratio_needs_float_per_token_scales(capsys):
+    assert cli.main(["eval", "-w", "4", "-a", "4", "--act-clip-ratio", "0.8"]) == 2
+    assert ("sfx eval: error: WASQConfig.act_clip_ratio applies to dynamic SFx activations with a float scale per "
+            "token (act_bits set, act_exponent='dynamic', act_scale='float')") in capsys.readouterr().err

@@ -22,6 +22,8 @@ CONFIGS = {
     "w8a8-xmult": WASQConfig(weight_bits=8, act_bits=8, act_scale="float"),
     "w4a4-xmult-pow2-tz": WASQConfig(weight_bits=4, act_bits=4, act_scale="float", scale_kind="pow2",
                                      rounding="toward_zero"),
+    # activation clipping: each row's scale is 0.8 of its max / (1 - 2**-M); the largest values saturate
+    "w4a4-xmult-clip": WASQConfig(weight_bits=4, act_bits=4, act_scale="float", act_clip_ratio=0.8),
 }
 
 
@@ -39,7 +41,8 @@ def reference_codes(prog, x: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
     if prog.act_mode == "static":
         ea = np.full(x.shape[0], prog.act_exponent, dtype=np.int64)
     elif prog.act_mode == "xmult":
-        _, ea, xm = sfx.encode_rows_scaled(x, prog.a_bits, rounding=prog.rounding)
+        _, ea, xm = sfx.encode_rows_scaled(x, prog.a_bits, sfx.default_row_scale(x, prog.a_bits) * prog.act_clip_ratio,
+                                           rounding=prog.rounding)
     else:
         _, ea = sfx.encode_rows(x, prog.a_bits, prog.rounding)
     ea = np.clip(ea.astype(np.int64), lo, hi)
@@ -261,3 +264,38 @@ def test_training_on_the_accelerator_backend_is_straight_through():
     with torch.no_grad():
         layer.weight.mul_(1.5)
     assert layer.accelerator_program() is not before
+
+
+def test_activation_clip_ratio_scales_saturate_and_survive_a_checkpoint(tmp_path):
+    """act_clip_ratio: the streamed row scales are the ratio times the unclipped ones (rounded
+    to 16 bits), the largest activations saturate at the top code in both backends, and a
+    checkpoint keeps the ratio (same accelerator codes after loading)."""
+    from superfloat.sw.wasq import load_checkpoint, save_checkpoint
+    from superfloat.sw.wasq.formats import ActQuantizer
+
+    m = tiny_model("tiny-llama")
+    cfg = WASQConfig(weight_bits=4, act_bits=4, act_scale="float", act_clip_ratio=0.5)
+    quantize_(m, cfg)
+    calibrate_outputs_(m, _batches(seed=1))
+    name, layer = next(iter(quantized_layers(m).items()))
+    assert layer.act_clip_ratio == 0.5 and "clip 0.5" in cfg.describe()
+    x = torch.randn(5, layer.in_features, dtype=torch.float64)
+    prog = layer.accelerator_program()
+    st = prog.stream(x)
+    _, xe_full, xm_full = sfx.encode_rows_scaled(x.numpy(), 4)
+    # half the scale: the same 16-bit multipliers, exponents one lower
+    assert np.array_equal(st.xmult.numpy(), xm_full) and np.array_equal(st.x_exponent.numpy(), xe_full - 1)
+    codes = st.codes.numpy().astype(np.int64)
+    assert ((codes & 7) == 7).sum(axis=1).min() >= 1   # every row has saturated values
+    q = ActQuantizer("sfx", 4, "dynamic", scale_kind="float", clip_ratio=0.5)(x.float())
+    assert torch.allclose(q.abs().amax(dim=1).double(), x.abs().amax(dim=1) * 0.5, rtol=1e-3)
+    ids = torch.cat(_batches(1, 24, seed=3))
+    set_backend(m, "accelerator")
+    with torch.no_grad():
+        before = m(ids).logits
+    save_checkpoint(m, tmp_path / "ck", overwrite=True)
+    m2 = load_checkpoint(tmp_path / "ck")
+    assert quantized_layers(m2)[name].act_clip_ratio == 0.5
+    set_backend(m2, "accelerator")
+    with torch.no_grad():
+        assert torch.equal(m2(ids).logits, before)

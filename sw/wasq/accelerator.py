@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from .. import sfx, sfx_torch
+from .formats import row_scale
 from .layers import evaluating, quantized_layers
 from .quantize import _run_batch
 
@@ -215,6 +216,7 @@ class LayerProgram:
     w_codes: np.ndarray
     device: torch.device
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    act_clip_ratio: float = 1.0    # xmult mode: the row scale's fraction of max|x[t]| / (1 - 2**-M)
 
     def __post_init__(self) -> None:
         n = self.w_codes.shape[0]
@@ -282,7 +284,8 @@ class LayerProgram:
                                    f"[{ex.codes.shape[0]}] (one per output channel)")
         dev = torch.device(device) if device is not None else layer.weight.device
         return cls(name, a_bits, int(ex.bits), int(out_bits), mode, e, src, ex.rounding, mult, w_shift, eo,
-                   None if ex.bias is None else np.asarray(ex.bias, dtype=np.float64), ex.codes, dev)
+                   None if ex.bias is None else np.asarray(ex.bias, dtype=np.float64), ex.codes, dev,
+                   act_clip_ratio=getattr(layer, "act_clip_ratio", 1.0) if mode == "xmult" else 1.0)
 
     # ------------------------------------------------------------------ per call
 
@@ -301,7 +304,8 @@ class LayerProgram:
             e = torch.full((x2.shape[0],), int(self.act_exponent), dtype=torch.int64, device=x2.device)
             ec = e.clamp(lo, hi)
         elif self.act_mode == "xmult":
-            codes, e, xm = sfx_torch.encode_rows_scaled(x2, self.a_bits, rounding=self.rounding, signed=signed)
+            codes, e, xm = sfx_torch.encode_rows_scaled(x2, self.a_bits, row_scale(x2, self.a_bits, self.act_clip_ratio),
+                                                        rounding=self.rounding, signed=signed)
             ec = e.clamp(lo, hi)
             if not bool((ec != e).any()):
                 return RowStream(codes.to(self._x_dtype) if signed else codes, e, xm, torch.zeros_like(e, dtype=torch.bool))
@@ -521,7 +525,8 @@ def calibrate_outputs_(model: nn.Module, batches: Iterable[Any], *, out_bits: in
             if x.numel():
                 x2 = x.reshape(-1, x.shape[-1])
                 if _uses_xmult(mod):
-                    e = int(sfx_torch.fold_row_scale(sfx_torch.default_row_scale(x2, a_bits))[1].max())
+                    s = row_scale(x2, a_bits, mod.act_clip_ratio)
+                    e = int(sfx_torch.fold_row_scale(sfx_torch.default_row_scale(x2, a_bits) if s is None else s)[1].max())
                 else:
                     e = int(sfx_torch.choose_exponent(x2, a_bits, axis=0).max())
                 xmax[name] = max(xmax.get(name, -128), e)

@@ -105,6 +105,9 @@ class WASQConfig:
             that the accelerator applies with its per-row multiplier (``xmult``, SPEC
             revision 2; a generation option of the RTL); static, a float scale (software
             only).
+        act_clip_ratio: with per-token float scales, the row scale is this fraction of
+            ``max|x[t]| / (1 - 2**-M)`` (``1.0``, default: no clipping); values above it
+            saturate (activation clipping, as QuaRot does at 4 bits).
         rounding: ``"nearest_even"`` (default) or ``"toward_zero"`` (SPEC section 2; SFx only).
         skip: module-name globs never quantized (default :data:`DEFAULT_SKIP`).
         layer_bits: optional ``{glob: weight_bits}`` overrides (first match wins), for
@@ -137,6 +140,7 @@ class WASQConfig:
     group_size: int | str | None = None
     group_budget: int = 128
     act_scale: str = "pow2"
+    act_clip_ratio: float = 1.0
     out_bits: int | None = None
     layer_out_bits: Mapping[str, int] = field(default_factory=dict)
     method_options: Mapping[str, Any] = field(default_factory=dict)
@@ -172,6 +176,13 @@ class WASQConfig:
         _check_choice("scale_kind", self.scale_kind, SCALE_KINDS)
         _check_choice("act_exponent", self.act_exponent, ACT_EXPONENTS)
         _check_choice("act_scale", self.act_scale, SCALE_KINDS)
+        r = self.act_clip_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < r <= 1.0:
+            raise ValueError(f"WASQConfig.act_clip_ratio must be a number in (0, 1], got {r!r}")
+        if r != 1.0 and not self.uses_xmult:
+            raise ValueError("WASQConfig.act_clip_ratio applies to dynamic SFx activations with a float scale per "
+                             "token (act_bits set, act_exponent='dynamic', act_scale='float')")
+        object.__setattr__(self, "act_clip_ratio", float(r))
         if self.rounding not in sfx.ROUNDINGS:
             raise ValueError(f"WASQConfig.rounding must be one of {', '.join(map(repr, sfx.ROUNDINGS))}, "
                              f"got {self.rounding!r}")
@@ -313,7 +324,8 @@ class WASQConfig:
         if self.method != "rtn":
             w = f"{self.method} {w}"
         if self.act_bits is not None:
-            w += f" + A{self.act_bits} {self.act_exponent}" + (" xmult" if self.uses_xmult else "")
+            w += f" + A{self.act_bits} {self.act_exponent}" + (" xmult" if self.uses_xmult else "") \
+                + (f" clip {self.act_clip_ratio:g}" if self.act_clip_ratio != 1.0 else "")
         return w
 
 

@@ -528,11 +528,20 @@ def quantize_weight(w: torch.Tensor, fmt: WeightFormat, clip: torch.Tensor | flo
 ACT_MODES = ("dynamic", "static")
 
 
-def row_scaled_fake_quantize(x: torch.Tensor, bits: int, rounding: str = "nearest_even") -> torch.Tensor:
+def row_scale(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch.Tensor | None:
+    """The float scale per row of the ``xmult`` mode: ``clip_ratio`` times
+    :func:`sfx_torch.default_row_scale` (None, the default scale, when ``clip_ratio`` is 1)."""
+    return None if clip_ratio == 1.0 else sfx_torch.default_row_scale(x, bits, check=False) * clip_ratio
+
+
+def row_scaled_fake_quantize(x: torch.Tensor, bits: int, rounding: str = "nearest_even",
+                             clip_ratio: float = 1.0) -> torch.Tensor:
     """SFx fake quantization of rows ``x`` ``[T, K]`` with a float scale per row, as the
     accelerator's ``xmult`` mode computes it: ``decode(encode(x[t] / s[t])) * s[t]`` with
-    ``s[t] = xmult[t] * 2**(xexp[t] - 16)`` (:func:`sfx_torch.encode_rows_scaled`, exact)."""
-    codes, xe, xm = sfx_torch.encode_rows_scaled(x, bits, rounding=rounding, signed=True, check=False)
+    ``s[t] = xmult[t] * 2**(xexp[t] - 16)`` (:func:`sfx_torch.encode_rows_scaled`, exact) of
+    :func:`row_scale`."""
+    codes, xe, xm = sfx_torch.encode_rows_scaled(x, bits, row_scale(x, bits, clip_ratio), rounding=rounding,
+                                                 signed=True, check=False)
     s = torch.ldexp(xm.to(torch.float64), xe - sfx.MULT_FRAC_BITS)
     return (codes.to(torch.float64) * (s * 2.0 ** -(bits - 1))[:, None]).to(x.dtype)
 
@@ -557,8 +566,9 @@ class ActQuantizer:
     """
 
     def __init__(self, kind: str, bits: int, mode: str = "dynamic", *, threshold: float | tuple[float, float] | None = None,
-                 scale_kind: str = "pow2", rounding: str = "nearest_even") -> None:
+                 scale_kind: str = "pow2", rounding: str = "nearest_even", clip_ratio: float = 1.0) -> None:
         self.kind = _check_kind("act kind", kind)
+        self.clip_ratio = clip_ratio  # dynamic float per-token scales (xmult): fraction of the row's max
         self.bits = _check_bits("act_bits", bits)
         if mode not in ACT_MODES:
             raise ValueError(f"act mode must be one of {', '.join(map(repr, ACT_MODES))}, got {mode!r}")
@@ -635,7 +645,7 @@ class ActQuantizer:
         if self.mode == "dynamic":
             flat = xd.reshape(-1, xd.shape[-1])
             if self.uses_xmult:
-                q = row_scaled_fake_quantize(flat, self.bits, self.rounding)
+                q = row_scaled_fake_quantize(flat, self.bits, self.rounding, self.clip_ratio)
             elif self.kind == "sfx":
                 e = sfx_torch.choose_exponent(flat, self.bits, axis=0, keepdims=True)
                 q = sfx_torch.fake_quantize(flat, self.bits, e, self.rounding)

@@ -94,13 +94,14 @@ class SFxLinear(nn.Linear):
                  act_bits: int | None = None, weight_scale: str = "channel", scale_kind: str = "float",
                  act_exponent: str = "dynamic", rounding: str = "nearest_even", codes: str | None = None,
                  group_size: int | None = None, act_scale: str = "pow2", method: str | None = None,
-                 source: str = "linear", device=None, dtype=None) -> None:
+                 source: str = "linear", act_clip_ratio: float = 1.0, device=None, dtype=None) -> None:
         if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)):
             raise ValueError(f"SFxLinear group_size must be None or a positive int, got {group_size!r}")
         # Validate through WASQConfig (one place for the rules and messages).
         cfg = WASQConfig(weight_bits=bits, act_bits=act_bits, weight_scale=weight_scale, scale_kind=scale_kind,
                          act_exponent=act_exponent, rounding=rounding, codes=codes or "sfx",
-                         method=method or "rtn", group_size=group_size, act_scale=act_scale)
+                         method=method or "rtn", group_size=group_size, act_scale=act_scale,
+                         act_clip_ratio=act_clip_ratio)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.bits = cfg.weight_bits
         self.act_bits = cfg.act_bits
@@ -111,6 +112,7 @@ class SFxLinear(nn.Linear):
         self.codes = cfg.codes
         self.group_size = cfg.group_size
         self.act_scale = cfg.act_scale
+        self.act_clip_ratio = cfg.act_clip_ratio
         self.source = source
         #: static activation quantization: calibrated max |input| (or ``(lo, hi)`` for
         #: ``int_asym``); None until calibrated
@@ -154,7 +156,8 @@ class SFxLinear(nn.Linear):
         layer = cls(k, n, bias=module.bias is not None, bits=config.bits_for(name) if bits is None else bits,
                     act_bits=config.act_bits, weight_scale=config.weight_scale, scale_kind=config.scale_kind,
                     act_exponent=config.act_exponent, rounding=config.rounding, codes=config.codes,
-                    group_size=group_size, act_scale=config.act_scale, source=kind, device="meta")
+                    group_size=group_size, act_scale=config.act_scale, source=kind,
+                    act_clip_ratio=config.act_clip_ratio, device="meta")
         if kind == "linear":
             layer.weight = w  # same Parameter: ties and optimizer references survive
             layer.bias = module.bias
@@ -237,7 +240,7 @@ class SFxLinear(nn.Linear):
         if self.act_bits is None:
             return None
         q = ActQuantizer(self.codes, self.act_bits, self.act_exponent, scale_kind=self.act_scale,
-                         rounding=self.rounding)
+                         rounding=self.rounding, clip_ratio=self.act_clip_ratio)
         if self.act_exponent == "static":
             if self.act_amax is None:
                 raise RuntimeError(
@@ -275,7 +278,7 @@ class SFxLinear(nn.Linear):
     def _program_key(self) -> tuple:
         eo = None if self.out_exponent is None else np.asarray(self.out_exponent).tobytes()
         return (self._key(), self.out_bits, eo, self.act_bits, self.act_exponent, self.act_amax, self.act_scale,
-                self.rounding)
+                self.rounding, self.act_clip_ratio)
 
     def _accel_program(self, build: bool = True):
         if self._program is not None and self._program[0] == self._program_key():

@@ -162,7 +162,8 @@ def run_method(model: nn.Module, config: WASQConfig, cands: dict[str, str],
     def base_act(bits: int | None) -> ActQuantizer | None:
         if bits is None:
             return None
-        return ActQuantizer(config.codes, bits, config.act_exponent, scale_kind=config.act_scale, rounding=config.rounding)
+        return ActQuantizer(config.codes, bits, config.act_exponent, scale_kind=config.act_scale, rounding=config.rounding,
+                            clip_ratio=config.act_clip_ratio)
 
     def search_act(bits: int | None) -> ActQuantizer | None:  # static ranges are not calibrated yet: per token
         if bits is None:
