@@ -129,6 +129,8 @@ def cmd_build_board(args) -> int:
         _err(r["error"] + (f" (log: {r['log']})" if r.get("log") else ""))
         return EXIT_FIT if r.get("step") == "fit" else EXIT_TOOL
     if not args.json:
+        for msg in r.get("messages", []):
+            print(f"note: {msg}", file=sys.stderr)
         print(f"board {r['board']}: {r['config']} at {r['clock_mhz']:g} MHz from the PLL (Fmax {r['fmax_mhz']} MHz), "
               f"UART {r['baud']} baud ({r['bridge']}), logic {r['device_logic']}, DSP {r['dsps']}, "
               f"built in {r['seconds']:.1f} s", file=sys.stderr)
