@@ -408,10 +408,13 @@ def test_demo_quick_and_summary(ckpts, capsys):
     assert "at 50 MHz on ecp5-25k (given Fmax from --fmax (given))" in text and "V.v" in text
 
 
-def test_per_row_float_activation_scales_map_to_an_xmult_array(tmp_path, no_build):
+@pytest.mark.parametrize("clip", [1.0, 0.8])
+def test_per_row_float_activation_scales_map_to_an_xmult_array(tmp_path, no_build, clip):
     """act_scale='float' layers stream a 16-bit multiplier per row (SPEC revision 2): their
-    operations carry xmult and run on an array generated with it (dry run: no build)."""
-    ck = micro_checkpoint(tmp_path / "xmult", "llama", weight_bits=8, act_bits=8, act_scale="float")
+    operations carry xmult and run on an array generated with it, also with activation
+    clipping (act_clip_ratio: the clipped scales are streamed); dry run, no build."""
+    ck = micro_checkpoint(tmp_path / "xmult", "llama", weight_bits=8, act_bits=8, act_scale="float",
+                          act_clip_ratio=clip)
     rep = cs.cosim(ck, "all", rows=4, cols=4, k_max=64, engine="reference", tokens=4)
     assert rep["arrays"] == ["4x4 a8w8o8 k_max=64 xmult"] and rep["bit_exact"]
     prog, x = _program_and_input(ck, "model.layers.0.self_attn.q_proj")
