@@ -69,7 +69,8 @@ def cmd_synth(args) -> int:
                        k_max=args.k_max, freq_mhz=args.freq, dsp_budget=args.dsp_budget, kind=args.design,
                        out_dir=out_dir, timeouts=timeouts, seed=args.seed,
                        overlap_drain=args.overlap_drain, chunk_k=args.chunk_k, mul_stages=args.mul_stages,
-                       pipelined=args.pipelined, core_pack=args.core_pack, place=not args.pack_only)
+                       pipelined=args.pipelined, core_pack=args.core_pack, place=not args.pack_only,
+                       xmult=args.xmult)
     except (ValueError, TypeError) as e:
         _err(str(e))
         return EXIT_USAGE
@@ -160,6 +161,8 @@ def register(sub) -> None:
                         "not enforced")
     p.add_argument("--design", default="accel", choices=KINDS,
                    help="accel (default), or the bare PE arrays of the comparison: sm-array, tc-array")
+    p.add_argument("--xmult", action="store_true",
+                   help="the accelerator with the per-row activation multiplier (SPEC revision 2, sfx verilog --xmult)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--out", default=None, help="folder for summary.json, with the tool files in <out>/flow/ "
                                                "(default: build/fpga/synth/<target>/<design>/ of the current "

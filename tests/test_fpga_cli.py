@@ -34,6 +34,8 @@ def test_synth_unknown_target(capsys):
     (["--dsp-budget", "-1"], "DSP budget must be an int >= 0, got -1"),
     (["--freq", "0"], r"--freq must be in (0, 1000] MHz"),
     (["--k-max", "0"], "k_max"),
+    (["--xmult", "--design", "sm-array"], "xmult (the per-row activation multiplier) applies to the SFx accelerator "
+                                          "(design 'accel') and must be a bool, got design 'sm-array'"),
 ])
 def test_synth_bad_parameters(capsys, args, msg):
     code, _, err = _run(capsys, ["synth", "--target", "ice40-up5k", *args])
@@ -85,6 +87,16 @@ def test_synth_pack_only_on_ecp5(capsys, tmp_path):
     assert s["placed"] is False and s["fits"] is True and s["fmax_mhz"] is None
     used, avail = map(int, s["device_logic"].split("/"))
     assert 0 < used < avail == 24288
+
+
+@pytest.mark.fpga
+def test_synth_xmult_accelerator_packs_on_ice40(capsys, tmp_path):
+    code, out, err = _run(capsys, ["synth", "--target", "ice40-up5k", "--rows", "1", "--cols", "1", "--a-bits", "4",
+                                   "--xmult", "--pack-only", "--json",
+                                   "--out", str(tmp_path)])
+    assert code == 0, err
+    s = json.loads(out)
+    assert s["xmult"] is True and s["fits"] is True and s["luts"] > 0
 
 
 @pytest.mark.fpga

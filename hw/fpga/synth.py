@@ -45,10 +45,14 @@ def config_name(rows: int, cols: int, a_bits: int, w_bits: int, out_bits: int) -
 
 
 def build_core(kind: str, *, rows: int, cols: int, a_bits: int, w_bits: int, out_bits: int,
-               k_max: int, plan: DspPlan | None, arch: ArchPlan | None = None):
+               k_max: int, plan: DspPlan | None, arch: ArchPlan | None = None, xmult: bool = False):
     """The core component: the accelerator (SFx or two's complement PEs) with the DSP plan's
-    ``dsp_pes`` / clamp and the architecture plan, or a bare PE array (logic multipliers)."""
-    arch_kw: dict[str, Any] = {}
+    ``dsp_pes`` / clamp and the architecture plan (``xmult``: the SFx accelerator with the
+    per-row activation multiplier), or a bare PE array (logic multipliers)."""
+    if xmult is not False and (kind != "accel" or xmult is not True):
+        raise ValueError(f"xmult (the per-row activation multiplier) applies to the SFx accelerator "
+                         f"(design 'accel') and must be a bool, got design {kind!r}, xmult={xmult!r}")
+    arch_kw: dict[str, Any] = {"xmult": True} if xmult else {}
     if arch is not None:
         arch_kw = dict(overlap_drain=arch.overlap_drain, mul_stages=arch.mul_stages)
     if kind in ("accel", "tc-accel"):
@@ -76,7 +80,7 @@ def synthesize(*, target: str, rows: int = 4, cols: int = 4, a_bits: int = 8, w_
                kind: str = "accel", out_dir: Path | str | None = None, timeouts: dict | None = None,
                seed: int = 1, cache: bool = False, overlap_drain: bool | None = None, chunk_k: int | None = None,
                mul_stages: int | None = None, pipelined: bool | None = None, core_pack: bool = False,
-               place: bool = True) -> dict[str, Any]:
+               place: bool = True, xmult: bool = False) -> dict[str, Any]:
     """Build and synthesize one design; return its summary (the ``--json`` object of ``sfx synth``).
 
     The defaults are ``sfx synth``'s: a 4x4 array of SF8 (``w_bits`` and ``out_bits``
@@ -100,7 +104,8 @@ def synthesize(*, target: str, rows: int = 4, cols: int = 4, a_bits: int = 8, w_
     RTLIL, target, clock, seed and tool versions is returned without running the tools
     (``cached``). ``core_pack``: also the core's logic cells packed alone (``core_logic``);
     ``place=False``: pack the whole design without placing it (``device_logic`` only, no
-    Fmax; a quick fit check).
+    Fmax; a quick fit check). ``xmult``: the accelerator generated with the per-row
+    activation multiplier (SPEC revision 2).
     """
     tgt = get_target(target)
     w_bits = a_bits if w_bits is None else w_bits
@@ -126,7 +131,7 @@ def synthesize(*, target: str, rows: int = 4, cols: int = 4, a_bits: int = 8, w_
     arch = plan_architecture(tgt.name, a_bits=a_bits, w_bits=w_bits, k_max=k_max, overlap_drain=overlap_drain,
                              chunk_k=chunk_k, mul_stages=mul_stages, pipelined=pipelined)
     core = build_core(kind, rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, out_bits=out_bits,
-                      k_max=k_max, plan=plan, arch=arch)
+                      k_max=k_max, plan=plan, arch=arch, xmult=xmult)
     wrapper = ScanWrapper(core)
     text = rtlil.convert(wrapper, name="top", emit_src=False)
     cfg = config_name(rows, cols, a_bits, w_bits, out_bits)
@@ -135,6 +140,7 @@ def synthesize(*, target: str, rows: int = 4, cols: int = 4, a_bits: int = 8, w_
         if plan is not None:
             slug += f"-d{plan.dsp_pes}{plan.clamp_impl[0]}"
         slug += f"-{'ov' if arch.overlap_drain else 'noov'}-c{arch.chunk_k}-m{arch.mul_stages}{'-p' if arch.pipelined else ''}"
+        slug += "-x" if xmult else ""
         out_dir = build_root() / "fpga" / "synth" / tgt.name / slug
     summary: dict[str, Any] = {
         "target": tgt.name, "kind": kind, "config": cfg, "rows": rows, "cols": cols, "a_bits": a_bits,
@@ -143,7 +149,7 @@ def synthesize(*, target: str, rows: int = 4, cols: int = 4, a_bits: int = 8, w_
         "met_timing": False, "luts": None, "ffs": None, "dsps": None, "brams": None,
         "dsp_pes": plan.dsp_pes if plan else 0, "dsp_plan": plan.as_dict() if plan else None,
         "overlap_drain": arch.overlap_drain, "chunk_k": arch.chunk_k, "mul_stages": arch.mul_stages,
-        "pipelined": arch.pipelined,
+        "pipelined": arch.pipelined, "xmult": xmult,
         "arch_plan": arch.as_dict(),
         "wrapper": {"scan_in_bits": wrapper.in_bits, "observed_out_bits": wrapper.out_bits},
         "out_dir": str(out_dir), "flow_dir": str(Path(out_dir) / "flow"),
