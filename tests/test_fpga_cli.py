@@ -172,3 +172,14 @@ def test_abc9_assertion_reruns_with_split_lut_mapping(tmp_path, monkeypatch):
         flow._run_yosys("yosys", flow.get_target("ice40-up5k"), "top", out=tmp_path, script="synth.ys",
                         log="yosys.log", dsp=True, stat_json="stat.json", synth_json="synth.json", extra=(),
                         timeout=10, messages=[])
+
+
+def test_build_core_passes_xmult_with_the_architecture_plan():
+    from superfloat.hw.fpga.budget import plan_architecture
+    from superfloat.hw.fpga.synth import build_core
+
+    arch = plan_architecture("ice40-up5k", a_bits=8, w_bits=4, k_max=64)
+    for xmult in (False, True):
+        core = build_core("accel", rows=2, cols=2, a_bits=8, w_bits=4, out_bits=8, k_max=64, plan=None, arch=arch,
+                          xmult=xmult)
+        assert core.xmult is xmult and core.overlap_drain == arch.overlap_drain

@@ -54,7 +54,7 @@ def build_core(kind: str, *, rows: int, cols: int, a_bits: int, w_bits: int, out
                          f"(design 'accel') and must be a bool, got design {kind!r}, xmult={xmult!r}")
     arch_kw: dict[str, Any] = {"xmult": True} if xmult else {}
     if arch is not None:
-        arch_kw = dict(overlap_drain=arch.overlap_drain, mul_stages=arch.mul_stages)
+        arch_kw.update(overlap_drain=arch.overlap_drain, mul_stages=arch.mul_stages)
     if kind in ("accel", "tc-accel"):
         from .baseline import comparison_accelerator
 
