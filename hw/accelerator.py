@@ -140,7 +140,7 @@ class SFxAccelerator(wiring.Component):
         Generate the per-row activation multiplier of SPEC revision 2 (section 4 step 0b;
         default ``False``): ``cmd`` gains ``use_xmult``, ``act`` a 16-bit ``xmult`` per row
         (read with the row exponents), and the clamp unit a second 16-bit multiplier (one
-        cycle more latency; the product ``|acc| * mult * xmult`` has up to ``A + 32``
+        cycle more latency, three with ``clamp_impl="lut"``; the product ``|acc| * mult * xmult`` has up to ``A + 32``
         bits). An accelerator without it cannot carry ``xmult``: the host packing
         (:mod:`superfloat.sim.packing`) refuses such an operation.
 
@@ -242,7 +242,7 @@ class SFxAccelerator(wiring.Component):
         arr = self._array()
         arr._MustUse__silence = True
         latency = (self.cols + arr.readout_latency + DRAIN_STAGES + 3 * self._pipelined + CLAMP_LATENCY
-                   + self._params.xmult + 4)
+                   + 3 * self._params.xmult + 4)
         return max(4, math.ceil(latency / self.cols) + 2)
 
     def elaborate(self, platform):

@@ -70,7 +70,9 @@ class SFxClampUnit(wiring.Component):
     ``r`` outside ``0..63`` is not supported by the hardware (SPEC section 4): it sets the
     sticky :attr:`error` and is clamped into ``0..63`` (the result is then meaningless).
 
-    Latency: :data:`CLAMP_LATENCY` (7) cycles, plus ``mult_stages``, plus 1 with ``xmult``. Throughput: one result per cycle. The
+    Latency: :data:`CLAMP_LATENCY` (7) cycles, plus ``mult_stages``, plus with ``xmult`` 1
+    (``mult_impl="dsp"``) or 3 (``"lut"``: the ``mult * xmult`` product and the ``A x 32``
+    product get one more register each). Throughput: one result per cycle. The
     pipeline advances when :attr:`o` is empty or taken (``i.ready = ~o.valid | o.ready``,
     a combinational path from ``o.ready`` to ``i.ready``).
 
@@ -144,9 +146,14 @@ class SFxClampUnit(wiring.Component):
     xmult = property(lambda self: self._xmult, doc="Whether the per-row multiplier is generated.")
 
     @property
+    def _x_stages(self) -> int:
+        """Registers inside the ``mult * xmult`` multiplier: 1 for a logic multiplier, 0 for a DSP."""
+        return int(self._xmult and self._mult_impl == "lut")
+
+    @property
     def latency(self) -> int:
         """Cycles from an input transfer to its result (with no stall)."""
-        return CLAMP_LATENCY + self._mult_stages + self._xmult
+        return CLAMP_LATENCY + self._mult_stages + self._xmult + 2 * self._x_stages
 
     def elaborate(self, platform):
         m = Module()
@@ -193,33 +200,40 @@ class SFxClampUnit(wiring.Component):
             m.d.sync += error.eq(1)
         m.d.comb += self.error.eq(error)
 
-        # Stage 1b (xmult only): the two 16-bit multipliers' product, registered; the other
-        # stage-1 values wait a cycle beside it.
+        # Stage 1b (xmult only): the two 16-bit multipliers' product, registered (a logic
+        # multiplier's adder tree is cut by one more register: X_STAGES_LUT); the other
+        # stage-1 values wait beside it.
         vx = []
         if self._xmult:
+            xs = self._x_stages
             xmul1 = Signal(16, reset_less=True)
             with m.If(adv):
                 m.d.sync += xmul1.eq(ip.xmult if self._premuxed else Mux(ip.use_xmult, ip.xmult, 1))
-            m.submodules.mul_x = mul_x = SFxMagnitudeMultiplier(a_width=16, b_width=16, impl=self._mult_impl)
+            mul_x = SFxMagnitudeMultiplier(a_width=16, b_width=16, impl=self._mult_impl, stages=xs)
+            m.submodules.mul_x = EnableInserter(adv)(mul_x) if xs else mul_x
             m.d.comb += [mul_x.a.eq(mul1), mul_x.b.eq(xmul1)]
             mul1 = Signal(32, reset_less=True, name="mul1b")
-            staged = []
-            for sig, name in ((v1, "v1b"), (mag1, "mag1b"), (neg1, "neg1b"), (rnd1, "rnd1b"), (r1, "r1b")):
-                d = Signal(sig.shape(), name=name, reset_less=(name != "v1b"))
-                with m.If(adv):
-                    m.d.sync += d.eq(sig)
-                staged.append(d)
+            staged = [v1, mag1, neg1, rnd1, r1]
+            for k in range(1 + xs):
+                nxt = []
+                for sig, name in zip(staged, ("v1b", "mag1b", "neg1b", "rnd1b", "r1b")):
+                    d = Signal(sig.shape(), name=f"{name}_{k}", reset_less=(name != "v1b"))
+                    with m.If(adv):
+                        m.d.sync += d.eq(sig)
+                    nxt.append(d)
+                staged = nxt
+                vx.append(staged[0])
             with m.If(adv):
                 m.d.sync += mul1.eq(mul_x.p)
             v1, mag1, neg1, rnd1, r1 = staged
-            vx.append(v1)
 
         # Stage 2: product, then 2b: registered. With the DSP the product is two registered
         # partial products (the low 16 bits of the magnitude and the rest, each within one
         # 16 x 16 block), added in stage 2b over the high bits only. In logic it is one
         # multiplier whose adder tree is cut by registers (``1 + mult_stages`` of them).
         # ``mult_stages`` adds that many registers in both cases.
-        ms = self._mult_stages
+        # (a logic A x 32 multiplier with xmult gets one more register, like the mult * xmult one)
+        ms = self._mult_stages + self._x_stages
         flags = [(v1, "v"), (neg1, "neg"), (rnd1, "rnd"), (r1, "r")]
         vmid = []
         for k in range(1 + ms):
