@@ -73,26 +73,19 @@ def test_accelerator_matches_linear(cfg, shapes, stall, res_stall):
     _assert_ok(r)
 
 
-def test_accelerator_flag_combinations_back_to_back():
-    """relu x rounding x use_mult, with and without per-row exponents, in one stream of ops."""
-    dut = SFxAccelerator(rows=2, cols=2, a_bits=5, w_bits=4, out_bits=5, k_max=32)
-    rng = np.random.default_rng(7)
-    ops = [random_op(dut.params, rng, 3, 3, 4, relu=relu, rounding=rounding, use_mult=use_mult, use_xexp=xe)
+@pytest.mark.parametrize("xmult", [False, True])
+def test_accelerator_flag_combinations_back_to_back(xmult):
+    """relu x rounding x use_mult x (per-row exponents, or on an accelerator generated with
+    xmult, per-row multipliers) in one stream of ops (an op without xmult sends a pattern in
+    the field, which must be ignored)."""
+    dut = SFxAccelerator(rows=2, cols=2, a_bits=5 + xmult, w_bits=4, out_bits=5 + xmult, k_max=32, xmult=xmult)
+    assert dut.xmult is xmult and dut.params.xmult is xmult
+    rng = np.random.default_rng(7 + 10 * xmult)
+    flag = "use_xmult" if xmult else "use_xexp"
+    ops = [random_op(dut.params, rng, 3, 3, 4, relu=relu, rounding=rounding, use_mult=use_mult, **{flag: f})
            for relu in (False, True) for rounding in ("nearest_even", "toward_zero")
-           for use_mult in (False, True) for xe in (False, True)]
-    _assert_ok(run_ops(dut, ops, stall=0.25, seed=3))
-
-
-def test_accelerator_xmult_flag_combinations_back_to_back():
-    """use_xmult x use_mult x relu x rounding on an accelerator generated with xmult, in one
-    stream of ops (an op without xmult sends a pattern in the field, which must be ignored)."""
-    dut = SFxAccelerator(rows=2, cols=2, a_bits=6, w_bits=4, out_bits=6, k_max=32, xmult=True)
-    assert dut.xmult and dut.params.xmult
-    rng = np.random.default_rng(17)
-    ops = [random_op(dut.params, rng, 3, 3, 4, relu=relu, rounding=rounding, use_mult=use_mult, use_xmult=xm)
-           for relu in (False, True) for rounding in ("nearest_even", "toward_zero")
-           for use_mult in (False, True) for xm in (False, True)]
-    _assert_ok(run_ops(dut, ops, stall=0.25, seed=5))
+           for use_mult in (False, True) for f in (False, True)]
+    _assert_ok(run_ops(dut, ops, stall=0.25, seed=3 + 2 * xmult))
 
 
 def test_accelerator_k_equal_k_max():
