@@ -182,4 +182,5 @@ def test_build_core_passes_xmult_with_the_architecture_plan():
     for xmult in (False, True):
         core = build_core("accel", rows=2, cols=2, a_bits=8, w_bits=4, out_bits=8, k_max=64, plan=None, arch=arch,
                           xmult=xmult)
+        core._MustUse__silence = True   # inspected, not elaborated
         assert core.xmult is xmult and core.overlap_drain == arch.overlap_drain
