@@ -26,7 +26,6 @@ accelerators only, packed, no boards.
 """
 from __future__ import annotations
 
-import math
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -306,13 +305,13 @@ def _build_board_cached(name: str, r: int, c: int, bits: int, clock: float, dead
 
 def _board_job(args) -> dict:
     """Largest fitting configuration of one width on one board, at a PLL clock meeting timing."""
-    from superfloat.hw.fpga.boards import BOARDS
+    from superfloat.hw.fpga.boards import BOARDS, retry_clock
 
     name, bits, start_shape, fmax_hint, deadline = args
     b = BOARDS[name]
     shapes = [s for s in candidate_shapes() if s[0] * s[1] <= start_shape[0] * start_shape[1]]
     tries = []
-    clock = b.pll_mhz if b.family == "ice40" else min(125.0, math.floor(0.95 * (fmax_hint or b.pll_mhz)))
+    clock = b.pll_mhz if b.family == "ice40" else min(125.0, retry_clock(fmax_hint or b.pll_mhz))
     for shape in reversed(shapes[-4:] if len(shapes) >= 4 else shapes):
         r, c = shape
         rep = _build_board_cached(name, r, c, bits, clock, deadline)
@@ -322,7 +321,7 @@ def _board_job(args) -> dict:
         if rep.get("error"):
             break
         if not rep["met_timing"] and rep.get("fmax_mhz"):
-            tries.append(_build_board_cached(name, r, c, bits, math.floor(0.97 * rep["fmax_mhz"]), deadline))
+            tries.append(_build_board_cached(name, r, c, bits, retry_clock(rep["fmax_mhz"]), deadline))
         break
     final = tries[-1] if tries else {"board": name, "error": "nothing built"}
     return {"board": name, "bits": bits, "final": final, "tries": tries}
@@ -792,8 +791,9 @@ def _notes() -> str:
             "* SFx saves = 1 - cells(SFx) / cells(two's complement), same accelerator or array, same widths, "
             "same accumulator width, nothing else changed (`pe_kind`).\n"
             "* Bitstreams: `sfx build-board`; the PLL clock is the frequency built for (the calculators' "
-            "nearest to the request), `Fmax` what nextpnr achieved; a first build that misses is rebuilt at "
-            "97 % of its Fmax.")
+            "nearest to the request), `Fmax` what nextpnr achieved; an ECP5 board is first built at 95 % of "
+            "its search's Fmax (at most 125 MHz), an iCE40 board at its default PLL clock, and a build that "
+            "misses is rebuilt once at 95 % of its Fmax (`hw.fpga.boards.retry_clock`).")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -48,6 +48,12 @@ def test_pll_settings_from_the_calculators():
         pll_settings("ice40", 12, 0)
 
 
+@pytest.mark.parametrize("fmax,clock", [(32.96, 31.25), (128.17, 121.75), (48.0, 45.5), (10.6, 10.0)])
+def test_retry_clock_is_95_percent_of_fmax_rounded_down_to_a_quarter_mhz(fmax, clock):
+    # one policy for build_board's rebuild and the bench's board builds
+    assert boards.retry_clock(fmax) == clock and clock <= boards.RETRY_FMAX_FRACTION * fmax
+
+
 @pytest.mark.parametrize("clk,baud,div", [(12e6, 115200, 104), (12e6, 3_000_000, 4), (25e6, 115200, 217),
                                           (48e6, 1_000_000, 48)])
 def test_divisor(clk, baud, div):
