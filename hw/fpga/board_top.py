@@ -121,7 +121,13 @@ class UARTBridge(wiring.Component):
         accel = SFxAccelerator(rows=p.rows, cols=p.cols, a_bits=p.a_bits, w_bits=p.w_bits, out_bits=p.out_bits,
                                k_max=p.k_max, dsp_pes=self._dsp_pes, clamp_impl=self._clamp_impl, xmult=p.xmult,
                                **extra)
-        m.submodules.accel = ResetInserter(soft_rst | abort)(accel)
+        # The accelerator's reset comes from one register, a cycle after the RESET frame or the
+        # abort: decoded combinationally it put the parser and the watchdog's compare in front of
+        # every flip-flop's reset (the board builds' critical paths, e.g. ``quiet`` ->
+        # ``accel.array.first_row``), and one register can drive a global buffer.
+        accel_rst = Signal()
+        m.d.sync += accel_rst.eq(soft_rst | abort)
+        m.submodules.accel = ResetInserter(accel_rst)(accel)
 
         flags = {name: Signal(name=f"flag_{name}") for name in ("overflow", "framing", "bad_type", "aborted")}
         clear_flags = Signal()
@@ -225,7 +231,7 @@ class UARTBridge(wiring.Component):
             with m.Elif(freed >= lay.credit_chunk):
                 m.d.comb += credit_take.eq(lay.credit_chunk)
                 m.d.sync += [frame.eq(Cat(Const(BOARD["credit"], 8), Const(lay.credit_chunk, 8))), left.eq(2)]
-            with m.Elif(accel.res.valid):
+            with m.Elif(accel.res.valid & ~accel_rst):   # nothing leaves an accelerator being reset
                 m.d.comb += accel.res.ready.eq(1)
                 m.d.sync += [frame.eq(Cat(Const(BOARD["res"], 8), accel.res.payload)), left.eq(1 + res_bytes)]
 
@@ -233,15 +239,21 @@ class UARTBridge(wiring.Component):
         stuck = fifo.r_rdy | ~parse.ongoing("TYPE") | Cat(*full.values()).any()
         quiet = Signal(range(self._idle_timeout + 1))
         activity = urx.busy | urx.out.valid | (left != 0) | utx.busy | accel.res.valid
+        # (the timeout is registered and acted on a cycle later: the abort resets most of the
+        # bridge, and the compare in front of that fan-out was a board build's critical path)
+        expired = Signal()
+        m.d.sync += expired.eq(0)
         with m.If(activity | ~stuck):
             m.d.sync += quiet.eq(0)
         with m.Elif(quiet == self._idle_timeout):
+            m.d.sync += [quiet.eq(0), expired.eq(1)]
+        with m.Else():
+            m.d.sync += quiet.eq(quiet + 1)
+        with m.If(expired):
             m.d.comb += abort.eq(1)
             m.d.sync += [quiet.eq(0), flags["aborted"].eq(1), freed.eq(0), status_req.eq(0), info_req.eq(0)]
             for s in _STREAMS:
                 m.d.sync += full[s].eq(0)
-        with m.Else():
-            m.d.sync += quiet.eq(quiet + 1)
         with m.If(clear_flags):
             for sig in flags.values():
                 m.d.sync += sig.eq(0)
