@@ -270,16 +270,18 @@ def _not_run_search(target: str, bits: int, why: str) -> dict:
     return {"target": target, "bits": bits, "runs": [], "error": why, "not_run": True}
 
 
-def _build_board_cached(name: str, r: int, c: int, bits: int, clock: float, deadline: float | None) -> dict:
+def _build_board_cached(name: str, r: int, c: int, bits: int, clock: float, deadline: float | None,
+                        overlap_drain: bool | None = None) -> dict:
     """``build_board`` into the bench's folder; a report of the same board, shape and clock made
     from the same committed RTL (``git rev-parse HEAD``, no uncommitted hw/ change) is reused."""
     import json
 
     from superfloat.hw.fpga.boards import build_board
 
-    out = build_root() / "fpga" / "bench" / "boards" / f"{name}-{r}x{c}-sf{bits}-{clock:g}"
+    noov = "-noov" if overlap_drain is False else ""
+    out = build_root() / "fpga" / "bench" / "boards" / f"{name}-{r}x{c}-sf{bits}-{clock:g}{noov}"
     src = _source_version()
-    key = f"{src}|{name}|{r}x{c}|sf{bits}|{clock:g}"
+    key = f"{src}|{name}|{r}x{c}|sf{bits}|{clock:g}{noov}"
     cache = out / "bench_board.json"
     if "uncommitted" not in src and src != "unknown" and cache.is_file():
         try:
@@ -291,7 +293,7 @@ def _build_board_cached(name: str, r: int, c: int, bits: int, clock: float, dead
     if deadline is not None and deadline - time.time() < MIN_START_S:
         return {"board": name, "not_run": True, "error": "not run: the bench's time budget (--budget-min) was spent"}
     t0, c0 = time.perf_counter(), _cpu_children()
-    rep = build_board(name, rows=r, cols=c, a_bits=bits, clock_mhz=clock, out_dir=out,
+    rep = build_board(name, rows=r, cols=c, a_bits=bits, clock_mhz=clock, out_dir=out, overlap_drain=overlap_drain,
                       timeout=None if deadline is None else max(1.0, deadline - time.time()))
     rep["wall_s"] = rep["run_wall_s"] = round(time.perf_counter() - t0, 2)
     rep["cpu_s"] = round(_cpu_children() - c0, 1)
@@ -307,21 +309,21 @@ def _board_job(args) -> dict:
     """Largest fitting configuration of one width on one board, at a PLL clock meeting timing."""
     from superfloat.hw.fpga.boards import BOARDS, retry_clock
 
-    name, bits, start_shape, fmax_hint, deadline = args
+    name, bits, start_shape, fmax_hint, deadline, overlap = args
     b = BOARDS[name]
     shapes = [s for s in candidate_shapes() if s[0] * s[1] <= start_shape[0] * start_shape[1]]
     tries = []
     clock = b.pll_mhz if b.family == "ice40" else min(125.0, retry_clock(fmax_hint or b.pll_mhz))
     for shape in reversed(shapes[-4:] if len(shapes) >= 4 else shapes):
         r, c = shape
-        rep = _build_board_cached(name, r, c, bits, clock, deadline)
+        rep = _build_board_cached(name, r, c, bits, clock, deadline, overlap)
         tries.append(rep)
         if rep.get("step") == "fit":
             continue
         if rep.get("error"):
             break
         if not rep["met_timing"] and rep.get("fmax_mhz"):
-            tries.append(_build_board_cached(name, r, c, bits, retry_clock(rep["fmax_mhz"]), deadline))
+            tries.append(_build_board_cached(name, r, c, bits, retry_clock(rep["fmax_mhz"]), deadline, overlap))
         break
     final = tries[-1] if tries else {"board": name, "error": "nothing built"}
     return {"board": name, "bits": bits, "final": final, "tries": tries}
@@ -436,8 +438,11 @@ def run(out_dir: Path, quick: bool, *, parts: tuple[str, ...] = PARTS, workers: 
             for bits in (4, 8):
                 se = by_tb.get((tgt, bits), {})
                 if se.get("rows"):
+                    # a search that could only place its shape without shadow registers: the board
+                    # (its shape plus the bridge) is built the same way, not left to stall
                     board_args.append((name, bits, (se["rows"], se["cols"]),
-                                       (se.get("final") or {}).get("fmax_mhz"), deadline))
+                                       (se.get("final") or {}).get("fmax_mhz"), deadline,
+                                       False if se.get("fallback") else None))
     boards = _pool_map(_board_job, board_args, workers)
     for b in boards:
         f = b["final"]
@@ -651,7 +656,10 @@ def _boards_table(boards: list) -> str:
         f = b["final"]
         ts = f.get("tool_seconds", {})
         status = f.get("error") or ("timing met" if f.get("met_timing") else "timing MISSED")
-        rows.append([b["board"], f.get("config"), f.get("oscillator_mhz"), f.get("clock_mhz"), f.get("fmax_mhz"),
+        cfg = f.get("config")
+        if cfg and f.get("overlap_drain") is False and (f.get("arch_plan") or {}).get("target", "").startswith("ecp5"):
+            cfg += " (no shadow registers)"
+        rows.append([b["board"], cfg, f.get("oscillator_mhz"), f.get("clock_mhz"), f.get("fmax_mhz"),
                      f.get("device_logic"), f.get("dsps"), f.get("brams"), f.get("baud"), f.get("bridge"),
                      len(b["tries"]), sum(t.get("wall_s", 0) for t in b["tries"]), status])
         if f.get("baud") and not f.get("error"):
