@@ -85,6 +85,29 @@ def test_build_board_icebreaker_bitstream(capsys, tmp_path):
     assert ("12000000 baud" in out.err) != ("note: timing not met at the board's default 48 MHz" in out.err)
 
 
+def test_build_board_rebuilds_at_95_percent_of_fmax_at_most_twice(tmp_path, monkeypatch):
+    """Without --clock-mhz a missed default clock is rebuilt at 95 % of the lowest Fmax so far,
+    up to boards.REBUILDS times; the messages name every clock."""
+    from types import SimpleNamespace
+
+    asked = []
+
+    def fake_flow(il, *, freq_mhz, out_dir, **kw):
+        asked.append(freq_mhz)
+        fmax = {48.0: 37.49, 35.25: 35.22}.get(freq_mhz, freq_mhz + 0.5)
+        return SimpleNamespace(device={"ICESTORM_LC": {"used": 10, "available": 5280}}, fmax_mhz=fmax,
+                               met_timing=fmax >= freq_mhz, design={"luts": 8, "ffs": 9, "dsps": 0, "brams": 0},
+                               critical_path=None, seconds={"yosys": 1.0},
+                               files={"bitstream": tmp_path / "top.bin"})
+
+    monkeypatch.setattr(boards, "run_flow", fake_flow)
+    rep = boards.build_board("icebreaker", rows=1, cols=1, a_bits=4, out_dir=tmp_path / "b")
+    assert asked[0] == 48.0 and len(asked) == 3 and rep["met_timing"] and rep["rebuilds"] == 2
+    assert rep["messages"][0].startswith("timing not met at the board's default 48 MHz (Fmax 37.49 MHz): "
+                                         "rebuilt with the PLL at 35.5 then 33.25 MHz")
+    assert rep["first_attempt"]["fmax_mhz"] == 37.49 and rep["clock_mhz"] == asked[-1] <= 33.25
+
+
 def test_build_board_without_the_source_constraints_uses_the_generated_pins(tmp_path, monkeypatch):
     """An installed wheel has no constraints/: the build writes amaranth-boards' pins and says so."""
     seen = {}

@@ -334,6 +334,32 @@ def test_bench_candidate_shapes_and_prediction():
     assert bench.predict_largest([(64, 3560), (16, 1640)], 5280) == 93
 
 
+def test_bench_board_job_rebuilds_until_timing_is_met_at_most_twice(monkeypatch):
+    """A board that misses its clock is rebuilt at 95 % of the lowest Fmax so far, at most
+    twice; a shape that does not fit steps down first; a met clock ends the builds."""
+    from superfloat.bench import fpga as bench
+
+    calls = []
+
+    def fake(name, r, c, bits, clock, deadline, overlap=None):
+        calls.append((r, c, clock, overlap))
+        if r * c > 64:
+            return {"board": name, "error": "design does not fit", "step": "fit"}
+        fmax = {48.0: 40.0, 38.0: 37.5}.get(clock, clock + 1)
+        return {"board": name, "met_timing": fmax >= clock, "fmax_mhz": fmax}
+
+    monkeypatch.setattr(bench, "_build_board_cached", fake)
+    out = bench._board_job(("icebreaker", 4, (8, 10), None, None, None))
+    assert calls == [(8, 10, 48.0, None), (6, 12, 48.0, None), (8, 8, 48.0, None), (8, 8, 38.0, None),
+                     (8, 8, 35.5, None)]
+    assert out["final"]["met_timing"] and len(out["tries"]) == 5
+    calls.clear()
+    monkeypatch.setattr(bench, "_build_board_cached",
+                        lambda *a, **k: calls.append(a[4]) or {"met_timing": False, "fmax_mhz": 30.0})
+    out = bench._board_job(("ulx3s-25f", 8, (4, 4), 110.0, None, False))
+    assert calls == [104.5, 28.5, 28.5] and not out["final"]["met_timing"]   # 95 % of the search's Fmax first
+
+
 def test_bench_targets_are_judged_from_the_runs():
     """The Targets section computes every verdict from the runs (cells per PE of the bare
     array, everything else against the array, logic, Fmax)."""

@@ -44,7 +44,7 @@ from .budget import plan_architecture, plan_dsp_pes
 from .flow import TARGETS, FlowError, Target, build_root, run_flow
 from .report import LOGIC_RESOURCE
 
-__all__ = ["Board", "BOARDS", "RETRY_FMAX_FRACTION", "retry_clock", "CONSTRAINTS_DIR", "build_board", "generated_constraints", "make_platform",
+__all__ = ["Board", "BOARDS", "REBUILDS", "RETRY_FMAX_FRACTION", "retry_clock", "CONSTRAINTS_DIR", "build_board", "generated_constraints", "make_platform",
            "link_baud"]
 
 #: ``constraints/`` of the source checkout (an installed wheel has none: :func:`build_board` then
@@ -170,7 +170,8 @@ def build_board(name: str, *, rows: int = 2, cols: int = 2, a_bits: int = 8, w_b
     ``step`` on failure. Bad parameters raise ``ValueError``.
 
     ``clock_mhz``: the PLL target (default: the board's; when the design misses timing at
-    it, the board is rebuilt once at 95 % of the Fmax it reached, and ``messages`` say so);
+    it, the board is rebuilt at 95 % of the Fmax it reached, up to :data:`REBUILDS` times,
+    and ``messages`` say so);
     ``baud``: default the fastest standard rate of the board's bridge that the clock makes
     (:func:`link_baud`). ``xmult``: the
     per-row activation multiplier (SPEC revision 2)."""
@@ -256,28 +257,38 @@ def build_board(name: str, *, rows: int = 2, cols: int = 2, a_bits: int = 8, w_b
                tool_seconds={k: round(v, 2) for k, v in res.seconds.items()},
                seconds=round(time.perf_counter() - t0, 2))
     if clock_mhz is None and not res.met_timing and res.fmax_mhz and retry_clock(res.fmax_mhz) >= 10:
-        # the board's default clock is too fast for this design: one more build, at a clock it reaches
-        slower = retry_clock(res.fmax_mhz)
-        again = build_board(name, rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, out_bits=out_bits,
-                            k_max=k_max, baud=baud if baud_given else None, clock_mhz=slower, dsp_budget=dsp_budget,
-                            out_dir=out_dir_given, timeout=timeout, overlap_drain=overlap_drain, chunk_k=chunk_k,
-                            mul_stages=mul_stages, pipelined=pipelined, xmult=xmult)
+        # the board's default clock is too fast for this design: rebuilds at a clock it reaches
+        # (Fmax moves with the clock asked for: up to REBUILDS of them, each at 95 % of the last)
+        again, fmax, clocks = rep, res.fmax_mhz, []
+        while len(clocks) < REBUILDS and retry_clock(fmax) >= 10:
+            clocks.append(retry_clock(fmax))
+            again = build_board(name, rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, out_bits=out_bits,
+                                k_max=k_max, baud=baud if baud_given else None, clock_mhz=clocks[-1],
+                                dsp_budget=dsp_budget, out_dir=out_dir_given, timeout=timeout,
+                                overlap_drain=overlap_drain, chunk_k=chunk_k, mul_stages=mul_stages,
+                                pipelined=pipelined, xmult=xmult)
+            if again.get("error") or again.get("met_timing") or not again.get("fmax_mhz"):
+                break
+            fmax = min(fmax, again["fmax_mhz"])
         again.setdefault("messages", []).insert(
             0, f"timing not met at the board's default {pll.fout_mhz:g} MHz (Fmax {res.fmax_mhz:.2f} MHz): rebuilt "
-               f"with the PLL at {slower:g} MHz")
+               f"with the PLL at {' then '.join(f'{c:g}' for c in clocks)} MHz")
         again["first_attempt"] = {"clock_mhz": pll.fout_mhz, "fmax_mhz": round(res.fmax_mhz, 2),
                                   "seconds": rep["seconds"]}
+        again["rebuilds"] = len(clocks)
         return again
     return rep
 
 
-#: A build that misses its clock is rebuilt once at this fraction of the Fmax it reached
+#: Rebuilds of a board whose default clock is missed, at most.
+REBUILDS = 2
+#: A build that misses its clock is rebuilt at this fraction of the Fmax it reached
 #: (``build_board`` without ``clock_mhz``, and ``sfx bench fpga``'s board builds).
 RETRY_FMAX_FRACTION = 0.95
 
 
 def retry_clock(fmax_mhz: float) -> float:
-    """The clock (MHz, a multiple of 0.25) of the one rebuild after a build that reached
+    """The clock (MHz, a multiple of 0.25) of the rebuild after a build that reached
     ``fmax_mhz`` and missed its clock: :data:`RETRY_FMAX_FRACTION` of it, rounded down."""
     return math.floor(fmax_mhz * RETRY_FMAX_FRACTION * 4) / 4
 
