@@ -134,6 +134,48 @@ def test_flow_error_message_and_kill(tmp_path):
                       timeout=30)
 
 
+def test_run_tool_stops_a_tool_whose_log_stops_growing(tmp_path, monkeypatch):
+    """A tool that prints, then prints nothing for ``stall`` s is stopped as stalled; one that
+    keeps printing runs to its end under the same watch."""
+    import sys
+    import time
+
+    monkeypatch.setattr(flow, "STALL_POLL_S", 0.2)
+    t0 = time.perf_counter()
+    with pytest.raises(flow.FlowError, match=r"^nextpnr: stalled: no output for 1 s \(stopped after [0-9]+ s\)"):
+        flow.run_tool("nextpnr", [sys.executable, "-u", "-c", "print('Info: placing'); import time; time.sleep(60)"],
+                      log=tmp_path / "l", cwd=tmp_path, timeout=30, stall=1.0)
+    assert time.perf_counter() - t0 < 10
+    busy = "import time\nfor i in range(12):\n    print('Info: iteration', i, flush=True); time.sleep(0.25)"
+    assert flow.run_tool("nextpnr", [sys.executable, "-c", busy], log=tmp_path / "l2", cwd=tmp_path, timeout=30,
+                         stall=1.0) >= 2.5
+    assert "iteration 11" in (tmp_path / "l2").read_text()
+
+
+def test_synthesize_cache_keeps_a_stalled_placement_and_reruns_other_failures(tmp_path, monkeypatch):
+    from superfloat.hw.fpga import synth
+
+    calls = []
+
+    def fake_flow(text, *, timeouts, **kw):
+        calls.append(timeouts)
+        raise flow.FlowError("nextpnr", reasons[len(calls) - 1], None)
+
+    monkeypatch.setattr(synth, "run_flow", fake_flow)
+    kw = dict(target="ice40-up5k", rows=1, cols=1, a_bits=4, out_dir=tmp_path, cache=True)
+    reasons = ["exited with status 1", "stalled: no output for 240 s (stopped after 300 s)", "-", "-"]
+    assert synth.synthesize(**kw)["error"] == "exited with status 1"
+    assert synth.synthesize(**kw)["error"].startswith("stalled")      # a plain failure runs again
+    again = synth.synthesize(**kw)                                    # a stall does not
+    assert again["cached"] and again["error"].startswith("stalled") and len(calls) == 2
+    # a run stopped at a time limit is reused by a call with the same or a shorter limit only
+    reasons[2:] = ["timed out after 60 s", "timed out after 120 s"]
+    (tmp_path / "summary.json").unlink()
+    assert synth.synthesize(**kw, timeouts={"nextpnr": 60})["nextpnr_timeout_s"] == 60
+    assert synth.synthesize(**kw, timeouts={"nextpnr": 30})["cached"] and len(calls) == 3
+    assert synth.synthesize(**kw, timeouts={"nextpnr": 120})["nextpnr_timeout_s"] == 120 and len(calls) == 4
+
+
 def test_abc9_assertion_reruns_with_split_lut_mapping(tmp_path, monkeypatch):
     """Yosys 0.70's ABC9 reintegration assertion: the flow re-runs once with the LUT mapping
     split (autoname before map_luts) and says so; any other Yosys error is raised at once."""

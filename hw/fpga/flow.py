@@ -60,8 +60,11 @@ TARGETS = {
     ),
 }
 
-#: Default timeouts in seconds per step (``sfx synth --timeout`` scales them).
-DEFAULT_TIMEOUTS = {"yosys": 1200.0, "nextpnr": 1800.0, "pack": 300.0}
+#: Default timeouts in seconds per step (``sfx synth --timeout`` scales them); ``stall``: a
+#: placing nextpnr whose log has not grown for that long is stopped (``run_tool``).
+DEFAULT_TIMEOUTS = {"yosys": 1200.0, "nextpnr": 1800.0, "pack": 300.0, "stall": 240.0}
+#: Seconds between two looks at a watched tool's log.
+STALL_POLL_S = 5.0
 
 
 def get_target(name: str) -> Target:
@@ -177,11 +180,15 @@ def _warm(exe: str, timeout: float) -> None:
     _WARM.add(name)
 
 
-def run_tool(step: str, argv: Sequence[str], *, log: Path, cwd: Path, timeout: float) -> float:
-    """Run ``argv`` with output to ``log``; kill its process group after ``timeout`` s.
+def run_tool(step: str, argv: Sequence[str], *, log: Path, cwd: Path, timeout: float,
+             stall: float | None = None) -> float:
+    """Run ``argv`` with output to ``log``; kill its process group after ``timeout`` s, or,
+    with ``stall``, once the log has not grown for ``stall`` s (a tool that prints its
+    progress and stopped printing it: nextpnr-ecp5's analytical placer stalls that way).
 
-    Returns the seconds taken. Raises :class:`FlowError` on a timeout or non-zero exit
-    (the reason is the first ``ERROR`` line of the log when there is one).
+    Returns the seconds taken. Raises :class:`FlowError` on a timeout, a stall (the reason
+    starts with "stalled") or a non-zero exit (the reason is the first ``ERROR`` line of the
+    log when there is one).
     """
     _warm(argv[0], timeout)
     t0 = time.perf_counter()
@@ -189,7 +196,25 @@ def run_tool(step: str, argv: Sequence[str], *, log: Path, cwd: Path, timeout: f
         proc = subprocess.Popen(list(argv), cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=yowasp_env(),
                                 start_new_session=True)
         try:
-            rc = proc.wait(timeout=timeout)
+            if stall is None:
+                rc = proc.wait(timeout=timeout)
+            else:
+                size, grew = -1, time.perf_counter()
+                while True:
+                    try:
+                        rc = proc.wait(timeout=min(STALL_POLL_S, stall))
+                        break
+                    except subprocess.TimeoutExpired:
+                        now = time.perf_counter()
+                        if now - t0 > timeout:
+                            raise
+                        cur = os.path.getsize(log)
+                        if cur != size:
+                            size, grew = cur, now
+                        elif now - grew > stall:
+                            _kill_group(proc)
+                            raise FlowError(step, f"stalled: no output for {stall:g} s (stopped after "
+                                                  f"{now - t0:.0f} s)", log) from None
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             raise FlowError(step, f"timed out after {timeout:g} s", log) from None
@@ -372,7 +397,8 @@ def run_flow(rtlil: str, *, target: str | Target, out_dir: Path | str, freq_mhz:
         args += ["--textcfg", "top.config"] if place else []
         args += ["--lpf", local] if constraints else ["--lpf-allow-unconstrained"]
     try:
-        res.seconds["nextpnr"] = run_tool("nextpnr", args, log=out / "nextpnr.log", cwd=out, timeout=to["nextpnr"])
+        res.seconds["nextpnr"] = run_tool("nextpnr", args, log=out / "nextpnr.log", cwd=out, timeout=to["nextpnr"],
+                                          stall=to["stall"] if place else None)
     except FlowError as e:
         if e.step == "nextpnr" and _report.is_fit_error(e.reason):
             res.fits = False

@@ -102,7 +102,8 @@ def synthesize(*, target: str, rows: int = 4, cols: int = 4, a_bits: int = 8, w_
     target's plan (:func:`~superfloat.hw.fpga.budget.plan_architecture`, recorded as
     ``arch_plan``). With ``cache``, a previous summary in ``out_dir`` made from the same
     RTLIL, target, clock, seed and tool versions is returned without running the tools
-    (``cached``). ``core_pack``: also the core's logic cells packed alone (``core_logic``);
+    (``cached``; a failed run is run again, unless its placement stalled or was stopped by a
+    ``timeouts`` limit no longer than this call's). ``core_pack``: also the core's logic cells packed alone (``core_logic``);
     ``place=False``: pack the whole design without placing it (``device_logic`` only, no
     Fmax; a quick fit check). ``xmult``: the accelerator generated with the per-row
     activation multiplier (SPEC revision 2).
@@ -163,8 +164,13 @@ def synthesize(*, target: str, rows: int = 4, cols: int = 4, a_bits: int = 8, w_
             old = json.loads(cached.read_text())
         except ValueError:
             old = {}
-        # a tool failure (not "does not fit") may be transient: run it again
-        if old.get("design_hash") == summary["design_hash"] and old.get("step") in (None, "fit"):
+        # a tool failure (not "does not fit") may be transient: run it again, except a placement
+        # that stalled (the same netlist and seed stall again) or that was stopped at a time limit
+        # this call would stop it at as soon
+        limit = (timeouts or {}).get("nextpnr")
+        stalled = old.get("step") == "nextpnr" and (str(old.get("error", "")).startswith("stalled") or (
+            old.get("nextpnr_timeout_s") and limit is not None and limit <= old["nextpnr_timeout_s"]))
+        if old.get("design_hash") == summary["design_hash"] and (old.get("step") in (None, "fit") or stalled):
             old["cached"] = True
             return old
     try:
@@ -173,6 +179,8 @@ def synthesize(*, target: str, rows: int = 4, cols: int = 4, a_bits: int = 8, w_
     except FlowError as e:
         summary["error"] = e.reason
         summary["step"] = e.step
+        if e.step == "nextpnr" and "timed out" in e.reason and (timeouts or {}).get("nextpnr") is not None:
+            summary["nextpnr_timeout_s"] = timeouts["nextpnr"]
         if e.log is not None:
             summary["log"] = str(e.log)
         if e.result is not None:
