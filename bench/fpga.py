@@ -325,7 +325,7 @@ def _board_job(args) -> dict:
         fmax, rebuilds = rep.get("fmax_mhz"), 0
         while not tries[-1].get("met_timing") and fmax and rebuilds < REBUILDS and not tries[-1].get("error"):
             rebuilds += 1
-            tries.append(_build_board_cached(name, r, c, bits, retry_clock(fmax), deadline, overlap))
+            tries.append(_build_board_cached(name, r, c, bits, retry_clock(fmax, name), deadline, overlap))
             fmax = min(fmax, tries[-1].get("fmax_mhz") or fmax)
         break
     final = tries[-1] if tries else {"board": name, "error": "nothing built"}
@@ -804,7 +804,8 @@ def _notes() -> str:
             "* Bitstreams: `sfx build-board`; the PLL clock is the frequency built for (the calculators' "
             "nearest to the request), `Fmax` what nextpnr achieved; an ECP5 board is first built at 95 % of "
             "its search's Fmax (at most 125 MHz), an iCE40 board at its default PLL clock, and a build that "
-            "misses is rebuilt at 95 % of its Fmax, up to twice (`hw.fpga.boards.retry_clock`).")
+            "misses is rebuilt, up to twice, at the highest clock under 95 % of its Fmax that makes the fastest "
+            "standard UART rate of the board's bridge (`hw.fpga.boards.retry_clock`).")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -54,6 +54,16 @@ def test_retry_clock_is_95_percent_of_fmax_rounded_down_to_a_quarter_mhz(fmax, c
     assert boards.retry_clock(fmax) == clock and clock <= boards.RETRY_FMAX_FRACTION * fmax
 
 
+@pytest.mark.parametrize("board,fmax,clock,baud", [("icebreaker", 32.67, 30.0, 6_000_000),
+                                                   ("icebreaker", 30.79, 24.0, 6_000_000),
+                                                   ("icebreaker", 60.0, 48.0, 12_000_000),
+                                                   ("ulx3s-25f", 99.0, 93.0, 3_000_000),
+                                                   ("ulx3s-25f", 14.0, 12.0, 3_000_000)])
+def test_board_retry_clock_buys_the_fastest_link(board, fmax, clock, baud):
+    # the highest clock under 95 % of Fmax that makes the fastest standard rate of the bridge
+    assert boards.retry_clock(fmax, board) == clock and boards.link_baud(board, clock * 1e6) == baud
+
+
 @pytest.mark.parametrize("clk,baud,div", [(12e6, 115200, 104), (12e6, 3_000_000, 4), (25e6, 115200, 217),
                                           (48e6, 1_000_000, 48)])
 def test_divisor(clk, baud, div):
@@ -94,7 +104,7 @@ def test_build_board_rebuilds_at_95_percent_of_fmax_at_most_twice(tmp_path, monk
 
     def fake_flow(il, *, freq_mhz, out_dir, **kw):
         asked.append(freq_mhz)
-        fmax = {48.0: 37.49, 35.25: 35.22}.get(freq_mhz, freq_mhz + 0.5)
+        fmax = {48.0: 37.49, 30.0: 29.9}.get(freq_mhz, freq_mhz + 0.5)
         return SimpleNamespace(device={"ICESTORM_LC": {"used": 10, "available": 5280}}, fmax_mhz=fmax,
                                met_timing=fmax >= freq_mhz, design={"luts": 8, "ffs": 9, "dsps": 0, "brams": 0},
                                critical_path=None, seconds={"yosys": 1.0},
@@ -104,8 +114,10 @@ def test_build_board_rebuilds_at_95_percent_of_fmax_at_most_twice(tmp_path, monk
     rep = boards.build_board("icebreaker", rows=1, cols=1, a_bits=4, out_dir=tmp_path / "b")
     assert asked[0] == 48.0 and len(asked) == 3 and rep["met_timing"] and rep["rebuilds"] == 2
     assert rep["messages"][0].startswith("timing not met at the board's default 48 MHz (Fmax 37.49 MHz): "
-                                         "rebuilt with the PLL at 35.5 then 33.25 MHz")
-    assert rep["first_attempt"]["fmax_mhz"] == 37.49 and rep["clock_mhz"] == asked[-1] <= 33.25
+                                         "rebuilt with the PLL at 30 then 24 MHz")
+    # 95 % of 37.49 is 35.5: 30 MHz makes 6 Mbaud; 95 % of 29.9 is 28.25: 24 MHz (6 Mbaud, 4 cycles per bit)
+    assert rep["first_attempt"]["fmax_mhz"] == 37.49 and rep["clock_mhz"] == asked[-1] == 24.0
+    assert rep["baud"] == 6_000_000
 
 
 def test_build_board_without_the_source_constraints_uses_the_generated_pins(tmp_path, monkeypatch):

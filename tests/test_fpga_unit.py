@@ -345,19 +345,21 @@ def test_bench_board_job_rebuilds_until_timing_is_met_at_most_twice(monkeypatch)
         calls.append((r, c, clock, overlap))
         if r * c > 64:
             return {"board": name, "error": "design does not fit", "step": "fit"}
-        fmax = {48.0: 40.0, 38.0: 37.5}.get(clock, clock + 1)
+        fmax = {48.0: 40.0, 36.0: 35.5}.get(clock, clock + 1)
         return {"board": name, "met_timing": fmax >= clock, "fmax_mhz": fmax}
 
     monkeypatch.setattr(bench, "_build_board_cached", fake)
     out = bench._board_job(("icebreaker", 4, (8, 10), None, None, None))
-    assert calls == [(8, 10, 48.0, None), (6, 12, 48.0, None), (8, 8, 48.0, None), (8, 8, 38.0, None),
-                     (8, 8, 35.5, None)]
+    # 95 % of 40 MHz is 38: 36 MHz makes 6 Mbaud (6 cycles per bit); then 95 % of 35.5 -> 33.5: 30 MHz
+    assert calls == [(8, 10, 48.0, None), (6, 12, 48.0, None), (8, 8, 48.0, None), (8, 8, 36.0, None),
+                     (8, 8, 30.0, None)]
     assert out["final"]["met_timing"] and len(out["tries"]) == 5
     calls.clear()
     monkeypatch.setattr(bench, "_build_board_cached",
                         lambda *a, **k: calls.append(a[4]) or {"met_timing": False, "fmax_mhz": 30.0})
     out = bench._board_job(("ulx3s-25f", 8, (4, 4), 110.0, None, False))
-    assert calls == [104.5, 28.5, 28.5] and not out["final"]["met_timing"]   # 95 % of the search's Fmax first
+    # 95 % of the search's Fmax first; then 27 MHz, the highest clock under 28.5 that makes 3 Mbaud
+    assert calls == [104.5, 27.0, 27.0] and not out["final"]["met_timing"]
 
 
 def test_bench_targets_are_judged_from_the_runs():

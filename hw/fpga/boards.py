@@ -256,12 +256,12 @@ def build_board(name: str, *, rows: int = 2, cols: int = 2, a_bits: int = 8, w_b
                critical_path=res.critical_path,
                tool_seconds={k: round(v, 2) for k, v in res.seconds.items()},
                seconds=round(time.perf_counter() - t0, 2))
-    if clock_mhz is None and not res.met_timing and res.fmax_mhz and retry_clock(res.fmax_mhz) >= 10:
+    if clock_mhz is None and not res.met_timing and res.fmax_mhz and retry_clock(res.fmax_mhz, name) >= 10:
         # the board's default clock is too fast for this design: rebuilds at a clock it reaches
         # (Fmax moves with the clock asked for: up to REBUILDS of them, each at 95 % of the last)
         again, fmax, clocks = rep, res.fmax_mhz, []
-        while len(clocks) < REBUILDS and retry_clock(fmax) >= 10:
-            clocks.append(retry_clock(fmax))
+        while len(clocks) < REBUILDS and retry_clock(fmax, name) >= 10:
+            clocks.append(retry_clock(fmax, name))
             again = build_board(name, rows=rows, cols=cols, a_bits=a_bits, w_bits=w_bits, out_bits=out_bits,
                                 k_max=k_max, baud=baud if baud_given else None, clock_mhz=clocks[-1],
                                 dsp_budget=dsp_budget, out_dir=out_dir_given, timeout=timeout,
@@ -287,10 +287,22 @@ REBUILDS = 2
 RETRY_FMAX_FRACTION = 0.95
 
 
-def retry_clock(fmax_mhz: float) -> float:
-    """The clock (MHz, a multiple of 0.25) of the rebuild after a build that reached
-    ``fmax_mhz`` and missed its clock: :data:`RETRY_FMAX_FRACTION` of it, rounded down."""
-    return math.floor(fmax_mhz * RETRY_FMAX_FRACTION * 4) / 4
+def retry_clock(fmax_mhz: float, board: str | None = None) -> float:
+    """The clock (MHz) of the rebuild after a build that reached ``fmax_mhz`` and missed its
+    clock: :data:`RETRY_FMAX_FRACTION` of it, rounded down to 0.25 MHz. With ``board``, the
+    highest clock up to that which makes the fastest standard rate of the board's bridge
+    (a whole number of cycles per bit: the host link, not the array, is what a board's
+    clock buys; e.g. 30 MHz for 6 Mbaud rather than 31 MHz for 1 Mbaud on the iCEBreaker)."""
+    limit = math.floor(fmax_mhz * RETRY_FMAX_FRACTION * 4) / 4
+    if board is None:
+        return limit
+    from .uart import MIN_DIVISOR
+
+    for baud in STANDARD_BAUDS:
+        cycles = math.floor(limit * 1e6 / baud)
+        if baud <= _board(board).max_baud and cycles >= MIN_DIVISOR:
+            return baud * cycles / 1e6
+    return limit
 
 
 def write_constraints(names=None) -> list[Path]:
