@@ -44,8 +44,8 @@ from .budget import plan_architecture, plan_dsp_pes
 from .flow import TARGETS, FlowError, Target, build_root, run_flow
 from .report import LOGIC_RESOURCE
 
-__all__ = ["Board", "BOARDS", "REBUILDS", "RETRY_FMAX_FRACTION", "retry_clock", "CONSTRAINTS_DIR", "build_board", "generated_constraints", "make_platform",
-           "link_baud"]
+__all__ = ["Board", "BOARDS", "REBUILDS", "RETRY_FMAX_FRACTION", "retry_clock", "CONSTRAINTS_DIR", "build_board",
+           "generated_constraints", "make_platform", "link_baud"]
 
 #: ``constraints/`` of the source checkout (an installed wheel has none: :func:`build_board` then
 #: writes the pins amaranth-boards generates, which tests hold equal to these files, into its build).
@@ -170,8 +170,9 @@ def build_board(name: str, *, rows: int = 2, cols: int = 2, a_bits: int = 8, w_b
     ``step`` on failure. Bad parameters raise ``ValueError``.
 
     ``clock_mhz``: the PLL target (default: the board's; when the design misses timing at
-    it, the board is rebuilt at 95 % of the Fmax it reached, up to :data:`REBUILDS` times,
-    and ``messages`` say so);
+    it, the board is rebuilt, up to :data:`REBUILDS` times, at :func:`retry_clock`: under 95 %
+    of the lowest Fmax reached, at a clock that makes the bridge's fastest UART rate; and
+    ``messages`` say so);
     ``baud``: default the fastest standard rate of the board's bridge that the clock makes
     (:func:`link_baud`). ``xmult``: the
     per-row activation multiplier (SPEC revision 2)."""
@@ -258,7 +259,8 @@ def build_board(name: str, *, rows: int = 2, cols: int = 2, a_bits: int = 8, w_b
                seconds=round(time.perf_counter() - t0, 2))
     if clock_mhz is None and not res.met_timing and res.fmax_mhz and retry_clock(res.fmax_mhz, name) >= 10:
         # the board's default clock is too fast for this design: rebuilds at a clock it reaches
-        # (Fmax moves with the clock asked for: up to REBUILDS of them, each at 95 % of the last)
+        # (Fmax moves with the clock asked for: up to REBUILDS of them, each under 95 % of the
+        # lowest Fmax so far)
         again, fmax, clocks = rep, res.fmax_mhz, []
         while len(clocks) < REBUILDS and retry_clock(fmax, name) >= 10:
             clocks.append(retry_clock(fmax, name))

@@ -103,7 +103,8 @@ def synthesize(*, target: str, rows: int = 4, cols: int = 4, a_bits: int = 8, w_
     ``arch_plan``). With ``cache``, a previous summary in ``out_dir`` made from the same
     RTLIL, target, clock, seed and tool versions is returned without running the tools
     (``cached``; a failed run is run again, unless its placement stalled or was stopped by a
-    ``timeouts`` limit no longer than this call's). ``core_pack``: also the core's logic cells packed alone (``core_logic``);
+    ``timeouts`` limit no longer than this call's). ``core_pack``: also the core's logic cells
+    packed alone (``core_logic``);
     ``place=False``: pack the whole design without placing it (``device_logic`` only, no
     Fmax; a quick fit check). ``xmult``: the accelerator generated with the per-row
     activation multiplier (SPEC revision 2).
@@ -168,9 +169,9 @@ def synthesize(*, target: str, rows: int = 4, cols: int = 4, a_bits: int = 8, w_
         # that stalled (the same netlist and seed stall again) or that was stopped at a time limit
         # this call would stop it at as soon
         limit = (timeouts or {}).get("nextpnr")
-        stalled = old.get("step") == "nextpnr" and (str(old.get("error", "")).startswith("stalled") or (
+        would_stop = old.get("step") == "nextpnr" and (str(old.get("error", "")).startswith("stalled") or (
             old.get("nextpnr_timeout_s") and limit is not None and limit <= old["nextpnr_timeout_s"]))
-        if old.get("design_hash") == summary["design_hash"] and (old.get("step") in (None, "fit") or stalled):
+        if old.get("design_hash") == summary["design_hash"] and (old.get("step") in (None, "fit") or would_stop):
             old["cached"] = True
             return old
     try:
