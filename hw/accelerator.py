@@ -140,8 +140,8 @@ class SFxAccelerator(wiring.Component):
         Generate the per-row activation multiplier of SPEC revision 2 (section 4 step 0b;
         default ``False``): ``cmd`` gains ``use_xmult``, ``act`` a 16-bit ``xmult`` per row
         (read with the row exponents), and the clamp unit a second 16-bit multiplier (one
-        cycle more latency, three with ``clamp_impl="lut"``; the product ``|acc| * mult * xmult`` has up to ``A + 32``
-        bits). An accelerator without it cannot carry ``xmult``: the host packing
+        cycle more latency, three with ``clamp_impl="lut"``; the product
+        ``|acc| * mult * xmult`` has up to ``A + 32`` bits). An accelerator without it cannot carry ``xmult``: the host packing
         (:mod:`superfloat.sim.packing`) refuses such an operation.
 
     Members

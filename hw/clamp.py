@@ -201,7 +201,7 @@ class SFxClampUnit(wiring.Component):
         m.d.comb += self.error.eq(error)
 
         # Stage 1b (xmult only): the two 16-bit multipliers' product, registered (a logic
-        # multiplier's adder tree is cut by one more register: X_STAGES_LUT); the other
+        # multiplier's adder tree is cut by one more register: ``_x_stages``); the other
         # stage-1 values wait beside it.
         vx = []
         if self._xmult:
