@@ -536,3 +536,21 @@ def test_bench_search_places_without_shadow_registers_when_placement_fails(monke
     text = bench._targets([], {("ecp5-25k", 4): dict(se, final=dict(se["final"], peak_gmacs=26.6))})
     assert "placed with no shadow registers: with the plan's shadow registers place and route failed " \
         "(seed 1: nextpnr: timed out after 240 s)" in text and "**met**" in text
+
+
+def test_bench_targets_judge_the_ecp5_goal_shape_beside_the_largest():
+    """The 256-PE goal is judged on the 16x16 run itself; the largest array keeps its own verdict."""
+    from superfloat.bench import fpga as bench
+
+    shape = {"target": "ecp5-25k", "kind": "accel", "rows": 16, "cols": 16, "a_bits": 4, "fmax_mhz": 114.81,
+             "device_logic": "15794/24288", "peak_gmacs": 29.39,
+             "critical_path": {"from": "a", "to": "b", "delay_ns": 8.7, "logic_levels": 9}}
+    se = {"target": "ecp5-25k", "bits": 4, "rows": 14, "cols": 24,
+          "final": {"fmax_mhz": 99.43, "device_logic": "20907/24288", "peak_gmacs": 33.4}}
+    text = bench._targets([shape], {("ecp5-25k", 4): se})
+    assert "SF4 array of 256 PEs on ecp5-25k**: 16x16 at 114.81 MHz (goal >= 100): **met**" in text
+    assert "14x24 (336 PEs, goal >= 256) at 99.43 MHz (goal >= 100): **missed**" in text
+    slow = dict(shape, fmax_mhz=97.5)
+    assert "16x16 at 97.5 MHz (goal >= 100): **missed**" in bench._targets([slow], {})
+    assert "256 PEs on ecp5-25k: **not measured**: nextpnr: stalled" in bench._targets(
+        [dict(shape, fmax_mhz=None, error="nextpnr: stalled")], {})
