@@ -13,8 +13,7 @@ from superfloat.sw import sfx
 from ._checks import check_bool, check_impl, check_int, checking
 from .clamp import CLAMP_LATENCY, SHIFT_BITS, SFxClampUnit
 from .fifo import RAM_ATTRS as _RAM_ATTRS, MemFIFO
-from .interface import (AccelParams, act_layout, cmd_layout, par_lane_layout, par_layout, res_layout,
-                        wgt_layout)
+from .interface import AccelParams, act_layout, cmd_layout, par_layout, res_layout, wgt_layout
 from .mac_array import SFxMacArray
 from .pe import PE_KINDS
 
@@ -56,8 +55,9 @@ class SFxAccelerator(wiring.Component):
     """LINEAR (SPEC section 5) on an output-stationary ``rows x cols`` SFx MAC array.
 
     The streams, their payload layouts and the order of the beats of an operation are
-    those of :mod:`superfloat.hw.interface` (``cmd``, then per tile ``par``, ``K`` beats
-    of ``act`` and ``wgt`` in lockstep, and ``min(rows, T - t0)`` beats of ``res``).
+    those of :mod:`superfloat.hw.interface` (``cmd``, then per tile ``cols`` beats of
+    ``par``, ``K`` beats of ``act`` and ``wgt`` in lockstep, and ``min(rows, T - t0)``
+    beats of ``res``).
 
     Blocks (see ``docs/architecture.md``):
 
@@ -65,11 +65,11 @@ class SFxAccelerator(wiring.Component):
       takes ``cmd`` and checks it in the next cycle (a malformed one, ``K = 0``,
       ``K > k_max``, ``T = 0`` or ``N = 0``, is consumed, sets :attr:`error`, and leaves
       the unit idle). ``TILE`` copies the tile's context into two small memories (block
-      RAM on an FPGA), one word per cycle, reading the offered beats in place (a stream's
-      payload is stable until it is taken): the ``par`` beat's ``cols`` lanes (bias, shift,
-      mult; a bias of a valid channel with ``|bias| >= 2**(A-2)`` sets :attr:`error`), then
-      takes it; and the ``rows`` row exponents (with ``xmult``, and row multipliers) of
-      the tile's first ``act`` beat. ``STREAM``
+      RAM on an FPGA), one word per cycle: the tile's ``cols`` ``par`` beats, one channel
+      each (bias, shift, mult; a bias of a valid channel with ``|bias| >= 2**(A-2)`` sets
+      :attr:`error`), and, reading the offered beat in place (a stream's payload is stable
+      until it is taken), the ``rows`` row exponents (with ``xmult``, and row multipliers)
+      of the tile's first ``act`` beat. ``STREAM``
       then passes the ``K`` ``act``/``wgt`` beats, together, to the array; ``NEXT`` steps
       the tile counters. The memories hold two tiles, so a tile's copy overlaps the
       previous tile's drain;
@@ -155,7 +155,7 @@ class SFxAccelerator(wiring.Component):
     wgt : In(stream.Signature(interface.wgt_layout(p)))
         ``codes[cols]``: one reduction step of a tile's weights.
     par : In(stream.Signature(interface.par_layout(p)))
-        ``cols`` lanes of ``{bias, shift, mult}``: one beat per tile.
+        ``{bias, shift, mult}`` of one output channel: ``cols`` beats per tile.
     res : Out(stream.Signature(interface.res_layout(p)))
         ``cols`` SF``out_bits`` codes: one output row of a tile per beat.
     busy : Out(1)
@@ -341,8 +341,9 @@ class SFxAccelerator(wiring.Component):
         beat = Signal()   # one act/wgt pair transferred into the array this cycle
         m.d.comb += beat.eq(array.inp.valid & array.inp.ready)
 
-        # The copies are pipelined: in the cycle a lane / row is selected (one-hot, so each
-        # select drives one AND term per bit) it is registered; the next cycle writes it.
+        # The copies are pipelined: in the cycle a par beat is taken, or a row exponent of the
+        # offered act beat is selected (one-hot, so each select drives one AND term per bit),
+        # it is registered; the next cycle writes it.
         lane_oh = Signal(cols, init=1)
         xrow_oh = Signal(rows, init=1)
 
@@ -352,8 +353,7 @@ class SFxAccelerator(wiring.Component):
                 acc = acc | (v.as_value() if hasattr(v, "as_value") else v) & onehot[j].replicate(width)
             return acc
 
-        plw = len(self.par.payload[0].as_value())
-        par_q = Signal(par_lane_layout(p), reset_less=True)
+        par_q = Signal(par_layout(p), reset_less=True)
         x_q = Signal(signed(8), reset_less=True)
         xm_q = Signal(16, reset_less=True)
         cp_par, cp_x, cp_ok = Signal(), Signal(), Signal(reset_less=True)
@@ -406,12 +406,12 @@ class SFxAccelerator(wiring.Component):
             with m.Else():
                 m.d.sync += [lane.eq(0), xrow.eq(0), lane_oh.eq(1), xrow_oh.eq(1), par_done.eq(0),
                              x_done.eq(0), nd.eq(nd_step), n_first.eq(nd_step), td.eq(td_step), s_tile.eq(1)]
-        # TILE. par: one lane per cycle into the memory; the beat is taken with its last lane.
-        with m.If(s_tile & ~par_done & self.par.valid & ~slots_full):
-            m.d.sync += [cp_par.eq(1), par_q.eq(select(self.par.payload, lane_oh, plw)),
+        # TILE. par: one beat (channel) per cycle into the memory.
+        m.d.comb += self.par.ready.eq(s_tile & ~par_done & ~slots_full)
+        with m.If(self.par.valid & self.par.ready):
+            m.d.sync += [cp_par.eq(1), par_q.eq(self.par.payload),
                          cp_ok.eq((lane_oh & lanes_ok).any()), cp_laddr.eq(lane[:cbits] if cols > 1 else 0)]
             with m.If(lane_oh[cols - 1]):
-                m.d.comb += self.par.ready.eq(1)
                 m.d.sync += par_done.eq(1)
             with m.Else():
                 m.d.sync += [lane.eq(lane + 1), lane_oh.eq(lane_oh << 1)]

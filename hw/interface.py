@@ -13,8 +13,10 @@ channels and reduction length ``K`` on an array of ``rows x cols`` PEs:
 * It is cut into tiles of ``rows`` activation rows by ``cols`` output channels, in
   row-major tile order: ``for tt in range(ceil(T/rows)): for tn in range(ceil(N/cols))``.
 * For every tile, in that order:
-  * ``par``: one beat of ``cols`` lanes ``{bias, shift, mult}`` (channels
-    ``tn*cols + j``; lanes past ``N`` carry bias 0, shift 0, mult 1 ... any legal value);
+  * ``par``: ``cols`` beats, beat ``j`` holding channel ``tn*cols + j``'s ``{bias, shift,
+    mult}`` (one lane a beat, so that neither the accelerator nor a link bridge needs a
+    ``cols``-lane register or multiplexer; lanes past ``N`` carry bias 0 and any legal
+    shift and mult);
   * ``act``: ``K`` beats, beat ``k`` holding ``X[tt*rows + i, k]`` in lane ``i`` and the
     row exponents ``xexp[tt*rows + i]`` (and, with ``xmult``, the row multipliers
     ``xmult[tt*rows + i]``; read on the tile's first beat; rows past ``T`` carry code 0
@@ -136,16 +138,13 @@ def wgt_layout(p: AccelParams) -> data.ArrayLayout:
     return data.ArrayLayout(p.w_bits, p.cols)
 
 
-def par_lane_layout(p: AccelParams) -> data.StructLayout:
+def par_layout(p: AccelParams) -> data.StructLayout:
+    """One ``par`` beat: one output channel's parameters (``cols`` beats per tile)."""
     return data.StructLayout({
         "bias": p.acc_bits,  # two's complement, accumulator units
         "shift": 8,  # two's complement int8
         "mult": 16,  # unsigned; used only when the command's use_mult is set
     })
-
-
-def par_layout(p: AccelParams) -> data.ArrayLayout:
-    return data.ArrayLayout(par_lane_layout(p), p.cols)
 
 
 def res_layout(p: AccelParams) -> data.ArrayLayout:

@@ -204,7 +204,7 @@ def vector_files(p: AccelParams, ops: Sequence[Mapping[str, Any]], *, name: str 
     src = f"{name} test vectors (superfloat.hw.ip; layouts and beat order: superfloat/hw/interface.py)"
     files = {}
     what = {"cmd": "cmd beats {k, t, n, relu, rounding, use_mult}, one per operation",
-            "par": "par beats, cols lanes of {bias, shift, mult}, one per tile",
+            "par": "par beats, {bias, shift, mult} of one output channel, cols per tile",
             "act": "act beats, rows codes then rows int8 exponents, K per tile",
             "wgt": "wgt beats, cols codes, K per tile"}
     for s in DRIVEN:

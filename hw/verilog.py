@@ -38,9 +38,9 @@ _MEANING = {
     "wgt__payload": "weight codes of one reduction step, cols lanes",
     "wgt__valid": "wgt beat offered",
     "wgt__ready": "wgt beat accepted (together with an act beat)",
-    "par__payload": "per-channel parameters of one tile, cols lanes of {bias, shift, mult}",
+    "par__payload": "one output channel's parameters {bias, shift, mult}",
     "par__valid": "par beat offered",
-    "par__ready": "par beat accepted (once per tile, before its act/wgt beats)",
+    "par__ready": "par beat accepted (cols per tile, before its act/wgt beats)",
     "res__payload": "result codes of one output row of a tile, cols lanes",
     "res__valid": "res beat offered (held until taken)",
     "res__ready": "res beat accepted by the consumer",
@@ -127,7 +127,7 @@ def _header(accel: SFxAccelerator, name: str) -> str:
     lines += ["//", "// Payload fields (bits):"]
     layouts = {"cmd": cmd_layout(p), "act": act_layout(p), "wgt": wgt_layout(p), "par": par_layout(p),
                "res": res_layout(p)}
-    prefixes = {"wgt": "codes", "res": "codes", "par": "lane"}
+    prefixes = {"wgt": "codes", "res": "codes"}
     for stream_name, layout in layouts.items():
         fields = payload_fields(layout, prefixes.get(stream_name, ""))
         lines.append(f"//   {stream_name}__payload:")

@@ -92,8 +92,8 @@ def depths_for(simulator: str) -> dict[str, int]:
     """Memory depths (log2 entries): beats per driven stream and ``res``, segments (``seg``).
     Verilator stores 2 states compactly, Icarus 4 (and allocates every word)."""
     if simulator == "verilator":
-        return {"cmd": 14, "par": 18, "act": 21, "wgt": 21, "res": 19, "seg": 18}
-    return {"cmd": 12, "par": 14, "act": 18, "wgt": 18, "res": 16, "seg": 15}
+        return {"cmd": 14, "par": 21, "act": 21, "wgt": 21, "res": 19, "seg": 18}
+    return {"cmd": 12, "par": 17, "act": 18, "wgt": 18, "res": 16, "seg": 15}
 
 
 def harness_verilog(p: AccelParams, *, depths: Mapping[str, int], clock: str = "internal") -> str:
@@ -367,7 +367,7 @@ def linear_beats(args, p: AccelParams) -> Beats:
     :func:`superfloat.hw.interface.tile_schedule`: the same streams as
     :func:`superfloat.sim.linear.linear_traffic` (padding rows and lanes included), each
     activation / weight block stored once and packed with numpy."""
-    from superfloat.hw.interface import TN_BITS, act_layout, par_lane_layout, tile_schedule
+    from superfloat.hw.interface import TN_BITS, act_layout, par_layout, tile_schedule
 
     from .packing import cmd_word, xmult_lanes
 
@@ -380,8 +380,7 @@ def linear_beats(args, p: AccelParams) -> Beats:
     cmd = cmd_word(p, k=k, t=t_total, n=n_total, relu=args.relu, rounding=args.rounding, use_mult=use_mult,
                    use_xmult=args.xmult is not None)
     act_off = _offsets(act_layout(p))
-    lane = par_lane_layout(p)
-    lane_off = _offsets(lane)
+    lane_off = _offsets(par_layout(p))
     n_tt, n_tn = -(-t_total // rows), -(-n_total // cols)
     # activations: one block of K beats per row tile; beat j of block tt holds x[tt*rows + i, j] in lane i
     xp = np.zeros((n_tt * rows, k), dtype=np.asarray(args.x).dtype)
@@ -400,23 +399,23 @@ def linear_beats(args, p: AccelParams) -> Beats:
     wp[:n_total] = args.w
     wgt = pack_beats([(wp.reshape(n_tn, cols, k).transpose(0, 2, 1).reshape(n_tn * k, cols), p.w_bits, 0)],
                      w["wgt"], n_tn * k)
-    # parameters: one beat per column tile; padding lanes repeat the last valid channel's shift/mult, bias 0
+    # parameters: one beat per channel, cols per column tile; padding lanes repeat the last valid channel's
+    # shift/mult, bias 0
     ch = np.minimum(np.arange(n_tn * cols), n_total - 1)
     valid = np.arange(n_tn * cols) < n_total
     bias = np.where(valid, np.asarray(args.bias, dtype=np.int64)[ch], 0) & ((1 << p.acc_bits) - 1)
     shift = np.asarray(args.shift, dtype=np.int64)[ch] & 0xFF
     mult = (np.asarray(args.mult, dtype=np.int64)[ch] if use_mult else np.full(ch.size, 0xA5A5)) & 0xFFFF
-    par = pack_beats([(bias.reshape(n_tn, cols), p.acc_bits, lane_off["bias"], lane.size),
-                      (shift.reshape(n_tn, cols), 8, lane_off["shift"], lane.size),
-                      (mult.reshape(n_tn, cols), 16, lane_off["mult"], lane.size)], w["par"], n_tn)
+    par = pack_beats([(bias[:, None], p.acc_bits, lane_off["bias"]), (shift[:, None], 8, lane_off["shift"]),
+                      (mult[:, None], 16, lane_off["mult"])], w["par"], n_tn * cols)
     sched = tile_schedule(t_total, n_total, rows, cols)
     tt = np.array([t0 // rows for t0, _, _, _ in sched], dtype=np.int64)
     tn = np.array([n0 // cols for _, _, n0, _ in sched], dtype=np.int64)
     ones = np.ones(len(sched), dtype=np.int64)
     data = {"cmd": words_bytes([cmd], w["cmd"]), "par": par, "act": act, "wgt": wgt}
-    segs = {"cmd": _segs([0], [1]), "par": _segs(tn, ones), "act": _segs(tt * k, ones * k),
+    segs = {"cmd": _segs([0], [1]), "par": _segs(tn * cols, ones * cols), "act": _segs(tt * k, ones * k),
             "wgt": _segs(tn * k, ones * k)}
-    counts = {"cmd": 1, "par": len(sched), "act": len(sched) * k, "wgt": len(sched) * k,
+    counts = {"cmd": 1, "par": len(sched) * cols, "act": len(sched) * k, "wgt": len(sched) * k,
               "res": sum(tv for _, tv, _, _ in sched)}
     return Beats(data, segs, counts)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from superfloat.hw.interface import (ROUNDING_CODES, TN_BITS, AccelParams, act_layout, cmd_layout, pack_lanes,
-                                     par_lane_layout, tile_schedule, unpack_lanes)
+                                     par_layout, tile_schedule, unpack_lanes)
 from superfloat.sw import sfx
 
 __all__ = ["cmd_word", "check_xmult_support", "xmult_lanes", "LinearTraffic", "linear_traffic", "res_to_codes"]
@@ -74,7 +74,8 @@ def xmult_lanes(args: sfx.LinearArgs, rows_total: int) -> np.ndarray:
 
 @dataclass
 class LinearTraffic:
-    """The beats of one LINEAR operation, per stream, in stream order."""
+    """The beats of one LINEAR operation, per stream, in stream order (``par``: ``cols`` beats
+    per tile)."""
 
     cmd: int
     par: list[int]
@@ -84,10 +85,7 @@ class LinearTraffic:
     T: int
     N: int
     K: int
-
-    @property
-    def tiles(self) -> int:
-        return len(self.par)
+    tiles: int
 
 
 def linear_traffic(args: sfx.LinearArgs, p: AccelParams) -> LinearTraffic:
@@ -111,9 +109,7 @@ def linear_traffic(args: sfx.LinearArgs, p: AccelParams) -> LinearTraffic:
     act_f = _fields(act_layout(p))
     exp_off = act_f["exp"][0]
     xm_all = xmult_lanes(args, -(-t_total // rows) * rows)
-    lane = par_lane_layout(p)
-    lane_f = _fields(lane)
-    lane_w = lane.size
+    lane_f = _fields(par_layout(p))
     amask = (1 << p.acc_bits) - 1
 
     act_by_tt = {}
@@ -136,24 +132,23 @@ def linear_traffic(args: sfx.LinearArgs, p: AccelParams) -> LinearTraffic:
         wp = np.zeros((cols, k), dtype=np.int64)
         wp[:nv] = args.w[n0:n0 + nv]
         wgt_by_tn[tn] = pack_lanes(wp.T, p.w_bits)
-        word = 0
+        lanes = []
         for j in range(cols):
             ch = n0 + min(j, nv - 1)
             bias = int(args.bias[n0 + j]) if j < nv else 0
             mult = int(args.mult[ch]) if use_mult else 0xA5A5
-            v = ((bias & amask) << lane_f["bias"][0]) | ((int(args.shift[ch]) & 0xFF) << lane_f["shift"][0]) \
-                | ((mult & 0xFFFF) << lane_f["mult"][0])
-            word |= v << (j * lane_w)
-        par_by_tn[tn] = word
+            lanes.append(((bias & amask) << lane_f["bias"][0]) | ((int(args.shift[ch]) & 0xFF) << lane_f["shift"][0])
+                         | ((mult & 0xFFFF) << lane_f["mult"][0]))
+        par_by_tn[tn] = lanes
 
     par, act, wgt = [], [], []
     res_beats = 0
     for t0, tv, n0, nv in tile_schedule(t_total, n_total, rows, cols):
-        par.append(par_by_tn[n0 // cols])
+        par += par_by_tn[n0 // cols]
         act += act_by_tt[t0 // rows]
         wgt += wgt_by_tn[n0 // cols]
         res_beats += tv
-    return LinearTraffic(cmd, par, act, wgt, res_beats, t_total, n_total, k)
+    return LinearTraffic(cmd, par, act, wgt, res_beats, t_total, n_total, k, len(par) // cols)
 
 
 def res_to_codes(words: list[int], t_total: int, n_total: int, p: AccelParams) -> tuple[np.ndarray, int]:

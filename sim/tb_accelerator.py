@@ -382,7 +382,7 @@ async def bias_out_of_range(dut):
     tr = linear_traffic(args, p)
     lim = 1 << (p.acc_bits - 2)
     ab.drv["cmd"].put([tr.cmd])
-    ab.drv["par"].put([(tr.par[0] & ~((1 << p.acc_bits) - 1)) | lim])  # lane 0 bias = +2**(A-2)
+    ab.drv["par"].put([(tr.par[0] & ~((1 << p.acc_bits) - 1)) | lim, *tr.par[1:]])  # lane 0 bias = +2**(A-2)
     ab.drv["act"].put(tr.act)
     ab.drv["wgt"].put(tr.wgt)
     ab.res.on_beat = None  # results of an erroneous operation are undefined

@@ -331,7 +331,7 @@ async def h_bias_out_of_range(dut):
     args = random_args(rng, p, use_mult=False, use_xexp=False, t=1, n=1, k=2)
     tr = linear_traffic(args, p)
     lim = 1 << (p.acc_bits - 2)
-    beats = raw_beats({"cmd": [tr.cmd], "par": [(tr.par[0] & ~((1 << p.acc_bits) - 1)) | lim], "act": tr.act,
+    beats = raw_beats({"cmd": [tr.cmd], "par": [(tr.par[0] & ~((1 << p.acc_bits) - 1)) | lim, *tr.par[1:]], "act": tr.act,
                        "wgt": tr.wgt}, p, res=tr.res_beats)
     r = await b.job([(beats, "bias error")], stalls=Stalls.uniform(0.2, 4), check=False)
     assert r.stats["error"] == 1 and r.stats["got_res"] == tr.res_beats, f"bias out of range: {r.stats}"

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from superfloat.hw.interface import (ROUNDING_CODES, AccelParams, cmd_layout, pack_lanes,
-                                     par_lane_layout, tile_schedule)
+                                     tile_schedule)
 from superfloat.sw import sfx
 
 from hw_stream_helpers import Sink, Source, make_sim, pack, run_streams
@@ -118,15 +118,13 @@ def op_beats(p: AccelParams, op: Op, rng: np.random.Generator | None = None) -> 
         y = None
         b.n_saturated = None
     b.macs = T * N * K
-    lane_w = par_lane_layout(p).size
     xexp = np.zeros(T, dtype=np.int64) if op.xexp is None else np.broadcast_to(op.xexp, (T,))
     mult = np.ones(N, dtype=np.int64) if op.mult is None else op.mult
     # an op without xmult on an xmult accelerator sends a pattern that must be ignored
     xmult = np.full(T, 0xA5A5, dtype=np.int64) if op.xmult is None else np.broadcast_to(op.xmult, (T,))
     codes_w = p.rows * p.a_bits
     for t0, tv, n0, nv in tile_schedule(T, N, p.rows, p.cols):
-        word = 0
-        for j in range(p.cols):
+        for j in range(p.cols):   # one par beat per channel
             if j < nv:
                 bb, sh, mu = int(op.bias[n0 + j]), int(op.shift[n0 + j]), int(mult[n0 + j])
             elif rng is not None:
@@ -134,9 +132,7 @@ def op_beats(p: AccelParams, op: Op, rng: np.random.Generator | None = None) -> 
                 bb, sh, mu = int(rng.integers(-blim, blim + 1)), int(rng.integers(-128, 128)), int(rng.integers(1, 1 << 16))
             else:
                 bb, sh, mu = 0, 0, 1
-            lane = (bb & ((1 << A) - 1)) | ((sh & 0xFF) << A) | (mu << (A + 8))
-            word |= lane << (j * lane_w)
-        b.par.append(word)
+            b.par.append((bb & ((1 << A) - 1)) | ((sh & 0xFF) << A) | (mu << (A + 8)))
         xt = np.zeros((K, p.rows), dtype=np.int64)
         xt[:, :tv] = op.x[t0:t0 + tv, :].T
         et = np.zeros((1, p.rows), dtype=np.int64)

@@ -389,9 +389,9 @@ def test_link_cost_counts_every_frame():
     lay = link_layout(AccelParams(rows=2, cols=2, a_bits=4, w_bits=4, out_bits=4))
     tiles = 2 * 3                       # ceil(3/2) row tiles x ceil(5/2) column tiles
     nb = lay.payload_bytes
-    up = 2 + (1 + nb["cmd"]) + tiles * ((1 + nb["par"]) + 7 * ((1 + nb["act"]) + (1 + nb["wgt"]))) + 1
+    up = 2 + (1 + nb["cmd"]) + tiles * (2 * (1 + nb["par"]) + 7 * ((1 + nb["act"]) + (1 + nb["wgt"]))) + 1
     assert r["bytes_to_board"] == up
-    assert r["frames"] == {"cmd": 1, "par": tiles, "act": tiles * 7, "wgt": tiles * 7, "res": 3 * 3,
+    assert r["frames"] == {"cmd": 1, "par": tiles * 2, "act": tiles * 7, "wgt": tiles * 7, "res": 3 * 3,
                            "credit": (up - 2) // lay.credit_chunk}
     assert r["bytes_from_board"] == 14 + 9 * (1 + nb["res"]) + 2 * r["frames"]["credit"] + 6
     assert r["line_bytes_per_s"] == 300_000 and r["seconds"] == up / 300_000

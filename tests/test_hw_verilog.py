@@ -66,8 +66,8 @@ def test_verilog_header_lists_parameters_ports_and_fields(small_verilog):
     for name in ("clk", "rst", "cmd__payload", "act__ready", "par__valid", "res__payload", "busy", "error",
                  "sat_count"):
         assert re.search(rf"^//\s+{name}\s+(input|output)\s+\d+\s+\S", header, re.M), name
-    # A = 3 + 4 + ceil(log2(100)) + 2 = 16: lane 1's bias starts after lane 0's 16 + 8 + 16 bits
-    assert "lane[1].bias [55:40]" in header
+    # A = 3 + 4 + ceil(log2(100)) + 2 = 16: one channel per par beat, shift after the 16 bias bits
+    assert "bias [15:0], shift [23:16], mult [39:24]" in header
     assert "k [7:0], t [23:8], n [39:24]" in header
 
 

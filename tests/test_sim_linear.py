@@ -80,14 +80,14 @@ def test_packing_matches_the_amaranth_layouts(config):
     tr = linear_traffic(args, p)
     assert tr.cmd == cmd_layout(p).const(cmd).as_bits()
     tiles = tile_schedule(t, n, p.rows, p.cols)
-    assert len(tr.par) == len(tiles) and len(tr.act) == len(tr.wgt) == len(tiles) * k
+    assert len(tr.par) == len(tiles) * p.cols and len(tr.act) == len(tr.wgt) == len(tiles) * k
+    assert tr.tiles == len(tiles)
     for ti, (t0, tv, n0, nv) in enumerate(tiles):
-        lanes = []
         for j in range(p.cols):
             ch = n0 + min(j, nv - 1)
-            lanes.append({"bias": int(args.bias[n0 + j]) if j < nv else 0, "shift": int(args.shift[ch]),
-                          "mult": int(args.mult[ch])})
-        assert tr.par[ti] == par_layout(p).const(lanes).as_bits()
+            lane = {"bias": int(args.bias[n0 + j]) if j < nv else 0, "shift": int(args.shift[ch]),
+                    "mult": int(args.mult[ch])}
+            assert tr.par[ti * p.cols + j] == par_layout(p).const(lane).as_bits()
         for kk in range(k):
             codes = [int(x[t0 + i, kk]) if i < tv else 0 for i in range(p.rows)]
             exps = [int(args.x_exponent[t0 + i]) if i < tv else 0 for i in range(p.rows)]

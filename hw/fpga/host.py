@@ -213,8 +213,9 @@ class LinkSession:
 
         q = [frame("cmd", tr.cmd)]
         k = tr.K
-        for i, par in enumerate(tr.par):
-            q.append(frame("par", par))
+        cols = p.cols
+        for i in range(tr.tiles):     # per tile: its cols par beats, then K act/wgt pairs
+            q += [frame("par", par) for par in tr.par[i * cols:(i + 1) * cols]]
             for j in range(i * k, (i + 1) * k):
                 q += [frame("act", tr.act[j]), frame("wgt", tr.wgt[j])]
         self._queue = q

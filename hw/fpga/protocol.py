@@ -28,7 +28,8 @@ from superfloat.hw.interface import AccelParams, act_layout, cmd_layout, par_lay
 __all__ = ["PROTOCOL_VERSION", "HOST", "BOARD", "STATUS_FLAGS", "LinkLayout", "link_layout", "encode_info",
            "decode_info", "decode_status", "encode_frame", "INFO_LEN", "STATUS_LEN"]
 
-PROTOCOL_VERSION = 1
+#: 2: one ``par`` beat (frame) per output channel, ``cols`` per tile (1: one per tile).
+PROTOCOL_VERSION = 2
 
 #: Frame types sent by the host.
 HOST = {"cmd": 0x01, "par": 0x02, "act": 0x03, "wgt": 0x04, "status": 0x05, "info": 0x06, "reset": 0x07}
