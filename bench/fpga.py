@@ -540,11 +540,8 @@ def _targets(flags: list, by_tb: dict) -> str:
     g = ECP5_SF8_GOAL
     acc = _find(flags, g["target"], "accel", g["n"], g["bits"])
     if acc.get("fmax_mhz"):
-        ok = acc["fmax_mhz"] >= g["mhz"]
-        lines.append(f"* **8x8 SF8 accelerator on ecp5-25k**: Fmax {acc['fmax_mhz']} MHz (goal >= {g['mhz']:g}): "
-                     f"**{'met' if ok else 'missed'}**; {acc['device_logic']} logic, {acc['dsps']} DSP "
-                     f"({acc['dsp_plan']['dsp_pes']} PEs), peak {acc['peak_gmacs']} GMAC/s; critical path "
-                     f"{_path(acc)}; CPU s / wall s {_cpu(acc)}")
+        lines.append(_fmax_line("8x8 SF8 accelerator on ecp5-25k", "Fmax", acc, g["mhz"],
+                                f"{acc['device_logic']} logic, {acc['dsps']} DSP ({acc['dsp_plan']['dsp_pes']} PEs), "))
     else:
         lines.append(f"* 8x8 SF8 accelerator on ecp5-25k: **not measured**: {acc.get('error')}")
     g = ECP5_SF4_GOAL
@@ -552,11 +549,9 @@ def _targets(flags: list, by_tb: dict) -> str:
     fin = se.get("final") or {}
     shp = _find(flags, g["target"], "accel", g["shape"][0], g["bits"], g["shape"][1])
     if shp.get("fmax_mhz"):
-        ok = shp["fmax_mhz"] >= g["mhz"]
-        lines.append(f"* **SF4 array of {g['pes']} PEs on ecp5-25k**: {shp['rows']}x{shp['cols']} at {shp['fmax_mhz']} "
-                     f"MHz (goal >= {g['mhz']:g}): **{'met' if ok else 'missed'}**; placed with no shadow registers "
-                     f"(the array waits while a tile drains); {shp['device_logic']} logic, peak {shp['peak_gmacs']} "
-                     f"GMAC/s; critical path {_path(shp)}; CPU s / wall s {_cpu(shp)}")
+        lines.append(_fmax_line(f"SF4 array of {g['pes']} PEs on ecp5-25k", f"{shp['rows']}x{shp['cols']} at", shp,
+                                g["mhz"], "placed with no shadow registers (the array waits while a tile drains); "
+                                f"{shp['device_logic']} logic, "))
     elif shp:
         lines.append(f"* SF4 array of {g['pes']} PEs on ecp5-25k: **not measured**: {shp.get('error')}")
     if fin.get("fmax_mhz"):
@@ -573,6 +568,13 @@ def _targets(flags: list, by_tb: dict) -> str:
     else:
         lines.append(f"* largest SF4 array on ecp5-25k: **not measured**: {se.get('error') or fin.get('error')}")
     return "\n".join(lines)
+
+
+def _fmax_line(title: str, lead: str, r: dict, mhz: float, notes: str) -> str:
+    """A target's line: ``lead`` Fmax against ``mhz``, its verdict, then ``notes`` and the run's figures."""
+    ok = r["fmax_mhz"] >= mhz
+    return (f"* **{title}**: {lead} {r['fmax_mhz']} MHz (goal >= {mhz:g}): **{'met' if ok else 'missed'}**; {notes}"
+            f"peak {r['peak_gmacs']} GMAC/s; critical path {_path(r)}; CPU s / wall s {_cpu(r)}")
 
 
 def _first_failure(se: dict) -> str:
