@@ -10,7 +10,7 @@ from superfloat.sw import sfx
 from ._checks import check_bits, check_bool, check_impl, check_int, checking
 from .pe import SFxMagnitudeMultiplier
 
-__all__ = ["SFxClampUnit", "clamp_in_layout", "clamp_out_layout", "SHIFT_BITS", "CLAMP_LATENCY"]
+__all__ = ["SFxClampUnit", "clamp_in_layout", "clamp_out_layout", "sat_count_split", "SHIFT_BITS", "CLAMP_LATENCY"]
 
 #: Width of the clamp unit's ``shift`` input: ``shift[n] + xexp[t]`` of two int8 values.
 SHIFT_BITS = 9
@@ -38,6 +38,12 @@ def clamp_in_layout(acc_bits: int, xmult: bool = False) -> data.StructLayout:
 def clamp_out_layout(out_bits: int) -> data.StructLayout:
     """Payload of :attr:`SFxClampUnit.o`."""
     return data.StructLayout({"code": out_bits, "sat": 1})
+
+
+def sat_count_split(count_bits: int) -> int:
+    """Bits of the lower of the two counters that make a ``count_bits`` saturation count
+    (all of them below 4 bits: one counter)."""
+    return count_bits if count_bits < 4 else count_bits // 2
 
 
 class SFxClampUnit(wiring.Component):
@@ -110,7 +116,10 @@ class SFxClampUnit(wiring.Component):
         The code and whether it saturated.
     sat_count : Out(count_bits)
         Saturated results transferred on :attr:`o` since reset (saturates at
-        ``2**count_bits - 1``).
+        ``2**count_bits - 1``). From 4 bits on it is two counters (:func:`sat_count_split`
+        bits below, the rest above): the upper one takes the lower one's carry a cycle later
+        (timing), so in the cycle after the lower half wraps the count reads ``2**split``
+        low; :attr:`busy` is high in that cycle.
     error : Out(1)
         Sticky: an input with ``r`` outside ``0..63`` was accepted. Cleared by reset.
     busy : Out(1)
@@ -342,11 +351,33 @@ class SFxClampUnit(wiring.Component):
             m.d.sync += [v6.eq(v5), code.eq(Cat(mag6, neg5 & (mag6 != 0))), sat6.eq(sat)]
         m.d.comb += [self.o.payload.code.eq(code), self.o.payload.sat.eq(sat6)]
 
-        m.d.comb += self.busy.eq(Cat(*v_first, *vx, *vmid, v2b, v3, v4, v5, v6).any())
-        sat_count = Signal(self._count_bits)
-        inc = Signal(self._count_bits + 1)
-        m.d.comb += inc.eq(sat_count + 1)   # its carry out says "all ones": saturate (no AND tree)
-        with m.If(self.o.valid & self.o.ready & sat6 & ~inc[-1]):
-            m.d.sync += sat_count.eq(inc[:self._count_bits])
-        m.d.comb += self.sat_count.eq(sat_count)
+        carry = self._sat_counter(m, self.o.valid & self.o.ready & sat6)
+        m.d.comb += self.busy.eq(Cat(*v_first, *vx, *vmid, v2b, v3, v4, v5, v6, carry).any())
         return m
+
+    def _sat_counter(self, m, hit):
+        """:attr:`sat_count`, counting ``hit``; returns the pending carry into its upper half
+        (``Const(0)`` for a single counter)."""
+        n = self._count_bits
+        low = sat_count_split(n)
+        lo = Signal(low)
+        lo_inc = Signal(low + 1)
+        m.d.comb += lo_inc.eq(lo + 1)   # its carry out says "lo is all ones" (no AND tree)
+        if low == n:
+            with m.If(hit & ~lo_inc[-1]):
+                m.d.sync += lo.eq(lo_inc[:low])
+            m.d.comb += self.sat_count.eq(lo)
+            return Const(0, 1)
+        hi = Signal(n - low)
+        hi_inc = Signal(n - low + 1)
+        hi_top = Signal()   # hi is all ones (a cycle late: lo needs 2**low - 1 >= 3 more hits first)
+        carry = Signal()    # lo wrapped in the previous cycle: hi takes it now
+        m.d.comb += hi_inc.eq(hi + 1)
+        en = hit & ~(hi_top & lo_inc[-1])   # at 2**n - 1 (both halves all ones) the count stops
+        m.d.sync += [carry.eq(en & lo_inc[-1]), hi_top.eq(hi_inc[-1])]
+        with m.If(en):
+            m.d.sync += lo.eq(lo_inc[:low])
+        with m.If(carry):
+            m.d.sync += hi.eq(hi_inc[:n - low])
+        m.d.comb += self.sat_count.eq(Cat(lo, hi))
+        return carry

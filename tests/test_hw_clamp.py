@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from amaranth.hdl import Fragment
 
-from superfloat.hw.clamp import CLAMP_LATENCY, SFxClampUnit, clamp_in_layout
+from superfloat.hw.clamp import CLAMP_LATENCY, SFxClampUnit, clamp_in_layout, sat_count_split
 from superfloat.hw.interface import ROUNDING_CODES
 from superfloat.sw import sfx
 
@@ -189,6 +189,44 @@ def test_clamp_saturation_counter_saturates():
     codes, sat, info = _run(dut, items)
     assert list(codes) == [3] * 10 and list(sat) == [1] * 10
     assert info["sat"] == 7
+
+
+@pytest.mark.parametrize("bits", [4, 5, 6])
+def test_clamp_split_saturation_counter_counts_every_cycle(bits):
+    """Two counters from 4 bits on: after every clock edge the count equals the saturated
+    beats taken so far (saturating at 2**bits - 1), except in the cycle after the lower
+    half wraps, where it reads 2**low less and busy is high; it stops at all ones."""
+    low = sat_count_split(bits)
+    assert 2 <= low < bits
+    dut = SFxClampUnit(acc_bits=10, frac_bits=4, out_bits=3, count_bits=bits)
+    rng = np.random.default_rng(bits)
+    n = 3 * (1 << bits)
+    items = [dict(acc=int(500 if rng.random() < 0.8 else 1), shift=0, mult=0, use_mult=0, relu=0, rounding=0)
+             for _ in range(n)]
+    src = Source(dut.i, [pack(clamp_in_layout(10), it) for it in items], stall=0.2, seed=bits, name="i")
+    snk = Sink(dut.o, stall=0.2, seed=bits + 1, name="o")
+    sim, _ = make_sim(dut)
+    seen = {"lag": 0, "cycles": 0}
+
+    async def tb(ctx):
+        def check(cycle):
+            ref = min(sum(b >> dut.out_bits for b in snk.beats), (1 << bits) - 1)
+            got, busy = ctx.get(dut.sat_count), ctx.get(dut.busy)
+            seen["cycles"] += 1
+            if got != ref:
+                assert busy and ref - got == 1 << low and got % (1 << low) == 0, (cycle, got, ref)
+                seen["lag"] += 1
+
+        await run_streams(ctx, [src], [snk], until=lambda: len(snk.beats) == n, max_cycles=40 * n,
+                          on_cycle=check)
+        await ctx.tick()
+        seen["final"] = ctx.get(dut.sat_count)
+
+    sim.add_testbench(tb)
+    sim.run()
+    saturated = sum(b >> dut.out_bits for b in snk.beats)
+    assert saturated > (1 << bits) and seen["final"] == (1 << bits) - 1
+    assert 0 < seen["lag"] < seen["cycles"] // 4
 
 
 @pytest.mark.parametrize("r", [-1, 64, 200])
