@@ -12,7 +12,7 @@ from superfloat.sw import sfx
 
 from ._checks import check_bool, check_impl, check_int, checking
 from .clamp import CLAMP_LATENCY, SHIFT_BITS, SFxClampUnit
-from .fifo import RAM_ATTRS as _RAM_ATTRS, MemFIFO
+from .fifo import RAM_ATTRS as _RAM_ATTRS, MemFIFO, StreamSlice
 from .interface import AccelParams, act_layout, cmd_layout, par_layout, res_layout, wgt_layout
 from .mac_array import SFxMacArray
 from .pe import PE_KINDS
@@ -94,7 +94,8 @@ class SFxAccelerator(wiring.Component):
 
     Status: :attr:`busy`; sticky :attr:`error` (malformed command, bias out of range, or a
     right shift ``r`` outside ``0..63`` in the clamp unit); :attr:`sat_count`, saturated
-    outputs since reset (32 bits, saturating; padding lanes never count). A synchronous
+    outputs since reset (32 bits, saturating; padding lanes never count; exact whenever
+    ``busy`` is low, see :class:`SFxClampUnit`). A synchronous
     reset returns every block to idle and clears the status.
 
     Parameters
@@ -129,9 +130,11 @@ class SFxAccelerator(wiring.Component):
         tile of ``K > chunk_k`` costs an extra drain per chunk without ``overlap_drain``).
     pipelined : bool
         ``True``: a register after every block-RAM read of the drain stage and after the
-        result FIFO's, and one more in the clamp unit's multiplier (one cycle more latency
-        each; for fast clocks, e.g. the ECP5 at 125 MHz, where block-RAM clock-to-output
-        dominates). Default ``False``.
+        result FIFO's, one more in the clamp unit's multiplier, and a
+        :class:`~superfloat.hw.fifo.StreamSlice` between the feed sequencer and the array
+        (one cycle more latency each; for fast clocks, e.g. the ECP5 at 125 MHz, where
+        block-RAM clock-to-output and the routes across a large array dominate). Default
+        ``False``.
     pe_kind : str
         ``"sm"`` (default): SFx PEs, the accelerator of SPEC section 5. ``"tc"``: two's
         complement integer PEs of the same widths, for the synthesis comparison only (the
@@ -331,15 +334,24 @@ class SFxAccelerator(wiring.Component):
             kcd = Signal(signed(max(2, chunk.bit_length() + 1)))
         cmd = self.cmd.payload
         cmd_bad = Signal(reset_less=True)
+        # With ``pipelined``, a register stage between the sequencer and the array: the
+        # array's ready (from its drain state) and the sequencer's beat logic are then far
+        # apart on a large FPGA without a combinational path between them.
+        feed = array.inp
+        if self._pipelined:
+            m.submodules.feed_slice = feed_slice = StreamSlice(shape=array.inp.payload.shape())
+            wiring.connect(m, feed_slice.o, array.inp)
+            feed = feed_slice.i
+        feed_busy = feed_slice.busy if self._pipelined else Const(0, 1)
         m.d.comb += [
-            array.inp.payload.act.eq(self.act.payload.codes),
-            array.inp.payload.wgt.eq(self.wgt.payload),
-            array.inp.payload.last.eq(clast),
-            array.inp.payload.rows_valid.eq(rows_ok),
-            array.inp.payload.tag.eq(Cat(first_chunk, last)),
+            feed.payload.act.eq(self.act.payload.codes),
+            feed.payload.wgt.eq(self.wgt.payload),
+            feed.payload.last.eq(clast),
+            feed.payload.rows_valid.eq(rows_ok),
+            feed.payload.tag.eq(Cat(first_chunk, last)),
         ]
-        beat = Signal()   # one act/wgt pair transferred into the array this cycle
-        m.d.comb += beat.eq(array.inp.valid & array.inp.ready)
+        beat = Signal()   # one act/wgt pair transferred towards the array this cycle
+        m.d.comb += beat.eq(feed.valid & feed.ready)
 
         # The copies are pipelined: in the cycle a par beat is taken, or a row exponent of the
         # offered act beat is selected (one-hot, so each select drives one AND term per bit),
@@ -432,9 +444,9 @@ class SFxAccelerator(wiring.Component):
                 m.d.sync += kcd.eq(chunk - 2)
         # STREAM: the K act/wgt beats, together, into the array.
         m.d.comb += [
-            array.inp.valid.eq(s_stream & self.act.valid & self.wgt.valid),
-            self.act.ready.eq(s_stream & self.wgt.valid & array.inp.ready),
-            self.wgt.ready.eq(s_stream & self.act.valid & array.inp.ready),
+            feed.valid.eq(s_stream & self.act.valid & self.wgt.valid),
+            self.act.ready.eq(s_stream & self.wgt.valid & feed.ready),
+            self.wgt.ready.eq(s_stream & self.act.valid & feed.ready),
         ]
         with m.If(beat):
             k_dec = Signal(signed(kb))
@@ -559,7 +571,11 @@ class SFxAccelerator(wiring.Component):
             clamp.i.payload.rounding.eq(late.rnd),
         ]
 
-        tile_fed = beat & last
+        # A tile's last beat went in a cycle ago (registered: on the ECP5 the array's handshake
+        # and this counter are placed far apart). The copy of the tile after next, the first
+        # reader of slots_full, starts two cycles after that beat (NEXT, then TILE).
+        tile_fed = Signal()
+        m.d.sync += tile_fed.eq(beat & last)
         tile_read = out.valid & out.payload.last & final_out
         with m.If(tile_fed & ~tile_read):
             m.d.sync += [slots_used.eq(slots_used + 1), slots_full.eq(slots_used == 1)]
@@ -601,7 +617,7 @@ class SFxAccelerator(wiring.Component):
         m.d.comb += [
             self.error.eq(err | clamp.error),
             self.sat_count.eq(clamp.sat_count),
-            self.busy.eq(~s_idle | array.busy | d1_valid | e_valid | pre_valid | partial_valid | clamp.busy
+            self.busy.eq(~s_idle | feed_busy | array.busy | d1_valid | e_valid | pre_valid | partial_valid | clamp.busy
                         | (occ != 0)),
         ]
         return m

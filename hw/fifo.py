@@ -1,14 +1,14 @@
 """A first-word-fall-through FIFO whose storage is one synchronous-read memory (block RAM)."""
 from __future__ import annotations
 
-from amaranth.hdl import Module, Signal
+from amaranth.hdl import Module, Shape, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from ._checks import check_int, checking
 
-__all__ = ["MemFIFO", "RAM_ATTRS"]
+__all__ = ["MemFIFO", "StreamSlice", "RAM_ATTRS"]
 
 #: Attributes of the design's memories: block RAM, and no read/write collision logic. The
 #: design never reads a word in the cycle it writes it (the FIFO reads only words written
@@ -125,4 +125,61 @@ class MemFIFO(wiring.Component):
             m.d.sync += valid.eq(1)
         with m.Elif(taken):
             m.d.sync += valid.eq(0)
+        return m
+
+
+class StreamSlice(wiring.Component):
+    """A registered stream stage (skid buffer): :attr:`i` to :attr:`o`, with ``valid``,
+    ``payload`` and ``i.ready`` all driven by registers, so no combinational path crosses it
+    in either direction (a long route on a large FPGA, e.g. a handshake between a sequencer
+    and a big array, becomes two short ones).
+
+    Latency: a beat taken on :attr:`i` in cycle ``c`` is offered on :attr:`o` from cycle
+    ``c + 1``. Throughput: one beat per cycle; beats are neither lost, duplicated nor
+    reordered under any ``valid``/``ready`` pattern. Holds up to two beats (the output
+    register and the skid register that catches the beat taken in the cycle ``o`` stalls).
+
+    Parameters
+    ----------
+    shape : shape-castable
+        The payload's shape (a layout, ``unsigned(n)``, ...).
+
+    Members
+    -------
+    i : In(stream.Signature(shape))
+        Beats in; ``i.ready`` is a register (low while the skid register is full).
+    o : Out(stream.Signature(shape))
+        Beats out, from registers.
+    busy : Out(1)
+        A beat is held.
+    """
+
+    def __init__(self, *, shape):
+        with checking(self):
+            try:
+                Shape.cast(shape)
+            except TypeError:
+                raise TypeError(f"shape must be shape-castable (a layout, unsigned(n), an int width, ...), got "
+                                f"{type(shape).__name__} {shape!r}") from None
+        self._shape = shape
+        super().__init__({"i": In(stream.Signature(shape)), "o": Out(stream.Signature(shape)), "busy": Out(1)})
+
+    shape = property(lambda self: self._shape, doc="The payload's shape.")
+
+    def elaborate(self, platform):
+        m = Module()
+        skid = Signal(self._shape, reset_less=True)
+        skid_valid = Signal()
+        out = Signal(self._shape, reset_less=True)
+        out_valid = Signal()
+        m.d.comb += [self.i.ready.eq(~skid_valid), self.o.valid.eq(out_valid), self.o.payload.eq(out),
+                     self.busy.eq(out_valid | skid_valid)]
+        take = self.i.valid & ~skid_valid
+        with m.If(~out_valid | self.o.ready):      # the output register is free after this cycle
+            with m.If(skid_valid):
+                m.d.sync += [out.eq(skid), out_valid.eq(1), skid_valid.eq(0)]
+            with m.Else():
+                m.d.sync += [out.eq(self.i.payload), out_valid.eq(self.i.valid)]
+        with m.Elif(take):                          # the output stalls: catch the beat
+            m.d.sync += [skid.eq(self.i.payload), skid_valid.eq(1)]
         return m
