@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 from amaranth.hdl import ClockDomain, Const, Module, ValueCastable
 from amaranth.sim import Simulator
 
-__all__ = ["pack", "raw", "make_sim", "check_multiplier_both_impls", "check_rejects", "ARRAY_PARAM_ERRORS", "put", "get", "Source", "Sink", "run_streams", "StreamProtocolError"]
+__all__ = ["pack", "raw", "make_sim", "check_multiplier_both_impls", "check_rejects", "ARRAY_PARAM_ERRORS", "put", "get", "Source", "Sink", "run_streams", "run_through", "StreamProtocolError"]
 
 
 class StreamProtocolError(AssertionError):
@@ -227,3 +227,24 @@ async def run_streams(ctx, sources: list[Source], sinks: list[Sink], *, until: C
     raise AssertionError(f"no completion after {max_cycles} cycles: "
                          + ", ".join(f"{s.name} {len(s.queue)} beats left" for s in sources)
                          + "; " + ", ".join(f"{s.name} {len(s.beats)} beats" for s in sinks))
+
+
+def run_through(dut, beats: list[int], *, stall: float = 0.0, out_stall: float = 0.0, seed: int = 0,
+                max_cycles: int, final: dict | None = None) -> tuple[list[int], dict]:
+    """``beats`` into ``dut.i`` and out of ``dut.o`` with random stalls on both sides until
+    as many came out. Returns the beats taken and ``{"cycles": n, name: value}`` for each
+    signal of ``final``, read one clock edge after the last beat."""
+    src = Source(dut.i, beats, stall=stall, seed=seed, name="i")
+    snk = Sink(dut.o, stall=out_stall, seed=seed + 1, name="o")
+    sim, _ = make_sim(dut)
+    info = {}
+
+    async def tb(ctx):
+        info["cycles"] = await run_streams(ctx, [src], [snk], until=lambda: len(snk.beats) == len(beats),
+                                           max_cycles=max_cycles)
+        await ctx.tick()
+        info.update({name: ctx.get(sig) for name, sig in (final or {}).items()})
+
+    sim.add_testbench(tb)
+    sim.run()
+    return snk.beats, info

@@ -9,7 +9,7 @@ from superfloat.hw.clamp import CLAMP_LATENCY, SFxClampUnit, clamp_in_layout, sa
 from superfloat.hw.interface import ROUNDING_CODES
 from superfloat.sw import sfx
 
-from hw_stream_helpers import Sink, Source, check_rejects, make_sim, pack, run_streams
+from hw_stream_helpers import Sink, Source, check_rejects, make_sim, pack, run_streams, run_through
 
 ROUNDINGS = ("nearest_even", "toward_zero")
 
@@ -18,20 +18,9 @@ def _run(dut: SFxClampUnit, items, *, stall=0.0, out_stall=0.0, seed=0):
     """items: dicts of clamp_in_layout fields. Returns (codes, sat flags, sat_count, error, cycles)."""
     lay = clamp_in_layout(dut.acc_bits, dut.xmult)
     beats = [pack(lay, it) for it in items]
-    src = Source(dut.i, beats, stall=stall, seed=seed, name="i")
-    snk = Sink(dut.o, stall=out_stall, seed=seed + 1, name="o")
-    sim, _ = make_sim(dut)
-    info = {}
-
-    async def tb(ctx):
-        info["cycles"] = await run_streams(ctx, [src], [snk], until=lambda: len(snk.beats) == len(beats),
-                                           max_cycles=30 * len(beats) + 50)
-        await ctx.tick()
-        info.update(sat=ctx.get(dut.sat_count), err=ctx.get(dut.error), busy=ctx.get(dut.busy))
-
-    sim.add_testbench(tb)
-    sim.run()
-    out = np.array(snk.beats, dtype=np.int64)
+    got, info = run_through(dut, beats, stall=stall, out_stall=out_stall, seed=seed, max_cycles=30 * len(beats) + 50,
+                            final={"sat": dut.sat_count, "err": dut.error, "busy": dut.busy})
+    out = np.array(got, dtype=np.int64)
     return out & ((1 << dut.out_bits) - 1), out >> dut.out_bits, info
 
 

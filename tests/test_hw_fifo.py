@@ -10,23 +10,11 @@ from amaranth.lib import data
 
 from superfloat.hw.fifo import StreamSlice
 
-from hw_stream_helpers import Sink, Source, check_rejects, make_sim, run_streams
+from hw_stream_helpers import check_rejects, make_sim, run_through
 
 
 def _run(dut, beats, *, stall_in: float, stall_out: float, seed: int):
-    src = Source(dut.i, beats, stall=stall_in, seed=seed, name="i")
-    snk = Sink(dut.o, stall=stall_out, seed=seed + 1, name="o")
-    sim, _ = make_sim(dut)
-    out = {}
-
-    async def tb(ctx):
-        out["cycles"] = await run_streams(ctx, [src], [snk], until=lambda: len(snk.beats) == len(beats),
-                                          max_cycles=50 * len(beats) + 20)
-        out["busy"] = ctx.get(dut.busy)
-
-    sim.add_testbench(tb)
-    sim.run()
-    return snk.beats, out
+    return run_through(dut, beats, stall=stall_in, out_stall=stall_out, seed=seed, max_cycles=50 * len(beats) + 20)
 
 
 @pytest.mark.parametrize("stall_in, stall_out", [(0.0, 0.0), (0.3, 0.0), (0.0, 0.5), (0.4, 0.6), (0.8, 0.2)])
