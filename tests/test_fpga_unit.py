@@ -554,3 +554,22 @@ def test_bench_targets_judge_the_ecp5_goal_shape_beside_the_largest():
     assert "16x16 at 97.5 MHz (goal >= 100): **missed**" in bench._targets([slow], {})
     assert "256 PEs on ecp5-25k: **not measured**: nextpnr: stalled" in bench._targets(
         [dict(shape, fmax_mhz=None, error="nextpnr: stalled")], {})
+
+
+def test_bench_targets_judge_the_best_placement_seed_and_list_every_seed():
+    from superfloat.bench import fpga as bench
+
+    plan = {"reason": "no shadow registers"}
+    path = {"from": "a", "to": "b", "delay_ns": 20.3, "logic_levels": 5}
+    acc = {"target": "ice40-up5k", "kind": "accel", "rows": 8, "cols": 8, "a_bits": 4, "k_max": 16384,
+           "core_logic": 3617, "device_logic": "3902/5280", "arch_plan": plan, "critical_path": path,
+           "peak_gmacs": 3.3}
+    runs = [dict(acc, seed=1, fmax_mhz=42.74), dict(acc, seed=2, fmax_mhz=51.8),
+            dict(acc, seed=3, fmax_mhz=None, error="nextpnr: stalled")]
+    arr = {"target": "ice40-up5k", "kind": "sm-array", "rows": 8, "cols": 8, "a_bits": 4, "core_logic": 2746}
+    text = bench._targets([*runs, arr], {})
+    assert "Fmax 51.8 MHz (goal >= 48; best of placement seeds 1: 42.74, 2: 51.8, 3: not placed MHz): **met**" \
+        in text
+    assert "critical path (seed 2): a -> b" in text
+    one = bench._targets([runs[0], arr], {})
+    assert "Fmax 42.74 MHz (goal >= 48): **missed**" in one and "seed" not in one.split("critical path")[1][:8]
