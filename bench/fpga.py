@@ -44,7 +44,8 @@ ECP5_SF4_GOAL = dict(target="ecp5-25k", bits=4, pes=256, mhz=100.0, shape=(16, 1
 #: Placement seeds of the two flagship accelerators' runs. nextpnr's placement of one
 #: netlist varies by 10-20 % in Fmax from seed to seed, and so does a netlist's whose only
 #: change is a name (the iCE40 8x8 SF4 accelerator, seed 1: 42.74 MHz at commit d67c7df,
-#: 51.8 MHz at its parent's RTL, which maps to the same LUT4 and flip-flop counts); the
+#: 51.8 MHz on the RTL of commit 821d9cd before its feed-stage code, which the iCE40 plan
+#: does not use, was written: the same LUT4 and flip-flop counts); the
 #: Targets section judges the best seed's run and lists every seed's Fmax. Everything else
 #: is placed with seed 1.
 TARGET_SEEDS = (1, 2, 3)
