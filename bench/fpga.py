@@ -90,6 +90,9 @@ def _job_dir(job: dict) -> Path:
             f"{'-noov' if job.get('overlap_drain') is False else ''}")
 
 
+#: Smaller shapes a search tries when its largest packed shape fails to place.
+STEPS_DOWN = 2
+
 #: Seconds a run needs at least to be started under a time budget (a cached run is always reused).
 MIN_START_S = 120.0
 
@@ -249,25 +252,42 @@ def _search(target: str, bits: int, deadline: float | None = None, max_pes: int 
                          "was confirmed"}
     if best is None:
         return {"target": target, "bits": bits, "runs": runs, "error": "no shape fits"}
+    def place(r: int, c: int) -> tuple[dict, str | None]:
+        for seed in seeds:
+            final = _run_job(dict(target=target, kind="accel", rows=r, cols=c, bits=bits, mhz=REF_MHZ[target],
+                                  place=True, deadline=deadline, seed=seed, place_limit=place_limit))
+            runs.append(final)
+            if not final.get("error") or final.get("step") in ("fit", "budget"):
+                break   # placed (or cannot fit / no time): another seed would not help
+        if final.get("step") == "nextpnr" and final.get("overlap_drain"):
+            # nextpnr-ecp5's placer stalls on large arrays with the shadow-register flip-flops
+            # (docs/fpga.md): the same shape without them
+            final = _run_job(dict(target=target, kind="accel", rows=r, cols=c, bits=bits, mhz=REF_MHZ[target],
+                                  place=True, deadline=deadline, seed=seeds[0], place_limit=place_limit,
+                                  overlap_drain=False))
+            runs.append(final)
+            return final, "no shadow registers"
+        return final, None
+
+    top = best
+    final, fallback = place(*shapes[best])
+    # A shape that packs but does not place (nextpnr-ice40's placer can stall on a nearly full
+    # device): the next smaller shapes, at most STEPS_DOWN of them
+    for _ in range(STEPS_DOWN):
+        if not (final.get("step") == "nextpnr" and final.get("error")) or best == 0:
+            break
+        best -= 1   # candidate_shapes: one shape per PE count, in increasing order
+        try:
+            if not check(best):
+                continue
+        except _BudgetSpent:
+            break
+        final, fallback = place(*shapes[best])
     r, c = shapes[best]
-    for seed in seeds:
-        final = _run_job(dict(target=target, kind="accel", rows=r, cols=c, bits=bits, mhz=REF_MHZ[target],
-                              place=True, deadline=deadline, seed=seed, place_limit=place_limit))
-        runs.append(final)
-        if not final.get("error") or final.get("step") in ("fit", "budget"):
-            break   # placed (or cannot fit / no time): another seed would not help
-    fallback = None
-    if final.get("step") == "nextpnr" and final.get("overlap_drain"):
-        # nextpnr-ecp5's legaliser could not place the 16x16 SF4 array's shadow-register flip-flops
-        # ("Unable to find legal placement for cell ...shadow..."): the same shape without them
-        fallback = "no shadow registers"
-        final = _run_job(dict(target=target, kind="accel", rows=r, cols=c, bits=bits, mhz=REF_MHZ[target],
-                              place=True, deadline=deadline, seed=seeds[0], place_limit=place_limit,
-                              overlap_drain=False))
-        runs.append(final)
-    bounded = bool(max_pes) and best == len(shapes) - 1
+    bounded = bool(max_pes) and top == len(shapes) - 1
     return {"target": target, "bits": bits, "rows": r, "cols": c, "prediction_pes": want, "calibration": calib,
-            "final": final, "runs": runs, "max_pes": max_pes, "bounded": bounded, "fallback": fallback}
+            "final": final, "runs": runs, "max_pes": max_pes, "bounded": bounded, "fallback": fallback,
+            "stepped_down_from": None if top == best else "%dx%d" % shapes[top]}
 
 
 def _search_job(args) -> dict:
@@ -591,7 +611,8 @@ def _targets(flags: list, by_tb: dict) -> str:
                      + (f" (search bounded at {se['max_pes']} PEs: larger arrays were not tried, so the largest "
                         f"that fits may be larger)" if se.get("bounded") else "")
                      + (f"; placed with {se['fallback']}: with the plan's shadow registers place and route failed "
-                        f"({_first_failure(se)})" if se.get("fallback") else ""))
+                        f"({_first_failure(se)})" if se.get("fallback") else "")
+                     + (f"; {se['stepped_down_from']} packs but did not place" if se.get("stepped_down_from") else ""))
     else:
         lines.append(f"* largest SF4 array on ecp5-25k: **not measured**: {se.get('error') or fin.get('error')}")
     return "\n".join(lines)
@@ -632,6 +653,8 @@ def _largest_table(searches: list, not_run: list | tuple = ()) -> str:
         note = f"{'overlap' if ap.get('overlap_drain') else 'no overlap'}, chunk {ap.get('chunk_k')}"
         if se.get("bounded"):
             note += f"; search bounded at {se['max_pes']} PEs (larger not tried)"
+        if se.get("stepped_down_from"):
+            note += f"; {se['stepped_down_from']} packs but did not place (see the failed placement): a smaller shape"
         if se.get("fallback"):
             note += (f"; placed with {se['fallback']} (the packed fit check used the plan's organisation; "
                      f"placement with it failed, see the runs)")

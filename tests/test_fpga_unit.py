@@ -573,3 +573,38 @@ def test_bench_targets_judge_the_best_placement_seed_and_list_every_seed():
     assert "critical path (seed 2): a -> b" in text
     one = bench._targets([runs[0], arr], {})
     assert "Fmax 42.74 MHz (goal >= 48): **missed**" in one and "seed" not in one.split("critical path")[1][:8]
+
+
+def test_bench_search_steps_down_when_the_largest_shape_does_not_place(monkeypatch):
+    """A shape that packs but whose placement fails: the search places the next smaller
+    shapes (at most STEPS_DOWN), and the table says which shape did not place."""
+    from superfloat.bench import fpga as bench
+
+    shapes = bench.candidate_shapes()
+    placed = []
+
+    def fake_job(job):
+        pes = job["rows"] * job["cols"]
+        if not job.get("place", True):
+            return {"device_logic": f"{25 * pes + 400}/5280", "target": job["target"]}
+        placed.append((job["rows"], job["cols"]))
+        if len(placed) == 1:
+            return {"error": "stalled: no output for 240 s", "step": "nextpnr", "placed": True, "seed": 1,
+                    "overlap_drain": False}
+        return {"fmax_mhz": 44.0, "device_logic": f"{25 * pes + 400}/5280", "placed": True, "overlap_drain": False}
+
+    monkeypatch.setattr(bench, "_run_job", fake_job)
+    se = bench._search("ice40-up5k", 2, None, None, (1,), None)
+    first = placed[0]
+    assert len(placed) == 2 and shapes.index(placed[1]) == shapes.index(first) - 1
+    assert (se["rows"], se["cols"]) == placed[1] and se["final"]["fmax_mhz"] == 44.0
+    assert se["stepped_down_from"] == "%dx%d" % first
+    table = bench._largest_table([se])
+    assert f"{first[0]}x{first[1]} packs but did not place (see the failed placement): a smaller shape" in table
+    assert "failed placement (seed 1, no shadow registers): stalled: no output for 240 s" in table
+
+    placed.clear()
+    monkeypatch.setattr(bench, "_run_job", lambda job: fake_job(job) if not job.get("place", True) or not placed
+                        else (placed.append(1) or {"error": "stalled", "step": "nextpnr", "placed": True}))
+    se = bench._search("ice40-up5k", 2, None, None, (1,), None)
+    assert len(placed) == 1 + bench.STEPS_DOWN and se["final"].get("error") == "stalled"
