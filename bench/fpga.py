@@ -862,7 +862,7 @@ def _notes() -> str:
             "`logic used`: nextpnr's packed logic of the whole design, scan wrapper included (ICESTORM_LC of "
             "5280 / TRELLIS_COMB of 24288). `cells`: the core alone packed by nextpnr (`--pack-only`): the "
             "cost of the core on the device without the wrapper.\n"
-            "* Fmax: nextpnr after routing, one seed; peak GMAC/s = PEs x Fmax / 1000 (one MAC per PE per "
+            "* Fmax: nextpnr after routing, one seed (the two flagship accelerators of the Targets: the best of seeds 1-3); peak GMAC/s = PEs x Fmax / 1000 (one MAC per PE per "
             "cycle). \"Largest\" shapes are checked packed (fit without placement), then placed and routed.\n"
             "* The iCE40 array has no shadow registers (the array waits while a tile drains: about "
             "rows x cols cycles per tile of K steps); the ECP5 plan's array drains while it accumulates (a row "
