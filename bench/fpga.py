@@ -3,8 +3,8 @@
 1. **Targets** (issue 13): the 8x8 SF4 accelerator on the iCE40 UP5K (logic used, Fmax at
    48 MHz, logic cells per PE of the bare array, everything but the array against the
    array), the 8x8 SF8 accelerator on the ECP5-25k (Fmax at 125 MHz), a 16x16 (256-PE) SF4
-   accelerator on the ECP5-25k and the largest SF4 array there (at 100 MHz). Array and accelerator are measured by the same flow;
-   "cells" are logic cells after nextpnr's packing of the core alone (``core_logic``: an
+   accelerator on the ECP5-25k and the largest SF4 array there (at 100 MHz). Array and
+   accelerator are measured by the same flow; "cells" are logic cells after nextpnr's packing of the core alone (``core_logic``: an
    iCE40 logic cell is a LUT4 and a flip-flop; on the ECP5 the LUT4s, TRELLIS_COMB).
 2. **Largest configuration** per target and width (SF2, SF4, SF8): candidate shapes
    ``rows x cols`` (``rows <= cols <= 2 rows``) in order of PEs; a linear model in the
@@ -862,7 +862,8 @@ def _notes() -> str:
             "`logic used`: nextpnr's packed logic of the whole design, scan wrapper included (ICESTORM_LC of "
             "5280 / TRELLIS_COMB of 24288). `cells`: the core alone packed by nextpnr (`--pack-only`): the "
             "cost of the core on the device without the wrapper.\n"
-            "* Fmax: nextpnr after routing, one seed (the two flagship accelerators of the Targets: the best of seeds 1-3); peak GMAC/s = PEs x Fmax / 1000 (one MAC per PE per "
+            "* Fmax: nextpnr after routing, one seed (the two flagship accelerators of the Targets: the best of "
+            "seeds 1-3); peak GMAC/s = PEs x Fmax / 1000 (one MAC per PE per "
             "cycle). \"Largest\" shapes are checked packed (fit without placement), then placed and routed.\n"
             "* The iCE40 array has no shadow registers (the array waits while a tile drains: about "
             "rows x cols cycles per tile of K steps); the ECP5 plan's array drains while it accumulates (a row "
