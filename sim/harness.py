@@ -265,9 +265,8 @@ def harness_verilog(p: AccelParams, *, depths: Mapping[str, int], clock: str = "
 def pack_beats(fields: Sequence[tuple], width: int, beats: int) -> np.ndarray:
     """Beats as ``$fread`` reads them: uint8 ``[beats, ceil(width / 8)]``, most significant byte
     first. Each beat is the OR of ``fields``: ``(values [beats, lanes] or [1, lanes],
-    lane_width, offset[, stride])``, lane ``i`` of a field at bit ``offset + i * stride``
-    (stride defaults to the lane width: the packing of
-    :func:`superfloat.hw.interface.pack_lanes`; negative values two's complement).
+    lane_width, offset)``, lane ``i`` of a field at bit ``offset + i * lane_width`` (the packing
+    of :func:`superfloat.hw.interface.pack_lanes`; negative values two's complement).
     Byte-aligned fields (SF8/SF16 codes, exponents, ...) are placed as bytes; others go
     through a bit matrix. ``tests/test_sim_harness.py`` checks it against ``pack_lanes`` /
     ``linear_traffic``."""
@@ -275,33 +274,23 @@ def pack_beats(fields: Sequence[tuple], width: int, beats: int) -> np.ndarray:
     le = np.zeros((beats, nb), dtype=np.uint8)  # little-endian: column j holds bits 8j .. 8j+7
     slow = []
     for f in fields:
-        vals, lw, off = f[:3]
-        stride = f[3] if len(f) > 3 else lw
+        vals, lw, off = f
         v = np.asarray(vals)
         if v.shape[0] == 1 and beats != 1:
             v = np.broadcast_to(v, (beats, v.shape[1]))
         lanes = v.shape[1]
-        if lw % 8 == 0 and off % 8 == 0 and stride % 8 == 0 and lw <= 64:
+        if lw % 8 == 0 and off % 8 == 0 and lw <= 64:
             vb = lw // 8
             by = np.ascontiguousarray(v, dtype="<i8").view(np.uint8).reshape(beats, lanes, 8)[:, :, :vb]
-            if stride == lw:
-                le[:, off // 8:off // 8 + lanes * vb] |= by.reshape(beats, lanes * vb)
-            else:
-                for i in range(lanes):
-                    s0 = (off + i * stride) // 8
-                    le[:, s0:s0 + vb] |= by[:, i]
+            le[:, off // 8:off // 8 + lanes * vb] |= by.reshape(beats, lanes * vb)
         else:
-            slow.append((v, lw, off, stride))
+            slow.append((v, lw, off))
     if slow:
         bits = np.zeros((beats, nb * 8), dtype=np.uint8)
-        for v, lw, off, stride in slow:
+        for v, lw, off in slow:
             b = ((np.asarray(v, dtype=np.int64)[:, :, None] >> np.arange(lw, dtype=np.int64)) & 1).astype(np.uint8)
             lanes = b.shape[1]
-            if stride == lw:
-                bits[:, off:off + lanes * lw] |= b.reshape(beats, lanes * lw)
-            else:
-                for i in range(lanes):
-                    bits[:, off + i * stride:off + i * stride + lw] |= b[:, i]
+            bits[:, off:off + lanes * lw] |= b.reshape(beats, lanes * lw)
         le |= np.packbits(bits.reshape(beats, nb, 8), axis=2, bitorder="little").reshape(beats, nb)
     top = width - 8 * (nb - 1)  # bits used in the most significant byte
     if top < 8:

@@ -68,7 +68,7 @@ def test_pack_beats_layout():
     got = pack_beats([(np.array([[1, -1, 5]]), 4, 0), (np.array([[-2]]), 8, 12)], 20, 1)
     assert got.tolist() == [[0x0f, 0xe5, 0xf1]]
     assert pack_beats([(np.array([[0x1234, -1]]), 16, 0)], 32, 1).tolist() == [[0xff, 0xff, 0x12, 0x34]]
-    assert pack_beats([(np.array([[3], [1]]), 2, 1, 5)], 3, 2).tolist() == [[0x06], [0x02]]
+    assert pack_beats([(np.array([[3], [1]]), 2, 1)], 3, 2).tolist() == [[0x06], [0x02]]
     assert words_bytes([0x1abc, 0x3], 13).tolist() == [[0x1a, 0xbc], [0x00, 0x03]]
     p = AccelParams(rows=2, cols=2, a_bits=8, w_bits=8, out_bits=8, k_max=16)
     r = raw_beats({"cmd": [5], "wgt": [1, 2, 3]}, p, res=4)
