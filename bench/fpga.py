@@ -4,8 +4,9 @@
    48 MHz, logic cells per PE of the bare array, everything but the array against the
    array), the 8x8 SF8 accelerator on the ECP5-25k (Fmax at 125 MHz), a 16x16 (256-PE) SF4
    accelerator on the ECP5-25k and the largest SF4 array there (at 100 MHz). Array and
-   accelerator are measured by the same flow; "cells" are logic cells after nextpnr's packing of the core alone (``core_logic``: an
-   iCE40 logic cell is a LUT4 and a flip-flop; on the ECP5 the LUT4s, TRELLIS_COMB).
+   accelerator are measured by the same flow; "cells" are logic cells after nextpnr's
+   packing of the core alone (``core_logic``: an iCE40 logic cell is a LUT4 and a
+   flip-flop; on the ECP5 the LUT4s, TRELLIS_COMB).
 2. **Largest configuration** per target and width (SF2, SF4, SF8): candidate shapes
    ``rows x cols`` (``rows <= cols <= 2 rows``) in order of PEs; a linear model in the
    PE count from two packed calibration runs predicts the largest that leaves 10 % of the
@@ -528,12 +529,14 @@ def _brief(r: dict) -> str:
             f"core {r.get('core_logic')} Fmax {r.get('fmax_mhz')} ({r.get('wall_s')} s{' cached' if r.get('cached') else ''})")
 
 
+def _matching(flags: list, target: str, kind: str, rows: int, bits: int, cols: int | None = None) -> list[dict]:
+    """The runs of ``kind`` with ``rows`` (and ``cols``, when given) SF``bits`` on ``target``."""
+    return [s for s in flags if (s["target"], s["kind"], s["rows"], s["a_bits"]) == (target, kind, rows, bits)
+            and cols in (None, s.get("cols"))]
+
+
 def _find(flags: list, target: str, kind: str, rows: int, bits: int, cols: int | None = None) -> dict:
-    for s in flags:
-        if (s["target"], s["kind"], s["rows"], s["a_bits"]) == (target, kind, rows, bits) and \
-                cols in (None, s.get("cols")):
-            return s
-    return {}
+    return next(iter(_matching(flags, target, kind, rows, bits, cols)), {})
 
 
 def _pct(x: float) -> str:
@@ -543,7 +546,7 @@ def _pct(x: float) -> str:
 def _best_seed(flags: list, target: str, rows: int, bits: int) -> tuple[dict, str]:
     """The accelerator run of ``rows x rows`` SF``bits`` on ``target`` with the highest Fmax
     among its placement seeds, and (with several seeds) a note listing every seed's Fmax."""
-    runs = [s for s in flags if (s["target"], s["kind"], s["rows"], s["a_bits"]) == (target, "accel", rows, bits)]
+    runs = _matching(flags, target, "accel", rows, bits)
     placed = [s for s in runs if s.get("fmax_mhz")]
     if not placed:
         return (runs[0] if runs else {}), ""

@@ -144,8 +144,9 @@ class SFxAccelerator(wiring.Component):
         default ``False``): ``cmd`` gains ``use_xmult``, ``act`` a 16-bit ``xmult`` per row
         (read with the row exponents), and the clamp unit a second 16-bit multiplier (one
         cycle more latency, three with ``clamp_impl="lut"``; the product
-        ``|acc| * mult * xmult`` has up to ``A + 32`` bits). An accelerator without it cannot carry ``xmult``: the host packing
-        (:mod:`superfloat.sim.packing`) refuses such an operation.
+        ``|acc| * mult * xmult`` has up to ``A + 32`` bits). An accelerator without it
+        cannot carry ``xmult``: the host packing (:mod:`superfloat.sim.packing`) refuses
+        such an operation.
 
     Members
     -------
